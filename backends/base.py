@@ -27,8 +27,11 @@ class ResponseFormat:
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    prompt: str | list[int]
-    max_tokens: int
+    """`messages` (rendered with the model's chat template) or `prompt` (text or token ids)."""
+
+    prompt: str | list[int] = ""
+    messages: tuple[dict[str, str], ...] | None = None
+    max_tokens: int = 256
     temperature: float = 0.7
     top_p: float = 1.0
     top_k: int = 0
@@ -139,12 +142,18 @@ class Backend(abc.ABC):
         return len(self.encode(text))
 
     def stream(self, request: GenerationRequest) -> Iterator[Chunk]:
-        prompt = request.prompt if isinstance(request.prompt, list) else self.encode(request.prompt)
+        param = "prompt" if request.messages is None else "messages"
+        if request.messages is not None:
+            prompt = self.encode(self.render_chat(request.messages))
+        elif isinstance(request.prompt, list):
+            prompt = request.prompt
+        else:
+            prompt = self.encode(request.prompt)
         context = self.info().context_length
         if not prompt:
-            raise InvalidRequestError("The prompt is empty.", param="prompt")
+            raise InvalidRequestError("The prompt is empty.", param=param)
         if len(prompt) >= context:
-            raise ContextLengthExceeded(len(prompt), context)
+            raise ContextLengthExceeded(len(prompt), context, param=param)
         max_tokens = min(request.max_tokens, context - len(prompt))
         stops = StopBuffer(request.stop)
         count = cached = 0

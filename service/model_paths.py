@@ -32,6 +32,21 @@ def resolve_model_path(spec: str) -> str:
     raise ModelUnavailableError(f"Model path does not exist: {spec}")
 
 
+def model_file_name(spec: str) -> str:
+    """The model's file or folder name, without resolving (no assembling, no download)."""
+    spec = spec.strip()
+    if spec.startswith("package:"):
+        module_name = spec.removeprefix("package:").strip()
+        try:
+            declared = getattr(importlib.import_module(module_name), "MODEL_NAME", None)
+        except ImportError:
+            declared = None
+        return str(declared) if declared else module_name.removeprefix("gt_").replace("_", "-")
+    if spec.startswith("tier:"):
+        return spec.replace(":", "-")
+    return Path(spec.rstrip("/")).name
+
+
 def looks_like_repo_id(spec: str) -> bool:
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and ":" not in spec

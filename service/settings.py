@@ -64,7 +64,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     port_auto_increment: bool = True
     port_file: str = ".port"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    shutdown_timeout: NonNeg = 0
+    shutdown_timeout: NonNeg = 0  # exit after this many idle seconds; 0 = never
+    drain_seconds: NonNeg = 10  # on SIGTERM, how long in-flight requests may finish
     cors_origins: str = "*"
     max_body_bytes: Positive = 10 * 1024 * 1024
     enable_cache: bool = False

@@ -1,0 +1,92 @@
+"""`python -m service`: serve on HOST:PORT, write the bound port to `.port`, exit when idle."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+
+from service.app import create_app
+from service.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("service")
+
+_PORT_TRIES = 20
+
+
+def bind(settings: Settings) -> socket.socket:
+    """Bind HOST:PORT, or the next free port when PORT_AUTO_INCREMENT is on."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    last_error: OSError | None = None
+    tries = _PORT_TRIES if settings.port_auto_increment and settings.port else 1
+    for port in range(settings.port, settings.port + tries):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((settings.host, port))
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            last_error = exc
+            log.warning("Port %d is in use%s", port, ", trying the next one" if tries > 1 else "")
+            continue
+        sock.listen(2048)
+        sock.set_inheritable(True)
+        return sock
+    raise SystemExit(
+        f"Port {settings.port} is in use ({last_error}); set PORT to a free port"
+        + ("" if tries > 1 else " or PORT_AUTO_INCREMENT=true")
+    )
+
+
+def _watch_idle(server: uvicorn.Server, state: object, timeout: int) -> None:
+    while not server.should_exit:
+        time.sleep(min(1.0, timeout / 4))
+        idle = time.monotonic() - getattr(state, "last_activity", time.monotonic())
+        if idle > timeout:
+            log.info("No request for %d s (SHUTDOWN_TIMEOUT): shutting down", timeout)
+            server.should_exit = True
+
+
+def main() -> int:
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"llmservice: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(settings)
+    sock = bind(settings)
+    host, port = sock.getsockname()[:2]
+    port_file = Path(settings.port_file)
+    port_file.write_text(f"{port}\n")
+    log.info("llmservice listening on http://%s:%d (port written to %s)", host, port, port_file)
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=settings.drain_seconds,
+        access_log=settings.log_level == "DEBUG",
+    )
+    server = uvicorn.Server(config)
+    if settings.shutdown_timeout:
+        app.state.last_activity = time.monotonic()
+        threading.Thread(
+            target=_watch_idle, args=(server, app.state, settings.shutdown_timeout), daemon=True
+        ).start()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        port_file.unlink(missing_ok=True)
+        sock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

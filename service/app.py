@@ -1,0 +1,110 @@
+"""The Litestar application: `create_app(settings=None)`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar, Request, Response
+from litestar.config.cors import CORSConfig
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.exceptions import HTTPException, ValidationException
+
+from service.controllers.chat import ChatController
+from service.controllers.completions import CompletionsController
+from service.controllers.models import ModelsController, health
+from service.errors import InvalidRequestError, LLMServiceError, RateLimitError
+from service.registry import Registry
+from service.settings import Settings, load_settings
+
+log = logging.getLogger("service")
+
+_HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+               429: "rate_limit_error"}
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    settings = settings or load_settings()
+    configure_logging(settings.log_level)
+    registry = Registry(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await registry.start()
+        try:
+            yield
+        finally:
+            await registry.close()
+
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    app = Litestar(
+        route_handlers=[ChatController, CompletionsController, ModelsController, health],
+        dependencies={"registry": Provide(lambda: registry, use_cache=True, sync_to_thread=False)},
+        exception_handlers={Exception: _error_response},
+        lifespan=[lifespan],
+        cors_config=CORSConfig(allow_origins=origins) if origins else None,
+        request_max_body_size=settings.max_body_bytes,
+        state=State({"registry": registry, "settings": settings, "last_activity": time.monotonic()}),
+        before_request=_touch,
+        openapi_config=None,
+        logging_config=None,
+    )
+    return app
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(format="%(asctime)s - %(name)s - %(levelname)s - %(message)s", level=level, force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+async def _touch(request: Request[Any, Any, Any]) -> None:
+    request.app.state.last_activity = time.monotonic()
+
+
+def to_service_error(exc: Exception) -> LLMServiceError:
+    """The one place where every exception becomes our error tree."""
+    if isinstance(exc, LLMServiceError):
+        return exc
+    if isinstance(exc, ValidationException):
+        return _validation_error(exc)
+    if isinstance(exc, HTTPException):
+        status = exc.status_code
+        if status == 404:
+            return _http(404, f"Not found: no route {exc.detail!r}" if exc.detail != "Not Found" else "Not found: no such route")
+        if status == 405:
+            return _http(405, "Method not allowed for this route")
+        if status == 413:
+            return _http(413, "Request body too large")
+        return _http(status, exc.detail or "Request failed")
+    log.exception("Unhandled error", exc_info=exc)
+    return LLMServiceError("Internal server error")
+
+
+def _http(status: int, message: str) -> LLMServiceError:
+    err = InvalidRequestError(message)
+    err.status = status  # type: ignore[misc]
+    err.type = _HTTP_TYPES.get(status, "invalid_request_error")  # type: ignore[misc]
+    return err
+
+
+def _validation_error(exc: ValidationException) -> InvalidRequestError:
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    if extra and isinstance(extra[0], dict):
+        key = str(extra[0].get("key") or "")
+        message = str(extra[0].get("message") or exc.detail)
+        text = f"{message} at `{key}`" if key else message
+        return InvalidRequestError(f"Invalid request: {text}", param=key or None)
+    detail = exc.detail or "Invalid request"
+    if "JSON" in detail or "decode" in detail.lower():
+        return InvalidRequestError(f"Malformed JSON body: {detail}")
+    return InvalidRequestError(detail)
+
+
+def _error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, object]]:
+    error = to_service_error(exc)
+    headers = {"Retry-After": str(max(1, round(error.retry_after)))} if isinstance(error, RateLimitError) else None
+    return Response(error.envelope(), status_code=error.status, headers=headers)

@@ -1,0 +1,91 @@
+"""Shared by chat and legacy completions: wire request → engine request, results and usage."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from backends.base import Chunk, GenerationRequest, ResponseFormat, Usage
+from service.errors import InvalidRequestError
+from service.schemas.common import PromptTokensDetails, ResponseFormatSpec, SamplingFields, UsageInfo
+from service.settings import TierSettings
+from service.workers import JobStream
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def engine_request(
+    fields: SamplingFields,
+    tier: TierSettings,
+    *,
+    max_tokens: int | None,
+    prompt: str | list[int] = "",
+    messages: tuple[dict[str, str], ...] | None = None,
+) -> GenerationRequest:
+    """Apply the tier's defaults to whatever the request left out."""
+    if fields.n != 1:
+        raise InvalidRequestError("Only n=1 is supported", param="n")
+    stop = (fields.stop,) if isinstance(fields.stop, str) else tuple(fields.stop or ())
+    if len(stop) > 16:
+        raise InvalidRequestError("At most 16 stop sequences are supported", param="stop")
+    return GenerationRequest(
+        prompt=prompt,
+        messages=messages,
+        max_tokens=max_tokens or tier.max_tokens,
+        temperature=tier.temperature if fields.temperature is None else fields.temperature,
+        top_p=tier.top_p if fields.top_p is None else fields.top_p,
+        top_k=tier.top_k if fields.top_k is None else fields.top_k,
+        min_p=tier.min_p if fields.min_p is None else fields.min_p,
+        repeat_penalty=tier.repeat_penalty if fields.repeat_penalty is None else fields.repeat_penalty,
+        seed=fields.seed,
+        stop=stop,
+        response_format=_response_format(fields.response_format),
+    )
+
+
+def _response_format(spec: ResponseFormatSpec | None) -> ResponseFormat | None:
+    if spec is None or spec.type == "text":
+        return None
+    if spec.type == "json_schema":
+        if spec.json_schema is None or spec.json_schema.schema is None:
+            raise InvalidRequestError(
+                "response_format.json_schema.schema is required for type json_schema",
+                param="response_format",
+            )
+        return ResponseFormat("json_schema", spec.json_schema.schema)
+    if spec.schema is not None:
+        return ResponseFormat("json_schema", spec.schema)
+    return ResponseFormat("json_object")
+
+
+def usage_info(usage: Usage) -> UsageInfo:
+    return UsageInfo(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.prompt_tokens + usage.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
+    )
+
+
+async def collect(stream: JobStream) -> tuple[str, Chunk]:
+    """Run a job to the end: the whole text and the final chunk (finish reason, usage)."""
+    parts: list[str] = []
+    last = Chunk("")
+    async for chunk in stream:
+        parts.append(chunk.text)
+        last = chunk
+    return "".join(parts), last
+
+
+async def first_chunk(stream: JobStream) -> Chunk:
+    """Wait for the job to start producing, so prompt errors still become plain HTTP errors."""
+    try:
+        return await anext(stream)
+    except StopAsyncIteration:
+        return Chunk("", finish_reason="stop", usage=Usage(0, 0))

@@ -1,0 +1,67 @@
+"""Wire types shared by the OpenAI-compatible endpoints. Unknown request fields are accepted."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
+TopP = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+TopK = Annotated[int, msgspec.Meta(ge=0)]
+MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
+Penalty = Annotated[float, msgspec.Meta(gt=0.0)]
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool = False
+
+
+class JsonSchemaSpec(msgspec.Struct, kw_only=True):
+    name: str = "response"
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormatSpec(msgspec.Struct, kw_only=True):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaSpec | None = None
+    schema: dict[str, Any] | None = None  # llama-cpp-python's form: {"type": "json_object", "schema": {...}}
+
+
+class SamplingFields(msgspec.Struct, kw_only=True):
+    """Fields common to chat and legacy completions; None means "use the tier's default"."""
+
+    model: str
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_p: TopP | None = None
+    max_tokens: MaxTokens | None = None
+    repeat_penalty: Penalty | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: Annotated[int, msgspec.Meta(ge=1)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormatSpec | None = None
+    user: str | None = None
+
+
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int = 0
+
+
+class UsageInfo(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class ErrorBody(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None

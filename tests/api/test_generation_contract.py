@@ -1,0 +1,250 @@
+"""The generation contract: one suite, run against both engines through HTTP and the openai SDK.
+
+llama.cpp runs the real Gemma 3 270M GGUF; MLX runs a tiny random model built by the tests. Both
+are base/random models, so the tests check structure and behaviour, never the meaning of text.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.live import LiveServer, live_server
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "enum": [1, 2, 3]}},
+    "required": ["ok", "n"],
+    "additionalProperties": False,
+}
+HISTORY = [
+    {"role": "system", "content": "You are a careful assistant who answers briefly."},
+    {"role": "user", "content": "Tell me about the history of the bicycle in a few sentences. " * 4},
+    {"role": "assistant", "content": "The bicycle was invented in the nineteenth century."},
+]
+
+
+@pytest.fixture(scope="module", params=["llamacpp", "mlx"])
+def server(request: pytest.FixtureRequest) -> Iterator[LiveServer]:
+    engine = request.param
+    if engine == "llamacpp":
+        path = request.getfixturevalue("gemma_gguf")
+    else:
+        path = str(request.getfixturevalue("tiny_mlx_model"))
+    env = {
+        "LIGHT_MODEL_PATH": path,
+        "LIGHT_BACKEND": engine,
+        "LIGHT_N_CTX": "1024",
+        "LIGHT_MAX_TOKENS": "12",
+        "LIGHT_TEMPERATURE": "0",
+    }
+    with live_server(env, wait_for=("light",)) as live:
+        assert live.app.state.registry.slots["light"].engine_name == engine
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-needed", max_retries=0)
+
+
+def chat(client: openai.OpenAI, **kwargs: object) -> openai.types.chat.ChatCompletion:
+    kwargs.setdefault("messages", [{"role": "user", "content": "Hello there"}])
+    return client.chat.completions.create(model="light", **kwargs)  # type: ignore[call-overload, no-any-return]
+
+
+def test_models_list_names_tier_engine_and_device(client: openai.OpenAI, server: LiveServer) -> None:
+    models = client.models.list().data
+    assert [m.owned_by for m in models] == ["llmservice-light"]
+    card = models[0].model_dump()
+    assert card["id"].startswith("light/")
+    assert card["engine"] == server.app.state.registry.slots["light"].engine_name
+    assert card["device"] == "cpu" and card["status"] == "loaded" and card["context_length"] == 1024
+
+
+def test_chat_completion_shape_and_usage(client: openai.OpenAI) -> None:
+    res = chat(client, max_tokens=6)
+    assert res.object == "chat.completion" and res.id.startswith("chatcmpl-")
+    choice = res.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert res.usage is not None
+    assert res.usage.prompt_tokens > 3
+    assert 1 <= res.usage.completion_tokens <= 6 or choice.finish_reason == "stop"
+    assert res.usage.total_tokens == res.usage.prompt_tokens + res.usage.completion_tokens
+    if choice.finish_reason == "length":
+        assert res.usage.completion_tokens == 6
+
+
+def test_tier_defaults_apply_when_request_omits_them(client: openai.OpenAI) -> None:
+    chat(client)  # warm the cache
+    res = chat(client)  # LIGHT_MAX_TOKENS=12, LIGHT_TEMPERATURE=0
+    assert res.usage is not None and res.usage.completion_tokens <= 12
+    again = chat(client)
+    assert again.choices[0].message.content == res.choices[0].message.content  # greedy
+
+
+def test_longer_prompt_counts_more_tokens(client: openai.OpenAI) -> None:
+    short = chat(client, max_tokens=1, messages=[{"role": "user", "content": "Hi"}])
+    long = chat(client, max_tokens=1, messages=[{"role": "user", "content": "Hi " * 40}])
+    assert short.usage is not None and long.usage is not None
+    assert long.usage.prompt_tokens > short.usage.prompt_tokens + 20
+
+
+def test_streaming_chat_matches_non_streaming(client: openai.OpenAI) -> None:
+    chat(client, max_tokens=10)  # warm the prefix cache, as in test_completions_plain_and_stream
+    whole = chat(client, max_tokens=10)
+    events = list(
+        client.chat.completions.create(
+            model="light",
+            messages=[{"role": "user", "content": "Hello there"}],
+            max_tokens=10,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert events[0].choices[0].delta.role == "assistant"
+    assert events[-1].choices == [] and events[-1].usage is not None
+    finishing = [e for e in events if e.choices and e.choices[0].finish_reason]
+    assert len(finishing) == 1 and finishing[0].choices[0].finish_reason == whole.choices[0].finish_reason
+    text = "".join(e.choices[0].delta.content or "" for e in events if e.choices)
+    assert text == whole.choices[0].message.content
+    assert events[-1].usage.completion_tokens == whole.usage.completion_tokens  # type: ignore[union-attr]
+    assert len({e.id for e in events}) == 1
+
+
+def test_raw_sse_framing(server: LiveServer) -> None:
+    body = {"model": "light", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True}
+    with server.client() as http, http.stream("POST", "/v1/chat/completions", json=body) as res:
+        assert res.status_code == 200
+        assert res.headers["content-type"].startswith("text/event-stream")
+        raw = res.read().decode()
+    frames = [f for f in raw.split("\n\n") if f]
+    assert all(f.startswith("data: ") for f in frames)
+    assert frames[-1] == "data: [DONE]"
+    for frame in frames[:-1]:
+        assert json.loads(frame.removeprefix("data: "))["object"] == "chat.completion.chunk"
+
+
+def test_completions_plain_and_stream(client: openai.OpenAI) -> None:
+    # Warm the prefix cache first: llama.cpp's greedy pick can differ between a cold prompt and a
+    # cached one (different batch shapes, different float rounding), so compare like with like.
+    client.completions.create(model="light", prompt="Once upon a time", max_tokens=8)
+    res = client.completions.create(model="light", prompt="Once upon a time", max_tokens=8)
+    assert res.object == "text_completion" and isinstance(res.choices[0].text, str)
+    assert res.usage is not None and res.usage.completion_tokens <= 8
+    stream = client.completions.create(
+        model="light", prompt="Once upon a time", max_tokens=8, stream=True, stream_options={"include_usage": True}
+    )
+    events = list(stream)
+    text = "".join(e.choices[0].text for e in events if e.choices)
+    assert text == res.choices[0].text
+    assert events[-1].usage is not None and events[-1].usage.completion_tokens == res.usage.completion_tokens
+
+
+def test_completions_accept_token_ids(client: openai.OpenAI) -> None:
+    text = client.completions.create(model="light", prompt="Once upon a time", max_tokens=1)
+    assert text.usage is not None
+    ids = client.completions.create(model="light", prompt=[2, 100, 200, 300], max_tokens=1)
+    assert ids.usage is not None and ids.usage.prompt_tokens == 4
+
+
+def test_stop_string_is_never_streamed(client: openai.OpenAI) -> None:
+    client.completions.create(model="light", prompt="The list:", max_tokens=24)  # warm the cache
+    full = client.completions.create(model="light", prompt="The list:", max_tokens=24).choices[0].text
+    if len(full) < 8:
+        pytest.skip(f"the model stopped too early to pick a stop string: {full!r}")
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    expected = full[: full.find(stop)]
+    pieces = [
+        e.choices[0].text
+        for e in client.completions.create(model="light", prompt="The list:", max_tokens=24, stop=[stop], stream=True)
+    ]
+    assert "".join(pieces) == expected
+    assert all(stop not in p for p in pieces)
+    plain = client.completions.create(model="light", prompt="The list:", max_tokens=24, stop=stop)
+    assert plain.choices[0].text == expected and plain.choices[0].finish_reason == "stop"
+
+
+def test_seed_makes_sampling_reproducible(client: openai.OpenAI) -> None:
+    chat(client, temperature=1.0, seed=1234, max_tokens=8)  # warm the cache
+    a = chat(client, temperature=1.0, seed=1234, max_tokens=8).choices[0].message.content
+    b = chat(client, temperature=1.0, seed=1234, max_tokens=8).choices[0].message.content
+    assert a == b
+
+
+def test_json_schema_output_is_enforced(client: openai.OpenAI) -> None:
+    res = chat(
+        client,
+        max_tokens=60,
+        messages=[{"role": "user", "content": "Give me a JSON answer."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}},
+    )
+    assert res.choices[0].finish_reason == "stop"
+    value = json.loads(res.choices[0].message.content or "")
+    assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and value["n"] in (1, 2, 3)
+
+
+def test_json_object_output_is_an_object(client: openai.OpenAI) -> None:
+    res = chat(client, max_tokens=40, response_format={"type": "json_object"})
+    text = (res.choices[0].message.content or "").strip()
+    assert text.startswith("{")
+    if res.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+
+
+def test_follow_up_turn_reuses_cached_prefix(client: openai.OpenAI) -> None:
+    first = chat(client, max_tokens=2, messages=HISTORY + [{"role": "user", "content": "Why?"}])
+    second = chat(client, max_tokens=2, messages=HISTORY + [{"role": "user", "content": "And then what?"}])
+    assert first.usage is not None and second.usage is not None
+    details = second.usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens is not None
+    assert details.cached_tokens >= 40
+    assert details.cached_tokens < second.usage.prompt_tokens
+
+
+def test_prompt_longer_than_context_is_a_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(client, messages=[{"role": "user", "content": "word " * 1500}])
+    body = err.value.body
+    assert isinstance(body, dict) and body["code"] == "context_length_exceeded"
+    assert "1024" in body["message"] and str(err.value.body["message"]).count("tokens") >= 2
+
+
+def test_stream_errors_before_start_are_plain_http_errors(server: LiveServer) -> None:
+    body = {"model": "light", "messages": [{"role": "user", "content": "word " * 1500}], "stream": True}
+    with server.client() as http:
+        res = http.post("/v1/chat/completions", json=body)
+    assert res.status_code == 400 and res.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_client_disconnect_stops_generation(server: LiveServer) -> None:
+    worker = server.app.state.registry.slots["light"].worker
+    body = {"model": "light", "prompt": "Count:", "max_tokens": 900, "stream": True}
+    with server.client() as http, http.stream("POST", "/v1/completions", json=body) as res:
+        lines = res.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert worker.busy
+    deadline = time.monotonic() + 10
+    while worker.busy and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not worker.busy, "generation kept running after the client left"
+    # The worker is free for the next request.
+    with server.client() as http:
+        assert http.post("/v1/completions", json={"model": "light", "prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
+def test_health_answers_while_generating(server: LiveServer, tmp_path: Path) -> None:
+    body = {"model": "light", "prompt": "Count:", "max_tokens": 300, "stream": True}
+    with server.client() as http, http.stream("POST", "/v1/completions", json=body) as res:
+        lines = res.iter_lines()
+        next(lines)
+        health = httpx.get(f"{server.url}/health", timeout=5)
+        assert health.status_code == 200 and health.json()["tiers"]["light"]["busy"] is True

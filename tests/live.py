@@ -1,0 +1,60 @@
+"""A real uvicorn server running `create_app(settings)` in a thread, for tests that speak HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import httpx
+import uvicorn
+
+from service.app import create_app
+from service.settings import parse_settings
+
+
+class LiveServer:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.settings = parse_settings({"LOG_LEVEL": "WARNING", **env})
+        self.app = create_app(self.settings)
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(self.app, log_config=None, log_level="warning", timeout_graceful_shutdown=2)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.run(self._server.serve(sockets=[self._sock]))
+
+    def start(self, wait_for: tuple[str, ...] = ()) -> LiveServer:
+        self._thread.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self._server.started:
+                tiers = httpx.get(f"{self.url}/health").json()["tiers"]
+                if all(tiers.get(t, {}).get("state") in ("loaded", "failed") for t in wait_for):
+                    return self
+            time.sleep(0.05)
+        raise TimeoutError("server did not start")
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(30)
+        self._sock.close()
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=120, **kwargs)  # type: ignore[arg-type]
+
+
+@contextmanager
+def live_server(env: Mapping[str, str], wait_for: tuple[str, ...] = ()) -> Iterator[LiveServer]:
+    server = LiveServer(env).start(wait_for)
+    try:
+        yield server
+    finally:
+        server.stop()
