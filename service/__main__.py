@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import signal
 import socket
 import sys
 import threading
@@ -75,6 +76,9 @@ def main() -> int:
         access_log=settings.log_level == "DEBUG",
     )
     server = uvicorn.Server(config)
+    # uvicorn drains, restores these handlers and re-raises the signal: exit without a traceback.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
     if settings.shutdown_timeout:
         app.state.last_activity = time.monotonic()
         threading.Thread(

@@ -79,6 +79,8 @@ def to_service_error(exc: Exception) -> LLMServiceError:
             return _http(405, "Method not allowed for this route")
         if status == 413:
             return _http(413, "Request body too large")
+        if status == 400:  # Litestar raises a bare ClientException when msgspec cannot decode the body
+            return InvalidRequestError(f"Malformed JSON body: {exc.detail}")
         return _http(status, exc.detail or "Request failed")
     log.exception("Unhandled error", exc_info=exc)
     return LLMServiceError("Internal server error")
@@ -98,10 +100,7 @@ def _validation_error(exc: ValidationException) -> InvalidRequestError:
         message = str(extra[0].get("message") or exc.detail)
         text = f"{message} at `{key}`" if key else message
         return InvalidRequestError(f"Invalid request: {text}", param=key or None)
-    detail = exc.detail or "Invalid request"
-    if "JSON" in detail or "decode" in detail.lower():
-        return InvalidRequestError(f"Malformed JSON body: {detail}")
-    return InvalidRequestError(detail)
+    return InvalidRequestError(f"Invalid request: {exc.detail}")
 
 
 def _error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, object]]:

@@ -203,6 +203,8 @@ class Registry:
 
     async def generation(self, model: str) -> TierSlot:
         slot = self.resolve(model)
+        if slot.state is TierState.ABSENT:
+            raise TierNotConfiguredError(slot.name)
         if slot.name not in GENERATION_TIERS:
             raise ModelNotFoundError(
                 f"Model {model} is served by the {slot.name} tier, which does not generate text"

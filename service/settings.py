@@ -83,10 +83,18 @@ _TIER_FIELDS = {f for f in TierSettings.__struct_fields__ if f not in ("name", "
 _SERVER_FIELDS = {f for f in Settings.__struct_fields__ if f != "tiers"}
 
 
+_BOOL_WORDS = {"yes": "true", "on": "true", "no": "false", "off": "false"}
+
+
+def _value(value: str) -> str:
+    # msgspec reads true/false/1/0 as booleans; people also write yes/no/on/off in .env files.
+    return _BOOL_WORDS.get(value.strip().lower(), value)
+
+
 def _collect(env: Mapping[str, str]) -> dict[str, Any]:
     raw: dict[str, Any] = {"tiers": {}}
-    for key, value in env.items():
-        lower = key.lower()
+    for key, raw_value in env.items():
+        lower, value = key.lower(), _value(raw_value)
         if lower in _SERVER_FIELDS:
             raw[lower] = value.upper() if lower == "log_level" else value
             continue

@@ -1,0 +1,246 @@
+"""Micro-batching: coalesce concurrent requests into one model call on one worker thread.
+
+Embedding and reranking models are far faster on a batch of 32 texts than on 32 single texts,
+and they are not thread-safe. `MicroBatcher` queues the items of every `submit()`, waits at most
+`max_wait_ms` after the oldest one arrived (less if `max_batch_size` items are already waiting),
+then runs `run_batch` on up to `max_batch_size` items in its single worker thread and hands each
+submitter its own results, in order. A submission larger than a batch is split across batches.
+
+Failure isolation: if `run_batch` raises for a batch that mixes several submissions, each one's
+part is retried alone, so one request's bad input fails only that request.
+
+Back-pressure: more than `max_queued_items` waiting items raises `RateLimitError` (429,
+Retry-After 1); a single submission larger than that is still admitted when nothing else waits.
+
+Everything but `run_batch` runs on the event loop thread, so the queue needs no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from service.errors import EngineError, ModelUnavailableError, RateLimitError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(eq=False)
+class _Submission(Generic[T, R]):
+    items: list[T]
+    future: asyncio.Future[list[R]]
+    enqueued: float
+    results: list[R | None] = field(default_factory=list)
+    offset: int = 0  # items before this index have been dispatched
+    delivered: int = 0
+
+    def __post_init__(self) -> None:
+        self.results = [None] * len(self.items)
+
+
+@dataclass(eq=False)
+class _Slice(Generic[T, R]):
+    sub: _Submission[T, R]
+    start: int
+    stop: int
+
+    @property
+    def items(self) -> list[T]:
+        return self.sub.items[self.start : self.stop]
+
+
+class MicroBatcher(Generic[T, R]):
+    def __init__(
+        self,
+        run_batch: Callable[[list[T]], list[R]],
+        *,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 5.0,
+        max_queued_items: int = 1024,
+        name: str = "batcher",
+        executor: Executor | None = None,
+    ) -> None:
+        """`executor`: run batches there instead of a private one-thread pool (it must run one job
+        at a time for models that are not thread-safe); the caller then owns its shutdown."""
+        if max_batch_size < 1 or max_queued_items < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch_size and max_queued_items must be >= 1, max_wait_ms >= 0")
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queued_items = max_queued_items
+        self.name = name
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
+        self._queue: deque[_Submission[T, R]] = deque()
+        self._queued = 0
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0  # run_batch calls that succeeded, for metrics and tests
+        self.items = 0
+
+    @property
+    def queued_items(self) -> int:
+        """Items waiting for a batch (not counting the batch running now)."""
+        return self._queued
+
+    async def submit(self, items: Sequence[T]) -> list[R]:
+        """Results for `items`, in order, computed together with other concurrent submissions."""
+        if self._closed:
+            raise ModelUnavailableError(f"{self.name} is shutting down")
+        batch = list(items)
+        if not batch:
+            return []
+        if self._queued and self._queued + len(batch) > self.max_queued_items:
+            raise RateLimitError(
+                f"{self.name} has {self._queued} items waiting (limit {self.max_queued_items}); retry shortly",
+                retry_after=1,
+                code="queue_full",
+            )
+        loop = asyncio.get_running_loop()
+        wakeup = self._bind(loop)
+        sub: _Submission[T, R] = _Submission(batch, loop.create_future(), loop.time())
+        self._queue.append(sub)
+        self._queued += len(batch)
+        wakeup.set()
+        try:
+            return await sub.future
+        except asyncio.CancelledError:
+            self._withdraw(sub)
+            raise
+
+    async def close(self) -> None:
+        """Refuse new work, fail what still waits, let the running batch finish."""
+        self._closed = True
+        while self._queue:
+            self._fail(self._queue[0], ModelUnavailableError(f"{self.name} is shutting down"))
+        if self._wakeup is not None:
+            self._wakeup.set()
+        if self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+        if self._own_executor:
+            self._executor.shutdown(wait=False)
+
+    # -- event loop side -------------------------------------------------------------------------
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> asyncio.Event:
+        if self._loop is not loop:
+            if self._loop is not None and not self._loop.is_closed() and self._task and not self._task.done():
+                raise RuntimeError(f"{self.name} is already serving another event loop")
+            self._loop, self._wakeup, self._task = loop, asyncio.Event(), None
+            self._queue.clear()
+            self._queued = 0
+        assert self._wakeup is not None
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._dispatch(), name=f"{self.name}-dispatcher")
+        return self._wakeup
+
+    def _withdraw(self, sub: _Submission[T, R]) -> None:
+        """A submitter was cancelled: drop its undispatched items; a running slice is discarded."""
+        if sub in self._queue:
+            self._queue.remove(sub)
+            self._queued -= len(sub.items) - sub.offset
+
+    def _fail(self, sub: _Submission[T, R], exc: BaseException) -> None:
+        self._withdraw(sub)
+        if not sub.future.done():
+            sub.future.set_exception(exc)
+
+    def _deliver(self, piece: _Slice[T, R], results: list[R]) -> None:
+        sub = piece.sub
+        if sub.future.done():  # cancelled or already failed
+            return
+        sub.results[piece.start : piece.stop] = results
+        sub.delivered += len(results)
+        if sub.delivered == len(sub.items):
+            sub.future.set_result(sub.results)  # type: ignore[arg-type]  # every slot is filled
+
+    async def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        wakeup = self._wakeup
+        assert wakeup is not None
+        try:
+            while True:
+                while not self._queue:
+                    if self._closed:
+                        return
+                    wakeup.clear()
+                    await wakeup.wait()
+                # Coalescing window, counted from the oldest waiting submission: requests that
+                # queued while the previous batch ran do not wait again.
+                deadline = self._queue[0].enqueued + self.max_wait
+                while self._queued < self.max_batch_size and not self._closed:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    wakeup.clear()
+                    try:
+                        await asyncio.wait_for(wakeup.wait(), remaining)
+                    except TimeoutError:
+                        break
+                if self._queue:
+                    await self._run(loop, self._take())
+        except BaseException as exc:  # a bug here must not leave submitters waiting forever
+            if not isinstance(exc, asyncio.CancelledError):
+                log.exception("%s: dispatcher failed", self.name)
+            while self._queue:
+                self._fail(self._queue[0], EngineError(f"{self.name} failed; see the server log"))
+            raise
+
+    def _take(self) -> list[_Slice[T, R]]:
+        pieces: list[_Slice[T, R]] = []
+        room = self.max_batch_size
+        while self._queue and room > 0:
+            sub = self._queue[0]
+            n = min(room, len(sub.items) - sub.offset)
+            pieces.append(_Slice(sub, sub.offset, sub.offset + n))
+            sub.offset += n
+            self._queued -= n
+            room -= n
+            if sub.offset == len(sub.items):
+                self._queue.popleft()
+        return pieces
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, pieces: list[_Slice[T, R]]) -> None:
+        batch = [item for piece in pieces for item in piece.items]
+        try:
+            results = await loop.run_in_executor(self._executor, self._call, batch)
+        except Exception as exc:
+            if len(pieces) == 1:
+                self._fail(pieces[0].sub, exc)
+                return
+            log.info("%s: a batch of %d submissions failed (%r); retrying each alone", self.name, len(pieces), exc)
+            for piece in pieces:
+                if piece.sub.future.done():
+                    continue
+                try:
+                    alone = await loop.run_in_executor(self._executor, self._call, piece.items)
+                except Exception as piece_exc:
+                    self._fail(piece.sub, piece_exc)
+                else:
+                    self._deliver(piece, alone)
+            return
+        start = 0
+        for piece in pieces:
+            stop = start + piece.stop - piece.start
+            self._deliver(piece, results[start:stop])
+            start = stop
+
+    # -- worker thread side ------------------------------------------------------------------------
+
+    def _call(self, batch: list[T]) -> list[R]:
+        results = list(self.run_batch(batch))
+        if len(results) != len(batch):
+            raise EngineError(f"{self.name}: run_batch returned {len(results)} results for {len(batch)} items")
+        self.batches += 1
+        self.items += len(batch)
+        return results

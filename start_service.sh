@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Start llmservice: create .venv, install what this machine and .env need, then serve.
+#   ./start_service.sh                  install (first run only) and serve
+#   ./start_service.sh --install-only   install, do not serve (add --dev for test tools and every engine)
+# Environment: PYTHON (default python3), VENV (default .venv), LLMSERVICE_EXTRAS (override the
+# pip extras, e.g. "llamacpp,mlx,embeddings,models"), TORCH_SPEC (torch requirement on CPU Linux).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+install_only=0
+dev=0
+for arg in "$@"; do
+  case "$arg" in
+    --install-only) install_only=1 ;;
+    --dev) dev=1 ;;
+    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+    *) echo "start_service.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+os=$(uname -s)
+arch=$(uname -m)
+has_cuda=0
+command -v nvidia-smi >/dev/null 2>&1 && has_cuda=1
+
+if [ "$install_only" = 0 ] && [ ! -f .env ]; then
+  cp .env.example .env
+  echo "start_service.sh: created .env from .env.example"
+fi
+config=.env
+[ -f "$config" ] || config=.env.example
+
+# Extras: llama.cpp everywhere; MLX on Apple Silicon or when a tier asks for it; torch-based
+# embedders/rerankers when an embedding or reranker tier is configured.
+extras="llamacpp,models"
+if [ "$dev" = 1 ]; then
+  extras="llamacpp,models,mlx,embeddings,dev"
+else
+  if { [ "$os" = Darwin ] && [ "$arch" = arm64 ]; } || grep -Eqi '^[A-Z]+_BACKEND=mlx' "$config"; then
+    extras="$extras,mlx"
+  fi
+  if grep -Eq '^(EMBEDDING|RERANKER)_MODEL_PATH=.+' "$config"; then
+    extras="$extras,embeddings"
+  fi
+fi
+extras=${LLMSERVICE_EXTRAS:-$extras}
+
+# llama-cpp-python compiles from source: Metal is its default on macOS; CUDA needs asking for.
+if [ -z "${CMAKE_ARGS:-}" ]; then
+  if [ "$has_cuda" = 1 ]; then
+    export CMAKE_ARGS="-DGGML_CUDA=on -DLLAVA_BUILD=OFF"
+  else
+    export CMAKE_ARGS="-DLLAVA_BUILD=OFF"
+  fi
+fi
+
+# An unpinned torch on CPU-only Linux pulls a multi-GB CUDA build: pin the CPU one first.
+torch_spec=""
+if [[ ",$extras," == *",embeddings,"* ]] && [ "$os" = Linux ] && [ "$has_cuda" = 0 ]; then
+  torch_spec=${TORCH_SPEC:-torch==2.13.0}
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "start_service.sh: creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+fi
+
+stamp="$VENV/.llmservice-install"
+want="$(cat pyproject.toml | sha256sum | cut -c1-16) $extras $torch_spec $CMAKE_ARGS"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "start_service.sh: installing llmservice[$extras] into $VENV (llama-cpp-python compiles once, ~10 min)"
+  if [ -n "$torch_spec" ]; then
+    "$VENV/bin/python" -m pip install -q "$torch_spec"
+  fi
+  "$VENV/bin/python" -m pip install -q --only-binary=langchain-core -e ".[$extras]"
+  if [ -n "$torch_spec" ]; then
+    "$VENV/bin/python" - "$torch_spec" <<'PY'
+import sys, torch
+want = sys.argv[1].split("==")[-1]
+if not torch.__version__.startswith(want):
+    sys.exit(f"start_service.sh: torch {torch.__version__} replaced the pinned {want}; reinstall with pip install '{sys.argv[1]}'")
+PY
+  fi
+  echo "$want" > "$stamp"
+fi
+
+[ "$install_only" = 1 ] && exit 0
+exec "$VENV/bin/python" -m service
