@@ -78,8 +78,6 @@ def _compile(source: str) -> Template:
 
 def render(source: str, messages: Sequence[dict[str, Any]], **special_tokens: str) -> str:
     try:
-        return _compile(source).render(
-            messages=list(messages), add_generation_prompt=True, **special_tokens
-        )
+        return _compile(source).render(messages=list(messages), add_generation_prompt=True, **special_tokens)
     except TemplateError as exc:
         raise InvalidRequestError(f"Chat template failed: {exc}", param="messages") from None

@@ -43,11 +43,10 @@ def choose_engine(tier: TierSettings, model_path: str) -> str:
 
 def create_backend(tier: TierSettings, model_path: str) -> Backend:
     engine = choose_engine(tier, model_path)
-    module_name, class_name, needs, extra = _ENGINES[engine]
+    module_name, class_name, _, extra = _ENGINES[engine]
     if not engine_available(engine):
         raise ModelUnavailableError(
-            f"Tier {tier.name} asks for the {engine} engine, which is not installed: "
-            f"pip install 'llmservice[{extra}]'"
+            f"Tier {tier.name} asks for the {engine} engine, which is not installed: pip install 'llmservice[{extra}]'"
         )
     cls = getattr(importlib.import_module(module_name), class_name)
     backend: Backend = cls(tier, model_path)

@@ -152,4 +152,3 @@ def _grammar(fmt: ResponseFormat | None) -> LlamaGrammar | None:
         return LlamaGrammar.from_string(JSON_GBNF, verbose=False)  # its root rule is `object`
     except (ValueError, RuntimeError, TypeError) as exc:
         raise InvalidRequestError(f"Unsupported JSON schema: {exc}", param="response_format") from None
-

@@ -81,9 +81,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
     if settings.shutdown_timeout:
         app.state.last_activity = time.monotonic()
-        threading.Thread(
-            target=_watch_idle, args=(server, app.state, settings.shutdown_timeout), daemon=True
-        ).start()
+        threading.Thread(target=_watch_idle, args=(server, app.state, settings.shutdown_timeout), daemon=True).start()
     try:
         server.run(sockets=[sock])
     finally:

@@ -23,8 +23,12 @@ from service.settings import Settings, load_settings
 
 log = logging.getLogger("service")
 
-_HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
-               429: "rate_limit_error"}
+_HTTP_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    429: "rate_limit_error",
+}
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -74,7 +78,9 @@ def to_service_error(exc: Exception) -> LLMServiceError:
     if isinstance(exc, HTTPException):
         status = exc.status_code
         if status == 404:
-            return _http(404, f"Not found: no route {exc.detail!r}" if exc.detail != "Not Found" else "Not found: no such route")
+            return _http(
+                404, f"Not found: no route {exc.detail!r}" if exc.detail != "Not Found" else "Not found: no such route"
+            )
         if status == 405:
             return _http(405, "Method not allowed for this route")
         if status == 413:

@@ -57,9 +57,7 @@ def _from_package(module_name: str) -> str:
         module = importlib.import_module(module_name)
     except ImportError:
         dist = module_name.replace("_", "-")
-        raise ModelUnavailableError(
-            f"Model package {module_name!r} is not installed (pip install {dist})"
-        ) from None
+        raise ModelUnavailableError(f"Model package {module_name!r} is not installed (pip install {dist})") from None
     for getter in ("get_model_path", "assemble"):
         fn = getattr(module, getter, None)
         if callable(fn):

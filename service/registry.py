@@ -123,7 +123,7 @@ class Registry:
             slot.state = TierState.AVAILABLE
 
     def _begin_load(self, slot: TierSlot) -> asyncio.Task[None]:
-        if slot.load_task is None or slot.load_task.done() and slot.state is not TierState.LOADED:
+        if slot.load_task is None or (slot.load_task.done() and slot.state is not TierState.LOADED):
             slot.state = TierState.LOADING
             slot.error = None
             slot.load_task = asyncio.create_task(self._load(slot), name=f"load-{slot.name}")
@@ -206,9 +206,7 @@ class Registry:
         if slot.state is TierState.ABSENT:
             raise TierNotConfiguredError(slot.name)
         if slot.name not in GENERATION_TIERS:
-            raise ModelNotFoundError(
-                f"Model {model} is served by the {slot.name} tier, which does not generate text"
-            )
+            raise ModelNotFoundError(f"Model {model} is served by the {slot.name} tier, which does not generate text")
         return await self.ensure_loaded(slot)
 
     async def generate(self, slot: TierSlot, request: GenerationRequest) -> JobStream:
@@ -226,4 +224,3 @@ class Registry:
 
 async def _done() -> None:
     return None
-

@@ -126,11 +126,8 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
     """Build `Settings` from a flat mapping of variables; raise `SettingsError` naming a bad one."""
     env = {k.upper(): v for k, v in env.items() if v is not None}
     raw = _collect(env)
-    tiers = {
-        name: _convert(fields, TierSettings, f"{name.upper()}_", env)
-        for name, fields in raw.pop("tiers").items()
-    }
-    server = _convert(raw, Settings, "", env)
+    tiers = {name: _convert(fields, TierSettings, f"{name.upper()}_", env) for name, fields in raw.pop("tiers").items()}
+    server: Settings = _convert(raw, Settings, "", env)
     return msgspec.structs.replace(server, tiers=tiers)
 
 
@@ -143,6 +140,7 @@ def load_settings(env_file: str | Path | None = ".env", environ: Mapping[str, st
         merged.update({k: v for k, v in dotenv_values(path).items() if v is not None})
     elif not any(k.upper().endswith("_MODEL_PATH") for k in environ):
         merged.update(EMBEDDED_DEFAULTS)
-    merged.update({k: v for k, v in environ.items() if k.upper().split("_", 1)[0].lower() in TIERS
-                   or k.lower() in _SERVER_FIELDS})
+    merged.update(
+        {k: v for k, v in environ.items() if k.upper().split("_", 1)[0].lower() in TIERS or k.lower() in _SERVER_FIELDS}
+    )
     return parse_settings(merged)

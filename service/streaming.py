@@ -19,7 +19,6 @@ log = logging.getLogger(__name__)
 _encode = msgspec.json.Encoder().encode
 
 
-
 class EventStream(Stream):
     """An SSE response. Litestar lets the handler's default media type (JSON, for handlers that
     may also return a completion object) override a Stream's own; this keeps text/event-stream."""
@@ -64,8 +63,16 @@ async def event_stream(
         yield sse(exc.envelope())
     except Exception:
         log.exception("Stream failed")
-        yield sse({"error": {"message": "Generation failed; see the server log", "type": "server_error",
-                             "param": None, "code": None}})
+        yield sse(
+            {
+                "error": {
+                    "message": "Generation failed; see the server log",
+                    "type": "server_error",
+                    "param": None,
+                    "code": None,
+                }
+            }
+        )
     finally:
         stream.cancel()  # a no-op after a normal end; stops generation when the client went away
     yield b"data: [DONE]\n\n"

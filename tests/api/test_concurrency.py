@@ -42,7 +42,9 @@ def test_full_queue_answers_429_with_retry_after(server: LiveServer) -> None:
         waiter = threading.Thread(target=queued)
         waiter.start()
         wait_until(lambda: worker.waiting == 1)
-        rejected = http.post("/v1/chat/completions", json={"model": "light", "messages": [{"role": "user", "content": "x"}]})
+        rejected = http.post(
+            "/v1/chat/completions", json={"model": "light", "messages": [{"role": "user", "content": "x"}]}
+        )
         assert rejected.status_code == 429
         assert int(rejected.headers["Retry-After"]) >= 1
         error = rejected.json()["error"]

@@ -72,7 +72,9 @@ def test_invalid_prompts_are_400(http: httpx.Client, prompt: object) -> None:
 
 
 def test_malformed_json_is_400(http: httpx.Client) -> None:
-    res = http.post("/v1/chat/completions", content=b'{"model": "light", ', headers={"content-type": "application/json"})
+    res = http.post(
+        "/v1/chat/completions", content=b'{"model": "light", ', headers={"content-type": "application/json"}
+    )
     assert "JSON" in str(error_of(res, 400)["message"])
 
 
@@ -117,9 +119,15 @@ def test_routing_to_the_light_tier(http: httpx.Client, model: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("model", "tier"), [("text-embedding-3-small", "embedding"), ("bge-m3", "embedding"),
-                        ("multilingual-e5-large", "embedding"), ("bge-reranker-v2-m3", "reranker"),
-                        ("cross-encoder/ms-marco", "reranker"), ("qwen-7b", None)],
+    ("model", "tier"),
+    [
+        ("text-embedding-3-small", "embedding"),
+        ("bge-m3", "embedding"),
+        ("multilingual-e5-large", "embedding"),
+        ("bge-reranker-v2-m3", "reranker"),
+        ("cross-encoder/ms-marco", "reranker"),
+        ("qwen-7b", None),
+    ],
 )
 def test_routing_by_name_pattern(http: httpx.Client, model: str, tier: str | None) -> None:
     res = http.post("/v1/chat/completions", json={"model": model, "messages": MSG})

@@ -200,8 +200,8 @@ def test_json_object_output_is_an_object(client: openai.OpenAI) -> None:
 
 
 def test_follow_up_turn_reuses_cached_prefix(client: openai.OpenAI) -> None:
-    first = chat(client, max_tokens=2, messages=HISTORY + [{"role": "user", "content": "Why?"}])
-    second = chat(client, max_tokens=2, messages=HISTORY + [{"role": "user", "content": "And then what?"}])
+    first = chat(client, max_tokens=2, messages=[*HISTORY, {"role": "user", "content": "Why?"}])
+    second = chat(client, max_tokens=2, messages=[*HISTORY, {"role": "user", "content": "And then what?"}])
     assert first.usage is not None and second.usage is not None
     details = second.usage.prompt_tokens_details
     assert details is not None and details.cached_tokens is not None

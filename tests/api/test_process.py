@@ -29,8 +29,12 @@ def service(tmp_path: Path, **env: str) -> Iterator[tuple[subprocess.Popen[str],
     full_env = {k: v for k, v in os.environ.items() if k.split("_", 1)[0] not in {"LIGHT", "PORT"}}
     full_env |= {"PYTHONPATH": str(ROOT), "LOG_LEVEL": "INFO", **env}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service"], cwd=tmp_path, env=full_env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "service"],
+        cwd=tmp_path,
+        env=full_env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         yield proc, tmp_path / ".port"

@@ -8,19 +8,55 @@ import pytest
 
 from service.settings import EMBEDDED_DEFAULTS, TIERS, SettingsError, load_settings, parse_settings
 
-FIELDS = ["MODEL_PATH", "BACKEND", "N_CTX", "N_BATCH", "N_THREADS", "N_GPU_LAYERS", "TEMPERATURE", "TOP_P",
-          "TOP_K", "MAX_TOKENS", "REPEAT_PENALTY", "USE_MMAP", "USE_MLOCK", "EMBEDDING_MODE", "EMBEDDING_DIMENSION"]
+FIELDS = [
+    "MODEL_PATH",
+    "BACKEND",
+    "N_CTX",
+    "N_BATCH",
+    "N_THREADS",
+    "N_GPU_LAYERS",
+    "TEMPERATURE",
+    "TOP_P",
+    "TOP_K",
+    "MAX_TOKENS",
+    "REPEAT_PENALTY",
+    "USE_MMAP",
+    "USE_MLOCK",
+    "EMBEDDING_MODE",
+    "EMBEDDING_DIMENSION",
+]
 EXAMPLE = Path(__file__).resolve().parents[2] / ".env.example"
 
 
 def test_every_documented_variable_parses() -> None:
-    values = {"MODEL_PATH": "/m.gguf", "BACKEND": "llamacpp", "N_CTX": "8192", "N_BATCH": "256", "N_THREADS": "8",
-              "N_GPU_LAYERS": "-1", "TEMPERATURE": "0.2", "TOP_P": "0.9", "TOP_K": "20", "MAX_TOKENS": "64",
-              "REPEAT_PENALTY": "1.05", "USE_MMAP": "false", "USE_MLOCK": "true", "EMBEDDING_MODE": "true",
-              "EMBEDDING_DIMENSION": "1024"}
+    values = {
+        "MODEL_PATH": "/m.gguf",
+        "BACKEND": "llamacpp",
+        "N_CTX": "8192",
+        "N_BATCH": "256",
+        "N_THREADS": "8",
+        "N_GPU_LAYERS": "-1",
+        "TEMPERATURE": "0.2",
+        "TOP_P": "0.9",
+        "TOP_K": "20",
+        "MAX_TOKENS": "64",
+        "REPEAT_PENALTY": "1.05",
+        "USE_MMAP": "false",
+        "USE_MLOCK": "true",
+        "EMBEDDING_MODE": "true",
+        "EMBEDDING_DIMENSION": "1024",
+    }
     env = {f"{t.upper()}_{k}": v for t in TIERS for k, v in values.items()}
-    env |= {"PORT": "9001", "HOST": "0.0.0.0", "LOG_LEVEL": "debug", "SHUTDOWN_TIMEOUT": "600",
-            "ENABLE_CACHE": "true", "CACHE_MAX_SIZE": "5", "CACHE_TTL_SECONDS": "60", "CACHE_PERSIST_TO_DISK": "yes"}
+    env |= {
+        "PORT": "9001",
+        "HOST": "0.0.0.0",
+        "LOG_LEVEL": "debug",
+        "SHUTDOWN_TIMEOUT": "600",
+        "ENABLE_CACHE": "true",
+        "CACHE_MAX_SIZE": "5",
+        "CACHE_TTL_SECONDS": "60",
+        "CACHE_PERSIST_TO_DISK": "yes",
+    }
     s = parse_settings(env)
     assert (s.port, s.host, s.log_level, s.shutdown_timeout) == (9001, "0.0.0.0", "DEBUG", 600)
     assert s.enable_cache and s.cache_persist_to_disk and s.cache_max_size == 5
@@ -40,9 +76,15 @@ def test_example_file_documents_every_tier_variable() -> None:
 
 @pytest.mark.parametrize(
     ("env", "variable"),
-    [({"LIGHT_BACKEND": "vllm"}, "LIGHT_BACKEND"), ({"MEDIUM_N_CTX": "abc"}, "MEDIUM_N_CTX"),
-     ({"HEAVY_N_THREADS": "-2"}, "HEAVY_N_THREADS"), ({"LIGHT_TEMPERATURE": "9"}, "LIGHT_TEMPERATURE"),
-     ({"PORT": "http"}, "PORT"), ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL"), ({"LIGHT_USE_MMAP": "maybe"}, "LIGHT_USE_MMAP")],
+    [
+        ({"LIGHT_BACKEND": "vllm"}, "LIGHT_BACKEND"),
+        ({"MEDIUM_N_CTX": "abc"}, "MEDIUM_N_CTX"),
+        ({"HEAVY_N_THREADS": "-2"}, "HEAVY_N_THREADS"),
+        ({"LIGHT_TEMPERATURE": "9"}, "LIGHT_TEMPERATURE"),
+        ({"PORT": "http"}, "PORT"),
+        ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL"),
+        ({"LIGHT_USE_MMAP": "maybe"}, "LIGHT_USE_MMAP"),
+    ],
 )
 def test_bad_value_names_the_variable(env: dict[str, str], variable: str) -> None:
     with pytest.raises(SettingsError) as err:
@@ -79,7 +121,11 @@ def test_unknown_tier_settings_are_kept_as_extras() -> None:
 def test_bad_setting_stops_the_server_with_one_line(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run(
-        [sys.executable, "-m", "service"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "service"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={"PYTHONPATH": str(root), "LIGHT_MODEL_PATH": "/x.gguf", "LIGHT_N_CTX": "lots", "PATH": "/usr/bin"},
     )
     assert proc.returncode == 2

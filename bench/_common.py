@@ -1,0 +1,117 @@
+"""Helpers shared by the benchmarks: start servers as subprocesses, time SSE streams."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def process(
+    cmd: Sequence[str],
+    ready_url: str,
+    env: dict[str, str] | None = None,
+    ready: str | None = None,
+    timeout: float = 180,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a server until `ready_url` answers 200 (and contains `ready`, if given)."""
+    proc = subprocess.Popen(
+        list(cmd), cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}")
+            try:
+                res = httpx.get(ready_url, timeout=2)
+                if res.status_code == 200 and (ready is None or ready in res.text):
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{cmd} did not become ready")
+            time.sleep(0.2)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def llmservice(env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    port = env["PORT"]
+    full = {
+        "PORT_AUTO_INCREMENT": "false",
+        "PORT_FILE": f"/tmp/llmservice-bench-{port}.port",
+        "LOG_LEVEL": "WARNING",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        **env,
+    }
+    return [sys.executable, "-m", "service"], full
+
+
+@dataclass
+class StreamTiming:
+    ttft: float  # seconds from sending the request to the first content
+    tokens: int
+    decode_seconds: float  # first content to last content
+    end: float  # monotonic time the stream finished
+
+    @property
+    def decode_tps(self) -> float:
+        return (self.tokens - 1) / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+def stream_completion(url: str, body: dict[str, object]) -> StreamTiming:
+    """POST a streaming completion; count content events (one per token) and time them."""
+    start = time.monotonic()
+    first = last = 0.0
+    tokens = 0
+    usage_tokens = None
+    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=600) as res:
+        res.raise_for_status()
+        for line in res.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                usage_tokens = event["usage"]["completion_tokens"]
+            for choice in event.get("choices") or []:
+                if choice.get("text") or (choice.get("delta") or {}).get("content"):
+                    now = time.monotonic()
+                    first = first or now
+                    last = now
+                    tokens += 1
+    return StreamTiming(first - start, usage_tokens or tokens, last - first, time.monotonic())
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
