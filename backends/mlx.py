@@ -1,0 +1,429 @@
+"""The MLX generation engine (mlx-lm): fast on Apple Silicon, correct (and slow) on Linux CPU.
+
+Beyond plain generation it keeps a small prefix cache of KV states, so a multi-turn chat, which
+re-sends the whole history, only runs the new tokens through the model; and it enforces
+`response_format` with llguidance, which masks the logits to tokens the JSON grammar allows.
+llguidance is a small Rust wheel (no torch, no CUDA) for macOS arm64 and Linux; its masks work
+on any logits array, and its JSON-schema compiler is the one vLLM and llama.cpp also use.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlx.core as mx
+import numpy as np
+from jinja2 import TemplateError
+from mlx_lm import load as mlx_load
+from mlx_lm.generate import generate_step, wired_limit
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from backends.base import Backend, EngineInfo, GenerationRequest, ResponseFormat, Token
+from service.errors import (
+    EngineError,
+    InvalidRequestError,
+    ModelUnavailableError,
+    engine_errors,
+)
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher, LLTokenizer
+
+    from service.settings import TierSettings
+
+_ENGINE = "mlx"
+_PENALTY_CONTEXT = 20  # tokens the repetition penalty looks back over (mlx-lm's default)
+_DEFAULT_PREFIX_ENTRIES = 4
+
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+class MlxBackend(Backend):
+    """An mlx-lm model folder or hub repo id. Not thread-safe: one worker per instance."""
+
+    name = "mlx"
+
+    def __init__(self, tier: TierSettings, model_path: str) -> None:
+        self.tier = tier
+        self.model_path = model_path
+        self._model: Any = None
+        self._tokenizer: Any = None  # mlx_lm TokenizerWrapper (untyped)
+        self._eos: frozenset[int] = frozenset()
+        self._grammar_tokenizer: LLTokenizer | None = None  # built on first structured request
+        entries = _int_extra(tier, "prefix_cache_entries", _DEFAULT_PREFIX_ENTRIES)
+        self.prefix_cache = PrefixCache(entries)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def load(self) -> None:
+        if self._model is not None:
+            return
+        where = f"Tier {self.tier.name or '?'}: cannot load MLX model {self.model_path!r}"
+        source = self.model_path
+        if source.startswith(("/", ".", "~")) or source.count("/") > 1:
+            # A local path: say so plainly instead of letting it be tried as a hub repo id.
+            local = Path(source).expanduser()
+            if not local.is_dir():
+                raise ModelUnavailableError(f"{where}: no such folder")
+            source = str(local)
+        try:
+            model, tokenizer = mlx_load(source)[:2]
+        except Exception as exc:
+            # Loading fails in many library-specific ways (missing files, hub errors, unknown
+            # architectures); to a client they all mean "this model cannot be served".
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelUnavailableError(f"{where}: {reason}") from exc
+        eos = set(tokenizer.eos_token_ids)
+        if tokenizer.eos_token_id is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        self._model, self._tokenizer, self._eos = model, tokenizer, frozenset(eos)
+
+    def close(self) -> None:
+        self.prefix_cache.clear()
+        self._model = self._tokenizer = self._grammar_tokenizer = None
+        mx.clear_cache()
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            engine=_ENGINE,
+            device=mx.default_device().type.name,
+            context_length=self.tier.n_ctx,
+            extras={
+                "model_path": self.model_path,
+                "prefix_cache_entries": self.prefix_cache.capacity,
+                "structured_output": "llguidance",
+            },
+        )
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Every token that ends generation (config.json and generation_config.json)."""
+        return self._eos
+
+    # -- prompts ---------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        tokenizer = self._require()[1]
+        bos = tokenizer.bos_token
+        add_special = bos is None or not text.startswith(bos)
+        with engine_errors(_ENGINE):
+            return [int(t) for t in tokenizer.encode(text, add_special_tokens=add_special)]
+
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+        tokenizer = self._require()[1]
+        template = self.tier.chat_template
+        if template is None and not tokenizer.chat_template:
+            raise InvalidRequestError(
+                f"The model {self.model_path!r} has no chat template and none is configured "
+                f"(set {(self.tier.name or 'TIER').upper()}_CHAT_TEMPLATE), so chat messages "
+                "cannot be formatted; use /v1/completions with a raw prompt instead.",
+                param="messages",
+            )
+        extra = {} if template is None else {"chat_template": template}
+        try:
+            with engine_errors(_ENGINE):
+                text = tokenizer.apply_chat_template(
+                    [dict(m) for m in messages], add_generation_prompt=True, tokenize=False, **extra
+                )
+        except TemplateError as exc:
+            # Templates reject bad conversations themselves (e.g. roles that do not alternate).
+            message = f"The chat template rejected the messages: {exc}"
+            raise InvalidRequestError(message, param="messages") from exc
+        return str(text)
+
+    # -- generation ------------------------------------------------------------------------
+
+    def decode(self, prompt: list[int], request: GenerationRequest, max_tokens: int) -> Iterator[Token]:
+        model, tokenizer = self._require()
+        # Checked before the first token, so a bad schema is a 400 and not a broken stream.
+        matcher = self._matcher(request.response_format) if request.response_format else None
+        return self._generate(model, tokenizer, list(prompt), request, max_tokens, matcher)
+
+    def _generate(
+        self,
+        model: Any,
+        tokenizer: Any,
+        prompt: list[int],
+        request: GenerationRequest,
+        max_tokens: int,
+        matcher: LLMatcher | None,
+    ) -> Iterator[Token]:
+        if max_tokens <= 0:
+            return
+        cache, reused = self.prefix_cache.fetch(prompt)
+        if cache is None:
+            cache = make_prompt_cache(model)
+        if request.seed is not None:
+            mx.random.seed(request.seed)
+        sampler = make_sampler(temp=request.temperature, top_p=request.top_p, min_p=request.min_p, top_k=request.top_k)
+        processors = self._processors(prompt[:reused], request, matcher)
+        text = _TextStream(tokenizer, prompt)
+        generated: list[int] = []
+        eos: list[int] = []  # the end-of-generation token, once the model emits it
+        ok = False
+        with engine_errors(_ENGINE), wired_limit(model):
+            steps = generate_step(
+                mx.array(prompt[reused:]),
+                model,
+                max_tokens=max_tokens,
+                sampler=sampler,
+                logits_processors=processors,
+                prompt_cache=cache,
+                prefill_step_size=self.tier.n_batch,
+            )
+            try:
+                for step, _ in steps:
+                    token = int(step)  # annotated as an array; generate_step yields a plain int
+                    if token in self._eos:
+                        eos.append(token)
+                        break
+                    generated.append(token)
+                    done = len(generated) == max_tokens or (matcher is not None and matcher.is_stopped())
+                    first = len(generated) == 1
+                    yield Token(text.add(token, final=done), cached_tokens=reused if first else 0)
+                    if done:
+                        break
+                ok = True
+            except GeneratorExit:
+                ok = True  # the client went away; the cache is still consistent
+                raise
+            finally:
+                steps.close()
+                if ok:
+                    # generate_step feeds each token to the model before yielding it, so the
+                    # cache now holds the prompt, every yielded token and the EOS if we saw it.
+                    self.prefix_cache.store(prompt + generated + eos, cache)
+
+    def _processors(
+        self, history: list[int], request: GenerationRequest, matcher: LLMatcher | None
+    ) -> list[LogitsProcessor]:
+        processors: list[LogitsProcessor] = []
+        if request.repeat_penalty != 1.0:
+            penalties = make_logits_processors(
+                repetition_penalty=request.repeat_penalty, repetition_context_size=_PENALTY_CONTEXT
+            )
+            # generate_step only shows processors the uncached part of the prompt; give the
+            # penalty the cached tail back so cached and uncached runs sample the same.
+            tail = history[-_PENALTY_CONTEXT:]
+            processors += [_with_history(p, tail) for p in penalties] if tail else penalties
+        if matcher is not None:
+            # Last, so no later processor can lift a masked token back above -inf.
+            processors.append(_GrammarMask(matcher, self._llg_tokenizer().vocab_size, self._eos))
+        return processors
+
+    def _matcher(self, response_format: ResponseFormat) -> LLMatcher:
+        try:
+            from llguidance import LLMatcher
+        except ImportError as exc:
+            raise InvalidRequestError(
+                "Structured output on the MLX engine needs llguidance (pip install 'llmservice[mlx]').",
+                param="response_format",
+            ) from exc
+        # json_object = any object; a schema sent with it is honoured, as llama.cpp does.
+        schema = response_format.schema if response_format.schema is not None else {"type": "object"}
+        try:
+            # Bounded whitespace: unbounded whitespace lets a weak model pad forever.
+            grammar = LLMatcher.grammar_from_json_schema(
+                schema, defaults={"whitespace_pattern": r"[ \n\t]{0,8}", "lenient": True}
+            )
+        except ValueError as exc:
+            raise InvalidRequestError(f"Invalid JSON schema: {exc}", param="response_format") from exc
+        matcher = LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
+        if matcher.is_error():
+            raise InvalidRequestError(f"Unsupported JSON schema: {matcher.get_error()}", param="response_format")
+        return matcher
+
+    def _llg_tokenizer(self) -> LLTokenizer:
+        if self._grammar_tokenizer is None:
+            from llguidance import LLTokenizer
+
+            backend = getattr(self._require()[1], "backend_tokenizer", None)
+            if backend is None:
+                raise InvalidRequestError(
+                    "Structured output needs a Hugging Face fast tokenizer; this model has none.",
+                    param="response_format",
+                )
+            # Serialised without padding/truncation, as llguidance.hf.from_tokenizer does.
+            backend = copy.copy(backend)
+            backend.no_padding()
+            backend.no_truncation()
+            with engine_errors(_ENGINE):
+                self._grammar_tokenizer = LLTokenizer(backend.to_str(), eos_token=sorted(self._eos))
+        return self._grammar_tokenizer
+
+    def _require(self) -> tuple[Any, Any]:
+        if self._model is None:
+            raise ModelUnavailableError(f"The MLX model {self.model_path!r} is not loaded.")
+        return self._model, self._tokenizer
+
+
+@dataclass(slots=True)
+class _Entry:
+    tokens: list[int]
+    cache: list[Any]
+
+
+class PrefixCache:
+    """The KV caches of the last few sequences (prompt + generated), reused by longest prefix.
+
+    Multi-turn chat re-sends the whole history: the previous turn's cache covers most of it.
+    A cache whose tokens are a prefix of the new prompt is taken and extended in place (the new
+    sequence supersedes it); one that diverges is copied and trimmed back to the shared part.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: list[_Entry] = []  # oldest first
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def sequences(self) -> list[list[int]]:
+        """The token sequences held, oldest first (copies; for stats and tests)."""
+        return [list(e.tokens) for e in self._entries]
+
+    def fetch(self, prompt: Sequence[int]) -> tuple[list[Any] | None, int]:
+        """Return (a cache holding the first n prompt tokens, n), or (None, 0)."""
+        best: tuple[int, int] | None = None  # (reusable tokens, entry index)
+        for i, entry in enumerate(self._entries):
+            shared = _common_prefix(entry.tokens, prompt)
+            # At least one prompt token must still run through the model to give logits.
+            usable = min(shared, len(prompt) - 1)
+            extends = usable == len(entry.tokens)
+            if usable > 0 and (extends or can_trim_prompt_cache(entry.cache)) and (best is None or usable > best[0]):
+                best = (usable, i)
+        if best is None:
+            return None, 0
+        usable, i = best
+        entry = self._entries[i]
+        if usable == len(entry.tokens):
+            del self._entries[i]
+            return entry.cache, usable
+        self._entries.append(self._entries.pop(i))  # most recently used
+        cache = copy.deepcopy(entry.cache)
+        trim_prompt_cache(cache, len(entry.tokens) - usable)
+        return cache, usable
+
+    def store(self, tokens: list[int], cache: list[Any]) -> None:
+        if self.capacity <= 0 or not tokens:
+            return
+        size = _cache_offset(cache)
+        if size is not None and size != len(tokens):
+            # Should not happen; never keep a cache whose contents we cannot name.
+            if size < len(tokens) or not can_trim_prompt_cache(cache):
+                return
+            trim_prompt_cache(cache, size - len(tokens))
+        if can_trim_prompt_cache(cache):
+            # A trimmable cache can stand in for any of its prefixes: drop those.
+            self._entries = [e for e in self._entries if tokens[: len(e.tokens)] != e.tokens]
+        else:
+            self._entries = [e for e in self._entries if e.tokens != tokens]
+        self._entries.append(_Entry(tokens, cache))
+        del self._entries[: -self.capacity]
+
+
+class _GrammarMask:
+    """A logits processor that lets through only the tokens llguidance allows next."""
+
+    def __init__(self, matcher: LLMatcher, vocab_size: int, eos: frozenset[int]) -> None:
+        from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+
+        self._fill = fill_next_token_bitmask
+        self._matcher = matcher
+        self._eos = eos
+        self._started = False
+        self._bitmask = allocate_token_bitmask(1, vocab_size)
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        if self._started:
+            # generate_step calls us once per step, right after sampling the previous token.
+            last = int(tokens[-1])
+            if last in self._eos:
+                return logits  # generation ends here; this step's result is discarded
+            if not self._matcher.consume_token(last):
+                raise EngineError(f"The JSON grammar rejected a token: {self._matcher.get_error()}")
+        self._started = True
+        self._fill(self._matcher, self._bitmask)
+        bits = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")
+        # The model may have more logits than the tokenizer has tokens (padded embeddings).
+        allowed = np.zeros(logits.shape[-1], dtype=np.bool_)
+        n = min(len(bits), len(allowed))
+        allowed[:n] = bits[:n].astype(np.bool_)
+        return mx.where(mx.array(allowed), logits, -mx.inf)
+
+
+class _TextStream:
+    """Incremental detokenization that never emits half a UTF-8 character.
+
+    Decodes a short window of recent tokens with and without the new one and emits the
+    difference; seeding the window with the prompt tail keeps a leading space on the first token.
+    """
+
+    def __init__(self, tokenizer: Any, prompt: list[int]) -> None:
+        self._tokenizer = tokenizer
+        self._tokens = list(prompt[-4:])
+        self._prefix = 0
+        self._read = len(self._tokens)
+
+    def _decode(self, tokens: list[int]) -> str:
+        text = self._tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return str(text)
+
+    def add(self, token: int, *, final: bool = False) -> str:
+        self._tokens.append(token)
+        before = self._decode(self._tokens[self._prefix : self._read])
+        after = self._decode(self._tokens[self._prefix :])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self._prefix, self._read = self._read, len(self._tokens)
+            return after[len(before) :]
+        return ""
+
+
+def _with_history(processor: LogitsProcessor, history: list[int]) -> LogitsProcessor:
+    tail = mx.array(history)
+
+    def run(tokens: mx.array, logits: mx.array) -> mx.array:
+        return processor(mx.concatenate([tail, tokens]), logits)
+
+    return run
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _cache_offset(cache: list[Any]) -> int | None:
+    """Tokens held by a KV-style cache, or None for caches that do not count them (SSM state)."""
+    for layer in cache:
+        offset = getattr(layer, "offset", None)
+        if isinstance(offset, int):
+            return offset
+    return None
+
+
+def _int_extra(tier: TierSettings, key: str, default: int) -> int:
+    raw = tier.extras.get(key)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+        if value < 0:
+            raise ValueError
+    except ValueError:
+        raise ModelUnavailableError(
+            f"Invalid setting {(tier.name or 'TIER').upper()}_{key.upper()}={raw!r}: expected a whole number >= 0"
+        ) from None
+    return value
