@@ -1,0 +1,184 @@
+"""BGE-M3 through FlagEmbedding: dense, sparse (lexical weights) and ColBERT vectors in one pass.
+
+`BGEM3FlagModel` loads the encoder and its three heads. We run its forward ourselves, once per
+chunk of texts, because `BGEM3FlagModel.encode()` runs the first batch through the encoder twice
+(a batch-size probe: measured 2 forwards per call, ~1.6x the time of one) and draws tqdm bars
+whenever a call holds a full batch. The post-processing mirrors `encode()`'s (positive weights,
+max per token id, special tokens dropped; no ColBERT vector for <s>) and a test checks that both
+give the same vectors. If FlagEmbedding's internals change shape, we fall back to `encode()`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from embedders import _hf
+from embedders.base import Embedder, EmbedderInfo, EmbeddingOutput, hf_max_tokens, require_local_model
+from embedders.options import extra_int, set_torch_threads, torch_device
+from service.errors import ModelUnavailableError, engine_errors
+
+if TYPE_CHECKING:
+    from service.settings import TierSettings
+
+
+class BgeM3Embedder(Embedder):
+    name = "bge_m3"
+
+    def __init__(self, tier: TierSettings, model_path: str) -> None:
+        super().__init__()
+        self.tier = tier
+        self.model_path = model_path
+        self._device = torch_device(tier)
+        self._batch_size = extra_int(tier, "batch_size", 32)
+        self._model: Any = None
+        self._info: EmbedderInfo | None = None
+        self._direct = False
+        self._special_ids: frozenset[int] = frozenset()
+
+    def load(self) -> None:
+        # Checked before FlagEmbedding sees it: a missing path becomes a hub download attempt.
+        path = require_local_model(self.model_path, "BGE-M3")
+        set_torch_threads(self.tier.n_threads)
+        from FlagEmbedding import BGEM3FlagModel  # ~10 s: datasets, peft, pandas
+
+        max_tokens = hf_max_tokens(path, cap=self.tier.n_ctx)
+        try:
+            model = BGEM3FlagModel(
+                path,
+                use_fp16=False,
+                devices=self._device,
+                normalize_embeddings=True,
+                batch_size=self._batch_size,
+                query_max_length=max_tokens,
+                passage_max_length=max_tokens,
+            )
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ModelUnavailableError(f"Cannot load {path} as BGE-M3: {exc}") from exc
+        heads = model.model  # the dense/sparse/ColBERT heads on top of the XLM-R encoder
+        dimension = int(heads.model.config.hidden_size)
+        self.check_configured_dimension(self.tier.embedding_dimension, dimension, path)
+        tokenizer = model.tokenizer
+        special = (tokenizer.cls_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id)
+        self._special_ids = frozenset(t for t in special if t is not None)
+        self._direct = callable(heads) and all(
+            hasattr(heads, name) for name in ("colbert_linear", "sparse_linear", "normalize_embeddings")
+        )
+        if self._direct:
+            heads.float().to(self._device).eval()  # what encode() does before every call
+        self._model = model
+        self._info = EmbedderInfo(
+            engine=self.name,
+            dimension=dimension,
+            max_tokens=max_tokens,
+            capabilities=frozenset({"dense", "sparse", "colbert"}),
+            embeds_empty=True,  # <s></s>: a dense vector, an empty sparse dict, one ColBERT vector
+            device=self._device,
+            extras={"colbert_dimension": int(heads.colbert_linear.out_features), "direct_forward": self._direct},
+        )
+
+    def info(self) -> EmbedderInfo:
+        if self._info is None:
+            raise ModelUnavailableError("The embedding model is not loaded")
+        return self._info
+
+    def embed(
+        self, texts: list[str], *, dense: bool = True, sparse: bool = False, colbert: bool = False
+    ) -> list[EmbeddingOutput]:
+        self.check_outputs(dense=dense, sparse=sparse, colbert=colbert)
+        self.info()
+        if not texts:
+            return []
+        with engine_errors(self.name):
+            if self._direct:
+                return self._embed_direct(texts, dense=dense, sparse=sparse, colbert=colbert)
+            return self._embed_encode(texts, dense=dense, sparse=sparse, colbert=colbert)
+
+    def _embed_direct(self, texts: list[str], *, dense: bool, sparse: bool, colbert: bool) -> list[EmbeddingOutput]:
+        import torch
+
+        heads = self._model.model
+        max_tokens = self.info().max_tokens
+        ids: list[list[int]] = self._model.tokenizer(texts, truncation=True, max_length=max_tokens)["input_ids"]
+        pad_id = self._model.tokenizer.pad_token_id or 0
+        results: list[EmbeddingOutput | None] = [None] * len(texts)
+        # Longest first, chunked: texts of similar length share a batch and padding stays small.
+        order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
+        for start in range(0, len(order), self._batch_size):
+            chunk = order[start : start + self._batch_size]
+            width = len(ids[chunk[0]])
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+                mask[row, : len(ids[i])] = 1
+            features = {"input_ids": input_ids.to(self._device), "attention_mask": mask.to(self._device)}
+            with torch.inference_mode():
+                out = heads(features, return_dense=dense, return_sparse=sparse, return_colbert_vecs=colbert)
+            dense_np = out["dense_vecs"].float().cpu().numpy() if dense else None
+            weights_np = out["sparse_vecs"].squeeze(-1).float().cpu().numpy() if sparse else None
+            colbert_np = out["colbert_vecs"].float().cpu().numpy() if colbert else None
+            for row, i in enumerate(chunk):
+                n = len(ids[i])
+                result = EmbeddingOutput(tokens=n)
+                if dense_np is not None:
+                    result.dense = dense_np[row].astype(np.float32, copy=True)
+                if weights_np is not None:
+                    result.sparse = self._lexical_weights(ids[i], weights_np[row, :n])
+                if colbert_np is not None:
+                    result.colbert = colbert_np[row, : n - 1].tolist()  # heads skip <s>
+                results[i] = result
+        return [r for r in results if r is not None]
+
+    def _lexical_weights(self, ids: list[int], weights: npt.NDArray[np.float32]) -> dict[str, float]:
+        lexical: dict[str, float] = {}
+        for token, weight in zip(ids, weights.tolist(), strict=True):
+            if token in self._special_ids or weight <= 0:
+                continue
+            key = str(token)
+            if weight > lexical.get(key, 0.0):
+                lexical[key] = float(weight)
+        return lexical
+
+    def _embed_encode(self, texts: list[str], *, dense: bool, sparse: bool, colbert: bool) -> list[EmbeddingOutput]:
+        info = self.info()
+        results: list[EmbeddingOutput] = []
+        for start in range(0, len(texts), self._batch_size):
+            chunk = texts[start : start + self._batch_size]
+            # batch_size > len(chunk): FlagEmbedding draws progress bars for full batches.
+            out = self._model.encode(
+                chunk,
+                batch_size=len(chunk) + 1,
+                max_length=info.max_tokens,
+                return_dense=dense,
+                return_sparse=sparse,
+                return_colbert_vecs=colbert,
+            )
+            tokens = self.count_tokens(chunk)
+            for i, n in enumerate(tokens):
+                result = EmbeddingOutput(tokens=min(n, info.max_tokens))
+                if dense:
+                    result.dense = np.asarray(out["dense_vecs"][i], dtype=np.float32)
+                if sparse:
+                    # Keys are already token-id strings; np.float32 values are not JSON-serialisable.
+                    result.sparse = {str(k): float(v) for k, v in out["lexical_weights"][i].items()}
+                if colbert:
+                    result.colbert = np.asarray(out["colbert_vecs"][i], dtype=np.float32).tolist()
+                results.append(result)
+        return results
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        self.info()
+        return _hf.count_tokens(self._model.tokenizer, texts)
+
+    def decode_tokens(self, ids: list[int]) -> str:
+        self.info()
+        return _hf.decode_tokens(self._model.tokenizer, ids)
+
+    def close(self) -> None:
+        if self._model is not None:
+            self._model.stop_self_pool()  # no-op on one device; frees worker processes otherwise
+        self._model = None
+        self._info = None

@@ -1,0 +1,83 @@
+"""Pick and build an embedding engine for a tier. Engine modules (torch, FlagEmbedding, llama.cpp)
+are imported only when a tier uses them, never at import of this module.
+
+Choice, first match wins:
+1. EMBEDDING_ENGINE=bge_m3 | sentence_transformers | llamacpp (extras["engine"]);
+2. a `.gguf` file → llamacpp;
+3. a folder with `colbert_linear.pt` or `sparse_linear.pt`, or a repo id naming bge-m3 → bge_m3;
+4. anything else → sentence_transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from service.errors import ModelUnavailableError
+
+if TYPE_CHECKING:
+    from embedders.base import Embedder
+    from service.settings import TierSettings
+
+# name -> (module, class, modules it needs, pip extra)
+_ENGINES: dict[str, tuple[str, str, tuple[str, ...], str]] = {
+    "bge_m3": ("embedders.bge_m3", "BgeM3Embedder", ("torch", "FlagEmbedding"), "embeddings"),
+    "sentence_transformers": (
+        "embedders.sentence_transformers",
+        "SentenceTransformerEmbedder",
+        ("torch", "sentence_transformers"),
+        "embeddings",
+    ),
+    "llamacpp": ("embedders.llamacpp", "LlamaCppEmbedder", ("llama_cpp",), "llamacpp"),
+}
+
+_BGE_M3_FILES = ("colbert_linear.pt", "sparse_linear.pt")
+
+
+def missing_modules(engine: str) -> list[str]:
+    """The engine's dependencies that are not importable (found without importing them)."""
+    missing = []
+    for module in _ENGINES[engine][2]:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(module)
+    return missing
+
+
+def choose_embedder(tier: TierSettings, model_path: str) -> str:
+    engine = tier.extras.get("engine", "").strip().lower().replace("-", "_")
+    if engine:
+        if engine not in _ENGINES:
+            raise ModelUnavailableError(
+                f"Invalid setting {tier.name.upper()}_ENGINE={engine!r}: expected one of: {', '.join(_ENGINES)}"
+            )
+        return engine
+    path = Path(model_path)
+    if model_path.lower().endswith(".gguf") or path.is_file() or tier.backend == "llamacpp":
+        return "llamacpp"
+    if any((path / name).is_file() for name in _BGE_M3_FILES):
+        return "bge_m3"
+    if not path.exists() and "bge-m3" in model_path.lower():
+        return "bge_m3"
+    return "sentence_transformers"
+
+
+def create_embedder(tier: TierSettings, model_path: str | Path) -> Embedder:
+    """Build (not load) the tier's embedder; call `load()` on its worker thread."""
+    model_path = str(model_path)
+    engine = choose_embedder(tier, model_path)
+    module_name, class_name, _, extra = _ENGINES[engine]
+    missing = missing_modules(engine)
+    if missing:
+        raise ModelUnavailableError(
+            f"Tier {tier.name} needs the {engine} embedding engine, but {', '.join(missing)} "
+            f"is not installed: pip install 'llmservice[{extra}]'"
+        )
+    cls = getattr(importlib.import_module(module_name), class_name)
+    embedder: Embedder = cls(tier, model_path)
+    return embedder

@@ -1,0 +1,77 @@
+"""Cross-encoder reranking with sentence-transformers (`CrossEncoder`, one relevance logit per pair)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from embedders import _hf
+from embedders.base import hf_max_tokens, require_local_model
+from embedders.options import extra_int, set_torch_threads, torch_device
+from rerankers.base import Reranker, RerankerInfo
+from service.errors import ModelUnavailableError, engine_errors
+
+if TYPE_CHECKING:
+    from service.settings import TierSettings
+
+
+class CrossEncoderReranker(Reranker):
+    name = "cross_encoder"
+
+    def __init__(self, tier: TierSettings, model_path: str) -> None:
+        self.tier = tier
+        self.model_path = model_path
+        self._device = torch_device(tier)
+        self._batch_size = extra_int(tier, "batch_size", 32)
+        self._model: Any = None
+        self._info: RerankerInfo | None = None
+
+    def load(self) -> None:
+        path = require_local_model(self.model_path, "cross-encoder")
+        set_torch_threads(self.tier.n_threads)
+        import torch
+        from sentence_transformers import CrossEncoder
+
+        max_tokens = hf_max_tokens(path, cap=self.tier.n_ctx)
+        try:
+            # Identity: we want raw logits; `rerank()` applies the sigmoid itself (CrossEncoder's
+            # default activation for one label is a sigmoid, which would be applied twice).
+            model = CrossEncoder(path, device=self._device, max_length=max_tokens, activation_fn=torch.nn.Identity())
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ModelUnavailableError(f"Cannot load {path} as a cross-encoder: {exc}") from exc
+        labels = int(model.config.num_labels)
+        if labels != 1:
+            raise ModelUnavailableError(
+                f"{path} has {labels} output labels; a reranker needs a one-logit cross-encoder"
+            )
+        self._model = model
+        self._info = RerankerInfo(engine=self.name, max_tokens=max_tokens, score_kind="logit", device=self._device)
+
+    def info(self) -> RerankerInfo:
+        if self._info is None:
+            raise ModelUnavailableError("The reranker model is not loaded")
+        return self._info
+
+    def score(self, query: str, docs: list[str]) -> list[float]:
+        return self.score_pairs([(query, doc) for doc in docs])
+
+    def score_pairs(self, pairs: list[tuple[str, str]]) -> list[float]:
+        self.info()
+        if not pairs:
+            return []
+        with engine_errors(self.name):
+            logits = self._model.predict(
+                pairs,
+                batch_size=self._batch_size,
+                show_progress_bar=False,
+                convert_to_numpy=True,
+            )
+        return [float(x) for x in np.asarray(logits, dtype=np.float32).reshape(-1)]
+
+    def count_tokens(self, query: str, docs: list[str]) -> int:
+        return _hf.count_pair_tokens(self._model.tokenizer, query, docs, self.info().max_tokens)
+
+    def close(self) -> None:
+        self._model = None
+        self._info = None

@@ -1,0 +1,106 @@
+"""Pick and build a reranker for a tier. Engine modules are imported only when a tier uses them.
+
+Choice, first match wins:
+1. MODEL_PATH `tier:<name>` → EmbeddingReranker over that tier's embedder (`embedder_provider`);
+2. RERANKER_ENGINE=cross_encoder | flag | embedding (extras["engine"]);
+3. a folder whose config is an XLM-R sequence classifier without sentence-transformers metadata,
+   or a repo id naming bge-reranker → flag (how BAAI publishes bge-reranker-*);
+4. anything else → cross_encoder (sentence-transformers `CrossEncoder`; it loads bge-rerankers too).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from service.errors import ModelUnavailableError
+
+if TYPE_CHECKING:
+    from embedders.base import Embedder
+    from rerankers.base import Reranker
+    from service.settings import TierSettings
+
+# name -> (module, class, modules it needs, pip extra)
+_ENGINES: dict[str, tuple[str, str, tuple[str, ...], str]] = {
+    "cross_encoder": (
+        "rerankers.cross_encoder",
+        "CrossEncoderReranker",
+        ("torch", "sentence_transformers"),
+        "embeddings",
+    ),
+    "flag": ("rerankers.flag", "FlagRerankerReranker", ("torch", "FlagEmbedding"), "embeddings"),
+    "embedding": ("rerankers.embedding", "EmbeddingReranker", (), "embeddings"),
+}
+
+
+def missing_modules(engine: str) -> list[str]:
+    missing = []
+    for module in _ENGINES[engine][2]:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(module)
+    return missing
+
+
+def _is_bge_reranker_folder(path: Path) -> bool:
+    if (path / "config_sentence_transformers.json").is_file():
+        return False
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(config, dict) or "sentence_transformers" in config:
+        return False
+    return "XLMRobertaForSequenceClassification" in (config.get("architectures") or [])
+
+
+def choose_reranker(tier: TierSettings, model_path: str) -> str:
+    if model_path.startswith("tier:"):
+        return "embedding"
+    engine = tier.extras.get("engine", "").strip().lower().replace("-", "_")
+    if engine:
+        if engine not in _ENGINES:
+            raise ModelUnavailableError(
+                f"Invalid setting {tier.name.upper()}_ENGINE={engine!r}: expected one of: {', '.join(_ENGINES)}"
+            )
+        return engine
+    path = Path(model_path)
+    if path.is_dir() and _is_bge_reranker_folder(path):
+        return "flag"
+    if not path.exists() and "bge-reranker" in model_path.lower():
+        return "flag"
+    return "cross_encoder"
+
+
+def create_reranker(
+    tier: TierSettings, model_path: str | Path, embedder_provider: Callable[[], Embedder] | None = None
+) -> Reranker:
+    """Build (not load) the tier's reranker; call `load()` on its worker thread.
+
+    `embedder_provider` returns the loaded embedder of the tier named by `tier:<name>`."""
+    model_path = str(model_path)
+    engine = choose_reranker(tier, model_path)
+    module_name, class_name, _, extra = _ENGINES[engine]
+    missing = missing_modules(engine)
+    if missing:
+        raise ModelUnavailableError(
+            f"Tier {tier.name} needs the {engine} reranker engine, but {', '.join(missing)} "
+            f"is not installed: pip install 'llmservice[{extra}]'"
+        )
+    cls = getattr(importlib.import_module(module_name), class_name)
+    if engine == "embedding":
+        if embedder_provider is None:
+            raise ModelUnavailableError(
+                f"Tier {tier.name} reranks with {model_path}, but no embedding tier is available to it"
+            )
+        reranker: Reranker = cls(tier, embedder_provider)
+    else:
+        reranker = cls(tier, model_path)
+    return reranker

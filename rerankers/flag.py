@@ -1,0 +1,84 @@
+"""bge-reranker family through FlagEmbedding's `FlagReranker` (raw logits, sigmoid in `rerank()`).
+
+Chosen by RERANKER_ENGINE=flag, or detected by the factory for an XLM-R sequence classifier with
+no sentence-transformers metadata (how BAAI publishes bge-reranker-base/large/v2-m3).
+`compute_score()` runs its first batch twice (a batch-size probe), so each call costs about two
+forward passes; RERANKER_ENGINE=cross_encoder gives the same logits in one.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from embedders import _hf
+from embedders.base import hf_max_tokens, require_local_model
+from embedders.options import extra_int, set_torch_threads, torch_device
+from rerankers.base import Reranker, RerankerInfo
+from service.errors import ModelUnavailableError, engine_errors
+
+if TYPE_CHECKING:
+    from service.settings import TierSettings
+
+
+class FlagRerankerReranker(Reranker):
+    name = "flag"
+
+    def __init__(self, tier: TierSettings, model_path: str) -> None:
+        self.tier = tier
+        self.model_path = model_path
+        self._device = torch_device(tier)
+        self._batch_size = extra_int(tier, "batch_size", 32)
+        self._model: Any = None
+        self._info: RerankerInfo | None = None
+
+    def load(self) -> None:
+        # Checked before FlagEmbedding sees it: a missing path becomes a hub download attempt.
+        path = require_local_model(self.model_path, "FlagEmbedding reranker")
+        set_torch_threads(self.tier.n_threads)
+        from FlagEmbedding import FlagReranker  # ~10 s: datasets, peft, pandas
+
+        max_tokens = hf_max_tokens(path, cap=self.tier.n_ctx)
+        try:
+            model = FlagReranker(
+                path,
+                use_fp16=False,
+                devices=self._device,
+                batch_size=self._batch_size,
+                max_length=max_tokens,
+                normalize=False,
+            )
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ModelUnavailableError(f"Cannot load {path} with FlagReranker: {exc}") from exc
+        self._model = model
+        self._info = RerankerInfo(engine=self.name, max_tokens=max_tokens, score_kind="logit", device=self._device)
+
+    def info(self) -> RerankerInfo:
+        if self._info is None:
+            raise ModelUnavailableError("The reranker model is not loaded")
+        return self._info
+
+    def score(self, query: str, docs: list[str]) -> list[float]:
+        return self.score_pairs([(query, doc) for doc in docs])
+
+    def score_pairs(self, pairs: list[tuple[str, str]]) -> list[float]:
+        self.info()
+        if not pairs:
+            return []
+        scores: list[float] = []
+        with engine_errors(self.name):
+            for start in range(0, len(pairs), self._batch_size):
+                chunk = pairs[start : start + self._batch_size]
+                # batch_size > len(chunk): FlagEmbedding draws progress bars for full batches.
+                out = self._model.compute_score(chunk, batch_size=len(chunk) + 1, normalize=False)
+                # One pair can come back as a bare float depending on the FlagEmbedding version.
+                scores.extend(float(x) for x in (out if isinstance(out, list) else [out]))
+        return scores
+
+    def count_tokens(self, query: str, docs: list[str]) -> int:
+        return _hf.count_pair_tokens(self._model.tokenizer, query, docs, self.info().max_tokens)
+
+    def close(self) -> None:
+        if self._model is not None:
+            self._model.stop_self_pool()
+        self._model = None
+        self._info = None

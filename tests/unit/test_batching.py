@@ -1,0 +1,214 @@
+"""MicroBatcher with plain functions: coalescing, bounds, ordering, isolation, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import pytest
+
+from service.batching import MicroBatcher
+from service.errors import EngineError, ModelUnavailableError, RateLimitError
+
+X = TypeVar("X")
+
+
+def run(coro: Coroutine[Any, Any, X]) -> X:
+    return asyncio.run(asyncio.wait_for(coro, timeout=20))
+
+
+class Recorder:
+    """run_batch that doubles numbers and remembers every batch and the thread it ran on."""
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.threads: set[int] = set()
+        self.gate = gate
+
+    def __call__(self, items: list[int]) -> list[int]:
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        self.threads.add(threading.get_ident())
+        self.batches.append(list(items))
+        if any(i < 0 for i in items):
+            raise ValueError("negative input")
+        return [2 * i for i in items]
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    # Polls the batcher's internal state, which exposes no event to wait on.
+    while not predicate():  # noqa: ASYNC110
+        await asyncio.sleep(0.001)
+
+
+def test_concurrent_submissions_are_coalesced_and_split_back_in_order() -> None:
+    rec = Recorder()
+
+    async def main() -> list[list[int]]:
+        batcher: MicroBatcher[int, int] = MicroBatcher(rec, max_batch_size=64, max_wait_ms=50)
+        inputs = [[10 * s + k for k in range(1 + s % 3)] for s in range(10)]
+        results = await asyncio.gather(*(batcher.submit(i) for i in inputs))
+        await batcher.close()
+        assert results == [[2 * x for x in i] for i in inputs]
+        return rec.batches
+
+    batches = run(main())
+    assert len(batches) < 10  # coalesced: fewer model calls than requests
+    assert sum(len(b) for b in batches) == sum(1 + s % 3 for s in range(10))
+
+
+def test_batches_never_exceed_max_size_and_large_submissions_are_split() -> None:
+    rec = Recorder()
+
+    async def main() -> None:
+        batcher: MicroBatcher[int, int] = MicroBatcher(rec, max_batch_size=8, max_wait_ms=5)
+        big = list(range(100))
+        small = [1000, 1001]
+        out_big, out_small = await asyncio.gather(batcher.submit(big), batcher.submit(small))
+        assert out_big == [2 * x for x in big]
+        assert out_small == [2000, 2002]
+        await batcher.close()
+
+    run(main())
+    assert all(1 <= len(b) <= 8 for b in rec.batches)
+    assert len(rec.batches) >= 13  # 102 items / 8
+
+
+def test_all_batches_run_in_one_worker_thread() -> None:
+    rec = Recorder()
+
+    async def main() -> None:
+        batcher: MicroBatcher[int, int] = MicroBatcher(rec, max_batch_size=2, max_wait_ms=1)
+        await asyncio.gather(*(batcher.submit([i, i + 1, i + 2]) for i in range(8)))
+        await batcher.close()
+
+    run(main())
+    assert len(rec.threads) == 1
+    assert threading.get_ident() not in rec.threads
+
+
+def test_a_failing_submission_does_not_fail_its_neighbours() -> None:
+    rec = Recorder()
+
+    async def main() -> list[Any]:
+        batcher: MicroBatcher[int, int] = MicroBatcher(rec, max_batch_size=32, max_wait_ms=50)
+        results = await asyncio.gather(
+            batcher.submit([1, 2]), batcher.submit([-1]), batcher.submit([3]), return_exceptions=True
+        )
+        await batcher.close()
+        return list(results)
+
+    good1, bad, good2 = run(main())
+    assert good1 == [2, 4]
+    assert good2 == [6]
+    assert isinstance(bad, ValueError)
+    assert [1, 2, -1, 3] in rec.batches  # tried together first, then each alone
+    assert [1, 2] in rec.batches and [3] in rec.batches
+
+
+def test_wrong_number_of_results_is_an_engine_error() -> None:
+    async def main() -> None:
+        batcher: MicroBatcher[int, int] = MicroBatcher(lambda items: items[:-1], max_wait_ms=0)
+        with pytest.raises(EngineError):
+            await batcher.submit([1, 2])
+        await batcher.close()
+
+    run(main())
+
+
+def test_full_queue_raises_rate_limit_with_retry_after() -> None:
+    gate = threading.Event()
+    rec = Recorder(gate)
+
+    async def main() -> None:
+        batcher: MicroBatcher[int, int] = MicroBatcher(rec, max_batch_size=4, max_wait_ms=0, max_queued_items=6)
+        first = asyncio.ensure_future(batcher.submit([1, 2, 3, 4]))  # occupies the worker
+        await _until(lambda: batcher.queued_items == 0 and first is not None)
+        await asyncio.sleep(0.01)
+        waiting = [asyncio.ensure_future(batcher.submit([5, 6, 7])), asyncio.ensure_future(batcher.submit([8, 9]))]
+        await _until(lambda: batcher.queued_items == 5)
+        with pytest.raises(RateLimitError) as info:
+            await batcher.submit([10, 11])
+        assert info.value.retry_after == 1
+        assert info.value.status == 429
+        gate.set()
+        assert await first == [2, 4, 6, 8]
+        assert await asyncio.gather(*waiting) == [[10, 12, 14], [16, 18]]
+        # A submission larger than the whole queue bound is admitted when nothing else waits.
+        assert len(await batcher.submit(list(range(20)))) == 20
+        await batcher.close()
+
+    run(main())
+
+
+def test_cancelled_submitter_items_never_reach_the_model() -> None:
+    gate = threading.Event()
+    rec = Recorder(gate)
+
+    async def main() -> None:
+        batcher: MicroBatcher[int, int] = MicroBatcher(rec, max_batch_size=4, max_wait_ms=0)
+        first = asyncio.ensure_future(batcher.submit([1]))
+        await asyncio.sleep(0.02)  # the first batch is now blocked in the worker
+        doomed = asyncio.ensure_future(batcher.submit([77, 78]))
+        kept = asyncio.ensure_future(batcher.submit([5]))
+        await _until(lambda: batcher.queued_items == 3)
+        doomed.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        assert batcher.queued_items == 1
+        gate.set()
+        assert await first == [2]
+        assert await kept == [10]
+        await batcher.close()
+
+    run(main())
+    assert all(77 not in b and 78 not in b for b in rec.batches)
+
+
+def test_a_full_batch_does_not_wait_for_the_window() -> None:
+    rec = Recorder()
+
+    async def main() -> None:
+        batcher: MicroBatcher[int, int] = MicroBatcher(rec, max_batch_size=3, max_wait_ms=60_000)
+        # Would hang for a minute (and trip the timeout) if a full batch still waited.
+        assert await asyncio.wait_for(batcher.submit([1, 2, 3]), timeout=10) == [2, 4, 6]
+        await batcher.close()
+
+    run(main())
+
+
+def test_close_fails_waiting_submissions_and_refuses_new_ones() -> None:
+    gate = threading.Event()
+    rec = Recorder(gate)
+
+    async def main() -> None:
+        batcher: MicroBatcher[int, int] = MicroBatcher(rec, max_batch_size=1, max_wait_ms=0)
+        running = asyncio.ensure_future(batcher.submit([1]))
+        await asyncio.sleep(0.02)
+        waiting = asyncio.ensure_future(batcher.submit([2]))
+        await _until(lambda: batcher.queued_items == 1)
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0.01)
+        with pytest.raises(ModelUnavailableError):
+            await waiting
+        gate.set()
+        await closing
+        assert await running == [2]  # the batch already running finishes
+        with pytest.raises(ModelUnavailableError):
+            await batcher.submit([3])
+
+    run(main())
+
+
+def test_empty_submission_returns_empty_without_a_batch() -> None:
+    rec = Recorder()
+
+    async def main() -> None:
+        batcher: MicroBatcher[int, int] = MicroBatcher(rec)
+        assert await batcher.submit([]) == []
+        await batcher.close()
+
+    run(main())
+    assert rec.batches == []
