@@ -2,12 +2,15 @@
 
 Engines implement four things (load, encode a prompt, render chat, decode tokens); the shared
 `stream()` built on them does the context check, `max_tokens`, stop strings and usage, so both
-engines behave identically at the HTTP surface.
+engines behave identically at the HTTP surface. An engine that can decode several requests at
+once also offers a `DecodeBatch`; the worker then drives each request through the same
+`Completion` state that `stream()` uses.
 """
 
 from __future__ import annotations
 
 import abc
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -64,6 +67,7 @@ class Token:
 
     text: str
     cached_tokens: int = 0  # set on the first token: prompt tokens reused from a cache
+    final: bool = False  # generation ended naturally here (a grammar completed), even at max_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +76,7 @@ class EngineInfo:
     device: str
     context_length: int
     extras: dict[str, Any] = field(default_factory=dict)
+    vocab_size: int = 0  # 0: unknown; token-id prompts are checked against it
 
 
 class StopBuffer:
@@ -109,10 +114,79 @@ class StopBuffer:
         return out
 
 
+class Completion:
+    """One request on its way from tokens to chunks: stop strings, `max_tokens`, finish reason, usage.
+
+    `Backend.stream()` and the batched worker loop both feed tokens through this, so a request
+    ends, counts and reports exactly the same way whether or not it shared a batch.
+    """
+
+    def __init__(self, prompt: list[int], request: GenerationRequest, max_tokens: int) -> None:
+        self.prompt = prompt
+        self.request = request
+        self.max_tokens = max_tokens
+        self.count = 0
+        self.cached = 0
+        self.done = max_tokens <= 0  # no more tokens wanted
+        self._stops = StopBuffer(request.stop)
+        self._hit = False
+        self._natural = False
+
+    def add(self, token: Token) -> str:
+        """Take one decoded token; return the text that is now safe to send ("" if none)."""
+        if self.count == 0:
+            self.cached = token.cached_tokens
+        self.count += 1
+        text, self._hit = self._stops.feed(token.text)
+        self._natural = token.final
+        self.done = self._hit or token.final or self.count >= self.max_tokens
+        return text
+
+    def finish(self) -> list[Chunk]:
+        """The closing chunks: text held back for a stop string that never came, then the final one.
+
+        "length" only when `max_tokens` cut the output: not after a stop string, an end-of-
+        generation token, or a grammar that completed on the last allowed token."""
+        chunks = []
+        if not self._hit and (tail := self._stops.flush()):
+            chunks.append(Chunk(tail))
+        length = self.count >= self.max_tokens and not (self._hit or self._natural)
+        usage = Usage(len(self.prompt), self.count, self.cached)
+        chunks.append(Chunk("", finish_reason="length" if length else "stop", usage=usage))
+        return chunks
+
+
+class DecodeBatch(abc.ABC):
+    """Several requests decoded together, one token each per step (continuous batching).
+
+    Owned by the model's single worker thread, like its `Backend`. Sequences join with `add`
+    between steps and leave when they end or with `remove`; the others carry on untouched.
+    """
+
+    @abc.abstractmethod
+    def add(self, key: int, completion: Completion) -> None:
+        """Queue a sequence; raise `InvalidRequestError` (e.g. a bad schema) before it joins."""
+
+    @abc.abstractmethod
+    def step(self) -> list[tuple[int, Token | None]]:
+        """Advance every sequence one step: `(key, token)` per token produced, `(key, None)` for a
+        sequence that ended at an end-of-generation token. A sequence leaves the batch by itself
+        after that or after its `max_tokens`-th token. A step may produce nothing (it processed
+        part of a new prompt)."""
+
+    @abc.abstractmethod
+    def remove(self, key: int) -> None:
+        """Drop a sequence (finished by a stop string, cancelled); unknown keys are ignored."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the batch's memory; called on the worker thread."""
+
+
 class Backend(abc.ABC):
     """A loaded generation model. Not thread-safe: the registry gives each one a single worker."""
 
     name: str = "backend"
+    max_batch_size: int = 1  # > 1: `open_batch()` decodes that many requests together
 
     @abc.abstractmethod
     def load(self) -> None:
@@ -130,18 +204,29 @@ class Backend(abc.ABC):
         """Apply the model's chat template and the assistant generation prompt."""
 
     @abc.abstractmethod
-    def decode(self, prompt: list[int], request: GenerationRequest, max_tokens: int) -> Iterator[Token]:
+    def decode(
+        self, prompt: list[int], request: GenerationRequest, max_tokens: int, cancel: threading.Event | None = None
+    ) -> Iterator[Token]:
         """Yield up to `max_tokens` generated tokens, ending early at end-of-generation.
 
-        Closing the iterator must stop generation promptly (client disconnects)."""
+        Closing the iterator must stop generation promptly (client disconnects); `cancel`, once
+        set, should also cut a long prompt evaluation short (the iterator then just ends)."""
+
+    def open_batch(self) -> DecodeBatch:
+        """A batch decoder for up to `max_batch_size` requests (engines that can batch)."""
+        raise NotImplementedError(f"The {self.name} engine decodes one request at a time")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the model's memory."""
 
+    def reset_prefix_cache(self) -> None:  # noqa: B027 - optional hook
+        """Forget reusable prompt state (KV/prefix cache); called on the model's worker thread."""
+
     def count_tokens(self, text: str) -> int:
         return len(self.encode(text))
 
-    def stream(self, request: GenerationRequest) -> Iterator[Chunk]:
+    def prepare(self, request: GenerationRequest) -> Completion:
+        """Tokenize the request and check it against the context window."""
         param = "prompt" if request.messages is None else "messages"
         if request.messages is not None:
             prompt = self.encode(self.render_chat(request.messages))
@@ -149,32 +234,32 @@ class Backend(abc.ABC):
             prompt = request.prompt
         else:
             prompt = self.encode(request.prompt)
-        context = self.info().context_length
+        info = self.info()
+        context = info.context_length
+        if isinstance(request.prompt, list) and info.vocab_size and max(prompt, default=0) >= info.vocab_size:
+            # Out-of-range ids crash llama.cpp's decode and index garbage in MLX.
+            raise InvalidRequestError(
+                f"prompt has token id {max(prompt)}, outside this model's vocabulary of {info.vocab_size}",
+                param="prompt",
+            )
         if not prompt:
             raise InvalidRequestError("The prompt is empty.", param=param)
         if len(prompt) >= context:
             raise ContextLengthExceeded(len(prompt), context, param=param)
-        max_tokens = min(request.max_tokens, context - len(prompt))
-        stops = StopBuffer(request.stop)
-        count = cached = 0
-        finish: FinishReason = "stop"
-        tokens = self.decode(prompt, request, max_tokens)
+        return Completion(prompt, request, min(request.max_tokens, context - len(prompt)))
+
+    def stream(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[Chunk]:
+        """One request on its own: chunks of text, then a final chunk with finish reason and usage."""
+        completion = self.prepare(request)
+        tokens = self.decode(completion.prompt, request, completion.max_tokens, cancel)
         try:
             for token in tokens:
-                if count == 0:
-                    cached = token.cached_tokens
-                count += 1
-                text, hit = stops.feed(token.text)
-                if text:
+                if text := completion.add(token):
                     yield Chunk(text)
-                if hit:
+                if completion.done:
                     break
-            else:
-                finish = "length" if count >= max_tokens else "stop"
-                if tail := stops.flush():
-                    yield Chunk(tail)
         finally:
             close = getattr(tokens, "close", None)
             if close is not None:
                 close()
-        yield Chunk("", finish_reason=finish, usage=Usage(len(prompt), count, cached))
+        yield from completion.finish()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import llama_cpp
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
@@ -72,6 +74,7 @@ class LlamaCppBackend(Backend):
             device="gpu" if gpu else "cpu",
             context_length=self._llm.n_ctx() if self._llm else self.tier.n_ctx,
             extras={"chat_template": self._template_source},
+            vocab_size=self._llm.n_vocab() if self._llm else 0,
         )
 
     def encode(self, text: str) -> list[int]:
@@ -88,14 +91,16 @@ class LlamaCppBackend(Backend):
             )
         return render(self._template, messages, bos_token=self._bos, eos_token=self._eos)
 
-    def decode(self, prompt: list[int], request: GenerationRequest, max_tokens: int) -> Iterator[Token]:
+    def decode(
+        self, prompt: list[int], request: GenerationRequest, max_tokens: int, cancel: threading.Event | None = None
+    ) -> Iterator[Token]:
         llm = self.llm
         cached = _reused_prefix(llm, prompt)
         llm.set_seed(request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little"))
         grammar = _grammar(request.response_format)
         vocab = llm._model.vocab
         pending = b""
-        with engine_errors("llama.cpp"):
+        with engine_errors("llama.cpp"), _cancellable_eval(llm, cancel):
             tokens = llm.generate(
                 prompt,
                 top_k=request.top_k,
@@ -115,6 +120,8 @@ class LlamaCppBackend(Backend):
                     yield Token(text, cached_tokens=cached if n == 0 else 0)
                     if n + 1 >= max_tokens:
                         return
+            except _Cancelled:
+                return  # the client left during the prompt; the evaluated batches stay cached
             finally:
                 tokens.close()
 
@@ -122,6 +129,38 @@ class LlamaCppBackend(Backend):
         if self._llm is not None:
             self._llm.close()
             self._llm = None
+
+    def reset_prefix_cache(self) -> None:
+        if self._llm is not None:
+            self._llm.reset()  # type: ignore[no-untyped-call]  # the next prompt starts from scratch
+
+
+class _Cancelled(Exception):
+    """Raised between prompt batches once the request's cancel event is set."""
+
+
+@contextmanager
+def _cancellable_eval(llm: llama_cpp.Llama, cancel: threading.Event | None) -> Iterator[None]:
+    """Check `cancel` between `n_batch`-sized prompt batches while `llm.generate` evaluates.
+
+    llama-cpp-python has no hook inside `Llama.eval`, so the instance's `eval` is shadowed by one
+    that feeds it the same batches one at a time: the same shapes, hence the same numbers."""
+    if cancel is None:
+        yield
+        return
+    original = llm.eval
+
+    def eval_in_batches(tokens: Sequence[int]) -> None:
+        for start in range(0, len(tokens), llm.n_batch):
+            if cancel.is_set():
+                raise _Cancelled
+            original(tokens[start : start + llm.n_batch])
+
+    setattr(llm, "eval", eval_in_batches)  # noqa: B010 - mypy refuses assigning to a method
+    try:
+        yield
+    finally:
+        delattr(llm, "eval")
 
 
 def _reused_prefix(llm: llama_cpp.Llama, prompt: list[int]) -> int:

@@ -1,8 +1,10 @@
 """The MLX generation engine (mlx-lm): fast on Apple Silicon, correct (and slow) on Linux CPU.
 
 Beyond plain generation it keeps a small prefix cache of KV states, so a multi-turn chat, which
-re-sends the whole history, only runs the new tokens through the model; and it enforces
-`response_format` with llguidance, which masks the logits to tokens the JSON grammar allows.
+re-sends the whole history, only runs the new tokens through the model; it enforces
+`response_format` with llguidance, which masks the logits to tokens the JSON grammar allows; and
+it decodes concurrent requests together with mlx-lm's `BatchGenerator` (continuous batching), with
+the prefix cache, the grammar, sampling options and seeds all working per sequence in the batch.
 llguidance is a small Rust wheel (no torch, no CUDA) for macOS arm64 and Linux; its masks work
 on any logits array, and its JSON-schema compiler is the one vLLM and llama.cpp also use.
 """
@@ -10,6 +12,9 @@ on any logits array, and its JSON-schema compiler is the one vLLM and llama.cpp 
 from __future__ import annotations
 
 import copy
+import itertools
+import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +24,11 @@ import mlx.core as mx
 import numpy as np
 from jinja2 import TemplateError
 from mlx_lm import load as mlx_load
-from mlx_lm.generate import generate_step, wired_limit
+from mlx_lm.generate import BatchGenerator, generate_step, wired_limit
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from backends.base import Backend, EngineInfo, GenerationRequest, ResponseFormat, Token
+from backends.base import Backend, Completion, DecodeBatch, EngineInfo, GenerationRequest, ResponseFormat, Token
 from service.errors import (
     EngineError,
     InvalidRequestError,
@@ -36,11 +41,14 @@ if TYPE_CHECKING:
 
     from service.settings import TierSettings
 
+log = logging.getLogger(__name__)
+
 _ENGINE = "mlx"
 _PENALTY_CONTEXT = 20  # tokens the repetition penalty looks back over (mlx-lm's default)
 _DEFAULT_PREFIX_ENTRIES = 4
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+Sampler = Callable[[mx.array], mx.array]
 
 
 class MlxBackend(Backend):
@@ -82,6 +90,12 @@ class MlxBackend(Backend):
         if tokenizer.eos_token_id is not None:
             eos.add(int(tokenizer.eos_token_id))
         self._model, self._tokenizer, self._eos = model, tokenizer, frozenset(eos)
+        # BatchGenerator merges per-sequence caches; models whose caches cannot merge (some
+        # state-space layers) decode one request at a time, as mlx_lm.server does.
+        batchable = all(hasattr(c, "merge") for c in make_prompt_cache(model))
+        self.max_batch_size = self.tier.max_batch if batchable else 1
+        if not batchable and self.tier.max_batch > 1:
+            log.info("Tier %s: this model's KV cache cannot be batched; one request at a time", self.tier.name)
 
     def close(self) -> None:
         self.prefix_cache.clear()
@@ -97,7 +111,9 @@ class MlxBackend(Backend):
                 "model_path": self.model_path,
                 "prefix_cache_entries": self.prefix_cache.capacity,
                 "structured_output": "llguidance",
+                "max_batch": self.max_batch_size,
             },
+            vocab_size=self._tokenizer.vocab_size if self._tokenizer is not None else 0,
         )
 
     @property
@@ -138,11 +154,16 @@ class MlxBackend(Backend):
 
     # -- generation ------------------------------------------------------------------------
 
-    def decode(self, prompt: list[int], request: GenerationRequest, max_tokens: int) -> Iterator[Token]:
+    def decode(
+        self, prompt: list[int], request: GenerationRequest, max_tokens: int, cancel: threading.Event | None = None
+    ) -> Iterator[Token]:
         model, tokenizer = self._require()
         # Checked before the first token, so a bad schema is a 400 and not a broken stream.
         matcher = self._matcher(request.response_format) if request.response_format else None
-        return self._generate(model, tokenizer, list(prompt), request, max_tokens, matcher)
+        return self._generate(model, tokenizer, list(prompt), request, max_tokens, matcher, cancel)
+
+    def open_batch(self) -> DecodeBatch:
+        return _MlxBatch(self)
 
     def _generate(
         self,
@@ -152,29 +173,36 @@ class MlxBackend(Backend):
         request: GenerationRequest,
         max_tokens: int,
         matcher: LLMatcher | None,
+        cancel: threading.Event | None,
     ) -> Iterator[Token]:
         if max_tokens <= 0:
             return
         cache, reused = self.prefix_cache.fetch(prompt)
         if cache is None:
             cache = make_prompt_cache(model)
-        if request.seed is not None:
-            mx.random.seed(request.seed)
-        sampler = make_sampler(temp=request.temperature, top_p=request.top_p, min_p=request.min_p, top_k=request.top_k)
         processors = self._processors(prompt[:reused], request, matcher)
         text = _TextStream(tokenizer, prompt)
         generated: list[int] = []
         eos: list[int] = []  # the end-of-generation token, once the model emits it
-        ok = False
+        prefilled = [0]  # prompt tokens after the reused ones that are in the cache so far
+        kept: list[int] | None = None  # the tokens the cache holds, when it is worth keeping
+
+        def on_prefill(done: int, total: int) -> None:
+            if done < total:  # the last call comes after the first token: the loop handles that
+                prefilled[0] = done
+                if cancel is not None and cancel.is_set():
+                    raise _Cancelled
+
         with engine_errors(_ENGINE), wired_limit(model):
             steps = generate_step(
                 mx.array(prompt[reused:]),
                 model,
                 max_tokens=max_tokens,
-                sampler=sampler,
+                sampler=_sampler(request),
                 logits_processors=processors,
                 prompt_cache=cache,
                 prefill_step_size=self.tier.n_batch,
+                prompt_progress_callback=on_prefill,
             )
             try:
                 for step, _ in steps:
@@ -183,21 +211,24 @@ class MlxBackend(Backend):
                         eos.append(token)
                         break
                     generated.append(token)
-                    done = len(generated) == max_tokens or (matcher is not None and matcher.is_stopped())
+                    final = matcher is not None and matcher.is_stopped()
+                    done = len(generated) == max_tokens or final
                     first = len(generated) == 1
-                    yield Token(text.add(token, final=done), cached_tokens=reused if first else 0)
+                    yield Token(text.add(token, final=done), cached_tokens=reused if first else 0, final=final)
                     if done:
                         break
-                ok = True
+                # generate_step feeds each token to the model before yielding it, so the
+                # cache now holds the prompt, every yielded token and the EOS if we saw it.
+                kept = prompt + generated + eos
             except GeneratorExit:
-                ok = True  # the client went away; the cache is still consistent
+                kept = prompt + generated + eos  # the client went away; the cache is consistent
                 raise
+            except _Cancelled:
+                kept = prompt[: reused + prefilled[0]]  # cancelled mid-prompt: a retry resumes here
             finally:
                 steps.close()
-                if ok:
-                    # generate_step feeds each token to the model before yielding it, so the
-                    # cache now holds the prompt, every yielded token and the EOS if we saw it.
-                    self.prefix_cache.store(prompt + generated + eos, cache)
+                if kept is not None:
+                    self.prefix_cache.store(kept, cache)
 
     def _processors(
         self, history: list[int], request: GenerationRequest, matcher: LLMatcher | None
@@ -260,6 +291,122 @@ class MlxBackend(Backend):
         if self._model is None:
             raise ModelUnavailableError(f"The MLX model {self.model_path!r} is not loaded.")
         return self._model, self._tokenizer
+
+
+class _Cancelled(Exception):
+    """Raised from the prompt-progress callback once the request's cancel event is set."""
+
+
+def _sampler(request: GenerationRequest) -> Sampler:
+    sampler: Sampler = make_sampler(
+        temp=request.temperature, top_p=request.top_p, min_p=request.min_p, top_k=request.top_k
+    )
+    seed = request.seed
+    if seed is None or request.temperature == 0:
+        return sampler
+    steps = itertools.count()
+
+    def seeded(logprobs: mx.array) -> mx.array:
+        # MLX has one global generator, and a batch samples every sequence from it in turn:
+        # reseeding from (seed, step) makes a request's draws independent of its neighbours.
+        mx.random.seed(hash((seed, next(steps))) % (1 << 63))
+        return sampler(logprobs)
+
+    return seeded
+
+
+@dataclass(slots=True)
+class _Sequence:
+    """A request inside an `_MlxBatch`."""
+
+    key: int
+    reused: int  # prompt tokens taken from the prefix cache
+    text: _TextStream
+    matcher: LLMatcher | None
+    count: int = 0
+
+
+class _MlxBatch(DecodeBatch):
+    """Continuous batching on mlx-lm's `BatchGenerator`, with our prefix cache around it.
+
+    A sequence starts from the prefix cache's best entry (BatchGenerator merges per-sequence
+    caches, left-padding the shorter ones) and its cache goes back to the prefix cache when it
+    ends or is removed, exactly as on the single-request path. Each sequence has its own sampler
+    and logits processors (repetition penalty, the llguidance mask); BatchGenerator hands each
+    processor the sequence's whole token history, so no cached-tail adapter is needed here.
+    """
+
+    def __init__(self, backend: MlxBackend) -> None:
+        model, tokenizer = backend._require()
+        self._backend = backend
+        self._tokenizer = tokenizer
+        size = backend.max_batch_size
+        self._gen: Any = BatchGenerator(  # untyped
+            model,
+            stop_tokens=[[t] for t in sorted(backend.eos_token_ids)],
+            completion_batch_size=size,
+            prefill_batch_size=size,
+            prefill_step_size=backend.tier.n_batch,
+        )
+        self._sequences: dict[int, _Sequence] = {}  # by BatchGenerator uid
+        self._uids: dict[int, int] = {}  # our key -> uid
+
+    def add(self, key: int, completion: Completion) -> None:
+        backend, prompt, request = self._backend, completion.prompt, completion.request
+        matcher = backend._matcher(request.response_format) if request.response_format else None
+        cache, reused = backend.prefix_cache.fetch(prompt)
+        with engine_errors(_ENGINE):
+            (uid,) = self._gen.insert(
+                [prompt[reused:]],
+                max_tokens=[completion.max_tokens],
+                caches=[cache],  # None: BatchGenerator makes a fresh one
+                all_tokens=[prompt[:reused]],
+                samplers=[_sampler(request)],
+                logits_processors=[backend._processors([], request, matcher)],
+            )
+        self._sequences[uid] = _Sequence(key, reused, _TextStream(self._tokenizer, prompt), matcher)
+        self._uids[key] = uid
+
+    def step(self) -> list[tuple[int, Token | None]]:
+        with engine_errors(_ENGINE):
+            _, responses = self._gen.next()
+        out: list[tuple[int, Token | None]] = []
+        for r in responses:
+            seq = self._sequences.get(r.uid)
+            if seq is None:
+                continue
+            if r.finish_reason == "stop":  # an end-of-generation token: neither shown nor counted
+                out.append((seq.key, None))
+            else:
+                seq.count += 1
+                final = seq.matcher is not None and seq.matcher.is_stopped()
+                text = seq.text.add(int(r.token), final=final or r.finish_reason == "length")
+                out.append((seq.key, Token(text, cached_tokens=seq.reused if seq.count == 1 else 0, final=final)))
+            if r.finish_reason is not None:
+                # Like generate_step, the batch fed this token to the model before returning it:
+                # the cache holds the prompt and every token returned, EOS included.
+                self._forget(r.uid, r.all_tokens, r.prompt_cache)
+        return out
+
+    def remove(self, key: int) -> None:
+        uid = self._uids.get(key)
+        if uid is None:
+            return
+        with engine_errors(_ENGINE):
+            caches = self._gen.remove([uid], return_prompt_caches=True)
+        cache, tokens = caches.get(uid, (None, None))
+        self._forget(uid, tokens, cache)
+
+    def _forget(self, uid: int, tokens: list[int] | None, cache: list[Any] | None) -> None:
+        seq = self._sequences.pop(uid)
+        del self._uids[seq.key]
+        if tokens and cache is not None:
+            self._backend.prefix_cache.store(list(tokens), cache)
+
+    def close(self) -> None:
+        self._sequences.clear()
+        self._uids.clear()
+        self._gen.close()
 
 
 @dataclass(slots=True)

@@ -2,21 +2,25 @@
 
 llama.cpp and MLX models are not thread-safe (two threads on one `Llama` crash the process), so
 each model gets exactly one thread that runs jobs in arrival order. The event loop talks to it
-through a bounded job queue and an asyncio queue of chunks per job.
+through a bounded job queue and an asyncio queue of chunks per job. For an engine that can batch
+(`Backend.max_batch_size > 1`, MLX) the same thread runs a continuous batch instead: queued jobs
+join between decode steps, and each leaves on its own when it ends or its client goes away.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import closing
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from backends.base import Backend, Chunk, GenerationRequest
+from backends.base import Backend, Chunk, Completion, DecodeBatch, GenerationRequest
 from service.errors import EngineError, LLMServiceError, RateLimitError
 
 log = logging.getLogger(__name__)
@@ -31,12 +35,23 @@ class Job:
     events: asyncio.Queue[_Event] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
+    call: Callable[[], None] | None = None  # run this on the model's thread instead of generating
 
     def put(self, event: _Event) -> None:
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the loop is gone: nobody is listening any more
             self.cancelled.set()
+
+
+class ChunkStream(Protocol):
+    """What controllers consume: a worker's `JobStream`, or a replay from the response cache."""
+
+    def __aiter__(self) -> AsyncIterator[Chunk]: ...
+
+    async def __anext__(self) -> Chunk: ...
+
+    def cancel(self) -> None: ...
 
 
 class JobStream:
@@ -78,10 +93,15 @@ class GenerationWorker:
         self.busy_since: float | None = None
         self.busy_seconds = 0.0
         self.started = time.monotonic()
+        self.finished_at = time.time()  # wall clock of the last job's end, for idle unloading
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._waiting = 0
+        self._running = 0  # jobs generating right now (up to max_batch_size)
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name=f"llm-worker-{name}", daemon=True)
+        self._batch: DecodeBatch | None = None
+        self._active: dict[int, tuple[Job, Completion]] = {}  # the batch's jobs, by sequence key
+        target = self._run_batched if backend.max_batch_size > 1 else self._run
+        self._thread = threading.Thread(target=target, name=f"llm-worker-{name}", daemon=True)
         self._thread.start()
 
     @property
@@ -93,8 +113,12 @@ class GenerationWorker:
         return self.busy_since is not None
 
     @property
+    def running(self) -> int:
+        return self._running
+
+    @property
     def in_flight(self) -> int:
-        return self._waiting + (1 if self.busy else 0)
+        return self._waiting + self._running
 
     def submit(self, request: GenerationRequest) -> JobStream:
         with self._lock:
@@ -109,6 +133,15 @@ class GenerationWorker:
         self._jobs.put(job)
         return JobStream(job)
 
+    async def run(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on this model's thread between jobs (the engine is not thread-safe)."""
+        with self._lock:
+            self._waiting += 1
+        job = Job(GenerationRequest(), asyncio.get_running_loop(), call=fn)
+        self._jobs.put(job)
+        async for _ in JobStream(job):
+            pass
+
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
             with self._lock:
@@ -116,25 +149,150 @@ class GenerationWorker:
             if job.cancelled.is_set():
                 job.put(None)
                 continue
+            if job.call is not None:
+                try:
+                    job.call()
+                except Exception:
+                    log.exception("Tier %s: maintenance call failed", self.name)
+                job.put(None)
+                continue
             self.busy_since = time.monotonic()
+            self._running = 1
             try:
-                with closing(self.backend.stream(job.request)) as chunks:  # type: ignore[type-var]
+                chunks = self.backend.stream(job.request, job.cancelled)
+                with closing(chunks):  # type: ignore[type-var]
                     for chunk in chunks:
                         if job.cancelled.is_set():
                             break
                         job.put(chunk)
-            except LLMServiceError as exc:
-                job.put(exc)
-            except Exception:
-                log.exception("Tier %s: generation failed", self.name)
-                job.put(EngineError(f"Generation failed on tier {self.name}; see the server log"))
+            except Exception as exc:
+                self._fail(job, exc)
             finally:
                 job.put(None)
+                self._running = 0
                 self.processed += 1
                 self.busy_seconds += time.monotonic() - self.busy_since
                 self.busy_since = None
+                self.finished_at = time.time()
 
-    def close(self, timeout: float = 5.0) -> None:
+    def _fail(self, job: Job, exc: Exception) -> None:
+        if isinstance(exc, EngineError):
+            # engine_errors() keeps the library's exception as the cause: that is what to debug.
+            log.error("Tier %s: %s", self.name, exc.message, exc_info=exc.__cause__ or exc)
+        if isinstance(exc, LLMServiceError):
+            job.put(exc)
+        else:
+            log.error("Tier %s: generation failed", self.name, exc_info=exc)
+            job.put(EngineError(f"Generation failed on tier {self.name}; see the server log"))
+
+    # -- continuous batching ---------------------------------------------------------------
+
+    def _run_batched(self) -> None:
+        size = self.backend.max_batch_size
+        keys = itertools.count()
+        held: Job | None = None  # a maintenance call runs once the batch is empty, as between jobs
+        stopping = False
+        while True:
+            # Admit queued jobs in arrival order; block only when there is nothing to decode.
+            while held is None and not stopping and len(self._active) < size:
+                try:
+                    job = self._jobs.get(block=not self._active)
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                with self._lock:
+                    self._waiting -= 1
+                if job.cancelled.is_set():
+                    job.put(None)
+                elif job.call is not None:
+                    held = job
+                else:
+                    self._admit(next(keys), job)
+            if self._active:
+                self._step()
+            elif held is not None:
+                self._call(held)
+                held = None
+            elif stopping:
+                break
+        if self._batch is not None:
+            self._batch.close()
+            self._batch = None
+
+    def _admit(self, key: int, job: Job) -> None:
+        if not self._active:
+            self.busy_since = time.monotonic()
+        try:
+            completion = self.backend.prepare(job.request)
+            if not completion.done:  # done already: nothing to generate (max_tokens 0)
+                if self._batch is None:
+                    self._batch = self.backend.open_batch()
+                self._batch.add(key, completion)
+        except Exception as exc:
+            self._fail(job, exc)
+            self._done(job)
+            return
+        self._active[key] = (job, completion)
+        self._running = len(self._active)
+        if completion.done:
+            self._finish(key)
+
+    def _step(self) -> None:
+        assert self._batch is not None
+        try:
+            for key, token in self._batch.step():
+                job, completion = self._active[key]
+                if token is not None and (text := completion.add(token)):
+                    job.put(Chunk(text))
+                if token is None or completion.done:
+                    self._batch.remove(key)  # a no-op when the sequence already left by itself
+                    self._finish(key)
+            for key, (job, _) in list(self._active.items()):
+                if job.cancelled.is_set():
+                    self._batch.remove(key)
+                    self._end(key)
+        except Exception as exc:
+            # The batch is in an unknown state: fail what it held and start the next one afresh.
+            for job, _ in self._active.values():
+                self._fail(job, exc)
+            for key in list(self._active):
+                self._end(key)
+            try:
+                self._batch.close()
+            except Exception:
+                log.exception("Tier %s: closing a failed batch", self.name)
+            self._batch = None
+
+    def _finish(self, key: int) -> None:
+        job, completion = self._active[key]
+        for chunk in completion.finish():
+            job.put(chunk)
+        self._end(key)
+
+    def _end(self, key: int) -> None:
+        job, _ = self._active.pop(key)
+        self._running = len(self._active)
+        self._done(job)
+
+    def _done(self, job: Job) -> None:
+        job.put(None)
+        self.processed += 1
+        self.finished_at = time.time()
+        if not self._active and self.busy_since is not None:
+            self.busy_seconds += time.monotonic() - self.busy_since
+            self.busy_since = None
+
+    def _call(self, job: Job) -> None:
+        assert job.call is not None
+        try:
+            job.call()
+        except Exception:
+            log.exception("Tier %s: maintenance call failed", self.name)
+        job.put(None)
+
+    def close(self, timeout: float | None = 5.0) -> None:
         """Stop the thread after the current job; the backend is closed by its owner."""
         self._jobs.put(None)
         self._thread.join(timeout)

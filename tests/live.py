@@ -20,16 +20,22 @@ class LiveServer:
     def __init__(self, env: Mapping[str, str]) -> None:
         self.settings = parse_settings({"LOG_LEVEL": "WARNING", **env})
         self.app = create_app(self.settings)
-        self._sock = socket.socket()
+        # IPPROTO_TCP: asyncio then sets TCP_NODELAY on connections (see service.__main__.bind).
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(self.app, log_config=None, log_level="warning", timeout_graceful_shutdown=2)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def _run(self) -> None:
-        asyncio.run(self._server.serve(sockets=[self._sock]))
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        self.loop = asyncio.get_running_loop()  # for tests that schedule work on the app's loop
+        await self._server.serve(sockets=[self._sock])
 
     def start(self, wait_for: tuple[str, ...] = ()) -> LiveServer:
         self._thread.start()

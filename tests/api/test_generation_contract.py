@@ -153,6 +153,8 @@ def test_completions_accept_token_ids(client: openai.OpenAI) -> None:
     assert text.usage is not None
     ids = client.completions.create(model="light", prompt=[2, 100, 200, 300], max_tokens=1)
     assert ids.usage is not None and ids.usage.prompt_tokens == 4
+    with pytest.raises(openai.BadRequestError, match="outside this model's vocabulary"):
+        client.completions.create(model="light", prompt=[2, 10_000_000], max_tokens=1)
 
 
 def test_stop_string_is_never_streamed(client: openai.OpenAI) -> None:

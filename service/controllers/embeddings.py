@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import numpy as np
+from litestar import Controller, post
+
+from embedders.base import EmbeddingOutput, EmbeddingRequest
+from embedders.token_ids import openai_decoder
+from service.errors import InvalidRequestError
+from service.registry import Registry
+from service.schemas.embeddings import EmbeddingCreate, EmbeddingData, EmbeddingList, EmbeddingUsage
+
+
+class EmbeddingsController(Controller):
+    path = "/v1/embeddings"
+
+    @post(status_code=200)
+    async def create(self, data: EmbeddingCreate, registry: Registry) -> EmbeddingList:
+        inputs = _inputs(data.input)
+        limit = registry.settings.max_batch_inputs
+        if len(inputs) > limit:
+            raise InvalidRequestError(f"At most {limit} inputs per request (MAX_BATCH_INPUTS)", param="input")
+        slot = await registry.tier_for(data.model, "embedding")
+        decode = openai_decoder(slot.settings.token_ids)
+        if decode is not None:
+            inputs = [item if isinstance(item, str) else decode(item) for item in inputs]
+        kind = data.embedding_type
+        request = EmbeddingRequest(
+            inputs,
+            dense=kind == "dense",
+            sparse=kind == "sparse" or data.return_sparse,
+            colbert=kind == "colbert" or data.return_colbert,
+            dimensions=data.dimensions,
+        )
+        batch = await registry.embed(slot, request)
+        items = [_item(i, out, data) for i, out in enumerate(batch.outputs)]
+        usage = EmbeddingUsage(batch.prompt_tokens, batch.prompt_tokens)
+        return EmbeddingList(items, data.model, usage)
+
+
+def _inputs(value: str | list[Any]) -> list[str] | list[list[int]]:
+    """A string, a list of strings, one list of token ids, or a list of token-id lists."""
+    if isinstance(value, str):
+        return [value]
+    if not value:
+        raise InvalidRequestError("input must not be empty", param="input")
+    if all(isinstance(v, str) for v in value):
+        return list(value)
+    if all(_is_token(v) for v in value):
+        return [list(value)]
+    if all(isinstance(v, list) and v and all(_is_token(t) for t in v) for v in value):
+        return [list(v) for v in value]
+    raise InvalidRequestError(
+        "input must be a string, a list of strings, a list of token ids or a list of token-id lists", param="input"
+    )
+
+
+def _is_token(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _item(index: int, out: EmbeddingOutput, req: EmbeddingCreate) -> EmbeddingData:
+    embedding: Any
+    if req.embedding_type == "sparse":
+        embedding = out.sparse
+    elif req.embedding_type == "colbert":
+        embedding = out.colbert
+    else:
+        assert out.dense is not None
+        if req.encoding_format == "base64":
+            # OpenAI's format: little-endian float32 bytes, base64-encoded.
+            embedding = base64.b64encode(out.dense.astype("<f4", copy=False).tobytes()).decode("ascii")
+        else:
+            embedding = np.asarray(out.dense, dtype=np.float64).tolist()
+    return EmbeddingData(
+        index,
+        embedding,
+        sparse_embedding=out.sparse if req.return_sparse and req.embedding_type != "sparse" else None,
+        colbert_embedding=out.colbert if req.return_colbert and req.embedding_type != "colbert" else None,
+    )

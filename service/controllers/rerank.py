@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from litestar import post
+
+from service.errors import InvalidRequestError
+from service.generation import new_id
+from service.registry import Registry
+from service.schemas.rerank import (
+    CohereDocument,
+    CohereResult,
+    RerankMeta,
+    RerankRequest,
+    RerankResponse,
+    RerankUsage,
+    SeedResult,
+    TeiResult,
+)
+
+
+@post(["/v1/rerank", "/rerank", "/v2/rerank"], status_code=200)
+async def rerank(data: RerankRequest, registry: Registry) -> RerankResponse | list[TeiResult]:
+    """Sorted by relevance, best first; every document unless `top_n`/`top_k` asks for fewer."""
+    if data.documents is None and data.texts is None:
+        raise InvalidRequestError("documents is required", param="documents")
+    docs = data.texts if data.documents is None else [d if isinstance(d, str) else d.text for d in data.documents]
+    assert docs is not None
+    limit = registry.settings.max_batch_inputs
+    if len(docs) > limit:
+        raise InvalidRequestError(f"At most {limit} documents per request (MAX_BATCH_INPUTS)", param="documents")
+    slot = await registry.tier_for(data.model, "reranker")
+    top = data.top_n if data.top_n is not None else data.top_k
+    results, tokens = await registry.rerank(slot, data.query, docs, top, normalize=not data.raw_scores)
+    if data.documents is None:  # TEI's /rerank body (`texts`) gets TEI's answer
+        return [TeiResult(r.index, r.score, docs[r.index] if data.return_text else None) for r in results]
+    keep = data.return_documents
+    return RerankResponse(
+        id=new_id("rerank"),
+        model=data.model,
+        data=[SeedResult(r.index, r.score, docs[r.index] if keep else None) for r in results],
+        results=[CohereResult(r.index, r.score, CohereDocument(docs[r.index]) if keep else None) for r in results],
+        usage=RerankUsage(tokens, tokens),
+        meta=RerankMeta({"search_units": 1, "input_tokens": tokens}),
+    )

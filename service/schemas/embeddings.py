@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+EmbeddingType = Literal["dense", "sparse", "colbert"]
+
+
+class EmbeddingCreate(msgspec.Struct, kw_only=True):
+    model: str
+    input: str | list[Any]  # a string, strings, token ids, or lists of token ids
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    user: str | None = None
+    # BGE-M3 extras (seed API): what `embedding` holds, and a sparse vector beside a dense one.
+    embedding_type: EmbeddingType = "dense"
+    return_sparse: bool = False
+    return_colbert: bool = False
+
+
+class EmbeddingData(msgspec.Struct, omit_defaults=True):
+    index: int
+    embedding: list[float] | str | dict[str, float] | list[list[float]]
+    object: Literal["embedding"] = "embedding"
+    sparse_embedding: dict[str, float] | None = None
+    colbert_embedding: list[list[float]] | None = None
+
+
+class EmbeddingUsage(msgspec.Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(msgspec.Struct):
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+    object: Literal["list"] = "list"

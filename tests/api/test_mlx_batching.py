@@ -1,0 +1,271 @@
+"""Continuous batching on MLX through HTTP: concurrent requests share mlx-lm's BatchGenerator.
+
+References come from the same tiny model run one request at a time in-process (`Backend.stream`,
+the unbatched path): a batched request must give the same greedy text, finish reason and token
+counts. The worker is held with a maintenance call while requests queue up, so which requests
+share the batch is decided by the test, not by timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytest.importorskip("mlx_lm")
+
+from backends.base import GenerationRequest, ResponseFormat
+from backends.mlx import MlxBackend
+from service.settings import TierSettings
+from service.workers import GenerationWorker
+from tests.live import LiveServer, live_server
+
+N_CTX = 2048
+SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "enum": [1, 2, 3]}},
+    "required": ["ok", "n"],
+    "additionalProperties": False,
+}
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def env(model: Path, **extra: str) -> dict[str, str]:
+    return {
+        "LIGHT_MODEL_PATH": str(model),
+        "LIGHT_BACKEND": "mlx",
+        "LIGHT_N_CTX": str(N_CTX),
+        "LIGHT_TEMPERATURE": "0",
+        "LIGHT_REPEAT_PENALTY": "1.0",
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def server(tiny_mlx_model: Path) -> Iterator[LiveServer]:
+    with live_server(env(tiny_mlx_model, LIGHT_MAX_BATCH="4"), wait_for=("light",)) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def unbatched(tiny_mlx_model: Path) -> Iterator[MlxBackend]:
+    tier = TierSettings(name="light", n_ctx=N_CTX, extras={"prefix_cache_entries": "0"})
+    backend = MlxBackend(tier, str(tiny_mlx_model))
+    backend.load()
+    yield backend
+    backend.close()
+
+
+def worker_of(server: LiveServer) -> GenerationWorker:
+    worker: GenerationWorker | None = server.app.state.registry.slots["light"].worker
+    assert worker is not None
+    return worker
+
+
+def wait_until(predicate: Callable[[], bool], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+@contextmanager
+def held(server: LiveServer) -> Iterator[GenerationWorker]:
+    """Keep the worker busy with a maintenance call, so requests queue up until the block ends."""
+    worker, entered, gate = worker_of(server), threading.Event(), threading.Event()
+
+    def block() -> None:
+        entered.set()
+        gate.wait(60)
+
+    assert server.loop is not None
+    done = asyncio.run_coroutine_threadsafe(worker.run(block), server.loop)
+    assert entered.wait(30)
+    try:
+        yield worker
+    finally:
+        gate.set()
+        done.result(30)
+
+
+def body_of(case: dict[str, Any]) -> dict[str, Any]:
+    body = {"model": "light", "temperature": 0, "top_p": 1.0, "top_k": 0, **case}
+    if "schema" in body:
+        schema = body.pop("schema")
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    return body
+
+
+def reference(backend: MlxBackend, case: dict[str, Any]) -> Result:
+    body = body_of(case)
+    fmt = ResponseFormat("json_schema", case["schema"]) if "schema" in case else None
+    request = GenerationRequest(
+        prompt=body.get("prompt", ""),
+        messages=tuple(body["messages"]) if "messages" in body else None,
+        max_tokens=body["max_tokens"],
+        temperature=body["temperature"],
+        top_p=body["top_p"],
+        top_k=body["top_k"],
+        repeat_penalty=body.get("repeat_penalty", 1.0),
+        seed=body.get("seed"),
+        stop=tuple(body.get("stop", ())),
+        response_format=fmt,
+    )
+    chunks = list(backend.stream(request))
+    usage = chunks[-1].usage
+    assert usage is not None
+    text = "".join(c.text for c in chunks)
+    return Result(text, chunks[-1].finish_reason, usage.prompt_tokens, usage.completion_tokens)
+
+
+def stream(http: httpx.Client, case: dict[str, Any], *, stop_after: int | None = None) -> Result:
+    """One streamed request; `stop_after` chunks → disconnect early."""
+    path = "/v1/chat/completions" if "messages" in case else "/v1/completions"
+    body = {**body_of(case), "stream": True, "stream_options": {"include_usage": True}}
+    parts: list[str] = []
+    finish = None
+    prompt_tokens = completion_tokens = 0
+    with http.stream("POST", path, json=body) as res:
+        assert res.status_code == 200, res.read()
+        for line in res.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            if event.get("usage"):
+                prompt_tokens = event["usage"]["prompt_tokens"]
+                completion_tokens = event["usage"]["completion_tokens"]
+            for choice in event["choices"]:
+                parts.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
+                finish = choice.get("finish_reason") or finish
+            if stop_after is not None and len(parts) >= stop_after:
+                break
+    return Result("".join(parts), finish, prompt_tokens, completion_tokens)
+
+
+def run_concurrently(server: LiveServer, cases: list[dict[str, Any]], **kw: Any) -> list[Result]:
+    results: list[Result | BaseException | None] = [None] * len(cases)
+
+    def one(i: int) -> None:
+        try:
+            with server.client() as http:
+                results[i] = stream(http, cases[i], **kw)
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(cases))]
+    with held(server) as worker:
+        for t in threads:
+            t.start()
+        wait_until(lambda: worker.waiting == len(cases))
+    for t in threads:
+        t.join(120)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return [r for r in results if isinstance(r, Result)]
+
+
+def test_concurrent_requests_match_one_at_a_time(server: LiveServer, unbatched: MlxBackend) -> None:
+    plain = {"prompt": "Paris is the capital of France and", "max_tokens": 30}
+    full = reference(unbatched, plain).text
+    assert len(full) > 12
+    cases: list[dict[str, Any]] = [
+        {"prompt": "Once upon a time", "max_tokens": 6},
+        {"prompt": "The weather today is sunny with a light wind; " * 6, "max_tokens": 40},
+        {**plain, "stop": [full[8:11]]},
+        {"prompt": "Numbers: 0 1 2", "max_tokens": 48, "repeat_penalty": 1.4},
+        {"prompt": "She read a book about", "max_tokens": 24, "temperature": 1.0, "seed": 11},
+        {"messages": [{"role": "user", "content": "Give me JSON."}], "max_tokens": 60, "schema": SCHEMA},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "max_tokens": 20},
+    ]
+    expected = [reference(unbatched, c) for c in cases]
+    # Seven requests, four slots: the short ones finish and queued ones join a running batch.
+    got = run_concurrently(server, cases)
+    assert got == expected
+    assert got[2].finish_reason == "stop" and full[8:11] not in got[2].text
+    assert json.loads(got[5].text)["n"] in (1, 2, 3)
+    worker = worker_of(server)
+    wait_until(lambda: worker.running == 0)
+    assert worker.in_flight == 0 and not worker.busy
+
+
+def test_batched_follow_up_reuses_the_prefix_cache(server: LiveServer) -> None:
+    history = [
+        {"role": "system", "content": "Answer about the weather in the city. " * 6},
+        {"role": "user", "content": "Will it rain tomorrow?"},
+    ]
+    first = run_concurrently(server, [{"messages": history, "max_tokens": 4}, {"prompt": "Hi", "max_tokens": 4}])[0]
+    follow = [*history, {"role": "assistant", "content": first.text}, {"role": "user", "content": "And then?"}]
+    with server.client() as http:
+        res = http.post("/v1/chat/completions", json={"model": "light", "messages": follow, "max_tokens": 2})
+    usage = res.json()["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= first.prompt_tokens
+    assert usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]
+
+
+def test_disconnecting_one_stream_leaves_the_others_intact(server: LiveServer, unbatched: MlxBackend) -> None:
+    cases: list[dict[str, Any]] = [
+        {"prompt": f"Round {i}. The quick brown fox jumps over the lazy dog", "max_tokens": 150} for i in range(3)
+    ]
+    expected = [reference(unbatched, c) for c in cases]
+    results: dict[int, Result] = {}
+    worker = worker_of(server)
+
+    def one(i: int) -> None:
+        with server.client() as http:
+            results[i] = stream(http, cases[i], stop_after=3 if i == 1 else None)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    with held(server):
+        for t in threads:
+            t.start()
+        wait_until(lambda: worker.waiting == 3)
+    for t in threads:
+        t.join(120)
+    assert results[0] == expected[0] and results[2] == expected[2]
+    assert expected[1].text.startswith(results[1].text) and results[1].finish_reason is None
+    wait_until(lambda: worker.running == 0)
+    with server.client() as http:
+        assert stream(http, cases[1]) == expected[1]
+
+
+def test_queue_bound_still_answers_429(tiny_mlx_model: Path) -> None:
+    settings = env(tiny_mlx_model, LIGHT_MAX_BATCH="2", LIGHT_MAX_QUEUE="2")
+    statuses: list[int] = []
+
+    with live_server(settings, wait_for=("light",)) as live:
+
+        def queued() -> None:
+            with live.client() as http:
+                body = {"model": "light", "prompt": "Hi", "max_tokens": 4}
+                statuses.append(http.post("/v1/completions", json=body).status_code)
+
+        threads = [threading.Thread(target=queued) for _ in range(2)]
+        with held(live) as worker, live.client() as http:
+            for t in threads:
+                t.start()
+            wait_until(lambda: worker.waiting == 2)
+            rejected = http.post("/v1/completions", json={"model": "light", "prompt": "x", "max_tokens": 2})
+            assert rejected.status_code == 429 and int(rejected.headers["Retry-After"]) >= 1
+            assert rejected.json()["error"]["code"] == "queue_full"
+        for t in threads:
+            t.join(60)
+        assert statuses == [200, 200]
+        wait_until(lambda: worker.in_flight == 0)
