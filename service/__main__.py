@@ -27,7 +27,9 @@ def bind(settings: Settings) -> socket.socket:
     last_error: OSError | None = None
     tries = _PORT_TRIES if settings.port_auto_increment and settings.port else 1
     for port in range(settings.port, settings.port + tries):
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto=IPPROTO_TCP lets asyncio set TCP_NODELAY on accepted connections (it checks the
+        # protocol); with proto 0, Nagle + delayed ACKs add ~40 ms to every keep-alive response.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((settings.host, port))
@@ -59,10 +61,10 @@ def _watch_idle(server: uvicorn.Server, state: object, timeout: int) -> None:
 def main() -> int:
     try:
         settings = load_settings()
+        app = create_app(settings)  # may still refuse a setting, e.g. an unreadable API_KEYS_FILE
     except SettingsError as exc:
         print(f"llmservice: {exc}", file=sys.stderr)
         return 2
-    app = create_app(settings)
     sock = bind(settings)
     host, port = sock.getsockname()[:2]
     port_file = Path(settings.port_file)

@@ -4,9 +4,11 @@
     ├── InvalidRequestError         400 invalid_request_error
     │   └── ContextLengthExceeded   400 code=context_length_exceeded
     ├── AuthenticationError         401 authentication_error
+    ├── PermissionDeniedError       403 permission_error (admin key needed, path outside MODELS_DIR)
     ├── ModelNotFoundError          404 code=model_not_found
     ├── RateLimitError              429 (queue full or rate limit; carries retry_after)
-    ├── ModelUnavailableError       503 (tier absent, loading or failed)
+    ├── ModelUnavailableError       503 (tier failed to load, engine missing)
+    │   └── ModelLoadingError       503 code=model_loading, with Retry-After
     └── EngineError                 500 an engine failed; the message is generic
 
 Engines raise these too, so this module imports nothing from Litestar; `service.app` maps the
@@ -63,6 +65,11 @@ class AuthenticationError(LLMServiceError):
     type = "authentication_error"
 
 
+class PermissionDeniedError(LLMServiceError):
+    status = 403
+    type = "permission_error"
+
+
 class ModelNotFoundError(LLMServiceError):
     status = 404
     type = "invalid_request_error"
@@ -90,6 +97,14 @@ class RateLimitError(LLMServiceError):
 class ModelUnavailableError(LLMServiceError):
     status = 503
     type = "model_error"
+
+
+class ModelLoadingError(ModelUnavailableError):
+    """The tier is still loading: try again shortly (clients honour Retry-After)."""
+
+    def __init__(self, tier: str, retry_after: float = 2) -> None:
+        super().__init__(f"Tier {tier} is loading its model; retry shortly", code="model_loading")
+        self.retry_after = retry_after
 
 
 class EngineError(LLMServiceError):

@@ -9,7 +9,7 @@ from backends.base import Chunk, GenerationRequest, ResponseFormat, Usage
 from service.errors import InvalidRequestError
 from service.schemas.common import PromptTokensDetails, ResponseFormatSpec, SamplingFields, UsageInfo
 from service.settings import TierSettings
-from service.workers import JobStream
+from service.workers import ChunkStream
 
 
 def new_id(prefix: str) -> str:
@@ -73,7 +73,7 @@ def usage_info(usage: Usage) -> UsageInfo:
     )
 
 
-async def collect(stream: JobStream) -> tuple[str, Chunk]:
+async def collect(stream: ChunkStream) -> tuple[str, Chunk]:
     """Run a job to the end: the whole text and the final chunk (finish reason, usage)."""
     parts: list[str] = []
     last = Chunk("")
@@ -83,7 +83,7 @@ async def collect(stream: JobStream) -> tuple[str, Chunk]:
     return "".join(parts), last
 
 
-async def first_chunk(stream: JobStream) -> Chunk:
+async def first_chunk(stream: ChunkStream) -> Chunk:
     """Wait for the job to start producing, so prompt errors still become plain HTTP errors."""
     try:
         return await anext(stream)

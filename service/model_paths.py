@@ -65,3 +65,16 @@ def _from_package(module_name: str) -> str:
     if module.__file__ is None:
         raise ModelUnavailableError(f"Package {module_name!r} does not locate a model")
     return str(Path(module.__file__).parent)
+
+
+def disk_size(path: str) -> int | None:
+    """Bytes on disk of a model file or folder; None for what is not local (a repo id, `tier:`)."""
+    target = Path(path)
+    try:
+        if target.is_file():
+            return target.stat().st_size
+        if target.is_dir():
+            return sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    except OSError:
+        return None
+    return None

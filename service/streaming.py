@@ -13,7 +13,7 @@ from backends.base import Chunk
 from service.errors import LLMServiceError
 from service.generation import usage_info
 from service.schemas.common import UsageInfo
-from service.workers import JobStream
+from service.workers import ChunkStream
 
 log = logging.getLogger(__name__)
 _encode = msgspec.json.Encoder().encode
@@ -41,7 +41,7 @@ def sse(data: Any) -> bytes:
 
 
 async def event_stream(
-    stream: JobStream,
+    stream: ChunkStream,
     first: Chunk,
     *,
     opening: Any | None,

@@ -2,8 +2,10 @@ from __future__ import annotations
 
 from litestar import Controller, post
 
+from service.dispatch import Dispatcher
 from service.errors import InvalidRequestError
 from service.generation import collect, engine_request, first_chunk, new_id, now, usage_info
+from service.metrics import RequestRecord
 from service.registry import Registry
 from service.schemas.chat import (
     AssistantMessage,
@@ -21,15 +23,17 @@ class ChatController(Controller):
     path = "/v1/chat/completions"
 
     @post(status_code=200)
-    async def create(self, data: ChatCompletionRequest, registry: Registry) -> ChatCompletion | EventStream:
+    async def create(
+        self, data: ChatCompletionRequest, registry: Registry, dispatch: Dispatcher, record: RequestRecord
+    ) -> ChatCompletion | EventStream:
         if not data.messages:
             raise InvalidRequestError("messages must contain at least one message", param="messages")
-        slot = await registry.generation(data.model)
+        slot = registry.generation_slot(data.model)
         messages = tuple({"role": _role(m.role), "content": m.text()} for m in data.messages)
         request = engine_request(
             data, slot.settings, max_tokens=data.max_completion_tokens or data.max_tokens, messages=messages
         )
-        stream = await registry.generate(slot, request)
+        stream = await dispatch.generate("chat", slot, request, record)
         cid, created, model = new_id("chatcmpl"), now(), data.model
         if not data.stream:
             text, last = await collect(stream)

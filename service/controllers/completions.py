@@ -4,8 +4,10 @@ from typing import Any
 
 from litestar import Controller, post
 
+from service.dispatch import Dispatcher
 from service.errors import InvalidRequestError
 from service.generation import collect, engine_request, first_chunk, new_id, now, usage_info
+from service.metrics import RequestRecord
 from service.registry import Registry
 from service.schemas.completions import Completion, CompletionChoice, CompletionRequest
 from service.streaming import EventStream, event_stream
@@ -15,11 +17,13 @@ class CompletionsController(Controller):
     path = "/v1/completions"
 
     @post(status_code=200)
-    async def create(self, data: CompletionRequest, registry: Registry) -> Completion | EventStream:
+    async def create(
+        self, data: CompletionRequest, registry: Registry, dispatch: Dispatcher, record: RequestRecord
+    ) -> Completion | EventStream:
         prompt = _single_prompt(data.prompt)
-        slot = await registry.generation(data.model)
+        slot = registry.generation_slot(data.model)
         request = engine_request(data, slot.settings, max_tokens=data.max_tokens, prompt=prompt)
-        stream = await registry.generate(slot, request)
+        stream = await dispatch.generate("completions", slot, request, record)
         cid, created, model = new_id("cmpl"), now(), data.model
         echo = prompt if data.echo and isinstance(prompt, str) else ""
         if not data.stream:

@@ -1,15 +1,23 @@
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
 from typing import Any
 
-from litestar import Controller, Response, get
+from litestar import Controller, Response, get, post
+from litestar.exceptions import NotFoundException
 
+from service.lifecycle import Lifecycle
+from service.metrics import worker_view
+from service.model_paths import disk_size
 from service.registry import Registry, TierSlot, TierState
-from service.schemas.models import ModelCard, ModelList
+from service.schemas.models import LoadRequest, ModelCard, ModelList
 
 
-def model_card(registry: Registry, slot: TierSlot) -> ModelCard:
+def model_card(registry: Registry, slot: TierSlot, details: dict[str, Any] | None = None) -> ModelCard:
+    size = slot.size_bytes
+    if size is None and slot.settings.model_path and ":" not in slot.settings.model_path:
+        size = disk_size(os.path.expanduser(slot.settings.model_path))
     return ModelCard(
         id=slot.id,
         created=int(slot.loaded_at or registry.started),
@@ -19,8 +27,30 @@ def model_card(registry: Registry, slot: TierSlot) -> ModelCard:
         engine=slot.engine_name,
         device=slot.device,
         context_length=slot.context_length or slot.settings.n_ctx,
+        dimension=slot.dimension or slot.settings.embedding_dimension,
         error=slot.error,
+        size_bytes=size,
+        loaded_at=int(slot.loaded_at) if slot.loaded_at and slot.state is TierState.LOADED else None,
+        last_used=int(slot.last_used) if slot.last_used else None,
+        usage_count=slot.requests,
+        in_flight=slot.in_flight,
+        keep_alive=slot.settings.keep_alive,
+        pinned=slot.settings.pin,
+        details=details,
     )
+
+
+def model_details(slot: TierSlot) -> dict[str, Any]:
+    t = slot.settings
+    return {
+        "backend": t.backend,
+        "path": slot.path or t.model_path,
+        "n_ctx": t.n_ctx,
+        "max_queue": t.max_queue,
+        "preload": t.preload,
+        "load_seconds": round(slot.load_seconds, 3) if slot.load_seconds is not None else None,
+        "worker": worker_view(slot),
+    }
 
 
 class ModelsController(Controller):
@@ -32,10 +62,25 @@ class ModelsController(Controller):
 
     @get("/{model_id:path}")
     async def get_model(self, model_id: str, registry: Registry) -> ModelCard:
-        return model_card(registry, registry.resolve(model_id.lstrip("/")))
+        slot = registry.resolve(model_id.lstrip("/"))
+        return model_card(registry, slot, model_details(slot))
+
+    # `{id}/load` and `{id}/unload` share the path parameter: ids contain slashes (`light/gemma-3-270m`).
+    @post("/{model_id:path}", status_code=200, opt={"admin": True})
+    async def model_action(
+        self, model_id: str, registry: Registry, lifecycle: Lifecycle, data: LoadRequest | None = None
+    ) -> ModelCard:
+        target, _, action = model_id.strip("/").rpartition("/")
+        if action == "load" and target:
+            slot = await lifecycle.load(target, data.model_path if data else None)
+            return model_card(registry, slot, model_details(slot))
+        if action == "unload" and target:
+            slot, waited = await lifecycle.unload(target)
+            return model_card(registry, slot, {**model_details(slot), "waited_for_requests": waited})
+        raise NotFoundException()
 
 
-@get("/health", sync_to_thread=False)
+@get("/health", sync_to_thread=False, opt={"public": True, "observe": False})
 def health(registry: Registry) -> Response[dict[str, Any]]:
     tiers = registry.health()
     serving = any(t["state"] in (TierState.LOADED, TierState.AVAILABLE, TierState.LOADING) for t in tiers.values())

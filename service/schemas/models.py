@@ -15,8 +15,22 @@ class ModelCard(msgspec.Struct, omit_defaults=True):
     engine: str | None = None
     device: str | None = None
     context_length: int | None = None
+    dimension: int | None = None  # embedding tiers: the model's vector size
     error: str | None = None
+    size_bytes: int | None = None  # on disk
+    loaded_at: int | None = None
+    last_used: int | None = None
+    usage_count: int | None = None  # requests served by the model (cache hits excluded)
+    in_flight: int | None = None
+    keep_alive: int | None = None
+    pinned: bool | None = None
     details: dict[str, Any] | None = None
+
+
+class LoadRequest(msgspec.Struct, kw_only=True):
+    """Body of `POST /v1/models/{id}/load`: optionally a model inside MODELS_DIR for that tier."""
+
+    model_path: str | None = None
 
 
 class ModelList(msgspec.Struct):

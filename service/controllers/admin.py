@@ -1,0 +1,54 @@
+"""Operator endpoints: `/v1/stats`, `/v1/cache/stats`, `/v1/cache/clear`, `/metrics`.
+
+Model load/unload live with the other model routes in `controllers/models.py`."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+from litestar import Controller, Response, get, post
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.cache import ResponseCache
+from service.metrics import Telemetry
+from service.registry import Registry, TierState
+
+_OBSERVE_OFF = {"observe": False}  # polling these is monitoring, not traffic
+
+
+class CacheClearRequest(msgspec.Struct, kw_only=True):
+    target: Literal["response", "prefix", "all"] = "all"
+
+
+class AdminController(Controller):
+    @get("/v1/stats", opt=_OBSERVE_OFF)
+    async def stats(self, telemetry: Telemetry) -> dict[str, Any]:
+        return telemetry.snapshot()
+
+    @get("/v1/cache/stats", opt=_OBSERVE_OFF)
+    async def cache_stats(self, telemetry: Telemetry, cache: ResponseCache) -> dict[str, Any]:
+        return {"response": cache.stats(), "prefix": telemetry.prefix_stats()}
+
+    @post("/v1/cache/clear", status_code=200, opt={"admin": True})
+    async def cache_clear(
+        self, cache: ResponseCache, registry: Registry, data: CacheClearRequest | None = None
+    ) -> dict[str, Any]:
+        target = data.target if data else "all"
+        cleared: dict[str, Any] = {}
+        if target in ("response", "all"):
+            cleared["response"] = {"entries": cache.clear()}
+            await cache.flush()
+        if target in ("prefix", "all"):
+            tiers = []
+            for slot in registry.configured():
+                worker, engine = slot.worker, slot.engine
+                if slot.state is TierState.LOADED and worker is not None and engine is not None:
+                    await worker.run(engine.reset_prefix_cache)  # on the model's own thread
+                    tiers.append(slot.name)
+            cleared["prefix"] = {"tiers": tiers}
+        return {"cleared": cleared}
+
+    @get("/metrics", opt=_OBSERVE_OFF, sync_to_thread=False)
+    def metrics(self, telemetry: Telemetry) -> Response[bytes]:
+        return Response(generate_latest(telemetry.prometheus), media_type=CONTENT_TYPE_LATEST)
