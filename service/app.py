@@ -13,12 +13,21 @@ from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.middleware import DefineMiddleware
 
+from service.cache import ResponseCache
+from service.controllers.admin import AdminController
 from service.controllers.chat import ChatController
 from service.controllers.completions import CompletionsController
+from service.controllers.embeddings import EmbeddingsController
 from service.controllers.models import ModelsController, health
-from service.errors import InvalidRequestError, LLMServiceError, RateLimitError
+from service.controllers.rerank import rerank
+from service.dispatch import Dispatcher
+from service.errors import InvalidRequestError, LLMServiceError
+from service.lifecycle import Lifecycle
+from service.metrics import RequestRecord, Telemetry, TelemetryMiddleware, request_record
 from service.registry import Registry
+from service.security import Security
 from service.settings import Settings, load_settings
 
 log = logging.getLogger("service")
@@ -35,19 +44,47 @@ def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or load_settings()
     configure_logging(settings.log_level)
     registry = Registry(settings)
+    cache = ResponseCache.from_settings(settings)
+    telemetry = Telemetry(settings, registry, cache)
+    lifecycle = Lifecycle(registry, settings)
+    security = Security.from_settings(settings)
+    dispatch = Dispatcher(registry, cache, settings)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await cache.open()
         await registry.start()
+        await lifecycle.start()
         try:
             yield
         finally:
-            await registry.close()
+            await lifecycle.close()
+            try:
+                await registry.close()
+            finally:
+                await cache.close()
 
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     app = Litestar(
-        route_handlers=[ChatController, CompletionsController, ModelsController, health],
-        dependencies={"registry": Provide(lambda: registry, use_cache=True, sync_to_thread=False)},
+        route_handlers=[
+            ChatController,
+            CompletionsController,
+            EmbeddingsController,
+            rerank,
+            ModelsController,
+            AdminController,
+            health,
+        ],
+        dependencies={
+            "registry": Provide(lambda: registry, use_cache=True, sync_to_thread=False),
+            "cache": Provide(lambda: cache, use_cache=True, sync_to_thread=False),
+            "telemetry": Provide(lambda: telemetry, use_cache=True, sync_to_thread=False),
+            "lifecycle": Provide(lambda: lifecycle, use_cache=True, sync_to_thread=False),
+            "dispatch": Provide(lambda: dispatch, use_cache=True, sync_to_thread=False),
+            "record": Provide(_record, sync_to_thread=False),
+        },
+        guards=[security.guard],
+        middleware=[DefineMiddleware(TelemetryMiddleware, telemetry=telemetry)],
         exception_handlers={Exception: _error_response},
         lifespan=[lifespan],
         cors_config=CORSConfig(allow_origins=origins) if origins else None,
@@ -63,6 +100,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
 def configure_logging(level: str) -> None:
     logging.basicConfig(format="%(asctime)s - %(name)s - %(levelname)s - %(message)s", level=level, force=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _record(request: Request[Any, Any, Any]) -> RequestRecord:
+    return request_record(request.scope)
 
 
 async def _touch(request: Request[Any, Any, Any]) -> None:
@@ -111,5 +152,6 @@ def _validation_error(exc: ValidationException) -> InvalidRequestError:
 
 def _error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, object]]:
     error = to_service_error(exc)
-    headers = {"Retry-After": str(max(1, round(error.retry_after)))} if isinstance(error, RateLimitError) else None
+    retry_after = getattr(error, "retry_after", None)
+    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
     return Response(error.envelope(), status_code=error.status, headers=headers)

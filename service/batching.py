@@ -118,10 +118,11 @@ class MicroBatcher(Generic[T, R]):
             self._withdraw(sub)
             raise
 
-    async def close(self) -> None:
-        """Refuse new work, fail what still waits, let the running batch finish."""
+    async def close(self, *, drain: bool = False) -> None:
+        """Refuse new work and let the running batch finish; what still waits runs too with
+        `drain` (an unload), else it fails with 503 (shutdown)."""
         self._closed = True
-        while self._queue:
+        while self._queue and not drain:
             self._fail(self._queue[0], ModelUnavailableError(f"{self.name} is shutting down"))
         if self._wakeup is not None:
             self._wakeup.set()

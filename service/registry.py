@@ -8,13 +8,25 @@ import fnmatch
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from backends.base import Backend, GenerationRequest
 from backends.factory import create_backend
-from service.errors import LLMServiceError, ModelNotFoundError, ModelUnavailableError
-from service.model_paths import model_file_name, resolve_model_path
+from embedders.base import Embedder, EmbeddingBatch, EmbeddingJob, EmbeddingRequest
+from embedders.factory import create_embedder
+from rerankers.base import Reranker, RerankResult
+from rerankers.factory import create_reranker
+from service.batching import MicroBatcher
+from service.errors import (
+    InvalidRequestError,
+    LLMServiceError,
+    ModelLoadingError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+)
+from service.model_paths import disk_size, model_file_name, resolve_model_path
 from service.settings import GENERATION_TIERS, TIERS, Settings, TierSettings
 from service.workers import GenerationWorker, JobStream
 
@@ -59,19 +71,31 @@ class TierSlot:
     model: str = ""
     error: str | None = None
     engine: Any = None  # Backend, Embedder or Reranker once loaded
-    worker: GenerationWorker | None = None
+    worker: GenerationWorker | None = None  # generation tiers
+    batcher: MicroBatcher[Any, Any] | None = None  # embedding and reranker tiers
     engine_name: str | None = None
     device: str | None = None
     context_length: int | None = None
+    dimension: int | None = None  # embedding tiers
     load_seconds: float | None = None
     loaded_at: float | None = None
     last_used: float | None = None
     requests: int = 0
+    path: str | None = None  # MODEL_PATH resolved to a file or folder, once loaded
+    size_bytes: int | None = None  # on disk
     load_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    draining: asyncio.Task[None] | None = field(default=None, repr=False)  # an unload finishing its requests
 
     @property
     def id(self) -> str:
         return f"{self.name}/{self.model}"
+
+    @property
+    def in_flight(self) -> int:
+        """Requests that hold the model: queued or running (a stream holds it until it ends)."""
+        if self.batcher is not None:
+            return self.batcher.queued_items
+        return self.worker.in_flight if self.worker else 0
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -95,17 +119,25 @@ class Registry:
             tier = settings.tier(name)
             state = TierState.AVAILABLE if tier.configured else TierState.ABSENT
             self.slots[name] = TierSlot(name, tier, state, model=model_name(tier) if tier.configured else "")
+        for slot in self.configured():  # `tier:embedding` shows the model it scores with
+            source = (slot.settings.model_path or "").strip().removeprefix("tier:")
+            if slot.settings.model_path != source and source in self.slots and not slot.settings.model_name:
+                slot.model = self.slots[source].model
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         for slot in self.configured():
-            if slot.name in GENERATION_TIERS and slot.settings.extras.get("preload", "true").lower() != "false":
+            if slot.settings.preload:
                 self._begin_load(slot)
 
     async def close(self) -> None:
         for slot in self.slots.values():
             if slot.load_task and not slot.load_task.done():
                 slot.load_task.cancel()
+        for slot in self.slots.values():
+            if slot.batcher is not None:
+                await slot.batcher.close()
+                slot.batcher = None
         await asyncio.to_thread(self._close_all)
 
     def _close_all(self) -> None:
@@ -122,6 +154,29 @@ class Registry:
         if slot.state is TierState.LOADED:
             slot.state = TierState.AVAILABLE
 
+    async def load(self, slot: TierSlot) -> None:
+        """Load now (or join a load under way); a failure leaves the slot FAILED with its reason."""
+        await asyncio.shield(self._begin_load(slot))
+
+    async def unload(self, slot: TierSlot) -> int:
+        """Take the model out of service and free it once its queued and running requests (streams
+        included) have finished; new requests meanwhile wait and load it again. Returns how many
+        requests were in flight."""
+        if slot.load_task is not None and not slot.load_task.done():
+            await asyncio.shield(slot.load_task)
+        if slot.state is not TierState.LOADED:
+            return 0
+        pending, worker, engine, batcher = slot.in_flight, slot.worker, slot.engine, slot.batcher
+        slot.worker = slot.engine = slot.batcher = None
+        slot.state = TierState.AVAILABLE
+        log.info("Tier %s: unloading %s (%d requests in flight finish first)", slot.name, slot.id, pending)
+        if batcher is not None:
+            await batcher.close(drain=True)
+        slot.draining = asyncio.create_task(asyncio.to_thread(_drain, worker, engine), name=f"drain-{slot.name}")
+        await asyncio.shield(slot.draining)
+        log.info("Tier %s: unloaded", slot.name)
+        return pending
+
     def _begin_load(self, slot: TierSlot) -> asyncio.Task[None]:
         if slot.load_task is None or (slot.load_task.done() and slot.state is not TierState.LOADED):
             slot.state = TierState.LOADING
@@ -130,9 +185,13 @@ class Registry:
         return slot.load_task
 
     async def _load(self, slot: TierSlot) -> None:
+        if slot.draining is not None:  # never two copies in memory: the old one finishes first
+            await asyncio.shield(slot.draining)
         log.info("Tier %s: loading %s", slot.name, slot.settings.model_path)
         started = time.monotonic()
+        progress = asyncio.create_task(_log_progress(slot.name, started))
         try:
+            await self._load_dependency(slot)
             await asyncio.to_thread(self._load_sync, slot)
         except LLMServiceError as exc:
             slot.state, slot.error = TierState.FAILED, exc.message
@@ -142,6 +201,8 @@ class Registry:
             slot.state, slot.error = TierState.FAILED, f"{type(exc).__name__}: {exc}"
             log.exception("Tier %s: failed to load", slot.name)
             return
+        finally:
+            progress.cancel()
         slot.load_seconds = time.monotonic() - started
         slot.loaded_at = time.time()
         slot.state = TierState.LOADED
@@ -149,8 +210,15 @@ class Registry:
 
     def _load_sync(self, slot: TierSlot) -> None:
         path = resolve_model_path(slot.settings.model_path or "")
-        if slot.name not in GENERATION_TIERS:
-            raise ModelUnavailableError(f"Tier {slot.name}: this tier kind is not served yet")
+        slot.path, slot.size_bytes = path, disk_size(path)
+        if slot.size_bytes is not None:
+            log.info("Tier %s: reading %s (%.0f MiB)", slot.name, path, slot.size_bytes / 2**20)
+        if slot.name == "embedding":
+            self._load_embedder(slot, path)
+            return
+        if slot.name == "reranker":
+            self._load_reranker(slot, path)
+            return
         backend: Backend = create_backend(slot.settings, path)
         backend.load()
         info = backend.info()
@@ -158,11 +226,66 @@ class Registry:
         slot.context_length = info.context_length
         slot.worker = GenerationWorker(slot.name, backend, slot.settings.max_queue)
 
+    async def _load_dependency(self, slot: TierSlot) -> None:
+        """`RERANKER_MODEL_PATH=tier:embedding` scores with that tier's model: load it first."""
+        spec = (slot.settings.model_path or "").strip()
+        if not spec.startswith("tier:"):
+            return
+        name = spec.removeprefix("tier:").strip()
+        target = self.slots.get(name)
+        if target is None or target is slot or target.state is TierState.ABSENT:
+            raise ModelUnavailableError(
+                f"{slot.name.upper()}_MODEL_PATH={spec} names no configured tier (try tier:embedding)"
+            )
+        await self.load(target)
+        if target.state is not TierState.LOADED:
+            raise ModelUnavailableError(f"Tier {slot.name} needs tier {name}, which failed: {target.error}")
+
+    def _load_embedder(self, slot: TierSlot, path: str) -> None:
+        embedder = create_embedder(slot.settings, path)
+        embedder.load()
+        info = embedder.info()
+        slot.engine, slot.engine_name, slot.device = embedder, info.engine, info.device
+        slot.context_length, slot.dimension = info.max_tokens, info.dimension
+        slot.batcher = self._batcher(slot, embedder.embed_jobs)
+
+    def _load_reranker(self, slot: TierSlot, path: str) -> None:
+        source = path.removeprefix("tier:").strip()
+
+        def embedder() -> Embedder:  # asked on every call: the embedding tier may be reloaded
+            engine = self.slots[source].engine if source in self.slots else None
+            if not isinstance(engine, Embedder):
+                raise ModelUnavailableError(f"Tier {slot.name} scores with tier {source}, which is not loaded")
+            return engine
+
+        reranker = create_reranker(slot.settings, path, embedder)
+        reranker.load()
+        info = reranker.info()
+        slot.engine, slot.engine_name, slot.device = reranker, info.engine, info.device
+        slot.context_length = info.max_tokens
+        slot.batcher = self._batcher(slot, reranker.score_pairs)
+
+    def _batcher(self, slot: TierSlot, run: Callable[[list[Any]], list[Any]]) -> MicroBatcher[Any, Any]:
+        tier = slot.settings
+        return MicroBatcher(
+            run,
+            max_batch_size=tier.micro_batch_size,
+            max_wait_ms=tier.micro_batch_wait_ms,
+            max_queued_items=tier.max_queue * self.settings.max_batch_inputs,
+            name=slot.name,
+        )
+
     async def ensure_loaded(self, slot: TierSlot) -> TierSlot:
         if slot.state is TierState.ABSENT:
             raise TierNotConfiguredError(slot.name)
-        if slot.state is not TierState.LOADED:
-            await asyncio.shield(self._begin_load(slot) if slot.state is not TierState.FAILED else _done())
+        if slot.state is TierState.LOADING and slot.load_task is not None:
+            # Someone else's load (start-up or another request): wait LOAD_WAIT_SECONDS, then 503.
+            try:
+                await asyncio.wait_for(asyncio.shield(slot.load_task), self.settings.load_wait_seconds)
+            except TimeoutError:
+                raise ModelLoadingError(slot.name) from None
+        elif slot.state is TierState.AVAILABLE:  # not loaded yet (lazy tier, or unloaded): this request loads it
+            await asyncio.shield(self._begin_load(slot))
         if slot.state is TierState.FAILED:
             raise ModelUnavailableError(f"Tier {slot.name} failed to load: {slot.error}")
         slot.last_used = time.time()
@@ -202,17 +325,60 @@ class Registry:
         return None
 
     async def generation(self, model: str) -> TierSlot:
+        return await self.ensure_loaded(self.generation_slot(model))
+
+    def generation_slot(self, model: str) -> TierSlot:
+        """The generation tier for `model`, without loading it (a cached answer needs no model)."""
         slot = self.resolve(model)
         if slot.state is TierState.ABSENT:
             raise TierNotConfiguredError(slot.name)
         if slot.name not in GENERATION_TIERS:
             raise ModelNotFoundError(f"Model {model} is served by the {slot.name} tier, which does not generate text")
-        return await self.ensure_loaded(slot)
+        return slot
 
     async def generate(self, slot: TierSlot, request: GenerationRequest) -> JobStream:
-        if slot.worker is None:
-            raise ModelUnavailableError(f"Tier {slot.name} is not loaded")
+        while slot.worker is None:  # unloaded since ensure_loaded: load it again
+            await self.ensure_loaded(slot)
         return slot.worker.submit(request)
+
+    async def tier_for(self, model: str, tier: str) -> TierSlot:
+        """The loaded `tier` (embedding or reranker) that `model` names."""
+        slot = self.resolve(model)
+        if slot.state is TierState.ABSENT:
+            raise TierNotConfiguredError(slot.name)
+        if slot.name != tier:
+            raise InvalidRequestError(
+                f"Model {model} is served by the {slot.name} tier; this endpoint needs the {tier} tier", param="model"
+            )
+        await self.ensure_loaded(slot)
+        while slot.batcher is None:  # unloaded meanwhile
+            await self.ensure_loaded(slot)
+        return slot
+
+    async def embed(self, slot: TierSlot, request: EmbeddingRequest) -> EmbeddingBatch:
+        embedder: Embedder = slot.engine
+        batcher = slot.batcher
+        assert batcher is not None
+        needs_tokenizer = any(not isinstance(item, str) for item in request.inputs)
+        # Decoding token ids takes the model's lock: keep that off the event loop.
+        texts = await asyncio.to_thread(embedder.prepare, request) if needs_tokenizer else embedder.prepare(request)
+        outputs = await batcher.submit(
+            [EmbeddingJob(t, dense=request.dense, sparse=request.sparse, colbert=request.colbert) for t in texts]
+        )
+        return embedder.finish(outputs, request.dimensions)
+
+    async def rerank(
+        self, slot: TierSlot, query: str, docs: list[str], top_n: int | None, normalize: bool
+    ) -> tuple[list[RerankResult], int]:
+        """Results best first, and the tokens they cost."""
+        reranker: Reranker = slot.engine
+        batcher = slot.batcher
+        assert batcher is not None
+        if not docs:
+            return [], 0
+        raw = await batcher.submit([(query, doc) for doc in docs])
+        tokens = await asyncio.to_thread(reranker.count_tokens, query, docs)
+        return reranker.rank(raw, top_n, normalize), tokens
 
     # -- views -----------------------------------------------------------------------------
     def uptime(self) -> float:
@@ -222,5 +388,14 @@ class Registry:
         return {name: slot.describe() for name, slot in self.slots.items() if slot.state is not TierState.ABSENT}
 
 
-async def _done() -> None:
-    return None
+def _drain(worker: GenerationWorker | None, engine: Any) -> None:
+    if worker is not None:
+        worker.close(timeout=None)  # runs every job already queued, then stops
+    if engine is not None:
+        engine.close()
+
+
+async def _log_progress(tier: str, started: float) -> None:
+    while True:
+        await asyncio.sleep(5)
+        log.info("Tier %s: still loading (%.0f s)", tier, time.monotonic() - started)

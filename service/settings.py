@@ -51,6 +51,13 @@ class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
     embedding_dimension: Annotated[int, msgspec.Meta(ge=1)] | None = None
     chat_template: str | None = None
     max_queue: Positive = 16
+    max_batch: Positive = 4  # requests an engine that can batch (MLX) decodes together
+    preload: bool = True  # load at start (requests meanwhile get 503 + Retry-After); false: on first use
+    keep_alive: NonNeg = 0  # unload after this many idle seconds; 0 = never
+    micro_batch_size: Positive = 64  # embedding/reranker tiers: inputs coalesced into one forward pass
+    micro_batch_wait_ms: Annotated[float, msgspec.Meta(ge=0)] = 5.0  # how long a batch waits for company
+    token_ids: str = "cl100k_base"  # embedding input given as token ids: cl100k_base, o200k_base or model
+    pin: bool = False  # never unloaded, neither when idle nor by POST /v1/models/{id}/unload
     extras: dict[str, str] = {}
 
     @property
@@ -73,6 +80,16 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     cache_ttl_seconds: NonNeg = 3600
     cache_persist_to_disk: bool = False
     cache_dir: str = ".cache/llmservice"
+    api_keys: str = ""  # comma-separated; with API_KEYS_FILE, every route but /health needs one
+    api_keys_file: str = ""  # one key per line, `#` comments
+    admin_api_keys: str = ""  # when set, load/unload and cache clear need one of these
+    rate_limit_per_minute: NonNeg = 0  # per API key, or per client IP without keys; 0 = off
+    max_tokens_limit: Positive = 32768  # requests asking for more max_tokens get 400
+    max_batch_inputs: Positive = 2048  # inputs per embedding request, documents per rerank request
+    models_dir: str = ""  # POST /v1/models/{id}/load accepts model_path only under this folder
+    # A request for a tier that is loading waits this long, then gets 503 with Retry-After.
+    load_wait_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0
+    stats_window_seconds: Positive = 60  # the recent window of /v1/stats rates and percentiles
     tiers: dict[str, TierSettings] = {}
 
     def tier(self, name: str) -> TierSettings:
@@ -128,6 +145,12 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
     raw = _collect(env)
     tiers = {name: _convert(fields, TierSettings, f"{name.upper()}_", env) for name, fields in raw.pop("tiers").items()}
     server: Settings = _convert(raw, Settings, "", env)
+    for name, tier in tiers.items():
+        if tier.max_tokens > server.max_tokens_limit:
+            var = f"{name.upper()}_MAX_TOKENS"
+            raise SettingsError(
+                f"Invalid setting {var}={env.get(var, '')!r}: above MAX_TOKENS_LIMIT={server.max_tokens_limit}"
+            )
     return msgspec.structs.replace(server, tiers=tiers)
 
 

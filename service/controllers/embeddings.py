@@ -8,36 +8,52 @@ from litestar import Controller, post
 
 from embedders.base import EmbeddingOutput, EmbeddingRequest
 from embedders.token_ids import openai_decoder
+from service.dispatch import Dispatcher
 from service.errors import InvalidRequestError
-from service.registry import Registry
+from service.metrics import RequestRecord
+from service.registry import Registry, TierSlot
 from service.schemas.embeddings import EmbeddingCreate, EmbeddingData, EmbeddingList, EmbeddingUsage
+from service.security import check_batch_size
 
 
 class EmbeddingsController(Controller):
     path = "/v1/embeddings"
 
     @post(status_code=200)
-    async def create(self, data: EmbeddingCreate, registry: Registry) -> EmbeddingList:
+    async def create(
+        self, data: EmbeddingCreate, registry: Registry, dispatch: Dispatcher, record: RequestRecord
+    ) -> EmbeddingList:
         inputs = _inputs(data.input)
-        limit = registry.settings.max_batch_inputs
-        if len(inputs) > limit:
-            raise InvalidRequestError(f"At most {limit} inputs per request (MAX_BATCH_INPUTS)", param="input")
+        check_batch_size(len(inputs), registry.settings)
         slot = await registry.tier_for(data.model, "embedding")
-        decode = openai_decoder(slot.settings.token_ids)
-        if decode is not None:
-            inputs = [item if isinstance(item, str) else decode(item) for item in inputs]
-        kind = data.embedding_type
-        request = EmbeddingRequest(
-            inputs,
-            dense=kind == "dense",
-            sparse=kind == "sparse" or data.return_sparse,
-            colbert=kind == "colbert" or data.return_colbert,
-            dimensions=data.dimensions,
+        return await dispatch.cached(
+            "embeddings", slot, data, EmbeddingList, record, lambda: _embed(registry, slot, data, inputs, record)
         )
-        batch = await registry.embed(slot, request)
-        items = [_item(i, out, data) for i, out in enumerate(batch.outputs)]
-        usage = EmbeddingUsage(batch.prompt_tokens, batch.prompt_tokens)
-        return EmbeddingList(items, data.model, usage)
+
+
+async def _embed(
+    registry: Registry,
+    slot: TierSlot,
+    data: EmbeddingCreate,
+    inputs: list[str] | list[list[int]],
+    record: RequestRecord,
+) -> EmbeddingList:
+    decode = openai_decoder(slot.settings.token_ids)
+    if decode is not None:
+        inputs = [item if isinstance(item, str) else decode(item) for item in inputs]
+    kind = data.embedding_type
+    request = EmbeddingRequest(
+        inputs,
+        dense=kind == "dense",
+        sparse=kind == "sparse" or data.return_sparse,
+        colbert=kind == "colbert" or data.return_colbert,
+        dimensions=data.dimensions,
+    )
+    batch = await registry.embed(slot, request)
+    record.prompt_tokens, record.generated = batch.prompt_tokens, True
+    items = [_item(i, out, data) for i, out in enumerate(batch.outputs)]
+    usage = EmbeddingUsage(batch.prompt_tokens, batch.prompt_tokens)
+    return EmbeddingList(items, data.model, usage)
 
 
 def _inputs(value: str | list[Any]) -> list[str] | list[list[int]]:

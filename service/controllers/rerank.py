@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+from typing import Any
+
 from litestar import post
 
+from service.dispatch import Dispatcher
 from service.errors import InvalidRequestError
 from service.generation import new_id
-from service.registry import Registry
+from service.metrics import RequestRecord
+from service.registry import Registry, TierSlot
 from service.schemas.rerank import (
     CohereDocument,
     CohereResult,
@@ -15,21 +19,33 @@ from service.schemas.rerank import (
     SeedResult,
     TeiResult,
 )
+from service.security import check_batch_size
 
 
 @post(["/v1/rerank", "/rerank", "/v2/rerank"], status_code=200)
-async def rerank(data: RerankRequest, registry: Registry) -> RerankResponse | list[TeiResult]:
+async def rerank(
+    data: RerankRequest, registry: Registry, dispatch: Dispatcher, record: RequestRecord
+) -> RerankResponse | list[TeiResult]:
     """Sorted by relevance, best first; every document unless `top_n`/`top_k` asks for fewer."""
     if data.documents is None and data.texts is None:
         raise InvalidRequestError("documents is required", param="documents")
     docs = data.texts if data.documents is None else [d if isinstance(d, str) else d.text for d in data.documents]
     assert docs is not None
-    limit = registry.settings.max_batch_inputs
-    if len(docs) > limit:
-        raise InvalidRequestError(f"At most {limit} documents per request (MAX_BATCH_INPUTS)", param="documents")
+    check_batch_size(len(docs), registry.settings, param="documents")
     slot = await registry.tier_for(data.model, "reranker")
+    answer: Any = RerankResponse | list[TeiResult]  # the type a cached answer decodes to
+    result: RerankResponse | list[TeiResult] = await dispatch.cached(
+        "rerank", slot, data, answer, record, lambda: _rerank(registry, slot, data, docs, record)
+    )
+    return result
+
+
+async def _rerank(
+    registry: Registry, slot: TierSlot, data: RerankRequest, docs: list[str], record: RequestRecord
+) -> RerankResponse | list[TeiResult]:
     top = data.top_n if data.top_n is not None else data.top_k
     results, tokens = await registry.rerank(slot, data.query, docs, top, normalize=not data.raw_scores)
+    record.prompt_tokens, record.generated = tokens, True
     if data.documents is None:  # TEI's /rerank body (`texts`) gets TEI's answer
         return [TeiResult(r.index, r.score, docs[r.index] if data.return_text else None) for r in results]
     keep = data.return_documents

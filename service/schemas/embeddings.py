@@ -21,7 +21,9 @@ class EmbeddingCreate(msgspec.Struct, kw_only=True):
 
 class EmbeddingData(msgspec.Struct, omit_defaults=True):
     index: int
-    embedding: list[float] | str | dict[str, float] | list[list[float]]
+    # list[float], a base64 string, {token id: weight} or a list of vectors: msgspec cannot decode
+    # a union of several array types, and cached answers are decoded, so this stays untyped.
+    embedding: Any
     object: Literal["embedding"] = "embedding"
     sparse_embedding: dict[str, float] | None = None
     colbert_embedding: list[list[float]] | None = None
