@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service.errors import ModelUnavailableError
+from service.plugins import engine_class, missing_modules
 
 if TYPE_CHECKING:
     from backends.base import Backend
@@ -21,10 +20,7 @@ _ENGINES: dict[str, tuple[str, str, str, str]] = {
 
 
 def engine_available(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(_ENGINES[name][2]) is not None
-    except (ImportError, ValueError):
-        return False
+    return not missing_modules((_ENGINES[name][2],))
 
 
 def choose_engine(tier: TierSettings, model_path: str) -> str:
@@ -48,6 +44,6 @@ def create_backend(tier: TierSettings, model_path: str) -> Backend:
         raise ModelUnavailableError(
             f"Tier {tier.name} asks for the {engine} engine, which is not installed: pip install 'llmservice[{extra}]'"
         )
-    cls = getattr(importlib.import_module(module_name), class_name)
+    cls = engine_class(module_name, class_name)
     backend: Backend = cls(tier, model_path)
     return backend

@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: start servers as subprocesses, time SSE streams."""
+"""Helpers shared by the benchmarks: start servers as subprocesses, time token streams."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+# The generation benchmarks' prompt; `{i}` makes each one unique, so the response cache never answers it.
+PROMPT = "Round {i}. Here is a long list of fruits, one per line, numbered:\n1. apple\n2."
 
 
 def free_port() -> int:
@@ -106,6 +109,50 @@ def stream_completion(url: str, body: dict[str, object]) -> StreamTiming:
                     last = now
                     tokens += 1
     return StreamTiming(first - start, usage_tokens or tokens, last - first, time.monotonic())
+
+
+def time_pieces(pieces: Iterable[str], start: float) -> StreamTiming:
+    """Time an in-process stream requested at `start`: each non-empty text piece is one token."""
+    first = last = 0.0
+    tokens = 0
+    for text in pieces:
+        if text:
+            now = time.monotonic()
+            first = first or now
+            last = now
+            tokens += 1
+    return StreamTiming(first - start, tokens, last - first, time.monotonic())
+
+
+def concurrent_streams(url: str, model: str, streams: int, tokens: int, tag: str) -> tuple[float, list[StreamTiming]]:
+    """`streams` simultaneous streaming completions of PROMPT: aggregate tokens/s over the wall time,
+    and the streams that finished, in arrival order."""
+    results: list[StreamTiming | None] = [None] * streams
+
+    def run(i: int) -> None:
+        body: dict[str, object] = {
+            "model": model,
+            "prompt": PROMPT.format(i=f"{tag}-{streams}-{i}"),
+            "max_tokens": tokens,
+            "temperature": 0,
+            "stream_options": {"include_usage": True},
+        }
+        try:
+            results[i] = stream_completion(url, body)
+        except httpx.HTTPError as exc:
+            print(f"    stream {i} of {streams} failed: {exc}")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+        time.sleep(0.005)  # a defined arrival order
+    for t in threads:
+        t.join()
+    done = [r for r in results if r is not None]
+    if not done:
+        return 0.0, []
+    return sum(r.tokens for r in done) / (max(r.end for r in done) - t0), done
 
 
 def median(values: Sequence[float]) -> float:

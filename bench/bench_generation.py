@@ -16,18 +16,25 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import StreamTiming, free_port, llmservice, median, pct, process, stream_completion
+from bench._common import (
+    PROMPT,
+    StreamTiming,
+    concurrent_streams,
+    free_port,
+    llmservice,
+    median,
+    pct,
+    process,
+    stream_completion,
+    time_pieces,
+)
 
 N_CTX, THREADS = 2048, 2
-PROMPT = "Round {i}. Here is a long list of fruits, one per line, numbered:\n1. apple\n2."
 
 
 def in_process(model: str, prompts: list[str], tokens: int) -> list[StreamTiming]:
@@ -37,50 +44,16 @@ def in_process(model: str, prompts: list[str], tokens: int) -> list[StreamTiming
     out = []
     for prompt in prompts:
         start = time.monotonic()
-        first = last = 0.0
-        n = 0
-        for chunk in llm.create_completion(prompt, max_tokens=tokens, temperature=0, stream=True):
-            if chunk["choices"][0]["text"]:
-                now = time.monotonic()
-                first = first or now
-                last = now
-                n += 1
-        out.append(StreamTiming(first - start, n, last - first, time.monotonic()))
+        chunks = llm.create_completion(prompt, max_tokens=tokens, temperature=0, stream=True)
+        out.append(time_pieces((chunk["choices"][0]["text"] for chunk in chunks), start))
     llm.close()
     return out
 
 
 def concurrent(url: str, model: str, streams: int, tokens: int, round_: int) -> tuple[float, list[float]]:
-    results: list[StreamTiming | None] = [None] * streams
-    starts = [0.0] * streams
-
-    def run(i: int) -> None:
-        starts[i] = time.monotonic()
-        body = {
-            "model": model,
-            "prompt": PROMPT.format(i=f"{round_}-{streams}-{i}"),
-            "max_tokens": tokens,
-            "temperature": 0,
-            "stream_options": {"include_usage": True},
-        }
-        try:
-            results[i] = stream_completion(url, body)
-        except httpx.HTTPError as exc:
-            print(f"    stream {i} of {streams} failed: {exc}")
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-        time.sleep(0.005)  # a defined arrival order
-    for t in threads:
-        t.join()
-    done = [r for r in results if r is not None]
-    if not done:
-        return 0.0, []
-    wall = max(r.end for r in done) - t0
-    waits = [r.ttft for r in done]
-    return sum(r.tokens for r in done) / wall, waits
+    """Aggregate tokens/s of `streams` simultaneous streams, and each one's wait for its first token."""
+    tps, done = concurrent_streams(url, model, streams, tokens, str(round_))
+    return tps, [r.ttft for r in done]
 
 
 def main() -> None:

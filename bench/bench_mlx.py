@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,10 +33,19 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import StreamTiming, free_port, llmservice, median, process, stream_completion
+from bench._common import (
+    PROMPT,
+    StreamTiming,
+    concurrent_streams,
+    free_port,
+    llmservice,
+    median,
+    process,
+    stream_completion,
+    time_pieces,
+)
 
 N_CTX = 4096
-PROMPT = "Round {i}. Here is a long list of fruits, one per line, numbered:\n1. apple\n2."
 FILLER = (
     "The committee reviewed the quarterly figures for the northern warehouses, compared the shipping "
     "costs of rail and road, and asked the planning team to prepare a schedule for the spring season. "
@@ -62,44 +70,14 @@ def in_process(model: Any, tokenizer: Any, prompts: list[str], tokens: int) -> l
     out = []
     for prompt in prompts:
         start = time.monotonic()
-        first = last = 0.0
-        n = 0
-        for response in stream_generate(model, tokenizer, prompt, max_tokens=tokens):
-            if response.text:
-                now = time.monotonic()
-                first = first or now
-                last = now
-                n += 1
-        out.append(StreamTiming(first - start, n, last - first, time.monotonic()))
+        responses = stream_generate(model, tokenizer, prompt, max_tokens=tokens)
+        out.append(time_pieces((response.text for response in responses), start))
     return out
 
 
 def concurrent(url: str, model: str, streams: int, tokens: int, tag: str) -> float:
     """Aggregate generated tokens per second of `streams` simultaneous streams."""
-    results: list[StreamTiming | None] = [None] * streams
-
-    def run(i: int) -> None:
-        body = {
-            "model": model,
-            "prompt": PROMPT.format(i=f"{tag}-{streams}-{i}"),
-            "max_tokens": tokens,
-            "temperature": 0,
-            "stream_options": {"include_usage": True},
-        }
-        try:
-            results[i] = stream_completion(url, body)
-        except httpx.HTTPError as exc:
-            print(f"    stream {i} of {streams} failed: {exc}")
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-        time.sleep(0.005)
-    for t in threads:
-        t.join()
-    done = [r for r in results if r is not None]
-    return sum(r.tokens for r in done) / (max(r.end for r in done) - t0) if done else 0.0
+    return concurrent_streams(url, model, streams, tokens, tag)[0]
 
 
 def conversation(tag: str, turns: int) -> list[dict[str, str]]:

@@ -10,38 +10,31 @@ give the same vectors. If FlagEmbedding's internals change shape, we fall back t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from embedders import _hf
-from embedders.base import Embedder, EmbedderInfo, EmbeddingOutput, hf_max_tokens, require_local_model
-from embedders.options import extra_int, set_torch_threads, torch_device
+from embedders._torch import TorchEngine
+from embedders.base import Embedder, EmbedderInfo, EmbeddingOutput, hf_max_tokens
 from service.errors import ModelUnavailableError, engine_errors
 
 if TYPE_CHECKING:
     from service.settings import TierSettings
 
 
-class BgeM3Embedder(Embedder):
+class BgeM3Embedder(TorchEngine[EmbedderInfo], Embedder):
     name = "bge_m3"
+    model_kind = "embedding"
 
     def __init__(self, tier: TierSettings, model_path: str) -> None:
-        super().__init__()
-        self.tier = tier
-        self.model_path = model_path
-        self._device = torch_device(tier)
-        self._batch_size = extra_int(tier, "batch_size", 32)
-        self._model: Any = None
-        self._info: EmbedderInfo | None = None
+        super().__init__(tier, model_path)
         self._direct = False
         self._special_ids: frozenset[int] = frozenset()
 
     def load(self) -> None:
-        # Checked before FlagEmbedding sees it: a missing path becomes a hub download attempt.
-        path = require_local_model(self.model_path, "BGE-M3")
-        set_torch_threads(self.tier.n_threads)
+        path = self._begin_load("BGE-M3")
         from FlagEmbedding import BGEM3FlagModel  # ~10 s: datasets, peft, pandas
 
         max_tokens = hf_max_tokens(path, cap=self.tier.n_ctx)
@@ -78,11 +71,6 @@ class BgeM3Embedder(Embedder):
             device=self._device,
             extras={"colbert_dimension": int(heads.colbert_linear.out_features), "direct_forward": self._direct},
         )
-
-    def info(self) -> EmbedderInfo:
-        if self._info is None:
-            raise ModelUnavailableError("The embedding model is not loaded")
-        return self._info
 
     def embed(
         self, texts: list[str], *, dense: bool = True, sparse: bool = False, colbert: bool = False
@@ -180,5 +168,4 @@ class BgeM3Embedder(Embedder):
     def close(self) -> None:
         if self._model is not None:
             self._model.stop_self_pool()  # no-op on one device; frees worker processes otherwise
-        self._model = None
-        self._info = None
+        super().close()

@@ -10,19 +10,16 @@ Choice, first match wins:
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service.errors import ModelUnavailableError
+from service.plugins import EngineTable, engine_setting, import_engine
 
 if TYPE_CHECKING:
     from embedders.base import Embedder
     from service.settings import TierSettings
 
-# name -> (module, class, modules it needs, pip extra)
-_ENGINES: dict[str, tuple[str, str, tuple[str, ...], str]] = {
+_ENGINES: EngineTable = {
     "bge_m3": ("embedders.bge_m3", "BgeM3Embedder", ("torch", "FlagEmbedding"), "embeddings"),
     "sentence_transformers": (
         "embedders.sentence_transformers",
@@ -36,26 +33,9 @@ _ENGINES: dict[str, tuple[str, str, tuple[str, ...], str]] = {
 _BGE_M3_FILES = ("colbert_linear.pt", "sparse_linear.pt")
 
 
-def missing_modules(engine: str) -> list[str]:
-    """The engine's dependencies that are not importable (found without importing them)."""
-    missing = []
-    for module in _ENGINES[engine][2]:
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            missing.append(module)
-    return missing
-
-
 def choose_embedder(tier: TierSettings, model_path: str) -> str:
-    engine = tier.extras.get("engine", "").strip().lower().replace("-", "_")
+    engine = engine_setting(tier, _ENGINES)
     if engine:
-        if engine not in _ENGINES:
-            raise ModelUnavailableError(
-                f"Invalid setting {tier.name.upper()}_ENGINE={engine!r}: expected one of: {', '.join(_ENGINES)}"
-            )
         return engine
     path = Path(model_path)
     if model_path.lower().endswith(".gguf") or path.is_file() or tier.backend == "llamacpp":
@@ -71,13 +51,6 @@ def create_embedder(tier: TierSettings, model_path: str | Path) -> Embedder:
     """Build (not load) the tier's embedder; call `load()` on its worker thread."""
     model_path = str(model_path)
     engine = choose_embedder(tier, model_path)
-    module_name, class_name, _, extra = _ENGINES[engine]
-    missing = missing_modules(engine)
-    if missing:
-        raise ModelUnavailableError(
-            f"Tier {tier.name} needs the {engine} embedding engine, but {', '.join(missing)} "
-            f"is not installed: pip install 'llmservice[{extra}]'"
-        )
-    cls = getattr(importlib.import_module(module_name), class_name)
+    cls = import_engine(tier, _ENGINES, engine, "embedding")
     embedder: Embedder = cls(tier, model_path)
     return embedder

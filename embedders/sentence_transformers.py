@@ -2,36 +2,31 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from embedders import _hf
-from embedders.base import Embedder, EmbedderInfo, EmbeddingOutput, l2_normalize, require_local_model
-from embedders.options import extra_bool, extra_int, set_torch_threads, torch_device
+from embedders._torch import TorchEngine
+from embedders.base import Embedder, EmbedderInfo, EmbeddingOutput, l2_normalize
+from embedders.options import extra_bool
 from service.errors import ModelUnavailableError, engine_errors
 
 if TYPE_CHECKING:
     from service.settings import TierSettings
 
 
-class SentenceTransformerEmbedder(Embedder):
+class SentenceTransformerEmbedder(TorchEngine[EmbedderInfo], Embedder):
     name = "sentence_transformers"
+    model_kind = "embedding"
 
     def __init__(self, tier: TierSettings, model_path: str) -> None:
-        super().__init__()
-        self.tier = tier
-        self.model_path = model_path
-        self._device = torch_device(tier)
-        self._batch_size = extra_int(tier, "batch_size", 32)
+        super().__init__(tier, model_path)
         # OpenAI clients assume unit vectors (cosine == dot); opt out for dot-product models.
         self._normalize = extra_bool(tier, "normalize", True)
-        self._model: Any = None
-        self._info: EmbedderInfo | None = None
 
     def load(self) -> None:
-        path = require_local_model(self.model_path, "sentence-transformers")
-        set_torch_threads(self.tier.n_threads)
+        path = self._begin_load("sentence-transformers")
         from sentence_transformers import SentenceTransformer
 
         try:
@@ -53,11 +48,6 @@ class SentenceTransformerEmbedder(Embedder):
             embeds_empty=True,  # [CLS] [SEP] still yields a vector
             device=self._device,
         )
-
-    def info(self) -> EmbedderInfo:
-        if self._info is None:
-            raise ModelUnavailableError("The embedding model is not loaded")
-        return self._info
 
     def embed(
         self, texts: list[str], *, dense: bool = True, sparse: bool = False, colbert: bool = False
@@ -88,7 +78,3 @@ class SentenceTransformerEmbedder(Embedder):
     def decode_tokens(self, ids: list[int]) -> str:
         self.info()
         return _hf.decode_tokens(self._model.tokenizer, ids)
-
-    def close(self) -> None:
-        self._model = None
-        self._info = None

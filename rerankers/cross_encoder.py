@@ -2,34 +2,21 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 import numpy as np
 
 from embedders import _hf
-from embedders.base import hf_max_tokens, require_local_model
-from embedders.options import extra_int, set_torch_threads, torch_device
+from embedders._torch import TorchEngine
+from embedders.base import hf_max_tokens
 from rerankers.base import Reranker, RerankerInfo
 from service.errors import ModelUnavailableError, engine_errors
 
-if TYPE_CHECKING:
-    from service.settings import TierSettings
 
-
-class CrossEncoderReranker(Reranker):
+class CrossEncoderReranker(TorchEngine[RerankerInfo], Reranker):
     name = "cross_encoder"
-
-    def __init__(self, tier: TierSettings, model_path: str) -> None:
-        self.tier = tier
-        self.model_path = model_path
-        self._device = torch_device(tier)
-        self._batch_size = extra_int(tier, "batch_size", 32)
-        self._model: Any = None
-        self._info: RerankerInfo | None = None
+    model_kind = "reranker"
 
     def load(self) -> None:
-        path = require_local_model(self.model_path, "cross-encoder")
-        set_torch_threads(self.tier.n_threads)
+        path = self._begin_load("cross-encoder")
         import torch
         from sentence_transformers import CrossEncoder
 
@@ -47,11 +34,6 @@ class CrossEncoderReranker(Reranker):
             )
         self._model = model
         self._info = RerankerInfo(engine=self.name, max_tokens=max_tokens, score_kind="logit", device=self._device)
-
-    def info(self) -> RerankerInfo:
-        if self._info is None:
-            raise ModelUnavailableError("The reranker model is not loaded")
-        return self._info
 
     def score(self, query: str, docs: list[str]) -> list[float]:
         return self.score_pairs([(query, doc) for doc in docs])
@@ -71,7 +53,3 @@ class CrossEncoderReranker(Reranker):
 
     def count_tokens(self, query: str, docs: list[str]) -> int:
         return _hf.count_pair_tokens(self._model.tokenizer, query, docs, self.info().max_tokens)
-
-    def close(self) -> None:
-        self._model = None
-        self._info = None

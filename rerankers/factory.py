@@ -10,22 +10,20 @@ Choice, first match wins:
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service.errors import ModelUnavailableError
+from service.plugins import EngineTable, engine_setting, import_engine
 
 if TYPE_CHECKING:
     from embedders.base import Embedder
     from rerankers.base import Reranker
     from service.settings import TierSettings
 
-# name -> (module, class, modules it needs, pip extra)
-_ENGINES: dict[str, tuple[str, str, tuple[str, ...], str]] = {
+_ENGINES: EngineTable = {
     "cross_encoder": (
         "rerankers.cross_encoder",
         "CrossEncoderReranker",
@@ -35,18 +33,6 @@ _ENGINES: dict[str, tuple[str, str, tuple[str, ...], str]] = {
     "flag": ("rerankers.flag", "FlagRerankerReranker", ("torch", "FlagEmbedding"), "embeddings"),
     "embedding": ("rerankers.embedding", "EmbeddingReranker", (), "embeddings"),
 }
-
-
-def missing_modules(engine: str) -> list[str]:
-    missing = []
-    for module in _ENGINES[engine][2]:
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            missing.append(module)
-    return missing
 
 
 def _is_bge_reranker_folder(path: Path) -> bool:
@@ -64,12 +50,8 @@ def _is_bge_reranker_folder(path: Path) -> bool:
 def choose_reranker(tier: TierSettings, model_path: str) -> str:
     if model_path.startswith("tier:"):
         return "embedding"
-    engine = tier.extras.get("engine", "").strip().lower().replace("-", "_")
+    engine = engine_setting(tier, _ENGINES)
     if engine:
-        if engine not in _ENGINES:
-            raise ModelUnavailableError(
-                f"Invalid setting {tier.name.upper()}_ENGINE={engine!r}: expected one of: {', '.join(_ENGINES)}"
-            )
         return engine
     path = Path(model_path)
     if path.is_dir() and _is_bge_reranker_folder(path):
@@ -87,14 +69,7 @@ def create_reranker(
     `embedder_provider` returns the loaded embedder of the tier named by `tier:<name>`."""
     model_path = str(model_path)
     engine = choose_reranker(tier, model_path)
-    module_name, class_name, _, extra = _ENGINES[engine]
-    missing = missing_modules(engine)
-    if missing:
-        raise ModelUnavailableError(
-            f"Tier {tier.name} needs the {engine} reranker engine, but {', '.join(missing)} "
-            f"is not installed: pip install 'llmservice[{extra}]'"
-        )
-    cls = getattr(importlib.import_module(module_name), class_name)
+    cls = import_engine(tier, _ENGINES, engine, "reranker")
     if engine == "embedding":
         if embedder_provider is None:
             raise ModelUnavailableError(

@@ -8,33 +8,19 @@ forward passes; RERANKER_ENGINE=cross_encoder gives the same logits in one.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from embedders import _hf
-from embedders.base import hf_max_tokens, require_local_model
-from embedders.options import extra_int, set_torch_threads, torch_device
+from embedders._torch import TorchEngine
+from embedders.base import hf_max_tokens
 from rerankers.base import Reranker, RerankerInfo
 from service.errors import ModelUnavailableError, engine_errors
 
-if TYPE_CHECKING:
-    from service.settings import TierSettings
 
-
-class FlagRerankerReranker(Reranker):
+class FlagRerankerReranker(TorchEngine[RerankerInfo], Reranker):
     name = "flag"
-
-    def __init__(self, tier: TierSettings, model_path: str) -> None:
-        self.tier = tier
-        self.model_path = model_path
-        self._device = torch_device(tier)
-        self._batch_size = extra_int(tier, "batch_size", 32)
-        self._model: Any = None
-        self._info: RerankerInfo | None = None
+    model_kind = "reranker"
 
     def load(self) -> None:
-        # Checked before FlagEmbedding sees it: a missing path becomes a hub download attempt.
-        path = require_local_model(self.model_path, "FlagEmbedding reranker")
-        set_torch_threads(self.tier.n_threads)
+        path = self._begin_load("FlagEmbedding reranker")
         from FlagEmbedding import FlagReranker  # ~10 s: datasets, peft, pandas
 
         max_tokens = hf_max_tokens(path, cap=self.tier.n_ctx)
@@ -51,11 +37,6 @@ class FlagRerankerReranker(Reranker):
             raise ModelUnavailableError(f"Cannot load {path} with FlagReranker: {exc}") from exc
         self._model = model
         self._info = RerankerInfo(engine=self.name, max_tokens=max_tokens, score_kind="logit", device=self._device)
-
-    def info(self) -> RerankerInfo:
-        if self._info is None:
-            raise ModelUnavailableError("The reranker model is not loaded")
-        return self._info
 
     def score(self, query: str, docs: list[str]) -> list[float]:
         return self.score_pairs([(query, doc) for doc in docs])
@@ -79,6 +60,5 @@ class FlagRerankerReranker(Reranker):
 
     def close(self) -> None:
         if self._model is not None:
-            self._model.stop_self_pool()
-        self._model = None
-        self._info = None
+            self._model.stop_self_pool()  # no-op on one device; frees worker processes otherwise
+        super().close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from backends.base import Chunk, GenerationRequest, ResponseFormat, Usage
+from backends.base import Chunk, FinishReason, GenerationRequest, ResponseFormat, Usage
 from service.errors import InvalidRequestError
 from service.schemas.common import PromptTokensDetails, ResponseFormatSpec, SamplingFields, UsageInfo
 from service.settings import TierSettings
@@ -73,14 +73,15 @@ def usage_info(usage: Usage) -> UsageInfo:
     )
 
 
-async def collect(stream: ChunkStream) -> tuple[str, Chunk]:
-    """Run a job to the end: the whole text and the final chunk (finish reason, usage)."""
+async def collect(stream: ChunkStream) -> tuple[str, FinishReason | None, UsageInfo]:
+    """Run a job to the end: the whole text, and the finish reason and usage of its final chunk."""
     parts: list[str] = []
     last = Chunk("")
     async for chunk in stream:
         parts.append(chunk.text)
         last = chunk
-    return "".join(parts), last
+    assert last.usage is not None  # a finished job's last chunk always carries usage
+    return "".join(parts), last.finish_reason, usage_info(last.usage)
 
 
 async def first_chunk(stream: ChunkStream) -> Chunk:

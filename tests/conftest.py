@@ -8,12 +8,35 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from service.model_paths import resolve_model_path
+
+StartService = Callable[[dict[str, str]], subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def start_service(tmp_path: Path) -> StartService:
+    """`python -m service` as a user starts it: in an empty folder, with only the given environment
+    (plus PYTHONPATH and PATH), so nothing of the developer's set-up leaks in."""
+    root = Path(__file__).resolve().parents[1]
+
+    def run(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "service"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PYTHONPATH": str(root), **env, "PATH": "/usr/bin"},
+        )
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from litestar import Controller, post
 
 from service.dispatch import Dispatcher
 from service.errors import InvalidRequestError
-from service.generation import collect, engine_request, first_chunk, new_id, now, usage_info
+from service.generation import collect, engine_request, first_chunk, new_id, now
 from service.metrics import RequestRecord
 from service.registry import Registry
 from service.schemas.chat import (
@@ -36,10 +36,9 @@ class ChatController(Controller):
         stream = await dispatch.generate("chat", slot, request, record)
         cid, created, model = new_id("chatcmpl"), now(), data.model
         if not data.stream:
-            text, last = await collect(stream)
-            assert last.usage is not None
-            choice = ChatChoice(0, AssistantMessage("assistant", text), last.finish_reason)
-            return ChatCompletion(cid, created, model, [choice], usage_info(last.usage))
+            text, finish_reason, usage = await collect(stream)
+            choice = ChatChoice(0, AssistantMessage("assistant", text), finish_reason)
+            return ChatCompletion(cid, created, model, [choice], usage)
 
         first = await first_chunk(stream)
 

@@ -6,7 +6,7 @@ from litestar import Controller, post
 
 from service.dispatch import Dispatcher
 from service.errors import InvalidRequestError
-from service.generation import collect, engine_request, first_chunk, new_id, now, usage_info
+from service.generation import collect, engine_request, first_chunk, new_id, now
 from service.metrics import RequestRecord
 from service.registry import Registry
 from service.schemas.completions import Completion, CompletionChoice, CompletionRequest
@@ -27,10 +27,9 @@ class CompletionsController(Controller):
         cid, created, model = new_id("cmpl"), now(), data.model
         echo = prompt if data.echo and isinstance(prompt, str) else ""
         if not data.stream:
-            text, last = await collect(stream)
-            assert last.usage is not None
-            choice = CompletionChoice(0, echo + text, last.finish_reason)
-            return Completion(cid, created, model, [choice], usage_info(last.usage))
+            text, finish_reason, usage = await collect(stream)
+            choice = CompletionChoice(0, echo + text, finish_reason)
+            return Completion(cid, created, model, [choice], usage)
 
         first = await first_chunk(stream)
         include_usage = bool(data.stream_options and data.stream_options.include_usage)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from service.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
 from service.security import ApiKeys, RateLimiter, allowed_model_path, read_keys_file
 from service.settings import SettingsError, parse_settings
+
+if TYPE_CHECKING:
+    from tests.conftest import StartService
 
 
 def test_no_keys_means_open() -> None:
@@ -158,21 +160,8 @@ def test_operations_settings_are_documented() -> None:
         assert f"{name}=" in text, f"{name} is not in .env.example"
 
 
-def test_unreadable_keys_file_stops_start_up_with_one_line(tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(
-        [sys.executable, "-m", "service"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={
-            "PYTHONPATH": str(root),
-            "LIGHT_MODEL_PATH": "/x.gguf",
-            "API_KEYS_FILE": "/nonexistent/keys",
-            "PATH": "/usr/bin",
-        },
-    )
+def test_unreadable_keys_file_stops_start_up_with_one_line(start_service: StartService) -> None:
+    proc = start_service({"LIGHT_MODEL_PATH": "/x.gguf", "API_KEYS_FILE": "/nonexistent/keys"})
     assert proc.returncode == 2
     assert (
         proc.stderr.strip()

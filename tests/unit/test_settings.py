@@ -1,12 +1,14 @@
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from service.settings import EMBEDDED_DEFAULTS, TIERS, SettingsError, load_settings, parse_settings
+
+if TYPE_CHECKING:
+    from tests.conftest import StartService
 
 FIELDS = [
     "MODEL_PATH",
@@ -118,15 +120,7 @@ def test_unknown_tier_settings_are_kept_as_extras() -> None:
     assert parse_settings({"LIGHT_SOMETHING_NEW": "30"}).tier("light").extras == {"something_new": "30"}
 
 
-def test_bad_setting_stops_the_server_with_one_line(tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(
-        [sys.executable, "-m", "service"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PYTHONPATH": str(root), "LIGHT_MODEL_PATH": "/x.gguf", "LIGHT_N_CTX": "lots", "PATH": "/usr/bin"},
-    )
+def test_bad_setting_stops_the_server_with_one_line(start_service: StartService) -> None:
+    proc = start_service({"LIGHT_MODEL_PATH": "/x.gguf", "LIGHT_N_CTX": "lots"})
     assert proc.returncode == 2
     assert proc.stderr.strip() == "llmservice: Invalid setting LIGHT_N_CTX='lots': Expected `int`, got `str`"
