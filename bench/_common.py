@@ -124,6 +124,11 @@ def time_pieces(pieces: Iterable[str], start: float) -> StreamTiming:
     return StreamTiming(first - start, tokens, last - first, time.monotonic())
 
 
+# llama-cpp-python's create_completion defaults, sent explicitly so every contender samples alike
+# (a server's tier defaults, e.g. REPEAT_PENALTY=1.1, would otherwise cost it ~8 % per token).
+SAMPLING: dict[str, object] = {"temperature": 0, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}
+
+
 def concurrent_streams(url: str, model: str, streams: int, tokens: int, tag: str) -> tuple[float, list[StreamTiming]]:
     """`streams` simultaneous streaming completions of PROMPT: aggregate tokens/s over the wall time,
     and the streams that finished, in arrival order."""
@@ -134,7 +139,7 @@ def concurrent_streams(url: str, model: str, streams: int, tokens: int, tag: str
             "model": model,
             "prompt": PROMPT.format(i=f"{tag}-{streams}-{i}"),
             "max_tokens": tokens,
-            "temperature": 0,
+            **SAMPLING,
             "stream_options": {"include_usage": True},
         }
         try:
@@ -146,7 +151,7 @@ def concurrent_streams(url: str, model: str, streams: int, tokens: int, tag: str
     t0 = time.monotonic()
     for t in threads:
         t.start()
-        time.sleep(0.005)  # a defined arrival order
+        time.sleep(0.05)  # a defined arrival order, even with both cores busy decoding
     for t in threads:
         t.join()
     done = [r for r in results if r is not None]

@@ -15,6 +15,7 @@ Prints ratios; docs/benchmarks.md records a run.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import (
     PROMPT,
+    SAMPLING,
     StreamTiming,
     concurrent_streams,
     free_port,
@@ -34,7 +36,8 @@ from bench._common import (
     time_pieces,
 )
 
-N_CTX, THREADS = 2048, 2
+N_CTX = 2048
+THREADS = int(os.environ.get("BENCH_THREADS", "2"))  # llama.cpp threads, the same everywhere
 
 
 def in_process(model: str, prompts: list[str], tokens: int) -> list[StreamTiming]:
@@ -84,7 +87,7 @@ def main() -> None:
         for r in range(args.rounds):
             prompts = [PROMPT.format(i=f"s{r}")]
             local += in_process(model, prompts, args.tokens)
-            body = {"model": "light", "prompt": prompts[0], "max_tokens": args.tokens, "temperature": 0}
+            body = {"model": "light", "prompt": prompts[0], "max_tokens": args.tokens, **SAMPLING}
             served.append(stream_completion(f"{ours}/v1/completions", body))
         s_tps, l_tps = median([t.decode_tps for t in served]), median([t.decode_tps for t in local])
         s_ttft, l_ttft = median([t.ttft for t in served]), median([t.ttft for t in local])

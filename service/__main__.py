@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import signal
 import socket
 import sys
@@ -60,9 +59,6 @@ def _watch_idle(server: uvicorn.Server, state: object, timeout: int) -> None:
 
 
 def main() -> int:
-    # torch's OpenMP threads spin while idle by default; with another busy process on a small box
-    # that made embedding requests 5-40x slower (docs/benchmarks.md). Set before torch is imported.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         settings = load_settings()
         app = create_app(settings)  # may still refuse a setting, e.g. an unreadable API_KEYS_FILE
