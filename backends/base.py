@@ -222,9 +222,6 @@ class Backend(abc.ABC):
     def reset_prefix_cache(self) -> None:  # noqa: B027 - optional hook
         """Forget reusable prompt state (KV/prefix cache); called on the model's worker thread."""
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.encode(text))
-
     def prepare(self, request: GenerationRequest) -> Completion:
         """Tokenize the request and check it against the context window."""
         param = "prompt" if request.messages is None else "messages"
