@@ -2,6 +2,9 @@
 # Start llmservice: create .venv, install what this machine and .env need, then serve.
 #   ./start_service.sh                  install (first run only) and serve
 #   ./start_service.sh --install-only   install, do not serve (add --dev for test tools and every engine)
+#   --unlocked                          resolve from pyproject.toml's ranges, ignoring constraints.txt
+#                                       (tests/relock.sh uses it to refresh the lock)
+# Installs the versions locked in constraints.txt, tested together by the whole suite.
 # Environment: PYTHON (default python3), VENV (default .venv), LLMSERVICE_EXTRAS (override the
 # pip extras, e.g. "llamacpp,mlx,embeddings,models"), TORCH_SPEC (torch requirement on CPU Linux).
 set -euo pipefail
@@ -9,11 +12,13 @@ cd "$(dirname "$0")"
 
 install_only=0
 dev=0
+locked=1
 for arg in "$@"; do
   case "$arg" in
     --install-only) install_only=1 ;;
     --dev) dev=1 ;;
-    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+    --unlocked) locked=0 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) echo "start_service.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -62,20 +67,56 @@ if [[ ",$extras," == *",embeddings,"* ]] && [ "$os" = Linux ] && [ "$has_cuda" =
   torch_spec=${TORCH_SPEC:-torch==2.13.0}
 fi
 
+say() { echo "start_service.sh: $*"; }
+
+# Run pip with its output in a log; print what it is doing every 20 s (a first install compiles
+# llama-cpp-python for ~10 minutes) and the log's tail if it fails.
+pip_install() {
+  local log started pid last
+  log=$(mktemp)
+  started=$SECONDS
+  "$VENV/bin/python" -m pip install --progress-bar off "$@" >"$log" 2>&1 &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 2
+    if (( (SECONDS - started) % 20 < 2 && SECONDS - started >= 20 )); then
+      last=$(grep -E '^(Collecting|Downloading|Building|Installing|  Building|Successfully)' "$log" | tail -n 1 | cut -c1-100)
+      say "  ... $(( (SECONDS - started) / 60 ))m$(( (SECONDS - started) % 60 ))s: ${last:-working}"
+    fi
+  done
+  if ! wait "$pid"; then
+    tail -n 30 "$log" >&2
+    say "pip install failed (full log: $log)" >&2
+    exit 1
+  fi
+  grep -E '^Successfully installed' "$log" | cut -c1-300 || true
+  rm -f "$log"
+}
+
 if [ ! -x "$VENV/bin/python" ]; then
-  echo "start_service.sh: creating $VENV"
+  say "creating $VENV"
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
 
+constraints=()
+inputs=(pyproject.toml)
+if [ "$locked" = 1 ]; then
+  constraints=(-c constraints.txt)
+  inputs+=(constraints.txt)
+fi
 stamp="$VENV/.llmservice-install"
-want="$(cat pyproject.toml | sha256sum | cut -c1-16) $extras $torch_spec $CMAKE_ARGS"
+want="$(cat "${inputs[@]}" | sha256sum | cut -c1-16) $extras $torch_spec $CMAKE_ARGS locked=$locked"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "start_service.sh: installing llmservice[$extras] into $VENV (llama-cpp-python compiles once, ~10 min)"
+  started=$SECONDS
   if [ -n "$torch_spec" ]; then
-    "$VENV/bin/python" -m pip install -q "$torch_spec"
+    say "installing $torch_spec (the CPU build)"
+    pip_install ${constraints[@]+"${constraints[@]}"} "$torch_spec"
   fi
-  "$VENV/bin/python" -m pip install -q --only-binary=langchain-core -e ".[$extras]"
+  say "installing llmservice[$extras] into $VENV$([ "$locked" = 1 ] && echo " at the versions in constraints.txt")"
+  "$VENV/bin/python" -c 'import llama_cpp' 2>/dev/null \
+    || say "llama-cpp-python compiles on this first install: about 10 minutes on two cores"
+  pip_install ${constraints[@]+"${constraints[@]}"} --only-binary=langchain-core -e ".[$extras]"
   if [ -n "$torch_spec" ]; then
     "$VENV/bin/python" - "$torch_spec" <<'PY'
 import sys, torch
@@ -85,6 +126,7 @@ if not torch.__version__.startswith(want):
 PY
   fi
   echo "$want" > "$stamp"
+  say "installed in $(( (SECONDS - started) / 60 ))m$(( (SECONDS - started) % 60 ))s"
 fi
 
 [ "$install_only" = 1 ] && exit 0

@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 
 _ENGINE = "mlx"
 _PENALTY_CONTEXT = 20  # tokens the repetition penalty looks back over (mlx-lm's default)
-_DEFAULT_PREFIX_ENTRIES = 4
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 Sampler = Callable[[mx.array], mx.array]
@@ -63,7 +62,7 @@ class MlxBackend(Backend):
         self._tokenizer: Any = None  # mlx_lm TokenizerWrapper (untyped)
         self._eos: frozenset[int] = frozenset()
         self._grammar_tokenizer: LLTokenizer | None = None  # built on first structured request
-        entries = _int_extra(tier, "prefix_cache_entries", _DEFAULT_PREFIX_ENTRIES)
+        entries = tier.prefix_cache_entries
         self.prefix_cache = PrefixCache(entries)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -559,18 +558,3 @@ def _cache_offset(cache: list[Any]) -> int | None:
         if isinstance(offset, int):
             return offset
     return None
-
-
-def _int_extra(tier: TierSettings, key: str, default: int) -> int:
-    raw = tier.extras.get(key)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-        if value < 0:
-            raise ValueError
-    except ValueError:
-        raise ModelUnavailableError(
-            f"Invalid setting {(tier.name or 'TIER').upper()}_{key.upper()}={raw!r}: expected a whole number >= 0"
-        ) from None
-    return value

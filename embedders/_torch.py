@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from embedders.base import require_local_model
-from embedders.options import extra_int, set_torch_threads, torch_device
+from embedders.options import set_torch_threads, torch_device
 from service.errors import ModelUnavailableError
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ class TorchEngine(Generic[InfoT]):
         self.tier = tier
         self.model_path = model_path
         self._device = torch_device(tier)
-        self._batch_size = extra_int(tier, "batch_size", 32)
+        self._batch_size = tier.batch_size
         self._model: Any = None
         self._info: InfoT | None = None
 

@@ -14,13 +14,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedders.base import Embedder, EmbedderInfo, EmbeddingOutput, l2_normalize
-from embedders.options import extra_str
 from service.errors import InvalidRequestError, ModelUnavailableError, engine_errors
 
 if TYPE_CHECKING:
     from service.settings import TierSettings
-
-_POOLING = ("mean", "cls", "last", "model")
 
 
 class LlamaCppEmbedder(Embedder):
@@ -30,7 +27,7 @@ class LlamaCppEmbedder(Embedder):
         super().__init__()
         self.tier = tier
         self.model_path = model_path
-        self._pooling = extra_str(tier, "pooling", "mean", _POOLING)
+        self._pooling = tier.pooling
         self._llm: Any = None
         self._info: EmbedderInfo | None = None
 

@@ -9,7 +9,6 @@ import numpy as np
 from embedders import _hf
 from embedders._torch import TorchEngine
 from embedders.base import Embedder, EmbedderInfo, EmbeddingOutput, l2_normalize
-from embedders.options import extra_bool
 from service.errors import ModelUnavailableError, engine_errors
 
 if TYPE_CHECKING:
@@ -23,7 +22,7 @@ class SentenceTransformerEmbedder(TorchEngine[EmbedderInfo], Embedder):
     def __init__(self, tier: TierSettings, model_path: str) -> None:
         super().__init__(tier, model_path)
         # OpenAI clients assume unit vectors (cosine == dot); opt out for dot-product models.
-        self._normalize = extra_bool(tier, "normalize", True)
+        self._normalize = tier.normalize
 
     def load(self) -> None:
         path = self._begin_load("sentence-transformers")

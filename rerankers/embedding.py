@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from embedders.base import Embedder, EmbeddingOutput
-from embedders.options import extra_floats
 from rerankers.base import Reranker, RerankerInfo
 from service.errors import InvalidRequestError, ModelUnavailableError, engine_errors
 
@@ -25,7 +24,6 @@ if TYPE_CHECKING:
     from service.settings import TierSettings
 
 EmbedderProvider = Callable[[], Embedder]
-DEFAULT_HYBRID_WEIGHTS = (0.4, 0.2, 0.4)
 
 
 class EmbeddingReranker(Reranker):
@@ -34,7 +32,7 @@ class EmbeddingReranker(Reranker):
     def __init__(self, tier: TierSettings, embedder_provider: EmbedderProvider) -> None:
         self.tier = tier
         self._provider = embedder_provider
-        self._weights = extra_floats(tier, "hybrid_weights", DEFAULT_HYBRID_WEIGHTS)
+        self._weights = tier.hybrid_weights
         self._active = self._weights  # what load() settles on for the embedder it gets
         self._embedder: Embedder | None = None
         self._info: RerankerInfo | None = None

@@ -69,7 +69,9 @@ def main() -> int:
     host, port = sock.getsockname()[:2]
     port_file = Path(settings.port_file)
     port_file.write_text(f"{port}\n")
-    log.info("llmservice listening on http://%s:%d (port written to %s)", host, port, port_file)
+    url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+    app.state.url = url
+    log.info("llmservice listening on %s (port written to %s)", url, port_file)
     config = uvicorn.Config(
         app,
         log_config=None,

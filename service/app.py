@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from service.dispatch import Dispatcher
 from service.errors import InvalidRequestError, LLMServiceError
 from service.lifecycle import Lifecycle
 from service.metrics import RequestRecord, Telemetry, TelemetryMiddleware, request_record
-from service.registry import Registry
+from service.registry import Registry, TierState
 from service.security import Security
 from service.settings import Settings, load_settings
 
@@ -55,9 +56,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await cache.open()
         await registry.start()
         await lifecycle.start()
+        announce = asyncio.create_task(_announce(app, registry), name="announce")
         try:
             yield
         finally:
+            announce.cancel()
             await lifecycle.close()
             try:
                 await registry.close()
@@ -95,6 +98,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
         logging_config=None,
     )
     return app
+
+
+async def _announce(app: Litestar, registry: Registry) -> None:
+    """Once the preloading tiers have settled, say in one line where the server is and what it serves."""
+    await registry.preloaded()
+    tiers = [
+        f"{s.id} ({s.engine_name} on {s.device})" if s.state is TierState.LOADED else f"{s.name}: {s.state.value}"
+        for s in registry.configured()
+    ]
+    url = app.state.get("url") or "this app"
+    log.info("Ready on %s/v1: %s", url, "; ".join(tiers) or "no model tiers configured")
 
 
 def configure_logging(level: str) -> None:

@@ -33,7 +33,7 @@ def missing_modules(modules: Iterable[str]) -> list[str]:
 
 def engine_setting(tier: TierSettings, engines: Collection[str]) -> str:
     """<TIER>_ENGINE ("" when unset); "sentence-transformers" is read as "sentence_transformers"."""
-    engine = tier.extras.get("engine", "").strip().lower().replace("-", "_")
+    engine = tier.engine.strip().lower().replace("-", "_")
     if engine and engine not in engines:
         raise ModelUnavailableError(
             f"Invalid setting {tier.name.upper()}_ENGINE={engine!r}: expected one of: {', '.join(engines)}"

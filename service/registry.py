@@ -130,6 +130,12 @@ class Registry:
             if slot.settings.preload:
                 self._begin_load(slot)
 
+    async def preloaded(self) -> None:
+        """Wait until every load started by `start()` has finished (loaded or failed)."""
+        tasks = [s.load_task for s in self.slots.values() if s.load_task is not None]
+        if tasks:
+            await asyncio.wait(tasks)
+
     async def close(self) -> None:
         for slot in self.slots.values():
             if slot.load_task and not slot.load_task.done():

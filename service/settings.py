@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,6 +26,11 @@ EMBEDDED_DEFAULTS: dict[str, str] = {
 Backend = Literal["auto", "llamacpp", "mlx"]
 NonNeg = Annotated[int, msgspec.Meta(ge=0)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
+Weight = Annotated[float, msgspec.Meta(ge=0.0)]
+
+# Engines per family for <TIER>_ENGINE; the factories check the same names when they build one.
+EMBEDDING_ENGINES = ("bge_m3", "sentence_transformers", "llamacpp")
+RERANKER_ENGINES = ("cross_encoder", "flag", "embedding")
 
 
 class SettingsError(ValueError):
@@ -47,7 +54,6 @@ class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
     repeat_penalty: Annotated[float, msgspec.Meta(gt=0.0)] = 1.1
     use_mmap: bool = True
     use_mlock: bool = False
-    embedding_mode: bool = False
     embedding_dimension: Annotated[int, msgspec.Meta(ge=1)] | None = None
     chat_template: str | None = None
     max_queue: Positive = 16
@@ -58,7 +64,14 @@ class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
     micro_batch_wait_ms: Annotated[float, msgspec.Meta(ge=0)] = 5.0  # how long a batch waits for company
     token_ids: str = "cl100k_base"  # embedding input given as token ids: cl100k_base, o200k_base or model
     pin: bool = False  # never unloaded, neither when idle nor by POST /v1/models/{id}/unload
-    extras: dict[str, str] = {}
+    # Engine-specific options; `_FAMILY_ONLY` says which tiers each one applies to.
+    prefix_cache_entries: NonNeg = 4  # MLX: KV caches of recent conversations kept for reuse
+    engine: str = ""  # embedding/reranker engine; "" = chosen from the model's files
+    device: str = "auto"  # torch engines: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
+    batch_size: Positive = 32  # torch engines: inputs per forward pass
+    normalize: bool = True  # sentence-transformers: L2-normalise
+    pooling: Literal["mean", "cls", "last", "model"] = "mean"  # llama.cpp embedders
+    hybrid_weights: tuple[Weight, Weight, Weight] = (0.4, 0.2, 0.4)  # tier:<BGE-M3>: dense, sparse, ColBERT
 
     @property
     def configured(self) -> bool:
@@ -96,8 +109,37 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         return self.tiers.get(name) or TierSettings(name=name)
 
 
-_TIER_FIELDS = {f for f in TierSettings.__struct_fields__ if f not in ("name", "extras")}
+_TIER_FIELDS = {f for f in TierSettings.__struct_fields__ if f != "name"}
 _SERVER_FIELDS = {f for f in Settings.__struct_fields__ if f != "tiers"}
+# Options that mean something only to some families: set elsewhere they would be silently ignored.
+_FAMILY_ONLY: dict[str, tuple[str, ...]] = {
+    "chat_template": GENERATION_TIERS,
+    "max_batch": GENERATION_TIERS,
+    "prefix_cache_entries": GENERATION_TIERS,
+    "temperature": GENERATION_TIERS,
+    "top_p": GENERATION_TIERS,
+    "top_k": GENERATION_TIERS,
+    "min_p": GENERATION_TIERS,
+    "max_tokens": GENERATION_TIERS,
+    "repeat_penalty": GENERATION_TIERS,
+    "engine": ("embedding", "reranker"),
+    "device": ("embedding", "reranker"),
+    "batch_size": ("embedding", "reranker"),
+    "micro_batch_size": ("embedding", "reranker"),
+    "micro_batch_wait_ms": ("embedding", "reranker"),
+    "normalize": ("embedding",),
+    "pooling": ("embedding",),
+    "embedding_dimension": ("embedding",),
+    "token_ids": ("embedding",),
+    "hybrid_weights": ("reranker",),
+}
+_ENGINES = {"embedding": EMBEDDING_ENGINES, "reranker": RERANKER_ENGINES}
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+# Variables that other tools read (start_service.sh, Hugging Face, torch, OpenMP): allowed in .env.
+_FOREIGN = re.compile(
+    r"(HF_|HUGGINGFACE_|TRANSFORMERS_|TOKENIZERS_|TORCH_|PYTORCH_|CUDA_|OMP_|MKL_|OPENBLAS_|MLX_|LLAMA_|GGML_"
+    r"|LD_|CMAKE_|LLMSERVICE_|PIP_)|(PYTHON|VENV|PATH)$"
+)
 
 
 _BOOL_WORDS = {"yes": "true", "on": "true", "no": "false", "off": "false"}
@@ -108,6 +150,24 @@ def _value(value: str) -> str:
     return _BOOL_WORDS.get(value.strip().lower(), value)
 
 
+def _known_names() -> list[str]:
+    return [f.upper() for f in _SERVER_FIELDS] + [f"{t.upper()}_{f.upper()}" for t in TIERS for f in _TIER_FIELDS]
+
+
+def _unknown(key: str) -> SettingsError:
+    close = difflib.get_close_matches(key, _known_names(), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else " (see .env.example for every setting)"
+    return SettingsError(f"Unknown setting {key}{hint}")
+
+
+def _tier_value(field: str, value: str) -> Any:
+    if field in ("backend", "engine", "device", "pooling"):
+        return value.strip().lower().replace("-", "_") if field == "engine" else value.strip().lower()
+    if field == "hybrid_weights":
+        return [part.strip() for part in value.split(",")]
+    return value
+
+
 def _collect(env: Mapping[str, str]) -> dict[str, Any]:
     raw: dict[str, Any] = {"tiers": {}}
     for key, raw_value in env.items():
@@ -116,13 +176,28 @@ def _collect(env: Mapping[str, str]) -> dict[str, Any]:
             raw[lower] = value.upper() if lower == "log_level" else value
             continue
         tier, _, field = lower.partition("_")
-        if tier in TIERS and field:
-            entry = raw["tiers"].setdefault(tier, {"name": tier, "extras": {}})
-            if field in _TIER_FIELDS:
-                entry[field] = value.strip().lower() if field == "backend" else value
-            else:
-                entry["extras"][field] = value
+        if tier not in TIERS or field not in _TIER_FIELDS:
+            raise _unknown(key)
+        allowed = _FAMILY_ONLY.get(field)
+        if allowed is not None and tier not in allowed:
+            raise SettingsError(f"Setting {key} does not apply to the {tier} tier (only to: {', '.join(allowed)})")
+        raw["tiers"].setdefault(tier, {"name": tier})[field] = _tier_value(field, value)
     return raw
+
+
+def _check_tier(tier: TierSettings, env: Mapping[str, str]) -> None:
+    """What msgspec's types cannot say: engine names per family, device names, weights not all zero."""
+    prefix = tier.name.upper()
+    engines = _ENGINES.get(tier.name)
+    if engines is not None and tier.engine and tier.engine not in engines:
+        var = f"{prefix}_ENGINE"
+        raise SettingsError(f"Invalid setting {var}={env.get(var, '')!r}: expected one of: {', '.join(engines)}")
+    if not _DEVICE.fullmatch(tier.device):
+        var = f"{prefix}_DEVICE"
+        raise SettingsError(f"Invalid setting {var}={env.get(var, '')!r}: expected auto, cpu, cuda, cuda:N or mps")
+    if sum(tier.hybrid_weights) <= 0:
+        var = f"{prefix}_HYBRID_WEIGHTS"
+        raise SettingsError(f"Invalid setting {var}={env.get(var, '')!r}: the weights must not all be zero")
 
 
 def _convert(raw: dict[str, Any], cls: type[Any], prefix: str, env: Mapping[str, str]) -> Any:
@@ -146,6 +221,7 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
     tiers = {name: _convert(fields, TierSettings, f"{name.upper()}_", env) for name, fields in raw.pop("tiers").items()}
     server: Settings = _convert(raw, Settings, "", env)
     for name, tier in tiers.items():
+        _check_tier(tier, env)
         if tier.max_tokens > server.max_tokens_limit:
             var = f"{name.upper()}_MAX_TOKENS"
             raise SettingsError(
@@ -163,7 +239,14 @@ def load_settings(env_file: str | Path | None = ".env", environ: Mapping[str, st
         merged.update({k: v for k, v in dotenv_values(path).items() if v is not None})
     elif not any(k.upper().endswith("_MODEL_PATH") for k in environ):
         merged.update(EMBEDDED_DEFAULTS)
-    merged.update(
-        {k: v for k, v in environ.items() if k.upper().split("_", 1)[0].lower() in TIERS or k.lower() in _SERVER_FIELDS}
-    )
+    merged = {k: v for k, v in merged.items() if not _FOREIGN.match(k.upper())}
+    merged.update({k: v for k, v in environ.items() if _ours(k.upper())})
     return parse_settings(merged)
+
+
+def _ours(key: str) -> bool:
+    """Whether a process-environment variable is meant for us: a tier prefix, a server setting, or
+    a near miss of one (`ENABLE_CACHEE`), which then fails loudly instead of being ignored."""
+    if key.split("_", 1)[0].lower() in TIERS or key.lower() in _SERVER_FIELDS:
+        return True
+    return bool(difflib.get_close_matches(key, [f.upper() for f in _SERVER_FIELDS], n=1, cutoff=0.9))

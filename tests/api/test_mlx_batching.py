@@ -65,7 +65,7 @@ def server(tiny_mlx_model: Path) -> Iterator[LiveServer]:
 
 @pytest.fixture(scope="module")
 def unbatched(tiny_mlx_model: Path) -> Iterator[MlxBackend]:
-    tier = TierSettings(name="light", n_ctx=N_CTX, extras={"prefix_cache_entries": "0"})
+    tier = TierSettings(name="light", n_ctx=N_CTX, prefix_cache_entries=0)
     backend = MlxBackend(tier, str(tiny_mlx_model))
     backend.load()
     yield backend

@@ -58,10 +58,10 @@ def test_factory_picks_engine_by_path_and_setting(tmp_path: Path, minilm_path: s
     assert choose_embedder(TIER, str(tiny_bge_m3_path)) == "bge_m3"
     assert choose_embedder(TIER, minilm_path) == "sentence_transformers"
     assert choose_embedder(TIER, "BAAI/bge-m3") == "bge_m3"
-    forced = TierSettings(name="embedding", extras={"engine": "bge_m3"})
+    forced = TierSettings(name="embedding", engine="bge_m3")
     assert choose_embedder(forced, minilm_path) == "bge_m3"
     with pytest.raises(ModelUnavailableError, match="EMBEDDING_ENGINE"):
-        choose_embedder(TierSettings(name="embedding", extras={"engine": "onnx"}), minilm_path)
+        choose_embedder(TierSettings(name="embedding", engine="onnx"), minilm_path)
 
 
 def test_missing_dependency_names_the_pip_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -93,7 +93,7 @@ def test_factories_import_no_heavy_library() -> None:
 
 def test_missing_folder_fails_fast_without_network() -> None:
     for engine in ("bge_m3", "sentence_transformers"):
-        tier = TierSettings(name="embedding", extras={"engine": engine})
+        tier = TierSettings(name="embedding", engine=engine)
         with pytest.raises(ModelUnavailableError, match="does not exist"):
             create_embedder(tier, "/nonexistent/bge-m3-folder").load()
 
@@ -288,7 +288,7 @@ def test_bge_m3_token_ids_and_empty_string(bge_m3: Embedder, tiny_bge_m3_path: P
 @pytest.fixture(scope="session")
 def gemma_embedder(gemma_gguf: str) -> Iterator[Embedder]:
     pytest.importorskip("llama_cpp")
-    tier = TierSettings(name="embedding", n_ctx=512, n_batch=512, n_threads=2, embedding_mode=True)
+    tier = TierSettings(name="embedding", n_ctx=512, n_batch=512, n_threads=2)
     embedder = create_embedder(tier, gemma_gguf)
     embedder.load()
     yield embedder

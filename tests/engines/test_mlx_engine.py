@@ -86,11 +86,6 @@ def test_missing_model_is_unavailable(tmp_path: Path) -> None:
         MlxBackend(TierSettings(name="light"), str(tmp_path / "empty")).load()
 
 
-def test_bad_prefix_cache_setting(model_dir: Path) -> None:
-    with pytest.raises(ModelUnavailableError, match="LIGHT_PREFIX_CACHE_ENTRIES"):
-        MlxBackend(TierSettings(name="light", extras={"prefix_cache_entries": "many"}), str(model_dir))
-
-
 def test_unloaded_backend_refuses_work(model_dir: Path) -> None:
     with pytest.raises(ModelUnavailableError, match="not loaded"):
         MlxBackend(TierSettings(name="light"), str(model_dir)).encode("hi")
@@ -303,14 +298,14 @@ def test_diverging_prompt_reuses_shared_part(backend: MlxBackend) -> None:
 
 
 def test_prefix_cache_is_bounded(model_dir: Path) -> None:
-    backend = make_backend(model_dir, extras={"prefix_cache_entries": "2"})
+    backend = make_backend(model_dir, prefix_cache_entries=2)
     for word in ("alpha", "beta", "gamma", "delta"):
         run(backend, f"{word} " * 5, max_tokens=2)
     assert len(backend.prefix_cache) == 2
 
 
 def test_prefix_cache_can_be_disabled(model_dir: Path, prompt: str) -> None:
-    backend = make_backend(model_dir, extras={"prefix_cache_entries": "0"})
+    backend = make_backend(model_dir, prefix_cache_entries=0)
     run(backend, prompt, max_tokens=3)
     _, final = run(backend, prompt, max_tokens=3)
     assert final.usage is not None and final.usage.cached_tokens == 0
@@ -363,7 +358,7 @@ def test_max_tokens_clipped_to_context(model_dir: Path) -> None:
 
 
 def make_backend_like(backend: MlxBackend) -> MlxBackend:
-    return make_backend(Path(backend.model_path), extras={"prefix_cache_entries": "0"})
+    return make_backend(Path(backend.model_path), prefix_cache_entries=0)
 
 
 def _common(a: list[int], b: list[int]) -> list[int]:

@@ -85,11 +85,11 @@ def test_factory_choices(tiny_bert_ce: Path, tiny_xlmr_ce: Path) -> None:
     assert choose_reranker(TIER, str(tiny_xlmr_ce)) == "flag"
     assert choose_reranker(TIER, "tier:embedding") == "embedding"
     assert choose_reranker(TIER, "BAAI/bge-reranker-v2-m3") == "flag"
-    forced = TierSettings(name="reranker", extras={"engine": "cross_encoder"})
+    forced = TierSettings(name="reranker", engine="cross_encoder")
     assert choose_reranker(forced, str(tiny_xlmr_ce)) == "cross_encoder"
-    assert choose_reranker(TierSettings(name="reranker", extras={"engine": "flag"}), str(tiny_bert_ce)) == "flag"
+    assert choose_reranker(TierSettings(name="reranker", engine="flag"), str(tiny_bert_ce)) == "flag"
     with pytest.raises(ModelUnavailableError, match="RERANKER_ENGINE"):
-        choose_reranker(TierSettings(name="reranker", extras={"engine": "colbert"}), str(tiny_bert_ce))
+        choose_reranker(TierSettings(name="reranker", engine="colbert"), str(tiny_bert_ce))
     with pytest.raises(ModelUnavailableError, match="embedding tier"):
         create_reranker(TIER, "tier:embedding")
 
@@ -97,7 +97,7 @@ def test_factory_choices(tiny_bert_ce: Path, tiny_xlmr_ce: Path) -> None:
 def test_missing_folder_fails_fast() -> None:
     for engine in ("flag", "cross_encoder"):
         with pytest.raises(ModelUnavailableError, match="does not exist"):
-            create_reranker(TierSettings(name="reranker", extras={"engine": engine}), "/nonexistent/rr").load()
+            create_reranker(TierSettings(name="reranker", engine=engine), "/nonexistent/rr").load()
 
 
 # -- cross-encoder and FlagReranker -------------------------------------------------------------------
@@ -146,7 +146,7 @@ def test_score_pairs_mixes_queries_like_separate_calls(engine: str, request: pyt
 
 def test_cross_encoder_returns_raw_logits_like_flag(tiny_xlmr_ce: Path, flag: Reranker) -> None:
     """CrossEncoder applies a sigmoid by default; ours must hand back the same logits FlagReranker does."""
-    ce = create_reranker(TierSettings(name="reranker", extras={"engine": "cross_encoder"}), str(tiny_xlmr_ce))
+    ce = create_reranker(TierSettings(name="reranker", engine="cross_encoder"), str(tiny_xlmr_ce))
     ce.load()
     for a, b in zip(ce.score(QUERY, DOCS), flag.score(QUERY, DOCS), strict=True):
         assert a == pytest.approx(b, rel=1e-3, abs=1e-4)
@@ -181,7 +181,7 @@ def test_embedding_reranker_with_minilm_ranks_the_relevant_doc_first(minilm: Emb
 
 
 def test_embedding_reranker_with_bge_m3_uses_all_three_scores(tiny_bge_m3: Embedder) -> None:
-    tier = TierSettings(name="reranker", extras={"hybrid_weights": "0.4,0.2,0.4"})
+    tier = TierSettings(name="reranker", hybrid_weights=(0.4, 0.2, 0.4))
     reranker = create_reranker(tier, "tier:embedding", embedder_provider=lambda: tiny_bge_m3)
     reranker.load()
     assert reranker.info().extras["weights"] == {"dense": 0.4, "sparse": 0.2, "colbert": 0.4}
@@ -190,9 +190,3 @@ def test_embedding_reranker_with_bge_m3_uses_all_three_scores(tiny_bge_m3: Embed
     results = reranker.rerank(query, docs)
     assert results[0].index == 1  # the identical text: dense and ColBERT similarity 1, most shared tokens
     _check_ordering(results, reranker.score(query, docs))
-
-
-def test_bad_hybrid_weights_name_the_variable(tiny_bge_m3: Embedder) -> None:
-    tier = TierSettings(name="reranker", extras={"hybrid_weights": "1,2"})
-    with pytest.raises(ModelUnavailableError, match="RERANKER_HYBRID_WEIGHTS"):
-        create_reranker(tier, "tier:embedding", embedder_provider=lambda: tiny_bge_m3)

@@ -1,32 +1,18 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-from service.settings import EMBEDDED_DEFAULTS, TIERS, SettingsError, load_settings, parse_settings
+from service.settings import EMBEDDED_DEFAULTS, GENERATION_TIERS, TIERS, SettingsError, load_settings, parse_settings
 
 if TYPE_CHECKING:
     from tests.conftest import StartService
 
-FIELDS = [
-    "MODEL_PATH",
-    "BACKEND",
-    "N_CTX",
-    "N_BATCH",
-    "N_THREADS",
-    "N_GPU_LAYERS",
-    "TEMPERATURE",
-    "TOP_P",
-    "TOP_K",
-    "MAX_TOKENS",
-    "REPEAT_PENALTY",
-    "USE_MMAP",
-    "USE_MLOCK",
-    "EMBEDDING_MODE",
-    "EMBEDDING_DIMENSION",
-]
+FIELDS = ["MODEL_PATH", "BACKEND", "N_CTX", "N_BATCH", "N_THREADS", "N_GPU_LAYERS", "USE_MMAP", "USE_MLOCK"]
+SAMPLING = ["TEMPERATURE", "TOP_P", "TOP_K", "MAX_TOKENS", "REPEAT_PENALTY"]  # generation tiers only
 EXAMPLE = Path(__file__).resolve().parents[2] / ".env.example"
 
 
@@ -45,10 +31,9 @@ def test_every_documented_variable_parses() -> None:
         "REPEAT_PENALTY": "1.05",
         "USE_MMAP": "false",
         "USE_MLOCK": "true",
-        "EMBEDDING_MODE": "true",
-        "EMBEDDING_DIMENSION": "1024",
     }
-    env = {f"{t.upper()}_{k}": v for t in TIERS for k, v in values.items()}
+    env = {f"{t.upper()}_{k}": v for t in TIERS for k, v in values.items() if k in FIELDS or t in GENERATION_TIERS}
+    env |= {"EMBEDDING_EMBEDDING_DIMENSION": "1024", "EMBEDDING_DEVICE": "cuda:1", "RERANKER_ENGINE": "flag"}
     env |= {
         "PORT": "9001",
         "HOST": "0.0.0.0",
@@ -64,16 +49,24 @@ def test_every_documented_variable_parses() -> None:
     assert s.enable_cache and s.cache_persist_to_disk and s.cache_max_size == 5
     for tier in TIERS:
         t = s.tier(tier)
-        assert (t.n_ctx, t.n_batch, t.n_threads, t.n_gpu_layers, t.top_k, t.max_tokens) == (8192, 256, 8, -1, 20, 64)
-        assert (t.use_mmap, t.use_mlock, t.embedding_mode, t.embedding_dimension) == (False, True, True, 1024)
-        assert t.temperature == 0.2 and t.repeat_penalty == 1.05 and t.backend == "llamacpp"
+        assert (t.n_ctx, t.n_batch, t.n_threads, t.n_gpu_layers, t.backend) == (8192, 256, 8, -1, "llamacpp")
+        assert (t.use_mmap, t.use_mlock) == (False, True)
+        if tier in GENERATION_TIERS:
+            assert (t.temperature, t.top_k, t.max_tokens, t.repeat_penalty) == (0.2, 20, 64, 1.05)
+    assert s.tier("embedding").embedding_dimension == 1024 and s.tier("embedding").device == "cuda:1"
+    assert s.tier("reranker").engine == "flag"
 
 
 def test_example_file_documents_every_tier_variable() -> None:
     text = EXAMPLE.read_text()
     for tier in TIERS:
-        for field in FIELDS:
+        for field in FIELDS + (SAMPLING if tier in GENERATION_TIERS else []):
             assert f"{tier.upper()}_{field}=" in text, f"{tier.upper()}_{field} is not in .env.example"
+    # Every variable the example sets, commented out or not, is one the server knows for that tier.
+    assigned = re.findall(r"^#? ?([A-Z][A-Z0-9_]+)=([^\s#]*)", text, re.MULTILINE)
+    env = {key: value for key, value in assigned if value}
+    assert len(env) > 40
+    parse_settings(env)
 
 
 @pytest.mark.parametrize(
@@ -86,6 +79,14 @@ def test_example_file_documents_every_tier_variable() -> None:
         ({"PORT": "http"}, "PORT"),
         ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL"),
         ({"LIGHT_USE_MMAP": "maybe"}, "LIGHT_USE_MMAP"),
+        ({"LIGHT_PREFIX_CACHE_ENTRIES": "many"}, "LIGHT_PREFIX_CACHE_ENTRIES"),
+        ({"RERANKER_HYBRID_WEIGHTS": "1,2"}, "RERANKER_HYBRID_WEIGHTS"),
+        ({"RERANKER_HYBRID_WEIGHTS": "0,0,0"}, "RERANKER_HYBRID_WEIGHTS"),
+        ({"RERANKER_HYBRID_WEIGHTS": "1,-1,1"}, "RERANKER_HYBRID_WEIGHTS"),
+        ({"EMBEDDING_ENGINE": "onnx"}, "EMBEDDING_ENGINE"),
+        ({"RERANKER_ENGINE": "bge_m3"}, "RERANKER_ENGINE"),
+        ({"EMBEDDING_DEVICE": "gpu"}, "EMBEDDING_DEVICE"),
+        ({"EMBEDDING_POOLING": "max"}, "EMBEDDING_POOLING"),
     ],
 )
 def test_bad_value_names_the_variable(env: dict[str, str], variable: str) -> None:
@@ -116,11 +117,72 @@ def test_embedded_defaults_without_env_file(tmp_path: Path) -> None:
     assert not s.tier("light").configured and s.tier("heavy").configured
 
 
-def test_unknown_tier_settings_are_kept_as_extras() -> None:
-    assert parse_settings({"LIGHT_SOMETHING_NEW": "30"}).tier("light").extras == {"something_new": "30"}
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LIGHT_N_CTXX": "8192"}, "Unknown setting LIGHT_N_CTXX; did you mean LIGHT_N_CTX?"),
+        ({"EMBEDING_MODEL_PATH": "/m"}, "Unknown setting EMBEDING_MODEL_PATH; did you mean EMBEDDING_MODEL_PATH?"),
+        ({"ENABLE_CACHEE": "true"}, "Unknown setting ENABLE_CACHEE; did you mean ENABLE_CACHE?"),
+        ({"LIGHT_POOLING": "cls"}, "Setting LIGHT_POOLING does not apply to the light tier (only to: embedding)"),
+        ({"EMBEDDING_TEMPERATURE": "0"}, "does not apply to the embedding tier"),
+    ],
+)
+def test_unknown_settings_stop_start_up(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        parse_settings(env)
+    assert message in str(err.value)
+
+
+def test_env_file_keys_must_be_known_but_foreign_tools_are_allowed(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("HF_HOME=/hf\nCUDA_VISIBLE_DEVICES=0\nLLMSERVICE_EXTRAS=llamacpp\nLIGHT_N_CTX=1024\n")
+    assert load_settings(env_file, {}).tier("light").n_ctx == 1024
+    env_file.write_text("LIGHT_N_CTX=1024\nCACHE_TTL=5\n")
+    with pytest.raises(SettingsError, match="Unknown setting CACHE_TTL; did you mean CACHE_TTL_SECONDS"):
+        load_settings(env_file, {})
+
+
+def test_environment_typos_fail_but_unrelated_variables_pass(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.env"
+    assert load_settings(missing, {"HOSTNAME": "box", "API_URL": "x", "LOGNAME": "me"}).port == 8000
+    with pytest.raises(SettingsError, match="LIGHT_N_CTXX"):
+        load_settings(missing, {"LIGHT_N_CTXX": "8192"})
+    with pytest.raises(SettingsError, match="did you mean CORS_ORIGINS"):
+        load_settings(missing, {"CORS_ORIGIN": "http://localhost"})
+
+
+def test_engine_names_match_the_factories() -> None:
+    from embedders.factory import _ENGINES as EMBEDDERS
+    from rerankers.factory import _ENGINES as RERANKERS
+    from service.settings import EMBEDDING_ENGINES, RERANKER_ENGINES
+
+    assert set(EMBEDDERS) == set(EMBEDDING_ENGINES) and set(RERANKERS) == set(RERANKER_ENGINES)
 
 
 def test_bad_setting_stops_the_server_with_one_line(start_service: StartService) -> None:
     proc = start_service({"LIGHT_MODEL_PATH": "/x.gguf", "LIGHT_N_CTX": "lots"})
     assert proc.returncode == 2
     assert proc.stderr.strip() == "llmservice: Invalid setting LIGHT_N_CTX='lots': Expected `int`, got `str`"
+
+
+def test_auto_device_prefers_cuda_then_mps(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from embedders.options import torch_device
+    from service.settings import TierSettings
+
+    tier = TierSettings(name="embedding")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert torch_device(tier) == "cpu"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert torch_device(tier) == "mps"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert torch_device(tier) == "cuda"
+    assert torch_device(TierSettings(name="embedding", device="cpu")) == "cpu"
+
+
+def test_typo_stops_the_server_naming_the_closest_setting(start_service: StartService) -> None:
+    proc = start_service({"LIGHT_MODEL_PATH": "/x.gguf", "LIGHT_N_CTXX": "8192"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "llmservice: Unknown setting LIGHT_N_CTXX; did you mean LIGHT_N_CTX?"
