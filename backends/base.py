@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from service.errors import ContextLengthExceeded, InvalidRequestError
+from kernel.errors import ContextLengthExceeded, InvalidRequestError
 
 FinishReason = Literal["stop", "length"]
 

@@ -15,7 +15,7 @@ from jinja2 import Template
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from service.errors import InvalidRequestError
+from kernel.errors import InvalidRequestError
 
 # Gemma's turn format; Gemma has no system role, so the system text opens the first user turn.
 GEMMA_TEMPLATE = (

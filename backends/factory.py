@@ -5,22 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service.errors import ModelUnavailableError
-from service.plugins import engine_class, missing_modules
+from kernel.engines import EngineTable, import_engine, missing_modules
+from kernel.errors import ModelUnavailableError
 
 if TYPE_CHECKING:
     from backends.base import Backend
-    from service.settings import TierSettings
+    from kernel.config import TierSettings
 
-# name -> (module, class, the module it needs, pip extra)
-_ENGINES: dict[str, tuple[str, str, str, str]] = {
-    "llamacpp": ("backends.llamacpp", "LlamaCppBackend", "llama_cpp", "llamacpp"),
-    "mlx": ("backends.mlx", "MlxBackend", "mlx_lm", "mlx"),
+_ENGINES: EngineTable = {
+    "llamacpp": ("backends.llamacpp", "LlamaCppBackend", ("llama_cpp",), "llamacpp"),
+    "mlx": ("backends.mlx", "MlxBackend", ("mlx_lm",), "mlx"),
 }
 
 
 def engine_available(name: str) -> bool:
-    return not missing_modules((_ENGINES[name][2],))
+    return not missing_modules(_ENGINES[name][2])
 
 
 def choose_engine(tier: TierSettings, model_path: str) -> str:
@@ -39,11 +38,10 @@ def choose_engine(tier: TierSettings, model_path: str) -> str:
 
 def create_backend(tier: TierSettings, model_path: str) -> Backend:
     engine = choose_engine(tier, model_path)
-    module_name, class_name, _, extra = _ENGINES[engine]
     if not engine_available(engine):
         raise ModelUnavailableError(
-            f"Tier {tier.name} asks for the {engine} engine, which is not installed: pip install 'llmservice[{extra}]'"
+            f"Tier {tier.name} asks for the {engine} engine, which is not installed: "
+            f"pip install 'llmservice[{_ENGINES[engine][3]}]'"
         )
-    cls = engine_class(module_name, class_name)
-    backend: Backend = cls(tier, model_path)
+    backend: Backend = import_engine(tier, _ENGINES, engine, "generation")(tier, model_path)
     return backend

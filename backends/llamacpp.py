@@ -14,8 +14,8 @@ from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
 from backends.base import Backend, EngineInfo, GenerationRequest, ResponseFormat, Token
 from backends.chat_templates import builtin_for_architecture, render, resolve_template_setting
-from service.errors import InvalidRequestError, ModelUnavailableError, engine_errors
-from service.settings import TierSettings
+from kernel.config import TierSettings
+from kernel.errors import InvalidRequestError, ModelUnavailableError, engine_errors
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from backends.base import Backend, Completion, DecodeBatch, EngineInfo, GenerationRequest, ResponseFormat, Token
-from service.errors import (
+from kernel.errors import (
     EngineError,
     InvalidRequestError,
     ModelUnavailableError,
@@ -39,7 +39,7 @@ from service.errors import (
 if TYPE_CHECKING:
     from llguidance import LLMatcher, LLTokenizer
 
-    from service.settings import TierSettings
+    from kernel.config import TierSettings
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from service.errors import InvalidRequestError, ModelUnavailableError
+from kernel.errors import InvalidRequestError, ModelUnavailableError
 
 Output = Literal["dense", "sparse", "colbert"]
 OUTPUTS: tuple[Output, ...] = ("dense", "sparse", "colbert")

@@ -13,11 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service.plugins import EngineTable, engine_setting, import_engine
+from kernel.engines import EngineTable, engine_setting, import_engine
 
 if TYPE_CHECKING:
     from embedders.base import Embedder
-    from service.settings import TierSettings
+    from kernel.config import TierSettings
 
 _ENGINES: EngineTable = {
     "bge_m3": ("embedders.bge_m3", "BgeM3Embedder", ("torch", "FlagEmbedding"), "embeddings"),

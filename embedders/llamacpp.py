@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedders.base import Embedder, EmbedderInfo, EmbeddingOutput, l2_normalize
-from service.errors import InvalidRequestError, ModelUnavailableError, engine_errors
+from kernel.errors import InvalidRequestError, ModelUnavailableError, engine_errors
 
 if TYPE_CHECKING:
-    from service.settings import TierSettings
+    from kernel.config import TierSettings
 
 
 class LlamaCppEmbedder(Embedder):

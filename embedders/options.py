@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from service.settings import TierSettings
+    from kernel.config import TierSettings
 
 
 def torch_device(tier: TierSettings) -> str:

@@ -6,13 +6,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from embedders import _hf
-from embedders._torch import TorchEngine
+from embedders import hf
 from embedders.base import Embedder, EmbedderInfo, EmbeddingOutput, l2_normalize
-from service.errors import ModelUnavailableError, engine_errors
+from embedders.torch_engine import TorchEngine
+from kernel.errors import ModelUnavailableError, engine_errors
 
 if TYPE_CHECKING:
-    from service.settings import TierSettings
+    from kernel.config import TierSettings
 
 
 class SentenceTransformerEmbedder(TorchEngine[EmbedderInfo], Embedder):
@@ -72,8 +72,8 @@ class SentenceTransformerEmbedder(TorchEngine[EmbedderInfo], Embedder):
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         self.info()
-        return _hf.count_tokens(self._model.tokenizer, texts)
+        return hf.count_tokens(self._model.tokenizer, texts)
 
     def decode_tokens(self, ids: list[int]) -> str:
         self.info()
-        return _hf.decode_tokens(self._model.tokenizer, ids)
+        return hf.decode_tokens(self._model.tokenizer, ids)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
-from service.errors import InvalidRequestError, ModelUnavailableError
+from kernel.errors import InvalidRequestError, ModelUnavailableError
 
 OPENAI_ENCODINGS = ("cl100k_base", "o200k_base")
 

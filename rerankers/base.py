@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from service.errors import EngineError, InvalidRequestError
+from kernel.errors import EngineError, InvalidRequestError
 
 ScoreKind = Literal["logit", "similarity"]
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from embedders import _hf
-from embedders._torch import TorchEngine
+from embedders import hf
 from embedders.base import hf_max_tokens
+from embedders.torch_engine import TorchEngine
+from kernel.errors import ModelUnavailableError, engine_errors
 from rerankers.base import Reranker, RerankerInfo
-from service.errors import ModelUnavailableError, engine_errors
 
 
 class CrossEncoderReranker(TorchEngine[RerankerInfo], Reranker):
@@ -52,4 +52,4 @@ class CrossEncoderReranker(TorchEngine[RerankerInfo], Reranker):
         return [float(x) for x in np.asarray(logits, dtype=np.float32).reshape(-1)]
 
     def count_tokens(self, query: str, docs: list[str]) -> int:
-        return _hf.count_pair_tokens(self._model.tokenizer, query, docs, self.info().max_tokens)
+        return hf.count_pair_tokens(self._model.tokenizer, query, docs, self.info().max_tokens)

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from embedders.base import Embedder, EmbeddingOutput
+from kernel.errors import InvalidRequestError, ModelUnavailableError, engine_errors
 from rerankers.base import Reranker, RerankerInfo
-from service.errors import InvalidRequestError, ModelUnavailableError, engine_errors
 
 if TYPE_CHECKING:
-    from service.settings import TierSettings
+    from kernel.config import TierSettings
 
 EmbedderProvider = Callable[[], Embedder]
 

@@ -15,13 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service.errors import ModelUnavailableError
-from service.plugins import EngineTable, engine_setting, import_engine
+from kernel.engines import EngineTable, engine_setting, import_engine
+from kernel.errors import ModelUnavailableError
 
 if TYPE_CHECKING:
     from embedders.base import Embedder
+    from kernel.config import TierSettings
     from rerankers.base import Reranker
-    from service.settings import TierSettings
 
 _ENGINES: EngineTable = {
     "cross_encoder": (

@@ -8,11 +8,11 @@ forward passes; RERANKER_ENGINE=cross_encoder gives the same logits in one.
 
 from __future__ import annotations
 
-from embedders import _hf
-from embedders._torch import TorchEngine
+from embedders import hf
 from embedders.base import hf_max_tokens
+from embedders.torch_engine import TorchEngine
+from kernel.errors import ModelUnavailableError, engine_errors
 from rerankers.base import Reranker, RerankerInfo
-from service.errors import ModelUnavailableError, engine_errors
 
 
 class FlagRerankerReranker(TorchEngine[RerankerInfo], Reranker):
@@ -56,7 +56,7 @@ class FlagRerankerReranker(TorchEngine[RerankerInfo], Reranker):
         return scores
 
     def count_tokens(self, query: str, docs: list[str]) -> int:
-        return _hf.count_pair_tokens(self._model.tokenizer, query, docs, self.info().max_tokens)
+        return hf.count_pair_tokens(self._model.tokenizer, query, docs, self.info().max_tokens)
 
     def close(self) -> None:
         if self._model is not None:

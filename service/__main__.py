@@ -58,9 +58,16 @@ def _watch_idle(server: uvicorn.Server, state: object, timeout: int) -> None:
             server.should_exit = True
 
 
+def configure_logging(level: str) -> None:
+    """The process log format; set here, not in `create_app`, so an embedding app keeps its own logging."""
+    logging.basicConfig(format="%(asctime)s - %(name)s - %(levelname)s - %(message)s", level=level, force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 def main() -> int:
     try:
         settings = load_settings()
+        configure_logging(settings.log_level)
         app = create_app(settings)  # may still refuse a setting, e.g. an unreadable API_KEYS_FILE
     except SettingsError as exc:
         print(f"llmservice: {exc}", file=sys.stderr)

@@ -16,6 +16,7 @@ from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.middleware import DefineMiddleware
 
+from kernel.errors import InvalidRequestError, LLMServiceError
 from service.cache import ResponseCache
 from service.controllers.admin import AdminController
 from service.controllers.chat import ChatController
@@ -24,7 +25,6 @@ from service.controllers.embeddings import EmbeddingsController
 from service.controllers.models import ModelsController, health
 from service.controllers.rerank import rerank
 from service.dispatch import Dispatcher
-from service.errors import InvalidRequestError, LLMServiceError
 from service.lifecycle import Lifecycle
 from service.metrics import RequestRecord, Telemetry, TelemetryMiddleware, request_record
 from service.registry import Registry, TierState
@@ -43,7 +43,6 @@ _HTTP_TYPES = {
 
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or load_settings()
-    configure_logging(settings.log_level)
     registry = Registry(settings)
     cache = ResponseCache.from_settings(settings)
     telemetry = Telemetry(settings, registry, cache)
@@ -109,11 +108,6 @@ async def _announce(app: Litestar, registry: Registry) -> None:
     ]
     url = app.state.get("url") or "this app"
     log.info("Ready on %s/v1: %s", url, "; ".join(tiers) or "no model tiers configured")
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(format="%(asctime)s - %(name)s - %(levelname)s - %(message)s", level=level, force=True)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _record(request: Request[Any, Any, Any]) -> RequestRecord:

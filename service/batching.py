@@ -25,7 +25,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from service.errors import EngineError, ModelUnavailableError, RateLimitError
+from kernel.errors import EngineError, ModelUnavailableError, RateLimitError
 
 log = logging.getLogger(__name__)
 

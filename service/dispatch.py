@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from backends.base import Chunk, FinishReason, GenerationRequest, Usage
+from kernel.errors import InvalidRequestError, LLMServiceError
 from service.cache import CachedGeneration, ResponseCache
-from service.errors import InvalidRequestError, LLMServiceError
 from service.metrics import RequestRecord
 from service.registry import Registry, TierSlot
 from service.settings import Settings

@@ -6,9 +6,9 @@ import time
 import uuid
 
 from backends.base import Chunk, FinishReason, GenerationRequest, ResponseFormat, Usage
-from service.errors import InvalidRequestError
+from kernel.config import TierSettings
+from kernel.errors import InvalidRequestError
 from service.schemas.common import PromptTokensDetails, ResponseFormatSpec, SamplingFields, UsageInfo
-from service.settings import TierSettings
 from service.workers import ChunkStream
 
 

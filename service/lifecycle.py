@@ -13,8 +13,8 @@ import time
 
 import msgspec
 
-from service.errors import InvalidRequestError, ModelUnavailableError
-from service.registry import Registry, TierNotConfiguredError, TierSlot, TierState, model_name
+from kernel.errors import InvalidRequestError, ModelUnavailableError, TierNotConfiguredError
+from service.registry import Registry, TierSlot, TierState, model_name
 from service.security import allowed_model_path
 from service.settings import Settings
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from service.errors import ModelUnavailableError
+from kernel.errors import ModelUnavailableError
 
 
 def resolve_model_path(spec: str) -> str:

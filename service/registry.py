@@ -16,18 +16,20 @@ from backends.base import Backend, GenerationRequest
 from backends.factory import create_backend
 from embedders.base import Embedder, EmbeddingBatch, EmbeddingJob, EmbeddingRequest
 from embedders.factory import create_embedder
-from rerankers.base import Reranker, RerankResult
-from rerankers.factory import create_reranker
-from service.batching import MicroBatcher
-from service.errors import (
+from kernel.config import TierSettings
+from kernel.errors import (
     InvalidRequestError,
     LLMServiceError,
     ModelLoadingError,
     ModelNotFoundError,
     ModelUnavailableError,
+    TierNotConfiguredError,
 )
+from rerankers.base import Reranker, RerankResult
+from rerankers.factory import create_reranker
+from service.batching import MicroBatcher
 from service.model_paths import disk_size, model_file_name, resolve_model_path
-from service.settings import GENERATION_TIERS, TIERS, Settings, TierSettings
+from service.settings import GENERATION_TIERS, TIERS, Settings
 from service.workers import GenerationWorker, JobStream
 
 log = logging.getLogger(__name__)
@@ -39,14 +41,6 @@ class TierState(enum.StrEnum):
     LOADING = "loading"
     LOADED = "loaded"
     FAILED = "failed"
-
-
-class TierNotConfiguredError(LLMServiceError):
-    status = 404
-    type = "model_error"
-
-    def __init__(self, tier: str) -> None:
-        super().__init__(f"No models available for tier: {tier}", param="model", code="model_not_available")
 
 
 _QUANT_SUFFIX = re.compile(r"([-_.](i?q\d\w*|f16|f32|bf16|fp16|\d+bit)|\.gguf|-gguf)$", re.IGNORECASE)

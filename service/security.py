@@ -23,7 +23,7 @@ from litestar.connection import ASGIConnection
 from litestar.enums import ScopeType
 from litestar.handlers import BaseRouteHandler
 
-from service.errors import (
+from kernel.errors import (
     AuthenticationError,
     InvalidRequestError,
     PermissionDeniedError,

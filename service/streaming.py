@@ -10,7 +10,7 @@ import msgspec
 from litestar.response import Stream
 
 from backends.base import Chunk
-from service.errors import LLMServiceError
+from kernel.errors import LLMServiceError
 from service.generation import usage_info
 from service.schemas.common import UsageInfo
 from service.workers import ChunkStream

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from backends.base import Backend, Chunk, Completion, DecodeBatch, GenerationRequest
-from service.errors import EngineError, LLMServiceError, RateLimitError
+from kernel.errors import EngineError, LLMServiceError, RateLimitError
 
 log = logging.getLogger(__name__)
 

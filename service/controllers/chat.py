@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from litestar import Controller, post
 
+from kernel.errors import InvalidRequestError
 from service.dispatch import Dispatcher
-from service.errors import InvalidRequestError
 from service.generation import collect, engine_request, first_chunk, new_id, now
 from service.metrics import RequestRecord
 from service.registry import Registry

@@ -8,8 +8,8 @@ from litestar import Controller, post
 
 from embedders.base import EmbeddingOutput, EmbeddingRequest
 from embedders.token_ids import openai_decoder
+from kernel.errors import InvalidRequestError
 from service.dispatch import Dispatcher
-from service.errors import InvalidRequestError
 from service.metrics import RequestRecord
 from service.registry import Registry, TierSlot
 from service.schemas.embeddings import EmbeddingCreate, EmbeddingData, EmbeddingList, EmbeddingUsage

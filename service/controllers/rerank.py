@@ -4,8 +4,8 @@ from typing import Any
 
 from litestar import post
 
+from kernel.errors import InvalidRequestError
 from service.dispatch import Dispatcher
-from service.errors import InvalidRequestError
 from service.generation import new_id
 from service.metrics import RequestRecord
 from service.registry import Registry, TierSlot

@@ -14,7 +14,7 @@ import pytest
 
 import backends.factory
 from backends.factory import choose_engine, engine_available
-from service.settings import TierSettings
+from kernel.config import TierSettings
 from tests.live import live_server
 
 MLX_HINT = "pip install 'llmservice[mlx]'"

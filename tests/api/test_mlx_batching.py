@@ -25,7 +25,7 @@ pytest.importorskip("mlx_lm")
 
 from backends.base import GenerationRequest, ResponseFormat
 from backends.mlx import MlxBackend
-from service.settings import TierSettings
+from kernel.config import TierSettings
 from service.workers import GenerationWorker
 from tests.live import LiveServer, live_server
 

@@ -19,8 +19,8 @@ from embedders.base import (
     apply_dimensions,
 )
 from embedders.factory import _ENGINES, choose_embedder, create_embedder
-from service.errors import InvalidRequestError, ModelUnavailableError
-from service.settings import TierSettings
+from kernel.config import TierSettings
+from kernel.errors import InvalidRequestError, ModelUnavailableError
 
 ROOT = Path(__file__).resolve().parents[2]
 TIER = TierSettings(name="embedding")

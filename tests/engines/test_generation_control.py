@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from backends.base import Backend, Chunk, EngineInfo, GenerationRequest, ResponseFormat, Token
-from service.errors import EngineError, engine_errors
-from service.settings import TierSettings
+from kernel.config import TierSettings
+from kernel.errors import EngineError, engine_errors
 from service.workers import GenerationWorker
 
 SCHEMA = {

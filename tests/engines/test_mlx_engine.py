@@ -19,8 +19,8 @@ pytest.importorskip("mlx_lm")
 
 from backends.base import Chunk, GenerationRequest, ResponseFormat
 from backends.mlx import MlxBackend
-from service.errors import ContextLengthExceeded, InvalidRequestError, ModelUnavailableError
-from service.settings import TierSettings
+from kernel.config import TierSettings
+from kernel.errors import ContextLengthExceeded, InvalidRequestError, ModelUnavailableError
 from tests.fixtures.tiny_mlx import build_tiny_mlx_model
 
 MESSAGES = [

@@ -11,13 +11,13 @@ import pytest
 
 from embedders.base import Embedder
 from embedders.factory import create_embedder
+from kernel.config import TierSettings
+from kernel.errors import InvalidRequestError, ModelUnavailableError
 from rerankers.base import Reranker, RerankResult, normalize_score, sigmoid
 from rerankers.cross_encoder import CrossEncoderReranker
 from rerankers.embedding import EmbeddingReranker
 from rerankers.factory import choose_reranker, create_reranker
 from rerankers.flag import FlagRerankerReranker
-from service.errors import InvalidRequestError, ModelUnavailableError
-from service.settings import TierSettings
 
 TIER = TierSettings(name="reranker")
 QUERY = "what do cats eat"

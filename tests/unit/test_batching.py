@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+from kernel.errors import EngineError, ModelUnavailableError, RateLimitError
 from service.batching import MicroBatcher
-from service.errors import EngineError, ModelUnavailableError, RateLimitError
 
 X = TypeVar("X")
 

@@ -10,9 +10,9 @@ import msgspec
 import pytest
 
 from backends.base import GenerationRequest
+from kernel.config import TierSettings
 from service.cache import FILE_NAME, CachedGeneration, ResponseCache
 from service.registry import TierSlot, TierState
-from service.settings import TierSettings
 
 
 class Clock:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from service.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
+from kernel.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
 from service.security import ApiKeys, RateLimiter, allowed_model_path, read_keys_file
 from service.settings import SettingsError, parse_settings
 

@@ -169,7 +169,7 @@ def test_auto_device_prefers_cuda_then_mps(monkeypatch: pytest.MonkeyPatch) -> N
     import torch
 
     from embedders.options import torch_device
-    from service.settings import TierSettings
+    from kernel.config import TierSettings
 
     tier = TierSettings(name="embedding")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.errors import InvalidRequestError
+from kernel.errors import InvalidRequestError
 
 
 def count_tokens(tokenizer: Any, texts: list[str]) -> list[int]:

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from embedders.base import require_local_model
 from embedders.options import set_torch_threads, torch_device
-from service.errors import ModelUnavailableError
+from kernel.errors import ModelUnavailableError
 
 if TYPE_CHECKING:
-    from service.settings import TierSettings
+    from kernel.config import TierSettings
 
 InfoT = TypeVar("InfoT")
 

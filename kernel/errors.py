@@ -6,6 +6,7 @@
     ├── AuthenticationError         401 authentication_error
     ├── PermissionDeniedError       403 permission_error (admin key needed, path outside MODELS_DIR)
     ├── ModelNotFoundError          404 code=model_not_found
+    ├── TierNotConfiguredError      404 code=model_not_available (a tier without MODEL_PATH)
     ├── RateLimitError              429 (queue full or rate limit; carries retry_after)
     ├── ModelUnavailableError       503 (tier failed to load, engine missing)
     │   └── ModelLoadingError       503 code=model_loading, with Retry-After
@@ -76,6 +77,14 @@ class ModelNotFoundError(LLMServiceError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, param="model", code="model_not_found")
+
+
+class TierNotConfiguredError(LLMServiceError):
+    status = 404
+    type = "model_error"
+
+    def __init__(self, tier: str) -> None:
+        super().__init__(f"No models available for tier: {tier}", param="model", code="model_not_available")
 
 
 class RateLimitError(LLMServiceError):

@@ -1,6 +1,6 @@
-"""What the engine factories (backends/, embedders/, rerankers/) share: the <TIER>_ENGINE setting and
-lazy imports, so an engine's library is imported only when a tier uses it and a missing one fails
-the tier naming the pip extra."""
+"""The lazy engine loader the factories (backends/, embedders/, rerankers/) share: the <TIER>_ENGINE
+setting and imports by table, so an engine's library is imported only when a tier uses it and a
+missing one fails the tier naming the pip extra."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import importlib.util
 from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING, Any
 
-from service.errors import ModelUnavailableError
+from kernel.errors import ModelUnavailableError
 
 if TYPE_CHECKING:
-    from service.settings import TierSettings
+    from kernel.config import TierSettings
 
 # name -> (module, class, modules it needs, pip extra)
 EngineTable = dict[str, tuple[str, str, tuple[str, ...], str]]
@@ -41,10 +41,6 @@ def engine_setting(tier: TierSettings, engines: Collection[str]) -> str:
     return engine
 
 
-def engine_class(module: str, name: str) -> Any:
-    return getattr(importlib.import_module(module), name)
-
-
 def import_engine(tier: TierSettings, engines: EngineTable, engine: str, kind: str) -> Any:
     """The class of `engines[engine]`, imported now; a missing dependency raises naming the pip extra."""
     module_name, class_name, needs, extra = engines[engine]
@@ -54,4 +50,4 @@ def import_engine(tier: TierSettings, engines: EngineTable, engine: str, kind: s
             f"Tier {tier.name} needs the {engine} {kind} engine, but {', '.join(missing)} "
             f"is not installed: pip install 'llmservice[{extra}]'"
         )
-    return engine_class(module_name, class_name)
+    return getattr(importlib.import_module(module_name), class_name)

@@ -1,0 +1,58 @@
+"""The typed configuration an engine is built from: one tier's settings, parsed and checked by
+`service.settings` (from `.env` and the environment) before any engine sees it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+Backend = Literal["auto", "llamacpp", "mlx"]
+NonNeg = Annotated[int, msgspec.Meta(ge=0)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+Weight = Annotated[float, msgspec.Meta(ge=0.0)]
+
+# Engines per family for <TIER>_ENGINE; the factories check the same names when they build one.
+EMBEDDING_ENGINES = ("bge_m3", "sentence_transformers", "llamacpp")
+RERANKER_ENGINES = ("cross_encoder", "flag", "embedding")
+
+
+class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
+    name: str = ""
+    model_path: str | None = None
+    model_name: str | None = None
+    backend: Backend = "auto"
+    n_ctx: Positive = 4096
+    n_batch: Positive = 512
+    n_threads: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0 = let the engine choose
+    n_gpu_layers: Annotated[int, msgspec.Meta(ge=-1)] = -1
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] = 0.7
+    top_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.95
+    top_k: NonNeg = 40
+    min_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
+    max_tokens: Positive = 1000
+    repeat_penalty: Annotated[float, msgspec.Meta(gt=0.0)] = 1.1
+    use_mmap: bool = True
+    use_mlock: bool = False
+    embedding_dimension: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    chat_template: str | None = None
+    max_queue: Positive = 16
+    max_batch: Positive = 4  # requests an engine that can batch (MLX) decodes together
+    preload: bool = True  # load at start (requests meanwhile get 503 + Retry-After); false: on first use
+    keep_alive: NonNeg = 0  # unload after this many idle seconds; 0 = never
+    micro_batch_size: Positive = 64  # embedding/reranker tiers: inputs coalesced into one forward pass
+    micro_batch_wait_ms: Annotated[float, msgspec.Meta(ge=0)] = 5.0  # how long a batch waits for company
+    token_ids: str = "cl100k_base"  # embedding input given as token ids: cl100k_base, o200k_base or model
+    pin: bool = False  # never unloaded, neither when idle nor by POST /v1/models/{id}/unload
+    # Engine-specific options; service.settings refuses each one on tiers it does not apply to.
+    prefix_cache_entries: NonNeg = 4  # MLX: KV caches of recent conversations kept for reuse
+    engine: str = ""  # embedding/reranker engine; "" = chosen from the model's files
+    device: str = "auto"  # torch engines: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
+    batch_size: Positive = 32  # torch engines: inputs per forward pass
+    normalize: bool = True  # sentence-transformers: L2-normalise
+    pooling: Literal["mean", "cls", "last", "model"] = "mean"  # llama.cpp embedders
+    hybrid_weights: tuple[Weight, Weight, Weight] = (0.4, 0.2, 0.4)  # tier:<BGE-M3>: dense, sparse, ColBERT
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.model_path)
