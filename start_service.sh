@@ -72,14 +72,15 @@ say() { echo "start_service.sh: $*"; }
 # Run pip with its output in a log; print what it is doing every 20 s (a first install compiles
 # llama-cpp-python for ~10 minutes) and the log's tail if it fails.
 pip_install() {
-  local log started pid last
+  local log started pid last next=20
   log=$(mktemp)
   started=$SECONDS
   "$VENV/bin/python" -m pip install --progress-bar off "$@" >"$log" 2>&1 &
   pid=$!
   while kill -0 "$pid" 2>/dev/null; do
     sleep 2
-    if (( (SECONDS - started) % 20 < 2 && SECONDS - started >= 20 )); then
+    if (( SECONDS - started >= next )); then
+      next=$(( next + 20 ))
       last=$(grep -E '^(Collecting|Downloading|Building|Installing|  Building|Successfully)' "$log" | tail -n 1 | cut -c1-100)
       say "  ... $(( (SECONDS - started) / 60 ))m$(( (SECONDS - started) % 60 ))s: ${last:-working}"
     fi

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from backends.tools import ToolFormat
 from kernel.errors import ContextLengthExceeded, InvalidRequestError
 
 FinishReason = Literal["stop", "length"]
@@ -33,7 +34,8 @@ class GenerationRequest:
     """`messages` (rendered with the model's chat template) or `prompt` (text or token ids)."""
 
     prompt: str | list[int] = ""
-    messages: tuple[dict[str, str], ...] | None = None
+    messages: tuple[dict[str, Any], ...] | None = None  # OpenAI-shaped: tool calls and results too
+    tools: tuple[dict[str, Any], ...] | None = None  # OpenAI tool definitions, rendered into the prompt
     max_tokens: int = 256
     temperature: float = 0.7
     top_p: float = 1.0
@@ -77,6 +79,7 @@ class EngineInfo:
     context_length: int
     extras: dict[str, Any] = field(default_factory=dict)
     vocab_size: int = 0  # 0: unknown; token-id prompts are checked against it
+    tool_format: ToolFormat = "hermes"  # how this model writes tool calls (backends.tools)
 
 
 class StopBuffer:
@@ -200,8 +203,9 @@ class Backend(abc.ABC):
         """Tokenize a prompt, adding BOS unless the text already starts with it."""
 
     @abc.abstractmethod
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
-        """Apply the model's chat template and the assistant generation prompt."""
+    def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> str:
+        """Apply the model's chat template and the assistant generation prompt, with `tools` offered
+        to the model (in the template's own way, or `backends.tools.fold_tools` where it has none)."""
 
     @abc.abstractmethod
     def decode(
@@ -226,7 +230,7 @@ class Backend(abc.ABC):
         """Tokenize the request and check it against the context window."""
         param = "prompt" if request.messages is None else "messages"
         if request.messages is not None:
-            prompt = self.encode(self.render_chat(request.messages))
+            prompt = self.encode(self.render_chat(request.messages, request.tools))
         elif isinstance(request.prompt, list):
             prompt = request.prompt
         else:

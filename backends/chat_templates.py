@@ -15,6 +15,7 @@ from jinja2 import Template
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from backends.tools import fold_tools, template_messages, template_takes_tools
 from kernel.errors import InvalidRequestError
 
 # Gemma's turn format; Gemma has no system role, so the system text opens the first user turn.
@@ -76,8 +77,19 @@ def _compile(source: str) -> Template:
     return env.from_string(source)
 
 
-def render(source: str, messages: Sequence[dict[str, Any]], **special_tokens: str) -> str:
+def render(
+    source: str,
+    messages: Sequence[dict[str, Any]],
+    tools: Sequence[dict[str, Any]] | None = None,
+    **special_tokens: str,
+) -> str:
+    """Render `messages` (and `tools`, folded into the messages where the template takes none)."""
+    if not template_takes_tools(source):
+        messages, tools = fold_tools(messages, tools or ()), None
+    context: dict[str, Any] = {"tools": list(tools)} if tools else {}
     try:
-        return _compile(source).render(messages=list(messages), add_generation_prompt=True, **special_tokens)
+        return _compile(source).render(
+            messages=template_messages(messages), add_generation_prompt=True, **context, **special_tokens
+        )
     except TemplateError as exc:
         raise InvalidRequestError(f"Chat template failed: {exc}", param="messages") from None

@@ -8,12 +8,14 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import llama_cpp
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
 from backends.base import Backend, EngineInfo, GenerationRequest, ResponseFormat, Token
 from backends.chat_templates import builtin_for_architecture, render, resolve_template_setting
+from backends.tools import tool_format
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError, ModelUnavailableError, engine_errors
 
@@ -75,6 +77,7 @@ class LlamaCppBackend(Backend):
             context_length=self._llm.n_ctx() if self._llm else self.tier.n_ctx,
             extras={"chat_template": self._template_source},
             vocab_size=self._llm.n_vocab() if self._llm else 0,
+            tool_format=tool_format(self._template, self.tier.tool_parser),
         )
 
     def encode(self, text: str) -> list[int]:
@@ -82,14 +85,14 @@ class LlamaCppBackend(Backend):
         with engine_errors("llama.cpp"):
             return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+    def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> str:
         if self._template is None:
             raise InvalidRequestError(
                 f"The model of tier {self.tier.name} has no chat template; set "
                 f"{self.tier.name.upper()}_CHAT_TEMPLATE or use /v1/completions",
                 param="messages",
             )
-        return render(self._template, messages, bos_token=self._bos, eos_token=self._eos)
+        return render(self._template, messages, tools, bos_token=self._bos, eos_token=self._eos)
 
     def decode(
         self, prompt: list[int], request: GenerationRequest, max_tokens: int, cancel: threading.Event | None = None

@@ -29,6 +29,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from backends.base import Backend, Completion, DecodeBatch, EngineInfo, GenerationRequest, ResponseFormat, Token
+from backends.tools import fold_tools, template_messages, template_takes_tools, tool_format
 from kernel.errors import (
     EngineError,
     InvalidRequestError,
@@ -113,7 +114,12 @@ class MlxBackend(Backend):
                 "max_batch": self.max_batch_size,
             },
             vocab_size=self._tokenizer.vocab_size if self._tokenizer is not None else 0,
+            tool_format=tool_format(self._template_source(), self.tier.tool_parser),
         )
+
+    def _template_source(self) -> str | None:
+        template = self.tier.chat_template
+        return template or (getattr(self._tokenizer, "chat_template", None) if self._tokenizer else None)
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -129,7 +135,7 @@ class MlxBackend(Backend):
         with engine_errors(_ENGINE):
             return [int(t) for t in tokenizer.encode(text, add_special_tokens=add_special)]
 
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+    def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> str:
         tokenizer = self._require()[1]
         template = self.tier.chat_template
         if template is None and not tokenizer.chat_template:
@@ -139,11 +145,15 @@ class MlxBackend(Backend):
                 "cannot be formatted; use /v1/completions with a raw prompt instead.",
                 param="messages",
             )
-        extra = {} if template is None else {"chat_template": template}
+        extra: dict[str, Any] = {} if template is None else {"chat_template": template}
+        if not template_takes_tools(self._template_source()):
+            messages, tools = fold_tools(messages, tools or ()), None
+        if tools:
+            extra["tools"] = list(tools)
         try:
             with engine_errors(_ENGINE):
                 text = tokenizer.apply_chat_template(
-                    [dict(m) for m in messages], add_generation_prompt=True, tokenize=False, **extra
+                    template_messages(messages), add_generation_prompt=True, tokenize=False, **extra
                 )
         except TemplateError as exc:
             # Templates reject bad conversations themselves (e.g. roles that do not alternate).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 from backends.base import Chunk, FinishReason, GenerationRequest, ResponseFormat, Usage
 from kernel.config import TierSettings
@@ -26,7 +27,9 @@ def engine_request(
     *,
     max_tokens: int | None,
     prompt: str | list[int] = "",
-    messages: tuple[dict[str, str], ...] | None = None,
+    messages: tuple[dict[str, Any], ...] | None = None,
+    tools: tuple[dict[str, Any], ...] | None = None,
+    constraint: ResponseFormat | None = None,
 ) -> GenerationRequest:
     """Apply the tier's defaults to whatever the request left out."""
     if fields.n != 1:
@@ -37,6 +40,7 @@ def engine_request(
     return GenerationRequest(
         prompt=prompt,
         messages=messages,
+        tools=tools,
         max_tokens=max_tokens or tier.max_tokens,
         temperature=tier.temperature if fields.temperature is None else fields.temperature,
         top_p=tier.top_p if fields.top_p is None else fields.top_p,
@@ -45,7 +49,7 @@ def engine_request(
         repeat_penalty=tier.repeat_penalty if fields.repeat_penalty is None else fields.repeat_penalty,
         seed=fields.seed,
         stop=stop,
-        response_format=_response_format(fields.response_format),
+        response_format=constraint or _response_format(fields.response_format),
     )
 
 

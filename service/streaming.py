@@ -45,17 +45,19 @@ async def event_stream(
     first: Chunk,
     *,
     opening: Any | None,
-    piece: Callable[[str, str | None], Any],
+    piece: Callable[[str, str | None], list[Any]],
     usage_event: Callable[[UsageInfo], Any] | None,
 ) -> AsyncIterator[bytes]:
-    """SSE events of one job: `opening`, one event per piece, the finish, usage, then [DONE]."""
+    """SSE events of one job: `opening`, the events `piece` makes of each chunk (text, finish
+    reason), usage, then [DONE]."""
     try:
         if opening is not None:
             yield sse(opening)
         chunk: Chunk | None = first
         while chunk is not None:
             if chunk.text or chunk.finish_reason:
-                yield sse(piece(chunk.text, chunk.finish_reason))
+                for event in piece(chunk.text, chunk.finish_reason):
+                    yield sse(event)
             if chunk.usage is not None and usage_event is not None:
                 yield sse(usage_event(usage_info(chunk.usage)))
             chunk = await anext(stream, None)

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.live import LiveServer, live_server
+from tests.live import LiveServer
 
 SCHEMA = {
     "type": "object",
@@ -30,28 +29,14 @@ HISTORY = [
 ]
 
 
-@pytest.fixture(scope="module", params=["llamacpp", "mlx"])
-def server(request: pytest.FixtureRequest) -> Iterator[LiveServer]:
-    engine = request.param
-    if engine == "llamacpp":
-        path = request.getfixturevalue("gemma_gguf")
-    else:
-        path = str(request.getfixturevalue("tiny_mlx_model"))
-    env = {
-        "LIGHT_MODEL_PATH": path,
-        "LIGHT_BACKEND": engine,
-        "LIGHT_N_CTX": "1024",
-        "LIGHT_MAX_TOKENS": "12",
-        "LIGHT_TEMPERATURE": "0",
-    }
-    with live_server(env, wait_for=("light",)) as live:
-        assert live.app.state.registry.slots["light"].engine_name == engine
-        yield live
+@pytest.fixture(scope="module")
+def server(engine_server: LiveServer) -> LiveServer:
+    return engine_server
 
 
 @pytest.fixture(scope="module")
-def client(server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-needed", max_retries=0)
+def client(engine_server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{engine_server.url}/v1", api_key="not-needed", max_retries=0)
 
 
 def chat(client: openai.OpenAI, **kwargs: object) -> openai.types.chat.ChatCompletion:
