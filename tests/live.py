@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import httpx
 import uvicorn
 
+from service.__main__ import server_config
 from service.app import create_app
 from service.settings import parse_settings
 
@@ -25,7 +26,7 @@ class LiveServer:
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, log_config=None, log_level="warning", timeout_graceful_shutdown=2)
+        config = server_config(self.app, self.settings, log_level="warning", timeout_graceful_shutdown=2)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.loop: asyncio.AbstractEventLoop | None = None
