@@ -2,7 +2,8 @@
 
     LLMServiceError                 500 server_error (a bug if it ever reaches a client)
     ├── InvalidRequestError         400 invalid_request_error
-    │   └── ContextLengthExceeded   400 code=context_length_exceeded
+    │   ├── ContextLengthExceeded   400 code=context_length_exceeded
+    │   └── UnsupportedMediaType    415 (a body that is not `Content-Type: application/json`)
     ├── AuthenticationError         401 authentication_error
     ├── PermissionDeniedError       403 permission_error (admin key needed, path outside MODELS_DIR)
     ├── ModelNotFoundError          404 code=model_not_found
@@ -59,6 +60,28 @@ class ContextLengthExceeded(InvalidRequestError):
         )
         self.prompt_tokens = prompt_tokens
         self.context_length = context_length
+
+    @classmethod
+    def of_characters(cls, characters: int, context_length: int, *, param: str) -> ContextLengthExceeded:
+        """Refused before tokenising: the prompt has far more characters than the context has tokens."""
+        error = cls(characters, context_length, param=param)
+        error.message = (
+            f"This model's maximum context length is {context_length} tokens, but the prompt has {characters} "
+            f"characters, too many to fit. Shorten the prompt or raise N_CTX."
+        )
+        error.args = (error.message,)
+        return error
+
+
+class UnsupportedMediaType(InvalidRequestError):
+    status = 415
+
+    def __init__(self, content_type: str) -> None:
+        shown = content_type[:100] or "none"
+        super().__init__(
+            f"Request bodies must be JSON sent as 'Content-Type: application/json' (got {shown!r})",
+            code="unsupported_media_type",
+        )
 
 
 class AuthenticationError(LLMServiceError):

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import socket
 import sys
 import threading
 import time
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import uvicorn
 
 from service.app import create_app
 from service.settings import Settings, SettingsError, load_settings
+from service.streaming import Drain
 
 log = logging.getLogger("service")
 
@@ -64,6 +68,51 @@ def configure_logging(level: str) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+def server_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """uvicorn's settings for `app`; proxy headers (X-Forwarded-For/-Proto) are trusted only from
+    FORWARDED_ALLOW_IPS. uvicorn's own default trusts 127.0.0.1, so every local client could pick
+    the address it is rate-limited by."""
+    options: dict[str, Any] = {
+        "log_config": None,
+        "log_level": settings.log_level.lower(),
+        "timeout_graceful_shutdown": settings.drain_seconds,
+        "access_log": settings.log_level == "DEBUG",
+        "proxy_headers": bool(settings.forwarded_allow_ips),
+        # Given explicitly: with None uvicorn would read its own FORWARDED_ALLOW_IPS variable.
+        "forwarded_allow_ips": settings.forwarded_allow_ips or "127.0.0.1",
+    }
+    return uvicorn.Config(app, **{**options, **overrides})
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, telling the app's streams when shutdown begins (they end cleanly in time)."""
+
+    def __init__(self, config: uvicorn.Config, drain: Drain) -> None:
+        super().__init__(config)
+        self.drain = drain
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.drain.begin(self.config.timeout_graceful_shutdown or 0)
+        super().handle_exit(sig, frame)
+
+
+def write_port_file(path: Path, port: int) -> None:
+    """Replace the file atomically: a reader never sees it half-written, and one left behind by a
+    killed server (kill -9 runs no clean-up) is simply overwritten."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(f"{port}\n")
+    os.replace(temporary, path)
+
+
+def remove_port_file(path: Path, port: int) -> None:
+    """Remove the file only while it still names our port (another server may have taken it over)."""
+    try:
+        if path.read_text().strip() == str(port):
+            path.unlink()
+    except OSError:
+        pass
+
+
 def main() -> int:
     try:
         settings = load_settings()
@@ -75,18 +124,11 @@ def main() -> int:
     sock = bind(settings)
     host, port = sock.getsockname()[:2]
     port_file = Path(settings.port_file)
-    port_file.write_text(f"{port}\n")
+    write_port_file(port_file, port)
     url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
     app.state.url = url
     log.info("llmservice listening on %s (port written to %s)", url, port_file)
-    config = uvicorn.Config(
-        app,
-        log_config=None,
-        log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=settings.drain_seconds,
-        access_log=settings.log_level == "DEBUG",
-    )
-    server = uvicorn.Server(config)
+    server = Server(server_config(app, settings), app.state.drain)
     # uvicorn drains, restores these handlers and re-raises the signal: exit without a traceback.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
@@ -96,7 +138,7 @@ def main() -> int:
     try:
         server.run(sockets=[sock])
     finally:
-        port_file.unlink(missing_ok=True)
+        remove_port_file(port_file, port)
         sock.close()
     return 0
 

@@ -9,12 +9,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import msgspec
 from litestar import Litestar, Request, Response
-from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.middleware import DefineMiddleware
+from litestar.types import Empty
 
 from kernel.errors import InvalidRequestError, LLMServiceError
 from service.cache import ResponseCache
@@ -28,7 +29,7 @@ from service.dispatch import Dispatcher
 from service.lifecycle import Lifecycle
 from service.metrics import RequestRecord, Telemetry, TelemetryMiddleware, request_record
 from service.registry import Registry, TierState
-from service.security import Security
+from service.security import Security, cors_config
 from service.settings import Settings, load_settings
 
 log = logging.getLogger("service")
@@ -39,6 +40,32 @@ _HTTP_TYPES = {
     404: "invalid_request_error",
     429: "rate_limit_error",
 }
+
+
+class JsonRequest(Request[Any, Any, Any]):
+    """Request bodies decoded where they enter: strictly against the handler's type (Litestar
+    converts leniently: `"stream": 1` would pass as a boolean, `"max_tokens": "5"` as a number),
+    and bytes msgspec cannot read (invalid UTF-8, nesting past the recursion limit) become 400s."""
+
+    async def json(self) -> Any:
+        if self._json is Empty and self._connection_state.json is Empty:
+            body = await self.body()
+            field = self.route_handler.parsed_data_field
+            try:
+                msgspec.json.decode(body or b"null", type=field.annotation if field else Any, strict=True)
+            except msgspec.ValidationError as exc:
+                reason, _, where = str(exc).partition(" - at `$")
+                param = where.rstrip("`").lstrip(".") or None
+                raise InvalidRequestError(
+                    f"Invalid request: {reason}" + (f" at `{param}`" if param else ""), param=param
+                ) from None
+            except msgspec.DecodeError as exc:
+                raise InvalidRequestError(f"Malformed JSON body: {exc}") from None
+            except UnicodeDecodeError:
+                raise InvalidRequestError("Malformed JSON body: it is not valid UTF-8") from None
+            except RecursionError:
+                raise InvalidRequestError("Malformed JSON body: nested too deeply") from None
+        return await super().json()
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -66,7 +93,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
             finally:
                 await cache.close()
 
-    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     app = Litestar(
         route_handlers=[
             ChatController,
@@ -89,9 +115,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
         middleware=[DefineMiddleware(TelemetryMiddleware, telemetry=telemetry)],
         exception_handlers={Exception: _error_response},
         lifespan=[lifespan],
-        cors_config=CORSConfig(allow_origins=origins) if origins else None,
+        cors_config=cors_config(settings),
         request_max_body_size=settings.max_body_bytes,
-        state=State({"registry": registry, "settings": settings, "last_activity": time.monotonic()}),
+        request_class=JsonRequest,
+        state=State(
+            {"registry": registry, "settings": settings, "drain": dispatch.drain, "last_activity": time.monotonic()}
+        ),
         before_request=_touch,
         openapi_config=None,
         logging_config=None,
@@ -152,6 +181,8 @@ def _validation_error(exc: ValidationException) -> InvalidRequestError:
     extra = exc.extra if isinstance(exc.extra, list) else []
     if extra and isinstance(extra[0], dict):
         key = str(extra[0].get("key") or "")
+        if key == "data":  # the handler's body parameter: the request came without one
+            return InvalidRequestError("Invalid request: this endpoint needs a JSON request body")
         message = str(extra[0].get("message") or exc.detail)
         text = f"{message} at `{key}`" if key else message
         return InvalidRequestError(f"Invalid request: {text}", param=key or None)
@@ -161,5 +192,7 @@ def _validation_error(exc: ValidationException) -> InvalidRequestError:
 def _error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, object]]:
     error = to_service_error(exc)
     retry_after = getattr(error, "retry_after", None)
-    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
-    return Response(error.envelope(), status_code=error.status, headers=headers)
+    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else {}
+    if isinstance(exc, HTTPException) and exc.headers:
+        headers.update(exc.headers)  # Litestar's own, e.g. `Allow` on a 405
+    return Response(error.envelope(), status_code=error.status, headers=headers or None)

@@ -15,9 +15,11 @@ from typing import Any, TypeVar
 from backends.base import Chunk, FinishReason, GenerationRequest, Usage
 from kernel.errors import InvalidRequestError, LLMServiceError
 from service.cache import CachedGeneration, ResponseCache
+from service.input_limits import check_prompt_length
 from service.metrics import RequestRecord
 from service.registry import Registry, TierSlot
 from service.settings import Settings
+from service.streaming import Drain
 from service.workers import ChunkStream, JobStream
 
 T = TypeVar("T")
@@ -28,6 +30,7 @@ class Dispatcher:
         self.registry = registry
         self.cache = cache
         self.max_tokens_limit = settings.max_tokens_limit
+        self.drain = Drain()  # begun by the server when it starts shutting down
 
     async def generate(
         self, kind: str, slot: TierSlot, request: GenerationRequest, record: RequestRecord
@@ -38,6 +41,8 @@ class Dispatcher:
                 " (MAX_TOKENS_LIMIT)",
                 param="max_tokens",
             )
+        # Before the cache and the model's thread: tokenising a huge prompt would hold the tier.
+        check_prompt_length(request, slot.context_length or slot.settings.n_ctx)
         record.tier = slot.name
         key = self.cache.key(kind, slot, request) if is_deterministic(request) else None
         if key is not None:

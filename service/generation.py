@@ -9,6 +9,7 @@ from typing import Any
 from backends.base import Chunk, FinishReason, GenerationRequest, ResponseFormat, Usage
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError
+from service.schema_limits import check_schema
 from service.schemas.common import PromptTokensDetails, ResponseFormatSpec, SamplingFields, UsageInfo
 from service.workers import ChunkStream
 
@@ -62,8 +63,10 @@ def _response_format(spec: ResponseFormatSpec | None) -> ResponseFormat | None:
                 "response_format.json_schema.schema is required for type json_schema",
                 param="response_format",
             )
+        check_schema(spec.json_schema.schema, "response_format.json_schema.schema")
         return ResponseFormat("json_schema", spec.json_schema.schema)
     if spec.schema is not None:
+        check_schema(spec.schema, "response_format.schema")
         return ResponseFormat("json_schema", spec.schema)
     return ResponseFormat("json_object")
 

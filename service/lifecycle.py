@@ -14,7 +14,7 @@ import time
 import msgspec
 
 from kernel.errors import InvalidRequestError, ModelUnavailableError, TierNotConfiguredError
-from service.registry import Registry, TierSlot, TierState, model_name
+from service.registry import Registry, TierSlot, TierState
 from service.security import allowed_model_path
 from service.settings import Settings
 
@@ -40,19 +40,20 @@ class Lifecycle:
                 await self._reaper
 
     # -- admin actions -----------------------------------------------------------------------
-    async def load(self, model_id: str, model_path: str | None = None) -> TierSlot:
-        """Load a configured tier, or put the model at `model_path` (inside MODELS_DIR) into it."""
+    async def load(self, model_id: str, model_path: str | None = None) -> tuple[TierSlot, str | None]:
+        """Load a configured tier, or put the model at `model_path` (inside MODELS_DIR) into it.
+        Returns the slot and the id of the model a new one replaced."""
         slot = self.registry.resolve(model_id)
         if model_path:
             path = allowed_model_path(self.settings.models_dir, model_path)
             if path != slot.settings.model_path:
-                await self._replace_model(slot, path)
+                return slot, await self._replace_model(slot, path)
         elif slot.state is TierState.ABSENT:
             raise TierNotConfiguredError(slot.name)
         await self.registry.load(slot)
         if slot.state is TierState.FAILED:
             raise ModelUnavailableError(f"Tier {slot.name} failed to load: {slot.error}")
-        return slot
+        return slot, None
 
     async def unload(self, model_id: str) -> tuple[TierSlot, int]:
         """Unload after the requests in flight finish; returns the slot and how many there were."""
@@ -67,20 +68,17 @@ class Lifecycle:
             )
         return slot, await self.registry.unload(slot)
 
-    async def _replace_model(self, slot: TierSlot, path: str) -> None:
+    async def _replace_model(self, slot: TierSlot, path: str) -> str | None:
         if slot.settings.pin and slot.state is TierState.LOADED:
             raise InvalidRequestError(
                 f"Tier {slot.name} is pinned ({slot.name.upper()}_PIN=true): its model cannot be replaced",
                 param="model",
                 code="model_pinned",
             )
-        await self.registry.unload(slot)
-        log.info("Tier %s: model replaced by an admin request: %s", slot.name, path)
-        slot.settings = msgspec.structs.replace(slot.settings, model_path=path, model_name=None)
-        slot.model = model_name(slot.settings)
-        slot.path = slot.size_bytes = None
-        if slot.state in (TierState.ABSENT, TierState.FAILED):
-            slot.state, slot.error = TierState.AVAILABLE, None
+        log.info("Tier %s: loading %s for an admin request", slot.name, path)
+        # The new model loads beside the old one, which serves until the new one is ready.
+        settings = msgspec.structs.replace(slot.settings, model_path=path, model_name=None)
+        return await self.registry.replace(slot, settings)
 
     # -- idle unloading ------------------------------------------------------------------------
     async def _unload_idle(self, tick: float) -> None:

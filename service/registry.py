@@ -172,12 +172,43 @@ class Registry:
         slot.worker = slot.engine = slot.batcher = None
         slot.state = TierState.AVAILABLE
         log.info("Tier %s: unloading %s (%d requests in flight finish first)", slot.name, slot.id, pending)
+        await self._retire(slot, worker, engine, batcher)
+        log.info("Tier %s: unloaded", slot.name)
+        return pending
+
+    async def _retire(
+        self, slot: TierSlot, worker: GenerationWorker | None, engine: Any, batcher: MicroBatcher[Any, Any] | None
+    ) -> None:
+        """Free a model taken out of `slot` once the requests it already accepted have finished."""
         if batcher is not None:
             await batcher.close(drain=True)
         slot.draining = asyncio.create_task(asyncio.to_thread(_drain, worker, engine), name=f"drain-{slot.name}")
         await asyncio.shield(slot.draining)
-        log.info("Tier %s: unloaded", slot.name)
-        return pending
+
+    async def replace(self, slot: TierSlot, settings: TierSettings) -> str | None:
+        """Serve the model `settings` names from `slot`: load it beside the current one, swap, then
+        retire the old one once its requests finish. Returns the id of the model it replaced. If the
+        new one fails to load, `slot` is left exactly as it was (a loaded model keeps serving)."""
+        if slot.load_task is not None and not slot.load_task.done():
+            await asyncio.shield(slot.load_task)
+        staging = TierSlot(slot.name, settings, TierState.LOADING, model=model_name(settings))
+        await asyncio.shield(self._load(staging))
+        if staging.state is not TierState.LOADED:
+            kept = f"{slot.id} keeps serving" if slot.state is TierState.LOADED else f"tier {slot.name} is unchanged"
+            raise InvalidRequestError(
+                f"Could not load {settings.model_path}: {staging.error}; {kept}",
+                param="model_path",
+                code="model_load_failed",
+            )
+        old_id = slot.id if slot.state is TierState.LOADED else None
+        old = (slot.worker, slot.engine, slot.batcher)
+        for name in _LOADED_FIELDS:
+            setattr(slot, name, getattr(staging, name))
+        slot.settings, slot.model, slot.error = settings, staging.model, None
+        if old_id is not None:
+            log.info("Tier %s: %s replaced by %s; retiring the old model", slot.name, old_id, slot.id)
+            await self._retire(slot, *old)
+        return old_id
 
     def _begin_load(self, slot: TierSlot) -> asyncio.Task[None]:
         if slot.load_task is None or (slot.load_task.done() and slot.state is not TierState.LOADED):
@@ -312,7 +343,7 @@ class Registry:
         if routed := self._by_pattern(key):
             return routed
         available = ", ".join(s.id for s in self.configured()) or "none"
-        raise ModelNotFoundError(f"Model not found: {model}. Available models: {available}")
+        raise ModelNotFoundError(f"Model not found: {_shown(model)}. Available models: {available}")
 
     def _by_pattern(self, key: str) -> TierSlot | None:
         if any(fnmatch.fnmatch(key, p) for p in ("*rerank*", "*cross-encoder*")):
@@ -335,7 +366,9 @@ class Registry:
         if slot.state is TierState.ABSENT:
             raise TierNotConfiguredError(slot.name)
         if slot.name not in GENERATION_TIERS:
-            raise ModelNotFoundError(f"Model {model} is served by the {slot.name} tier, which does not generate text")
+            raise ModelNotFoundError(
+                f"Model {_shown(model)} is served by the {slot.name} tier, which does not generate text"
+            )
         return slot
 
     async def generate(self, slot: TierSlot, request: GenerationRequest) -> JobStream:
@@ -350,7 +383,8 @@ class Registry:
             raise TierNotConfiguredError(slot.name)
         if slot.name != tier:
             raise InvalidRequestError(
-                f"Model {model} is served by the {slot.name} tier; this endpoint needs the {tier} tier", param="model"
+                f"Model {_shown(model)} is served by the {slot.name} tier; this endpoint needs the {tier} tier",
+                param="model",
             )
         await self.ensure_loaded(slot)
         while slot.batcher is None:  # unloaded meanwhile
@@ -388,6 +422,18 @@ class Registry:
 
     def health(self) -> dict[str, Any]:
         return {name: slot.describe() for name, slot in self.slots.items() if slot.state is not TierState.ABSENT}
+
+
+def _shown(model: str) -> str:
+    """A client's model name as echoed in errors: at most 100 characters."""
+    return model if len(model) <= 100 else model[:100] + "…"
+
+
+# What a load sets on a slot: moved from a staging slot to the live one by `Registry.replace`.
+_LOADED_FIELDS = (
+    "engine", "worker", "batcher", "engine_name", "device", "context_length", "dimension",
+    "load_seconds", "loaded_at", "path", "size_bytes", "state",
+)  # fmt: skip
 
 
 def _drain(worker: GenerationWorker | None, engine: Any) -> None:

@@ -38,7 +38,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     shutdown_timeout: NonNeg = 0  # exit after this many idle seconds; 0 = never
     drain_seconds: NonNeg = 10  # on SIGTERM, how long in-flight requests may finish
-    cors_origins: str = "*"
+    # Browser pages allowed to call the API: comma-separated origins, `:*` = any port, `*` = any page.
+    cors_origins: str = "http://localhost:*,http://127.0.0.1:*,http://[::1]:*"
+    allowed_hosts: str = ""  # Host names served besides localhost, IP addresses and HOST; `*` = any
+    forwarded_allow_ips: str = ""  # proxies whose X-Forwarded-For/-Proto are trusted; empty = none
+    allow_insecure_bind: bool = False  # serve a non-loopback HOST without API_KEYS
     max_body_bytes: Positive = 10 * 1024 * 1024
     enable_cache: bool = False
     cache_max_size: NonNeg = 1000
@@ -58,7 +62,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     tiers: dict[str, TierSettings] = {}
 
     def tier(self, name: str) -> TierSettings:
-        return self.tiers.get(name) or TierSettings(name=name)
+        return self.tiers.get(name) or TierSettings(
+            name=name, max_tokens=min(TierSettings().max_tokens, self.max_tokens_limit)
+        )
 
 
 _TIER_FIELDS = {f for f in TierSettings.__struct_fields__ if f != "name"}
@@ -175,11 +181,13 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
     server: Settings = _convert(raw, Settings, "", env)
     for name, tier in tiers.items():
         _check_tier(tier, env)
-        if tier.max_tokens > server.max_tokens_limit:
-            var = f"{name.upper()}_MAX_TOKENS"
-            raise SettingsError(
-                f"Invalid setting {var}={env.get(var, '')!r}: above MAX_TOKENS_LIMIT={server.max_tokens_limit}"
-            )
+        var = f"{name.upper()}_MAX_TOKENS"
+        if tier.max_tokens <= server.max_tokens_limit:
+            continue
+        if var not in env:  # the built-in default yields to a lower MAX_TOKENS_LIMIT
+            tiers[name] = msgspec.structs.replace(tier, max_tokens=server.max_tokens_limit)
+            continue
+        raise SettingsError(f"Invalid setting {var}={env[var]!r}: above MAX_TOKENS_LIMIT={server.max_tokens_limit}")
     return msgspec.structs.replace(server, tiers=tiers)
 
 

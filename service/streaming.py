@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -10,13 +12,32 @@ import msgspec
 from litestar.response import Stream
 
 from backends.base import Chunk
-from kernel.errors import LLMServiceError
+from kernel.errors import LLMServiceError, ModelUnavailableError
 from service.generation import usage_info
 from service.schemas.common import UsageInfo
 from service.workers import ChunkStream
 
 log = logging.getLogger(__name__)
 _encode = msgspec.json.Encoder().encode
+_DRAIN_POLL = 0.25  # seconds between checks, while waiting for a token, of whether shutdown is due
+
+
+class Drain:
+    """Set when the server starts shutting down. uvicorn cuts open connections DRAIN_SECONDS later
+    (a chunked body cut mid-stream); streams still open a second before that end with an error
+    event and `[DONE]` instead, so clients see why."""
+
+    def __init__(self) -> None:
+        self.deadline: float | None = None
+
+    def begin(self, seconds: float) -> None:
+        """Called from the signal handler: only stores a float, which streams poll."""
+        if self.deadline is None:
+            self.deadline = time.monotonic() + max(0.0, seconds - 1.0)
+
+    @property
+    def due(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
 
 class EventStream(Stream):
@@ -47,6 +68,7 @@ async def event_stream(
     opening: Any | None,
     piece: Callable[[str, str | None], list[Any]],
     usage_event: Callable[[UsageInfo], Any] | None,
+    drain: Drain,
 ) -> AsyncIterator[bytes]:
     """SSE events of one job: `opening`, the events `piece` makes of each chunk (text, finish
     reason), usage, then [DONE]."""
@@ -60,7 +82,7 @@ async def event_stream(
                     yield sse(event)
             if chunk.usage is not None and usage_event is not None:
                 yield sse(usage_event(usage_info(chunk.usage)))
-            chunk = await anext(stream, None)
+            chunk = await _next(stream, drain)
     except LLMServiceError as exc:
         yield sse(exc.envelope())
     except Exception:
@@ -78,3 +100,21 @@ async def event_stream(
     finally:
         stream.cancel()  # a no-op after a normal end; stops generation when the client went away
     yield b"data: [DONE]\n\n"
+
+
+async def _next(stream: ChunkStream, drain: Drain) -> Chunk | None:
+    """The next chunk, or a 503 error once shutdown is due (the job is then cancelled)."""
+    if drain.due:
+        stream.cancel()
+        raise ModelUnavailableError("The server is shutting down; retry shortly", code="server_shutting_down")
+    task = asyncio.ensure_future(anext(stream, None))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_DRAIN_POLL)
+            if done:
+                return task.result()
+            if drain.due:
+                raise ModelUnavailableError("The server is shutting down; retry shortly", code="server_shutting_down")
+    finally:
+        if not task.done():
+            task.cancel()  # cancels the job too (JobStream cancels itself when interrupted)

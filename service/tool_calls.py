@@ -18,6 +18,7 @@ import msgspec
 from backends.base import ResponseFormat
 from backends.tools import START_MARKERS, ToolCall, ToolFormat, forced_call_schema, parse_forced, parse_tool_calls
 from kernel.errors import InvalidRequestError
+from service.schema_limits import check_schema
 from service.schemas.chat import ChatCompletionRequest, FunctionCall, FunctionDelta, FunctionSpec, ToolCallDelta
 from service.schemas.chat import ToolCall as WireToolCall
 
@@ -53,7 +54,9 @@ def plan_tools(data: ChatCompletionRequest) -> ToolPlan:
             raise InvalidRequestError(
                 "response_format cannot be combined with a required tool call", param="response_format"
             )
-        forced = ResponseFormat("json_schema", forced_call_schema(tools, name))
+        schema = forced_call_schema(tools, name)
+        check_schema(schema, "tools")  # compiled into a grammar: bounded like response_format
+        forced = ResponseFormat("json_schema", schema)
     return ToolPlan(tools, forced, data.parallel_tool_calls is not False)
 
 

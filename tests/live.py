@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import httpx
 import uvicorn
 
+from service.__main__ import configure_logging, server_config
 from service.app import create_app
 from service.settings import parse_settings
 
@@ -19,13 +20,14 @@ from service.settings import parse_settings
 class LiveServer:
     def __init__(self, env: Mapping[str, str]) -> None:
         self.settings = parse_settings({"LOG_LEVEL": "WARNING", **env})
+        configure_logging(self.settings.log_level)  # as `python -m service` does
         self.app = create_app(self.settings)
         # IPPROTO_TCP: asyncio then sets TCP_NODELAY on connections (see service.__main__.bind).
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, log_config=None, log_level="warning", timeout_graceful_shutdown=2)
+        config = server_config(self.app, self.settings, log_level="warning", timeout_graceful_shutdown=2)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.loop: asyncio.AbstractEventLoop | None = None

@@ -18,7 +18,7 @@ _OBSERVE_OFF = {"observe": False}  # polling these is monitoring, not traffic
 
 
 class CacheClearRequest(msgspec.Struct, kw_only=True):
-    target: Literal["response", "prefix", "all"] = "all"
+    target: Literal["response", "prefix", "all"]  # required: an empty POST must not wipe everything
 
 
 class AdminController(Controller):
@@ -31,10 +31,8 @@ class AdminController(Controller):
         return {"response": cache.stats(), "prefix": telemetry.prefix_stats()}
 
     @post("/v1/cache/clear", status_code=200, opt={"admin": True})
-    async def cache_clear(
-        self, cache: ResponseCache, registry: Registry, data: CacheClearRequest | None = None
-    ) -> dict[str, Any]:
-        target = data.target if data else "all"
+    async def cache_clear(self, cache: ResponseCache, registry: Registry, data: CacheClearRequest) -> dict[str, Any]:
+        target = data.target
         cleared: dict[str, Any] = {}
         if target in ("response", "all"):
             cleared["response"] = {"entries": cache.clear()}

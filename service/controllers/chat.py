@@ -84,6 +84,7 @@ class ChatController(Controller):
             opening=ChatCompletionChunk(cid, created, model, [ChunkChoice(0, Delta(role="assistant", content=""))]),
             piece=piece,
             usage_event=(lambda u: ChatCompletionChunk(cid, created, model, [], usage=u)) if include_usage else None,
+            drain=dispatch.drain,
         )
         return EventStream(events)
 

@@ -39,6 +39,7 @@ class CompletionsController(Controller):
             opening=Completion(cid, created, model, [CompletionChoice(0, echo, None)]) if echo else None,
             piece=lambda text, finish: [Completion(cid, created, model, [CompletionChoice(0, text, finish)])],
             usage_event=(lambda u: Completion(cid, created, model, [], usage=u)) if include_usage else None,
+            drain=dispatch.drain,
         )
         return EventStream(events)
 

@@ -10,6 +10,7 @@ from embedders.base import EmbeddingOutput, EmbeddingRequest
 from embedders.token_ids import openai_decoder
 from kernel.errors import InvalidRequestError
 from service.dispatch import Dispatcher
+from service.input_limits import clip_texts, clip_token_ids
 from service.metrics import RequestRecord
 from service.registry import Registry, TierSlot
 from service.schemas.embeddings import EmbeddingCreate, EmbeddingData, EmbeddingList, EmbeddingUsage
@@ -38,6 +39,12 @@ async def _embed(
     inputs: list[str] | list[list[int]],
     record: RequestRecord,
 ) -> EmbeddingList:
+    # The model truncates long inputs anyway: cut them first, so tokenising them cannot hold the tier.
+    max_tokens = slot.context_length or slot.settings.n_ctx
+    if inputs and isinstance(inputs[0], str):
+        inputs = clip_texts(inputs, max_tokens)  # type: ignore[arg-type]
+    else:
+        inputs = clip_token_ids(inputs, max_tokens)  # type: ignore[arg-type]
     decode = openai_decoder(slot.settings.token_ids)
     if decode is not None:
         inputs = [item if isinstance(item, str) else decode(item) for item in inputs]

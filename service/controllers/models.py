@@ -72,8 +72,11 @@ class ModelsController(Controller):
     ) -> ModelCard:
         target, _, action = model_id.strip("/").rpartition("/")
         if action == "load" and target:
-            slot = await lifecycle.load(target, data.model_path if data else None)
-            return model_card(registry, slot, model_details(slot))
+            slot, replaced = await lifecycle.load(target, data.model_path if data else None)
+            details = model_details(slot)
+            if replaced is not None:
+                details["replaced"] = replaced
+            return model_card(registry, slot, details)
         if action == "unload" and target:
             slot, waited = await lifecycle.unload(target)
             return model_card(registry, slot, {**model_details(slot), "waited_for_requests": waited})

@@ -7,6 +7,7 @@ from litestar import post
 from kernel.errors import InvalidRequestError
 from service.dispatch import Dispatcher
 from service.generation import new_id
+from service.input_limits import clip_texts
 from service.metrics import RequestRecord
 from service.registry import Registry, TierSlot
 from service.schemas.rerank import (
@@ -44,7 +45,9 @@ async def _rerank(
     registry: Registry, slot: TierSlot, data: RerankRequest, docs: list[str], record: RequestRecord
 ) -> RerankResponse | list[TeiResult]:
     top = data.top_n if data.top_n is not None else data.top_k
-    results, tokens = await registry.rerank(slot, data.query, docs, top, normalize=not data.raw_scores)
+    # The model truncates each pair anyway: cut first, so tokenising a huge document cannot hold the tier.
+    query, *texts = clip_texts([data.query, *docs], slot.context_length or slot.settings.n_ctx)
+    results, tokens = await registry.rerank(slot, query, texts, top, normalize=not data.raw_scores)
     record.prompt_tokens, record.generated = tokens, True
     if data.documents is None:  # TEI's /rerank body (`texts`) gets TEI's answer
         return [TeiResult(r.index, r.score, docs[r.index] if data.return_text else None) for r in results]

@@ -11,6 +11,8 @@ TopP = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 TopK = Annotated[int, msgspec.Meta(ge=0)]
 MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
 Penalty = Annotated[float, msgspec.Meta(gt=0.0)]
+# Engines seed 32-bit generators: a larger seed would be masked, and two seeds would give one output.
+Seed = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):
@@ -40,7 +42,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     min_p: TopP | None = None
     max_tokens: MaxTokens | None = None
     repeat_penalty: Penalty | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     n: Annotated[int, msgspec.Meta(ge=1)] = 1
     stream: bool = False

@@ -85,7 +85,9 @@ def test_unknown_fields_are_accepted(http: httpx.Client) -> None:
 
 def test_unknown_route_and_wrong_method(http: httpx.Client) -> None:
     error_of(http.get("/v1/nothing-here"), 404)
-    error_of(http.delete("/v1/chat/completions"), 405)
+    res = http.delete("/v1/chat/completions")
+    error_of(res, 405)
+    assert set(res.headers["allow"].replace(" ", "").split(",")) == {"POST", "OPTIONS"}
 
 
 def test_body_too_large_is_413(http: httpx.Client) -> None:
@@ -150,10 +152,10 @@ def test_model_details_and_health(http: httpx.Client, server: LiveServer) -> Non
 def test_cors_preflight(http: httpx.Client) -> None:
     res = http.options(
         "/v1/chat/completions",
-        headers={"Origin": "http://example.test", "Access-Control-Request-Method": "POST"},
+        headers={"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"},
     )
     assert res.status_code in (200, 204)
-    assert res.headers["access-control-allow-origin"] in ("*", "http://example.test")
+    assert res.headers["access-control-allow-origin"] == "http://localhost:3000"  # other origins: test_browser_safety
 
 
 def test_sdk_raises_typed_errors(server: LiveServer) -> None:
@@ -162,3 +164,18 @@ def test_sdk_raises_typed_errors(server: LiveServer) -> None:
         client.chat.completions.create(model="nope", messages=MSG)  # type: ignore[arg-type]
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="light", messages=MSG, temperature=3)  # type: ignore[arg-type]
+
+
+def test_small_contract_fixes(http: httpx.Client) -> None:
+    """Issue 12 point 6: strict booleans, bounded seeds, short echoes, an explicit cache target."""
+    for change, param in (({"stream": 1}, "stream"), ({"max_tokens": "5"}, "max_tokens"), ({"seed": 2**32}, "seed"),
+                          ({"seed": -1}, "seed")):  # fmt: skip
+        error = error_of(http.post("/v1/chat/completions", json={"model": "light", "messages": MSG, **change}), 400)
+        assert error["param"] == param, change
+    assert http.post("/v1/chat/completions", json={"model": "light", "messages": MSG, "max_tokens": 1,
+                                                   "seed": 2**32 - 1}).status_code == 200  # fmt: skip
+    error = error_of(http.post("/v1/chat/completions", json={"model": "m" * 100_000, "messages": MSG}), 404)
+    assert len(str(error["message"])) < 300
+    error = error_of(http.post("/v1/cache/clear"), 400)  # no longer clears everything
+    assert "JSON request body" in str(error["message"])
+    assert "target" in str(error_of(http.post("/v1/cache/clear", json={}), 400)["message"])

@@ -119,3 +119,34 @@ def test_bad_config_exits_before_binding(tmp_path: Path, variable: str) -> None:
     with service(tmp_path, LIGHT_MODEL_PATH="/nowhere.gguf", **{key: value}) as (proc, port_file):
         assert proc.wait(30) == 2
         assert not port_file.exists()
+
+
+def test_a_stream_longer_than_the_drain_ends_with_an_error_event(tmp_path: Path, gemma_gguf: str) -> None:
+    env = {"LIGHT_MODEL_PATH": gemma_gguf, "PORT": str(free_port()), "DRAIN_SECONDS": "2"}
+    with service(tmp_path, **env) as (proc, port_file):
+        url = wait_ready(proc, port_file)
+        body = {"model": "light", "prompt": "Count:", "max_tokens": 5000, "stream": True, "min_p": 0, "top_k": 0}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as res:
+            lines = res.iter_lines()
+            next(lines)
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]  # the body ends cleanly: no RemoteProtocolError
+        assert rest[-1] == "data: [DONE]"
+        assert '"code":"server_shutting_down"' in rest[-2]
+        assert proc.wait(30) == 0
+
+
+def test_a_stale_port_file_is_replaced(tmp_path: Path, gemma_gguf: str) -> None:
+    port_file = tmp_path / ".port"
+    port_file.write_text("1\n")  # left behind by a server killed with -9
+    port = free_port()
+    with service(tmp_path, LIGHT_MODEL_PATH=gemma_gguf, PORT=str(port)) as (proc, _):
+        assert wait_ready(proc, port_file).endswith(f":{port}")
+        assert port_file.read_text() == f"{port}\n"
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".port")] == [".port"]
+        proc.kill()  # kill -9 leaves it behind ...
+        proc.wait(10)
+    assert port_file.read_text() == f"{port}\n"
+    with service(tmp_path, LIGHT_MODEL_PATH=gemma_gguf, PORT=str(free_port())) as (proc, _):
+        url = wait_ready(proc, port_file)  # ... and the next start overwrites it
+        assert url.endswith(f":{int(port_file.read_text())}") and int(port_file.read_text()) != port

@@ -158,3 +158,9 @@ def test_langchain_bind_tools_and_structured_output(engine_server: LiveServer) -
     assert set(message.tool_calls[0]["args"]) == {"city", "celsius"}
     result = llm.with_structured_output(Weather, method="function_calling").invoke("Weather in Oslo?")
     assert isinstance(result, Weather)
+
+
+def test_a_huge_tool_schema_is_a_fast_400(client: openai.OpenAI) -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "array", "minItems": 10**9}}}
+    with pytest.raises(openai.BadRequestError, match="minItems"):
+        client.chat.completions.create(model="light", messages=ASK, tools=[tool], tool_choice="required")  # type: ignore[arg-type, list-item]

@@ -186,3 +186,11 @@ def test_typo_stops_the_server_naming_the_closest_setting(start_service: StartSe
     proc = start_service({"LIGHT_MODEL_PATH": "/x.gguf", "LIGHT_N_CTXX": "8192"})
     assert proc.returncode == 2
     assert proc.stderr.strip() == "llmservice: Unknown setting LIGHT_N_CTXX; did you mean LIGHT_N_CTX?"
+
+
+def test_a_low_max_tokens_limit_caps_the_default() -> None:
+    settings = parse_settings({"MAX_TOKENS_LIMIT": "256", "LIGHT_MODEL_PATH": "a.gguf", "MEDIUM_N_CTX": "512"})
+    assert settings.tier("light").max_tokens == settings.tier("medium").max_tokens == 256
+    assert settings.tier("heavy").max_tokens == 256  # absent tiers too (a model may be loaded into them)
+    with pytest.raises(SettingsError, match=r"LIGHT_MAX_TOKENS='512': above MAX_TOKENS_LIMIT=256"):
+        parse_settings({"MAX_TOKENS_LIMIT": "256", "LIGHT_MAX_TOKENS": "512"})
