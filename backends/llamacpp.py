@@ -110,7 +110,7 @@ class LlamaCppBackend(Backend):
         self.eos = llama_cpp.llama_vocab_eos(self.vocab)
         self._slots = Slots(llama_cpp.llama_get_memory(ctx), slots)
         self._grammars = GrammarCompiler(self.vocab)
-        self._device = _device(model, t.n_gpu_layers)
+        self._device = _device(t.n_gpu_layers)
         self._load_template()
         log.info(
             "Tier %s: llama.cpp on %s, %d threads, %d sequences x %d tokens of KV",
@@ -256,13 +256,10 @@ def default_threads() -> int:
     return max(1, len(cores))
 
 
-def _device(model: Any, n_gpu_layers: int) -> str:
-    """Where the layers run: "cpu", or the GPU backend's name ("cuda", "metal", ...)."""
-    if n_gpu_layers == 0 or not llama_cpp.llama_supports_gpu_offload():
-        return "cpu"
-    desc = ctypes.create_string_buffer(256)
-    llama_cpp.llama_model_desc(model, desc, len(desc))
-    return "gpu"
+def _device(n_gpu_layers: int) -> str:
+    """"gpu" when layers are offloaded to a GPU backend that llama.cpp found, else "cpu"."""
+    # Asked after llama_backend_init and the model load, never before (see init_llama_backend).
+    return "gpu" if n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload() else "cpu"
 
 
 def _meta(model: Any, key: str) -> str | None:

@@ -199,3 +199,34 @@ def test_presence_and_frequency_penalties_change_sampling(llama: LlamaCppBackend
     base = greedy("Numbers: 1 1 1 1 1 1", 16)
     penalised = greedy("Numbers: 1 1 1 1 1 1", 16, presence_penalty=1.5, frequency_penalty=1.5)
     assert text(alone(llama, base)) != text(alone(llama, penalised))
+
+
+def test_backend_initialised_once_before_any_load(monkeypatch: pytest.MonkeyPatch, gemma_gguf: str) -> None:
+    """llama.cpp's process-wide backend is initialised before a model loads, once, even when two
+    tiers load at the same moment on two threads (as at start-up)."""
+    import threading
+
+    import backends.llamacpp as engine
+
+    calls: list[str] = []
+    monkeypatch.setattr(engine, "_backend_ready", False)
+    real_init, real_load = llama_cpp.llama_backend_init, llama_cpp.llama_model_load_from_file
+    monkeypatch.setattr(llama_cpp, "llama_backend_init", lambda: (calls.append("init"), real_init())[1])
+
+    def load(path: bytes, params: object) -> object:
+        calls.append("load")
+        return real_load(path, params)
+
+    monkeypatch.setattr(llama_cpp, "llama_model_load_from_file", load)
+    backends = [LlamaCppBackend(TierSettings(name=f"t{i}", n_ctx=256, max_batch=1), gemma_gguf) for i in range(2)]
+    threads = [threading.Thread(target=b.load) for b in backends]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert calls == ["init", "load", "load"]
+        assert all(b.info().device == "cpu" for b in backends)
+    finally:
+        for b in backends:
+            b.close()
