@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from backends.tools import ToolFormat
-from kernel.errors import ContextLengthExceeded, InvalidRequestError
+from kernel.errors import ContextLengthExceeded, InvalidRequestError, LLMServiceError
 
 FinishReason = Literal["stop", "length"]
 
@@ -42,9 +42,14 @@ class GenerationRequest:
     top_k: int = 0
     min_p: float = 0.0
     repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     seed: int | None = None
     stop: tuple[str, ...] = ()
     response_format: ResponseFormat | None = None
+    logprobs: bool = False  # report each chosen token's log-probability
+    top_logprobs: int = 0  # ... and this many most likely alternatives (needs logprobs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +69,22 @@ class Chunk:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A token's log-probability under the model (before sampling), for `logprobs`."""
+
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
 class Token:
     """One decoded token as an engine yields it. `text` may be "" (a partial UTF-8 sequence)."""
 
     text: str
     cached_tokens: int = 0  # set on the first token: prompt tokens reused from a cache
     final: bool = False  # generation ended naturally here (a grammar completed), even at max_tokens
+    logprob: TokenLogprob | None = None  # the chosen token, when the request asked for logprobs
+    top_logprobs: tuple[TokenLogprob, ...] = ()  # the most likely alternatives, most likely first
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,11 +186,12 @@ class DecodeBatch(abc.ABC):
         """Queue a sequence; raise `InvalidRequestError` (e.g. a bad schema) before it joins."""
 
     @abc.abstractmethod
-    def step(self) -> list[tuple[int, Token | None]]:
+    def step(self) -> list[tuple[int, Token | LLMServiceError | None]]:
         """Advance every sequence one step: `(key, token)` per token produced, `(key, None)` for a
-        sequence that ended at an end-of-generation token. A sequence leaves the batch by itself
-        after that or after its `max_tokens`-th token. A step may produce nothing (it processed
-        part of a new prompt)."""
+        sequence that ended at an end-of-generation token, `(key, error)` for one that failed before
+        producing anything (work done off the model's thread, e.g. compiling its grammar, failed).
+        A sequence leaves the batch by itself after any of these but a token, or after its
+        `max_tokens`-th token. A step may produce nothing (it processed part of a new prompt)."""
 
     @abc.abstractmethod
     def remove(self, key: int) -> None:

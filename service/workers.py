@@ -3,8 +3,9 @@
 llama.cpp and MLX models are not thread-safe (two threads on one `Llama` crash the process), so
 each model gets exactly one thread that runs jobs in arrival order. The event loop talks to it
 through a bounded job queue and an asyncio queue of chunks per job. For an engine that can batch
-(`Backend.max_batch_size > 1`, MLX) the same thread runs a continuous batch instead: queued jobs
-join between decode steps, and each leaves on its own when it ends or its client goes away.
+(`Backend.max_batch_size > 1`: llama.cpp, MLX) the same thread runs a continuous batch instead:
+queued jobs join between decode steps, and each leaves on its own when it ends or its client goes
+away.
 """
 
 from __future__ import annotations
@@ -244,6 +245,10 @@ class GenerationWorker:
         try:
             for key, token in self._batch.step():
                 job, completion = self._active[key]
+                if isinstance(token, LLMServiceError):  # this sequence alone failed; it has left
+                    self._fail(job, token)
+                    self._end(key)
+                    continue
                 if token is not None and (text := completion.add(token)):
                     job.put(Chunk(text))
                 if token is None or completion.done:

@@ -14,7 +14,14 @@ from tests.live import LiveServer, live_server
 
 @pytest.fixture(scope="module")
 def server(gemma_gguf: str) -> Iterator[LiveServer]:
-    env = {"LIGHT_MODEL_PATH": gemma_gguf, "LIGHT_N_CTX": "1024", "LIGHT_MAX_QUEUE": "1", "LIGHT_TEMPERATURE": "0"}
+    # MAX_BATCH=1: one request at a time, so the queue and its order are what these tests see.
+    env = {
+        "LIGHT_MODEL_PATH": gemma_gguf,
+        "LIGHT_N_CTX": "1024",
+        "LIGHT_MAX_QUEUE": "1",
+        "LIGHT_MAX_BATCH": "1",
+        "LIGHT_TEMPERATURE": "0",
+    }
     with live_server(env, wait_for=("light",)) as live:
         yield live
 

@@ -128,6 +128,7 @@ def llama(gemma_gguf: str) -> Iterator[Backend]:
 
 
 def test_llamacpp_cancel_between_prompt_batches(llama: Backend) -> None:
+    llama.reset_prefix_cache()
     prompt = llama.encode("The weather today is sunny with a light wind. " * 10)
     assert len(prompt) > 64
     request = GenerationRequest(prompt=prompt, max_tokens=4, temperature=0.0)
@@ -140,10 +141,17 @@ def test_llamacpp_cancel_between_prompt_batches(llama: Backend) -> None:
     assert again[-1].usage is not None and again[-1].usage.completion_tokens == 4
 
 
-def test_llamacpp_still_decodes_one_request_at_a_time(llama: Backend) -> None:
-    assert llama.max_batch_size == 1
-    with pytest.raises(NotImplementedError):
-        llama.open_batch()
+def test_llamacpp_grammar_ending_on_the_last_token_is_stop(llama: Backend) -> None:
+    assert llama.max_batch_size == 4
+    free = list(llama.stream(json_request(200)))
+    n = free[-1].usage.completion_tokens  # type: ignore[union-attr]
+    assert free[-1].finish_reason == "stop" and 3 < n < 200
+    exact, short = list(llama.stream(json_request(n))), list(llama.stream(json_request(n - 1)))
+    assert text_of(exact) == text_of(free) and exact[-1].finish_reason == "stop"
+    assert short[-1].finish_reason == "length" and short[-1].usage.completion_tokens == n - 1  # type: ignore[union-attr]
+    batched = run_worker(llama, [json_request(n), json_request(n - 1), json_request(200)])
+    assert [text_of(c) for c in batched] == [text_of(exact), text_of(short), text_of(free)]
+    assert [c[-1].finish_reason for c in batched] == ["stop", "length", "stop"]
 
 
 # -- failures are logged with their cause --------------------------------------------------

@@ -1,0 +1,336 @@
+"""Continuous batching for the llama.cpp engine: sequences, KV slots and the decode step.
+
+The context has one unified KV cache of `MAX_BATCH x N_CTX` cells shared by `MAX_BATCH` sequence
+ids ("slots"), so every admitted sequence can always grow to its full context window. A slot keeps
+its KV after its request ends: the next request whose prompt starts with the same tokens (the
+previous turn of a conversation) reuses it, like llama-server's slots. Copying a prefix from a
+busy slot is cheap in a unified cache (the cells are shared, not copied).
+
+Each step puts one token of every generating sequence and then up to `N_BATCH` minus that many
+prompt tokens of joining sequences into one `llama_decode`, so a long new prompt is prefilled in
+chunks while the running streams keep flowing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import llama_cpp
+import numpy as np
+
+from backends.base import Completion, DecodeBatch, Token, TokenLogprob
+from backends.llamacpp_sampling import Sampler, TextStream, free_sampler, logprobs
+from kernel.errors import EngineError, InvalidRequestError, LLMServiceError
+
+if TYPE_CHECKING:
+    from backends.llamacpp import LlamaCppBackend
+
+GRAMMAR_TIMEOUT = 10.0  # seconds a response_format may take to compile before the request is a 400
+_GRAMMAR_POLL = 0.05  # how long an otherwise idle step waits for a grammar to compile
+
+
+@dataclass(slots=True)
+class Slot:
+    """A KV sequence id and the tokens its cells hold, positions 0..len-1."""
+
+    seq: int
+    tokens: list[int] = field(default_factory=list)
+    busy: bool = False
+    used: int = 0  # LRU clock
+
+
+class Slots:
+    """The context's sequence ids and the prompt state they keep between requests."""
+
+    def __init__(self, memory: Any, count: int) -> None:
+        self._memory = memory
+        self.slots = [Slot(i) for i in range(count)]
+        self._clock = itertools.count(1)
+
+    def acquire(self, prompt: list[int]) -> tuple[Slot, int]:
+        """A free slot holding as much of `prompt` as any slot can give; returns (slot, reused)."""
+        free = [s for s in self.slots if not s.busy]
+        assert free, "more sequences than slots"
+        usable = {s.seq: min(_common(s.tokens, prompt), len(prompt) - 1) for s in self.slots}
+        slot = max(free, key=lambda s: (usable[s.seq], -s.used))
+        if usable[slot.seq] == 0:  # nothing to reuse: overwrite the least recently used one
+            slot = min(free, key=lambda s: s.used)
+        source = max(self.slots, key=lambda s: usable[s.seq])
+        slot.busy, slot.used = True, next(self._clock)
+        mem = self._memory
+        if usable[source.seq] > usable[slot.seq]:
+            # Another (busy) sequence holds a longer prefix: share its cells.
+            n = usable[source.seq]
+            llama_cpp.llama_memory_seq_rm(mem, slot.seq, -1, -1)
+            llama_cpp.llama_memory_seq_cp(mem, source.seq, slot.seq, 0, n)
+            slot.tokens = prompt[:n]
+        else:
+            n = usable[slot.seq]
+            if not llama_cpp.llama_memory_seq_rm(mem, slot.seq, n, -1):
+                n = 0  # this memory cannot cut a sequence short (recurrent state): start over
+                llama_cpp.llama_memory_seq_rm(mem, slot.seq, -1, -1)
+            del slot.tokens[n:]
+        if n and llama_cpp.llama_memory_seq_pos_min(mem, slot.seq) > 0:
+            # A sliding-window cache dropped early positions: the prefix cannot be rebuilt from it.
+            llama_cpp.llama_memory_seq_rm(mem, slot.seq, -1, -1)
+            slot.tokens, n = [], 0
+        return slot, n
+
+    def release(self, slot: Slot) -> None:
+        slot.busy, slot.used = False, next(self._clock)
+
+    def drop(self, slot: Slot) -> None:
+        """Forget what a slot holds (its KV state is unknown after a failed decode)."""
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
+        slot.tokens = []
+        self.release(slot)
+
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(self._memory, True)
+        for slot in self.slots:
+            slot.tokens = []
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass(slots=True, eq=False)
+class _Sequence:
+    key: int
+    completion: Completion
+    slot: Slot
+    reused: int
+    sampler: Sampler
+    text: TextStream = field(default_factory=TextStream)
+    fed: int = 0  # prompt tokens in the KV
+    next_token: int | None = None  # sampled, shown, not yet in the KV
+    count: int = 0
+    grammar: Future[Any] | None = None  # compiling off the model's thread
+    grammar_since: float = 0.0
+
+
+class LlamaCppBatch(DecodeBatch):
+    """Sequences decoded together through one `llama_decode` per step (see the module docstring)."""
+
+    def __init__(self, backend: LlamaCppBackend) -> None:
+        self._backend = backend
+        self._ctx = backend.context
+        self._vocab = backend.vocab
+        self._n_vocab = backend.n_vocab
+        self._capacity = backend.n_batch
+        self._batch = _Batch(self._capacity)
+        self._piece = ctypes.create_string_buffer(256)
+        self._sequences: dict[int, _Sequence] = {}  # in arrival order
+
+    # -- joining and leaving -----------------------------------------------------------------
+
+    def add(self, key: int, completion: Completion) -> None:
+        request, prompt = completion.request, completion.prompt
+        backend = self._backend
+        sampler = Sampler(self._vocab, self._n_vocab, request, prompt)
+        grammar = None
+        if request.response_format is not None:
+            try:
+                grammar = backend.grammars.submit(request.response_format)
+            except BaseException:
+                sampler.close()
+                raise
+        slot, reused = backend.slots.acquire(prompt)
+        seq = _Sequence(key, completion, slot, reused, sampler, fed=reused, grammar=grammar)
+        seq.grammar_since = time.monotonic()
+        self._sequences[key] = seq
+
+    def remove(self, key: int) -> None:
+        seq = self._sequences.pop(key, None)
+        if seq is not None:
+            self._leave(seq)
+
+    def _leave(self, seq: _Sequence) -> None:
+        if seq.grammar is not None and not seq.grammar.cancel():
+            seq.grammar.add_done_callback(free_sampler)  # compiled for nobody: free it when done
+        seq.sampler.close()
+        # The slot keeps what its KV holds (prompt and output so far) for the next request.
+        self._backend.slots.release(seq.slot)
+
+    def close(self) -> None:
+        for seq in list(self._sequences.values()):
+            self._leave(seq)
+            self._backend.slots.drop(seq.slot)
+        self._sequences.clear()
+
+    def pending(self, key: int) -> bool:
+        """Whether `key` is still in the batch (it leaves by itself at its end)."""
+        return key in self._sequences
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def step(self) -> list[tuple[int, Token | LLMServiceError | None]]:
+        out: list[tuple[int, Token | LLMServiceError | None]] = []
+        self._grammars_ready(out)
+        batch, outputs = self._batch, []
+        n = 0
+        for seq in self._sequences.values():
+            if seq.next_token is not None:
+                batch.set(n, seq.next_token, len(seq.slot.tokens), seq.slot.seq, True)
+                outputs.append((n, seq))
+                n += 1
+        chunks: list[tuple[_Sequence, int]] = []
+        for seq in self._sequences.values():
+            if n >= self._capacity:
+                break
+            prompt = seq.completion.prompt
+            if seq.next_token is not None or seq.grammar is not None or seq.fed >= len(prompt):
+                continue
+            take = min(self._capacity - n, len(prompt) - seq.fed)
+            last = seq.fed + take == len(prompt)
+            batch.set_run(n, prompt[seq.fed : seq.fed + take], seq.fed, seq.slot.seq, last)
+            if last:
+                outputs.append((n + take - 1, seq))
+            chunks.append((seq, take))
+            n += take
+        if n == 0:
+            self._wait_for_grammars()
+            return out
+        batch.n_tokens = n
+        rc = llama_cpp.llama_decode(self._ctx, batch.struct)
+        if rc != 0:
+            raise EngineError(f"llama_decode failed with status {rc} on a batch of {n} tokens")
+        for _, seq in outputs:
+            if seq.next_token is not None:
+                seq.slot.tokens.append(seq.next_token)
+        for seq, take in chunks:
+            seq.slot.tokens.extend(seq.completion.prompt[seq.fed : seq.fed + take])
+            seq.fed += take
+        for index, seq in outputs:
+            out.append((seq.key, self._sample(seq, index)))
+        return out
+
+    def _sample(self, seq: _Sequence, index: int) -> Token | None:
+        token = seq.sampler.sample(self._ctx, index)
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            self._finish(seq)
+            return None
+        seq.count += 1
+        request = seq.completion.request
+        # A grammar that would now accept the end of generation has produced a complete value.
+        eos = self._backend.eos
+        final = request.response_format is not None and eos >= 0 and seq.sampler.allows(eos)
+        done = final or seq.count >= seq.completion.max_tokens
+        chosen: TokenLogprob | None = None
+        top: tuple[TokenLogprob, ...] = ()
+        if request.logprobs:
+            chosen, top = logprobs(self._ctx, index, self._n_vocab, token, request.top_logprobs, self.piece_text)
+        text = seq.text.add(self.piece(token), final=done)
+        result = Token(
+            text,
+            cached_tokens=seq.reused if seq.count == 1 else 0,
+            final=final,
+            logprob=chosen,
+            top_logprobs=top,
+        )
+        if done:
+            self._finish(seq)
+        else:
+            seq.next_token = token
+        return result
+
+    def _finish(self, seq: _Sequence) -> None:
+        seq.next_token = None
+        del self._sequences[seq.key]
+        self._leave(seq)
+
+    def piece(self, token: int) -> bytes:
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
+        return self._piece.raw[: max(n, 0)]
+
+    def piece_text(self, token: int) -> str:
+        return self.piece(token).decode("utf-8", errors="replace")
+
+    # -- grammars ----------------------------------------------------------------------------
+
+    def _grammars_ready(self, out: list[tuple[int, Token | LLMServiceError | None]]) -> None:
+        now = time.monotonic()
+        for seq in list(self._sequences.values()):
+            future = seq.grammar
+            if future is None:
+                continue
+            error: LLMServiceError | None = None
+            if future.done():
+                seq.grammar = None
+                exc = future.exception()
+                if exc is None:
+                    seq.sampler.attach_grammar(future.result())
+                    continue
+                error = (
+                    exc
+                    if isinstance(exc, LLMServiceError)
+                    else InvalidRequestError(f"The JSON schema could not be compiled: {exc}", param="response_format")
+                )
+            elif now - seq.grammar_since > GRAMMAR_TIMEOUT:
+                error = InvalidRequestError(
+                    f"response_format: the JSON schema took more than {GRAMMAR_TIMEOUT:.0f} s to compile; simplify it",
+                    param="response_format",
+                )
+            if error is not None:
+                self._finish(seq)
+                out.append((seq.key, error))
+
+    def _wait_for_grammars(self) -> None:
+        futures = [s.grammar for s in self._sequences.values() if s.grammar is not None]
+        if futures:
+            wait(futures, timeout=_GRAMMAR_POLL, return_when=FIRST_COMPLETED)
+
+
+class _Batch:
+    """A `llama_batch` on arrays we own, filled with numpy slices rather than per-token ctypes calls."""
+
+    def __init__(self, capacity: int) -> None:
+        self.tokens = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq = np.ones(capacity, dtype=np.int32)
+        self.seq = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        # seq_id is an array of pointers, one per token, each to that token's (single) sequence id.
+        base = self.seq.ctypes.data
+        pointers = (ctypes.POINTER(ctypes.c_int32) * capacity)(
+            *(ctypes.cast(base + 4 * i, ctypes.POINTER(ctypes.c_int32)) for i in range(capacity))
+        )
+        self._pointers = pointers
+        struct: Any = llama_cpp.llama_batch()  # (the stubs type its pointers as arrays)
+        self.struct = struct
+        struct.token = self.tokens.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token))
+        struct.embd = None
+        struct.pos = self.pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
+        struct.n_seq_id = self.n_seq.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        struct.seq_id = ctypes.cast(pointers, ctypes.POINTER(ctypes.POINTER(llama_cpp.llama_seq_id)))
+        struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.struct.n_tokens)
+
+    @n_tokens.setter
+    def n_tokens(self, n: int) -> None:
+        self.struct.n_tokens = n
+
+    def set(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
+        self.tokens[i], self.pos[i], self.seq[i], self.logits[i] = token, pos, seq, logits
+
+    def set_run(self, i: int, tokens: list[int], start: int, seq: int, last_logits: bool) -> None:
+        n = len(tokens)
+        self.tokens[i : i + n] = tokens
+        self.pos[i : i + n] = np.arange(start, start + n, dtype=np.int32)
+        self.seq[i : i + n] = seq
+        self.logits[i : i + n] = 0
+        self.logits[i + n - 1] = last_logits

@@ -1,0 +1,113 @@
+"""Helpers for the continuous-batching tests (both engines): hold the worker, stream, compare."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from service.workers import GenerationWorker
+from tests.live import LiveServer
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def worker_of(server: LiveServer) -> GenerationWorker:
+    worker: GenerationWorker | None = server.app.state.registry.slots["light"].worker
+    assert worker is not None
+    return worker
+
+
+def wait_until(predicate: Callable[[], bool], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+@contextmanager
+def held(server: LiveServer) -> Iterator[GenerationWorker]:
+    """Keep the worker busy with a maintenance call, so requests queue up until the block ends."""
+    worker, entered, gate = worker_of(server), threading.Event(), threading.Event()
+
+    def block() -> None:
+        entered.set()
+        gate.wait(60)
+
+    assert server.loop is not None
+    done = asyncio.run_coroutine_threadsafe(worker.run(block), server.loop)
+    assert entered.wait(30)
+    try:
+        yield worker
+    finally:
+        gate.set()
+        done.result(30)
+
+
+def body_of(case: dict[str, Any]) -> dict[str, Any]:
+    body = {"model": "light", "temperature": 0, "top_p": 1.0, "top_k": 0, **case}
+    if "schema" in body:
+        schema = body.pop("schema")
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    return body
+
+
+def stream(http: httpx.Client, case: dict[str, Any], *, stop_after: int | None = None) -> Result:
+    """One streamed request; `stop_after` chunks → disconnect early."""
+    path = "/v1/chat/completions" if "messages" in case else "/v1/completions"
+    body = {**body_of(case), "stream": True, "stream_options": {"include_usage": True}}
+    parts: list[str] = []
+    finish = None
+    prompt_tokens = completion_tokens = 0
+    with http.stream("POST", path, json=body) as res:
+        assert res.status_code == 200, res.read()
+        for line in res.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            if event.get("usage"):
+                prompt_tokens = event["usage"]["prompt_tokens"]
+                completion_tokens = event["usage"]["completion_tokens"]
+            for choice in event["choices"]:
+                parts.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
+                finish = choice.get("finish_reason") or finish
+            if stop_after is not None and len(parts) >= stop_after:
+                break
+    return Result("".join(parts), finish, prompt_tokens, completion_tokens)
+
+
+def run_concurrently(server: LiveServer, cases: list[dict[str, Any]], **kw: Any) -> list[Result]:
+    results: list[Result | BaseException | None] = [None] * len(cases)
+
+    def one(i: int) -> None:
+        try:
+            with server.client() as http:
+                results[i] = stream(http, cases[i], **kw)
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(cases))]
+    with held(server) as worker:
+        for t in threads:
+            t.start()
+        wait_until(lambda: worker.waiting == len(cases))
+    for t in threads:
+        t.join(120)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return [r for r in results if isinstance(r, Result)]
