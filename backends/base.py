@@ -219,6 +219,10 @@ class Backend(abc.ABC):
         """Tokenize a prompt, adding BOS unless the text already starts with it."""
 
     @abc.abstractmethod
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """The text of `tokens`, special tokens included (the inverse of `encode`)."""
+
+    @abc.abstractmethod
     def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> str:
         """Apply the model's chat template and the assistant generation prompt, with `tools` offered
         to the model (in the template's own way, or `backends.tools.fold_tools` where it has none)."""
@@ -242,15 +246,18 @@ class Backend(abc.ABC):
     def reset_prefix_cache(self) -> None:  # noqa: B027 - optional hook
         """Forget reusable prompt state (KV/prefix cache); called on the model's worker thread."""
 
+    def tokens(self, request: GenerationRequest) -> list[int]:
+        """The request's prompt as token ids: chat template and tools applied, BOS added once."""
+        if request.messages is not None:
+            return self.encode(self.render_chat(request.messages, request.tools))
+        if isinstance(request.prompt, list):
+            return request.prompt
+        return self.encode(request.prompt)
+
     def prepare(self, request: GenerationRequest) -> Completion:
         """Tokenize the request and check it against the context window."""
         param = "prompt" if request.messages is None else "messages"
-        if request.messages is not None:
-            prompt = self.encode(self.render_chat(request.messages, request.tools))
-        elif isinstance(request.prompt, list):
-            prompt = request.prompt
-        else:
-            prompt = self.encode(request.prompt)
+        prompt = self.tokens(request)
         info = self.info()
         context = info.context_length
         if isinstance(request.prompt, list) and info.vocab_size and max(prompt, default=0) >= info.vocab_size:

@@ -195,6 +195,17 @@ class LlamaCppBackend(Backend):
                 n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, size, add_bos, True)
             return list(buf[:n])
 
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        self.context  # noqa: B018 - raises when not loaded
+        ids = (llama_cpp.llama_token * len(tokens))(*tokens)
+        size = 16 * len(tokens) + 16
+        while True:  # a negative count is the buffer size needed
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_detokenize(self.vocab, ids, len(tokens), buf, size, False, True)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = -n
+
     def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> str:
         if self._template is None:
             raise InvalidRequestError(

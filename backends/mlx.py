@@ -136,6 +136,11 @@ class MlxBackend(Backend):
         with engine_errors(_ENGINE):
             return [int(t) for t in tokenizer.encode(text, add_special_tokens=add_special)]
 
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        tokenizer = self._require()[1]
+        with engine_errors(_ENGINE):
+            return str(tokenizer.decode(list(tokens), skip_special_tokens=False))
+
     def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> str:
         tokenizer = self._require()[1]
         template = self.tier.chat_template

@@ -25,6 +25,7 @@ from service.controllers.completions import CompletionsController
 from service.controllers.embeddings import EmbeddingsController
 from service.controllers.models import ModelsController, health
 from service.controllers.rerank import rerank
+from service.controllers.tokenize import TokenizeController
 from service.dispatch import Dispatcher
 from service.lifecycle import Lifecycle
 from service.metrics import RequestRecord, Telemetry, TelemetryMiddleware, request_record
@@ -100,6 +101,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             EmbeddingsController,
             rerank,
             ModelsController,
+            TokenizeController,
             AdminController,
             health,
         ],

@@ -6,10 +6,13 @@ import time
 import uuid
 from typing import Any
 
+import msgspec
+
 from backends.base import Chunk, FinishReason, GenerationRequest, ResponseFormat, Usage
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError
 from service.schema_limits import check_schema
+from service.schemas.chat import ChatMessage
 from service.schemas.common import PromptTokensDetails, ResponseFormatSpec, SamplingFields, UsageInfo
 from service.workers import ChunkStream
 
@@ -97,3 +100,22 @@ async def first_chunk(stream: ChunkStream) -> Chunk:
         return await anext(stream)
     except StopAsyncIteration:
         return Chunk("", finish_reason="stop", usage=Usage(0, 0))
+
+
+def chat_messages(messages: list[ChatMessage]) -> tuple[dict[str, Any], ...]:
+    """Wire messages as engines take them (OpenAI-shaped dicts, tool calls and results included)."""
+    return tuple(_message(m) for m in messages)
+
+
+def _message(message: ChatMessage) -> dict[str, Any]:
+    # OpenAI's newer "developer" role is the system role for every chat template we know.
+    out: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role, "content": message.text()}
+    if message.tool_calls:
+        out["tool_calls"] = [
+            msgspec.structs.asdict(c) | {"function": msgspec.structs.asdict(c.function)} for c in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        out["name"] = message.name
+    return out

@@ -360,6 +360,20 @@ class Registry:
     async def generation(self, model: str) -> TierSlot:
         return await self.ensure_loaded(self.generation_slot(model))
 
+    async def tokenize(self, slot: TierSlot, request: GenerationRequest) -> list[int]:
+        """The prompt's tokens as generation would see them (chat template and tools applied).
+
+        Tokenizers only read the vocabulary, so this runs beside generation, not queued behind it."""
+        backend: Backend = (await self.ensure_loaded(slot)).engine
+        return await asyncio.to_thread(backend.tokens, request)
+
+    async def detokenize(self, slot: TierSlot, tokens: list[int]) -> str:
+        backend: Backend = (await self.ensure_loaded(slot)).engine
+        vocab = backend.info().vocab_size
+        if vocab and any(not 0 <= t < vocab for t in tokens):
+            raise InvalidRequestError(f"tokens must be ids from 0 to {vocab - 1}", param="tokens")
+        return await asyncio.to_thread(backend.detokenize, tokens)
+
     def generation_slot(self, model: str) -> TierSlot:
         """The generation tier for `model`, without loading it (a cached answer needs no model)."""
         slot = self.resolve(model)

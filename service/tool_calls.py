@@ -19,7 +19,7 @@ from backends.base import ResponseFormat
 from backends.tools import START_MARKERS, ToolCall, ToolFormat, forced_call_schema, parse_forced, parse_tool_calls
 from kernel.errors import InvalidRequestError
 from service.schema_limits import check_schema
-from service.schemas.chat import ChatCompletionRequest, FunctionCall, FunctionDelta, FunctionSpec, ToolCallDelta
+from service.schemas.chat import ChatCompletionRequest, FunctionCall, FunctionDelta, ToolCallDelta, ToolSpec
 from service.schemas.chat import ToolCall as WireToolCall
 
 
@@ -44,7 +44,7 @@ def plan_tools(data: ChatCompletionRequest) -> ToolPlan:
         return ToolPlan(None, None, True)
     if choice == "none":
         return ToolPlan(None, None, True)
-    tools = tuple({"type": "function", "function": _function(t.function)} for t in data.tools)
+    tools = tool_dicts(data.tools)
     forced = None
     if choice == "required" or not isinstance(choice, str | None):
         name = None if isinstance(choice, str) else choice.function.name
@@ -60,8 +60,12 @@ def plan_tools(data: ChatCompletionRequest) -> ToolPlan:
     return ToolPlan(tools, forced, data.parallel_tool_calls is not False)
 
 
-def _function(spec: FunctionSpec) -> dict[str, Any]:
-    return {k: v for k, v in msgspec.structs.asdict(spec).items() if v is not None}
+def tool_dicts(tools: list[ToolSpec]) -> tuple[dict[str, Any], ...]:
+    """Tool definitions as chat templates take them (OpenAI's shape, unset fields left out)."""
+    return tuple(
+        {"type": "function", "function": {k: v for k, v in msgspec.structs.asdict(t.function).items() if v is not None}}
+        for t in tools
+    )
 
 
 class ToolCallFilter:

@@ -1,14 +1,11 @@
 from __future__ import annotations
 
-from typing import Any
-
-import msgspec
 from litestar import Controller, post
 
 from backends.tools import ToolCall, tool_format
 from kernel.errors import InvalidRequestError
 from service.dispatch import Dispatcher
-from service.generation import collect, engine_request, first_chunk, new_id, now
+from service.generation import chat_messages, collect, engine_request, first_chunk, new_id, now
 from service.metrics import RequestRecord
 from service.registry import Registry
 from service.schemas.chat import (
@@ -17,7 +14,6 @@ from service.schemas.chat import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatMessage,
     ChunkChoice,
     Delta,
 )
@@ -40,7 +36,7 @@ class ChatController(Controller):
             data,
             slot.settings,
             max_tokens=data.max_completion_tokens or data.max_tokens,
-            messages=tuple(_message(m) for m in data.messages),
+            messages=chat_messages(data.messages),
             tools=tools.tools,
             constraint=tools.forced,
         )
@@ -87,17 +83,3 @@ class ChatController(Controller):
             drain=dispatch.drain,
         )
         return EventStream(events)
-
-
-def _message(message: ChatMessage) -> dict[str, Any]:
-    # OpenAI's newer "developer" role is the system role for every chat template we know.
-    out: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role, "content": message.text()}
-    if message.tool_calls:
-        out["tool_calls"] = [
-            msgspec.structs.asdict(c) | {"function": msgspec.structs.asdict(c.function)} for c in message.tool_calls
-        ]
-    if message.tool_call_id is not None:
-        out["tool_call_id"] = message.tool_call_id
-    if message.name is not None:
-        out["name"] = message.name
-    return out

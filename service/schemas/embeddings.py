@@ -19,12 +19,13 @@ class EmbeddingCreate(msgspec.Struct, kw_only=True):
     return_colbert: bool = False
 
 
-class EmbeddingData(msgspec.Struct, omit_defaults=True):
+class EmbeddingData(msgspec.Struct, omit_defaults=True, tag_field="object", tag="embedding"):
+    """`object` is msgspec's tag, so `omit_defaults` (which drops the empty extras) keeps it."""
+
     index: int
     # list[float], a base64 string, {token id: weight} or a list of vectors: msgspec cannot decode
     # a union of several array types, and cached answers are decoded, so this stays untyped.
     embedding: Any
-    object: Literal["embedding"] = "embedding"
     sparse_embedding: dict[str, float] | None = None
     colbert_embedding: list[list[float]] | None = None
 

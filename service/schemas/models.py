@@ -5,13 +5,14 @@ from typing import Any, Literal
 import msgspec
 
 
-class ModelCard(msgspec.Struct, omit_defaults=True):
+class ModelCard(msgspec.Struct, omit_defaults=True, tag_field="object", tag="model"):
+    """`object` is msgspec's tag, so `omit_defaults` (which drops unset details) keeps it."""
+
     id: str
     created: int
     owned_by: str
     tier: str
     status: str
-    object: Literal["model"] = "model"
     engine: str | None = None
     device: str | None = None
     context_length: int | None = None

@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from openai.types import CreateEmbeddingResponse, Model
 
 from tests.live import LiveServer, live_server
 
@@ -66,6 +67,9 @@ def test_base64_is_little_endian_float32(minilm_server: LiveServer) -> None:
     plain = post(minilm_server, {"model": "embedding", "input": "hello"}).json()
     decoded = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
     assert np.allclose(decoded, plain["data"][0]["embedding"], atol=1e-7)
+    # Every field the SDK's types name is on the wire, `object` on each item too.
+    assert plain["object"] == "list" and plain["data"][0]["object"] == "embedding"
+    CreateEmbeddingResponse.model_validate(plain)
 
 
 def test_related_sentences_are_closer(sdk: openai.OpenAI) -> None:
@@ -135,8 +139,11 @@ def test_generation_model_is_not_an_embedding_model(minilm_server: LiveServer) -
 def test_models_list_reports_dimension_and_engine(minilm_server: LiveServer) -> None:
     with minilm_server.client() as http:
         card = http.get("/v1/models/embedding").json()
+        listing = http.get("/v1/models").json()
     assert card["id"] == "embedding/all-minilm-l6-v2" and card["engine"] == "sentence_transformers"
     assert card["status"] == "loaded" and card["dimension"] == 384
+    assert card["object"] == "model" and Model.model_validate(card).id == card["id"]
+    assert all(item["object"] == "model" for item in listing["data"])
 
 
 def test_concurrent_requests_are_coalesced_and_exact(minilm_server: LiveServer) -> None:

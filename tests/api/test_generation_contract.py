@@ -235,3 +235,18 @@ def test_health_answers_while_generating(server: LiveServer, tmp_path: Path) -> 
         next(lines)
         health = httpx.get(f"{server.url}/health", timeout=5)
         assert health.status_code == 200 and health.json()["tiers"]["light"]["busy"] is True
+
+
+def test_tokenize_counts_what_chat_sees(server: LiveServer, client: openai.OpenAI) -> None:
+    res = chat(client, max_tokens=1)  # the default messages
+    with server.client() as http:
+        body = {"model": "light", "messages": [{"role": "user", "content": "Hello there"}]}
+        tokenized = http.post("/tokenize", json=body).json()
+        assert res.usage is not None and tokenized["count"] == len(tokenized["tokens"]) == res.usage.prompt_tokens
+        assert tokenized["max_model_len"] == 1024
+        text = http.post("/detokenize", json={"model": "light", "tokens": tokenized["tokens"]}).json()["prompt"]
+        assert "Hello there" in text
+        plain = http.post("/v1/tokenize", json={"model": "light", "prompt": "Hello there"}).json()
+        assert 0 < plain["count"] < tokenized["count"]  # no chat template around it
+        assert http.post("/detokenize", json={"model": "light", "tokens": [10**9]}).status_code == 400
+        assert http.post("/tokenize", json={"model": "light"}).status_code == 400

@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -171,7 +172,10 @@ class _FailingBackend(Backend):
     def encode(self, text: str) -> list[int]:
         return [1] * len(text.split())
 
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return " ".join("a" for _ in tokens)
+
+    def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> str:
         return " ".join(m["content"] for m in messages)
 
     def decode(
