@@ -66,6 +66,7 @@ class Chunk:
     text: str
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    scored: tuple[Token, ...] = ()  # with `logprobs`: the tokens this text came from, with their scores
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,16 +150,22 @@ class Completion:
         self._stops = StopBuffer(request.stop)
         self._hit = False
         self._natural = False
+        self._scored: list[Token] = []  # scored tokens whose text is still held back
 
-    def add(self, token: Token) -> str:
-        """Take one decoded token; return the text that is now safe to send ("" if none)."""
+    def add(self, token: Token) -> Chunk | None:
+        """Take one decoded token; return the chunk that is now safe to send, if any."""
         if self.count == 0:
             self.cached = token.cached_tokens
         self.count += 1
         text, self._hit = self._stops.feed(token.text)
         self._natural = token.final
         self.done = self._hit or token.final or self.count >= self.max_tokens
-        return text
+        if token.logprob is not None:
+            self._scored.append(token)
+        if not text:
+            return None
+        scored, self._scored = tuple(self._scored), []
+        return Chunk(text, scored=scored)
 
     def finish(self) -> list[Chunk]:
         """The closing chunks: text held back for a stop string that never came, then the final one.
@@ -167,7 +174,7 @@ class Completion:
         generation token, or a grammar that completed on the last allowed token."""
         chunks = []
         if not self._hit and (tail := self._stops.flush()):
-            chunks.append(Chunk(tail))
+            chunks.append(Chunk(tail, scored=tuple(self._scored)))
         length = self.count >= self.max_tokens and not (self._hit or self._natural)
         usage = Usage(len(self.prompt), self.count, self.cached)
         chunks.append(Chunk("", finish_reason="length" if length else "stop", usage=usage))
@@ -268,6 +275,10 @@ class Backend(abc.ABC):
             )
         if not prompt:
             raise InvalidRequestError("The prompt is empty.", param=param)
+        if info.vocab_size and any(not 0 <= token < info.vocab_size for token, _ in request.logit_bias):
+            raise InvalidRequestError(
+                f"logit_bias names a token outside this model's vocabulary of {info.vocab_size}", param="logit_bias"
+            )
         if len(prompt) >= context:
             raise ContextLengthExceeded(len(prompt), context, param=param)
         return Completion(prompt, request, min(request.max_tokens, context - len(prompt)))
@@ -278,8 +289,8 @@ class Backend(abc.ABC):
         tokens = self.decode(completion.prompt, request, completion.max_tokens, cancel)
         try:
             for token in tokens:
-                if text := completion.add(token):
-                    yield Chunk(text)
+                if chunk := completion.add(token):
+                    yield chunk
                 if completion.done:
                     break
         finally:

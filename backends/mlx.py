@@ -28,7 +28,16 @@ from mlx_lm.generate import BatchGenerator, generate_step, wired_limit
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from backends.base import Backend, Completion, DecodeBatch, EngineInfo, GenerationRequest, ResponseFormat, Token
+from backends.base import (
+    Backend,
+    Completion,
+    DecodeBatch,
+    EngineInfo,
+    GenerationRequest,
+    ResponseFormat,
+    Token,
+    TokenLogprob,
+)
 from backends.tools import fold_tools, template_messages, template_takes_tools, tool_format
 from kernel.errors import (
     EngineError,
@@ -173,7 +182,6 @@ class MlxBackend(Backend):
         self, prompt: list[int], request: GenerationRequest, max_tokens: int, cancel: threading.Event | None = None
     ) -> Iterator[Token]:
         model, tokenizer = self._require()
-        _check_supported(request)
         # Checked before the first token, so a bad schema is a 400 and not a broken stream.
         matcher = self._matcher(request.response_format) if request.response_format else None
         return self._generate(model, tokenizer, list(prompt), request, max_tokens, matcher, cancel)
@@ -221,7 +229,7 @@ class MlxBackend(Backend):
                 prompt_progress_callback=on_prefill,
             )
             try:
-                for step, _ in steps:
+                for step, logprobs in steps:
                     token = int(step)  # annotated as an array; generate_step yields a plain int
                     if token in self._eos:
                         eos.append(token)
@@ -230,7 +238,14 @@ class MlxBackend(Backend):
                     final = matcher is not None and matcher.is_stopped()
                     done = len(generated) == max_tokens or final
                     first = len(generated) == 1
-                    yield Token(text.add(token, final=done), cached_tokens=reused if first else 0, final=final)
+                    chosen, top = _scores(tokenizer, logprobs, token, request) if request.logprobs else (None, ())
+                    yield Token(
+                        text.add(token, final=done),
+                        cached_tokens=reused if first else 0,
+                        final=final,
+                        logprob=chosen,
+                        top_logprobs=top,
+                    )
                     if done:
                         break
                 # generate_step feeds each token to the model before yielding it, so the
@@ -250,9 +265,17 @@ class MlxBackend(Backend):
         self, history: list[int], request: GenerationRequest, matcher: LLMatcher | None
     ) -> list[LogitsProcessor]:
         processors: list[LogitsProcessor] = []
-        if request.repeat_penalty != 1.0:
+        penalized = request.repeat_penalty != 1.0 or request.presence_penalty or request.frequency_penalty
+        if request.logit_bias:
+            processors += make_logits_processors(logit_bias=dict(request.logit_bias))
+        if penalized:
             penalties = make_logits_processors(
-                repetition_penalty=request.repeat_penalty, repetition_context_size=_PENALTY_CONTEXT
+                repetition_penalty=request.repeat_penalty if request.repeat_penalty != 1.0 else None,
+                repetition_context_size=_PENALTY_CONTEXT,
+                presence_penalty=request.presence_penalty or None,
+                presence_context_size=_PENALTY_CONTEXT,
+                frequency_penalty=request.frequency_penalty or None,
+                frequency_context_size=_PENALTY_CONTEXT,
             )
             # generate_step only shows processors the uncached part of the prompt; give the
             # penalty the cached tail back so cached and uncached runs sample the same.
@@ -313,19 +336,6 @@ class _Cancelled(Exception):
     """Raised from the prompt-progress callback once the request's cancel event is set."""
 
 
-def _check_supported(request: GenerationRequest) -> None:
-    """Sampling options this engine does not implement yet are a 400, never silently ignored."""
-    unsupported = {
-        "presence_penalty": request.presence_penalty != 0.0,
-        "frequency_penalty": request.frequency_penalty != 0.0,
-        "logit_bias": bool(request.logit_bias),
-        "logprobs": request.logprobs or request.top_logprobs > 0,
-    }
-    for name, used in unsupported.items():
-        if used:
-            raise InvalidRequestError(f"{name} is not supported by the MLX engine", param=name)
-
-
 def _sampler(request: GenerationRequest) -> Sampler:
     sampler: Sampler = make_sampler(
         temp=request.temperature, top_p=request.top_p, min_p=request.min_p, top_k=request.top_k
@@ -352,6 +362,7 @@ class _Sequence:
     reused: int  # prompt tokens taken from the prefix cache
     text: _TextStream
     matcher: LLMatcher | None
+    request: GenerationRequest
     count: int = 0
 
 
@@ -382,7 +393,6 @@ class _MlxBatch(DecodeBatch):
 
     def add(self, key: int, completion: Completion) -> None:
         backend, prompt, request = self._backend, completion.prompt, completion.request
-        _check_supported(request)
         matcher = backend._matcher(request.response_format) if request.response_format else None
         cache, reused = backend.prefix_cache.fetch(prompt)
         with engine_errors(_ENGINE):
@@ -394,7 +404,7 @@ class _MlxBatch(DecodeBatch):
                 samplers=[_sampler(request)],
                 logits_processors=[backend._processors([], request, matcher)],
             )
-        self._sequences[uid] = _Sequence(key, reused, _TextStream(self._tokenizer, prompt), matcher)
+        self._sequences[uid] = _Sequence(key, reused, _TextStream(self._tokenizer, prompt), matcher, request)
         self._uids[key] = uid
 
     def step(self) -> list[tuple[int, Token | LLMServiceError | None]]:
@@ -411,7 +421,10 @@ class _MlxBatch(DecodeBatch):
                 seq.count += 1
                 final = seq.matcher is not None and seq.matcher.is_stopped()
                 text = seq.text.add(int(r.token), final=final or r.finish_reason == "length")
-                out.append((seq.key, Token(text, cached_tokens=seq.reused if seq.count == 1 else 0, final=final)))
+                request = seq.request
+                scored = _scores(self._tokenizer, r.logprobs, int(r.token), request) if request.logprobs else (None, ())
+                cached = seq.reused if seq.count == 1 else 0
+                out.append((seq.key, Token(text, cached, final, logprob=scored[0], top_logprobs=scored[1])))
             if r.finish_reason is not None:
                 # Like generate_step, the batch fed this token to the model before returning it:
                 # the cache holds the prompt and every token returned, EOS included.
@@ -589,3 +602,17 @@ def _cache_offset(cache: list[Any]) -> int | None:
         if isinstance(offset, int):
             return offset
     return None
+
+
+def _scores(
+    tokenizer: Any, logprobs: mx.array, token: int, request: GenerationRequest
+) -> tuple[TokenLogprob, tuple[TokenLogprob, ...]]:
+    """The chosen token's log-probability and the `top_logprobs` most likely ones (mlx-lm's
+    distribution after the logits processors: penalties and a grammar's mask included)."""
+    values = np.array(logprobs.astype(mx.float32)).reshape(-1)
+    top: tuple[TokenLogprob, ...] = ()
+    if request.top_logprobs:
+        best = np.argpartition(-values, request.top_logprobs - 1)[: request.top_logprobs]
+        best = best[np.argsort(-values[best])]
+        top = tuple(TokenLogprob(tokenizer.decode([int(t)]), float(values[t])) for t in best)
+    return TokenLogprob(tokenizer.decode([token]), float(values[token])), top

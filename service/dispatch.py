@@ -79,7 +79,8 @@ class Dispatcher:
 
 
 def is_deterministic(request: GenerationRequest) -> bool:
-    return request.temperature == 0 or request.seed is not None
+    # A cached answer keeps only its text: one that asked for logprobs is not served from it.
+    return (request.temperature == 0 or request.seed is not None) and not request.logprobs
 
 
 class ReplayStream:

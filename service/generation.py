@@ -8,12 +8,20 @@ from typing import Any
 
 import msgspec
 
-from backends.base import Chunk, FinishReason, GenerationRequest, ResponseFormat, Usage
+from backends.base import Chunk, GenerationRequest, ResponseFormat, Token, Usage
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError
 from service.schema_limits import check_schema
-from service.schemas.chat import ChatMessage
-from service.schemas.common import PromptTokensDetails, ResponseFormatSpec, SamplingFields, UsageInfo
+from service.schemas.chat import ChatMessage, ChoiceLogprobs
+from service.schemas.common import (
+    PromptTokensDetails,
+    ResponseFormatSpec,
+    SamplingFields,
+    TokenLogprob,
+    TopLogprob,
+    UsageInfo,
+)
+from service.schemas.completions import CompletionLogprobs
 from service.workers import ChunkStream
 
 
@@ -34,6 +42,8 @@ def engine_request(
     messages: tuple[dict[str, Any], ...] | None = None,
     tools: tuple[dict[str, Any], ...] | None = None,
     constraint: ResponseFormat | None = None,
+    logprobs: bool = False,
+    top_logprobs: int = 0,
 ) -> GenerationRequest:
     """Apply the tier's defaults to whatever the request left out."""
     if fields.n != 1:
@@ -51,9 +61,57 @@ def engine_request(
         top_k=tier.top_k if fields.top_k is None else fields.top_k,
         min_p=tier.min_p if fields.min_p is None else fields.min_p,
         repeat_penalty=tier.repeat_penalty if fields.repeat_penalty is None else fields.repeat_penalty,
+        presence_penalty=fields.presence_penalty or 0.0,
+        frequency_penalty=fields.frequency_penalty or 0.0,
+        logit_bias=_logit_bias(fields.logit_bias),
         seed=fields.seed,
         stop=stop,
         response_format=constraint or _response_format(fields.response_format),
+        logprobs=logprobs or top_logprobs > 0,
+        top_logprobs=top_logprobs,
+    )
+
+
+def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"<token id>": bias}; the engine checks the ids against its vocabulary."""
+    try:
+        return tuple((int(token), value) for token, value in (bias or {}).items())
+    except ValueError:
+        raise InvalidRequestError("logit_bias keys must be token ids", param="logit_bias") from None
+
+
+def chat_logprobs(chunk: Chunk) -> ChoiceLogprobs | None:
+    """A chunk's scored tokens in the chat shape (None when the request asked for no logprobs)."""
+    if not chunk.scored:
+        return None
+    return ChoiceLogprobs(
+        [
+            TokenLogprob(
+                t.logprob.token,
+                t.logprob.logprob,
+                list(t.logprob.token.encode()),
+                [TopLogprob(a.token, a.logprob, list(a.token.encode())) for a in t.top_logprobs],
+            )
+            for t in chunk.scored
+            if t.logprob is not None
+        ]
+    )
+
+
+def completion_logprobs(chunk: Chunk, offset: int) -> CompletionLogprobs | None:
+    """The legacy shape; `offset` is where the chunk's text starts in the whole answer."""
+    if not chunk.scored:
+        return None
+    tokens, offsets = [], []
+    for t in chunk.scored:
+        offsets.append(offset)
+        tokens.append(t.logprob.token if t.logprob else "")
+        offset += len(tokens[-1])
+    return CompletionLogprobs(
+        tokens,
+        [t.logprob.logprob if t.logprob else 0.0 for t in chunk.scored],
+        [{a.token: a.logprob for a in t.top_logprobs} for t in chunk.scored],
+        offsets,
     )
 
 
@@ -83,15 +141,17 @@ def usage_info(usage: Usage) -> UsageInfo:
     )
 
 
-async def collect(stream: ChunkStream) -> tuple[str, FinishReason | None, UsageInfo]:
-    """Run a job to the end: the whole text, and the finish reason and usage of its final chunk."""
+async def collect(stream: ChunkStream) -> tuple[Chunk, UsageInfo]:
+    """Run a job to the end: one chunk holding the whole text, its scored tokens and the finish reason."""
     parts: list[str] = []
+    scored: list[Token] = []
     last = Chunk("")
     async for chunk in stream:
         parts.append(chunk.text)
+        scored += chunk.scored
         last = chunk
     assert last.usage is not None  # a finished job's last chunk always carries usage
-    return "".join(parts), last.finish_reason, usage_info(last.usage)
+    return Chunk("".join(parts), last.finish_reason, last.usage, tuple(scored)), usage_info(last.usage)
 
 
 async def first_chunk(stream: ChunkStream) -> Chunk:

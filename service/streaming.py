@@ -66,7 +66,7 @@ async def event_stream(
     first: Chunk,
     *,
     opening: Any | None,
-    piece: Callable[[str, str | None], list[Any]],
+    piece: Callable[[Chunk], list[Any]],
     usage_event: Callable[[UsageInfo], Any] | None,
     drain: Drain,
 ) -> AsyncIterator[bytes]:
@@ -78,7 +78,7 @@ async def event_stream(
         chunk: Chunk | None = first
         while chunk is not None:
             if chunk.text or chunk.finish_reason:
-                for event in piece(chunk.text, chunk.finish_reason):
+                for event in piece(chunk):
                     yield sse(event)
             if chunk.usage is not None and usage_event is not None:
                 yield sse(usage_event(usage_info(chunk.usage)))

@@ -249,8 +249,8 @@ class GenerationWorker:
                     self._fail(job, token)
                     self._end(key)
                     continue
-                if token is not None and (text := completion.add(token)):
-                    job.put(Chunk(text))
+                if token is not None and (chunk := completion.add(token)):
+                    job.put(chunk)
                 if token is None or completion.done:
                     self._batch.remove(key)  # a no-op when the sequence already left by itself
                     self._finish(key)

@@ -2,10 +2,11 @@ from __future__ import annotations
 
 from litestar import Controller, post
 
+from backends.base import Chunk
 from backends.tools import ToolCall, tool_format
 from kernel.errors import InvalidRequestError
 from service.dispatch import Dispatcher
-from service.generation import chat_messages, collect, engine_request, first_chunk, new_id, now
+from service.generation import chat_logprobs, chat_messages, collect, engine_request, first_chunk, new_id, now
 from service.metrics import RequestRecord
 from service.registry import Registry
 from service.schemas.chat import (
@@ -14,6 +15,7 @@ from service.schemas.chat import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChoiceLogprobs,
     ChunkChoice,
     Delta,
 )
@@ -39,32 +41,37 @@ class ChatController(Controller):
             messages=chat_messages(data.messages),
             tools=tools.tools,
             constraint=tools.forced,
+            logprobs=data.logprobs,
+            top_logprobs=data.top_logprobs or 0,
         )
         stream = await dispatch.generate("chat", slot, request, record)
         cid, created, model = new_id("chatcmpl"), now(), data.model
         # Known once the tier has loaded, which generate() waited for (a cache replay may not have).
         calls = ToolCallFilter(slot.tool_format or tool_format(None, slot.settings.tool_parser), tools)
         if not data.stream:
-            text, finish_reason, usage = await collect(stream)
+            whole, usage = await collect(stream)
+            text, finish_reason = whole.text, whole.finish_reason
             content, found = text, list[ToolCall]()
             if tools.active:
                 sent = calls.feed(text)
                 tail, found = calls.finish()
                 content = sent + tail
             message = AssistantMessage("assistant", content or (None if found else ""), wire_calls(found) or None)
-            return ChatCompletion(
-                cid, created, model, [ChatChoice(0, message, "tool_calls" if found else finish_reason)], usage
-            )
+            choice = ChatChoice(0, message, "tool_calls" if found else finish_reason, chat_logprobs(whole))
+            return ChatCompletion(cid, created, model, [choice], usage)
 
         first = await first_chunk(stream)
 
-        def chunk(delta: Delta, finish: str | None = None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(cid, created, model, [ChunkChoice(0, delta, finish)])
+        def chunk(
+            delta: Delta, finish: str | None = None, logprobs: ChoiceLogprobs | None = None
+        ) -> ChatCompletionChunk:
+            return ChatCompletionChunk(cid, created, model, [ChunkChoice(0, delta, finish, logprobs)])
 
-        def piece(text: str, finish: str | None) -> list[ChatCompletionChunk]:
+        def piece(part: Chunk) -> list[ChatCompletionChunk]:
+            text, finish, logprobs = part.text, part.finish_reason, chat_logprobs(part)
             if not tools.active:
-                return [chunk(Delta(content=text) if text else Delta(), finish)]
-            events = [chunk(Delta(content=content))] if (content := calls.feed(text)) else []
+                return [chunk(Delta(content=text) if text else Delta(), finish, logprobs)]
+            events = [chunk(Delta(content=content), None, logprobs)] if (content := calls.feed(text)) else []
             if finish is None:
                 return events
             tail, found = calls.finish()

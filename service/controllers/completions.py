@@ -4,9 +4,10 @@ from typing import Any
 
 from litestar import Controller, post
 
+from backends.base import Chunk
 from kernel.errors import InvalidRequestError
 from service.dispatch import Dispatcher
-from service.generation import collect, engine_request, first_chunk, new_id, now
+from service.generation import collect, completion_logprobs, engine_request, first_chunk, new_id, now
 from service.metrics import RequestRecord
 from service.registry import Registry
 from service.schemas.completions import Completion, CompletionChoice, CompletionRequest
@@ -20,24 +21,44 @@ class CompletionsController(Controller):
     async def create(
         self, data: CompletionRequest, registry: Registry, dispatch: Dispatcher, record: RequestRecord
     ) -> Completion | EventStream:
+        if data.suffix:
+            raise InvalidRequestError("suffix (fill-in-the-middle) is not supported", param="suffix")
         prompt = _single_prompt(data.prompt)
         slot = registry.generation_slot(data.model)
-        request = engine_request(data, slot.settings, max_tokens=data.max_tokens, prompt=prompt)
+        scored = data.logprobs is not None
+        request = engine_request(
+            data,
+            slot.settings,
+            max_tokens=data.max_tokens,
+            prompt=prompt,
+            logprobs=scored,
+            top_logprobs=data.logprobs or 0,
+        )
         stream = await dispatch.generate("completions", slot, request, record)
         cid, created, model = new_id("cmpl"), now(), data.model
         echo = prompt if data.echo and isinstance(prompt, str) else ""
         if not data.stream:
-            text, finish_reason, usage = await collect(stream)
-            choice = CompletionChoice(0, echo + text, finish_reason)
-            return Completion(cid, created, model, [choice], usage)
+            whole, usage = await collect(stream)
+            logprobs = completion_logprobs(whole, len(echo))
+            return Completion(
+                cid, created, model, [CompletionChoice(0, echo + whole.text, whole.finish_reason, logprobs)], usage
+            )
 
         first = await first_chunk(stream)
+        offset = len(echo)
+
+        def piece(part: Chunk) -> list[Completion]:
+            nonlocal offset
+            choice = CompletionChoice(0, part.text, part.finish_reason, completion_logprobs(part, offset))
+            offset += len(part.text)
+            return [Completion(cid, created, model, [choice])]
+
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
         events = event_stream(
             stream,
             first,
             opening=Completion(cid, created, model, [CompletionChoice(0, echo, None)]) if echo else None,
-            piece=lambda text, finish: [Completion(cid, created, model, [CompletionChoice(0, text, finish)])],
+            piece=piece,
             usage_event=(lambda u: Completion(cid, created, model, [], usage=u)) if include_usage else None,
             drain=dispatch.drain,
         )

@@ -4,7 +4,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from service.schemas.common import MaxTokens, SamplingFields, UsageInfo
+from service.schemas.common import MaxTokens, SamplingFields, TokenLogprob, UsageInfo
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -67,6 +67,8 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     tools: Annotated[list[ToolSpec], msgspec.Meta(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
 
 
 class AssistantMessage(msgspec.Struct):
@@ -76,11 +78,16 @@ class AssistantMessage(msgspec.Struct):
     refusal: None = None
 
 
+class ChoiceLogprobs(msgspec.Struct):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
 class ChatChoice(msgspec.Struct):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(msgspec.Struct):
@@ -117,7 +124,7 @@ class ChunkChoice(msgspec.Struct):
     index: int
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(msgspec.Struct):

@@ -11,6 +11,8 @@ TopP = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 TopK = Annotated[int, msgspec.Meta(ge=0)]
 MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
 Penalty = Annotated[float, msgspec.Meta(gt=0.0)]
+PresencePenalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]  # OpenAI's range, also for frequency
+Bias = Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]
 # Engines seed 32-bit generators: a larger seed would be masked, and two seeds would give one output.
 Seed = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
 
@@ -42,6 +44,9 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     min_p: TopP | None = None
     max_tokens: MaxTokens | None = None
     repeat_penalty: Penalty | None = None
+    presence_penalty: PresencePenalty | None = None
+    frequency_penalty: PresencePenalty | None = None
+    logit_bias: Annotated[dict[str, Bias], msgspec.Meta(max_length=1024)] | None = None  # token id -> bias
     seed: Seed | None = None
     stop: str | list[str] | None = None
     n: Annotated[int, msgspec.Meta(ge=1)] = 1
@@ -49,6 +54,19 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormatSpec | None = None
     user: str | None = None
+
+
+class TopLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
 
 
 class PromptTokensDetails(msgspec.Struct):

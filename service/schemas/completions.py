@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -11,13 +11,23 @@ class CompletionRequest(SamplingFields, kw_only=True):
     prompt: str | list[Any]  # a string, strings, token ids or lists of token ids
     echo: bool = False
     suffix: str | None = None
+    logprobs: Annotated[int, msgspec.Meta(ge=0, le=5)] | None = None  # legacy: how many alternatives
+
+
+class CompletionLogprobs(msgspec.Struct):
+    """The legacy shape: parallel lists per generated token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
 
 
 class CompletionChoice(msgspec.Struct):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(msgspec.Struct):

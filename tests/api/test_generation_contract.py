@@ -250,3 +250,47 @@ def test_tokenize_counts_what_chat_sees(server: LiveServer, client: openai.OpenA
         assert 0 < plain["count"] < tokenized["count"]  # no chat template around it
         assert http.post("/detokenize", json={"model": "light", "tokens": [10**9]}).status_code == 400
         assert http.post("/tokenize", json={"model": "light"}).status_code == 400
+
+
+def test_chat_logprobs_plain_and_streamed(client: openai.OpenAI) -> None:
+    # Scores are the model's own distribution: without a repeat penalty greedy takes the best one.
+    res = chat(client, max_tokens=5, logprobs=True, top_logprobs=2, extra_body={"repeat_penalty": 1.0})
+    content = res.choices[0].logprobs.content if res.choices[0].logprobs else None
+    assert res.usage is not None and content is not None and len(content) == res.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-3)
+    assert "".join(e.token for e in content) == res.choices[0].message.content
+    streamed = []
+    for chunk in chat(client, max_tokens=5, logprobs=True, stream=True, extra_body={"repeat_penalty": 1.0}):  # type: ignore[attr-defined]
+        if chunk.choices and chunk.choices[0].logprobs and chunk.choices[0].logprobs.content:
+            streamed += chunk.choices[0].logprobs.content
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert chat(client, max_tokens=2).choices[0].logprobs is None  # only when asked
+
+
+def test_completions_logprobs_legacy_shape(client: openai.OpenAI) -> None:
+    res = client.completions.create(model="light", prompt="Hello there", max_tokens=4, logprobs=2)
+    lp = res.choices[0].logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs and lp.text_offset is not None
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+    assert all(len(alternatives) == 2 for alternatives in lp.top_logprobs)
+    assert "".join(lp.tokens) == res.choices[0].text
+
+
+def test_logit_bias_and_penalties_are_honoured(server: LiveServer, client: openai.OpenAI) -> None:
+    with server.client() as http:
+        token = http.post("/tokenize", json={"model": "light", "prompt": "zebra"}).json()["tokens"][-1]
+        text = http.post("/detokenize", json={"model": "light", "tokens": [token]}).json()["prompt"]
+    forced = client.completions.create(model="light", prompt="Hello", max_tokens=3, logit_bias={str(token): 100})
+    assert forced.choices[0].text == text * 3
+    plain = client.completions.create(model="light", prompt="Hello", max_tokens=3)
+    penalised = client.completions.create(
+        model="light", prompt="Hello", max_tokens=3, logit_bias={str(token): 100}, frequency_penalty=2.0
+    )
+    assert plain.choices[0].text != forced.choices[0].text and penalised.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(model="light", prompt="Hello", max_tokens=1, logit_bias={"999999999": 1})
+    with pytest.raises(openai.BadRequestError, match="suffix"):
+        client.completions.create(model="light", prompt="Hello", max_tokens=1, suffix="end")
