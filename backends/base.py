@@ -66,6 +66,7 @@ class Chunk:
     text: str
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    stop_sequence: str | None = None  # on the final chunk: the stop string that ended generation
     scored: tuple[Token, ...] = ()  # with `logprobs`: the tokens this text came from, with their scores
 
 
@@ -105,6 +106,7 @@ class StopBuffer:
         self._stops = [s for s in stops if s]
         self._hold = max((len(s) for s in self._stops), default=1) - 1
         self._pending = ""
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Return (text safe to emit, whether a stop string was hit)."""
@@ -112,9 +114,10 @@ class StopBuffer:
         if not self._stops:
             out, self._pending = self._pending, ""
             return out, False
-        hits = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]
+        hits = [(i, s) for s in self._stops if (i := self._pending.find(s)) >= 0]
         if hits:
-            out = self._pending[: min(hits)]
+            at, self.matched = min(hits)
+            out = self._pending[:at]
             self._pending = ""
             return out, True
         # Emit all but the longest suffix that is a prefix of some stop string.
@@ -177,7 +180,9 @@ class Completion:
             chunks.append(Chunk(tail, scored=tuple(self._scored)))
         length = self.count >= self.max_tokens and not (self._hit or self._natural)
         usage = Usage(len(self.prompt), self.count, self.cached)
-        chunks.append(Chunk("", finish_reason="length" if length else "stop", usage=usage))
+        chunks.append(
+            Chunk("", finish_reason="length" if length else "stop", usage=usage, stop_sequence=self._stops.matched)
+        )
         return chunks
 
 

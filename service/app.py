@@ -23,6 +23,7 @@ from service.controllers.admin import AdminController
 from service.controllers.chat import ChatController
 from service.controllers.completions import CompletionsController
 from service.controllers.embeddings import EmbeddingsController
+from service.controllers.messages import MessagesController
 from service.controllers.models import ModelsController, health
 from service.controllers.rerank import rerank
 from service.controllers.tokenize import TokenizeController
@@ -102,6 +103,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             rerank,
             ModelsController,
             TokenizeController,
+            MessagesController,
             AdminController,
             health,
         ],

@@ -151,7 +151,8 @@ async def collect(stream: ChunkStream) -> tuple[Chunk, UsageInfo]:
         scored += chunk.scored
         last = chunk
     assert last.usage is not None  # a finished job's last chunk always carries usage
-    return Chunk("".join(parts), last.finish_reason, last.usage, tuple(scored)), usage_info(last.usage)
+    whole = Chunk("".join(parts), last.finish_reason, last.usage, last.stop_sequence, tuple(scored))
+    return whole, usage_info(last.usage)
 
 
 async def first_chunk(stream: ChunkStream) -> Chunk:

@@ -69,37 +69,33 @@ async def event_stream(
     piece: Callable[[Chunk], list[Any]],
     usage_event: Callable[[UsageInfo], Any] | None,
     drain: Drain,
+    frame: Callable[[Any], bytes] = sse,
+    error: Callable[[LLMServiceError], Any] = LLMServiceError.envelope,
+    done: bytes = b"data: [DONE]\n\n",
 ) -> AsyncIterator[bytes]:
     """SSE events of one job: `opening`, the events `piece` makes of each chunk (text, finish
-    reason), usage, then [DONE]."""
+    reason), usage, then `done`; an error after the start is one `error` event. `frame` writes an
+    event (OpenAI's `data:` lines by default; Anthropic's API names each event too)."""
     try:
         if opening is not None:
-            yield sse(opening)
+            yield frame(opening)
         chunk: Chunk | None = first
         while chunk is not None:
             if chunk.text or chunk.finish_reason:
                 for event in piece(chunk):
-                    yield sse(event)
+                    yield frame(event)
             if chunk.usage is not None and usage_event is not None:
-                yield sse(usage_event(usage_info(chunk.usage)))
+                yield frame(usage_event(usage_info(chunk.usage)))
             chunk = await _next(stream, drain)
     except LLMServiceError as exc:
-        yield sse(exc.envelope())
+        yield frame(error(exc))
     except Exception:
         log.exception("Stream failed")
-        yield sse(
-            {
-                "error": {
-                    "message": "Generation failed; see the server log",
-                    "type": "server_error",
-                    "param": None,
-                    "code": None,
-                }
-            }
-        )
+        yield frame(error(LLMServiceError("Generation failed; see the server log")))
     finally:
         stream.cancel()  # a no-op after a normal end; stops generation when the client went away
-    yield b"data: [DONE]\n\n"
+    if done:
+        yield done
 
 
 async def _next(stream: ChunkStream, drain: Drain) -> Chunk | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -19,8 +19,17 @@ from backends.base import ResponseFormat
 from backends.tools import START_MARKERS, ToolCall, ToolFormat, forced_call_schema, parse_forced, parse_tool_calls
 from kernel.errors import InvalidRequestError
 from service.schema_limits import check_schema
-from service.schemas.chat import ChatCompletionRequest, FunctionCall, FunctionDelta, ToolCallDelta, ToolSpec
+from service.schemas.chat import (
+    ChatCompletionRequest,
+    FunctionCall,
+    FunctionDelta,
+    NamedToolChoice,
+    ToolCallDelta,
+    ToolSpec,
+)
 from service.schemas.chat import ToolCall as WireToolCall
+
+ToolMode = Literal["none", "auto", "required", "named"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,26 +47,45 @@ class ToolPlan:
 
 def plan_tools(data: ChatCompletionRequest) -> ToolPlan:
     choice = data.tool_choice
-    if not data.tools:
-        if choice not in (None, "none", "auto"):
+    mode: ToolMode = "named" if isinstance(choice, NamedToolChoice) else (choice or "auto")
+    name = choice.function.name if isinstance(choice, NamedToolChoice) else None
+    return make_plan(
+        tool_dicts(data.tools) if data.tools else None,
+        mode,
+        name,
+        parallel=data.parallel_tool_calls is not False,
+        constrained=data.response_format is not None and data.response_format.type != "text",
+    )
+
+
+def make_plan(
+    tools: tuple[dict[str, Any], ...] | None,
+    mode: ToolMode,
+    name: str | None = None,
+    *,
+    parallel: bool = True,
+    constrained: bool = False,
+) -> ToolPlan:
+    """The plan for OpenAI-shaped `tools` under a tool choice (`name` for "named"); `constrained`:
+    the request already holds the output to a response format."""
+    if not tools:
+        if mode not in ("none", "auto"):
             raise InvalidRequestError("tool_choice needs tools", param="tool_choice")
-        return ToolPlan(None, None, True)
-    if choice == "none":
-        return ToolPlan(None, None, True)
-    tools = tool_dicts(data.tools)
+        return ToolPlan(None, None, parallel)
+    if mode == "none":
+        return ToolPlan(None, None, parallel)
     forced = None
-    if choice == "required" or not isinstance(choice, str | None):
-        name = None if isinstance(choice, str) else choice.function.name
-        if name is not None and name not in {t.function.name for t in data.tools}:
+    if mode in ("required", "named"):
+        if name is not None and name not in {t["function"]["name"] for t in tools}:
             raise InvalidRequestError(f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
-        if data.response_format is not None and data.response_format.type != "text":
+        if constrained:
             raise InvalidRequestError(
                 "response_format cannot be combined with a required tool call", param="response_format"
             )
         schema = forced_call_schema(tools, name)
         check_schema(schema, "tools")  # compiled into a grammar: bounded like response_format
         forced = ResponseFormat("json_schema", schema)
-    return ToolPlan(tools, forced, data.parallel_tool_calls is not False)
+    return ToolPlan(tools, forced, parallel)
 
 
 def tool_dicts(tools: list[ToolSpec]) -> tuple[dict[str, Any], ...]:
