@@ -60,9 +60,11 @@ def reference(backend: LlamaCppBackend, case: dict[str, Any]) -> Result:
 
 
 def test_concurrent_requests_match_one_at_a_time(server: LiveServer, unbatched: LlamaCppBackend) -> None:
-    # llama.cpp's CPU kernels round a batch of rows differently from one row, so a near-tie between
-    # two tokens can flip: these prompts have confident continuations (a mix-up of sequences,
-    # positions or samplers still breaks them).
+    # llama.cpp's CPU kernels round a batch of rows differently from one row, and which requests
+    # share a step here depends on timing, so a near-tie late in an answer can flip ("ten, eleven"
+    # vs "ten, twelve" was seen under load). Prompts with confident continuations, compared on
+    # their opening words, counts and finish: a mix-up of sequences, positions or samplers shows at
+    # once. tests/engines/test_llamacpp_engine.py compares whole texts with the batch fixed.
     cases: list[dict[str, Any]] = [
         {"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 6},
         {"prompt": "Monday, Tuesday, Wednesday, " * 6, "max_tokens": 20},
@@ -73,7 +75,8 @@ def test_concurrent_requests_match_one_at_a_time(server: LiveServer, unbatched: 
     expected = [reference(unbatched, c) for c in cases]
     server.app.state.registry.slots["light"].engine.reset_prefix_cache()
     got = run_concurrently(server, cases)  # five requests, three slots: two join a running batch
-    assert got == expected
+    opening = [(r.text[:12], r.finish_reason, r.prompt_tokens, r.completion_tokens) for r in got]
+    assert opening == [(r.text[:12], r.finish_reason, r.prompt_tokens, r.completion_tokens) for r in expected]
     worker = worker_of(server)
     wait_until(lambda: worker.running == 0)
     assert worker.in_flight == 0 and not worker.busy
