@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ from service.controllers.tokenize import TokenizeController
 from service.dispatch import Dispatcher
 from service.lifecycle import Lifecycle
 from service.metrics import RequestRecord, Telemetry, TelemetryMiddleware, request_record
+from service.openapi import openapi_config
 from service.registry import Registry, TierState
 from service.security import Security, cors_config
 from service.settings import Settings, load_settings
@@ -126,10 +128,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
             {"registry": registry, "settings": settings, "drain": dispatch.drain, "last_activity": time.monotonic()}
         ),
         before_request=_touch,
-        openapi_config=None,
+        openapi_config=openapi_config(_version()),
         logging_config=None,
     )
     return app
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("llmservice")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout without installing it
+        return "0.0.0"
 
 
 async def _announce(app: Litestar, registry: Registry) -> None:

@@ -15,6 +15,8 @@ from service.metrics import Telemetry
 from service.registry import Registry, TierState
 
 _OBSERVE_OFF = {"observe": False}  # polling these is monitoring, not traffic
+# Litestar appends `; charset=utf-8` to text/ types itself: without this it would be there twice.
+_METRICS_TYPE = "; ".join(p for p in CONTENT_TYPE_LATEST.split("; ") if not p.startswith("charset="))
 
 
 class CacheClearRequest(msgspec.Struct, kw_only=True):
@@ -22,15 +24,15 @@ class CacheClearRequest(msgspec.Struct, kw_only=True):
 
 
 class AdminController(Controller):
-    @get("/v1/stats", opt=_OBSERVE_OFF)
+    @get("/v1/stats", summary="Server, tier and worker statistics", opt=_OBSERVE_OFF)
     async def stats(self, telemetry: Telemetry) -> dict[str, Any]:
         return telemetry.snapshot()
 
-    @get("/v1/cache/stats", opt=_OBSERVE_OFF)
+    @get("/v1/cache/stats", summary="Response and prefix cache statistics", opt=_OBSERVE_OFF)
     async def cache_stats(self, telemetry: Telemetry, cache: ResponseCache) -> dict[str, Any]:
         return {"response": cache.stats(), "prefix": telemetry.prefix_stats()}
 
-    @post("/v1/cache/clear", status_code=200, opt={"admin": True})
+    @post("/v1/cache/clear", status_code=200, summary="Clear caches", opt={"admin": True})
     async def cache_clear(self, cache: ResponseCache, registry: Registry, data: CacheClearRequest) -> dict[str, Any]:
         target = data.target
         cleared: dict[str, Any] = {}
@@ -47,6 +49,8 @@ class AdminController(Controller):
             cleared["prefix"] = {"tiers": tiers}
         return {"cleared": cleared}
 
-    @get("/metrics", opt=_OBSERVE_OFF, sync_to_thread=False)
+    @get(
+        "/metrics", summary="Prometheus metrics", opt={**_OBSERVE_OFF, "media_type": "text/plain"}, sync_to_thread=False
+    )
     def metrics(self, telemetry: Telemetry) -> Response[bytes]:
-        return Response(generate_latest(telemetry.prometheus), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(telemetry.prometheus), media_type=_METRICS_TYPE)

@@ -26,7 +26,7 @@ from service.tool_calls import ToolCallFilter, call_deltas, plan_tools, wire_cal
 class ChatController(Controller):
     path = "/v1/chat/completions"
 
-    @post(status_code=200)
+    @post(status_code=200, summary="Create a chat completion", opt={"stream_events": ChatCompletionChunk})
     async def create(
         self, data: ChatCompletionRequest, registry: Registry, dispatch: Dispatcher, record: RequestRecord
     ) -> ChatCompletion | EventStream:

@@ -17,7 +17,7 @@ from service.streaming import EventStream, event_stream
 class CompletionsController(Controller):
     path = "/v1/completions"
 
-    @post(status_code=200)
+    @post(status_code=200, summary="Create a completion (legacy)", opt={"stream_events": Completion})
     async def create(
         self, data: CompletionRequest, registry: Registry, dispatch: Dispatcher, record: RequestRecord
     ) -> Completion | EventStream:

@@ -20,7 +20,7 @@ from service.security import check_batch_size
 class EmbeddingsController(Controller):
     path = "/v1/embeddings"
 
-    @post(status_code=200)
+    @post(status_code=200, summary="Create embeddings")
     async def create(
         self, data: EmbeddingCreate, registry: Registry, dispatch: Dispatcher, record: RequestRecord
     ) -> EmbeddingList:

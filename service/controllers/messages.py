@@ -37,13 +37,18 @@ from service.streaming import EventStream, event_stream
 from service.tool_calls import ToolCallFilter, ToolMode, ToolPlan, make_plan
 
 _encode = msgspec.json.Encoder().encode
+_STREAMED = (
+    "With `stream: true`: Anthropic's named events, each `event: <type>` and `data: <json>`: message_start, "
+    "content_block_start / content_block_delta / content_block_stop per block, message_delta, message_stop; an "
+    "error after the start as one `event: error`"
+)
 _MODES: dict[str, ToolMode] = {"auto": "auto", "any": "required", "tool": "named", "none": "none"}
 
 
 class MessagesController(Controller):
     path = "/v1/messages"
 
-    @post(status_code=200)
+    @post(status_code=200, summary="Create a message (Anthropic Messages API)", opt={"stream_events": _STREAMED})
     async def create(
         self, data: MessagesRequest, registry: Registry, dispatch: Dispatcher, record: RequestRecord
     ) -> Message | EventStream:
@@ -86,7 +91,7 @@ class MessagesController(Controller):
         first = await first_chunk(stream)
         return EventStream(_events(dispatch, stream, first, mid, data.model, plan, calls))
 
-    @post("/count_tokens", status_code=200)
+    @post("/count_tokens", status_code=200, summary="Count a message's input tokens (Anthropic)")
     async def count_tokens(self, data: CountTokensRequest, registry: Registry) -> CountTokensResponse:
         slot = registry.generation_slot(data.model)
         plan = _plan(data.tools, None)

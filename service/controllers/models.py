@@ -6,6 +6,7 @@ from typing import Any
 
 from litestar import Controller, Response, get, post
 from litestar.exceptions import NotFoundException
+from litestar.openapi import ResponseSpec
 
 from service.lifecycle import Lifecycle
 from service.metrics import worker_view
@@ -56,17 +57,17 @@ def model_details(slot: TierSlot) -> dict[str, Any]:
 class ModelsController(Controller):
     path = "/v1/models"
 
-    @get()
+    @get(summary="List models")
     async def list_models(self, registry: Registry) -> ModelList:
         return ModelList([model_card(registry, s) for s in registry.configured()])
 
-    @get("/{model_id:path}")
+    @get("/{model_id:path}", summary="Retrieve a model")
     async def get_model(self, model_id: str, registry: Registry) -> ModelCard:
         slot = registry.resolve(model_id.lstrip("/"))
         return model_card(registry, slot, model_details(slot))
 
     # `{id}/load` and `{id}/unload` share the path parameter: ids contain slashes (`light/gemma-3-270m`).
-    @post("/{model_id:path}", status_code=200, opt={"admin": True})
+    @post("/{model_id:path}", status_code=200, opt={"admin": True, "actions": {"load": True, "unload": False}})
     async def model_action(
         self, model_id: str, registry: Registry, lifecycle: Lifecycle, data: LoadRequest | None = None
     ) -> ModelCard:
@@ -83,7 +84,17 @@ class ModelsController(Controller):
         raise NotFoundException()
 
 
-@get("/health", sync_to_thread=False, opt={"public": True, "observe": False})
+@get(
+    "/health",
+    summary="Health of the server and each tier",
+    sync_to_thread=False,
+    opt={"public": True, "observe": False},
+    responses={
+        503: ResponseSpec(
+            dict[str, Any], generate_examples=False, description="No tier can serve: the same body, `unhealthy`"
+        )
+    },
+)
 def health(registry: Registry) -> Response[dict[str, Any]]:
     tiers = registry.health()
     serving = any(t["state"] in (TierState.LOADED, TierState.AVAILABLE, TierState.LOADING) for t in tiers.values())

@@ -23,7 +23,7 @@ from service.schemas.rerank import (
 from service.security import check_batch_size
 
 
-@post(["/v1/rerank", "/rerank", "/v2/rerank"], status_code=200)
+@post(["/v1/rerank", "/rerank", "/v2/rerank"], status_code=200, summary="Rerank documents")
 async def rerank(
     data: RerankRequest, registry: Registry, dispatch: Dispatcher, record: RequestRecord
 ) -> RerankResponse | list[TeiResult]:

@@ -17,7 +17,7 @@ from service.tool_calls import tool_dicts
 class TokenizeController(Controller):
     path = "/"
 
-    @post(["/tokenize", "/v1/tokenize"], status_code=200)
+    @post(["/tokenize", "/v1/tokenize"], status_code=200, summary="Tokenize a prompt or chat messages")
     async def tokenize(self, data: TokenizeRequest, registry: Registry) -> TokenizeResponse:
         if (data.prompt is None) == (data.messages is None):
             raise InvalidRequestError("Send either prompt or messages", param="prompt")
@@ -33,6 +33,6 @@ class TokenizeController(Controller):
         tokens = await registry.tokenize(slot, request)
         return TokenizeResponse(tokens, len(tokens), context)
 
-    @post(["/detokenize", "/v1/detokenize"], status_code=200)
+    @post(["/detokenize", "/v1/detokenize"], status_code=200, summary="Turn token ids back into text")
     async def detokenize(self, data: DetokenizeRequest, registry: Registry) -> DetokenizeResponse:
         return DetokenizeResponse(await registry.detokenize(registry.generation_slot(data.model), data.tokens))

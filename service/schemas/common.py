@@ -80,8 +80,15 @@ class UsageInfo(msgspec.Struct):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
-class ErrorBody(msgspec.Struct):
+class ErrorBody(msgspec.Struct, kw_only=True):
     message: str
     type: str
-    param: str | None = None
-    code: str | None = None
+    param: str | None
+    code: str | None
+    retry_after: float | msgspec.UnsetType = msgspec.UNSET  # 429s only: seconds, as in Retry-After
+
+
+class ErrorResponse(msgspec.Struct):
+    """The body of every error answer, OpenAI's envelope."""
+
+    error: ErrorBody
