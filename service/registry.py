@@ -110,6 +110,9 @@ class Registry:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.started = time.time()
+        # One model load at a time, in tier order at start-up: two libraries initialising a GPU
+        # runtime at once (torch and llama.cpp's CUDA build) is what a load must never race into.
+        self._loading = asyncio.Lock()
         self.slots: dict[str, TierSlot] = {}
         for name in TIERS:
             tier = settings.tier(name)
@@ -225,7 +228,8 @@ class Registry:
         progress = asyncio.create_task(_log_progress(slot.name, started))
         try:
             await self._load_dependency(slot)
-            await asyncio.to_thread(self._load_sync, slot)
+            async with self._loading:
+                await asyncio.to_thread(self._load_sync, slot)
         except LLMServiceError as exc:
             slot.state, slot.error = TierState.FAILED, exc.message
             log.error("Tier %s: failed to load: %s", slot.name, exc.message)

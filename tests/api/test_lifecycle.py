@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -231,3 +232,25 @@ def test_load_by_path_is_refused_without_models_dir(gemma_gguf: str) -> None:
         res = http.post("/v1/models/light/load", json={"model_path": gemma_gguf})
         assert res.status_code == 403 and "MODELS_DIR" in res.json()["error"]["message"]
         assert card(http)["status"] == "loaded"
+
+
+def test_tiers_load_one_at_a_time_in_tier_order(gemma_gguf: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.registry import Registry, TierSlot
+
+    spans: list[tuple[str, float, float]] = []
+    real = Registry._load_sync
+
+    def timed(self: Registry, slot: TierSlot) -> None:
+        started = time.monotonic()
+        try:
+            real(self, slot)
+        finally:
+            spans.append((slot.name, started, time.monotonic()))
+
+    monkeypatch.setattr(Registry, "_load_sync", timed)
+    env = {"LIGHT_MODEL_PATH": gemma_gguf, "MEDIUM_MODEL_PATH": gemma_gguf, "HEAVY_MODEL_PATH": gemma_gguf}
+    with live_server(env, wait_for=("light", "medium", "heavy")):
+        pass
+    spans.sort(key=lambda span: span[1])
+    assert [name for name, _, _ in spans] == ["light", "medium", "heavy"]
+    assert all(earlier[2] <= later[1] for earlier, later in itertools.pairwise(spans))
