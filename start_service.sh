@@ -116,7 +116,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   fi
   say "installing llmservice[$extras] into $VENV$([ "$locked" = 1 ] && echo " at the versions in constraints.txt")"
   "$VENV/bin/python" -c 'import llama_cpp' 2>/dev/null \
-    || say "llama-cpp-python compiles on this first install: about 10 minutes on two cores"
+    || say "llama-cpp-python is built from source on a first install: ~10 min on two cores (seconds from pip's cache)"
   pip_install ${constraints[@]+"${constraints[@]}"} --only-binary=langchain-core -e ".[$extras]"
   if [ -n "$torch_spec" ]; then
     "$VENV/bin/python" - "$torch_spec" <<'PY'
