@@ -99,6 +99,16 @@ class EngineInfo:
     tool_format: ToolFormat = "hermes"  # how this model writes tool calls (backends.tools)
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two sequences share (prefix reuse in the engines' KV caches)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class StopBuffer:
     """Holds back text that could still become a stop string, so clients never see half of one."""
 

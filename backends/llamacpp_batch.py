@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import llama_cpp
 import numpy as np
 
-from backends.base import Completion, DecodeBatch, Token, TokenLogprob
+from backends.base import Completion, DecodeBatch, Token, TokenLogprob, common_prefix
 from backends.llamacpp_sampling import Sampler, TextStream, free_sampler, logprobs
 from kernel.errors import EngineError, InvalidRequestError, LLMServiceError
 
@@ -56,7 +56,7 @@ class Slots:
         """A free slot holding as much of `prompt` as any slot can give; returns (slot, reused)."""
         free = [s for s in self.slots if not s.busy]
         assert free, "more sequences than slots"
-        usable = {s.seq: min(_common(s.tokens, prompt), len(prompt) - 1) for s in self.slots}
+        usable = {s.seq: min(common_prefix(s.tokens, prompt), len(prompt) - 1) for s in self.slots}
         slot = max(free, key=lambda s: (usable[s.seq], -s.used))
         if usable[slot.seq] == 0:  # nothing to reuse: overwrite the least recently used one
             slot = min(free, key=lambda s: s.used)
@@ -94,15 +94,6 @@ class Slots:
         llama_cpp.llama_memory_clear(self._memory, True)
         for slot in self.slots:
             slot.tokens = []
-
-
-def _common(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @dataclass(slots=True, eq=False)

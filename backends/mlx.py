@@ -37,6 +37,7 @@ from backends.base import (
     ResponseFormat,
     Token,
     TokenLogprob,
+    common_prefix,
 )
 from backends.tools import fold_tools, template_messages, template_takes_tools, tool_format
 from kernel.errors import (
@@ -484,7 +485,7 @@ class PrefixCache:
         """Return (a cache holding the first n prompt tokens, n), or (None, 0)."""
         best: tuple[int, int] | None = None  # (reusable tokens, entry index)
         for i, entry in enumerate(self._entries):
-            shared = _common_prefix(entry.tokens, prompt)
+            shared = common_prefix(entry.tokens, prompt)
             # At least one prompt token must still run through the model to give logits.
             usable = min(shared, len(prompt) - 1)
             extends = usable == len(entry.tokens)
@@ -584,15 +585,6 @@ def _with_history(processor: LogitsProcessor, history: list[int]) -> LogitsProce
         return processor(mx.concatenate([tail, tokens]), logits)
 
     return run
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _cache_offset(cache: list[Any]) -> int | None:

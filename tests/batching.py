@@ -24,6 +24,11 @@ class Result:
     prompt_tokens: int
     completion_tokens: int
 
+    def opening(self) -> tuple[str, str | None, int, int]:
+        """What must match when batch composition depends on timing: llama.cpp's CPU kernels round
+        a batch of rows differently from one row, so a near-tie late in an answer can flip."""
+        return self.text[:12], self.finish_reason, self.prompt_tokens, self.completion_tokens
+
 
 def worker_of(server: LiveServer) -> GenerationWorker:
     worker: GenerationWorker | None = server.app.state.registry.slots["light"].worker
