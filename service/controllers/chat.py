@@ -3,7 +3,7 @@ from __future__ import annotations
 from litestar import Controller, post
 
 from backends.base import Chunk
-from backends.tools import ToolCall, tool_format
+from backends.tools import tool_format
 from kernel.errors import InvalidRequestError
 from service.dispatch import Dispatcher
 from service.generation import chat_logprobs, chat_messages, collect, engine_request, first_chunk, new_id, now
@@ -50,14 +50,9 @@ class ChatController(Controller):
         calls = ToolCallFilter(slot.tool_format or tool_format(None, slot.settings.tool_parser), tools)
         if not data.stream:
             whole, usage = await collect(stream)
-            text, finish_reason = whole.text, whole.finish_reason
-            content, found = text, list[ToolCall]()
-            if tools.active:
-                sent = calls.feed(text)
-                tail, found = calls.finish()
-                content = sent + tail
+            content, found = calls.split(whole.text)
             message = AssistantMessage("assistant", content or (None if found else ""), wire_calls(found) or None)
-            choice = ChatChoice(0, message, "tool_calls" if found else finish_reason, chat_logprobs(whole))
+            choice = ChatChoice(0, message, "tool_calls" if found else whole.finish_reason, chat_logprobs(whole))
             return ChatCompletion(cid, created, model, [choice], usage)
 
         first = await first_chunk(stream)

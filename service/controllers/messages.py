@@ -13,7 +13,7 @@ import msgspec
 from litestar import Controller, post
 
 from backends.base import Chunk
-from backends.tools import ToolCall, tool_format
+from backends.tools import tool_format
 from kernel.errors import InvalidRequestError, LLMServiceError
 from service.dispatch import Dispatcher
 from service.generation import collect, engine_request, first_chunk
@@ -72,11 +72,7 @@ class MessagesController(Controller):
         calls = ToolCallFilter(slot.tool_format or tool_format(None, slot.settings.tool_parser), plan)
         if not data.stream:
             whole, usage = await collect(stream)
-            text, found = whole.text, list[ToolCall]()
-            if plan.active:
-                sent = calls.feed(whole.text)
-                tail, found = calls.finish()
-                text = sent + tail
+            text, found = calls.split(whole.text)
             content: list[TextBlock | ToolUseBlock] = [TextBlock(text=text)] if text else []
             content += [ToolUseBlock(id=_tool_id(), name=c.name, input=json.loads(c.arguments)) for c in found]
             cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
