@@ -257,7 +257,11 @@ def _load_mode(mmap: bool, mlock: bool) -> int:
 
 
 def default_threads() -> int:
-    """Physical cores we may run on (llama.cpp's own default counts cores, not hyper-threads)."""
+    """Physical cores we may run on, less one (llama.cpp counts cores, not hyper-threads).
+
+    ggml's threads spin at a barrier every step: with one per core, the server's own event loop,
+    tokenizers and torch tiers take cores from them and a step stalls (2 s per token was seen on
+    2 busy cores, 0.25 s with one thread fewer). N_THREADS sets it explicitly."""
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
     cores = set()
     for cpu in cpus:
@@ -266,7 +270,7 @@ def default_threads() -> int:
             cores.add(siblings.read_text().strip())
         except OSError:
             cores.add(str(cpu))
-    return max(1, len(cores))
+    return max(1, len(cores) - 1)
 
 
 def _device(n_gpu_layers: int) -> str:
