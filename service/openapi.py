@@ -138,7 +138,15 @@ def _amend(operation: dict[str, Any], handler: HTTPRouteHandler, settings: Setti
         )
         success["content"] = {
             "application/json": {"schema": _schema(returned)[0]},
-            "text/event-stream": {"schema": {"type": "string", "description": described}},
+            # Before OpenAPI 3.2 a sequential media type's schema describes one event.
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "description": described,
+                    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                    "required": ["data"],
+                }
+            },
         }
     elif (media := handler.opt.get("media_type")) is not None:
         success["content"] = {media: {"schema": {"type": "string"}}}
