@@ -62,6 +62,25 @@ def held(server: LiveServer) -> Iterator[GenerationWorker]:
         done.result(30)
 
 
+def three_streams_one_cut(server: LiveServer, cases: list[dict[str, Any]]) -> dict[int, Result]:
+    """Three streams that start in one batch; the second client goes away after 3 chunks."""
+    results: dict[int, Result] = {}
+    worker = worker_of(server)
+
+    def one(i: int) -> None:
+        with server.client() as http:
+            results[i] = stream(http, cases[i], stop_after=3 if i == 1 else None)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    with held(server):
+        for t in threads:
+            t.start()
+        wait_until(lambda: worker.waiting == 3)
+    for t in threads:
+        t.join(120)
+    return results
+
+
 def body_of(case: dict[str, Any]) -> dict[str, Any]:
     body = {"model": "light", "temperature": 0, "top_p": 1.0, "top_k": 0, **case}
     if "schema" in body:

@@ -66,3 +66,14 @@ def live_server(env: Mapping[str, str], wait_for: tuple[str, ...] = ()) -> Itera
         yield server
     finally:
         server.stop()
+
+
+def error_of(res: httpx.Response, status: int) -> dict[str, object]:
+    """The OpenAI error envelope, alone in the body, with `status` and no traceback."""
+    assert res.status_code == status, res.text
+    body = res.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert {"message", "type", "param", "code"} <= set(error)
+    assert "Traceback" not in error["message"]
+    return error  # type: ignore[no-any-return]

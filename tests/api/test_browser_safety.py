@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.conftest import StartService
-from tests.live import LiveServer, live_server
+from tests.live import LiveServer, error_of, live_server
 
 CHAT = {"model": "light", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
 EVIL = "http://evil.example"
@@ -27,13 +27,6 @@ def server(gemma_gguf: str) -> Iterator[LiveServer]:
 def http(server: LiveServer) -> Iterator[httpx.Client]:
     with server.client() as client:
         yield client
-
-
-def error_of(res: httpx.Response, status: int) -> dict[str, object]:
-    assert res.status_code == status, res.text
-    error = res.json()["error"]
-    assert {"message", "type", "param", "code"} <= set(error)
-    return error  # type: ignore[no-any-return]
 
 
 def test_a_simple_cross_origin_post_cannot_generate(http: httpx.Client) -> None:

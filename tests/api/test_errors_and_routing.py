@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.live import LiveServer, live_server
+from tests.live import LiveServer, error_of, live_server
 
 MSG = [{"role": "user", "content": "Hi"}]
 
@@ -25,16 +25,6 @@ def server(gemma_gguf: str) -> Iterator[LiveServer]:
 def http(server: LiveServer) -> Iterator[httpx.Client]:
     with server.client() as client:
         yield client
-
-
-def error_of(res: httpx.Response, status: int) -> dict[str, object]:
-    assert res.status_code == status, res.text
-    body = res.json()
-    assert set(body) == {"error"}
-    error = body["error"]
-    assert {"message", "type", "param", "code"} <= set(error)
-    assert "Traceback" not in error["message"]
-    return error  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize(

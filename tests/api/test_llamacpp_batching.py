@@ -8,7 +8,6 @@ at a time in-process (`MAX_BATCH=1`, a cold cache for each).
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +18,7 @@ pytest.importorskip("llama_cpp")
 from backends.base import GenerationRequest
 from backends.llamacpp import LlamaCppBackend
 from kernel.config import TierSettings
-from tests.batching import Result, held, run_concurrently, stream, wait_until, worker_of
+from tests.batching import Result, run_concurrently, three_streams_one_cut, wait_until, worker_of
 from tests.live import LiveServer, live_server
 
 N_CTX = 1024
@@ -102,20 +101,8 @@ def test_prefix_reuse_is_reported(server: LiveServer) -> None:
 def test_disconnecting_one_stream_leaves_the_others_intact(server: LiveServer, unbatched: LlamaCppBackend) -> None:
     cases = [{"prompt": f"Round {i}. The quick brown fox jumps over", "max_tokens": 60} for i in range(3)]
     expected = [reference(unbatched, c) for c in cases]
-    results: dict[int, Result] = {}
+    results = three_streams_one_cut(server, cases)
     worker = worker_of(server)
-
-    def one(i: int) -> None:
-        with server.client() as http:
-            results[i] = stream(http, cases[i], stop_after=3 if i == 1 else None)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
-    with held(server):
-        for t in threads:
-            t.start()
-        wait_until(lambda: worker.waiting == 3)
-    for t in threads:
-        t.join(120)
     # When the third-token disconnect is seen decides the batch's width from then on: openings only.
     assert results[0].opening() == expected[0].opening() and results[2].opening() == expected[2].opening()
     assert expected[1].text.startswith(results[1].text[:12]) and results[1].finish_reason is None

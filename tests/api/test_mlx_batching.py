@@ -21,7 +21,7 @@ pytest.importorskip("mlx_lm")
 from backends.base import GenerationRequest, ResponseFormat
 from backends.mlx import MlxBackend
 from kernel.config import TierSettings
-from tests.batching import Result, body_of, held, run_concurrently, stream, wait_until, worker_of
+from tests.batching import Result, body_of, held, run_concurrently, stream, three_streams_one_cut, wait_until, worker_of
 from tests.live import LiveServer, live_server
 
 N_CTX = 2048
@@ -124,20 +124,8 @@ def test_disconnecting_one_stream_leaves_the_others_intact(server: LiveServer, u
         {"prompt": f"Round {i}. The quick brown fox jumps over the lazy dog", "max_tokens": 150} for i in range(3)
     ]
     expected = [reference(unbatched, c) for c in cases]
-    results: dict[int, Result] = {}
+    results = three_streams_one_cut(server, cases)
     worker = worker_of(server)
-
-    def one(i: int) -> None:
-        with server.client() as http:
-            results[i] = stream(http, cases[i], stop_after=3 if i == 1 else None)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
-    with held(server):
-        for t in threads:
-            t.start()
-        wait_until(lambda: worker.waiting == 3)
-    for t in threads:
-        t.join(120)
     assert results[0] == expected[0] and results[2] == expected[2]
     assert expected[1].text.startswith(results[1].text) and results[1].finish_reason is None
     wait_until(lambda: worker.running == 0)
