@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from backends.reasoning import ReasoningFormat, reasoning_format
 from backends.tools import ToolFormat
 from kernel.errors import ContextLengthExceeded, InvalidRequestError, LLMServiceError
 
@@ -97,6 +98,7 @@ class EngineInfo:
     extras: dict[str, Any] = field(default_factory=dict)
     vocab_size: int = 0  # 0: unknown; token-id prompts are checked against it
     tool_format: ToolFormat = "hermes"  # how this model writes tool calls (backends.tools)
+    reasoning: ReasoningFormat | None = None  # how it marks its thinking (backends.reasoning)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -267,6 +269,15 @@ class Backend(abc.ABC):
 
     def reset_prefix_cache(self) -> None:  # noqa: B027 - optional hook
         """Forget reusable prompt state (KV/prefix cache); called on the model's worker thread."""
+
+    def probe_reasoning(self, template: str | None, setting: str) -> ReasoningFormat | None:
+        """The model's thinking markers, and whether its generation prompt opens them (rendered once
+        for a one-message chat; a template that cannot render that opens nothing)."""
+        try:
+            probe = self.render_chat([{"role": "user", "content": "Hi"}]) if template else ""
+        except Exception:  # any template failure here only means "not opened"
+            probe = ""
+        return reasoning_format(template, setting, probe)
 
     def tokens(self, request: GenerationRequest) -> list[int]:
         """The request's prompt as token ids: chat template and tools applied, BOS added once."""

@@ -23,6 +23,7 @@ from backends.base import Backend, Completion, DecodeBatch, EngineInfo, Generati
 from backends.chat_templates import builtin_for_architecture, render, resolve_template_setting
 from backends.llamacpp_batch import LlamaCppBatch, Slots
 from backends.llamacpp_sampling import GrammarCompiler
+from backends.reasoning import ReasoningFormat
 from backends.tools import tool_format
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError, LLMServiceError, ModelUnavailableError, engine_errors
@@ -71,6 +72,7 @@ class LlamaCppBackend(Backend):
         self._grammars: GrammarCompiler | None = None
         self._template: str | None = None
         self._template_source = "none"
+        self._reasoning: ReasoningFormat | None = None
         self._bos = ""
         self._eos_text = ""
         self._device = "cpu"
@@ -134,6 +136,7 @@ class LlamaCppBackend(Backend):
         bos = llama_cpp.llama_vocab_bos(self.vocab)
         self._bos = _token_text(self.vocab, bos) if bos >= 0 else ""
         self._eos_text = _token_text(self.vocab, self.eos) if self.eos >= 0 else ""
+        self._reasoning = self.probe_reasoning(self._template, self.tier.reasoning_parser)
 
     def close(self) -> None:
         if self._grammars is not None:
@@ -177,6 +180,7 @@ class LlamaCppBackend(Backend):
             extras={"chat_template": self._template_source, "max_batch": self.max_batch_size},
             vocab_size=self.n_vocab,
             tool_format=tool_format(self._template, self.tier.tool_parser),
+            reasoning=self._reasoning,
         )
 
     # -- prompts ---------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from backends.base import (
     TokenLogprob,
     common_prefix,
 )
+from backends.reasoning import ReasoningFormat
 from backends.tools import fold_tools, template_messages, template_takes_tools, tool_format
 from kernel.errors import (
     EngineError,
@@ -73,6 +74,7 @@ class MlxBackend(Backend):
         self._model: Any = None
         self._tokenizer: Any = None  # mlx_lm TokenizerWrapper (untyped)
         self._eos: frozenset[int] = frozenset()
+        self._reasoning: ReasoningFormat | None = None
         self._grammar_tokenizer: LLTokenizer | None = None  # built on first structured request
         entries = tier.prefix_cache_entries
         self.prefix_cache = PrefixCache(entries)
@@ -101,6 +103,7 @@ class MlxBackend(Backend):
         if tokenizer.eos_token_id is not None:
             eos.add(int(tokenizer.eos_token_id))
         self._model, self._tokenizer, self._eos = model, tokenizer, frozenset(eos)
+        self._reasoning = self.probe_reasoning(self._template_source(), self.tier.reasoning_parser)
         # BatchGenerator merges per-sequence caches; models whose caches cannot merge (some
         # state-space layers) decode one request at a time, as mlx_lm.server does.
         batchable = all(hasattr(c, "merge") for c in make_prompt_cache(model))
@@ -126,6 +129,7 @@ class MlxBackend(Backend):
             },
             vocab_size=self._tokenizer.vocab_size if self._tokenizer is not None else 0,
             tool_format=tool_format(self._template_source(), self.tier.tool_parser),
+            reasoning=self._reasoning,
         )
 
     def _template_source(self) -> str | None:

@@ -47,6 +47,7 @@ class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
     # Engine-specific options; service.settings refuses each one on tiers it does not apply to.
     prefix_cache_entries: NonNeg = 4  # MLX: KV caches of recent conversations kept for reuse
     tool_parser: Literal["auto", "hermes", "llama3", "mistral"] = "auto"  # how the model writes tool calls
+    reasoning_parser: Literal["auto", "none", "think"] = "auto"  # where its thinking is (backends.reasoning)
     engine: str = ""  # embedding/reranker engine; "" = chosen from the model's files
     device: str = "auto"  # torch engines: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
     batch_size: Positive = 32  # torch engines: inputs per forward pass

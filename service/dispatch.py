@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from backends.base import Chunk, FinishReason, GenerationRequest, Usage
@@ -54,6 +55,28 @@ class Dispatcher:
         stream = await self.registry.generate(slot, request)
         store = (lambda value: self.cache.put(key, value)) if key is not None else None
         return RecordingStream(stream, record, store)
+
+    async def choices(
+        self, kind: str, slot: TierSlot, request: GenerationRequest, record: RequestRecord, n: int
+    ) -> list[ChunkStream]:
+        """OpenAI's `n`: one job per choice, decoded side by side where the engine batches. A fixed
+        seed moves on by one per choice, so seeded choices differ yet stay reproducible."""
+        if n > slot.settings.max_queue:
+            raise InvalidRequestError(
+                f"n is {n}, above the {slot.settings.max_queue} requests tier {slot.name} queues"
+                f" ({slot.name.upper()}_MAX_QUEUE)",
+                param="n",
+            )
+        streams: list[ChunkStream] = []
+        try:
+            for i in range(n):
+                seed = None if request.seed is None else (request.seed + i) % 2**32
+                streams.append(await self.generate(kind, slot, replace(request, seed=seed), record))
+        except BaseException:
+            for stream in streams:
+                stream.cancel()
+            raise
+        return streams
 
     async def cached(
         self,
@@ -136,8 +159,10 @@ class RecordingStream:
             self._pieces.append(chunk.text)
         if chunk.usage is not None:
             usage = chunk.usage
-            record.prompt_tokens, record.completion_tokens = usage.prompt_tokens, usage.completion_tokens
-            record.cached_tokens = usage.cached_tokens
+            # Several choices (n > 1) share one prompt: its tokens count once, generated ones add up.
+            record.prompt_tokens = max(record.prompt_tokens, usage.prompt_tokens)
+            record.completion_tokens += usage.completion_tokens
+            record.cached_tokens = max(record.cached_tokens, usage.cached_tokens)
             if self._store is not None and chunk.finish_reason is not None:
                 self._store(
                     CachedGeneration(self._pieces, chunk.finish_reason, usage.prompt_tokens, usage.completion_tokens)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import msgspec
@@ -46,8 +48,6 @@ def engine_request(
     top_logprobs: int = 0,
 ) -> GenerationRequest:
     """Apply the tier's defaults to whatever the request left out."""
-    if fields.n != 1:
-        raise InvalidRequestError("Only n=1 is supported", param="n")
     stop = (fields.stop,) if isinstance(fields.stop, str) else tuple(fields.stop or ())
     if len(stop) > 16:
         raise InvalidRequestError("At most 16 stop sequences are supported", param="stop")
@@ -153,6 +153,74 @@ async def collect(stream: ChunkStream) -> tuple[Chunk, UsageInfo]:
     assert last.usage is not None  # a finished job's last chunk always carries usage
     whole = Chunk("".join(parts), last.finish_reason, last.usage, last.stop_sequence, tuple(scored))
     return whole, usage_info(last.usage)
+
+
+async def collect_all(streams: list[ChunkStream]) -> list[tuple[Chunk, UsageInfo]]:
+    """Every choice's whole answer (see `collect`), run side by side."""
+    try:
+        return await asyncio.gather(*(collect(s) for s in streams))
+    finally:
+        for stream in streams:
+            stream.cancel()  # a no-op for finished jobs; stops the others when one failed
+
+
+def total_usage(usages: list[UsageInfo]) -> UsageInfo:
+    """Usage of several choices of one prompt: the prompt counts once, generated tokens add up."""
+    first = usages[0]
+    completion = sum(u.completion_tokens for u in usages)
+    return UsageInfo(first.prompt_tokens, completion, first.prompt_tokens + completion, first.prompt_tokens_details)
+
+
+class Fanout:
+    """Several choices' streams as one: chunks in the order they come, `index` naming the choice
+    of the chunk last returned. Each job's usage is held back and summed into one last chunk."""
+
+    def __init__(self, streams: list[ChunkStream]) -> None:
+        self._streams = streams
+        self._pending: dict[asyncio.Future[Chunk | None], int] = {}
+        self._usages: list[Usage] = []
+        self._started = False
+        self.index = 0
+
+    def __aiter__(self) -> Fanout:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if not self._started:
+            self._started = True
+            for i in range(len(self._streams)):
+                self._watch(i)
+        while self._pending:
+            done, _ = await asyncio.wait(self._pending, return_when=asyncio.FIRST_COMPLETED)
+            task = done.pop()
+            index = self._pending.pop(task)
+            chunk = task.result()  # a job's error ends the whole stream (cancel() stops the rest)
+            if chunk is None:
+                continue
+            self._watch(index)
+            self.index = index
+            if chunk.usage is None:
+                return chunk
+            self._usages.append(chunk.usage)
+            return replace(chunk, usage=None)
+        if self._usages:
+            usages, self._usages = self._usages, []
+            total = Usage(
+                usages[0].prompt_tokens,
+                sum(u.completion_tokens for u in usages),
+                cached_tokens=usages[0].cached_tokens,
+            )
+            return Chunk("", usage=total)
+        raise StopAsyncIteration
+
+    def _watch(self, index: int) -> None:
+        self._pending[asyncio.ensure_future(anext(self._streams[index], None))] = index
+
+    def cancel(self) -> None:
+        for task in self._pending:
+            task.cancel()
+        for stream in self._streams:
+            stream.cancel()
 
 
 async def first_chunk(stream: ChunkStream) -> Chunk:

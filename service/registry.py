@@ -14,6 +14,7 @@ from typing import Any
 
 from backends.base import Backend, GenerationRequest
 from backends.factory import create_backend
+from backends.reasoning import ReasoningFormat
 from backends.tools import ToolFormat
 from embedders.base import Embedder, EmbeddingBatch, EmbeddingJob, EmbeddingRequest
 from embedders.factory import create_embedder
@@ -70,6 +71,7 @@ class TierSlot:
     batcher: MicroBatcher[Any, Any] | None = None  # embedding and reranker tiers
     engine_name: str | None = None
     tool_format: ToolFormat | None = None  # generation tiers: how the model writes tool calls
+    reasoning: ReasoningFormat | None = None  # generation tiers: how it marks its thinking
     device: str | None = None
     context_length: int | None = None
     dimension: int | None = None  # embedding tiers
@@ -260,7 +262,7 @@ class Registry:
         backend.load()
         info = backend.info()
         slot.engine, slot.engine_name, slot.device = backend, info.engine, info.device
-        slot.context_length, slot.tool_format = info.context_length, info.tool_format
+        slot.context_length, slot.tool_format, slot.reasoning = info.context_length, info.tool_format, info.reasoning
         slot.worker = GenerationWorker(slot.name, backend, slot.settings.max_queue)
 
     async def _load_dependency(self, slot: TierSlot) -> None:

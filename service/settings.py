@@ -75,6 +75,7 @@ _FAMILY_ONLY: dict[str, tuple[str, ...]] = {
     "max_batch": GENERATION_TIERS,
     "prefix_cache_entries": GENERATION_TIERS,
     "tool_parser": GENERATION_TIERS,
+    "reasoning_parser": GENERATION_TIERS,
     "temperature": GENERATION_TIERS,
     "top_p": GENERATION_TIERS,
     "top_k": GENERATION_TIERS,
@@ -120,7 +121,7 @@ def _unknown(key: str) -> SettingsError:
 
 
 def _tier_value(field: str, value: str) -> Any:
-    if field in ("backend", "engine", "device", "pooling", "tool_parser"):
+    if field in ("backend", "engine", "device", "pooling", "tool_parser", "reasoning_parser"):
         return value.strip().lower().replace("-", "_") if field == "engine" else value.strip().lower()
     if field == "hybrid_weights":
         return [part.strip() for part in value.split(",")]

@@ -138,14 +138,6 @@ class ToolCallFilter:
         out, self._held = self._held[:cut], self._held[cut:]
         return out
 
-    def split(self, text: str) -> tuple[str, list[ToolCall]]:
-        """A whole answer at once: its content and its calls (no calls without tools)."""
-        if not self._plan.active:
-            return text, []
-        sent = self.feed(text)
-        tail, calls = self.finish()
-        return sent + tail, calls
-
     def finish(self) -> tuple[str, list[ToolCall]]:
         """The rest of the content (text held back that was no call after all) and the calls."""
         held, self._held = self._held, ""

@@ -3,10 +3,20 @@ from __future__ import annotations
 from litestar import Controller, post
 
 from backends.base import Chunk
-from backends.tools import tool_format
 from kernel.errors import InvalidRequestError
+from service.answer import Answer
 from service.dispatch import Dispatcher
-from service.generation import chat_logprobs, chat_messages, collect, engine_request, first_chunk, new_id, now
+from service.generation import (
+    Fanout,
+    chat_logprobs,
+    chat_messages,
+    collect_all,
+    engine_request,
+    first_chunk,
+    new_id,
+    now,
+    total_usage,
+)
 from service.metrics import RequestRecord
 from service.registry import Registry
 from service.schemas.chat import (
@@ -20,7 +30,8 @@ from service.schemas.chat import (
     Delta,
 )
 from service.streaming import EventStream, event_stream
-from service.tool_calls import ToolCallFilter, call_deltas, plan_tools, wire_calls
+from service.tool_calls import call_deltas, plan_tools, wire_calls
+from service.workers import ChunkStream
 
 
 class ChatController(Controller):
@@ -44,44 +55,61 @@ class ChatController(Controller):
             logprobs=data.logprobs,
             top_logprobs=data.top_logprobs or 0,
         )
-        stream = await dispatch.generate("chat", slot, request, record)
+        streams = await dispatch.choices("chat", slot, request, record, data.n)
         cid, created, model = new_id("chatcmpl"), now(), data.model
-        # Known once the tier has loaded, which generate() waited for (a cache replay may not have).
-        calls = ToolCallFilter(slot.tool_format or tool_format(None, slot.settings.tool_parser), tools)
+        # Made after generate() waited for the tier to load, which tells the model's formats.
+        answers = [Answer(slot, tools, constrained=request.response_format is not None) for _ in streams]
         if not data.stream:
-            whole, usage = await collect(stream)
-            content, found = calls.split(whole.text)
-            message = AssistantMessage("assistant", content or (None if found else ""), wire_calls(found) or None)
-            choice = ChatChoice(0, message, "tool_calls" if found else whole.finish_reason, chat_logprobs(whole))
-            return ChatCompletion(cid, created, model, [choice], usage)
+            choices, usages = [], []
+            for index, (answer, (whole, usage)) in enumerate(zip(answers, await collect_all(streams), strict=True)):
+                parts, found = answer.split(whole.text)
+                message = AssistantMessage(
+                    "assistant",
+                    parts.content or (None if found else ""),
+                    wire_calls(found) or None,
+                    reasoning_content=parts.reasoning or None,
+                    reasoning=parts.reasoning or None,
+                )
+                finish = "tool_calls" if found else whole.finish_reason
+                choices.append(ChatChoice(index, message, finish, chat_logprobs(whole)))
+                usages.append(usage)
+            return ChatCompletion(cid, created, model, choices, total_usage(usages))
 
+        stream: ChunkStream = streams[0] if len(streams) == 1 else Fanout(streams)
         first = await first_chunk(stream)
 
         def chunk(
-            delta: Delta, finish: str | None = None, logprobs: ChoiceLogprobs | None = None
+            index: int, delta: Delta, finish: str | None = None, logprobs: ChoiceLogprobs | None = None
         ) -> ChatCompletionChunk:
-            return ChatCompletionChunk(cid, created, model, [ChunkChoice(0, delta, finish, logprobs)])
+            return ChatCompletionChunk(cid, created, model, [ChunkChoice(index, delta, finish, logprobs)])
 
         def piece(part: Chunk) -> list[ChatCompletionChunk]:
-            text, finish, logprobs = part.text, part.finish_reason, chat_logprobs(part)
-            if not tools.active:
-                return [chunk(Delta(content=text) if text else Delta(), finish, logprobs)]
-            events = [chunk(Delta(content=content), None, logprobs)] if (content := calls.feed(text)) else []
-            if finish is None:
+            index = stream.index if isinstance(stream, Fanout) else 0
+            answer, logprobs = answers[index], chat_logprobs(part)
+            parts = answer.feed(part.text)
+            events = [chunk(index, _delta(parts.reasoning, parts.content), None, logprobs)] if parts or logprobs else []
+            if part.finish_reason is None:
                 return events
-            tail, found = calls.finish()
+            tail, found = answer.finish()
             if tail:
-                events.append(chunk(Delta(content=tail)))
-            events += [chunk(Delta(tool_calls=delta)) for delta in call_deltas(wire_calls(found))]
-            return [*events, chunk(Delta(), "tool_calls" if found else finish)]
+                events.append(chunk(index, _delta(tail.reasoning, tail.content)))
+            events += [chunk(index, Delta(tool_calls=delta)) for delta in call_deltas(wire_calls(found))]
+            return [*events, chunk(index, Delta(), "tool_calls" if found else part.finish_reason)]
 
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
+        opening = [ChunkChoice(i, Delta(role="assistant", content="")) for i in range(len(streams))]
         events = event_stream(
             stream,
             first,
-            opening=ChatCompletionChunk(cid, created, model, [ChunkChoice(0, Delta(role="assistant", content=""))]),
+            opening=ChatCompletionChunk(cid, created, model, opening),
             piece=piece,
             usage_event=(lambda u: ChatCompletionChunk(cid, created, model, [], usage=u)) if include_usage else None,
             drain=dispatch.drain,
         )
         return EventStream(events)
+
+
+def _delta(reasoning: str, content: str) -> Delta:
+    if not reasoning:
+        return Delta(content=content) if content else Delta()
+    return Delta(content=content or None, reasoning_content=reasoning, reasoning=reasoning)

@@ -7,11 +7,21 @@ from litestar import Controller, post
 from backends.base import Chunk
 from kernel.errors import InvalidRequestError
 from service.dispatch import Dispatcher
-from service.generation import collect, completion_logprobs, engine_request, first_chunk, new_id, now
+from service.generation import (
+    Fanout,
+    collect_all,
+    completion_logprobs,
+    engine_request,
+    first_chunk,
+    new_id,
+    now,
+    total_usage,
+)
 from service.metrics import RequestRecord
 from service.registry import Registry
 from service.schemas.completions import Completion, CompletionChoice, CompletionRequest
 from service.streaming import EventStream, event_stream
+from service.workers import ChunkStream
 
 
 class CompletionsController(Controller):
@@ -23,6 +33,9 @@ class CompletionsController(Controller):
     ) -> Completion | EventStream:
         if data.suffix:
             raise InvalidRequestError("suffix (fill-in-the-middle) is not supported", param="suffix")
+        if data.echo and data.logprobs is not None:
+            # OpenAI then scores the prompt's tokens too, which neither engine's decode loop computes.
+            raise InvalidRequestError("echo with logprobs (prompt logprobs) is not supported", param="echo")
         prompt = _single_prompt(data.prompt)
         slot = registry.generation_slot(data.model)
         scored = data.logprobs is not None
@@ -34,30 +47,33 @@ class CompletionsController(Controller):
             logprobs=scored,
             top_logprobs=data.logprobs or 0,
         )
-        stream = await dispatch.generate("completions", slot, request, record)
+        streams = await dispatch.choices("completions", slot, request, record, data.n)
         cid, created, model = new_id("cmpl"), now(), data.model
         echo = prompt if data.echo and isinstance(prompt, str) else ""
         if not data.stream:
-            whole, usage = await collect(stream)
-            logprobs = completion_logprobs(whole, len(echo))
-            return Completion(
-                cid, created, model, [CompletionChoice(0, echo + whole.text, whole.finish_reason, logprobs)], usage
-            )
+            choices, usages = [], []
+            for index, (whole, usage) in enumerate(await collect_all(streams)):
+                logprobs = completion_logprobs(whole, len(echo))
+                choices.append(CompletionChoice(index, echo + whole.text, whole.finish_reason, logprobs))
+                usages.append(usage)
+            return Completion(cid, created, model, choices, total_usage(usages))
 
+        stream: ChunkStream = streams[0] if len(streams) == 1 else Fanout(streams)
         first = await first_chunk(stream)
-        offset = len(echo)
+        offsets = [len(echo)] * len(streams)
 
         def piece(part: Chunk) -> list[Completion]:
-            nonlocal offset
-            choice = CompletionChoice(0, part.text, part.finish_reason, completion_logprobs(part, offset))
-            offset += len(part.text)
+            index = stream.index if isinstance(stream, Fanout) else 0
+            choice = CompletionChoice(index, part.text, part.finish_reason, completion_logprobs(part, offsets[index]))
+            offsets[index] += len(part.text)
             return [Completion(cid, created, model, [choice])]
 
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
+        opening = [CompletionChoice(i, echo, None) for i in range(len(streams))]
         events = event_stream(
             stream,
             first,
-            opening=Completion(cid, created, model, [CompletionChoice(0, echo, None)]) if echo else None,
+            opening=Completion(cid, created, model, opening) if echo else None,
             piece=piece,
             usage_event=(lambda u: Completion(cid, created, model, [], usage=u)) if include_usage else None,
             drain=dispatch.drain,

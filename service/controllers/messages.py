@@ -13,8 +13,8 @@ import msgspec
 from litestar import Controller, post
 
 from backends.base import Chunk
-from backends.tools import tool_format
 from kernel.errors import InvalidRequestError, LLMServiceError
+from service.answer import Answer
 from service.dispatch import Dispatcher
 from service.generation import collect, engine_request, first_chunk
 from service.metrics import RequestRecord
@@ -28,13 +28,14 @@ from service.schemas.messages import (
     MessagesRequest,
     MessageUsage,
     TextBlock,
+    ThinkingBlock,
     ToolChoice,
     ToolParam,
     ToolResultBlock,
     ToolUseBlock,
 )
 from service.streaming import EventStream, event_stream
-from service.tool_calls import ToolCallFilter, ToolMode, ToolPlan, make_plan
+from service.tool_calls import ToolMode, ToolPlan, make_plan
 
 _encode = msgspec.json.Encoder().encode
 _STREAMED = (
@@ -69,11 +70,15 @@ class MessagesController(Controller):
         )
         stream = await dispatch.generate("chat", slot, request, record)  # the same work as chat: one cache
         mid = f"msg_{uuid.uuid4().hex[:24]}"
-        calls = ToolCallFilter(slot.tool_format or tool_format(None, slot.settings.tool_parser), plan)
+        answer = Answer(slot, plan)
         if not data.stream:
             whole, usage = await collect(stream)
-            text, found = calls.split(whole.text)
-            content: list[TextBlock | ToolUseBlock] = [TextBlock(text=text)] if text else []
+            parts, found = answer.split(whole.text)
+            content: list[ThinkingBlock | TextBlock | ToolUseBlock] = []
+            if parts.reasoning:
+                content.append(ThinkingBlock(thinking=parts.reasoning))
+            if parts.content:
+                content.append(TextBlock(text=parts.content))
             content += [ToolUseBlock(id=_tool_id(), name=c.name, input=json.loads(c.arguments)) for c in found]
             cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
             return Message(
@@ -85,7 +90,7 @@ class MessagesController(Controller):
                 MessageUsage(usage.prompt_tokens, usage.completion_tokens, cache_read_input_tokens=cached),
             )
         first = await first_chunk(stream)
-        return EventStream(_events(dispatch, stream, first, mid, data.model, plan, calls))
+        return EventStream(_events(dispatch, stream, first, mid, data.model, answer))
 
     @post("/count_tokens", status_code=200, summary="Count a message's input tokens (Anthropic)")
     async def count_tokens(self, data: CountTokensRequest, registry: Registry) -> CountTokensResponse:
@@ -141,6 +146,8 @@ def _messages(system: str | list[TextBlock] | None, messages: list[MessageParam]
                 calls.append(
                     {"id": block.id, "type": "function", "function": {"name": block.name, "arguments": arguments}}
                 )
+            elif isinstance(block, ThinkingBlock) and message.role == "assistant":
+                continue  # earlier thinking stays out of the prompt, as reasoning models' templates do
             elif isinstance(block, ToolResultBlock) and message.role == "user":
                 content = block.content if isinstance(block.content, str) else _text(block.content or [])
                 out.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": content})
@@ -185,31 +192,37 @@ def _error(exc: LLMServiceError) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": exc.message}}
 
 
-def _events(
-    dispatch: Dispatcher, stream: Any, first: Chunk, mid: str, model: str, plan: ToolPlan, calls: ToolCallFilter
-) -> Any:
-    """Anthropic's stream: message_start, a text block (deltas), tool_use blocks, message_delta, message_stop."""
-    state = {"index": -1, "open": False}
+def _events(dispatch: Dispatcher, stream: Any, first: Chunk, mid: str, model: str, answer: Answer) -> Any:
+    """Anthropic's stream: message_start, a thinking block and a text block (deltas), tool_use
+    blocks, message_delta, message_stop."""
+    state: dict[str, Any] = {"index": -1, "open": None}  # the open block's type
 
-    def text_events(text: str) -> list[dict[str, Any]]:
+    def block_events(kind: str, text: str) -> list[dict[str, Any]]:
         events = []
-        if not state["open"]:
+        if state["open"] != kind:
+            if state["open"] is not None:
+                events.append({"type": "content_block_stop", "index": state["index"]})
             state["index"] += 1
-            state["open"] = True
-            block = {"type": "text", "text": ""}
+            state["open"] = kind
+            thinking = {"type": "thinking", "thinking": "", "signature": ""}
+            block = {"type": "text", "text": ""} if kind == "text" else thinking
             events.append({"type": "content_block_start", "index": state["index"], "content_block": block})
-        delta = {"type": "text_delta", "text": text}
+        delta = {"type": "text_delta", "text": text} if kind == "text" else {"type": "thinking_delta", "thinking": text}
         return [*events, {"type": "content_block_delta", "index": state["index"], "delta": delta}]
 
+    def parts_events(reasoning: str, content: str) -> list[dict[str, Any]]:
+        return (block_events("thinking", reasoning) if reasoning else []) + (
+            block_events("text", content) if content else []
+        )
+
     def piece(part: Chunk) -> list[dict[str, Any]]:
-        text = calls.feed(part.text) if plan.active else part.text
-        events = text_events(text) if text else []
+        parts = answer.feed(part.text)
+        events = parts_events(parts.reasoning, parts.content)
         if part.finish_reason is None:
             return events
-        tail, found = calls.finish() if plan.active else ("", [])
-        if tail:
-            events += text_events(tail)
-        if state["open"]:
+        tail, found = answer.finish()
+        events += parts_events(tail.reasoning, tail.content)
+        if state["open"] is not None:
             events.append({"type": "content_block_stop", "index": state["index"]})
         for call in found:
             state["index"] += 1

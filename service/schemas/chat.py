@@ -76,6 +76,9 @@ class AssistantMessage(msgspec.Struct):
     content: str | None
     tool_calls: list[ToolCall] | None = None
     refusal: None = None
+    # A reasoning model's thinking, under both names clients read (vLLM/DeepSeek's and OpenRouter's).
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class ChoiceLogprobs(msgspec.Struct):
@@ -118,6 +121,8 @@ class Delta(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class ChunkChoice(msgspec.Struct):

@@ -49,7 +49,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     logit_bias: Annotated[dict[str, Bias], msgspec.Meta(max_length=1024)] | None = None  # token id -> bias
     seed: Seed | None = None
     stop: str | list[str] | None = None
-    n: Annotated[int, msgspec.Meta(ge=1)] = 1
+    n: Annotated[int, msgspec.Meta(ge=1, le=128)] = 1  # OpenAI's bound; a tier's queue bounds it too
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormatSpec | None = None

@@ -33,7 +33,14 @@ class ToolResultBlock(msgspec.Struct, tag_field="type", tag="tool_result", kw_on
     is_error: bool = False
 
 
-Block = TextBlock | ImageBlock | DocumentBlock | ToolUseBlock | ToolResultBlock
+class ThinkingBlock(msgspec.Struct, tag_field="type", tag="thinking", kw_only=True):
+    """A reasoning model's thinking. Ours carry an empty signature: nothing here is encrypted."""
+
+    thinking: str
+    signature: str = ""
+
+
+Block = TextBlock | ImageBlock | DocumentBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock
 
 
 class MessageParam(msgspec.Struct, kw_only=True):
@@ -96,7 +103,7 @@ class MessageUsage(msgspec.Struct):
 class Message(msgspec.Struct):
     id: str
     model: str
-    content: list[TextBlock | ToolUseBlock]
+    content: list[ThinkingBlock | TextBlock | ToolUseBlock]
     stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"] | None
     stop_sequence: str | None
     usage: MessageUsage

@@ -38,7 +38,8 @@ def http(server: LiveServer) -> Iterator[httpx.Client]:
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
         ({"messages": "hello"}, "messages"),
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": 17}, "n"),  # above the tier's queue (MAX_QUEUE 16)
         ({"stop": ["a"] * 17}, "stop"),
         ({"response_format": {"type": "json_schema"}}, "response_format"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),

@@ -1,0 +1,115 @@
+"""Reasoning models' thinking in `reasoning_content`/`reasoning` (never in content), and `n` choices,
+on both engines through the openai SDK. The template opens a thinking block at the end of the
+generation prompt, as DeepSeek-R1's does, so the model's own text begins as thinking."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.live import LiveServer, live_server
+
+THINKING_TEMPLATE = (
+    "{# a reasoning model's answer ends its thinking with </think> #}"
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: <think>\n{% endif %}"
+)
+MSG = [{"role": "user", "content": "Count from one to ten."}]
+
+
+@pytest.fixture(scope="module", params=["llamacpp", "mlx"])
+def server(request: pytest.FixtureRequest) -> Iterator[LiveServer]:
+    engine = request.param
+    path = (
+        request.getfixturevalue("gemma_gguf")
+        if engine == "llamacpp"
+        else str(request.getfixturevalue("tiny_mlx_model"))
+    )
+    env = {
+        "LIGHT_MODEL_PATH": path,
+        "LIGHT_BACKEND": engine,
+        "LIGHT_N_CTX": "1024",
+        "LIGHT_MAX_TOKENS": "12",
+        "LIGHT_TEMPERATURE": "0",
+        "LIGHT_CHAT_TEMPLATE": THINKING_TEMPLATE,
+        "ENABLE_CACHE": "false",
+    }
+    with live_server(env, wait_for=("light",)) as live:
+        yield live
+
+
+def _client(server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+
+
+def _raw(server: LiveServer) -> str:
+    """The model's own text for MSG: the templated prompt's tokens sent as a plain completion."""
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        tokens = http.post("/tokenize", json={"model": "light", "messages": MSG}).json()["tokens"]
+        return str(http.post("/v1/completions", json={"model": "light", "prompt": tokens}).json()["choices"][0]["text"])
+
+
+def test_thinking_goes_to_reasoning_content(server: LiveServer) -> None:
+    raw = _raw(server)
+    message = _client(server).chat.completions.create(model="light", messages=MSG).choices[0].message  # type: ignore[arg-type]
+    extra = message.model_extra or {}
+    thinking, content = extra["reasoning_content"], message.content or ""
+    assert extra["reasoning"] == thinking
+    assert thinking, "the prompt opened a thinking block: the answer starts in it"
+    # The split loses nothing but the markers and the blank lines after the block.
+    if "</think>" in raw:
+        before, after = raw.split("</think>", 1)
+        assert (thinking, content) == (before, after.lstrip())
+    else:
+        assert (thinking, content) == (raw, "")
+    assert "<think>" not in content and "</think>" not in content + thinking
+
+
+def test_streamed_thinking_matches(server: LiveServer) -> None:
+    whole = _client(server).chat.completions.create(model="light", messages=MSG).choices[0].message  # type: ignore[arg-type]
+    stream = _client(server).chat.completions.create(model="light", messages=MSG, stream=True)  # type: ignore[arg-type]
+    thinking, content = [], []
+    for chunk in stream:
+        for choice in chunk.choices:
+            extra = choice.delta.model_extra or {}
+            if extra.get("reasoning_content"):
+                assert extra["reasoning"] == extra["reasoning_content"]
+                thinking.append(extra["reasoning_content"])
+            content.append(choice.delta.content or "")
+    assert "".join(thinking) == (whole.model_extra or {})["reasoning_content"]
+    assert "".join(content) == (whole.content or "")
+
+
+def test_n_choices(server: LiveServer) -> None:
+    client = _client(server)
+    one = client.chat.completions.create(model="light", messages=MSG, temperature=0.9, seed=7)  # type: ignore[arg-type]
+    reply = client.chat.completions.create(model="light", messages=MSG, n=3, temperature=0.9, seed=7)  # type: ignore[arg-type]
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert all(c.finish_reason in ("stop", "length") for c in reply.choices)
+    assert reply.usage is not None and one.usage is not None
+    assert reply.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once
+    texts = [(c.message.model_extra or {}).get("reasoning_content") or "" for c in reply.choices]
+    assert reply.usage.completion_tokens >= 3 and all(texts)
+    assert len(set(texts)) > 1, "seeds move on per choice: sampled choices differ"
+
+    stream = client.chat.completions.create(
+        model="light", messages=MSG, n=3, temperature=0.9, seed=7, stream=True, stream_options={"include_usage": True}
+    )  # type: ignore[arg-type]
+    finished, usage = {}, None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    assert sorted(finished) == [0, 1, 2]
+    assert usage is not None and usage.prompt_tokens == one.usage.prompt_tokens
+
+
+def test_n_legacy_completions(server: LiveServer) -> None:
+    reply = _client(server).completions.create(model="light", prompt="One, two,", n=2, max_tokens=4)
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert all(c.text for c in reply.choices)
+    assert reply.usage is not None and 2 <= reply.usage.completion_tokens <= 8  # both choices' tokens
