@@ -27,6 +27,7 @@ from service.controllers.embeddings import EmbeddingsController
 from service.controllers.messages import MessagesController
 from service.controllers.models import ModelsController, health
 from service.controllers.rerank import rerank
+from service.controllers.responses import ResponsesController
 from service.controllers.tokenize import TokenizeController
 from service.dispatch import Dispatcher
 from service.lifecycle import Lifecycle
@@ -106,6 +107,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ModelsController,
             TokenizeController,
             MessagesController,
+            ResponsesController,
             AdminController,
             health,
         ],

@@ -65,7 +65,7 @@ async def event_stream(
     stream: ChunkStream,
     first: Chunk,
     *,
-    opening: Any | None,
+    opening: list[Any],
     piece: Callable[[Chunk], list[Any]],
     usage_event: Callable[[UsageInfo], Any] | None,
     drain: Drain,
@@ -73,12 +73,12 @@ async def event_stream(
     error: Callable[[LLMServiceError], Any] = LLMServiceError.envelope,
     done: bytes = b"data: [DONE]\n\n",
 ) -> AsyncIterator[bytes]:
-    """SSE events of one job: `opening`, the events `piece` makes of each chunk (text, finish
+    """SSE events of one job: the `opening` events, the events `piece` makes of each chunk (text, finish
     reason), usage, then `done`; an error after the start is one `error` event. `frame` writes an
     event (OpenAI's `data:` lines by default; Anthropic's API names each event too)."""
     try:
-        if opening is not None:
-            yield frame(opening)
+        for event in opening:
+            yield frame(event)
         chunk: Chunk | None = first
         while chunk is not None:
             if chunk.text or chunk.finish_reason:

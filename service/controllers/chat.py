@@ -101,7 +101,7 @@ class ChatController(Controller):
         events = event_stream(
             stream,
             first,
-            opening=ChatCompletionChunk(cid, created, model, opening),
+            opening=[ChatCompletionChunk(cid, created, model, opening)],
             piece=piece,
             usage_event=(lambda u: ChatCompletionChunk(cid, created, model, [], usage=u)) if include_usage else None,
             drain=dispatch.drain,

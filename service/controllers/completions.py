@@ -73,7 +73,7 @@ class CompletionsController(Controller):
         events = event_stream(
             stream,
             first,
-            opening=Completion(cid, created, model, opening) if echo else None,
+            opening=[Completion(cid, created, model, opening)] if echo else [],
             piece=piece,
             usage_event=(lambda u: Completion(cid, created, model, [], usage=u)) if include_usage else None,
             drain=dispatch.drain,

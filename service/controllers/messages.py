@@ -263,7 +263,7 @@ def _events(dispatch: Dispatcher, stream: Any, first: Chunk, mid: str, model: st
     return event_stream(
         stream,
         first,
-        opening=opening,
+        opening=[opening],
         piece=piece,
         usage_event=None,
         drain=dispatch.drain,
