@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The whole test suite from scratch: installs every engine and test tool into .venv (VENV) at the
-# locked versions, then runs pytest offline. Extra arguments go to pytest (e.g. tests/unit, -k chat).
+# The whole test suite from scratch: installs every engine and test tool into .venv (VENV) and the
+# Node SDK into tests/node at the locked versions, then runs pytest offline. Extra arguments go to
+# pytest (e.g. tests/unit, -k chat).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./start_service.sh --install-only --dev
+# The openai Node SDK for tests/api/test_node_sdk.py, at the versions its package-lock.json pins.
+npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TQDM_DISABLE=1
 exec "${VENV:-.venv}/bin/python" -m pytest "$@"
