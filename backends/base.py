@@ -20,6 +20,9 @@ from backends.tools import ToolFormat
 from kernel.errors import ContextLengthExceeded, InvalidRequestError, LLMServiceError
 
 FinishReason = Literal["stop", "length"]
+# Prompt tokens scored per forward pass (`prompt_logprobs`): logits for every position of a chunk
+# take chunk x vocabulary floats (64 x 262k for Gemma: 67 MB).
+PROMPT_SCORE_CHUNK = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +54,7 @@ class GenerationRequest:
     response_format: ResponseFormat | None = None
     logprobs: bool = False  # report each chosen token's log-probability
     top_logprobs: int = 0  # ... and this many most likely alternatives (needs logprobs)
+    prompt_logprobs: bool = False  # score the prompt's tokens too (`echo` with `logprobs`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +73,7 @@ class Chunk:
     usage: Usage | None = None
     stop_sequence: str | None = None  # on the final chunk: the stop string that ended generation
     scored: tuple[Token, ...] = ()  # with `logprobs`: the tokens this text came from, with their scores
+    prompt_scored: tuple[Token, ...] = ()  # with `prompt_logprobs`, on the first chunk: the prompt's tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +93,9 @@ class Token:
     final: bool = False  # generation ended naturally here (a grammar completed), even at max_tokens
     logprob: TokenLogprob | None = None  # the chosen token, when the request asked for logprobs
     top_logprobs: tuple[TokenLogprob, ...] = ()  # the most likely alternatives, most likely first
+    # On the first token, with `prompt_logprobs`: each prompt token scored by the model (the first
+    # has no logprob: nothing comes before it).
+    prompt: tuple[Token, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,11 +174,13 @@ class Completion:
         self._hit = False
         self._natural = False
         self._scored: list[Token] = []  # scored tokens whose text is still held back
+        self._prompt_scored: tuple[Token, ...] = ()
 
     def add(self, token: Token) -> Chunk | None:
         """Take one decoded token; return the chunk that is now safe to send, if any."""
         if self.count == 0:
             self.cached = token.cached_tokens
+            self._prompt_scored = token.prompt
         self.count += 1
         text, self._hit = self._stops.feed(token.text)
         self._natural = token.final
@@ -180,7 +190,12 @@ class Completion:
         if not text:
             return None
         scored, self._scored = tuple(self._scored), []
-        return Chunk(text, scored=scored)
+        return Chunk(text, scored=scored, prompt_scored=self._take_prompt())
+
+    def _take_prompt(self) -> tuple[Token, ...]:
+        """The prompt's scores, on whichever chunk goes out first."""
+        scored, self._prompt_scored = self._prompt_scored, ()
+        return scored
 
     def finish(self) -> list[Chunk]:
         """The closing chunks: text held back for a stop string that never came, then the final one.
@@ -189,12 +204,12 @@ class Completion:
         generation token, or a grammar that completed on the last allowed token."""
         chunks = []
         if not self._hit and (tail := self._stops.flush()):
-            chunks.append(Chunk(tail, scored=tuple(self._scored)))
+            chunks.append(Chunk(tail, scored=tuple(self._scored), prompt_scored=self._take_prompt()))
         length = self.count >= self.max_tokens and not (self._hit or self._natural)
         usage = Usage(len(self.prompt), self.count, self.cached)
-        chunks.append(
-            Chunk("", finish_reason="length" if length else "stop", usage=usage, stop_sequence=self._stops.matched)
-        )
+        finish: FinishReason = "length" if length else "stop"
+        stop = self._stops.matched
+        chunks.append(Chunk("", finish, usage, stop, prompt_scored=self._take_prompt()))
         return chunks
 
 

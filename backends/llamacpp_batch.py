@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import llama_cpp
 import numpy as np
 
-from backends.base import Completion, DecodeBatch, Token, TokenLogprob, common_prefix
+from backends.base import PROMPT_SCORE_CHUNK, Completion, DecodeBatch, Token, TokenLogprob, common_prefix
 from backends.llamacpp_sampling import Sampler, TextStream, free_sampler, logprobs
 from kernel.errors import EngineError, InvalidRequestError, LLMServiceError
 
@@ -81,13 +81,17 @@ class Slots:
             slot.tokens, n = [], 0
         return slot, n
 
+    def wipe(self, slot: Slot) -> None:
+        """Empty an acquired slot's KV, to evaluate a prompt from its first token."""
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
+        slot.tokens = []
+
     def release(self, slot: Slot) -> None:
         slot.busy, slot.used = False, next(self._clock)
 
     def drop(self, slot: Slot) -> None:
         """Forget what a slot holds (its KV state is unknown after a failed decode)."""
-        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
-        slot.tokens = []
+        self.wipe(slot)
         self.release(slot)
 
     def clear(self) -> None:
@@ -109,6 +113,7 @@ class _Sequence:
     count: int = 0
     grammar: Future[Any] | None = None  # compiling off the model's thread
     grammar_since: float = 0.0
+    prompt_scores: list[Token] = field(default_factory=list)  # with prompt_logprobs
 
 
 class LlamaCppBatch(DecodeBatch):
@@ -139,6 +144,11 @@ class LlamaCppBatch(DecodeBatch):
                 raise
         slot, reused = backend.slots.acquire(prompt)
         seq = _Sequence(key, completion, slot, reused, sampler, fed=reused, grammar=grammar)
+        if request.prompt_logprobs:
+            # Every prompt token is scored from its own logits: nothing comes from the KV cache.
+            backend.slots.wipe(slot)
+            seq.reused = seq.fed = 0
+            seq.prompt_scores.append(Token(self.piece_text(prompt[0])))
         seq.grammar_since = time.monotonic()
         self._sequences[key] = seq
 
@@ -176,19 +186,21 @@ class LlamaCppBatch(DecodeBatch):
                 batch.set(n, seq.next_token, len(seq.slot.tokens), seq.slot.seq, True)
                 outputs.append((n, seq))
                 n += 1
-        chunks: list[tuple[_Sequence, int]] = []
+        chunks: list[tuple[_Sequence, int, int]] = []  # (sequence, first batch index, tokens)
         for seq in self._sequences.values():
             if n >= self._capacity:
                 break
             prompt = seq.completion.prompt
             if seq.next_token is not None or seq.grammar is not None or seq.fed >= len(prompt):
                 continue
-            take = min(self._capacity - n, len(prompt) - seq.fed)
+            every = seq.completion.request.prompt_logprobs
+            room = min(self._capacity - n, PROMPT_SCORE_CHUNK) if every else self._capacity - n
+            take = min(room, len(prompt) - seq.fed)
             last = seq.fed + take == len(prompt)
-            batch.set_run(n, prompt[seq.fed : seq.fed + take], seq.fed, seq.slot.seq, last)
+            batch.set_run(n, prompt[seq.fed : seq.fed + take], seq.fed, seq.slot.seq, last, every=every)
             if last:
                 outputs.append((n + take - 1, seq))
-            chunks.append((seq, take))
+            chunks.append((seq, n, take))
             n += take
         if n == 0:
             self._wait_for_grammars()
@@ -200,12 +212,23 @@ class LlamaCppBatch(DecodeBatch):
         for _, seq in outputs:
             if seq.next_token is not None:
                 seq.slot.tokens.append(seq.next_token)
-        for seq, take in chunks:
+        for seq, start, take in chunks:
+            if seq.completion.request.prompt_logprobs:
+                self._score_prompt(seq, start, take)
             seq.slot.tokens.extend(seq.completion.prompt[seq.fed : seq.fed + take])
             seq.fed += take
         for index, seq in outputs:
             out.append((seq.key, self._sample(seq, index)))
         return out
+
+    def _score_prompt(self, seq: _Sequence, start: int, take: int) -> None:
+        """Each position's logits score the prompt token after it."""
+        prompt, top = seq.completion.prompt, seq.completion.request.top_logprobs
+        for j in range(take):
+            at = seq.fed + j + 1
+            if at < len(prompt):
+                chosen, best = logprobs(self._ctx, start + j, self._n_vocab, prompt[at], top, self.piece_text)
+                seq.prompt_scores.append(Token(chosen.token, logprob=chosen, top_logprobs=best))
 
     def _sample(self, seq: _Sequence, index: int) -> Token | None:
         token = seq.sampler.sample(self._ctx, index)
@@ -223,12 +246,14 @@ class LlamaCppBatch(DecodeBatch):
         if request.logprobs:
             chosen, top = logprobs(self._ctx, index, self._n_vocab, token, request.top_logprobs, self.piece_text)
         text = seq.text.add(self.piece(token), final=done)
+        first = seq.count == 1
         result = Token(
             text,
-            cached_tokens=seq.reused if seq.count == 1 else 0,
+            cached_tokens=seq.reused if first else 0,
             final=final,
             logprob=chosen,
             top_logprobs=top,
+            prompt=tuple(seq.prompt_scores) if first else (),
         )
         if done:
             self._finish(seq)
@@ -318,10 +343,10 @@ class _Batch:
     def set(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
         self.tokens[i], self.pos[i], self.seq[i], self.logits[i] = token, pos, seq, logits
 
-    def set_run(self, i: int, tokens: list[int], start: int, seq: int, last_logits: bool) -> None:
+    def set_run(self, i: int, tokens: list[int], start: int, seq: int, last_logits: bool, every: bool = False) -> None:
         n = len(tokens)
         self.tokens[i : i + n] = tokens
         self.pos[i : i + n] = np.arange(start, start + n, dtype=np.int32)
         self.seq[i : i + n] = seq
-        self.logits[i : i + n] = 0
-        self.logits[i + n - 1] = last_logits
+        self.logits[i : i + n] = every  # every position's logits: scoring the prompt
+        self.logits[i + n - 1] = last_logits or every

@@ -29,6 +29,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from backends.base import (
+    PROMPT_SCORE_CHUNK,
     Backend,
     Completion,
     DecodeBatch,
@@ -210,6 +211,7 @@ class MlxBackend(Backend):
         if cache is None:
             cache = make_prompt_cache(model)
         processors = self._processors(prompt[:reused], request, matcher)
+        scored_prompt = _score_prompt(model, tokenizer, prompt, request) if request.prompt_logprobs else ()
         text = _TextStream(tokenizer, prompt)
         generated: list[int] = []
         eos: list[int] = []  # the end-of-generation token, once the model emits it
@@ -250,6 +252,7 @@ class MlxBackend(Backend):
                         final=final,
                         logprob=chosen,
                         top_logprobs=top,
+                        prompt=scored_prompt if first else (),
                     )
                     if done:
                         break
@@ -369,6 +372,7 @@ class _Sequence:
     matcher: LLMatcher | None
     request: GenerationRequest
     count: int = 0
+    prompt: tuple[Token, ...] = ()  # the prompt's scores, with prompt_logprobs
 
 
 class _MlxBatch(DecodeBatch):
@@ -409,7 +413,10 @@ class _MlxBatch(DecodeBatch):
                 samplers=[_sampler(request)],
                 logits_processors=[backend._processors([], request, matcher)],
             )
-        self._sequences[uid] = _Sequence(key, reused, _TextStream(self._tokenizer, prompt), matcher, request)
+        seq = _Sequence(key, reused, _TextStream(self._tokenizer, prompt), matcher, request)
+        if request.prompt_logprobs:
+            seq.prompt = _score_prompt(backend._require()[0], self._tokenizer, prompt, request)
+        self._sequences[uid] = seq
         self._uids[key] = uid
 
     def step(self) -> list[tuple[int, Token | LLMServiceError | None]]:
@@ -428,8 +435,10 @@ class _MlxBatch(DecodeBatch):
                 text = seq.text.add(int(r.token), final=final or r.finish_reason == "length")
                 request = seq.request
                 scored = _scores(self._tokenizer, r.logprobs, int(r.token), request) if request.logprobs else (None, ())
-                cached = seq.reused if seq.count == 1 else 0
-                out.append((seq.key, Token(text, cached, final, logprob=scored[0], top_logprobs=scored[1])))
+                first = seq.count == 1
+                cached = seq.reused if first else 0
+                prompt = seq.prompt if first else ()
+                out.append((seq.key, Token(text, cached, final, scored[0], scored[1], prompt)))
             if r.finish_reason is not None:
                 # Like generate_step, the batch fed this token to the model before returning it:
                 # the cache holds the prompt and every token returned, EOS included.
@@ -598,6 +607,21 @@ def _cache_offset(cache: list[Any]) -> int | None:
         if isinstance(offset, int):
             return offset
     return None
+
+
+def _score_prompt(model: Any, tokenizer: Any, prompt: list[int], request: GenerationRequest) -> tuple[Token, ...]:
+    """Each prompt token's log-probability given the tokens before it (`echo` with `logprobs`): one
+    forward pass over the whole prompt, apart from the generation's own (prefix-cached) one."""
+    cache = make_prompt_cache(model)
+    scored = [Token(tokenizer.decode([prompt[0]]))]
+    for start in range(0, len(prompt) - 1, PROMPT_SCORE_CHUNK):  # bounded logits: chunk x vocabulary
+        logits = model(mx.array(prompt[start : start + PROMPT_SCORE_CHUNK])[None], cache=cache)[0]
+        logits = logits.astype(mx.float32)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        for i, token in enumerate(prompt[start + 1 : start + 1 + PROMPT_SCORE_CHUNK]):
+            chosen, top = _scores(tokenizer, logprobs[i], token, request)
+            scored.append(Token(chosen.token, logprob=chosen, top_logprobs=top))
+    return tuple(scored)
 
 
 def _scores(

@@ -46,6 +46,7 @@ def engine_request(
     constraint: ResponseFormat | None = None,
     logprobs: bool = False,
     top_logprobs: int = 0,
+    prompt_logprobs: bool = False,
 ) -> GenerationRequest:
     """Apply the tier's defaults to whatever the request left out."""
     stop = (fields.stop,) if isinstance(fields.stop, str) else tuple(fields.stop or ())
@@ -69,6 +70,7 @@ def engine_request(
         response_format=constraint or _response_format(fields.response_format),
         logprobs=logprobs or top_logprobs > 0,
         top_logprobs=top_logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -98,19 +100,20 @@ def chat_logprobs(chunk: Chunk) -> ChoiceLogprobs | None:
     )
 
 
-def completion_logprobs(chunk: Chunk, offset: int) -> CompletionLogprobs | None:
-    """The legacy shape; `offset` is where the chunk's text starts in the whole answer."""
-    if not chunk.scored:
+def completion_logprobs(scored: tuple[Token, ...], offset: int) -> CompletionLogprobs | None:
+    """The legacy shape of scored tokens (a chunk's, or an echoed prompt's); `offset` is where
+    their text starts in the whole answer. A prompt's first token has no logprob: null, as OpenAI's."""
+    if not scored:
         return None
     tokens, offsets = [], []
-    for t in chunk.scored:
+    for t in scored:
         offsets.append(offset)
-        tokens.append(t.logprob.token if t.logprob else "")
+        tokens.append(t.logprob.token if t.logprob else t.text)
         offset += len(tokens[-1])
     return CompletionLogprobs(
         tokens,
-        [t.logprob.logprob if t.logprob else 0.0 for t in chunk.scored],
-        [{a.token: a.logprob for a in t.top_logprobs} for t in chunk.scored],
+        [t.logprob.logprob if t.logprob else None for t in scored],
+        [{a.token: a.logprob for a in t.top_logprobs} if t.logprob else None for t in scored],
         offsets,
     )
 
@@ -145,13 +148,15 @@ async def collect(stream: ChunkStream) -> tuple[Chunk, UsageInfo]:
     """Run a job to the end: one chunk holding the whole text, its scored tokens and the finish reason."""
     parts: list[str] = []
     scored: list[Token] = []
+    prompt: tuple[Token, ...] = ()
     last = Chunk("")
     async for chunk in stream:
         parts.append(chunk.text)
         scored += chunk.scored
+        prompt = prompt or chunk.prompt_scored
         last = chunk
     assert last.usage is not None  # a finished job's last chunk always carries usage
-    whole = Chunk("".join(parts), last.finish_reason, last.usage, last.stop_sequence, tuple(scored))
+    whole = Chunk("".join(parts), last.finish_reason, last.usage, last.stop_sequence, tuple(scored), prompt)
     return whole, usage_info(last.usage)
 
 

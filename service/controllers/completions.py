@@ -33,9 +33,6 @@ class CompletionsController(Controller):
     ) -> Completion | EventStream:
         if data.suffix:
             raise InvalidRequestError("suffix (fill-in-the-middle) is not supported", param="suffix")
-        if data.echo and data.logprobs is not None:
-            # OpenAI then scores the prompt's tokens too, which neither engine's decode loop computes.
-            raise InvalidRequestError("echo with logprobs (prompt logprobs) is not supported", param="echo")
         prompt = _single_prompt(data.prompt)
         slot = registry.generation_slot(data.model)
         scored = data.logprobs is not None
@@ -46,6 +43,8 @@ class CompletionsController(Controller):
             prompt=prompt,
             logprobs=scored,
             top_logprobs=data.logprobs or 0,
+            # OpenAI scores an echoed prompt's tokens too (echo repeats text prompts only).
+            prompt_logprobs=scored and data.echo and isinstance(prompt, str),
         )
         streams = await dispatch.choices("completions", slot, request, record, data.n)
         cid, created, model = new_id("cmpl"), now(), data.model
@@ -53,7 +52,7 @@ class CompletionsController(Controller):
         if not data.stream:
             choices, usages = [], []
             for index, (whole, usage) in enumerate(await collect_all(streams)):
-                logprobs = completion_logprobs(whole, len(echo))
+                logprobs = completion_logprobs(whole.prompt_scored + whole.scored, 0)
                 choices.append(CompletionChoice(index, echo + whole.text, whole.finish_reason, logprobs))
                 usages.append(usage)
             return Completion(cid, created, model, choices, total_usage(usages))
@@ -64,12 +63,16 @@ class CompletionsController(Controller):
 
         def piece(part: Chunk) -> list[Completion]:
             index = stream.index if isinstance(stream, Fanout) else 0
-            choice = CompletionChoice(index, part.text, part.finish_reason, completion_logprobs(part, offsets[index]))
+            logprobs = completion_logprobs(part.scored, offsets[index])
+            choice = CompletionChoice(index, part.text, part.finish_reason, logprobs)
             offsets[index] += len(part.text)
             return [Completion(cid, created, model, [choice])]
 
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
-        opening = [CompletionChoice(i, echo, None) for i in range(len(streams))]
+        # The echoed prompt opens each choice, with its scores: the first chunk of every job
+        # carries them, and only the first job's has arrived; the prompt is the same for all.
+        prompt_logprobs = completion_logprobs(first.prompt_scored, 0)
+        opening = [CompletionChoice(i, echo, None, prompt_logprobs) for i in range(len(streams))]
         events = event_stream(
             stream,
             first,

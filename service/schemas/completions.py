@@ -15,11 +15,12 @@ class CompletionRequest(SamplingFields, kw_only=True):
 
 
 class CompletionLogprobs(msgspec.Struct):
-    """The legacy shape: parallel lists per generated token."""
+    """The legacy shape: parallel lists per token (with `echo`, the prompt's first; its first token,
+    which nothing predicts, has null entries)."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
