@@ -23,6 +23,7 @@ from service.streaming import Drain
 log = logging.getLogger("service")
 
 _PORT_TRIES = 20
+ENV_FILE = ".env"  # read at start; PATCH /v1/config {"persist": true} writes changes back to it
 
 
 def bind(settings: Settings) -> socket.socket:
@@ -115,9 +116,9 @@ def remove_port_file(path: Path, port: int) -> None:
 
 def main() -> int:
     try:
-        settings = load_settings()
+        settings = load_settings(ENV_FILE)
         configure_logging(settings.log_level)
-        app = create_app(settings)  # may still refuse a setting, e.g. an unreadable API_KEYS_FILE
+        app = create_app(settings, env_file=ENV_FILE)  # may still refuse a setting, e.g. an unreadable API_KEYS_FILE
     except SettingsError as exc:
         print(f"llmservice: {exc}", file=sys.stderr)
         return 2

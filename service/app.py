@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -23,6 +24,7 @@ from service.cache import ResponseCache
 from service.controllers.admin import AdminController
 from service.controllers.chat import ChatController
 from service.controllers.completions import CompletionsController
+from service.controllers.config import ConfigController
 from service.controllers.embeddings import EmbeddingsController
 from service.controllers.messages import MessagesController
 from service.controllers.models import ModelsController, health
@@ -33,6 +35,7 @@ from service.lifecycle import Lifecycle
 from service.metrics import RequestRecord, Telemetry, TelemetryMiddleware, request_record
 from service.openapi import openapi_config
 from service.registry import Registry, TierState
+from service.runtime_config import RuntimeConfig
 from service.security import Security, cors_config
 from service.settings import Settings, load_settings
 
@@ -44,6 +47,7 @@ _HTTP_TYPES = {
     404: "invalid_request_error",
     429: "rate_limit_error",
 }
+_UNKNOWN_FIELD = "Object contains unknown field "
 
 
 class JsonRequest(Request[Any, Any, Any]):
@@ -60,6 +64,8 @@ class JsonRequest(Request[Any, Any, Any]):
             except msgspec.ValidationError as exc:
                 reason, _, where = str(exc).partition(" - at `$")
                 param = where.rstrip("`").lstrip(".") or None
+                if reason.startswith(_UNKNOWN_FIELD):  # bodies that refuse unknown keys: name the key
+                    param = ".".join(filter(None, (param, reason.removeprefix(_UNKNOWN_FIELD).strip("`"))))
                 raise InvalidRequestError(
                     f"Invalid request: {reason}" + (f" at `{param}`" if param else ""), param=param
                 ) from None
@@ -72,14 +78,18 @@ class JsonRequest(Request[Any, Any, Any]):
         return await super().json()
 
 
-def create_app(settings: Settings | None = None) -> Litestar:
-    settings = settings or load_settings()
+def create_app(settings: Settings | None = None, *, env_file: str | Path | None = None) -> Litestar:
+    """`env_file`: the `.env` the settings came from, which `PATCH /v1/config` may write back to
+    (without settings, they are read from `.env`, which is then that file)."""
+    if settings is None:
+        settings, env_file = load_settings(), env_file or ".env"
     registry = Registry(settings)
     cache = ResponseCache.from_settings(settings)
     telemetry = Telemetry(settings, registry, cache)
     lifecycle = Lifecycle(registry, settings)
     security = Security.from_settings(settings)
     dispatch = Dispatcher(registry, cache, settings)
+    config = RuntimeConfig(settings, registry, lifecycle, security, env_file)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -107,6 +117,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             TokenizeController,
             MessagesController,
             AdminController,
+            ConfigController,
             health,
         ],
         dependencies={
@@ -115,6 +126,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "telemetry": Provide(lambda: telemetry, use_cache=True, sync_to_thread=False),
             "lifecycle": Provide(lambda: lifecycle, use_cache=True, sync_to_thread=False),
             "dispatch": Provide(lambda: dispatch, use_cache=True, sync_to_thread=False),
+            "config": Provide(lambda: config, use_cache=True, sync_to_thread=False),
             "record": Provide(_record, sync_to_thread=False),
         },
         guards=[security.guard],

@@ -253,6 +253,15 @@ class Security:
         limiter = RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
         return cls(api_keys, limiter, BrowserPolicy.from_settings(settings))
 
+    def set_rate_limit(self, per_minute: int) -> None:
+        """RATE_LIMIT_PER_MINUTE changed live: counts in the current windows carry over."""
+        if not per_minute:
+            self.limiter = None
+        elif self.limiter is None:
+            self.limiter = RateLimiter(per_minute)
+        else:
+            self.limiter.limit = per_minute
+
     def guard(self, connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
         scope = connection.scope
         admin = bool(handler.opt.get("admin"))
