@@ -81,6 +81,8 @@ def server_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Con
         "proxy_headers": bool(settings.forwarded_allow_ips),
         # Given explicitly: with None uvicorn would read its own FORWARDED_ALLOW_IPS variable.
         "forwarded_allow_ips": settings.forwarded_allow_ips or "127.0.0.1",
+        # The WebSocket protocol layer refuses larger frames before buffering them (close 1009).
+        "ws_max_size": settings.max_body_bytes,
     }
     return uvicorn.Config(app, **{**options, **overrides})
 

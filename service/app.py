@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import msgspec
 from litestar import Litestar, Request, Response
 from litestar.datastructures import State
 from litestar.di import Provide
@@ -30,12 +29,14 @@ from service.controllers.messages import MessagesController
 from service.controllers.models import ModelsController, health
 from service.controllers.rerank import rerank
 from service.controllers.tokenize import TokenizeController
+from service.controllers.ws import ws
 from service.dispatch import Dispatcher
 from service.lifecycle import Lifecycle
 from service.metrics import RequestRecord, Telemetry, TelemetryMiddleware, request_record
 from service.openapi import openapi_config
 from service.registry import Registry, TierState
 from service.runtime_config import RuntimeConfig
+from service.schemas.common import decode_strict
 from service.security import Security, cors_config
 from service.settings import Settings, load_settings
 
@@ -47,7 +48,6 @@ _HTTP_TYPES = {
     404: "invalid_request_error",
     429: "rate_limit_error",
 }
-_UNKNOWN_FIELD = "Object contains unknown field "
 
 
 class JsonRequest(Request[Any, Any, Any]):
@@ -59,22 +59,7 @@ class JsonRequest(Request[Any, Any, Any]):
         if self._json is Empty and self._connection_state.json is Empty:
             body = await self.body()
             field = self.route_handler.parsed_data_field
-            try:
-                msgspec.json.decode(body or b"null", type=field.annotation if field else Any, strict=True)
-            except msgspec.ValidationError as exc:
-                reason, _, where = str(exc).partition(" - at `$")
-                param = where.rstrip("`").lstrip(".") or None
-                if reason.startswith(_UNKNOWN_FIELD):  # bodies that refuse unknown keys: name the key
-                    param = ".".join(filter(None, (param, reason.removeprefix(_UNKNOWN_FIELD).strip("`"))))
-                raise InvalidRequestError(
-                    f"Invalid request: {reason}" + (f" at `{param}`" if param else ""), param=param
-                ) from None
-            except msgspec.DecodeError as exc:
-                raise InvalidRequestError(f"Malformed JSON body: {exc}") from None
-            except UnicodeDecodeError:
-                raise InvalidRequestError("Malformed JSON body: it is not valid UTF-8") from None
-            except RecursionError:
-                raise InvalidRequestError("Malformed JSON body: nested too deeply") from None
+            decode_strict(body, field.annotation if field else Any)
         return await super().json()
 
 
@@ -118,6 +103,7 @@ def create_app(settings: Settings | None = None, *, env_file: str | Path | None 
             MessagesController,
             AdminController,
             ConfigController,
+            ws,
             health,
         ],
         dependencies={
@@ -127,6 +113,8 @@ def create_app(settings: Settings | None = None, *, env_file: str | Path | None 
             "lifecycle": Provide(lambda: lifecycle, use_cache=True, sync_to_thread=False),
             "dispatch": Provide(lambda: dispatch, use_cache=True, sync_to_thread=False),
             "config": Provide(lambda: config, use_cache=True, sync_to_thread=False),
+            "security": Provide(lambda: security, use_cache=True, sync_to_thread=False),
+            "errors": Provide(lambda: to_service_error, use_cache=True, sync_to_thread=False),
             "record": Provide(_record, sync_to_thread=False),
         },
         guards=[security.guard],

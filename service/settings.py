@@ -44,7 +44,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     allowed_hosts: str = ""  # Host names served besides localhost, IP addresses and HOST; `*` = any
     forwarded_allow_ips: str = ""  # proxies whose X-Forwarded-For/-Proto are trusted; empty = none
     allow_insecure_bind: bool = False  # serve a non-loopback HOST without API_KEYS
-    max_body_bytes: Positive = 10 * 1024 * 1024
+    max_body_bytes: Positive = 10 * 1024 * 1024  # also the largest WebSocket message
+    ws_max_requests: Positive = 8  # requests one /v1/ws connection may run at once
     enable_cache: bool = False
     cache_max_size: NonNeg = 1000
     cache_ttl_seconds: NonNeg = 3600
