@@ -1,7 +1,8 @@
 """`/v1/ws`: chat and legacy completions over one WebSocket, several at once, each by a client id.
 
 Client → server (JSON text or binary messages; unknown fields are refused):
-    {"type": "auth", "api_key": "sk-..."}                  first, when keys are on and no header sent it
+    {"type": "auth", "api_key": "sk-..."}                  first, when keys are on and no header sent it;
+                                                           later, to change key (a bad one closes)
     {"type": "chat.completions", "id": "a", "body": {...}} a /v1/chat/completions body (stream or not)
     {"type": "completions", "id": "b", "body": {...}}      a /v1/completions body
     {"type": "cancel", "id": "a"}                          stop that request's generation
@@ -93,9 +94,7 @@ class _Session:
     async def run(self) -> None:
         await self.socket.accept()
         try:
-            pending = await self._authenticate()
-            if pending is not None:
-                await self._handle(pending)
+            await self._authenticate()
             while True:
                 await self._handle(await self._receive())
         except _Closed:
@@ -106,8 +105,8 @@ class _Session:
             if self.tasks:
                 await asyncio.gather(*self.tasks.values(), return_exceptions=True)
 
-    async def _receive(self, wait: float | None = None) -> ClientMessage | bytes:
-        """The next message, decoded; the raw bytes when they are not a valid message."""
+    async def _receive(self, wait: float | None = None) -> ClientMessage | InvalidRequestError:
+        """The next message, decoded, or why it is not a valid one."""
         try:
             event = await asyncio.wait_for(self.socket.receive(), wait)
         except TimeoutError:
@@ -125,27 +124,30 @@ class _Session:
         self.socket.app.state.last_activity = time.monotonic()  # SHUTDOWN_TIMEOUT counts this as traffic
         try:
             message: ClientMessage = decode_strict(raw, ClientMessage)
-        except InvalidRequestError:
-            return raw
+        except InvalidRequestError as exc:
+            return exc
         return message
 
-    async def _authenticate(self) -> ClientMessage | bytes | None:
-        """Check the header's key, or wait for an auth message when keys are on and none came.
-        Returns a first message that still needs handling."""
+    async def _authenticate(self) -> None:
+        """Check the header's key, or wait for an auth message when keys are on and none came."""
         header = self.socket.headers.get("authorization")
         if header is not None or not self.security.keys.required:
             self.key = await self._check_key(header)
-            return None
+            return
         first = await self._receive(_AUTH_SECONDS)
         if isinstance(first, ClientMessage) and first.type == "auth":
-            self.key = await self._check_key(f"Bearer {first.api_key or ''}")
-            await self._send({"type": "authenticated"})
-            return None
+            await self._auth(first)
+            return
         error = AuthenticationError(
             'Missing API key: send \'Authorization: Bearer <key>\' or first {"type": "auth", "api_key": ...}',
             code="missing_api_key",
         )
         await self._close_with(error, 4401)
+
+    async def _auth(self, message: ClientMessage) -> None:
+        """An auth message (first, or later to change key): a bad key closes the connection."""
+        self.key = await self._check_key(f"Bearer {message.api_key or ''}")
+        await self._send({"type": "authenticated"})
 
     async def _check_key(self, authorization: str | None) -> str | None:
         try:
@@ -160,18 +162,15 @@ class _Session:
         raise _Closed
 
     # -- one message -------------------------------------------------------------------------
-    async def _handle(self, message: ClientMessage | bytes) -> None:
-        if isinstance(message, bytes):
-            try:
-                decode_strict(message, ClientMessage)  # raises again, with the reason
-            except InvalidRequestError as exc:
-                await self._send_error(None, exc)
+    async def _handle(self, message: ClientMessage | InvalidRequestError) -> None:
+        if isinstance(message, InvalidRequestError):
+            await self._send_error(None, message)
             return
         kind, rid = message.type, message.id
         if kind == "ping":
             await self._send({"type": "pong", "data": message.data})
         elif kind == "auth":
-            await self._send_error(None, InvalidRequestError("Already authenticated: auth comes only first"))
+            await self._auth(message)
         elif rid is None:
             await self._send_error(None, InvalidRequestError(f"A {kind} message needs an id", param="id"))
         elif kind == "cancel":
