@@ -23,6 +23,7 @@ from service.streaming import Drain
 log = logging.getLogger("service")
 
 _PORT_TRIES = 20
+ENV_FILE = ".env"  # read at start; PATCH /v1/config {"persist": true} writes changes back to it
 
 
 def bind(settings: Settings) -> socket.socket:
@@ -80,6 +81,8 @@ def server_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Con
         "proxy_headers": bool(settings.forwarded_allow_ips),
         # Given explicitly: with None uvicorn would read its own FORWARDED_ALLOW_IPS variable.
         "forwarded_allow_ips": settings.forwarded_allow_ips or "127.0.0.1",
+        # The WebSocket protocol layer refuses larger frames before buffering them (close 1009).
+        "ws_max_size": settings.max_body_bytes,
     }
     return uvicorn.Config(app, **{**options, **overrides})
 
@@ -115,9 +118,9 @@ def remove_port_file(path: Path, port: int) -> None:
 
 def main() -> int:
     try:
-        settings = load_settings()
+        settings = load_settings(ENV_FILE)
         configure_logging(settings.log_level)
-        app = create_app(settings)  # may still refuse a setting, e.g. an unreadable API_KEYS_FILE
+        app = create_app(settings, env_file=ENV_FILE)  # may still refuse a setting, e.g. an unreadable API_KEYS_FILE
     except SettingsError as exc:
         print(f"llmservice: {exc}", file=sys.stderr)
         return 2

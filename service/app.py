@@ -8,9 +8,9 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
-import msgspec
 from litestar import Litestar, Request, Response
 from litestar.datastructures import State
 from litestar.di import Provide
@@ -23,17 +23,21 @@ from service.cache import ResponseCache
 from service.controllers.admin import AdminController
 from service.controllers.chat import ChatController
 from service.controllers.completions import CompletionsController
+from service.controllers.config import ConfigController
 from service.controllers.embeddings import EmbeddingsController
 from service.controllers.messages import MessagesController
 from service.controllers.models import ModelsController, health
 from service.controllers.rerank import rerank
 from service.controllers.responses import ResponsesController
 from service.controllers.tokenize import TokenizeController
+from service.controllers.ws import ws
 from service.dispatch import Dispatcher
 from service.lifecycle import Lifecycle
 from service.metrics import RequestRecord, Telemetry, TelemetryMiddleware, request_record
 from service.openapi import openapi_config
 from service.registry import Registry, TierState
+from service.runtime_config import RuntimeConfig
+from service.schemas.common import decode_strict
 from service.security import Security, cors_config
 from service.settings import Settings, load_settings
 
@@ -56,31 +60,22 @@ class JsonRequest(Request[Any, Any, Any]):
         if self._json is Empty and self._connection_state.json is Empty:
             body = await self.body()
             field = self.route_handler.parsed_data_field
-            try:
-                msgspec.json.decode(body or b"null", type=field.annotation if field else Any, strict=True)
-            except msgspec.ValidationError as exc:
-                reason, _, where = str(exc).partition(" - at `$")
-                param = where.rstrip("`").lstrip(".") or None
-                raise InvalidRequestError(
-                    f"Invalid request: {reason}" + (f" at `{param}`" if param else ""), param=param
-                ) from None
-            except msgspec.DecodeError as exc:
-                raise InvalidRequestError(f"Malformed JSON body: {exc}") from None
-            except UnicodeDecodeError:
-                raise InvalidRequestError("Malformed JSON body: it is not valid UTF-8") from None
-            except RecursionError:
-                raise InvalidRequestError("Malformed JSON body: nested too deeply") from None
+            decode_strict(body, field.annotation if field else Any)
         return await super().json()
 
 
-def create_app(settings: Settings | None = None) -> Litestar:
-    settings = settings or load_settings()
+def create_app(settings: Settings | None = None, *, env_file: str | Path | None = None) -> Litestar:
+    """`env_file`: the `.env` the settings came from, which `PATCH /v1/config` may write back to
+    (without settings, they are read from `.env`, which is then that file)."""
+    if settings is None:
+        settings, env_file = load_settings(), env_file or ".env"
     registry = Registry(settings)
     cache = ResponseCache.from_settings(settings)
     telemetry = Telemetry(settings, registry, cache)
     lifecycle = Lifecycle(registry, settings)
     security = Security.from_settings(settings)
     dispatch = Dispatcher(registry, cache, settings)
+    config = RuntimeConfig(settings, registry, lifecycle, security, env_file)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -109,6 +104,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             MessagesController,
             ResponsesController,
             AdminController,
+            ConfigController,
+            ws,
             health,
         ],
         dependencies={
@@ -117,6 +114,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "telemetry": Provide(lambda: telemetry, use_cache=True, sync_to_thread=False),
             "lifecycle": Provide(lambda: lifecycle, use_cache=True, sync_to_thread=False),
             "dispatch": Provide(lambda: dispatch, use_cache=True, sync_to_thread=False),
+            "config": Provide(lambda: config, use_cache=True, sync_to_thread=False),
+            "security": Provide(lambda: security, use_cache=True, sync_to_thread=False),
+            "errors": Provide(lambda: to_service_error, use_cache=True, sync_to_thread=False),
             "record": Provide(_record, sync_to_thread=False),
         },
         guards=[security.guard],

@@ -28,6 +28,13 @@ class Lifecycle:
         self._reaper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        self.retune()
+
+    def retune(self) -> None:
+        """(Re)start the idle unloader for the tiers' current KEEP_ALIVE values (they change live)."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         keep_alives = [s.settings.keep_alive for s in self.registry.slots.values() if s.settings.keep_alive > 0]
         if keep_alives:
             tick = min(1.0, max(0.05, min(keep_alives) / 4))

@@ -52,6 +52,11 @@ CORS_ORIGINS allows them; admin routes refuse every page. When API_KEYS are set 
 `/health` and this document needs `Authorization: Bearer <key>`; routes marked admin need an
 ADMIN_API_KEYS key whenever any key is set. Every error is `{"error": {"message", "type", "param",
 "code"}}`.
+
+`/v1/ws` (WebSocket, not listed below) carries the chat and completions request bodies, several at
+once by id: send `{"type": "chat.completions" | "completions", "id", "body"}`, `{"type": "cancel",
+"id"}`, `{"type": "ping"}` or first `{"type": "auth", "api_key"}`; receive `chunk`, `response`,
+`error` (`{"type", "id", "status", "error": {...}}`), `done`, `pong` and `authenticated` messages.
 """
 
 

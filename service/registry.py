@@ -215,6 +215,15 @@ class Registry:
             await self._retire(slot, *old)
         return old_id
 
+    def retune(self, slot: TierSlot, settings: TierSettings) -> None:
+        """New per-tier defaults for requests from now on (PATCH /v1/config); the queue bound goes
+        to the loaded model's worker or batcher too, the rest is read from `slot.settings` per request."""
+        slot.settings = settings
+        if slot.worker is not None:
+            slot.worker.max_queue = settings.max_queue
+        if slot.batcher is not None:
+            slot.batcher.max_queued_items = settings.max_queue * self.settings.max_batch_inputs
+
     def _begin_load(self, slot: TierSlot) -> asyncio.Task[None]:
         if slot.load_task is None or (slot.load_task.done() and slot.state is not TierState.LOADED):
             slot.state = TierState.LOADING

@@ -41,7 +41,7 @@ from kernel.errors import (
     RateLimitError,
     UnsupportedMediaType,
 )
-from service.metrics import RateLimitInfo, request_record
+from service.metrics import RateLimitInfo, RequestRecord, request_record
 from service.settings import Settings, SettingsError
 
 _WINDOW = 60.0
@@ -253,25 +253,40 @@ class Security:
         limiter = RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
         return cls(api_keys, limiter, BrowserPolicy.from_settings(settings))
 
+    def set_rate_limit(self, per_minute: int) -> None:
+        """RATE_LIMIT_PER_MINUTE changed live: counts in the current windows carry over."""
+        if not per_minute:
+            self.limiter = None
+        elif self.limiter is None:
+            self.limiter = RateLimiter(per_minute)
+        else:
+            self.limiter.limit = per_minute
+
     def guard(self, connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
         scope = connection.scope
         admin = bool(handler.opt.get("admin"))
         self.browser.check(connection, admin=admin)
         if (scope["type"] == ScopeType.HTTP and scope["method"] == "OPTIONS") or handler.opt.get("public"):
             return  # CORS preflights carry no credentials; /health is for load balancers
+        if scope["type"] == ScopeType.WEBSOCKET:
+            return  # the key may come in the first message: the WebSocket session checks it and counts each request
         key = self.keys.check(connection.headers.get("authorization"), admin=admin)
-        if self.limiter is not None:
-            client = connection.scope.get("client")
-            identity = "key:" + _digest(key).hex() if key else "ip:" + (client[0] if client else "unknown")
-            info = self.limiter.hit(identity)
-            record = request_record(connection.scope)
-            record.rate_limit = RateLimitInfo(info.limit, max(0, info.remaining), info.reset)
-            if info.remaining < 0:
-                raise RateLimitError(
-                    f"Rate limit of {info.limit} requests per minute exceeded; retry in {info.reset} s",
-                    retry_after=max(1, info.reset),
-                )
+        self.throttle(key, connection.scope.get("client"), request_record(connection.scope))
         self.browser.check_body(connection)
+
+    def throttle(self, key: str | None, client: tuple[str, int] | None, record: RequestRecord) -> None:
+        """Count one request against RATE_LIMIT_PER_MINUTE (per key, else per client address), note
+        it on `record` for the rate-limit headers, and raise 429 over the limit."""
+        if self.limiter is None:
+            return
+        identity = "key:" + _digest(key).hex() if key else "ip:" + (client[0] if client else "unknown")
+        info = self.limiter.hit(identity)
+        record.rate_limit = RateLimitInfo(info.limit, max(0, info.remaining), info.reset)
+        if info.remaining < 0:
+            raise RateLimitError(
+                f"Rate limit of {info.limit} requests per minute exceeded; retry in {info.reset} s",
+                retry_after=max(1, info.reset),
+            )
 
 
 def check_bind(settings: Settings, keys: ApiKeys) -> None:

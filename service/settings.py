@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -43,7 +44,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     allowed_hosts: str = ""  # Host names served besides localhost, IP addresses and HOST; `*` = any
     forwarded_allow_ips: str = ""  # proxies whose X-Forwarded-For/-Proto are trusted; empty = none
     allow_insecure_bind: bool = False  # serve a non-loopback HOST without API_KEYS
-    max_body_bytes: Positive = 10 * 1024 * 1024
+    max_body_bytes: Positive = 10 * 1024 * 1024  # also the largest WebSocket message
+    ws_max_requests: Positive = 8  # requests one /v1/ws connection may run at once
     enable_cache: bool = False
     cache_max_size: NonNeg = 1000
     cache_ttl_seconds: NonNeg = 3600
@@ -212,3 +214,68 @@ def _ours(key: str) -> bool:
     if key.split("_", 1)[0].lower() in TIERS or key.lower() in _SERVER_FIELDS:
         return True
     return bool(difflib.get_close_matches(key, [f.upper() for f in _SERVER_FIELDS], n=1, cutoff=0.9))
+
+
+# What PATCH /v1/config may change on a running server: values read afresh by every request, or
+# pushed to the one object that uses them. Everything else shapes a loaded model or the socket.
+LIVE_TIER_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "repeat_penalty", "keep_alive", "max_queue")
+LIVE_SERVER_FIELDS = ("rate_limit_per_minute",)
+
+
+def _variable_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def settings_variables(settings: Settings) -> dict[str, str]:
+    """`settings` as the variables that parse back to it (those that differ from the defaults), so a
+    change can be checked by the very parser that read `.env`."""
+    out: dict[str, str] = {}
+    server_defaults = Settings()
+    for name in _SERVER_FIELDS:
+        value = getattr(settings, name)
+        if value != getattr(server_defaults, name):
+            out[name.upper()] = _variable_text(value)
+    tier_defaults = TierSettings()
+    for tier_name, tier in settings.tiers.items():
+        for name in _TIER_FIELDS:
+            value = getattr(tier, name)
+            allowed = _FAMILY_ONLY.get(name)
+            if value is None or value == getattr(tier_defaults, name) or (allowed and tier_name not in allowed):
+                continue  # e.g. an embedding tier's max_tokens, clipped by MAX_TOKENS_LIMIT but never set
+            out[f"{tier_name.upper()}_{name.upper()}"] = _variable_text(value)
+    return out
+
+
+def with_variables(settings: Settings, changes: Mapping[str, str]) -> Settings:
+    """`settings` with `changes` (variables as `.env` writes them) applied, checked exactly as at start."""
+    return parse_settings({**settings_variables(settings), **changes})
+
+
+_ASSIGNMENT = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=")
+
+
+def write_variables(path: Path, changes: Mapping[str, str]) -> None:
+    """Set `changes` in the `.env` file at `path`, editing only their lines (the last assignment of
+    each, which is the one dotenv keeps) and appending the others; comments and order stay."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    last: dict[str, int] = {}
+    for index, line in enumerate(lines):
+        if (match := _ASSIGNMENT.match(line)) is not None:
+            last[match.group(1).upper()] = index
+    appended = []
+    for key, value in changes.items():
+        if key in last:
+            lines[last[key]] = f"{key}={value}\n"
+        else:
+            appended.append(f"{key}={value}\n")
+    if appended and lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    target = path.resolve()  # a symlinked .env keeps its link; the file it points to is replaced
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    temporary.write_text("".join(lines + appended), encoding="utf-8")
+    shutil.copymode(target, temporary)
+    os.replace(temporary, target)  # a reader never sees half a file

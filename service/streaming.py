@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -57,6 +58,38 @@ class EventStream(Stream):
         return super().to_asgi_response(*args, **kwargs)
 
 
+@dataclass(slots=True)
+class Streamed:
+    """A streaming answer whose job has started (its first chunk is in): the events it makes, to
+    be framed as SSE for HTTP or as WebSocket messages by `events`."""
+
+    stream: ChunkStream
+    first: Chunk
+    opening: list[Any]
+    piece: Callable[[Chunk], list[Any]]
+    usage_event: Callable[[UsageInfo], Any] | None
+
+    def events(
+        self,
+        drain: Drain,
+        *,
+        frame: Callable[[Any], bytes] | None = None,
+        error: Callable[[LLMServiceError], Any] = LLMServiceError.envelope,
+        done: bytes = b"data: [DONE]\n\n",
+    ) -> AsyncGenerator[bytes, None]:
+        return event_stream(
+            self.stream,
+            self.first,
+            opening=self.opening,
+            piece=self.piece,
+            usage_event=self.usage_event,
+            drain=drain,
+            frame=frame or sse,
+            error=error,
+            done=done,
+        )
+
+
 def sse(data: Any) -> bytes:
     return b"data: " + _encode(data) + b"\n\n"
 
@@ -72,7 +105,7 @@ async def event_stream(
     frame: Callable[[Any], bytes] = sse,
     error: Callable[[LLMServiceError], Any] = LLMServiceError.envelope,
     done: bytes = b"data: [DONE]\n\n",
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """SSE events of one job: the `opening` events, the events `piece` makes of each chunk (text, finish
     reason), usage, then `done`; an error after the start is one `error` event. `frame` writes an
     event (OpenAI's `data:` lines by default; Anthropic's API names each event too)."""

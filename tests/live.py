@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -18,10 +19,10 @@ from service.settings import parse_settings
 
 
 class LiveServer:
-    def __init__(self, env: Mapping[str, str]) -> None:
+    def __init__(self, env: Mapping[str, str], env_file: Path | None = None) -> None:
         self.settings = parse_settings({"LOG_LEVEL": "WARNING", **env})
         configure_logging(self.settings.log_level)  # as `python -m service` does
-        self.app = create_app(self.settings)
+        self.app = create_app(self.settings, env_file=env_file)
         # IPPROTO_TCP: asyncio then sets TCP_NODELAY on connections (see service.__main__.bind).
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._sock.bind(("127.0.0.1", 0))
@@ -60,8 +61,10 @@ class LiveServer:
 
 
 @contextmanager
-def live_server(env: Mapping[str, str], wait_for: tuple[str, ...] = ()) -> Iterator[LiveServer]:
-    server = LiveServer(env).start(wait_for)
+def live_server(
+    env: Mapping[str, str], wait_for: tuple[str, ...] = (), env_file: Path | None = None
+) -> Iterator[LiveServer]:
+    server = LiveServer(env, env_file).start(wait_for)
     try:
         yield server
     finally:

@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from kernel.errors import InvalidRequestError
+
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 TopK = Annotated[int, msgspec.Meta(ge=0)]
@@ -92,3 +94,27 @@ class ErrorResponse(msgspec.Struct):
     """The body of every error answer, OpenAI's envelope."""
 
     error: ErrorBody
+
+
+_UNKNOWN_FIELD = "Object contains unknown field "
+
+
+def decode_strict(body: bytes, type_: Any) -> Any:
+    """A JSON body decoded strictly against `type_` (no `"stream": 1` passing as a boolean), every
+    failure a 400 naming where: the one decoding of request bodies, for HTTP and the WebSocket."""
+    try:
+        return msgspec.json.decode(body or b"null", type=type_, strict=True)
+    except msgspec.ValidationError as exc:
+        reason, _, where = str(exc).partition(" - at `$")
+        param = where.rstrip("`").lstrip(".") or None
+        if reason.startswith(_UNKNOWN_FIELD):  # bodies that refuse unknown keys: name the key
+            param = ".".join(filter(None, (param, reason.removeprefix(_UNKNOWN_FIELD).strip("`"))))
+        raise InvalidRequestError(
+            f"Invalid request: {reason}" + (f" at `{param}`" if param else ""), param=param
+        ) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequestError(f"Malformed JSON body: {exc}") from None
+    except UnicodeDecodeError:
+        raise InvalidRequestError("Malformed JSON body: it is not valid UTF-8") from None
+    except RecursionError:
+        raise InvalidRequestError("Malformed JSON body: nested too deeply") from None
