@@ -24,6 +24,7 @@ two threads share one object): every call goes through one worker thread, and th
 from __future__ import annotations
 
 import abc
+import copy
 import json
 import os
 import threading
@@ -40,6 +41,7 @@ from kernel.errors import InvalidRequestError, ModelUnavailableError
 Output = Literal["dense", "sparse", "colbert"]
 OUTPUTS: tuple[Output, ...] = ("dense", "sparse", "colbert")
 Vector = npt.NDArray[np.float32]
+Matrix = npt.NDArray[np.float32]  # rows of vectors (ColBERT: one per token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,24 +59,34 @@ class EmbedderInfo:
 class EmbeddingOutput:
     """One text's embeddings; only the requested fields are set.
 
-    `dense` is a float32 vector (`.tolist()` for JSON, `.tobytes()` for base64); `sparse` maps
-    token-id strings to plain floats and `colbert` is a list of per-token vectors, both JSON-safe.
+    `dense` is a float32 vector and `colbert` a float32 matrix, one row per token (`.tolist()` for
+    JSON, `.tobytes()` for base64: kept as arrays so neither costs Python floats until encoded);
+    `sparse` maps token-id strings to plain floats, JSON-safe.
     """
 
     tokens: int
     dense: Vector | None = None
     sparse: dict[str, float] | None = None
-    colbert: list[list[float]] | None = None
+    colbert: Matrix | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class EmbeddingJob:
-    """One text and the outputs its request wants: the unit the micro-batcher coalesces."""
+    """One text and the outputs its request wants: the unit the micro-batcher coalesces.
+
+    `ids`: the text's tokens (truncated, special tokens included) when the engine tokenises on the
+    request side (`PreTokenizing`); the batcher then packs by their number."""
 
     text: str
     dense: bool = True
     sparse: bool = False
     colbert: bool = False
+    ids: list[int] | None = None
+
+    @property
+    def cost(self) -> int:
+        """Tokens this job adds to a padded batch; about 4 characters a token when not tokenised."""
+        return len(self.ids) if self.ids is not None else len(self.text) // 4 + 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +188,11 @@ class Embedder(abc.ABC):
         sparse = any(j.sparse for j in jobs)
         colbert = any(j.colbert for j in jobs)
         with self.lock:
-            outputs = self.embed([j.text for j in jobs], dense=dense, sparse=sparse, colbert=colbert)
+            if isinstance(self, PreTokenizing) and self.pretokenizes and all(j.ids is not None for j in jobs):
+                ids = [j.ids for j in jobs if j.ids is not None]
+                outputs = self.embed_tokens(ids, dense=dense, sparse=sparse, colbert=colbert)
+            else:
+                outputs = self.embed([j.text for j in jobs], dense=dense, sparse=sparse, colbert=colbert)
         return [
             replace(
                 out,
@@ -194,11 +210,20 @@ class Embedder(abc.ABC):
             ]
         return EmbeddingBatch(outputs, sum(o.tokens for o in outputs))
 
+    def jobs(self, request: EmbeddingRequest, texts: list[str]) -> list[EmbeddingJob]:
+        """The batcher's units for a prepared request, tokenised here when the engine allows it
+        (`PreTokenizing`): the caller's thread pays for it, not the model's."""
+        pre = isinstance(self, PreTokenizing) and self.pretokenizes
+        ids = self.tokenize(texts) if isinstance(self, PreTokenizing) and pre else [None] * len(texts)
+        return [
+            EmbeddingJob(t, dense=request.dense, sparse=request.sparse, colbert=request.colbert, ids=i)
+            for t, i in zip(texts, ids, strict=True)
+        ]
+
     def embed_request(self, request: EmbeddingRequest) -> EmbeddingBatch:
         """prepare + embed + finish in one call, without a micro-batcher."""
         texts = self.prepare(request)
-        job = dict(dense=request.dense, sparse=request.sparse, colbert=request.colbert)
-        outputs = self.embed_jobs([EmbeddingJob(t, **job) for t in texts])
+        outputs = self.embed_jobs(self.jobs(request, texts))
         return self.finish(outputs, request.dimensions)
 
     def check_configured_dimension(self, configured: int | None, actual: int, model: str) -> None:
@@ -208,6 +233,49 @@ class Embedder(abc.ABC):
                 f"EMBEDDING_DIMENSION={configured} but the model {model} produces {actual}-dimensional "
                 "embeddings; fix the setting or the model path"
             )
+
+
+class PreTokenizing(abc.ABC):
+    """An embedder whose tokenizer may run on request threads, beside the model's forward pass.
+
+    `tokenize` must be safe to call from several threads at once and must not touch the tokenizer
+    the model thread uses (HF tokenizers raise "Already borrowed" when shared): engines keep their
+    own copy, configured once. Fast tokenizers release the GIL, so this overlaps with the model."""
+
+    @property
+    def pretokenizes(self) -> bool:
+        """False where this loaded model must tokenise itself after all (a fallback path)."""
+        return True
+
+    @abc.abstractmethod
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids per text as the model will see them: special tokens added, truncated."""
+
+    @abc.abstractmethod
+    def embed_tokens(
+        self, ids: list[list[int]], *, dense: bool = True, sparse: bool = False, colbert: bool = False
+    ) -> list[EmbeddingOutput]:
+        """`embed` for texts already tokenised by `tokenize`."""
+
+
+def request_tokenizer(tokenizer: Any, max_tokens: int) -> Any:
+    """A private copy of a fast HF tokenizer's Rust backend that truncates to `max_tokens` and
+    never pads: set up once, then only read, so request threads can share it."""
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    backend.enable_truncation(max_tokens)
+    backend.no_padding()
+    return backend
+
+
+def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Right-padded input ids and attention mask for one forward pass."""
+    width = max(len(row) for row in ids)
+    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for r, row in enumerate(ids):
+        input_ids[r, : len(row)] = row
+        mask[r, : len(row)] = 1
+    return input_ids, mask
 
 
 def apply_dimensions(vector: Vector, dimensions: int) -> Vector:

@@ -6,17 +6,26 @@ chunk of texts, because `BGEM3FlagModel.encode()` runs the first batch through t
 whenever a call holds a full batch. The post-processing mirrors `encode()`'s (positive weights,
 max per token id, special tokens dropped; no ColBERT vector for <s>) and a test checks that both
 give the same vectors. If FlagEmbedding's internals change shape, we fall back to `encode()`.
+Texts are tokenised on the request side (`PreTokenizing`): the model thread only runs forwards.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from embedders import hf
-from embedders.base import Embedder, EmbedderInfo, EmbeddingOutput, hf_max_tokens
+from embedders.base import (
+    Embedder,
+    EmbedderInfo,
+    EmbeddingOutput,
+    PreTokenizing,
+    hf_max_tokens,
+    pad_batch,
+    request_tokenizer,
+)
 from embedders.torch_engine import TorchEngine
 from kernel.errors import ModelUnavailableError, engine_errors
 
@@ -24,7 +33,7 @@ if TYPE_CHECKING:
     from kernel.config import TierSettings
 
 
-class BgeM3Embedder(TorchEngine[EmbedderInfo], Embedder):
+class BgeM3Embedder(TorchEngine[EmbedderInfo], Embedder, PreTokenizing):
     name = "bge_m3"
     model_kind = "embedding"
 
@@ -32,6 +41,8 @@ class BgeM3Embedder(TorchEngine[EmbedderInfo], Embedder):
         super().__init__(tier, model_path)
         self._direct = False
         self._special_ids: frozenset[int] = frozenset()
+        self._request_tokenizer: Any = None
+        self._pad_id = 0
 
     def load(self) -> None:
         path = self._begin_load("BGE-M3")
@@ -56,11 +67,15 @@ class BgeM3Embedder(TorchEngine[EmbedderInfo], Embedder):
         tokenizer = model.tokenizer
         special = (tokenizer.cls_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id)
         self._special_ids = frozenset(t for t in special if t is not None)
-        self._direct = callable(heads) and all(
-            hasattr(heads, name) for name in ("colbert_linear", "sparse_linear", "normalize_embeddings")
+        self._direct = (
+            callable(heads)
+            and getattr(tokenizer, "is_fast", False)
+            and all(hasattr(heads, name) for name in ("colbert_linear", "sparse_linear", "normalize_embeddings"))
         )
         if self._direct:
             heads.float().to(self._device).eval()  # what encode() does before every call
+            self._request_tokenizer = request_tokenizer(tokenizer, max_tokens)
+            self._pad_id = int(tokenizer.pad_token_id or 0)
         self._model = model
         self._info = EmbedderInfo(
             engine=self.name,
@@ -79,45 +94,55 @@ class BgeM3Embedder(TorchEngine[EmbedderInfo], Embedder):
         self.info()
         if not texts:
             return []
+        if self._direct:
+            return self.embed_tokens(self.tokenize(texts), dense=dense, sparse=sparse, colbert=colbert)
         with engine_errors(self.name):
-            if self._direct:
-                return self._embed_direct(texts, dense=dense, sparse=sparse, colbert=colbert)
             return self._embed_encode(texts, dense=dense, sparse=sparse, colbert=colbert)
 
-    def _embed_direct(self, texts: list[str], *, dense: bool, sparse: bool, colbert: bool) -> list[EmbeddingOutput]:
+    @property
+    def pretokenizes(self) -> bool:
+        return self._direct
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        self.info()
+        if not texts:
+            return []
+        return [e.ids for e in self._request_tokenizer.encode_batch(texts)]
+
+    def embed_tokens(
+        self, ids: list[list[int]], *, dense: bool = True, sparse: bool = False, colbert: bool = False
+    ) -> list[EmbeddingOutput]:
         import torch
 
+        self.check_outputs(dense=dense, sparse=sparse, colbert=colbert)
+        self.info()
         heads = self._model.model
-        max_tokens = self.info().max_tokens
-        ids: list[list[int]] = self._model.tokenizer(texts, truncation=True, max_length=max_tokens)["input_ids"]
-        pad_id = self._model.tokenizer.pad_token_id or 0
-        results: list[EmbeddingOutput | None] = [None] * len(texts)
+        results: list[EmbeddingOutput | None] = [None] * len(ids)
         # Longest first, chunked: texts of similar length share a batch and padding stays small.
-        order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
-        for start in range(0, len(order), self._batch_size):
-            chunk = order[start : start + self._batch_size]
-            width = len(ids[chunk[0]])
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
-                mask[row, : len(ids[i])] = 1
-            features = {"input_ids": input_ids.to(self._device), "attention_mask": mask.to(self._device)}
-            with torch.inference_mode():
-                out = heads(features, return_dense=dense, return_sparse=sparse, return_colbert_vecs=colbert)
-            dense_np = out["dense_vecs"].float().cpu().numpy() if dense else None
-            weights_np = out["sparse_vecs"].squeeze(-1).float().cpu().numpy() if sparse else None
-            colbert_np = out["colbert_vecs"].float().cpu().numpy() if colbert else None
-            for row, i in enumerate(chunk):
-                n = len(ids[i])
-                result = EmbeddingOutput(tokens=n)
-                if dense_np is not None:
-                    result.dense = dense_np[row].astype(np.float32, copy=True)
-                if weights_np is not None:
-                    result.sparse = self._lexical_weights(ids[i], weights_np[row, :n])
-                if colbert_np is not None:
-                    result.colbert = colbert_np[row, : n - 1].tolist()  # heads skip <s>
-                results[i] = result
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        with engine_errors(self.name):
+            for start in range(0, len(order), self._batch_size):
+                chunk = order[start : start + self._batch_size]
+                input_ids, mask = pad_batch([ids[i] for i in chunk], self._pad_id)
+                features = {
+                    "input_ids": torch.from_numpy(input_ids).to(self._device),
+                    "attention_mask": torch.from_numpy(mask).to(self._device),
+                }
+                with torch.inference_mode():
+                    out = heads(features, return_dense=dense, return_sparse=sparse, return_colbert_vecs=colbert)
+                dense_np = out["dense_vecs"].float().cpu().numpy() if dense else None
+                weights_np = out["sparse_vecs"].squeeze(-1).float().cpu().numpy() if sparse else None
+                colbert_np = out["colbert_vecs"].float().cpu().numpy() if colbert else None
+                for row, i in enumerate(chunk):
+                    n = len(ids[i])
+                    result = EmbeddingOutput(tokens=n)
+                    if dense_np is not None:
+                        result.dense = dense_np[row]
+                    if weights_np is not None:
+                        result.sparse = self._lexical_weights(ids[i], weights_np[row, :n])
+                    if colbert_np is not None:
+                        result.colbert = colbert_np[row, : n - 1]  # the heads skip <s>
+                    results[i] = result
         return [r for r in results if r is not None]
 
     def _lexical_weights(self, ids: list[int], weights: npt.NDArray[np.float32]) -> dict[str, float]:
@@ -153,7 +178,7 @@ class BgeM3Embedder(TorchEngine[EmbedderInfo], Embedder):
                     # Keys are already token-id strings; np.float32 values are not JSON-serialisable.
                     result.sparse = {str(k): float(v) for k, v in out["lexical_weights"][i].items()}
                 if colbert:
-                    result.colbert = np.asarray(out["colbert_vecs"][i], dtype=np.float32).tolist()
+                    result.colbert = np.asarray(out["colbert_vecs"][i], dtype=np.float32)
                 results.append(result)
         return results
 

@@ -1,13 +1,25 @@
-"""Dense embeddings with sentence-transformers (MiniLM, BGE, E5, GTE... any ST folder)."""
+"""Dense embeddings with sentence-transformers (MiniLM, BGE, E5, GTE... any ST folder).
+
+Texts are tokenised on the request side (`PreTokenizing`, a private copy of the fast tokenizer)
+and the model thread runs only the forward pass: the model's own modules (Transformer, Pooling,
+Normalize) on tensors we pad, under `torch.inference_mode`, which is what `encode()` does per
+batch minus its tokenisation, sorting and progress bookkeeping.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from embedders import hf
-from embedders.base import Embedder, EmbedderInfo, EmbeddingOutput, l2_normalize
+from embedders.base import (
+    Embedder,
+    EmbedderInfo,
+    EmbeddingOutput,
+    PreTokenizing,
+    l2_normalize,
+    pad_batch,
+    request_tokenizer,
+)
 from embedders.torch_engine import TorchEngine
 from kernel.errors import ModelUnavailableError, engine_errors
 
@@ -15,7 +27,7 @@ if TYPE_CHECKING:
     from kernel.config import TierSettings
 
 
-class SentenceTransformerEmbedder(TorchEngine[EmbedderInfo], Embedder):
+class SentenceTransformerEmbedder(TorchEngine[EmbedderInfo], Embedder, PreTokenizing):
     name = "sentence_transformers"
     model_kind = "embedding"
 
@@ -23,6 +35,9 @@ class SentenceTransformerEmbedder(TorchEngine[EmbedderInfo], Embedder):
         super().__init__(tier, model_path)
         # OpenAI clients assume unit vectors (cosine == dot); opt out for dot-product models.
         self._normalize = tier.normalize
+        self._request_tokenizer: Any = None
+        self._inputs: frozenset[str] = frozenset()
+        self._pad_id = 0
 
     def load(self) -> None:
         path = self._begin_load("sentence-transformers")
@@ -38,6 +53,15 @@ class SentenceTransformerEmbedder(TorchEngine[EmbedderInfo], Embedder):
         self.check_configured_dimension(self.tier.embedding_dimension, dimension, path)
         max_tokens = min(model.get_max_seq_length() or 512, self.tier.n_ctx)
         model.max_seq_length = max_tokens
+        tokenizer = model.tokenizer
+        # Tensors the model's own tokenisation would give it (BERT: token_type_ids too).
+        probe = tokenizer(["a"], truncation=True, max_length=max_tokens)
+        self._inputs = frozenset(probe.keys())
+        self._pad_id = int(tokenizer.pad_token_id or 0)
+        if getattr(tokenizer, "is_fast", False) and "input_ids" in self._inputs:
+            self._request_tokenizer = request_tokenizer(tokenizer, max_tokens)
+        # The model's Normalize module already gives unit vectors: don't normalise twice.
+        self._normalize = self._normalize and not any(type(m).__name__ == "Normalize" for m in model)
         self._model = model
         self._info = EmbedderInfo(
             engine=self.name,
@@ -51,24 +75,45 @@ class SentenceTransformerEmbedder(TorchEngine[EmbedderInfo], Embedder):
     def embed(
         self, texts: list[str], *, dense: bool = True, sparse: bool = False, colbert: bool = False
     ) -> list[EmbeddingOutput]:
-        self.check_outputs(dense=dense, sparse=sparse, colbert=colbert)
+        return self.embed_tokens(self.tokenize(texts), dense=dense, sparse=sparse, colbert=colbert)
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
         info = self.info()
         if not texts:
             return []
+        if self._request_tokenizer is None:  # a slow (Python) tokenizer: not shareable, use the model's
+            with self.lock:
+                ids: list[list[int]] = self._model.tokenizer(texts, truncation=True, max_length=info.max_tokens)[
+                    "input_ids"
+                ]
+            return ids
+        return [e.ids for e in self._request_tokenizer.encode_batch(texts)]
+
+    def embed_tokens(
+        self, ids: list[list[int]], *, dense: bool = True, sparse: bool = False, colbert: bool = False
+    ) -> list[EmbeddingOutput]:
+        import torch
+
+        self.check_outputs(dense=dense, sparse=sparse, colbert=colbert)
+        self.info()
+        results: list[EmbeddingOutput | None] = [None] * len(ids)
+        # Longest first, chunked: rows of similar length share a forward pass.
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         with engine_errors(self.name):
-            vectors = self._model.encode(
-                texts,
-                batch_size=self._batch_size,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
-        vectors = np.asarray(vectors, dtype=np.float32)
-        if self._normalize:
-            vectors = l2_normalize(vectors)
-        tokens = self.count_tokens(texts)
-        return [
-            EmbeddingOutput(tokens=min(n, info.max_tokens), dense=vec) for n, vec in zip(tokens, vectors, strict=True)
-        ]
+            for start in range(0, len(order), self._batch_size):
+                chunk = order[start : start + self._batch_size]
+                input_ids, mask = pad_batch([ids[i] for i in chunk], self._pad_id)
+                features = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+                if "token_type_ids" in self._inputs:
+                    features["token_type_ids"] = torch.zeros_like(features["input_ids"])
+                features = {k: v.to(self._device) for k, v in features.items()}
+                with torch.inference_mode():
+                    vectors = self._model(features)["sentence_embedding"].float().cpu().numpy()
+                if self._normalize:
+                    vectors = l2_normalize(vectors)
+                for row, i in enumerate(chunk):
+                    results[i] = EmbeddingOutput(tokens=len(ids[i]), dense=vectors[row])
+        return [r for r in results if r is not None]
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         self.info()

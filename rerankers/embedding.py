@@ -110,7 +110,7 @@ def _sparse_score(q: EmbeddingOutput, d: EmbeddingOutput) -> float:
 
 def _colbert_score(q: EmbeddingOutput, d: EmbeddingOutput) -> float:
     """Late interaction: each query token's best match in the document, averaged."""
-    if not q.colbert or not d.colbert:
+    if q.colbert is None or d.colbert is None or not len(q.colbert) or not len(d.colbert):
         return 0.0
-    sims = np.asarray(q.colbert, dtype=np.float32) @ np.asarray(d.colbert, dtype=np.float32).T
+    sims = q.colbert @ d.colbert.T
     return float(sims.max(axis=1).mean())

@@ -2,9 +2,20 @@
 
 Embedding and reranking models are far faster on a batch of 32 texts than on 32 single texts,
 and they are not thread-safe. `MicroBatcher` queues the items of every `submit()`, waits at most
-`max_wait_ms` after the oldest one arrived (less if `max_batch_size` items are already waiting),
-then runs `run_batch` on up to `max_batch_size` items in its single worker thread and hands each
-submitter its own results, in order. A submission larger than a batch is split across batches.
+`max_wait_ms` after the oldest one arrived (less once a batch's worth is waiting), then runs
+`run_batch` on one batch in its single worker thread and hands each submitter its own results,
+in its own order.
+
+Packing (token budget): with a `cost` (an item's tokens), a batch is built around an *anchor*,
+the longest waiting item of the submission whose turn it is, and filled with the longest
+waiting items of every submission that are no longer than the anchor. The model pads every row to
+the longest, so rows of similar length waste little, and the padded size, rows x anchor tokens,
+stays within `max_batch_tokens` (and rows within `max_batch_size`; an item alone may exceed the
+budget). Without a cost every item counts 1 and batches fill in arrival order.
+
+Fairness: the anchor's submission then moves to the back of the queue, so with n submissions
+waiting each one anchors at least one batch in every n: a huge request shares the model with small
+ones instead of holding it until it is done.
 
 Failure isolation: if `run_batch` raises for a batch that mixes several submissions, each one's
 part is retried alone, so one request's bad input fails only that request.
@@ -18,9 +29,11 @@ Everything but `run_batch` runs on the event loop thread, so the queue needs no 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import heapq
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -36,25 +49,36 @@ R = TypeVar("R")
 @dataclass(eq=False)
 class _Submission(Generic[T, R]):
     items: list[T]
+    costs: list[int]
     future: asyncio.Future[list[R]]
     enqueued: float
     results: list[R | None] = field(default_factory=list)
-    offset: int = 0  # items before this index have been dispatched
+    # Undispatched item indices, longest first (ties in request order); `keys` mirrors it as
+    # ascending (-cost, index) for bisect.
+    pending: list[int] = field(default_factory=list)
+    keys: list[tuple[int, int]] = field(default_factory=list)
     delivered: int = 0
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.items)
+        self.keys = sorted((-c, i) for i, c in enumerate(self.costs))
+        self.pending = [i for _, i in self.keys]
+
+    def fitting(self, width: int) -> int:
+        """Index in `pending` of the first (longest) item no longer than `width`."""
+        return bisect.bisect_left(self.keys, (-width, -1))
 
 
 @dataclass(eq=False)
-class _Slice(Generic[T, R]):
+class _Piece(Generic[T, R]):
+    """The items of one submission in one batch."""
+
     sub: _Submission[T, R]
-    start: int
-    stop: int
+    indices: list[int]
 
     @property
     def items(self) -> list[T]:
-        return self.sub.items[self.start : self.stop]
+        return [self.sub.items[i] for i in self.indices]
 
 
 class MicroBatcher(Generic[T, R]):
@@ -63,17 +87,24 @@ class MicroBatcher(Generic[T, R]):
         run_batch: Callable[[list[T]], list[R]],
         *,
         max_batch_size: int = 32,
+        max_batch_tokens: int | None = None,
+        cost: Callable[[T], int] | None = None,
         max_wait_ms: float = 5.0,
         max_queued_items: int = 1024,
         name: str = "batcher",
         executor: Executor | None = None,
     ) -> None:
-        """`executor`: run batches there instead of a private one-thread pool (it must run one job
+        """`cost`: an item's tokens (>= 1), for packing by length and `max_batch_tokens`.
+        `executor`: run batches there instead of a private one-thread pool (it must run one job
         at a time for models that are not thread-safe); the caller then owns its shutdown."""
         if max_batch_size < 1 or max_queued_items < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size and max_queued_items must be >= 1, max_wait_ms >= 0")
+        if max_batch_tokens is not None and max_batch_tokens < 1:
+            raise ValueError("max_batch_tokens must be >= 1")
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.cost = cost
         self.max_wait = max_wait_ms / 1000.0
         self.max_queued_items = max_queued_items
         self.name = name
@@ -81,6 +112,7 @@ class MicroBatcher(Generic[T, R]):
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
         self._queue: deque[_Submission[T, R]] = deque()
         self._queued = 0
+        self._queued_cost = 0
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
@@ -88,6 +120,7 @@ class MicroBatcher(Generic[T, R]):
         self._contended = False  # the last batch shared the model, or others queued behind it
         self.batches = 0  # run_batch calls that succeeded, for metrics and tests
         self.items = 0
+        self.padded_tokens = 0  # rows x longest row over all batches: what packing keeps small
 
     @property
     def queued_items(self) -> int:
@@ -107,11 +140,13 @@ class MicroBatcher(Generic[T, R]):
                 retry_after=1,
                 code="queue_full",
             )
+        costs = [max(1, self.cost(item)) for item in batch] if self.cost is not None else [1] * len(batch)
         loop = asyncio.get_running_loop()
         wakeup = self._bind(loop)
-        sub: _Submission[T, R] = _Submission(batch, loop.create_future(), loop.time())
+        sub: _Submission[T, R] = _Submission(batch, costs, loop.create_future(), loop.time())
         self._queue.append(sub)
         self._queued += len(batch)
+        self._queued_cost += sum(costs)
         wakeup.set()
         try:
             return await sub.future
@@ -140,31 +175,40 @@ class MicroBatcher(Generic[T, R]):
                 raise RuntimeError(f"{self.name} is already serving another event loop")
             self._loop, self._wakeup, self._task = loop, asyncio.Event(), None
             self._queue.clear()
-            self._queued = 0
+            self._queued = self._queued_cost = 0
         assert self._wakeup is not None
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._dispatch(), name=f"{self.name}-dispatcher")
         return self._wakeup
 
     def _withdraw(self, sub: _Submission[T, R]) -> None:
-        """A submitter was cancelled: drop its undispatched items; a running slice is discarded."""
+        """A submitter was cancelled: drop its undispatched items; a running piece is discarded."""
         if sub in self._queue:
             self._queue.remove(sub)
-            self._queued -= len(sub.items) - sub.offset
+            self._queued -= len(sub.pending)
+            self._queued_cost -= sum(sub.costs[i] for i in sub.pending)
+            sub.pending, sub.keys = [], []
 
     def _fail(self, sub: _Submission[T, R], exc: BaseException) -> None:
         self._withdraw(sub)
         if not sub.future.done():
             sub.future.set_exception(exc)
 
-    def _deliver(self, piece: _Slice[T, R], results: list[R]) -> None:
+    def _deliver(self, piece: _Piece[T, R], results: list[R]) -> None:
         sub = piece.sub
         if sub.future.done():  # cancelled or already failed
             return
-        sub.results[piece.start : piece.stop] = results
+        for i, result in zip(piece.indices, results, strict=True):
+            sub.results[i] = result
         sub.delivered += len(results)
         if sub.delivered == len(sub.items):
             sub.future.set_result(sub.results)  # type: ignore[arg-type]  # every slot is filled
+
+    def _full(self) -> bool:
+        """A batch's worth is waiting: no reason to wait for more company."""
+        if self._queued >= self.max_batch_size:
+            return True
+        return self.max_batch_tokens is not None and self._queued_cost >= self.max_batch_tokens
 
     async def _dispatch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -180,9 +224,9 @@ class MicroBatcher(Generic[T, R]):
                 # Coalescing window, counted from the oldest waiting submission: requests that
                 # queued while the previous batch ran do not wait again. Serial traffic (the last
                 # batch was one request and nothing arrived meanwhile) skips it: nobody is coming.
-                deadline = self._queue[0].enqueued + self.max_wait
+                deadline = min(sub.enqueued for sub in self._queue) + self.max_wait
                 serial = not self._contended and len(self._queue) == 1
-                while self._queued < self.max_batch_size and not self._closed and not serial:
+                while not self._full() and not self._closed and not serial:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         break
@@ -194,7 +238,7 @@ class MicroBatcher(Generic[T, R]):
                 if self._queue:
                     pieces = self._take()
                     await self._run(loop, pieces)
-                    self._contended = len({id(p.sub) for p in pieces}) > 1 or bool(self._queue)
+                    self._contended = len(pieces) > 1 or bool(self._queue)
         except BaseException as exc:  # a bug here must not leave submitters waiting forever
             if not isinstance(exc, asyncio.CancelledError):
                 log.exception("%s: dispatcher failed", self.name)
@@ -202,21 +246,43 @@ class MicroBatcher(Generic[T, R]):
                 self._fail(self._queue[0], EngineError(f"{self.name} failed; see the server log"))
             raise
 
-    def _take(self) -> list[_Slice[T, R]]:
-        pieces: list[_Slice[T, R]] = []
-        room = self.max_batch_size
-        while self._queue and room > 0:
-            sub = self._queue[0]
-            n = min(room, len(sub.items) - sub.offset)
-            pieces.append(_Slice(sub, sub.offset, sub.offset + n))
-            sub.offset += n
-            self._queued -= n
-            room -= n
-            if sub.offset == len(sub.items):
-                self._queue.popleft()
+    def _take(self) -> list[_Piece[T, R]]:
+        """One batch: the anchor (the longest item of the submission whose turn it is) and the
+        longest items no longer than it from every submission, within the row and token limits."""
+        anchor = self._queue[0]
+        width = anchor.costs[anchor.pending[0]]
+        rows = self.max_batch_size
+        if self.max_batch_tokens is not None:
+            rows = max(1, min(rows, self.max_batch_tokens // width))
+        # Candidates longest first; equal lengths go to the anchor, then to older submissions.
+        starts = {id(sub): sub.fitting(width) for sub in self._queue}
+
+        def candidates(rank: int, sub: _Submission[T, R]) -> Iterator[tuple[int, int, int, _Submission[T, R]]]:
+            for pos in range(starts[id(sub)], len(sub.pending)):
+                yield -sub.costs[sub.pending[pos]], rank, pos, sub
+
+        merged = heapq.merge(*(candidates(rank, sub) for rank, sub in enumerate(self._queue)))
+        taken: dict[int, list[int]] = {}
+        for _, _, pos, sub in (c for c, _ in zip(merged, range(rows), strict=False)):
+            taken.setdefault(id(sub), []).append(pos)
+        pieces: list[_Piece[T, R]] = []
+        for sub in self._queue:
+            positions = taken.get(id(sub))
+            if not positions:
+                continue
+            # Each submission gives a run of its pending list (longest first), starting at `fitting`.
+            first, last = positions[0], positions[-1] + 1
+            indices = sub.pending[first:last]
+            del sub.pending[first:last], sub.keys[first:last]
+            pieces.append(_Piece(sub, indices))
+            self._queued -= len(indices)
+            self._queued_cost -= sum(sub.costs[i] for i in indices)
+        self._queue.rotate(-1)  # the anchor goes to the back: the next batch is someone else's turn
+        self._queue = deque(sub for sub in self._queue if sub.pending)
+        self.padded_tokens += width * sum(len(p.indices) for p in pieces)
         return pieces
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, pieces: list[_Slice[T, R]]) -> None:
+    async def _run(self, loop: asyncio.AbstractEventLoop, pieces: list[_Piece[T, R]]) -> None:
         batch = [item for piece in pieces for item in piece.items]
         try:
             results = await loop.run_in_executor(self._executor, self._call, batch)
@@ -237,7 +303,7 @@ class MicroBatcher(Generic[T, R]):
             return
         start = 0
         for piece in pieces:
-            stop = start + piece.stop - piece.start
+            stop = start + len(piece.indices)
             self._deliver(piece, results[start:stop])
             start = stop
 

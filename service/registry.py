@@ -295,7 +295,7 @@ class Registry:
         info = embedder.info()
         slot.engine, slot.engine_name, slot.device = embedder, info.engine, info.device
         slot.context_length, slot.dimension = info.max_tokens, info.dimension
-        slot.batcher = self._batcher(slot, embedder.embed_jobs)
+        slot.batcher = self._batcher(slot, embedder.embed_jobs, _job_cost)
 
     def _load_reranker(self, slot: TierSlot, path: str) -> None:
         source = path.removeprefix("tier:").strip()
@@ -311,13 +311,17 @@ class Registry:
         info = reranker.info()
         slot.engine, slot.engine_name, slot.device = reranker, info.engine, info.device
         slot.context_length = info.max_tokens
-        slot.batcher = self._batcher(slot, reranker.score_pairs)
+        slot.batcher = self._batcher(slot, reranker.score_pairs, _pair_cost)
 
-    def _batcher(self, slot: TierSlot, run: Callable[[list[Any]], list[Any]]) -> MicroBatcher[Any, Any]:
+    def _batcher(
+        self, slot: TierSlot, run: Callable[[list[Any]], list[Any]], cost: Callable[[Any], int]
+    ) -> MicroBatcher[Any, Any]:
         tier = slot.settings
         return MicroBatcher(
             run,
             max_batch_size=tier.micro_batch_size,
+            max_batch_tokens=tier.micro_batch_tokens,
+            cost=cost,
             max_wait_ms=tier.micro_batch_wait_ms,
             max_queued_items=tier.max_queue * self.settings.max_batch_inputs,
             name=slot.name,
@@ -427,9 +431,14 @@ class Registry:
         needs_tokenizer = any(not isinstance(item, str) for item in request.inputs)
         # Decoding token ids takes the model's lock: keep that off the event loop.
         texts = await asyncio.to_thread(embedder.prepare, request) if needs_tokenizer else embedder.prepare(request)
-        outputs = await batcher.submit(
-            [EmbeddingJob(t, dense=request.dense, sparse=request.sparse, colbert=request.colbert) for t in texts]
-        )
+        # Tokenising (for packing and so the model thread does not) takes ~20 µs for a sentence,
+        # less than a thread hop: only large inputs go to a thread, where the fast tokenizer
+        # runs without the GIL beside the model.
+        if sum(len(t) for t in texts) > _INLINE_TOKENIZE_CHARS:
+            jobs = await asyncio.to_thread(embedder.jobs, request, texts)
+        else:
+            jobs = embedder.jobs(request, texts)
+        outputs = await batcher.submit(jobs)
         return embedder.finish(outputs, request.dimensions)
 
     async def rerank(
@@ -451,6 +460,18 @@ class Registry:
 
     def health(self) -> dict[str, Any]:
         return {name: slot.describe() for name, slot in self.slots.items() if slot.state is not TierState.ABSENT}
+
+
+_INLINE_TOKENIZE_CHARS = 2000
+
+
+def _job_cost(job: EmbeddingJob) -> int:
+    return job.cost
+
+
+def _pair_cost(pair: tuple[str, str]) -> int:
+    # About 4 characters a token, plus the special tokens of a pair; only packing uses it.
+    return (len(pair[0]) + len(pair[1])) // 4 + 3
 
 
 def _shown(model: str) -> str:

@@ -89,6 +89,7 @@ _FAMILY_ONLY: dict[str, tuple[str, ...]] = {
     "batch_size": ("embedding", "reranker"),
     "micro_batch_size": ("embedding", "reranker"),
     "micro_batch_wait_ms": ("embedding", "reranker"),
+    "micro_batch_tokens": ("embedding", "reranker"),
     "normalize": ("embedding",),
     "pooling": ("embedding",),
     "embedding_dimension": ("embedding",),

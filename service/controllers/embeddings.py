@@ -4,6 +4,7 @@ import base64
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from litestar import Controller, post
 
 from embedders.base import EmbeddingOutput, EmbeddingRequest
@@ -85,21 +86,40 @@ def _is_token(value: object) -> bool:
 
 
 def _item(index: int, out: EmbeddingOutput, req: EmbeddingCreate) -> EmbeddingData:
+    b64 = req.encoding_format == "base64"
     embedding: Any
     if req.embedding_type == "sparse":
-        embedding = out.sparse
+        embedding = _sparse(out.sparse, b64)
     elif req.embedding_type == "colbert":
-        embedding = out.colbert
+        embedding = _vectors(out.colbert, b64)
     else:
-        assert out.dense is not None
-        if req.encoding_format == "base64":
-            # OpenAI's format: little-endian float32 bytes, base64-encoded.
-            embedding = base64.b64encode(out.dense.astype("<f4", copy=False).tobytes()).decode("ascii")
-        else:
-            embedding = np.asarray(out.dense, dtype=np.float64).tolist()
+        embedding = _vectors(out.dense, b64)
+    extra_sparse = req.return_sparse and req.embedding_type != "sparse"
+    extra_colbert = req.return_colbert and req.embedding_type != "colbert"
     return EmbeddingData(
         index,
         embedding,
-        sparse_embedding=out.sparse if req.return_sparse and req.embedding_type != "sparse" else None,
-        colbert_embedding=out.colbert if req.return_colbert and req.embedding_type != "colbert" else None,
+        sparse_embedding=_sparse(out.sparse, b64) if extra_sparse else None,
+        colbert_embedding=_vectors(out.colbert, b64) if extra_colbert else None,
     )
+
+
+def _vectors(values: npt.NDArray[np.float32] | None, b64: bool) -> str | list[Any]:
+    """A dense vector or a ColBERT matrix: OpenAI's base64 (little-endian float32, row after row)
+    or JSON floats (float64 first, so a float32 prints as its exact decimal like `encode()` gave)."""
+    assert values is not None
+    if b64:
+        return base64.b64encode(np.ascontiguousarray(values, dtype="<f4").tobytes()).decode("ascii")
+    listed: list[Any] = values.astype(np.float64).tolist()
+    return listed
+
+
+def _sparse(weights: dict[str, float] | None, b64: bool) -> str | dict[str, float]:
+    """Lexical weights: `{"<token id>": weight}`, or in base64 n little-endian uint32 token ids
+    followed by their n float32 weights (README, "Embeddings")."""
+    assert weights is not None
+    if not b64:
+        return weights
+    ids = np.fromiter((int(k) for k in weights), dtype="<u4", count=len(weights))
+    values = np.fromiter(weights.values(), dtype="<f4", count=len(weights))
+    return base64.b64encode(ids.tobytes() + values.tobytes()).decode("ascii")

@@ -26,8 +26,9 @@ class EmbeddingData(msgspec.Struct, omit_defaults=True, tag_field="object", tag=
     # list[float], a base64 string, {token id: weight} or a list of vectors: msgspec cannot decode
     # a union of several array types, and cached answers are decoded, so this stays untyped.
     embedding: Any
-    sparse_embedding: dict[str, float] | None = None
-    colbert_embedding: list[list[float]] | None = None
+    # JSON, or a base64 string with encoding_format=base64 (layouts in the README).
+    sparse_embedding: dict[str, float] | str | None = None
+    colbert_embedding: list[list[float]] | str | None = None
 
 
 class EmbeddingUsage(msgspec.Struct):

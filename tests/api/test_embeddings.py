@@ -187,6 +187,47 @@ def test_bge_m3_dense_sparse_colbert(bge_server: LiveServer) -> None:
     json.dumps(sparse)  # JSON-safe all the way down
 
 
+def _sparse_b64(text: str) -> dict[str, float]:
+    """README layout: n little-endian uint32 token ids, then their n float32 weights."""
+    raw = base64.b64decode(text)
+    n = len(raw) // 8
+    ids = np.frombuffer(raw[: 4 * n], dtype="<u4")
+    weights = np.frombuffer(raw[4 * n :], dtype="<f4")
+    return {str(int(i)): float(w) for i, w in zip(ids, weights, strict=True)}
+
+
+def _colbert_b64(text: str, width: int) -> np.ndarray:
+    """README layout: little-endian float32, one row of `width` values per token."""
+    return np.frombuffer(base64.b64decode(text), dtype="<f4").reshape(-1, width)
+
+
+def test_bge_m3_base64_sparse_and_colbert_decode_to_the_json_values(bge_server: LiveServer) -> None:
+    texts = ["hello world", "a b c d e f", ""]
+    both = {"model": "embedding", "input": texts, "return_sparse": True, "return_colbert": True}
+    plain = post(bge_server, both).json()["data"]
+    packed = post(bge_server, {**both, "encoding_format": "base64"}).json()["data"]
+    for p, b in zip(plain, packed, strict=True):
+        assert isinstance(b["sparse_embedding"], str) and isinstance(b["colbert_embedding"], str)
+        dense = np.frombuffer(base64.b64decode(b["embedding"]), dtype="<f4")
+        assert np.allclose(dense, p["embedding"], atol=1e-7)
+        sparse = _sparse_b64(b["sparse_embedding"])
+        assert sparse.keys() == p["sparse_embedding"].keys()
+        assert all(abs(sparse[k] - v) < 1e-6 for k, v in p["sparse_embedding"].items())
+        colbert = _colbert_b64(b["colbert_embedding"], 32)
+        assert colbert.shape == (len(p["colbert_embedding"]), 32)
+        assert np.allclose(colbert, p["colbert_embedding"], atol=1e-7)
+    assert plain[0]["sparse_embedding"] and len(plain[1]["colbert_embedding"]) > len(plain[0]["colbert_embedding"])
+    # The same layouts when sparse or ColBERT is the `embedding` itself.
+    sparse_only = post(
+        bge_server, {"model": "embedding", "input": texts[:1], "embedding_type": "sparse", "encoding_format": "base64"}
+    ).json()["data"][0]["embedding"]
+    assert _sparse_b64(sparse_only).keys() == plain[0]["sparse_embedding"].keys()
+    colbert_only = post(
+        bge_server, {"model": "embedding", "input": texts[:1], "embedding_type": "colbert", "encoding_format": "base64"}
+    ).json()["data"][0]["embedding"]
+    assert np.allclose(_colbert_b64(colbert_only, 32), plain[0]["colbert_embedding"], atol=1e-7)
+
+
 def test_bge_m3_through_the_openai_sdk(bge_server: LiveServer) -> None:
     client = openai.OpenAI(base_url=f"{bge_server.url}/v1", api_key="none", max_retries=0)
     res = client.embeddings.create(model="embedding", input=["one", "two"], dimensions=16)

@@ -225,9 +225,8 @@ def test_bge_m3_three_outputs_from_one_forward_pass(bge_m3: Embedder, monkeypatc
         assert out.sparse and all(k.isdigit() and int(k) < vocab for k in out.sparse)
         assert all(type(v) is float and v > 0 for v in out.sparse.values())
         json.dumps(out.sparse)
-        assert out.colbert is not None and len(out.colbert) == n - 1  # no vector for <s>
-        assert all(len(vec) == 32 and type(vec[0]) is float for vec in out.colbert)
-        json.dumps(out.colbert)
+        assert out.colbert is not None and out.colbert.shape == (n - 1, 32)  # no vector for <s>
+        assert out.colbert.dtype == np.float32
 
 
 def test_bge_m3_single_pass_matches_flagembedding_encode(bge_m3: Embedder) -> None:

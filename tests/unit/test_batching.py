@@ -26,8 +26,10 @@ class Recorder:
         self.batches: list[list[int]] = []
         self.threads: set[int] = set()
         self.gate = gate
+        self.started = threading.Event()  # a batch reached the worker (and waits at the gate)
 
     def __call__(self, items: list[int]) -> list[int]:
+        self.started.set()
         if self.gate is not None:
             assert self.gate.wait(10)
         self.threads.add(threading.get_ident())
@@ -212,3 +214,126 @@ def test_empty_submission_returns_empty_without_a_batch() -> None:
 
     run(main())
     assert rec.batches == []
+
+
+def test_token_budget_packs_by_length_across_requests() -> None:
+    # Items are their own token counts. Two requests with interleaved lengths: packed, each batch
+    # holds rows of similar length and its padded size (rows x longest) stays within the budget.
+    gate = threading.Event()
+    rec = Recorder(gate)
+
+    async def main() -> None:
+        batcher: MicroBatcher[int, int] = MicroBatcher(
+            rec, max_batch_size=64, max_batch_tokens=30, cost=lambda n: n, max_wait_ms=0
+        )
+        first = asyncio.ensure_future(batcher.submit([1]))
+        await _until(rec.started.is_set)
+        a = [10, 2, 10, 2, 3]
+        b = [2, 10, 3, 2]
+        futures = [asyncio.ensure_future(batcher.submit(x)) for x in (a, b)]
+        await _until(lambda: batcher.queued_items == len(a) + len(b))
+        gate.set()
+        assert await first == [2]
+        assert await futures[0] == [2 * x for x in a]  # each request's own order
+        assert await futures[1] == [2 * x for x in b]
+        await batcher.close()
+
+    run(main())
+    packed = rec.batches[1:]
+    assert all(len(b) * max(b) <= 30 for b in packed)
+    assert sorted(packed[0]) == [10, 10, 10]  # the long rows together, from both requests
+    assert sorted(x for b in packed[1:] for x in b) == [2, 2, 2, 2, 3, 3]
+    assert len(packed) == 2  # the six short ones fit one batch: 6 x 3 <= 30
+    # Unpacked (request order, 8 rows a batch) this would pad every row to 10: 90 tokens.
+    assert sum(len(b) * max(b) for b in packed) == 3 * 10 + 6 * 3
+
+
+def test_an_item_over_the_budget_runs_alone() -> None:
+    rec = Recorder()
+
+    async def main() -> None:
+        batcher: MicroBatcher[int, int] = MicroBatcher(
+            rec, max_batch_size=8, max_batch_tokens=16, cost=lambda n: n, max_wait_ms=0
+        )
+        assert await batcher.submit([100, 1, 1]) == [200, 2, 2]
+        await batcher.close()
+
+    run(main())
+    assert rec.batches == [[100], [1, 1]]
+
+
+def test_a_huge_request_does_not_starve_a_small_one() -> None:
+    # The huge request queues first; the small one arrives behind it, yet finishes after at most
+    # two batches (its turn comes next) instead of after all of the huge request's batches.
+    gate = threading.Event()
+    rec = Recorder(gate)
+
+    async def main() -> None:
+        batcher: MicroBatcher[int, int] = MicroBatcher(
+            rec, max_batch_size=4, max_batch_tokens=400, cost=lambda n: n, max_wait_ms=0, max_queued_items=10_000
+        )
+        first = asyncio.ensure_future(batcher.submit([1]))
+        await _until(rec.started.is_set)
+        huge = asyncio.ensure_future(batcher.submit([50] * 400))
+        await _until(lambda: batcher.queued_items == 400)
+        small = asyncio.ensure_future(batcher.submit([7, 8]))
+        await _until(lambda: batcher.queued_items == 402)
+        gate.set()
+        assert await first == [2]
+        assert await small == [14, 16]
+        assert await huge == [100] * 400
+        await batcher.close()
+
+    run(main())
+    # The first batch, one of the huge request's, then the small one's (not after all 100).
+    assert rec.batches[2] == [8, 7]
+    assert len(rec.batches) == 2 + 100
+
+
+def test_requests_take_turns_anchoring_batches() -> None:
+    # Three requests of equal length and more items than a batch: batches rotate between them.
+    gate = threading.Event()
+    rec = Recorder(gate)
+
+    async def main() -> None:
+        batcher: MicroBatcher[int, int] = MicroBatcher(rec, max_batch_size=2, max_wait_ms=0)
+        first = asyncio.ensure_future(batcher.submit([0]))
+        await _until(rec.started.is_set)
+        subs = [asyncio.ensure_future(batcher.submit([100 * s + k for k in range(4)])) for s in (1, 2, 3)]
+        await _until(lambda: batcher.queued_items == 12)
+        gate.set()
+        await first
+        for s, fut in zip((1, 2, 3), subs, strict=True):
+            assert await fut == [2 * (100 * s + k) for k in range(4)]
+        await batcher.close()
+
+    run(main())
+    owners = [b[0] // 100 for b in rec.batches[1:]]
+    assert owners == [1, 2, 3, 1, 2, 3]
+
+
+def test_cancelling_a_request_mid_way_drops_only_its_waiting_items() -> None:
+    gate = threading.Event()
+    rec = Recorder(gate)
+
+    async def main() -> None:
+        batcher: MicroBatcher[int, int] = MicroBatcher(
+            rec, max_batch_size=2, max_batch_tokens=1000, cost=lambda n: n % 100 + 1, max_wait_ms=0
+        )
+        first = asyncio.ensure_future(batcher.submit([0]))
+        await _until(rec.started.is_set)
+        doomed = asyncio.ensure_future(batcher.submit([500 + k for k in range(6)]))
+        kept = asyncio.ensure_future(batcher.submit([7, 9, 8]))
+        await _until(lambda: batcher.queued_items == 9)
+        gate.set()
+        await first
+        await _until(lambda: batcher.batches >= 2)  # the doomed request has had one batch
+        doomed.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        assert await kept == [14, 18, 16]
+        await batcher.close()
+
+    run(main())
+    seen = [x for b in rec.batches for x in b if x >= 500]
+    assert 0 < len(seen) < 6  # part ran before the cancel, the rest never reached the model
