@@ -20,8 +20,10 @@ from litestar.types import Empty
 
 from kernel.errors import InvalidRequestError, LLMServiceError
 from service.cache import ResponseCache
+from service.collections import Collections
 from service.controllers.admin import AdminController
 from service.controllers.chat import ChatController
+from service.controllers.collections import CollectionsController
 from service.controllers.completions import CompletionsController
 from service.controllers.embeddings import EmbeddingsController
 from service.controllers.messages import MessagesController
@@ -80,6 +82,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     lifecycle = Lifecycle(registry, settings)
     security = Security.from_settings(settings)
     dispatch = Dispatcher(registry, cache, settings)
+    collections = Collections(settings, registry)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -93,6 +96,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             announce.cancel()
             await lifecycle.close()
             try:
+                await collections.close()
                 await registry.close()
             finally:
                 await cache.close()
@@ -107,6 +111,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             TokenizeController,
             MessagesController,
             AdminController,
+            CollectionsController,
             health,
         ],
         dependencies={
@@ -115,6 +120,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "telemetry": Provide(lambda: telemetry, use_cache=True, sync_to_thread=False),
             "lifecycle": Provide(lambda: lifecycle, use_cache=True, sync_to_thread=False),
             "dispatch": Provide(lambda: dispatch, use_cache=True, sync_to_thread=False),
+            "collections": Provide(lambda: collections, use_cache=True, sync_to_thread=False),
             "record": Provide(_record, sync_to_thread=False),
         },
         guards=[security.guard],
