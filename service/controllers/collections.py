@@ -103,6 +103,7 @@ class CollectionsController(Controller):
         dispatch: Dispatcher,
         record: RequestRecord,
     ) -> RagChatCompletion | EventStream:
+        registry.generation_slot(data.model)  # an unknown model is a 404 before any retrieval work
         found = await collections.query(name, last_question(data.messages), data.rag or Retrieval())
         extra: dict[str, Any] = {
             "sources": found.data,
