@@ -244,7 +244,8 @@ def with_context(messages: list[ChatMessage], sources: list[Source]) -> list[Cha
     """The conversation with its last user message wrapped in the retrieved passages. In that turn,
     not in a system message: small models (Gemma 3 270M) answer from passages put before the
     question, and repeat the instructions when they come as a system prompt."""
-    passages = "\n\n".join(f"[{i}] (document {s.document_id})\n{s.text}" for i, s in enumerate(sources, 1))
+    # Numbers only: `sources` maps them to documents; Gemma 270M echoed prompts that named them.
+    passages = "\n\n".join(f"[{i}] {s.text}" for i, s in enumerate(sources, 1))
     last = max(i for i, m in enumerate(messages) if m.role == "user")
     question = messages[last].text()
     grounded = (

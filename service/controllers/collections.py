@@ -38,7 +38,9 @@ from service.schemas.collections import (
 )
 from service.streaming import EventStream
 
-_ADMIN = {"admin": True}
+# Every route reads the store (503 when it cannot) and names a collection (404) or may create one (409).
+_ERRORS = {"errors": (404, 409, 503)}
+_ADMIN = {"admin": True, **_ERRORS}
 
 
 class CollectionsController(Controller):
@@ -48,11 +50,11 @@ class CollectionsController(Controller):
     async def create(self, data: CollectionCreate, collections: Collections) -> Collection:
         return await collections.create(data)
 
-    @get(summary="List collections")
+    @get(summary="List collections", opt=_ERRORS)
     async def list_collections(self, collections: Collections) -> CollectionList:
         return CollectionList(await collections.all())
 
-    @get("/{name:str}", summary="Get a collection")
+    @get("/{name:str}", summary="Get a collection", opt=_ERRORS)
     async def retrieve(self, name: str, collections: Collections) -> Collection:
         return await collections.get(name)
 
@@ -65,7 +67,7 @@ class CollectionsController(Controller):
     async def add_documents(self, name: str, data: DocumentsAdd, collections: Collections) -> DocumentsAdded:
         return await collections.add(name, data)
 
-    @get("/{name:str}/documents", summary="List a collection's documents")
+    @get("/{name:str}/documents", summary="List a collection's documents", opt=_ERRORS)
     async def list_documents(
         self,
         name: str,
@@ -84,7 +86,7 @@ class CollectionsController(Controller):
         chunks = await collections.delete_document(name, document_id)
         return Deleted(id=document_id, object="collection.document.deleted", chunks=chunks)
 
-    @post("/{name:str}/query", status_code=200, summary="Retrieve the chunks most relevant to a query")
+    @post("/{name:str}/query", status_code=200, summary="Retrieve the chunks most relevant to a query", opt=_ERRORS)
     async def query(self, name: str, data: QueryRequest, collections: Collections) -> QueryResponse:
         return await collections.query(name, data.query, data)
 
@@ -92,7 +94,7 @@ class CollectionsController(Controller):
         "/{name:str}/chat/completions",
         status_code=200,
         summary="Create a chat completion grounded in a collection (RAG)",
-        opt={"stream_events": RagChatCompletionChunk},
+        opt={"stream_events": RagChatCompletionChunk, **_ERRORS},
     )
     async def chat(
         self,
