@@ -96,8 +96,10 @@ class QdrantStore(VectorStore):
         ]
         with _store_errors("write"):
             self._exists(name)
-            for document_id in dict.fromkeys(c.document_id for c in chunks):
-                self._client.delete(name, points_selector=_of_document(document_id))
+            # One delete for all: embedded Qdrant scans every point per filtered delete.
+            documents = list(dict.fromkeys(c.document_id for c in chunks))
+            any_of = models.FieldCondition(key="document_id", match=models.MatchAny(any=documents))
+            self._client.delete(name, points_selector=models.FilterSelector(filter=models.Filter(must=[any_of])))
             for start in range(0, len(points), _UPSERT_BATCH):
                 self._client.upsert(name, points=points[start : start + _UPSERT_BATCH])
 
