@@ -6,7 +6,7 @@
 #                                       (tests/relock.sh uses it to refresh the lock)
 # Installs the versions locked in constraints.txt, tested together by the whole suite.
 # Environment: PYTHON (default python3), VENV (default .venv), LLMSERVICE_EXTRAS (override the
-# pip extras, e.g. "llamacpp,mlx,embeddings,models"), TORCH_SPEC (torch requirement on CPU Linux).
+# pip extras, e.g. "llamacpp,mlx,embeddings,rag,models"), TORCH_SPEC (torch requirement on CPU Linux).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -38,16 +38,17 @@ config=.env
 [ -f "$config" ] || config=.env.example
 
 # Extras: llama.cpp everywhere; MLX on Apple Silicon or when a tier asks for it; torch-based
-# embedders/rerankers when an embedding or reranker tier is configured.
+# embedders/rerankers, and the vector store for RAG collections (which embed on that tier), when an
+# embedding or reranker tier is configured.
 extras="llamacpp,models"
 if [ "$dev" = 1 ]; then
-  extras="llamacpp,models,mlx,embeddings,dev"
+  extras="llamacpp,models,mlx,embeddings,rag,dev"
 else
   if { [ "$os" = Darwin ] && [ "$arch" = arm64 ]; } || grep -Eqi '^[A-Z]+_BACKEND=mlx' "$config"; then
     extras="$extras,mlx"
   fi
   if grep -Eq '^(EMBEDDING|RERANKER)_MODEL_PATH=.+' "$config"; then
-    extras="$extras,embeddings"
+    extras="$extras,embeddings,rag"
   fi
 fi
 extras=${LLMSERVICE_EXTRAS:-$extras}

@@ -8,9 +8,12 @@
     ├── PermissionDeniedError       403 permission_error (admin key needed, path outside MODELS_DIR)
     ├── ModelNotFoundError          404 code=model_not_found
     ├── TierNotConfiguredError      404 code=model_not_available (a tier without MODEL_PATH)
+    ├── NotFoundError               404 code=collection_not_found, document_not_found
+    ├── ConflictError               409 code=collection_exists, embedding_model_mismatch
     ├── RateLimitError              429 (queue full or rate limit; carries retry_after)
     ├── ModelUnavailableError       503 (tier failed to load, engine missing)
     │   └── ModelLoadingError       503 code=model_loading, with Retry-After
+    ├── StoreUnavailableError       503 code=store_unavailable (the vector store cannot be opened or reached)
     └── EngineError                 500 an engine failed; the message is generic
 
 Engines raise these too, so this module imports nothing from Litestar; `service.app` maps the
@@ -110,6 +113,18 @@ class TierNotConfiguredError(LLMServiceError):
         super().__init__(f"No models available for tier: {tier}", param="model", code="model_not_available")
 
 
+class NotFoundError(LLMServiceError):
+    """A collection or document that does not exist (`code` says which)."""
+
+    status = 404
+    type = "invalid_request_error"
+
+
+class ConflictError(LLMServiceError):
+    status = 409
+    type = "invalid_request_error"
+
+
 class RateLimitError(LLMServiceError):
     status = 429
     type = "rate_limit_error"
@@ -137,6 +152,14 @@ class ModelLoadingError(ModelUnavailableError):
     def __init__(self, tier: str, retry_after: float = 2) -> None:
         super().__init__(f"Tier {tier} is loading its model; retry shortly", code="model_loading")
         self.retry_after = retry_after
+
+
+class StoreUnavailableError(LLMServiceError):
+    status = 503
+    type = "server_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="store_unavailable")
 
 
 class EngineError(LLMServiceError):

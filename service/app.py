@@ -20,8 +20,10 @@ from litestar.types import Empty
 
 from kernel.errors import InvalidRequestError, LLMServiceError
 from service.cache import ResponseCache
+from service.collections import Collections
 from service.controllers.admin import AdminController
 from service.controllers.chat import ChatController
+from service.controllers.collections import CollectionsController
 from service.controllers.completions import CompletionsController
 from service.controllers.config import ConfigController
 from service.controllers.embeddings import EmbeddingsController
@@ -76,6 +78,7 @@ def create_app(settings: Settings | None = None, *, env_file: str | Path | None 
     security = Security.from_settings(settings)
     dispatch = Dispatcher(registry, cache, settings)
     config = RuntimeConfig(settings, registry, lifecycle, security, env_file)
+    collections = Collections(settings, registry)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -89,6 +92,7 @@ def create_app(settings: Settings | None = None, *, env_file: str | Path | None 
             announce.cancel()
             await lifecycle.close()
             try:
+                await collections.close()
                 await registry.close()
             finally:
                 await cache.close()
@@ -106,6 +110,7 @@ def create_app(settings: Settings | None = None, *, env_file: str | Path | None 
             AdminController,
             ConfigController,
             ws,
+            CollectionsController,
             health,
         ],
         dependencies={
@@ -117,6 +122,7 @@ def create_app(settings: Settings | None = None, *, env_file: str | Path | None 
             "config": Provide(lambda: config, use_cache=True, sync_to_thread=False),
             "security": Provide(lambda: security, use_cache=True, sync_to_thread=False),
             "errors": Provide(lambda: to_service_error, use_cache=True, sync_to_thread=False),
+            "collections": Provide(lambda: collections, use_cache=True, sync_to_thread=False),
             "record": Provide(_record, sync_to_thread=False),
         },
         guards=[security.guard],

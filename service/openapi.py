@@ -36,11 +36,15 @@ _ERRORS = {
     401: "Missing or wrong API key (only when API_KEYS or ADMIN_API_KEYS are set)",
     403: "A web page's `Origin` outside CORS_ORIGINS, an admin route without an admin key, or a model path outside"
     " MODELS_DIR",
-    404: "No such model (`model_not_found`, the message lists what is served) or tier (`model_not_available`)",
+    404: "No such model (`model_not_found`, the message lists what is served) or tier (`model_not_available`);"
+    " on /v1/collections also no such collection (`collection_not_found`) or document (`document_not_found`)",
+    409: "The collection exists (`collection_exists`), or was embedded with a model the embedding tier no longer"
+    " serves (`embedding_model_mismatch`)",
     413: "Request body larger than MAX_BODY_BYTES",
     415: "A body that is not `Content-Type: application/json` (`unsupported_media_type`)",
     429: "Rate limit (`rate_limit_exceeded`) or the tier's queue is full (`queue_full`); see `Retry-After`",
-    503: "The tier is loading (`model_loading`, with `Retry-After`) or failed to load",
+    503: "The tier is loading (`model_loading`, with `Retry-After`) or failed to load; on /v1/collections also"
+    " the vector store cannot be opened or reached (`store_unavailable`)",
 }
 _RETRY_AFTER = {"description": "Seconds to wait before retrying", "schema": {"type": "integer", "minimum": 1}}
 _DESCRIPTION = """A local, OpenAI-compatible server for chat, completions, embeddings and reranking.
@@ -166,6 +170,7 @@ def _amend(operation: dict[str, Any], handler: HTTPRouteHandler, settings: Setti
         statuses |= {413, 415}
     if _names_model(handler, body):
         statuses |= {404, 503}
+    statuses |= set(handler.opt.get("errors", ()))  # what a route answers besides the above
     for status in sorted(statuses):
         responses[str(status)] = _error(status)
     if not public and (

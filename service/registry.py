@@ -75,6 +75,7 @@ class TierSlot:
     device: str | None = None
     context_length: int | None = None
     dimension: int | None = None  # embedding tiers
+    capabilities: frozenset[str] = frozenset()  # embedding tiers: dense, sparse, colbert
     load_seconds: float | None = None
     loaded_at: float | None = None
     last_used: float | None = None
@@ -294,7 +295,7 @@ class Registry:
         embedder.load()
         info = embedder.info()
         slot.engine, slot.engine_name, slot.device = embedder, info.engine, info.device
-        slot.context_length, slot.dimension = info.max_tokens, info.dimension
+        slot.context_length, slot.dimension, slot.capabilities = info.max_tokens, info.dimension, info.capabilities
         slot.batcher = self._batcher(slot, embedder.embed_jobs, _job_cost)
 
     def _load_reranker(self, slot: TierSlot, path: str) -> None:
@@ -481,7 +482,7 @@ def _shown(model: str) -> str:
 
 # What a load sets on a slot: moved from a staging slot to the live one by `Registry.replace`.
 _LOADED_FIELDS = (
-    "engine", "worker", "batcher", "engine_name", "device", "context_length", "dimension",
+    "engine", "worker", "batcher", "engine_name", "device", "context_length", "dimension", "capabilities",
     "load_seconds", "loaded_at", "path", "size_bytes", "state",
 )  # fmt: skip
 

@@ -61,6 +61,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # A request for a tier that is loading waits this long, then gets 503 with Retry-After.
     load_wait_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0
     stats_window_seconds: Positive = 60  # the recent window of /v1/stats rates and percentiles
+    # RAG collections: Qdrant embedded in this folder, or the Qdrant server at COLLECTIONS_URL.
+    collections_dir: str = ".data/collections"
+    collections_url: str = ""
+    chunk_size: Annotated[int, msgspec.Meta(ge=100, le=8000)] = 800  # characters per chunk (new collections)
+    chunk_overlap: Annotated[int, msgspec.Meta(ge=0, le=2000)] = 100  # characters shared by neighbouring chunks
+    max_document_chars: Positive = 1_000_000  # longer documents get 400
     tiers: dict[str, TierSettings] = {}
 
     def tier(self, name: str) -> TierSettings:
@@ -183,6 +189,11 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
     raw = _collect(env)
     tiers = {name: _convert(fields, TierSettings, f"{name.upper()}_", env) for name, fields in raw.pop("tiers").items()}
     server: Settings = _convert(raw, Settings, "", env)
+    if server.chunk_overlap * 2 > server.chunk_size:
+        raise SettingsError(
+            f"Invalid setting CHUNK_OVERLAP={env.get('CHUNK_OVERLAP', '')!r}: at most half of CHUNK_SIZE"
+            f" ({server.chunk_size // 2})"
+        )
     for name, tier in tiers.items():
         _check_tier(tier, env)
         var = f"{name.upper()}_MAX_TOKENS"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -20,7 +21,9 @@ from service.settings import parse_settings
 
 class LiveServer:
     def __init__(self, env: Mapping[str, str], env_file: Path | None = None) -> None:
-        self.settings = parse_settings({"LOG_LEVEL": "WARNING", **env})
+        # Collections go to a fresh folder unless a test names one: never into the checkout.
+        defaults = {"LOG_LEVEL": "WARNING", "COLLECTIONS_DIR": tempfile.mkdtemp(prefix="llmservice-collections-")}
+        self.settings = parse_settings({**defaults, **env})
         configure_logging(self.settings.log_level)  # as `python -m service` does
         self.app = create_app(self.settings, env_file=env_file)
         # IPPROTO_TCP: asyncio then sets TCP_NODELAY on connections (see service.__main__.bind).

@@ -29,7 +29,8 @@ def routes(server: LiveServer) -> list[tuple[str, str, bool, bool]]:
             continue  # Litestar's 404 page for document names no UI serves
         for handler in getattr(route, "route_handlers", []):
             for method in sorted(handler.http_methods - {"OPTIONS", "HEAD"}):
-                path = re.sub(r"\{[^}]+\}", "light/gemma-3-270m", route.path)
+                path = re.sub(r"\{model_id[^}]*\}", "light/gemma-3-270m", route.path)
+                path = re.sub(r"\{[^}]+\}", "kb", path)  # a collection, a document
                 if method == "POST" and "{model_id" in route.path:
                     path += "/load"
                 found.append((method, path, bool(handler.opt.get("public")), bool(handler.opt.get("admin"))))
@@ -48,9 +49,9 @@ def call(http: httpx.Client, method: str, path: str, key: str | None = None) -> 
 
 
 @pytest.fixture(scope="module")
-def server(gemma_gguf: str) -> Iterator[LiveServer]:
+def server(gemma_gguf: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     env = {"LIGHT_MODEL_PATH": gemma_gguf, "LIGHT_N_CTX": "256", "API_KEYS": f"{USER}, {OTHER_USER}",
-           "ADMIN_API_KEYS": ADMIN}  # fmt: skip
+           "ADMIN_API_KEYS": ADMIN, "COLLECTIONS_DIR": str(tmp_path_factory.mktemp("collections"))}  # fmt: skip
     with live_server(env, wait_for=("light",)) as live:
         yield live
 

@@ -89,8 +89,9 @@ def test_document_asks_for_keys_when_they_are_on() -> None:
 
 
 @pytest.fixture(scope="module")
-def fuzzed_server(gemma_gguf: str) -> Iterator[LiveServer]:
+def fuzzed_server(gemma_gguf: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     env = {
+        "COLLECTIONS_DIR": str(tmp_path_factory.mktemp("collections")),  # fuzzed names must stay in here
         "LIGHT_MODEL_PATH": gemma_gguf,
         "LIGHT_BACKEND": "llamacpp",
         "LIGHT_N_CTX": "256",

@@ -14,8 +14,9 @@ ALLOWED = {
     "backends": {"kernel", "backends"},
     "embedders": {"kernel", "embedders"},
     "rerankers": {"kernel", "rerankers", "embedders"},  # the embedding reranker scores with an embedder
+    "stores": {"kernel", "stores"},
 }
-OURS = {"kernel", "service", "backends", "embedders", "rerankers"}
+OURS = {"kernel", "service", "backends", "embedders", "rerankers", "stores"}
 
 
 def _imports(path: Path) -> set[str]:
