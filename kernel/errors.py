@@ -107,11 +107,11 @@ class AdapterNotFoundError(LLMServiceError):
     status = 404
     type = "invalid_request_error"
 
-    def __init__(self, adapter: str, tier: str, available: list[str], *, param: str = "model") -> None:
+    def __init__(self, adapter: str, where: str, available: list[str], *, param: str = "model") -> None:
         shown = adapter if len(adapter) <= 100 else adapter[:100] + "…"
         listed = ", ".join(available) or "none"
         super().__init__(
-            f"Adapter not found: {shown} on tier {tier}. Available adapters: {listed}",
+            f"Adapter not found: {shown} on {where}. Available adapters: {listed}",
             param=param,
             code="adapter_not_found",
         )
