@@ -20,6 +20,7 @@ from litestar.types import Empty
 
 from kernel.errors import InvalidRequestError, LLMServiceError
 from service.cache import ResponseCache
+from service.controllers.adapters import AdaptersController
 from service.controllers.admin import AdminController
 from service.controllers.chat import ChatController
 from service.controllers.completions import CompletionsController
@@ -104,6 +105,7 @@ def create_app(settings: Settings | None = None, *, env_file: str | Path | None 
             MessagesController,
             ResponsesController,
             AdminController,
+            AdaptersController,
             ConfigController,
             ws,
             health,
