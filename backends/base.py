@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from backends.reasoning import ReasoningFormat, reasoning_format
 from backends.tools import ToolFormat
-from kernel.errors import ContextLengthExceeded, InvalidRequestError, LLMServiceError
+from kernel.errors import AdapterNotFoundError, ContextLengthExceeded, InvalidRequestError, LLMServiceError
 
 FinishReason = Literal["stop", "length"]
 # Prompt tokens scored per forward pass (`prompt_logprobs`): logits for every position of a chunk
@@ -55,6 +55,17 @@ class GenerationRequest:
     logprobs: bool = False  # report each chosen token's log-probability
     top_logprobs: int = 0  # ... and this many most likely alternatives (needs logprobs)
     prompt_logprobs: bool = False  # score the prompt's tokens too (`echo` with `logprobs`)
+    adapter: str | None = None  # a LoRA adapter loaded with `Backend.load_adapter`; None: the base model
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterInfo:
+    """A LoRA adapter an engine has loaded."""
+
+    name: str
+    path: str
+    size_bytes: int
+    rank: int | None = None  # where the files say it
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +293,18 @@ class Backend(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the model's memory."""
 
+    def load_adapter(self, name: str, path: str) -> AdapterInfo:
+        """Load a LoRA adapter that requests then name (`GenerationRequest.adapter`); on the model's
+        thread. A file that does not fit the model is an `InvalidRequestError`."""
+        raise InvalidRequestError(f"The {self.name} engine does not support LoRA adapters", param="adapter")
+
+    def unload_adapter(self, name: str) -> None:  # noqa: B027 - optional hook
+        """Free an adapter (on the model's thread, between batches); unknown names are ignored."""
+
+    def adapter_names(self) -> list[str]:
+        """The adapters loaded now."""
+        return []
+
     def reset_prefix_cache(self) -> None:  # noqa: B027 - optional hook
         """Forget reusable prompt state (KV/prefix cache); called on the model's worker thread."""
 
@@ -305,6 +328,9 @@ class Backend(abc.ABC):
     def prepare(self, request: GenerationRequest) -> Completion:
         """Tokenize the request and check it against the context window."""
         param = "prompt" if request.messages is None else "messages"
+        if request.adapter is not None and request.adapter not in (loaded := self.adapter_names()):
+            # Unloaded after the request was accepted (an admin unload runs between batches).
+            raise AdapterNotFoundError(request.adapter, "this model", loaded)
         prompt = self.tokens(request)
         info = self.info()
         context = info.context_length

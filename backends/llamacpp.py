@@ -19,8 +19,9 @@ from typing import Any
 
 import llama_cpp
 
-from backends.base import Backend, Completion, DecodeBatch, EngineInfo, GenerationRequest, Token
+from backends.base import AdapterInfo, Backend, Completion, DecodeBatch, EngineInfo, GenerationRequest, Token
 from backends.chat_templates import builtin_for_architecture, render, resolve_template_setting
+from backends.llamacpp_adapters import LoraAdapters
 from backends.llamacpp_batch import LlamaCppBatch, Slots
 from backends.llamacpp_sampling import GrammarCompiler
 from backends.reasoning import ReasoningFormat
@@ -69,6 +70,7 @@ class LlamaCppBackend(Backend):
         self.n_vocab = 0
         self.eos = -1
         self._slots: Slots | None = None
+        self._adapters: LoraAdapters | None = None
         self._grammars: GrammarCompiler | None = None
         self._template: str | None = None
         self._template_source = "none"
@@ -112,6 +114,7 @@ class LlamaCppBackend(Backend):
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.eos = llama_cpp.llama_vocab_eos(self.vocab)
         self._slots = Slots(llama_cpp.llama_get_memory(ctx), slots)
+        self._adapters = LoraAdapters(model, _meta(model, "general.architecture") or "")
         self._grammars = GrammarCompiler(self.vocab)
         self._device = _device(t.n_gpu_layers)
         self._load_template()
@@ -143,6 +146,9 @@ class LlamaCppBackend(Backend):
             self._grammars.close()
             self._grammars = None
         self._slots = None
+        if self._adapters is not None:
+            self._adapters.forget()  # freed with the model
+            self._adapters = None
         if self._ctx is not None:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
@@ -165,6 +171,23 @@ class LlamaCppBackend(Backend):
         if self._slots is None:
             raise ModelUnavailableError(f"Tier {self.tier.name}: model is not loaded")
         return self._slots
+
+    @property
+    def adapters(self) -> LoraAdapters:
+        if self._adapters is None:
+            raise ModelUnavailableError(f"Tier {self.tier.name}: model is not loaded")
+        return self._adapters
+
+    def load_adapter(self, name: str, path: str) -> AdapterInfo:
+        return self.adapters.load(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        if self._adapters is not None:
+            self._adapters.unload(self.context, name)
+            self.slots.forget_adapter(name)
+
+    def adapter_names(self) -> list[str]:
+        return self._adapters.names() if self._adapters is not None else []
 
     @property
     def grammars(self) -> GrammarCompiler:

@@ -9,6 +9,11 @@ busy slot is cheap in a unified cache (the cells are shared, not copied).
 Each step puts one token of every generating sequence and then up to `N_BATCH` minus that many
 prompt tokens of joining sequences into one `llama_decode`, so a long new prompt is prefilled in
 chunks while the running streams keep flowing.
+
+LoRA adapters are set per context in llama.cpp, not per sequence, so one step decodes only the
+sequences of one adapter (or of none): the sequences sharing an adapter share a batch, and the
+groups take turns of `TURN_STEPS` steps, the group that waited longest going next. A slot's KV
+belongs to the adapter it was computed with and is reused only by requests with that adapter.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from kernel.errors import EngineError, InvalidRequestError, LLMServiceError
 if TYPE_CHECKING:
     from backends.llamacpp import LlamaCppBackend
 
+TURN_STEPS = 4  # steps an adapter group keeps the context while others wait (a switch costs a re-reserve)
 GRAMMAR_TIMEOUT = 10.0  # seconds a response_format may take to compile before the request is a 400
 _GRAMMAR_POLL = 0.05  # how long an otherwise idle step waits for a grammar to compile
 
@@ -42,6 +48,7 @@ class Slot:
     tokens: list[int] = field(default_factory=list)
     busy: bool = False
     used: int = 0  # LRU clock
+    adapter: str | None = None  # the LoRA adapter the KV was computed with
 
 
 class Slots:
@@ -52,11 +59,17 @@ class Slots:
         self.slots = [Slot(i) for i in range(count)]
         self._clock = itertools.count(1)
 
-    def acquire(self, prompt: list[int]) -> tuple[Slot, int]:
-        """A free slot holding as much of `prompt` as any slot can give; returns (slot, reused)."""
+    def acquire(self, prompt: list[int], adapter: str | None = None) -> tuple[Slot, int]:
+        """A free slot holding as much of `prompt` as any slot can give; returns (slot, reused).
+        Only KV computed with the same adapter is reused: an adapter changes every K and V."""
         free = [s for s in self.slots if not s.busy]
         assert free, "more sequences than slots"
-        usable = {s.seq: min(common_prefix(s.tokens, prompt), len(prompt) - 1) for s in self.slots}
+        # Requests with an adapter reuse no KV for now: reusing one, while another adapter group
+        # decoded between its steps, gave wrong tokens in tests (cause not yet found in llama.cpp).
+        usable = {
+            s.seq: min(common_prefix(s.tokens, prompt), len(prompt) - 1) if s.adapter == adapter is None else 0
+            for s in self.slots
+        }
         slot = max(free, key=lambda s: (usable[s.seq], -s.used))
         if usable[slot.seq] == 0:  # nothing to reuse: overwrite the least recently used one
             slot = min(free, key=lambda s: s.used)
@@ -79,6 +92,7 @@ class Slots:
             # A sliding-window cache dropped early positions: the prefix cannot be rebuilt from it.
             llama_cpp.llama_memory_seq_rm(mem, slot.seq, -1, -1)
             slot.tokens, n = [], 0
+        slot.adapter = adapter
         return slot, n
 
     def wipe(self, slot: Slot) -> None:
@@ -93,6 +107,13 @@ class Slots:
         """Forget what a slot holds (its KV state is unknown after a failed decode)."""
         self.wipe(slot)
         self.release(slot)
+
+    def forget_adapter(self, adapter: str) -> None:
+        """Drop the KV an unloaded adapter computed (a new file may come back under its name)."""
+        for slot in self.slots:
+            if slot.adapter == adapter and not slot.busy:
+                self.wipe(slot)
+                slot.adapter = None
 
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self._memory, True)
@@ -115,6 +136,14 @@ class _Sequence:
     grammar_since: float = 0.0
     prompt_scores: list[Token] = field(default_factory=list)  # with prompt_logprobs
 
+    @property
+    def adapter(self) -> str | None:
+        return self.completion.request.adapter
+
+    def has_work(self) -> bool:
+        """A token to feed, or prompt left to evaluate (once its grammar, if any, is compiled)."""
+        return self.next_token is not None or (self.grammar is None and self.fed < len(self.completion.prompt))
+
 
 class LlamaCppBatch(DecodeBatch):
     """Sequences decoded together through one `llama_decode` per step (see the module docstring)."""
@@ -128,6 +157,10 @@ class LlamaCppBatch(DecodeBatch):
         self._batch = _Batch(self._capacity)
         self._piece = ctypes.create_string_buffer(256)
         self._sequences: dict[int, _Sequence] = {}  # in arrival order
+        self._group: str | None = None  # the adapter whose sequences the last step decoded
+        self._turn = 0  # steps that group has had in a row
+        self._clock = itertools.count()
+        self._last_ran: dict[str | None, int] = {}  # adapter group -> step it last ran
 
     # -- joining and leaving -----------------------------------------------------------------
 
@@ -142,7 +175,7 @@ class LlamaCppBatch(DecodeBatch):
             except BaseException:
                 sampler.close()
                 raise
-        slot, reused = backend.slots.acquire(prompt)
+        slot, reused = backend.slots.acquire(prompt, request.adapter)
         seq = _Sequence(key, completion, slot, reused, sampler, fed=reused, grammar=grammar)
         if request.prompt_logprobs:
             # Every prompt token is scored from its own logits: nothing comes from the KV cache.
@@ -181,13 +214,14 @@ class LlamaCppBatch(DecodeBatch):
         self._grammars_ready(out)
         batch, outputs = self._batch, []
         n = 0
-        for seq in self._sequences.values():
+        sequences = self._turn_sequences()
+        for seq in sequences:
             if seq.next_token is not None:
                 batch.set(n, seq.next_token, len(seq.slot.tokens), seq.slot.seq, True)
                 outputs.append((n, seq))
                 n += 1
         chunks: list[tuple[_Sequence, int, int]] = []  # (sequence, first batch index, tokens)
-        for seq in self._sequences.values():
+        for seq in sequences:
             if n >= self._capacity:
                 break
             prompt = seq.completion.prompt
@@ -220,6 +254,25 @@ class LlamaCppBatch(DecodeBatch):
         for index, seq in outputs:
             out.append((seq.key, self._sample(seq, index)))
         return out
+
+    def _turn_sequences(self) -> list[_Sequence]:
+        """The sequences this step decodes, all of one adapter group, with that adapter set: the
+        current group for up to `TURN_STEPS` steps while others wait (longer when alone), then
+        the group that has waited longest."""
+        ready = [s for s in self._sequences.values() if s.has_work()]
+        groups = list(dict.fromkeys(s.adapter for s in ready))
+        if not groups:
+            return []
+        if self._group in groups and (len(groups) == 1 or self._turn < TURN_STEPS):
+            self._turn += 1
+        else:
+            self._group = min(groups, key=lambda g: self._last_ran.get(g, -1))
+            self._turn = 1
+        self._last_ran[self._group] = next(self._clock)
+        if len(self._last_ran) > 4 * len(groups) + 8:  # forget groups long gone
+            self._last_ran = {g: self._last_ran[g] for g in groups if g in self._last_ran}
+        self._backend.adapters.apply(self._ctx, self._group)
+        return [s for s in ready if s.adapter == self._group]
 
     def _score_prompt(self, seq: _Sequence, start: int, take: int) -> None:
         """Each position's logits score the prompt token after it."""

@@ -11,6 +11,9 @@ Backend = Literal["auto", "llamacpp", "mlx"]
 NonNeg = Annotated[int, msgspec.Meta(ge=0)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 Weight = Annotated[float, msgspec.Meta(ge=0.0)]
+# A LoRA adapter's name: chosen per request as `model: "<tier>:<name>"`, so no ':' or '/' in it.
+AdapterName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+MAX_ADAPTERS = 32  # per tier: each one holds memory in the engine
 
 # Engines per family for <TIER>_ENGINE; the factories check the same names when they build one.
 EMBEDDING_ENGINES = ("bge_m3", "sentence_transformers", "llamacpp")
@@ -45,6 +48,8 @@ class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
     # Embedding/reranker tiers: padded tokens (rows x longest row) per forward pass; inputs are packed by length.
     micro_batch_tokens: Positive = 8192
     token_ids: str = "cl100k_base"  # embedding input given as token ids: cl100k_base, o200k_base or model
+    # Generation tiers: LoRA adapters by name -> path (`<TIER>_ADAPTERS=legal-qa=/a.gguf,chat=/b`).
+    adapters: dict[AdapterName, str] = {}
     pin: bool = False  # never unloaded, neither when idle nor by POST /v1/models/{id}/unload
     # Engine-specific options; service.settings refuses each one on tiers it does not apply to.
     prefix_cache_entries: NonNeg = 4  # MLX: KV caches of recent conversations kept for reuse

@@ -7,6 +7,7 @@
     ├── AuthenticationError         401 authentication_error
     ├── PermissionDeniedError       403 permission_error (admin key needed, path outside MODELS_DIR)
     ├── ModelNotFoundError          404 code=model_not_found
+    ├── AdapterNotFoundError        404 code=adapter_not_found (a LoRA adapter the tier does not have)
     ├── TierNotConfiguredError      404 code=model_not_available (a tier without MODEL_PATH)
     ├── NotFoundError               404 code=collection_not_found, document_not_found
     ├── ConflictError               409 code=collection_exists, embedding_model_mismatch
@@ -103,6 +104,20 @@ class ModelNotFoundError(LLMServiceError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, param="model", code="model_not_found")
+
+
+class AdapterNotFoundError(LLMServiceError):
+    status = 404
+    type = "invalid_request_error"
+
+    def __init__(self, adapter: str, where: str, available: list[str], *, param: str = "model") -> None:
+        shown = adapter if len(adapter) <= 100 else adapter[:100] + "…"
+        listed = ", ".join(available) or "none"
+        super().__init__(
+            f"Adapter not found: {shown} on {where}. Available adapters: {listed}",
+            param=param,
+            code="adapter_not_found",
+        )
 
 
 class TierNotConfiguredError(LLMServiceError):

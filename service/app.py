@@ -21,6 +21,7 @@ from litestar.types import Empty
 from kernel.errors import InvalidRequestError, LLMServiceError
 from service.cache import ResponseCache
 from service.collections import Collections
+from service.controllers.adapters import AdaptersController
 from service.controllers.admin import AdminController
 from service.controllers.chat import ChatController
 from service.controllers.collections import CollectionsController
@@ -108,6 +109,7 @@ def create_app(settings: Settings | None = None, *, env_file: str | Path | None 
             MessagesController,
             ResponsesController,
             AdminController,
+            AdaptersController,
             ConfigController,
             ws,
             CollectionsController,

@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 from backends.base import Chunk, FinishReason, GenerationRequest, Usage
-from kernel.errors import InvalidRequestError, LLMServiceError
+from kernel.errors import InvalidRequestError, LLMServiceError, ModelUnavailableError
 from service.cache import CachedGeneration, ResponseCache
 from service.input_limits import check_prompt_length
 from service.metrics import RequestRecord
@@ -45,13 +45,23 @@ class Dispatcher:
         # Before the cache and the model's thread: tokenising a huge prompt would hold the tier.
         check_prompt_length(request, slot.context_length or slot.settings.n_ctx)
         record.tier = slot.name
-        key = self.cache.key(kind, slot, request) if is_deterministic(request) else None
+        payload: Any = request
+        adapter = None
+        if request.adapter is not None:
+            adapter = self.registry.adapter(slot, request.adapter)  # 404 once unloaded, even if cached
+            payload = (request, adapter.fingerprint or adapter.path)  # a new file under the name: new answers
+        key = self.cache.key(kind, slot, payload) if is_deterministic(request) else None
         if key is not None:
             hit = self.cache.get(key, CachedGeneration)
             record.cache = "miss" if hit is None else "hit"
             if hit is not None:
                 return ReplayStream(hit)
         await self.registry.ensure_loaded(slot)
+        if adapter is not None:
+            if adapter.status == "failed":
+                reason = f"Adapter {adapter.name} of tier {slot.name} failed to load: {adapter.error}"
+                raise ModelUnavailableError(reason)
+            adapter.requests += 1
         stream = await self.registry.generate(slot, request)
         store = (lambda value: self.cache.put(key, value)) if key is not None else None
         return RecordingStream(stream, record, store)

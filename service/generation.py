@@ -47,6 +47,7 @@ def engine_request(
     logprobs: bool = False,
     top_logprobs: int = 0,
     prompt_logprobs: bool = False,
+    adapter: str | None = None,
 ) -> GenerationRequest:
     """Apply the tier's defaults to whatever the request left out."""
     stop = (fields.stop,) if isinstance(fields.stop, str) else tuple(fields.stop or ())
@@ -71,6 +72,7 @@ def engine_request(
         logprobs=logprobs or top_logprobs > 0,
         top_logprobs=top_logprobs,
         prompt_logprobs=prompt_logprobs,
+        adapter=adapter,
     )
 
 

@@ -14,7 +14,7 @@ import time
 import msgspec
 
 from kernel.errors import InvalidRequestError, ModelUnavailableError, TierNotConfiguredError
-from service.registry import Registry, TierSlot, TierState
+from service.registry import AdapterRecord, Registry, TierSlot, TierState
 from service.security import allowed_model_path
 from service.settings import Settings
 
@@ -61,6 +61,16 @@ class Lifecycle:
         if slot.state is TierState.FAILED:
             raise ModelUnavailableError(f"Tier {slot.name} failed to load: {slot.error}")
         return slot, None
+
+    async def load_adapter(self, model_id: str, name: str, path: str) -> tuple[TierSlot, AdapterRecord]:
+        """Load a LoRA adapter at `path` (inside MODELS_DIR, like a model) into a generation tier."""
+        slot = self.registry.generation_slot(model_id)
+        target = allowed_model_path(self.settings.models_dir, path, param="path")
+        return slot, await self.registry.load_adapter(slot, name, target)
+
+    async def unload_adapter(self, model_id: str, name: str) -> tuple[TierSlot, AdapterRecord]:
+        slot = self.registry.generation_slot(model_id)
+        return slot, await self.registry.unload_adapter(slot, name)
 
     async def unload(self, model_id: str) -> tuple[TierSlot, int]:
         """Unload after the requests in flight finish; returns the slot and how many there were."""

@@ -6,11 +6,12 @@ import asyncio
 import enum
 import fnmatch
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from backends.base import Backend, GenerationRequest
 from backends.factory import create_backend
@@ -18,8 +19,9 @@ from backends.reasoning import ReasoningFormat
 from backends.tools import ToolFormat
 from embedders.base import Embedder, EmbeddingBatch, EmbeddingJob, EmbeddingRequest
 from embedders.factory import create_embedder
-from kernel.config import TierSettings
+from kernel.config import MAX_ADAPTERS, TierSettings
 from kernel.errors import (
+    AdapterNotFoundError,
     InvalidRequestError,
     LLMServiceError,
     ModelLoadingError,
@@ -35,6 +37,8 @@ from service.settings import GENERATION_TIERS, TIERS, Settings
 from service.workers import GenerationWorker, JobStream
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class TierState(enum.StrEnum):
@@ -60,6 +64,29 @@ def model_name(tier: TierSettings) -> str:
 
 
 @dataclass(eq=False)
+class AdapterRecord:
+    """A LoRA adapter of a generation tier: from <TIER>_ADAPTERS or loaded by an admin at runtime.
+    It is loaded into the engine with the model (and again after every reload)."""
+
+    name: str
+    path: str
+    source: str  # "settings" or "runtime"
+    status: str = "available"  # available (loads with the model), loaded, failed
+    error: str | None = None
+    rank: int | None = None
+    size_bytes: int | None = None
+    requests: int = 0  # generations that used it (cache hits excluded)
+    fingerprint: str = ""  # path, size and mtime when loaded: part of the response-cache key
+
+    def loaded(self, rank: int | None, size: int) -> None:
+        self.status, self.error, self.rank, self.size_bytes = "loaded", None, rank, size
+        try:
+            self.fingerprint = f"{self.path}:{size}:{os.stat(self.path).st_mtime_ns}"
+        except OSError:
+            self.fingerprint = f"{self.path}:{size}"
+
+
+@dataclass(eq=False)
 class TierSlot:
     name: str
     settings: TierSettings
@@ -82,6 +109,7 @@ class TierSlot:
     requests: int = 0
     path: str | None = None  # MODEL_PATH resolved to a file or folder, once loaded
     size_bytes: int | None = None  # on disk
+    adapters: dict[str, AdapterRecord] = field(default_factory=dict)  # generation tiers: LoRA adapters
     load_task: asyncio.Task[None] | None = field(default=None, repr=False)
     draining: asyncio.Task[None] | None = field(default=None, repr=False)  # an unload finishing its requests
 
@@ -121,6 +149,8 @@ class Registry:
             tier = settings.tier(name)
             state = TierState.AVAILABLE if tier.configured else TierState.ABSENT
             self.slots[name] = TierSlot(name, tier, state, model=model_name(tier) if tier.configured else "")
+            for adapter, path in tier.adapters.items():
+                self.slots[name].adapters[adapter] = AdapterRecord(adapter, os.path.expanduser(path), "settings")
         for slot in self.configured():  # `tier:embedding` shows the model it scores with
             source = (slot.settings.model_path or "").strip().removeprefix("tier:")
             if slot.settings.model_path != source and source in self.slots and not slot.settings.model_name:
@@ -177,6 +207,9 @@ class Registry:
         pending, worker, engine, batcher = slot.in_flight, slot.worker, slot.engine, slot.batcher
         slot.worker = slot.engine = slot.batcher = None
         slot.state = TierState.AVAILABLE
+        for adapter in slot.adapters.values():
+            if adapter.status == "loaded":
+                adapter.status = "available"  # loads again with the model
         log.info("Tier %s: unloading %s (%d requests in flight finish first)", slot.name, slot.id, pending)
         await self._retire(slot, worker, engine, batcher)
         log.info("Tier %s: unloaded", slot.name)
@@ -198,6 +231,7 @@ class Registry:
         if slot.load_task is not None and not slot.load_task.done():
             await asyncio.shield(slot.load_task)
         staging = TierSlot(slot.name, settings, TierState.LOADING, model=model_name(settings))
+        staging.adapters = slot.adapters  # the tier's adapters, loaded into the new model (or failing there)
         await asyncio.shield(self._load(staging))
         if staging.state is not TierState.LOADED:
             kept = f"{slot.id} keeps serving" if slot.state is TierState.LOADED else f"tier {slot.name} is unchanged"
@@ -270,6 +304,8 @@ class Registry:
             return
         backend: Backend = create_backend(slot.settings, path)
         backend.load()
+        for adapter in slot.adapters.values():
+            _load_adapter(slot, backend, adapter)
         info = backend.info()
         slot.engine, slot.engine_name, slot.device = backend, info.engine, info.device
         slot.context_length, slot.tool_format, slot.reasoning = info.context_length, info.tool_format, info.reasoning
@@ -394,6 +430,97 @@ class Registry:
             raise InvalidRequestError(f"tokens must be ids from 0 to {vocab - 1}", param="tokens")
         return await asyncio.to_thread(backend.detokenize, tokens)
 
+    def generation_target(self, model: str, adapter: str | None = None) -> tuple[TierSlot, str | None]:
+        """The generation tier and LoRA adapter a request names: `model: "<model>:<adapter>"` (where
+        `<model>` names a tier exactly) and/or the `adapter` field. 404 adapter_not_found for an
+        adapter the tier does not have."""
+        base, sep, named = model.strip().rpartition(":")
+        exact = self._exact(base.lower()) if sep and base and named else None
+        if exact is None:
+            slot, param = self.generation_slot(model), "adapter"
+        else:
+            slot, param = self.generation_slot(base), "model"
+            if adapter is not None and adapter != named:
+                raise InvalidRequestError(
+                    f"model names adapter {_shown(named)} but adapter is {_shown(adapter)}", param="adapter"
+                )
+            adapter = named
+        if adapter is not None:
+            self.adapter(slot, adapter, param=param)
+        return slot, adapter
+
+    def adapter(self, slot: TierSlot, name: str, *, param: str = "adapter") -> AdapterRecord:
+        record = slot.adapters.get(name)
+        if record is None:
+            raise AdapterNotFoundError(name, f"tier {slot.name}", sorted(slot.adapters), param=param)
+        return record
+
+    async def load_adapter(self, slot: TierSlot, name: str, path: str) -> AdapterRecord:
+        """Load an adapter into the tier's model now (loading the model first if need be); it is
+        kept for the tier from then on, across model reloads, until unloaded."""
+        if slot.name not in GENERATION_TIERS:
+            raise InvalidRequestError(f"Tier {slot.name} does not generate text: no adapters", param="model")
+        existing = slot.adapters.get(name)
+        if existing is not None:
+            if existing.path == path and existing.status == "loaded":
+                return existing
+            raise InvalidRequestError(
+                f"Tier {slot.name} already has an adapter named {name}; unload it first",
+                param="adapter",
+                code="adapter_exists",
+            )
+        if len(slot.adapters) >= MAX_ADAPTERS:
+            raise InvalidRequestError(f"Tier {slot.name} has {MAX_ADAPTERS} adapters, the most it may hold")
+        await self.ensure_loaded(slot)
+        record = AdapterRecord(name, path, "runtime")
+        info = await self._on_model_thread(slot, lambda engine: engine.load_adapter(name, path))
+        record.loaded(info.rank, info.size_bytes)
+        slot.adapters.setdefault(name, record)
+        log.info("Tier %s: adapter %s loaded from %s", slot.name, name, path)
+        return slot.adapters[name]
+
+    async def unload_adapter(self, slot: TierSlot, name: str) -> AdapterRecord:
+        """Forget an adapter; requests already running with it finish first (the engine drops it
+        between batches), later ones get 404."""
+        record = self.adapter(slot, name)
+        del slot.adapters[name]
+        if slot.state is TierState.LOADED and slot.worker is not None:
+            await self._on_model_thread(slot, lambda engine: engine.unload_adapter(name))
+        record.status = "unloaded"
+        log.info("Tier %s: adapter %s unloaded", slot.name, name)
+        return record
+
+    async def _on_model_thread(self, slot: TierSlot, fn: Callable[[Backend], T]) -> T:
+        """`fn(engine)` on the model's worker thread, between batches; its exception is raised here."""
+        worker, engine = slot.worker, slot.engine
+        if worker is None or engine is None:
+            raise ModelUnavailableError(f"Tier {slot.name} is not loaded")
+        results: list[T] = []
+        errors: list[Exception] = []
+
+        def call() -> None:
+            try:
+                results.append(fn(engine))
+            except Exception as exc:
+                errors.append(exc)
+
+        await worker.run(call)
+        if errors:
+            raise errors[0]
+        if not results:
+            raise ModelUnavailableError(f"Tier {slot.name} was unloaded meanwhile; try again")
+        return results[0]
+
+    def _exact(self, key: str) -> TierSlot | None:
+        """A generation tier named exactly (tier, `tier/...`, model name or id), never by pattern."""
+        tier, _, rest = key.partition("/")
+        slot: TierSlot | None
+        if key in self.slots or (rest and tier in self.slots):
+            slot = self.slots[key if key in self.slots else tier]
+        else:
+            slot = next((s for s in self.configured() if key in (s.model.lower(), s.id.lower())), None)
+        return slot if slot is not None and slot.name in GENERATION_TIERS else None
+
     def generation_slot(self, model: str) -> TierSlot:
         """The generation tier for `model`, without loading it (a cached answer needs no model)."""
         slot = self.resolve(model)
@@ -485,6 +612,18 @@ _LOADED_FIELDS = (
     "engine", "worker", "batcher", "engine_name", "device", "context_length", "dimension", "capabilities",
     "load_seconds", "loaded_at", "path", "size_bytes", "state",
 )  # fmt: skip
+
+
+def _load_adapter(slot: TierSlot, backend: Backend, adapter: AdapterRecord) -> None:
+    """Load one of the tier's adapters with its model; a bad one fails alone (its requests get 503)."""
+    try:
+        info = backend.load_adapter(adapter.name, adapter.path)
+    except LLMServiceError as exc:
+        adapter.status, adapter.error = "failed", exc.message
+        log.error("Tier %s: adapter %s failed to load: %s", slot.name, adapter.name, exc.message)
+        return
+    adapter.loaded(info.rank, info.size_bytes)
+    log.info("Tier %s: adapter %s loaded (rank %s)", slot.name, adapter.name, info.rank)
 
 
 def _drain(worker: GenerationWorker | None, engine: Any) -> None:

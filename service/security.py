@@ -302,7 +302,7 @@ def check_bind(settings: Settings, keys: ApiKeys) -> None:
         )
 
 
-def allowed_model_path(models_dir: str, given: str) -> str:
+def allowed_model_path(models_dir: str, given: str, *, param: str = "model_path") -> str:
     """`given` as an existing file or folder inside MODELS_DIR, else 403 (400 if it is missing).
 
     Relative paths are taken from MODELS_DIR; `..` is refused outright, so a request can only name
@@ -311,18 +311,18 @@ def allowed_model_path(models_dir: str, given: str) -> str:
     if not models_dir:
         raise PermissionDeniedError(
             "Loading a model by path is disabled: set MODELS_DIR to the folder models may come from",
-            param="model_path",
+            param=param,
         )
     root = Path(os.path.abspath(Path(models_dir).expanduser()))
     candidate = Path(given).expanduser()
     if ".." in candidate.parts or "\x00" in given:
-        raise PermissionDeniedError("model_path must not contain '..'", param="model_path")
+        raise PermissionDeniedError(f"{param} must not contain '..'", param=param)
     target = Path(os.path.abspath(candidate if candidate.is_absolute() else root / candidate))
     inside = target.is_relative_to(root) or target.is_relative_to(root.resolve())
     if not inside or target in (root, root.resolve()):
-        raise PermissionDeniedError("model_path must be a file or folder inside MODELS_DIR", param="model_path")
+        raise PermissionDeniedError(f"{param} must be a file or folder inside MODELS_DIR", param=param)
     if not target.exists():
-        raise InvalidRequestError(f"No such model in MODELS_DIR: {given}", param="model_path", code="model_not_found")
+        raise InvalidRequestError(f"No such model in MODELS_DIR: {given}", param=param, code="model_not_found")
     return str(target)
 
 

@@ -46,7 +46,7 @@ async def serve_chat(
 ) -> ChatCompletion | Streamed:
     if not data.messages:
         raise InvalidRequestError("messages must contain at least one message", param="messages")
-    slot = registry.generation_slot(data.model)
+    slot, adapter = registry.generation_target(data.model, data.adapter)
     tools = plan_tools(data)
     request = engine_request(
         data,
@@ -57,6 +57,7 @@ async def serve_chat(
         constraint=tools.forced,
         logprobs=data.logprobs,
         top_logprobs=data.top_logprobs or 0,
+        adapter=adapter,
     )
     streams = await dispatch.choices("chat", slot, request, record, data.n)
     cid, created, model = new_id("chatcmpl"), now(), data.model
@@ -122,7 +123,7 @@ async def serve_completion(
     if data.suffix:
         raise InvalidRequestError("suffix (fill-in-the-middle) is not supported", param="suffix")
     prompt = _single_prompt(data.prompt)
-    slot = registry.generation_slot(data.model)
+    slot, adapter = registry.generation_target(data.model, data.adapter)
     scored = data.logprobs is not None
     request = engine_request(
         data,
@@ -133,6 +134,7 @@ async def serve_completion(
         top_logprobs=data.logprobs or 0,
         # OpenAI scores an echoed prompt's tokens too (echo repeats text prompts only).
         prompt_logprobs=scored and data.echo and isinstance(prompt, str),
+        adapter=adapter,
     )
     streams = await dispatch.choices("completions", slot, request, record, data.n)
     cid, created, model = new_id("cmpl"), now(), data.model

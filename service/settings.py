@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from dotenv import dotenv_values
 
-from kernel.config import EMBEDDING_ENGINES, RERANKER_ENGINES, NonNeg, Positive, TierSettings
+from kernel.config import EMBEDDING_ENGINES, MAX_ADAPTERS, RERANKER_ENGINES, NonNeg, Positive, TierSettings
 
 TIERS = ("light", "medium", "heavy", "embedding", "reranker")
 GENERATION_TIERS = ("light", "medium", "heavy")
@@ -80,6 +80,7 @@ _SERVER_FIELDS = {f for f in Settings.__struct_fields__ if f != "tiers"}
 # Options that mean something only to some families: set elsewhere they would be silently ignored.
 _FAMILY_ONLY: dict[str, tuple[str, ...]] = {
     "chat_template": GENERATION_TIERS,
+    "adapters": GENERATION_TIERS,
     "max_batch": GENERATION_TIERS,
     "prefix_cache_entries": GENERATION_TIERS,
     "tool_parser": GENERATION_TIERS,
@@ -137,6 +138,31 @@ def _tier_value(field: str, value: str) -> Any:
     return value
 
 
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _adapters(key: str, value: str) -> dict[str, str]:
+    """`legal-qa=/path/a.gguf,chat=~/b` -> {name: path}; names are checked by TierSettings' type."""
+    adapters: dict[str, str] = {}
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        name, sep, path = (p.strip() for p in item.partition("="))
+        if not sep or not name or not path:
+            raise SettingsError(f"Invalid setting {key}={value!r}: expected name=path pairs separated by commas")
+        if not _ADAPTER_NAME.fullmatch(name):
+            raise SettingsError(
+                f"Invalid setting {key}={value!r}: adapter name {name!r} must be letters, digits, '.', '_' or '-'"
+                " (at most 64, no ':' or '/')"
+            )
+        if name in adapters:
+            raise SettingsError(f"Invalid setting {key}={value!r}: adapter {name!r} is named twice")
+        adapters[name] = path
+    if len(adapters) > MAX_ADAPTERS:
+        raise SettingsError(f"Invalid setting {key}: at most {MAX_ADAPTERS} adapters per tier")
+    return adapters
+
+
 def _collect(env: Mapping[str, str]) -> dict[str, Any]:
     raw: dict[str, Any] = {"tiers": {}}
     for key, raw_value in env.items():
@@ -150,7 +176,8 @@ def _collect(env: Mapping[str, str]) -> dict[str, Any]:
         allowed = _FAMILY_ONLY.get(field)
         if allowed is not None and tier not in allowed:
             raise SettingsError(f"Setting {key} does not apply to the {tier} tier (only to: {', '.join(allowed)})")
-        raw["tiers"].setdefault(tier, {"name": tier})[field] = _tier_value(field, value)
+        parsed = _adapters(key, raw_value) if field == "adapters" else _tier_value(field, value)
+        raw["tiers"].setdefault(tier, {"name": tier})[field] = parsed
     return raw
 
 
@@ -239,6 +266,8 @@ def _variable_text(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, list | tuple):
         return ",".join(str(v) for v in value)
+    if isinstance(value, dict):  # ADAPTERS
+        return ",".join(f"{k}={v}" for k, v in value.items())
     return str(value)
 
 

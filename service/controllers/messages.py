@@ -55,7 +55,7 @@ class MessagesController(Controller):
     ) -> Message | EventStream:
         if data.thinking is not None and data.thinking.type == "enabled":
             raise InvalidRequestError("Extended thinking is not supported by this server", param="thinking")
-        slot = registry.generation_slot(data.model)
+        slot, adapter = registry.generation_target(data.model, data.adapter)
         plan = _plan(data.tools, data.tool_choice)
         fields = SamplingFields(
             model=data.model, temperature=data.temperature, top_p=data.top_p, top_k=data.top_k, stop=data.stop_sequences
@@ -67,6 +67,7 @@ class MessagesController(Controller):
             messages=_messages(data.system, data.messages),
             tools=plan.tools,
             constraint=plan.forced,
+            adapter=adapter,
         )
         stream = await dispatch.generate("chat", slot, request, record)  # the same work as chat: one cache
         mid = f"msg_{uuid.uuid4().hex[:24]}"
@@ -94,7 +95,7 @@ class MessagesController(Controller):
 
     @post("/count_tokens", status_code=200, summary="Count a message's input tokens (Anthropic)")
     async def count_tokens(self, data: CountTokensRequest, registry: Registry) -> CountTokensResponse:
-        slot = registry.generation_slot(data.model)
+        slot = registry.generation_target(data.model)[0]  # an adapter does not change tokens
         plan = _plan(data.tools, None)
         fields = SamplingFields(model=data.model)
         request = engine_request(

@@ -68,7 +68,7 @@ class ResponsesController(Controller):
         self, data: ResponsesRequest, registry: Registry, dispatch: Dispatcher, record: RequestRecord
     ) -> Response | EventStream:
         _check_supported(data)
-        slot = registry.generation_slot(data.model)
+        slot, adapter = registry.generation_target(data.model, data.adapter)
         plan = _plan(data)
         fields = SamplingFields(
             model=data.model,
@@ -87,6 +87,7 @@ class ResponsesController(Controller):
             constraint=plan.forced,
             logprobs=logprobs,
             top_logprobs=data.top_logprobs or 0,
+            adapter=adapter,
         )
         stream = await dispatch.generate("chat", slot, request, record)  # the same work as chat: one cache
         answer = Answer(slot, plan, constrained=request.response_format is not None)

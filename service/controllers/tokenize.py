@@ -21,7 +21,7 @@ class TokenizeController(Controller):
     async def tokenize(self, data: TokenizeRequest, registry: Registry) -> TokenizeResponse:
         if (data.prompt is None) == (data.messages is None):
             raise InvalidRequestError("Send either prompt or messages", param="prompt")
-        slot = registry.generation_slot(data.model)
+        slot = registry.generation_target(data.model)[0]
         request = GenerationRequest(
             prompt=data.prompt or "",
             messages=chat_messages(data.messages) if data.messages is not None else None,
@@ -35,4 +35,4 @@ class TokenizeController(Controller):
 
     @post(["/detokenize", "/v1/detokenize"], status_code=200, summary="Turn token ids back into text")
     async def detokenize(self, data: DetokenizeRequest, registry: Registry) -> DetokenizeResponse:
-        return DetokenizeResponse(await registry.detokenize(registry.generation_slot(data.model), data.tokens))
+        return DetokenizeResponse(await registry.detokenize(registry.generation_target(data.model)[0], data.tokens))

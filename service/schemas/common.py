@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from kernel.config import AdapterName
 from kernel.errors import InvalidRequestError
 
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
@@ -56,6 +57,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormatSpec | None = None
     user: str | None = None
+    adapter: AdapterName | None = None  # a LoRA adapter of the tier (or `model: "<tier>:<adapter>"`)
 
 
 class TopLogprob(msgspec.Struct):

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from kernel.config import AdapterName
 from service.schemas.common import MaxTokens, TopK, TopP
 
 
@@ -68,6 +69,7 @@ class ThinkingConfig(msgspec.Struct, kw_only=True):
 
 class MessagesRequest(msgspec.Struct, kw_only=True):
     model: str
+    adapter: AdapterName | None = None  # a LoRA adapter of the tier (or `model: "<tier>:<adapter>"`)
     max_tokens: MaxTokens
     messages: list[MessageParam]
     system: str | list[TextBlock] | None = None

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from kernel.config import AdapterName
 from service.schemas.chat import FunctionSpec
 from service.schemas.common import MaxTokens, Seed, Temperature, TopP
 
@@ -66,6 +67,7 @@ class ReasoningConfig(msgspec.Struct, kw_only=True):
 
 class ResponsesRequest(msgspec.Struct, kw_only=True):
     model: str
+    adapter: AdapterName | None = None  # a LoRA adapter of the tier (or `model: "<tier>:<adapter>"`)
     input: str | Annotated[list[InputItem], msgspec.Meta(max_length=4096)]
     instructions: str | None = None
     tools: Annotated[list[FunctionTool], msgspec.Meta(max_length=128)] | None = None

@@ -194,3 +194,25 @@ def test_a_low_max_tokens_limit_caps_the_default() -> None:
     assert settings.tier("heavy").max_tokens == 256  # absent tiers too (a model may be loaded into them)
     with pytest.raises(SettingsError, match=r"LIGHT_MAX_TOKENS='512': above MAX_TOKENS_LIMIT=256"):
         parse_settings({"MAX_TOKENS_LIMIT": "256", "LIGHT_MAX_TOKENS": "512"})
+
+
+def test_adapters_parse_per_generation_tier() -> None:
+    s = parse_settings({"LIGHT_ADAPTERS": "legal-qa=/a/legal.gguf, chat.v2 = ~/b ,"})
+    assert s.tier("light").adapters == {"legal-qa": "/a/legal.gguf", "chat.v2": "~/b"}
+    assert s.tier("medium").adapters == {}
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"LIGHT_ADAPTERS": "legal-qa"}, "name=path"),
+        ({"LIGHT_ADAPTERS": "a=/x,a=/y"}, "named twice"),
+        ({"LIGHT_ADAPTERS": "bad:name=/x"}, "LIGHT_ADAPTERS"),  # ':' would split `model: tier:adapter`
+        ({"LIGHT_ADAPTERS": "../up=/x"}, "LIGHT_ADAPTERS"),
+        ({"LIGHT_ADAPTERS": ",".join(f"a{i}=/x" for i in range(33))}, "at most 32"),
+        ({"EMBEDDING_ADAPTERS": "a=/x"}, "does not apply"),
+    ],
+)
+def test_bad_adapters_setting(env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(SettingsError, match=re.escape(fragment)):
+        parse_settings(env)
