@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -27,9 +28,12 @@ from mlx_lm import load as mlx_load
 from mlx_lm.generate import BatchGenerator, generate_step, wired_limit
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.tuner.utils import load_adapters
+from mlx_lm.utils import _download, load_model
 
 from backends.base import (
     PROMPT_SCORE_CHUNK,
+    AdapterInfo,
     Backend,
     Completion,
     DecodeBatch,
@@ -43,6 +47,7 @@ from backends.base import (
 from backends.reasoning import ReasoningFormat
 from backends.tools import fold_tools, template_messages, template_takes_tools, tool_format
 from kernel.errors import (
+    AdapterNotFoundError,
     EngineError,
     InvalidRequestError,
     LLMServiceError,
@@ -79,6 +84,8 @@ class MlxBackend(Backend):
         self._grammar_tokenizer: LLTokenizer | None = None  # built on first structured request
         entries = tier.prefix_cache_entries
         self.prefix_cache = PrefixCache(entries)
+        self._adapters: dict[str, _Adapter] = {}
+        self._local = Path(model_path)  # the model folder, once load() resolved it
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -94,7 +101,8 @@ class MlxBackend(Backend):
                 raise ModelUnavailableError(f"{where}: no such folder")
             source = str(local)
         try:
-            model, tokenizer = mlx_load(source)[:2]
+            self._local = _download(source)  # the folder (a hub id resolves to its cached copy)
+            model, tokenizer = mlx_load(str(self._local))[:2]
         except Exception as exc:
             # Loading fails in many library-specific ways (missing files, hub errors, unknown
             # architectures); to a client they all mean "this model cannot be served".
@@ -114,8 +122,14 @@ class MlxBackend(Backend):
 
     def close(self) -> None:
         self.prefix_cache.clear()
+        self._adapters.clear()
         self._model = self._tokenizer = self._grammar_tokenizer = None
         mx.clear_cache()
+
+    def reset_prefix_cache(self) -> None:
+        self.prefix_cache.clear()
+        for adapter in self._adapters.values():
+            adapter.prefix_cache.clear()
 
     def info(self) -> EngineInfo:
         return EngineInfo(
@@ -182,15 +196,72 @@ class MlxBackend(Backend):
             raise InvalidRequestError(message, param="messages") from exc
         return str(text)
 
+    # -- LoRA adapters ---------------------------------------------------------------------
+
+    def load_adapter(self, name: str, path: str) -> AdapterInfo:
+        """An mlx-lm adapter folder (adapter_config.json + adapters.safetensors) on a second instance
+        of the model's modules that shares the base weights: only the LoRA matrices are new memory.
+        Requests name it; those of one adapter decode together (see `_MlxBatch`)."""
+        base = self._require()[0]
+        folder = Path(path)
+        config_file, weights_file = folder / "adapter_config.json", folder / "adapters.safetensors"
+        if not (config_file.is_file() and weights_file.is_file()):
+            raise InvalidRequestError(
+                f"{path} is not an MLX adapter folder (adapter_config.json and adapters.safetensors)", param="adapter"
+            )
+        try:
+            config = json.loads(config_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise InvalidRequestError(f"{config_file}: not readable JSON ({exc})", param="adapter") from exc
+        kind = config.get("fine_tune_type", "lora") if isinstance(config, dict) else None
+        if kind not in ("lora", "dora"):
+            raise InvalidRequestError(f"{path}: fine_tune_type {kind!r} is not a LoRA adapter", param="adapter")
+        try:
+            model, _ = load_model(self._local, lazy=True)  # lazy: its own weights are never read
+            model.update(base.parameters())  # the base model's arrays, shared
+            load_adapters(model, str(folder))
+            model.eval()
+            mx.eval(model.parameters())
+        except Exception as exc:
+            # Shapes that do not fit this model, missing tensors, bad files: all "not for this model".
+            raise InvalidRequestError(f"{path}: cannot be applied to this model: {exc}", param="adapter") from exc
+        lora = config.get("lora_parameters")
+        rank = lora.get("rank") if isinstance(lora, dict) else None
+        info = AdapterInfo(
+            name,
+            str(folder),
+            config_file.stat().st_size + weights_file.stat().st_size,
+            rank if isinstance(rank, int) else None,
+        )
+        self._adapters[name] = _Adapter(model, PrefixCache(self.tier.prefix_cache_entries), info)
+        return info
+
+    def unload_adapter(self, name: str) -> None:
+        self._adapters.pop(name, None)
+
+    def adapter_names(self) -> list[str]:
+        return list(self._adapters)
+
+    def _model_for(self, adapter: str | None) -> tuple[Any, PrefixCache]:
+        """The modules a request runs on and the prefix cache of KV they computed (an adapter
+        changes every K and V, so KV is reused only within one adapter)."""
+        if adapter is None:
+            return self._require()[0], self.prefix_cache
+        found = self._adapters.get(adapter)
+        if found is None:
+            raise AdapterNotFoundError(adapter, "this model", list(self._adapters))
+        return found.model, found.prefix_cache
+
     # -- generation ------------------------------------------------------------------------
 
     def decode(
         self, prompt: list[int], request: GenerationRequest, max_tokens: int, cancel: threading.Event | None = None
     ) -> Iterator[Token]:
-        model, tokenizer = self._require()
+        tokenizer = self._require()[1]
+        model, prefix_cache = self._model_for(request.adapter)
         # Checked before the first token, so a bad schema is a 400 and not a broken stream.
         matcher = self._matcher(request.response_format) if request.response_format else None
-        return self._generate(model, tokenizer, list(prompt), request, max_tokens, matcher, cancel)
+        return self._generate(model, prefix_cache, tokenizer, list(prompt), request, max_tokens, matcher, cancel)
 
     def open_batch(self) -> DecodeBatch:
         return _MlxBatch(self)
@@ -198,6 +269,7 @@ class MlxBackend(Backend):
     def _generate(
         self,
         model: Any,
+        prefix_cache: PrefixCache,
         tokenizer: Any,
         prompt: list[int],
         request: GenerationRequest,
@@ -207,7 +279,7 @@ class MlxBackend(Backend):
     ) -> Iterator[Token]:
         if max_tokens <= 0:
             return
-        cache, reused = self.prefix_cache.fetch(prompt)
+        cache, reused = prefix_cache.fetch(prompt)
         if cache is None:
             cache = make_prompt_cache(model)
         processors = self._processors(prompt[:reused], request, matcher)
@@ -267,7 +339,7 @@ class MlxBackend(Backend):
             finally:
                 steps.close()
                 if kept is not None:
-                    self.prefix_cache.store(kept, cache)
+                    prefix_cache.store(kept, cache)
 
     def _processors(
         self, history: list[int], request: GenerationRequest, matcher: LLMatcher | None
@@ -386,26 +458,34 @@ class _MlxBatch(DecodeBatch):
     """
 
     def __init__(self, backend: MlxBackend) -> None:
-        model, tokenizer = backend._require()
         self._backend = backend
-        self._tokenizer = tokenizer
-        size = backend.max_batch_size
-        self._gen: Any = BatchGenerator(  # untyped
-            model,
-            stop_tokens=[[t] for t in sorted(backend.eos_token_ids)],
-            completion_batch_size=size,
-            prefill_batch_size=size,
-            prefill_step_size=backend.tier.n_batch,
-        )
-        self._sequences: dict[int, _Sequence] = {}  # by BatchGenerator uid
-        self._uids: dict[int, int] = {}  # our key -> uid
+        self._tokenizer = backend._require()[1]
+        # One BatchGenerator per adapter (None: the base model): a LoRA adapter is its own set of
+        # modules, so requests of one adapter decode together and each group steps in turn.
+        self._gens: dict[str | None, Any] = {}
+        self._sequences: dict[tuple[str | None, int], _Sequence] = {}  # by (adapter, generator uid)
+        self._uids: dict[int, tuple[str | None, int]] = {}  # our key -> (adapter, uid)
+
+    def _gen(self, adapter: str | None) -> Any:
+        gen = self._gens.get(adapter)
+        if gen is None:
+            backend, size = self._backend, self._backend.max_batch_size
+            gen = self._gens[adapter] = BatchGenerator(  # untyped
+                backend._model_for(adapter)[0],
+                stop_tokens=[[t] for t in sorted(backend.eos_token_ids)],
+                completion_batch_size=size,
+                prefill_batch_size=size,
+                prefill_step_size=backend.tier.n_batch,
+            )
+        return gen
 
     def add(self, key: int, completion: Completion) -> None:
         backend, prompt, request = self._backend, completion.prompt, completion.request
+        model, prefix_cache = backend._model_for(request.adapter)
         matcher = backend._matcher(request.response_format) if request.response_format else None
-        cache, reused = backend.prefix_cache.fetch(prompt)
+        cache, reused = prefix_cache.fetch(prompt)
         with engine_errors(_ENGINE):
-            (uid,) = self._gen.insert(
+            (uid,) = self._gen(request.adapter).insert(
                 [prompt[reused:]],
                 max_tokens=[completion.max_tokens],
                 caches=[cache],  # None: BatchGenerator makes a fresh one
@@ -415,55 +495,66 @@ class _MlxBatch(DecodeBatch):
             )
         seq = _Sequence(key, reused, _TextStream(self._tokenizer, prompt), matcher, request)
         if request.prompt_logprobs:
-            seq.prompt = _score_prompt(backend._require()[0], self._tokenizer, prompt, request)
-        self._sequences[uid] = seq
-        self._uids[key] = uid
+            seq.prompt = _score_prompt(model, self._tokenizer, prompt, request)
+        self._sequences[request.adapter, uid] = seq
+        self._uids[key] = (request.adapter, uid)
 
     def step(self) -> list[tuple[int, Token | LLMServiceError | None]]:
-        with engine_errors(_ENGINE):
-            _, responses = self._gen.next()
         out: list[tuple[int, Token | LLMServiceError | None]] = []
-        for r in responses:
-            seq = self._sequences.get(r.uid)
-            if seq is None:
-                continue
-            if r.finish_reason == "stop":  # an end-of-generation token: neither shown nor counted
-                out.append((seq.key, None))
-            else:
-                seq.count += 1
-                final = seq.matcher is not None and seq.matcher.is_stopped()
-                text = seq.text.add(int(r.token), final=final or r.finish_reason == "length")
-                request = seq.request
-                scored = _scores(self._tokenizer, r.logprobs, int(r.token), request) if request.logprobs else (None, ())
-                first = seq.count == 1
-                cached = seq.reused if first else 0
-                prompt = seq.prompt if first else ()
-                out.append((seq.key, Token(text, cached, final, scored[0], scored[1], prompt)))
-            if r.finish_reason is not None:
-                # Like generate_step, the batch fed this token to the model before returning it:
-                # the cache holds the prompt and every token returned, EOS included.
-                self._forget(r.uid, r.all_tokens, r.prompt_cache)
+        for adapter in {adapter for adapter, _ in self._sequences}:
+            with engine_errors(_ENGINE):
+                _, responses = self._gens[adapter].next()
+            for r in responses:
+                seq = self._sequences.get((adapter, r.uid))
+                if seq is None:
+                    continue
+                out.append((seq.key, self._token(seq, r)))
+                if r.finish_reason is not None:
+                    # Like generate_step, the batch fed this token to the model before returning it:
+                    # the cache holds the prompt and every token returned, EOS included.
+                    self._forget(adapter, r.uid, r.all_tokens, r.prompt_cache)
         return out
 
-    def remove(self, key: int) -> None:
-        uid = self._uids.get(key)
-        if uid is None:
-            return
-        with engine_errors(_ENGINE):
-            caches = self._gen.remove([uid], return_prompt_caches=True)
-        cache, tokens = caches.get(uid, (None, None))
-        self._forget(uid, tokens, cache)
+    def _token(self, seq: _Sequence, r: Any) -> Token | None:
+        if r.finish_reason == "stop":  # an end-of-generation token: neither shown nor counted
+            return None
+        seq.count += 1
+        final = seq.matcher is not None and seq.matcher.is_stopped()
+        text = seq.text.add(int(r.token), final=final or r.finish_reason == "length")
+        request = seq.request
+        scored = _scores(self._tokenizer, r.logprobs, int(r.token), request) if request.logprobs else (None, ())
+        first = seq.count == 1
+        return Token(text, seq.reused if first else 0, final, scored[0], scored[1], seq.prompt if first else ())
 
-    def _forget(self, uid: int, tokens: list[int] | None, cache: list[Any] | None) -> None:
-        seq = self._sequences.pop(uid)
+    def remove(self, key: int) -> None:
+        found = self._uids.get(key)
+        if found is None:
+            return
+        adapter, uid = found
+        with engine_errors(_ENGINE):
+            caches = self._gens[adapter].remove([uid], return_prompt_caches=True)
+        cache, tokens = caches.get(uid, (None, None))
+        self._forget(adapter, uid, tokens, cache)
+
+    def _forget(self, adapter: str | None, uid: int, tokens: list[int] | None, cache: list[Any] | None) -> None:
+        seq = self._sequences.pop((adapter, uid))
         del self._uids[seq.key]
-        if tokens and cache is not None:
-            self._backend.prefix_cache.store(list(tokens), cache)
+        if tokens and cache is not None and (adapter is None or adapter in self._backend.adapter_names()):
+            self._backend._model_for(adapter)[1].store(list(tokens), cache)
 
     def close(self) -> None:
         self._sequences.clear()
         self._uids.clear()
-        self._gen.close()
+        for gen in self._gens.values():
+            gen.close()
+        self._gens.clear()
+
+
+@dataclass(slots=True)
+class _Adapter:
+    model: Any  # the model's modules with LoRA layers, sharing the base weights
+    prefix_cache: PrefixCache
+    info: AdapterInfo
 
 
 @dataclass(slots=True)
