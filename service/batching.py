@@ -12,6 +12,11 @@ part is retried alone, so one request's bad input fails only that request.
 Back-pressure: more than `max_queued_items` waiting items raises `RateLimitError` (429,
 Retry-After 1); a single submission larger than that is still admitted when nothing else waits.
 
+Priority: `submit(..., background=True)` (batch-job lines) queues apart; a batch takes background
+items only when no interactive item waits, and background items do not count against
+`max_queued_items` (their runner bounds them), so a big batch job never makes an interactive
+request wait behind it or see 429.
+
 Everything but `run_batch` runs on the event loop thread, so the queue needs no lock.
 """
 
@@ -38,6 +43,7 @@ class _Submission(Generic[T, R]):
     items: list[T]
     future: asyncio.Future[list[R]]
     enqueued: float
+    background: bool = False
     results: list[R | None] = field(default_factory=list)
     offset: int = 0  # items before this index have been dispatched
     delivered: int = 0
@@ -80,7 +86,9 @@ class MicroBatcher(Generic[T, R]):
         self._own_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
         self._queue: deque[_Submission[T, R]] = deque()
-        self._queued = 0
+        self._background: deque[_Submission[T, R]] = deque()  # served when `_queue` is empty
+        self._queued = 0  # items waiting in both queues
+        self._queued_background = 0
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
@@ -94,24 +102,30 @@ class MicroBatcher(Generic[T, R]):
         """Items waiting for a batch (not counting the batch running now)."""
         return self._queued
 
-    async def submit(self, items: Sequence[T]) -> list[R]:
+    @property
+    def queued_interactive(self) -> int:
+        return self._queued - self._queued_background
+
+    async def submit(self, items: Sequence[T], *, background: bool = False) -> list[R]:
         """Results for `items`, in order, computed together with other concurrent submissions."""
         if self._closed:
             raise ModelUnavailableError(f"{self.name} is shutting down")
         batch = list(items)
         if not batch:
             return []
-        if self._queued and self._queued + len(batch) > self.max_queued_items:
+        waiting = self.queued_interactive
+        if not background and waiting and waiting + len(batch) > self.max_queued_items:
             raise RateLimitError(
-                f"{self.name} has {self._queued} items waiting (limit {self.max_queued_items}); retry shortly",
+                f"{self.name} has {waiting} items waiting (limit {self.max_queued_items}); retry shortly",
                 retry_after=1,
                 code="queue_full",
             )
         loop = asyncio.get_running_loop()
         wakeup = self._bind(loop)
-        sub: _Submission[T, R] = _Submission(batch, loop.create_future(), loop.time())
-        self._queue.append(sub)
+        sub: _Submission[T, R] = _Submission(batch, loop.create_future(), loop.time(), background)
+        (self._background if background else self._queue).append(sub)
         self._queued += len(batch)
+        self._queued_background += len(batch) if background else 0
         wakeup.set()
         try:
             return await sub.future
@@ -123,8 +137,8 @@ class MicroBatcher(Generic[T, R]):
         """Refuse new work and let the running batch finish; what still waits runs too with
         `drain` (an unload), else it fails with 503 (shutdown)."""
         self._closed = True
-        while self._queue and not drain:
-            self._fail(self._queue[0], ModelUnavailableError(f"{self.name} is shutting down"))
+        while (waiting := self._queue or self._background) and not drain:
+            self._fail(waiting[0], ModelUnavailableError(f"{self.name} is shutting down"))
         if self._wakeup is not None:
             self._wakeup.set()
         if self._task is not None and not self._task.done():
@@ -140,7 +154,8 @@ class MicroBatcher(Generic[T, R]):
                 raise RuntimeError(f"{self.name} is already serving another event loop")
             self._loop, self._wakeup, self._task = loop, asyncio.Event(), None
             self._queue.clear()
-            self._queued = 0
+            self._background.clear()
+            self._queued = self._queued_background = 0
         assert self._wakeup is not None
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._dispatch(), name=f"{self.name}-dispatcher")
@@ -148,9 +163,15 @@ class MicroBatcher(Generic[T, R]):
 
     def _withdraw(self, sub: _Submission[T, R]) -> None:
         """A submitter was cancelled: drop its undispatched items; a running slice is discarded."""
-        if sub in self._queue:
-            self._queue.remove(sub)
-            self._queued -= len(sub.items) - sub.offset
+        queue = self._background if sub.background else self._queue
+        if sub in queue:
+            queue.remove(sub)
+            self._count(sub, -(len(sub.items) - sub.offset))
+
+    def _count(self, sub: _Submission[T, R], items: int) -> None:
+        self._queued += items
+        if sub.background:
+            self._queued_background += items
 
     def _fail(self, sub: _Submission[T, R], exc: BaseException) -> None:
         self._withdraw(sub)
@@ -172,7 +193,7 @@ class MicroBatcher(Generic[T, R]):
         assert wakeup is not None
         try:
             while True:
-                while not self._queue:
+                while not (self._queue or self._background):
                     if self._closed:
                         return
                     wakeup.clear()
@@ -180,8 +201,9 @@ class MicroBatcher(Generic[T, R]):
                 # Coalescing window, counted from the oldest waiting submission: requests that
                 # queued while the previous batch ran do not wait again. Serial traffic (the last
                 # batch was one request and nothing arrived meanwhile) skips it: nobody is coming.
-                deadline = self._queue[0].enqueued + self.max_wait
-                serial = not self._contended and len(self._queue) == 1
+                oldest = (self._queue or self._background)[0]
+                deadline = oldest.enqueued + self.max_wait
+                serial = not self._contended and len(self._queue) + len(self._background) == 1
                 while self._queued < self.max_batch_size and not self._closed and not serial:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
@@ -191,29 +213,30 @@ class MicroBatcher(Generic[T, R]):
                         await asyncio.wait_for(wakeup.wait(), remaining)
                     except TimeoutError:
                         break
-                if self._queue:
+                if self._queue or self._background:
                     pieces = self._take()
                     await self._run(loop, pieces)
-                    self._contended = len({id(p.sub) for p in pieces}) > 1 or bool(self._queue)
+                    self._contended = len({id(p.sub) for p in pieces}) > 1 or bool(self._queue or self._background)
         except BaseException as exc:  # a bug here must not leave submitters waiting forever
             if not isinstance(exc, asyncio.CancelledError):
                 log.exception("%s: dispatcher failed", self.name)
-            while self._queue:
-                self._fail(self._queue[0], EngineError(f"{self.name} failed; see the server log"))
+            while waiting := self._queue or self._background:
+                self._fail(waiting[0], EngineError(f"{self.name} failed; see the server log"))
             raise
 
     def _take(self) -> list[_Slice[T, R]]:
         pieces: list[_Slice[T, R]] = []
         room = self.max_batch_size
-        while self._queue and room > 0:
-            sub = self._queue[0]
+        # Interactive first; background items fill the room left (a batch never waits for them).
+        while (queue := self._queue or self._background) and room > 0:
+            sub = queue[0]
             n = min(room, len(sub.items) - sub.offset)
             pieces.append(_Slice(sub, sub.offset, sub.offset + n))
             sub.offset += n
-            self._queued -= n
+            self._count(sub, -n)
             room -= n
             if sub.offset == len(sub.items):
-                self._queue.popleft()
+                queue.popleft()
         return pieces
 
     async def _run(self, loop: asyncio.AbstractEventLoop, pieces: list[_Slice[T, R]]) -> None:
