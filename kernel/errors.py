@@ -7,6 +7,7 @@
     ├── AuthenticationError         401 authentication_error
     ├── PermissionDeniedError       403 permission_error (admin key needed, path outside MODELS_DIR)
     ├── ModelNotFoundError          404 code=model_not_found
+    ├── NotFoundError               404 a file or batch id that does not exist (code names which)
     ├── TierNotConfiguredError      404 code=model_not_available (a tier without MODEL_PATH)
     ├── RateLimitError              429 (queue full or rate limit; carries retry_after)
     ├── ModelUnavailableError       503 (tier failed to load, engine missing)
@@ -100,6 +101,11 @@ class ModelNotFoundError(LLMServiceError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, param="model", code="model_not_found")
+
+
+class NotFoundError(LLMServiceError):
+    status = 404
+    type = "invalid_request_error"
 
 
 class TierNotConfiguredError(LLMServiceError):

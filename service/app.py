@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from litestar import Litestar, Request, Response
+from litestar import Litestar, Request, Response, Router
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
@@ -19,8 +19,10 @@ from litestar.middleware import DefineMiddleware
 from litestar.types import Empty
 
 from kernel.errors import InvalidRequestError, LLMServiceError
+from service.batches import Batches
 from service.cache import ResponseCache
 from service.controllers.admin import AdminController
+from service.controllers.batches import BatchesController, FilesController
 from service.controllers.chat import ChatController
 from service.controllers.completions import CompletionsController
 from service.controllers.config import ConfigController
@@ -76,17 +78,22 @@ def create_app(settings: Settings | None = None, *, env_file: str | Path | None 
     security = Security.from_settings(settings)
     dispatch = Dispatcher(registry, cache, settings)
     config = RuntimeConfig(settings, registry, lifecycle, security, env_file)
+    batches = Batches(settings, registry, dispatch, to_service_error)
+    # Uploads are multipart JSONL files, bounded by BATCH_MAX_FILE_BYTES rather than MAX_BODY_BYTES.
+    files = Router("/", route_handlers=[FilesController], request_max_body_size=settings.batch_max_file_bytes + 65536)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await cache.open()
         await registry.start()
         await lifecycle.start()
+        await batches.start()
         announce = asyncio.create_task(_announce(app, registry), name="announce")
         try:
             yield
         finally:
             announce.cancel()
+            await batches.close()  # before the models go: running lines stop, and resume at the next start
             await lifecycle.close()
             try:
                 await registry.close()
@@ -105,6 +112,8 @@ def create_app(settings: Settings | None = None, *, env_file: str | Path | None 
             ResponsesController,
             AdminController,
             ConfigController,
+            files,
+            BatchesController,
             ws,
             health,
         ],
@@ -116,6 +125,7 @@ def create_app(settings: Settings | None = None, *, env_file: str | Path | None 
             "dispatch": Provide(lambda: dispatch, use_cache=True, sync_to_thread=False),
             "config": Provide(lambda: config, use_cache=True, sync_to_thread=False),
             "security": Provide(lambda: security, use_cache=True, sync_to_thread=False),
+            "batches": Provide(lambda: batches, use_cache=True, sync_to_thread=False),
             "errors": Provide(lambda: to_service_error, use_cache=True, sync_to_thread=False),
             "record": Provide(_record, sync_to_thread=False),
         },

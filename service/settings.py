@@ -61,6 +61,15 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # A request for a tier that is loading waits this long, then gets 503 with Retry-After.
     load_wait_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0
     stats_window_seconds: Positive = 60  # the recent window of /v1/stats rates and percentiles
+    # Batch jobs (/v1/files + /v1/batches): stored under BATCH_DIR, every size bounded.
+    batch_dir: str = ".data/batches"
+    batch_max_file_bytes: Positive = 32 * 1024 * 1024  # an uploaded input file
+    batch_max_lines: Positive = 10_000  # requests per input file
+    batch_max_line_bytes: Positive = 1024 * 1024  # one request line
+    batch_max_files: Positive = 1000  # stored uploads; more are refused until some are deleted
+    batch_max_batches: Positive = 1000  # kept batch records; the oldest finished are forgotten past it
+    batch_max_running: Positive = 2  # batches run at once (each holds its input in memory); others wait
+    batch_concurrency: Positive = 2  # batch requests in flight per tier, from all batches together
     tiers: dict[str, TierSettings] = {}
 
     def tier(self, name: str) -> TierSettings:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -20,7 +22,10 @@ from service.settings import parse_settings
 
 class LiveServer:
     def __init__(self, env: Mapping[str, str], env_file: Path | None = None) -> None:
-        self.settings = parse_settings({"LOG_LEVEL": "WARNING", **env})
+        # Batch files go to a folder of this server's own unless the test names one (a restart test).
+        self._batch_dir = None if "BATCH_DIR" in env else tempfile.mkdtemp(prefix="llmservice-batches-")
+        defaults = {"LOG_LEVEL": "WARNING"} | ({"BATCH_DIR": self._batch_dir} if self._batch_dir else {})
+        self.settings = parse_settings({**defaults, **env})
         configure_logging(self.settings.log_level)  # as `python -m service` does
         self.app = create_app(self.settings, env_file=env_file)
         # IPPROTO_TCP: asyncio then sets TCP_NODELAY on connections (see service.__main__.bind).
@@ -55,6 +60,8 @@ class LiveServer:
         self._server.should_exit = True
         self._thread.join(30)
         self._sock.close()
+        if self._batch_dir is not None:
+            shutil.rmtree(self._batch_dir, ignore_errors=True)
 
     def client(self, **kwargs: object) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=120, **kwargs)  # type: ignore[arg-type]
