@@ -28,6 +28,7 @@ import msgspec
 
 from kernel.errors import InvalidRequestError
 from service.schemas.batches import Batch, DoneLine, FileObject, InputLine
+from service.schemas.common import decode_strict
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,6 @@ def parse_input(
     lines: list[tuple[int, InputLine]] = []
     problems: list[LineProblem] = []
     seen: set[str] = set()
-    decoder = msgspec.json.Decoder(InputLine)
     count = 0
     for number, raw in enumerate(content.split(b"\n"), start=1):
         if len(problems) >= _MAX_REPORTED:
@@ -80,14 +80,10 @@ def parse_input(
             )
             continue
         try:
-            line = decoder.decode(raw)
-        except msgspec.ValidationError as exc:
-            reason, _, where = str(exc).partition(" - at `$")
-            param = where.rstrip("`").lstrip(".") or None
-            problems.append(LineProblem(number, f"Invalid request line: {reason}", param))
-            continue
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-            problems.append(LineProblem(number, "Not a JSON object (the file must be JSONL: one JSON object a line)"))
+            line: InputLine = decode_strict(raw, InputLine)  # as an HTTP body: the same messages
+        except InvalidRequestError as exc:
+            message = exc.message.replace("Invalid request:", "Invalid request line:", 1)
+            problems.append(LineProblem(number, message.replace("Malformed JSON body", "Not JSON", 1), exc.param))
             continue
         if not bytes(line.body).lstrip().startswith(b"{"):
             problems.append(LineProblem(number, "body must be a JSON object", "body"))
@@ -217,6 +213,7 @@ class BatchStore:
         file_id = result_file_id(batch_id, kind)
         partial, target = self._results(batch_id, kind), self.content(file_id)
         if partial.exists():
+            self.files_dir.mkdir(parents=True, exist_ok=True)
             os.replace(partial, target)
         if not target.exists():
             return None

@@ -42,7 +42,7 @@ from service.batch_store import BATCH_ID, FILE_ID, BatchStore, LineProblem, chec
 from service.dispatch import Dispatcher
 from service.embeddings import serve_embeddings
 from service.metrics import RequestRecord
-from service.registry import Registry, TierSlot
+from service.registry import Registry, TierSlot, TierState
 from service.schemas.batches import (
     FINISHED,
     Batch,
@@ -369,6 +369,10 @@ class Batches:
     async def _gate(self, slot: TierSlot) -> AsyncIterator[None]:
         """Hold one of the tier's BATCH_CONCURRENCY places, and go only when no interactive
         request waits for the tier (checked again after each short wait)."""
+        # A tier still loading (at start-up, or a lazy one) is waited for: a 503 is for clients
+        # that can retry, a background line has time.
+        while slot.state is TierState.LOADING and slot.load_task is not None:
+            await asyncio.shield(slot.load_task)
         gate = self._gates.setdefault(slot.name, asyncio.Semaphore(self.settings.batch_concurrency))
         async with gate:
             # Polled: the queue is counted by the model's worker thread, which has no event to await.
