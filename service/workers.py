@@ -302,8 +302,9 @@ class GenerationWorker:
 
     def _end(self, key: int) -> None:
         job, _ = self._active.pop(key)
-        self._running = len(self._active)
         self._done(job)
+        # Only then: whoever sees `running` drop to 0 also sees the worker idle (busy cleared).
+        self._running = len(self._active)
 
     def _done(self, job: Job) -> None:
         job.put(None)
