@@ -9,7 +9,7 @@
     ├── ModelNotFoundError          404 code=model_not_found
     ├── AdapterNotFoundError        404 code=adapter_not_found (a LoRA adapter the tier does not have)
     ├── TierNotConfiguredError      404 code=model_not_available (a tier without MODEL_PATH)
-    ├── NotFoundError               404 code=collection_not_found, document_not_found
+    ├── NotFoundError               404 code=collection_not_found, document_not_found, file_not_found, batch_not_found
     ├── ConflictError               409 code=collection_exists, embedding_model_mismatch
     ├── RateLimitError              429 (queue full or rate limit; carries retry_after)
     ├── ModelUnavailableError       503 (tier failed to load, engine missing)
@@ -129,7 +129,7 @@ class TierNotConfiguredError(LLMServiceError):
 
 
 class NotFoundError(LLMServiceError):
-    """A collection or document that does not exist (`code` says which)."""
+    """A collection, document, file or batch that does not exist (`code` says which)."""
 
     status = 404
     type = "invalid_request_error"

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from litestar import Litestar, Request, Response
+from litestar import Litestar, Request, Response, Router
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
@@ -19,10 +19,12 @@ from litestar.middleware import DefineMiddleware
 from litestar.types import Empty
 
 from kernel.errors import InvalidRequestError, LLMServiceError
+from service.batches import Batches
 from service.cache import ResponseCache
 from service.collections import Collections
 from service.controllers.adapters import AdaptersController
 from service.controllers.admin import AdminController
+from service.controllers.batches import BatchesController, FilesController
 from service.controllers.chat import ChatController
 from service.controllers.collections import CollectionsController
 from service.controllers.completions import CompletionsController
@@ -80,17 +82,22 @@ def create_app(settings: Settings | None = None, *, env_file: str | Path | None 
     dispatch = Dispatcher(registry, cache, settings)
     config = RuntimeConfig(settings, registry, lifecycle, security, env_file)
     collections = Collections(settings, registry)
+    batches = Batches(settings, registry, dispatch, to_service_error)
+    # Uploads are multipart JSONL files, bounded by BATCH_MAX_FILE_BYTES rather than MAX_BODY_BYTES.
+    files = Router("/", route_handlers=[FilesController], request_max_body_size=settings.batch_max_file_bytes + 65536)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await cache.open()
         await registry.start()
         await lifecycle.start()
+        await batches.start()
         announce = asyncio.create_task(_announce(app, registry), name="announce")
         try:
             yield
         finally:
             announce.cancel()
+            await batches.close()  # before the models go: running lines stop, and resume at the next start
             await lifecycle.close()
             try:
                 await collections.close()
@@ -111,6 +118,8 @@ def create_app(settings: Settings | None = None, *, env_file: str | Path | None 
             AdminController,
             AdaptersController,
             ConfigController,
+            files,
+            BatchesController,
             ws,
             CollectionsController,
             health,
@@ -123,6 +132,7 @@ def create_app(settings: Settings | None = None, *, env_file: str | Path | None 
             "dispatch": Provide(lambda: dispatch, use_cache=True, sync_to_thread=False),
             "config": Provide(lambda: config, use_cache=True, sync_to_thread=False),
             "security": Provide(lambda: security, use_cache=True, sync_to_thread=False),
+            "batches": Provide(lambda: batches, use_cache=True, sync_to_thread=False),
             "errors": Provide(lambda: to_service_error, use_cache=True, sync_to_thread=False),
             "collections": Provide(lambda: collections, use_cache=True, sync_to_thread=False),
             "record": Provide(_record, sync_to_thread=False),

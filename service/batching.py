@@ -20,6 +20,11 @@ ones instead of holding it until it is done.
 Failure isolation: if `run_batch` raises for a batch that mixes several submissions, each one's
 part is retried alone, so one request's bad input fails only that request.
 
+Priority: `submit(..., background=True)` (batch-job lines) queues apart; a batch takes background
+items only when no interactive item waits, and background items do not count against
+`max_queued_items` (their runner bounds them), so a big batch job never makes an interactive
+request wait behind it or see 429.
+
 Back-pressure: more than `max_queued_items` waiting items raises `RateLimitError` (429,
 Retry-After 1); a single submission larger than that is still admitted when nothing else waits.
 
@@ -58,6 +63,7 @@ class _Submission(Generic[T, R]):
     pending: list[int] = field(default_factory=list)
     keys: list[tuple[int, int]] = field(default_factory=list)
     delivered: int = 0
+    background: bool = False
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.items)
@@ -111,7 +117,9 @@ class MicroBatcher(Generic[T, R]):
         self._own_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
         self._queue: deque[_Submission[T, R]] = deque()
-        self._queued = 0
+        self._background: deque[_Submission[T, R]] = deque()  # served when `_queue` is empty
+        self._queued = 0  # items waiting in both queues
+        self._queued_background = 0
         self._queued_cost = 0
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -127,26 +135,30 @@ class MicroBatcher(Generic[T, R]):
         """Items waiting for a batch (not counting the batch running now)."""
         return self._queued
 
-    async def submit(self, items: Sequence[T]) -> list[R]:
+    @property
+    def queued_interactive(self) -> int:
+        return self._queued - self._queued_background
+
+    async def submit(self, items: Sequence[T], *, background: bool = False) -> list[R]:
         """Results for `items`, in order, computed together with other concurrent submissions."""
         if self._closed:
             raise ModelUnavailableError(f"{self.name} is shutting down")
         batch = list(items)
         if not batch:
             return []
-        if self._queued and self._queued + len(batch) > self.max_queued_items:
+        waiting = self.queued_interactive
+        if not background and waiting and waiting + len(batch) > self.max_queued_items:
             raise RateLimitError(
-                f"{self.name} has {self._queued} items waiting (limit {self.max_queued_items}); retry shortly",
+                f"{self.name} has {waiting} items waiting (limit {self.max_queued_items}); retry shortly",
                 retry_after=1,
                 code="queue_full",
             )
         costs = [max(1, self.cost(item)) for item in batch] if self.cost is not None else [1] * len(batch)
         loop = asyncio.get_running_loop()
         wakeup = self._bind(loop)
-        sub: _Submission[T, R] = _Submission(batch, costs, loop.create_future(), loop.time())
-        self._queue.append(sub)
-        self._queued += len(batch)
-        self._queued_cost += sum(costs)
+        sub: _Submission[T, R] = _Submission(batch, costs, loop.create_future(), loop.time(), background=background)
+        (self._background if background else self._queue).append(sub)
+        self._count(sub, len(batch), sum(costs))
         wakeup.set()
         try:
             return await sub.future
@@ -158,8 +170,8 @@ class MicroBatcher(Generic[T, R]):
         """Refuse new work and let the running batch finish; what still waits runs too with
         `drain` (an unload), else it fails with 503 (shutdown)."""
         self._closed = True
-        while self._queue and not drain:
-            self._fail(self._queue[0], ModelUnavailableError(f"{self.name} is shutting down"))
+        while (waiting := self._queue or self._background) and not drain:
+            self._fail(waiting[0], ModelUnavailableError(f"{self.name} is shutting down"))
         if self._wakeup is not None:
             self._wakeup.set()
         if self._task is not None and not self._task.done():
@@ -175,7 +187,8 @@ class MicroBatcher(Generic[T, R]):
                 raise RuntimeError(f"{self.name} is already serving another event loop")
             self._loop, self._wakeup, self._task = loop, asyncio.Event(), None
             self._queue.clear()
-            self._queued = self._queued_cost = 0
+            self._background.clear()
+            self._queued = self._queued_background = self._queued_cost = 0
         assert self._wakeup is not None
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._dispatch(), name=f"{self.name}-dispatcher")
@@ -183,11 +196,17 @@ class MicroBatcher(Generic[T, R]):
 
     def _withdraw(self, sub: _Submission[T, R]) -> None:
         """A submitter was cancelled: drop its undispatched items; a running piece is discarded."""
-        if sub in self._queue:
-            self._queue.remove(sub)
-            self._queued -= len(sub.pending)
-            self._queued_cost -= sum(sub.costs[i] for i in sub.pending)
+        queue = self._background if sub.background else self._queue
+        if sub in queue:
+            queue.remove(sub)
+            self._count(sub, -len(sub.pending), -sum(sub.costs[i] for i in sub.pending))
             sub.pending, sub.keys = [], []
+
+    def _count(self, sub: _Submission[T, R], items: int, cost: int) -> None:
+        self._queued += items
+        self._queued_cost += cost
+        if sub.background:
+            self._queued_background += items
 
     def _fail(self, sub: _Submission[T, R], exc: BaseException) -> None:
         self._withdraw(sub)
@@ -216,7 +235,7 @@ class MicroBatcher(Generic[T, R]):
         assert wakeup is not None
         try:
             while True:
-                while not self._queue:
+                while not (self._queue or self._background):
                     if self._closed:
                         return
                     wakeup.clear()
@@ -224,8 +243,8 @@ class MicroBatcher(Generic[T, R]):
                 # Coalescing window, counted from the oldest waiting submission: requests that
                 # queued while the previous batch ran do not wait again. Serial traffic (the last
                 # batch was one request and nothing arrived meanwhile) skips it: nobody is coming.
-                deadline = min(sub.enqueued for sub in self._queue) + self.max_wait
-                serial = not self._contended and len(self._queue) == 1
+                deadline = min(sub.enqueued for sub in self._queue or self._background) + self.max_wait
+                serial = not self._contended and len(self._queue) + len(self._background) == 1
                 while not self._full() and not self._closed and not serial:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
@@ -235,38 +254,41 @@ class MicroBatcher(Generic[T, R]):
                         await asyncio.wait_for(wakeup.wait(), remaining)
                     except TimeoutError:
                         break
-                if self._queue:
+                if self._queue or self._background:
                     pieces = self._take()
                     await self._run(loop, pieces)
-                    self._contended = len(pieces) > 1 or bool(self._queue)
+                    self._contended = len(pieces) > 1 or bool(self._queue or self._background)
         except BaseException as exc:  # a bug here must not leave submitters waiting forever
             if not isinstance(exc, asyncio.CancelledError):
                 log.exception("%s: dispatcher failed", self.name)
-            while self._queue:
-                self._fail(self._queue[0], EngineError(f"{self.name} failed; see the server log"))
+            while waiting := self._queue or self._background:
+                self._fail(waiting[0], EngineError(f"{self.name} failed; see the server log"))
             raise
 
     def _take(self) -> list[_Piece[T, R]]:
         """One batch: the anchor (the longest item of the submission whose turn it is) and the
-        longest items no longer than it from every submission, within the row and token limits."""
-        anchor = self._queue[0]
+        longest items no longer than it from every submission, within the row and token limits.
+        Interactive submissions only, while any waits; else the background ones."""
+        background = not self._queue
+        queue = self._background if background else self._queue
+        anchor = queue[0]
         width = anchor.costs[anchor.pending[0]]
         rows = self.max_batch_size
         if self.max_batch_tokens is not None:
             rows = max(1, min(rows, self.max_batch_tokens // width))
         # Candidates longest first; equal lengths go to the anchor, then to older submissions.
-        starts = {id(sub): sub.fitting(width) for sub in self._queue}
+        starts = {id(sub): sub.fitting(width) for sub in queue}
 
         def candidates(rank: int, sub: _Submission[T, R]) -> Iterator[tuple[int, int, int, _Submission[T, R]]]:
             for pos in range(starts[id(sub)], len(sub.pending)):
                 yield -sub.costs[sub.pending[pos]], rank, pos, sub
 
-        merged = heapq.merge(*(candidates(rank, sub) for rank, sub in enumerate(self._queue)))
+        merged = heapq.merge(*(candidates(rank, sub) for rank, sub in enumerate(queue)))
         taken: dict[int, list[int]] = {}
         for _, _, pos, sub in (c for c, _ in zip(merged, range(rows), strict=False)):
             taken.setdefault(id(sub), []).append(pos)
         pieces: list[_Piece[T, R]] = []
-        for sub in self._queue:
+        for sub in queue:
             positions = taken.get(id(sub))
             if not positions:
                 continue
@@ -275,10 +297,13 @@ class MicroBatcher(Generic[T, R]):
             indices = sub.pending[first:last]
             del sub.pending[first:last], sub.keys[first:last]
             pieces.append(_Piece(sub, indices))
-            self._queued -= len(indices)
-            self._queued_cost -= sum(sub.costs[i] for i in indices)
-        self._queue.rotate(-1)  # the anchor goes to the back: the next batch is someone else's turn
-        self._queue = deque(sub for sub in self._queue if sub.pending)
+            self._count(sub, -len(indices), -sum(sub.costs[i] for i in indices))
+        queue.rotate(-1)  # the anchor goes to the back: the next batch is someone else's turn
+        kept = deque(sub for sub in queue if sub.pending)
+        if background:
+            self._background = kept
+        else:
+            self._queue = kept
         self.padded_tokens += width * sum(len(p.indices) for p in pieces)
         return pieces
 

@@ -34,7 +34,7 @@ class Dispatcher:
         self.drain = Drain()  # begun by the server when it starts shutting down
 
     async def generate(
-        self, kind: str, slot: TierSlot, request: GenerationRequest, record: RequestRecord
+        self, kind: str, slot: TierSlot, request: GenerationRequest, record: RequestRecord, *, background: bool = False
     ) -> ChunkStream:
         if request.max_tokens > self.max_tokens_limit:
             raise InvalidRequestError(
@@ -62,12 +62,19 @@ class Dispatcher:
                 reason = f"Adapter {adapter.name} of tier {slot.name} failed to load: {adapter.error}"
                 raise ModelUnavailableError(reason)
             adapter.requests += 1
-        stream = await self.registry.generate(slot, request)
+        stream = await self.registry.generate(slot, request, background=background)
         store = (lambda value: self.cache.put(key, value)) if key is not None else None
         return RecordingStream(stream, record, store)
 
     async def choices(
-        self, kind: str, slot: TierSlot, request: GenerationRequest, record: RequestRecord, n: int
+        self,
+        kind: str,
+        slot: TierSlot,
+        request: GenerationRequest,
+        record: RequestRecord,
+        n: int,
+        *,
+        background: bool = False,
     ) -> list[ChunkStream]:
         """OpenAI's `n`: one job per choice, decoded side by side where the engine batches. A fixed
         seed moves on by one per choice, so seeded choices differ yet stay reproducible."""
@@ -81,7 +88,9 @@ class Dispatcher:
         try:
             for i in range(n):
                 seed = None if request.seed is None else (request.seed + i) % 2**32
-                streams.append(await self.generate(kind, slot, replace(request, seed=seed), record))
+                streams.append(
+                    await self.generate(kind, slot, replace(request, seed=seed), record, background=background)
+                )
         except BaseException:
             for stream in streams:
                 stream.cancel()

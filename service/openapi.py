@@ -36,12 +36,14 @@ _ERRORS = {
     401: "Missing or wrong API key (only when API_KEYS or ADMIN_API_KEYS are set)",
     403: "A web page's `Origin` outside CORS_ORIGINS, an admin route without an admin key, or a model path outside"
     " MODELS_DIR",
-    404: "No such model (`model_not_found`, the message lists what is served) or tier (`model_not_available`);"
-    " on /v1/collections also no such collection (`collection_not_found`) or document (`document_not_found`)",
+    404: "No such model (`model_not_found`, the message lists what is served), tier (`model_not_available`),"
+    " file (`file_not_found`) or batch (`batch_not_found`); on /v1/collections also no such collection"
+    " (`collection_not_found`) or document (`document_not_found`)",
     409: "The collection exists (`collection_exists`), or was embedded with a model the embedding tier no longer"
     " serves (`embedding_model_mismatch`)",
-    413: "Request body larger than MAX_BODY_BYTES",
-    415: "A body that is not `Content-Type: application/json` (`unsupported_media_type`)",
+    413: "Request body larger than MAX_BODY_BYTES (BATCH_MAX_FILE_BYTES for a file upload)",
+    415: "A body that is not `Content-Type: application/json` (`unsupported_media_type`); a file upload is"
+    " `multipart/form-data`",
     429: "Rate limit (`rate_limit_exceeded`) or the tier's queue is full (`queue_full`); see `Retry-After`",
     503: "The tier is loading (`model_loading`, with `Retry-After`) or failed to load; on /v1/collections also"
     " the vector store cannot be opened or reached (`store_unavailable`)",
@@ -131,7 +133,9 @@ def _split_actions(paths: dict[str, Any], path: str, method: str, actions: dict[
 
 def _amend(operation: dict[str, Any], handler: HTTPRouteHandler, settings: Settings) -> None:
     body = _body_type(handler)
-    if body is not None:
+    if handler.opt.get("multipart"):
+        operation["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": _UPLOAD}}}
+    elif body is not None:
         schema, optional = _schema(body)
         operation["requestBody"] = {"required": not optional, "content": {"application/json": {"schema": schema}}}
     responses = operation["responses"]
@@ -166,11 +170,13 @@ def _amend(operation: dict[str, Any], handler: HTTPRouteHandler, settings: Setti
     statuses = {400, 403}
     if not public:
         statuses |= {401, 429}
-    if body is not None:
+    if body is not None or handler.opt.get("multipart"):
         statuses |= {413, 415}
     if _names_model(handler, body):
         statuses |= {404, 503}
     statuses |= set(handler.opt.get("errors", ()))  # what a route answers besides the above
+    if _names_stored(handler, body):
+        statuses |= {404}
     for status in sorted(statuses):
         responses[str(status)] = _error(status)
     if not public and (
@@ -208,6 +214,24 @@ def _names_model(handler: HTTPRouteHandler, body: Any) -> bool:
     if "model_id" in handler.parsed_fn_signature.parameters:
         return True
     return any("model" in getattr(s, "__struct_fields__", ()) for s in _structs(body))
+
+
+def _names_stored(handler: HTTPRouteHandler, body: Any) -> bool:
+    """Routes that name a stored file or batch, in the path or the body."""
+    if {"file_id", "batch_id"} & set(handler.parsed_fn_signature.parameters):
+        return True
+    return any("input_file_id" in getattr(s, "__struct_fields__", ()) for s in _structs(body))
+
+
+# `POST /v1/files`, as the openai SDK sends it.
+_UPLOAD = {
+    "type": "object",
+    "properties": {
+        "file": {"type": "string", "format": "binary", "description": "JSONL: one batch request a line"},
+        "purpose": {"type": "string", "enum": ["batch"]},
+    },
+    "required": ["file", "purpose"],
+}
 
 
 def _schema(annotation: Any) -> tuple[dict[str, Any], bool]:

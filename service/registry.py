@@ -124,6 +124,13 @@ class TierSlot:
             return self.batcher.queued_items
         return self.worker.in_flight if self.worker else 0
 
+    @property
+    def interactive_waiting(self) -> int:
+        """Interactive requests queued for the model (not yet running): batch lines hold back meanwhile."""
+        if self.batcher is not None:
+            return self.batcher.queued_interactive
+        return self.worker.waiting_interactive if self.worker else 0
+
     def describe(self) -> dict[str, Any]:
         return {
             "state": self.state.value,
@@ -532,10 +539,11 @@ class Registry:
             )
         return slot
 
-    async def generate(self, slot: TierSlot, request: GenerationRequest) -> JobStream:
+    async def generate(self, slot: TierSlot, request: GenerationRequest, *, background: bool = False) -> JobStream:
+        """`background`: a batch-job line, queued after every interactive request (see workers)."""
         while slot.worker is None:  # unloaded since ensure_loaded: load it again
             await self.ensure_loaded(slot)
-        return slot.worker.submit(request)
+        return slot.worker.submit(request, background=background)
 
     async def tier_for(self, model: str, tier: str) -> TierSlot:
         """The loaded `tier` (embedding or reranker) that `model` names."""
@@ -552,7 +560,7 @@ class Registry:
             await self.ensure_loaded(slot)
         return slot
 
-    async def embed(self, slot: TierSlot, request: EmbeddingRequest) -> EmbeddingBatch:
+    async def embed(self, slot: TierSlot, request: EmbeddingRequest, *, background: bool = False) -> EmbeddingBatch:
         embedder: Embedder = slot.engine
         batcher = slot.batcher
         assert batcher is not None
@@ -566,7 +574,7 @@ class Registry:
             jobs = await asyncio.to_thread(embedder.jobs, request, texts)
         else:
             jobs = embedder.jobs(request, texts)
-        outputs = await batcher.submit(jobs)
+        outputs = await batcher.submit(jobs, background=background)
         return embedder.finish(outputs, request.dimensions)
 
     async def rerank(

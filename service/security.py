@@ -211,15 +211,17 @@ class BrowserPolicy:
             )
 
     @staticmethod
-    def check_body(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
-        """Bodies must be JSON, so a page can only send one after a CORS preflight."""
+    def check_body(connection: ASGIConnection[Any, Any, Any, Any], *, multipart: bool = False) -> None:
+        """Bodies must be JSON, so a page can only send one after a CORS preflight. File uploads
+        (`multipart`) are the exception a form could send: the Origin check above still stops a page."""
         headers = connection.headers
         if connection.scope.get("method") not in ("POST", "PUT", "PATCH"):
             return
         content_type = headers.get("content-type")
         if content_type is None and headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers:
             return  # no body at all (`POST .../unload`); a page's such request still carries Origin
-        if (content_type or "").partition(";")[0].strip().lower() != "application/json":
+        media_type = (content_type or "").partition(";")[0].strip().lower()
+        if media_type != "application/json" and not (multipart and media_type == "multipart/form-data"):
             raise UnsupportedMediaType(content_type or "")
 
 
@@ -272,7 +274,7 @@ class Security:
             return  # the key may come in the first message: the WebSocket session checks it and counts each request
         key = self.keys.check(connection.headers.get("authorization"), admin=admin)
         self.throttle(key, connection.scope.get("client"), request_record(connection.scope))
-        self.browser.check_body(connection)
+        self.browser.check_body(connection, multipart=bool(handler.opt.get("multipart")))
 
     def throttle(self, key: str | None, client: tuple[str, int] | None, record: RequestRecord) -> None:
         """Count one request against RATE_LIMIT_PER_MINUTE (per key, else per client address), note

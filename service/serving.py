@@ -1,7 +1,8 @@
 """Chat and legacy completions, whatever carries them: HTTP (with SSE) or the WebSocket.
 
 Each function takes the decoded request and returns the whole answer, or a `Streamed` answer
-whose job has started (so a prompt error is still a plain error, not an event)."""
+whose job has started (so a prompt error is still a plain error, not an event). `background`: a
+batch-job line, queued behind interactive requests (see service/workers.py)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,12 @@ from service.workers import ChunkStream
 
 
 async def serve_chat(
-    data: ChatCompletionRequest, registry: Registry, dispatch: Dispatcher, record: RequestRecord
+    data: ChatCompletionRequest,
+    registry: Registry,
+    dispatch: Dispatcher,
+    record: RequestRecord,
+    *,
+    background: bool = False,
 ) -> ChatCompletion | Streamed:
     if not data.messages:
         raise InvalidRequestError("messages must contain at least one message", param="messages")
@@ -59,7 +65,7 @@ async def serve_chat(
         top_logprobs=data.top_logprobs or 0,
         adapter=adapter,
     )
-    streams = await dispatch.choices("chat", slot, request, record, data.n)
+    streams = await dispatch.choices("chat", slot, request, record, data.n, background=background)
     cid, created, model = new_id("chatcmpl"), now(), data.model
     # Made after generate() waited for the tier to load, which tells the model's formats.
     answers = [Answer(slot, tools, constrained=request.response_format is not None) for _ in streams]
@@ -118,7 +124,12 @@ def _delta(reasoning: str, content: str) -> Delta:
 
 
 async def serve_completion(
-    data: CompletionRequest, registry: Registry, dispatch: Dispatcher, record: RequestRecord
+    data: CompletionRequest,
+    registry: Registry,
+    dispatch: Dispatcher,
+    record: RequestRecord,
+    *,
+    background: bool = False,
 ) -> Completion | Streamed:
     if data.suffix:
         raise InvalidRequestError("suffix (fill-in-the-middle) is not supported", param="suffix")
@@ -136,7 +147,7 @@ async def serve_completion(
         prompt_logprobs=scored and data.echo and isinstance(prompt, str),
         adapter=adapter,
     )
-    streams = await dispatch.choices("completions", slot, request, record, data.n)
+    streams = await dispatch.choices("completions", slot, request, record, data.n, background=background)
     cid, created, model = new_id("cmpl"), now(), data.model
     echo = prompt if data.echo and isinstance(prompt, str) else ""
     if not data.stream:

@@ -67,6 +67,15 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     chunk_size: Annotated[int, msgspec.Meta(ge=100, le=8000)] = 800  # characters per chunk (new collections)
     chunk_overlap: Annotated[int, msgspec.Meta(ge=0, le=2000)] = 100  # characters shared by neighbouring chunks
     max_document_chars: Positive = 1_000_000  # longer documents get 400
+    # Batch jobs (/v1/files + /v1/batches): stored under BATCH_DIR, every size bounded.
+    batch_dir: str = ".data/batches"
+    batch_max_file_bytes: Positive = 32 * 1024 * 1024  # an uploaded input file
+    batch_max_lines: Positive = 10_000  # requests per input file
+    batch_max_line_bytes: Positive = 1024 * 1024  # one request line
+    batch_max_files: Positive = 1000  # stored uploads; more are refused until some are deleted
+    batch_max_batches: Positive = 1000  # kept batch records; the oldest finished are forgotten past it
+    batch_max_running: Positive = 2  # batches run at once (each holds its input in memory); others wait
+    batch_concurrency: Positive = 2  # batch requests in flight per tier, from all batches together
     tiers: dict[str, TierSettings] = {}
 
     def tier(self, name: str) -> TierSettings:

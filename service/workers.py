@@ -2,7 +2,12 @@
 
 llama.cpp and MLX models are not thread-safe (two threads on one `Llama` crash the process), so
 each model gets exactly one thread that runs jobs in arrival order. The event loop talks to it
-through a bounded job queue and an asyncio queue of chunks per job. For an engine that can batch
+through a bounded job queue and an asyncio queue of chunks per job.
+
+Priority: the queue serves interactive jobs before background ones (batch-job lines), first come
+first served within each; a background job already generating is not pre-empted. Background jobs
+do not count against MAX_QUEUE (their runner bounds them, BATCH_CONCURRENCY per tier), so a big
+batch can never make an interactive request see 429. For an engine that can batch
 (`Backend.max_batch_size > 1`: llama.cpp, MLX) the same thread runs a continuous batch instead:
 queued jobs join between decode steps, and each leaves on its own when it ends or its client goes
 away.
@@ -27,6 +32,7 @@ from kernel.errors import EngineError, LLMServiceError, RateLimitError
 log = logging.getLogger(__name__)
 
 _Event = Chunk | LLMServiceError | None  # None ends the stream
+_INTERACTIVE, _BACKGROUND, _STOP = 0, 1, 2  # queue ranks: lower is served first
 
 
 @dataclass(eq=False)
@@ -37,6 +43,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
     call: Callable[[], None] | None = None  # run this on the model's thread instead of generating
+    background: bool = False  # a batch-job line: served after every waiting interactive job
 
     def put(self, event: _Event) -> None:
         try:
@@ -95,8 +102,11 @@ class GenerationWorker:
         self.busy_seconds = 0.0
         self.started = time.monotonic()
         self.finished_at = time.time()  # wall clock of the last job's end, for idle unloading
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        # (rank, arrival, job): FIFO within a rank; the stop marker ranks after every queued job.
+        self._jobs: queue.PriorityQueue[tuple[int, int, Job | None]] = queue.PriorityQueue()
+        self._arrivals = itertools.count()
         self._waiting = 0
+        self._waiting_background = 0
         self._running = 0  # jobs generating right now (up to max_batch_size)
         self._lock = threading.Lock()
         self._batch: DecodeBatch | None = None
@@ -110,6 +120,10 @@ class GenerationWorker:
         return self._waiting
 
     @property
+    def waiting_interactive(self) -> int:
+        return self._waiting - self._waiting_background
+
+    @property
     def busy(self) -> bool:
         return self.busy_since is not None
 
@@ -121,32 +135,44 @@ class GenerationWorker:
     def in_flight(self) -> int:
         return self._waiting + self._running
 
-    def submit(self, request: GenerationRequest) -> JobStream:
+    def submit(self, request: GenerationRequest, *, background: bool = False) -> JobStream:
         with self._lock:
-            if self._waiting >= self.max_queue:
+            waiting = self._waiting - self._waiting_background
+            if not background and waiting >= self.max_queue:
                 raise RateLimitError(
-                    f"Tier {self.name} has {self._waiting} requests waiting (limit {self.max_queue}); retry shortly",
+                    f"Tier {self.name} has {waiting} requests waiting (limit {self.max_queue}); retry shortly",
                     retry_after=1,
                     code="queue_full",
                 )
             self._waiting += 1
-        job = Job(request, asyncio.get_running_loop())
-        self._jobs.put(job)
+            self._waiting_background += background
+        job = Job(request, asyncio.get_running_loop(), background=background)
+        self._put(job)
         return JobStream(job)
+
+    def _put(self, job: Job | None) -> None:
+        rank = _STOP if job is None else _BACKGROUND if job.background else _INTERACTIVE
+        self._jobs.put((rank, next(self._arrivals), job))
+
+    def _take(self, block: bool = True) -> Job | None:
+        job = self._jobs.get(block=block)[2]
+        if job is not None:
+            with self._lock:
+                self._waiting -= 1
+                self._waiting_background -= job.background
+        return job
 
     async def run(self, fn: Callable[[], None]) -> None:
         """Run `fn` on this model's thread between jobs (the engine is not thread-safe)."""
         with self._lock:
             self._waiting += 1
         job = Job(GenerationRequest(), asyncio.get_running_loop(), call=fn)
-        self._jobs.put(job)
+        self._put(job)
         async for _ in JobStream(job):
             pass
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            with self._lock:
-                self._waiting -= 1
+        while (job := self._take()) is not None:
             if job.cancelled.is_set():
                 job.put(None)
                 continue
@@ -194,17 +220,15 @@ class GenerationWorker:
         held: Job | None = None  # a maintenance call runs once the batch is empty, as between jobs
         stopping = False
         while True:
-            # Admit queued jobs in arrival order; block only when there is nothing to decode.
+            # Admit queued jobs (interactive first, then by arrival); block only when nothing decodes.
             while held is None and not stopping and len(self._active) < size:
                 try:
-                    job = self._jobs.get(block=not self._active)
+                    job = self._take(block=not self._active)
                 except queue.Empty:
                     break
                 if job is None:
                     stopping = True
                     break
-                with self._lock:
-                    self._waiting -= 1
                 if job.cancelled.is_set():
                     job.put(None)
                 elif job.call is not None:
@@ -278,8 +302,9 @@ class GenerationWorker:
 
     def _end(self, key: int) -> None:
         job, _ = self._active.pop(key)
-        self._running = len(self._active)
         self._done(job)
+        # Only then: whoever sees `running` drop to 0 also sees the worker idle (busy cleared).
+        self._running = len(self._active)
 
     def _done(self, job: Job) -> None:
         job.put(None)
@@ -299,5 +324,5 @@ class GenerationWorker:
 
     def close(self, timeout: float | None = 5.0) -> None:
         """Stop the thread after the current job; the backend is closed by its owner."""
-        self._jobs.put(None)
+        self._put(None)
         self._thread.join(timeout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 import tempfile
 import threading
@@ -21,8 +22,11 @@ from service.settings import parse_settings
 
 class LiveServer:
     def __init__(self, env: Mapping[str, str], env_file: Path | None = None) -> None:
-        # Collections go to a fresh folder unless a test names one: never into the checkout.
+        # Collections and batch files go to folders of this server's own unless a test names one
+        # (a restart test): never into the checkout.
+        self._batch_dir = None if "BATCH_DIR" in env else tempfile.mkdtemp(prefix="llmservice-batches-")
         defaults = {"LOG_LEVEL": "WARNING", "COLLECTIONS_DIR": tempfile.mkdtemp(prefix="llmservice-collections-")}
+        defaults |= {"BATCH_DIR": self._batch_dir} if self._batch_dir else {}
         self.settings = parse_settings({**defaults, **env})
         configure_logging(self.settings.log_level)  # as `python -m service` does
         self.app = create_app(self.settings, env_file=env_file)
@@ -58,6 +62,8 @@ class LiveServer:
         self._server.should_exit = True
         self._thread.join(30)
         self._sock.close()
+        if self._batch_dir is not None:
+            shutil.rmtree(self._batch_dir, ignore_errors=True)
 
     def client(self, **kwargs: object) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=120, **kwargs)  # type: ignore[arg-type]

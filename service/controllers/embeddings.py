@@ -1,21 +1,12 @@
 from __future__ import annotations
 
-import base64
-from typing import Any
-
-import numpy as np
-import numpy.typing as npt
 from litestar import Controller, post
 
-from embedders.base import EmbeddingOutput, EmbeddingRequest
-from embedders.token_ids import openai_decoder
-from kernel.errors import InvalidRequestError
 from service.dispatch import Dispatcher
-from service.input_limits import clip_texts, clip_token_ids
+from service.embeddings import serve_embeddings
 from service.metrics import RequestRecord
-from service.registry import Registry, TierSlot
-from service.schemas.embeddings import EmbeddingCreate, EmbeddingData, EmbeddingList, EmbeddingUsage
-from service.security import check_batch_size
+from service.registry import Registry
+from service.schemas.embeddings import EmbeddingCreate, EmbeddingList
 
 
 class EmbeddingsController(Controller):
@@ -25,101 +16,4 @@ class EmbeddingsController(Controller):
     async def create(
         self, data: EmbeddingCreate, registry: Registry, dispatch: Dispatcher, record: RequestRecord
     ) -> EmbeddingList:
-        inputs = _inputs(data.input)
-        check_batch_size(len(inputs), registry.settings)
-        slot = await registry.tier_for(data.model, "embedding")
-        return await dispatch.cached(
-            "embeddings", slot, data, EmbeddingList, record, lambda: _embed(registry, slot, data, inputs, record)
-        )
-
-
-async def _embed(
-    registry: Registry,
-    slot: TierSlot,
-    data: EmbeddingCreate,
-    inputs: list[str] | list[list[int]],
-    record: RequestRecord,
-) -> EmbeddingList:
-    # The model truncates long inputs anyway: cut them first, so tokenising them cannot hold the tier.
-    max_tokens = slot.context_length or slot.settings.n_ctx
-    if inputs and isinstance(inputs[0], str):
-        inputs = clip_texts(inputs, max_tokens)  # type: ignore[arg-type]
-    else:
-        inputs = clip_token_ids(inputs, max_tokens)  # type: ignore[arg-type]
-    decode = openai_decoder(slot.settings.token_ids)
-    if decode is not None:
-        inputs = [item if isinstance(item, str) else decode(item) for item in inputs]
-    kind = data.embedding_type
-    request = EmbeddingRequest(
-        inputs,
-        dense=kind == "dense",
-        sparse=kind == "sparse" or data.return_sparse,
-        colbert=kind == "colbert" or data.return_colbert,
-        dimensions=data.dimensions,
-    )
-    batch = await registry.embed(slot, request)
-    record.prompt_tokens, record.generated = batch.prompt_tokens, True
-    items = [_item(i, out, data) for i, out in enumerate(batch.outputs)]
-    usage = EmbeddingUsage(batch.prompt_tokens, batch.prompt_tokens)
-    return EmbeddingList(items, data.model, usage)
-
-
-def _inputs(value: str | list[Any]) -> list[str] | list[list[int]]:
-    """A string, a list of strings, one list of token ids, or a list of token-id lists."""
-    if isinstance(value, str):
-        return [value]
-    if not value:
-        raise InvalidRequestError("input must not be empty", param="input")
-    if all(isinstance(v, str) for v in value):
-        return list(value)
-    if all(_is_token(v) for v in value):
-        return [list(value)]
-    if all(isinstance(v, list) and v and all(_is_token(t) for t in v) for v in value):
-        return [list(v) for v in value]
-    raise InvalidRequestError(
-        "input must be a string, a list of strings, a list of token ids or a list of token-id lists", param="input"
-    )
-
-
-def _is_token(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _item(index: int, out: EmbeddingOutput, req: EmbeddingCreate) -> EmbeddingData:
-    b64 = req.encoding_format == "base64"
-    embedding: Any
-    if req.embedding_type == "sparse":
-        embedding = _sparse(out.sparse, b64)
-    elif req.embedding_type == "colbert":
-        embedding = _vectors(out.colbert, b64)
-    else:
-        embedding = _vectors(out.dense, b64)
-    extra_sparse = req.return_sparse and req.embedding_type != "sparse"
-    extra_colbert = req.return_colbert and req.embedding_type != "colbert"
-    return EmbeddingData(
-        index,
-        embedding,
-        sparse_embedding=_sparse(out.sparse, b64) if extra_sparse else None,
-        colbert_embedding=_vectors(out.colbert, b64) if extra_colbert else None,
-    )
-
-
-def _vectors(values: npt.NDArray[np.float32] | None, b64: bool) -> str | list[Any]:
-    """A dense vector or a ColBERT matrix: OpenAI's base64 (little-endian float32, row after row)
-    or JSON floats (float64 first, so a float32 prints as its exact decimal like `encode()` gave)."""
-    assert values is not None
-    if b64:
-        return base64.b64encode(np.ascontiguousarray(values, dtype="<f4").tobytes()).decode("ascii")
-    listed: list[Any] = values.astype(np.float64).tolist()
-    return listed
-
-
-def _sparse(weights: dict[str, float] | None, b64: bool) -> str | dict[str, float]:
-    """Lexical weights: `{"<token id>": weight}`, or in base64 n little-endian uint32 token ids
-    followed by their n float32 weights (README, "Embeddings")."""
-    assert weights is not None
-    if not b64:
-        return weights
-    ids = np.fromiter((int(k) for k in weights), dtype="<u4", count=len(weights))
-    values = np.fromiter(weights.values(), dtype="<f4", count=len(weights))
-    return base64.b64encode(ids.tobytes() + values.tobytes()).decode("ascii")
+        return await serve_embeddings(data, registry, dispatch, record)
