@@ -94,6 +94,12 @@ def sse(data: Any) -> bytes:
     return b"data: " + _encode(data) + b"\n\n"
 
 
+def named_sse(event: dict[str, Any]) -> bytes:
+    """An SSE event named by its `type` (`event: <type>`), as Anthropic's and the Responses API's are."""
+    name: str = event["type"]
+    return b"event: " + name.encode() + b"\ndata: " + _encode(event) + b"\n\n"
+
+
 async def event_stream(
     stream: ChunkStream,
     first: Chunk,

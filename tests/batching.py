@@ -6,13 +6,14 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
+from backends.base import Backend, GenerationRequest
 from service.workers import GenerationWorker
 from tests.live import LiveServer
 
@@ -135,3 +136,24 @@ def run_concurrently(server: LiveServer, cases: list[dict[str, Any]], **kw: Any)
         if isinstance(r, BaseException):
             raise r
     return [r for r in results if isinstance(r, Result)]
+
+
+def alone(backend: Backend, request: GenerationRequest) -> str:
+    """A request's text decoded on its own, from a cold prefix cache."""
+    backend.reset_prefix_cache()
+    return "".join(c.text for c in backend.stream(request))
+
+
+def together(backend: Backend, requests: Sequence[GenerationRequest]) -> list[str]:
+    """The requests' texts, submitted at once to a worker that batches them (cold prefix cache)."""
+    backend.reset_prefix_cache()
+
+    async def main() -> list[str]:
+        streams = [worker.submit(r) for r in requests]
+        return ["".join(c.text for c in [c async for c in s]) for s in streams]
+
+    worker = GenerationWorker("light", backend, max_queue=16)
+    try:
+        return asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        worker.close()

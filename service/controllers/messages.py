@@ -9,7 +9,6 @@ import json
 import uuid
 from typing import Any
 
-import msgspec
 from litestar import Controller, post
 
 from backends.base import Chunk
@@ -34,10 +33,9 @@ from service.schemas.messages import (
     ToolResultBlock,
     ToolUseBlock,
 )
-from service.streaming import EventStream, event_stream
+from service.streaming import EventStream, event_stream, named_sse
 from service.tool_calls import ToolMode, ToolPlan, make_plan
 
-_encode = msgspec.json.Encoder().encode
 _STREAMED = (
     "With `stream: true`: Anthropic's named events, each `event: <type>` and `data: <json>`: message_start, "
     "content_block_start / content_block_delta / content_block_stop per block, message_delta, message_stop; an "
@@ -183,11 +181,6 @@ def _tool_id() -> str:
     return f"toolu_{uuid.uuid4().hex[:24]}"
 
 
-def _frame(event: dict[str, Any]) -> bytes:
-    name: str = event["type"]
-    return b"event: " + name.encode() + b"\ndata: " + _encode(event) + b"\n\n"
-
-
 def _error(exc: LLMServiceError) -> dict[str, Any]:
     kind = "overloaded_error" if exc.status in (429, 503) else exc.type
     return {"type": "error", "error": {"type": kind, "message": exc.message}}
@@ -268,7 +261,7 @@ def _events(dispatch: Dispatcher, stream: Any, first: Chunk, mid: str, model: st
         piece=piece,
         usage_event=None,
         drain=dispatch.drain,
-        frame=_frame,
+        frame=named_sse,
         error=_error,
         done=b"",
     )

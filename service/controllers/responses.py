@@ -37,10 +37,9 @@ from service.schemas.responses import (
     ResponsesRequest,
     ResponseUsage,
 )
-from service.streaming import EventStream, event_stream
+from service.streaming import EventStream, event_stream, named_sse
 from service.tool_calls import ToolMode, ToolPlan, make_plan, tool_dicts
 
-_encode = msgspec.json.Encoder().encode
 _STREAMED = (
     "With `stream: true`: the typed Responses events, each `event: <type>` and `data: <json>` with a "
     "`sequence_number`: response.created, response.in_progress, per output item response.output_item.added / "
@@ -257,11 +256,6 @@ def _logprobs(chunk: Chunk) -> list[Any]:
     return list(scored.content or []) if scored else []
 
 
-def _frame(event: dict[str, Any]) -> bytes:
-    name: str = event["type"]
-    return b"event: " + name.encode() + b"\ndata: " + _encode(event) + b"\n\n"
-
-
 def _events(dispatch: Dispatcher, stream: Any, first: Chunk, shell: Response, answer: Answer, logprobs: bool) -> Any:
     """The typed events: each output item added, filled by deltas, done; the response completed."""
     seq = iter(range(1 << 62))
@@ -392,7 +386,7 @@ def _events(dispatch: Dispatcher, stream: Any, first: Chunk, shell: Response, an
         piece=piece,
         usage_event=None,
         drain=dispatch.drain,
-        frame=_frame,
+        frame=named_sse,
         error=error,
         done=b"",
     )

@@ -6,8 +6,7 @@ with different adapters, submitted together, must each get exactly what they get
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from backends.llamacpp import LlamaCppBackend
 from backends.llamacpp_adapters import read_lora_header
 from kernel.config import TierSettings
 from kernel.errors import AdapterNotFoundError, InvalidRequestError
-from service.workers import GenerationWorker
+from tests.batching import alone, together
 from tests.fixtures.lora import build_gguf_lora
 
 PROMPT = "The capital of France is"
@@ -48,25 +47,6 @@ def llama(gemma_gguf: str, loras: dict[str, Path]) -> Iterator[LlamaCppBackend]:
 
 def greedy(adapter: str | None, prompt: str = PROMPT, max_tokens: int = 12) -> GenerationRequest:
     return GenerationRequest(prompt=prompt, max_tokens=max_tokens, temperature=0.0, adapter=adapter)
-
-
-def alone(backend: LlamaCppBackend, request: GenerationRequest) -> str:
-    backend.reset_prefix_cache()
-    return "".join(c.text for c in backend.stream(request))
-
-
-def batched(backend: LlamaCppBackend, requests: Sequence[GenerationRequest]) -> list[str]:
-    backend.reset_prefix_cache()
-
-    async def main() -> list[str]:
-        streams = [worker.submit(r) for r in requests]
-        return ["".join(c.text for c in [c async for c in s]) for s in streams]
-
-    worker = GenerationWorker("light", backend, max_queue=16)
-    try:
-        return asyncio.run(asyncio.wait_for(main(), 120))
-    finally:
-        worker.close()
 
 
 def test_header_gives_rank_and_kind(loras: dict[str, Path], gemma_gguf: str) -> None:
@@ -98,7 +78,7 @@ def test_different_adapters_in_one_batch_each_get_their_own_output(llama: LlamaC
     expected = [alone(llama, r) for r in requests]
     assert expected[1] != expected[3]
     assert expected[2] != alone(llama, greedy(None, "Monday, Tuesday, Wednesday,"))
-    assert batched(llama, requests) == expected
+    assert together(llama, requests) == expected
     assert all(not s.busy for s in llama.slots.slots)
 
 

@@ -7,8 +7,7 @@ exactly what they get alone, and KV is reused only within one adapter.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from backends.base import Chunk, GenerationRequest
 from backends.mlx import MlxBackend
 from kernel.config import TierSettings
 from kernel.errors import AdapterNotFoundError, InvalidRequestError
-from service.workers import GenerationWorker
+from tests.batching import alone, together
 from tests.fixtures.lora import build_mlx_lora
 from tests.fixtures.tiny_mlx import build_tiny_mlx_model
 
@@ -53,25 +52,6 @@ def greedy(adapter: str | None, prompt: list[int] = PROMPT, max_tokens: int = 10
     return GenerationRequest(prompt=prompt, max_tokens=max_tokens, temperature=0.0, adapter=adapter)
 
 
-def alone(backend: MlxBackend, request: GenerationRequest) -> str:
-    backend.reset_prefix_cache()
-    return "".join(c.text for c in backend.stream(request))
-
-
-def batched(backend: MlxBackend, requests: Sequence[GenerationRequest]) -> list[str]:
-    backend.reset_prefix_cache()
-
-    async def main() -> list[str]:
-        streams = [worker.submit(r) for r in requests]
-        return ["".join(c.text for c in [c async for c in s]) for s in streams]
-
-    worker = GenerationWorker("light", backend, max_queue=16)
-    try:
-        return asyncio.run(asyncio.wait_for(main(), 120))
-    finally:
-        worker.close()
-
-
 def test_zero_adapter_changes_nothing_and_random_one_does(mlx: MlxBackend) -> None:
     base = alone(mlx, greedy(None))
     assert alone(mlx, greedy("zero")) == base
@@ -91,7 +71,7 @@ def test_different_adapters_in_one_batch_each_get_their_own_output(mlx: MlxBacke
     ]
     expected = [alone(mlx, r) for r in requests]
     assert expected[2] != expected[3]
-    assert batched(mlx, requests) == expected
+    assert together(mlx, requests) == expected
 
 
 def test_prefix_is_reused_only_with_the_same_adapter(mlx: MlxBackend) -> None:
