@@ -313,8 +313,15 @@ def test_requests_take_turns_anchoring_batches() -> None:
 
 
 def test_cancelling_a_request_mid_way_drops_only_its_waiting_items() -> None:
-    gate = threading.Event()
-    rec = Recorder(gate)
+    permits = threading.Semaphore(0)  # one per batch the model may run: the test sets the pace
+
+    class Paced(Recorder):
+        def __call__(self, items: list[int]) -> list[int]:
+            self.started.set()
+            assert permits.acquire(timeout=10)
+            return super().__call__(items)
+
+    rec = Paced()
 
     async def main() -> None:
         batcher: MicroBatcher[int, int] = MicroBatcher(
@@ -325,12 +332,13 @@ def test_cancelling_a_request_mid_way_drops_only_its_waiting_items() -> None:
         doomed = asyncio.ensure_future(batcher.submit([500 + k for k in range(6)]))
         kept = asyncio.ensure_future(batcher.submit([7, 9, 8]))
         await _until(lambda: batcher.queued_items == 9)
-        gate.set()
+        permits.release(2)  # the first request's batch, then one batch of the waiting ones
         await first
         await _until(lambda: batcher.batches >= 2)  # the doomed request has had one batch
         doomed.cancel()
         with pytest.raises(asyncio.CancelledError):
             await doomed
+        permits.release(10)
         assert await kept == [14, 18, 16]
         await batcher.close()
 
