@@ -32,6 +32,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -138,10 +139,18 @@ async def load(
     url: str, reqs: list[bytes], size: int, clients: int, seconds: float, encoding: str, dim: int = DIM
 ) -> float:
     """`clients` connections, each posting back to back for `seconds`: embeddings per second."""
+    return await throughput(url, reqs, size, clients, seconds, lambda answer: check(answer, size, encoding, dim))
+
+
+async def throughput(
+    url: str, reqs: list[bytes], size: int, clients: int, seconds: float, verify: Callable[[bytes], None]
+) -> float:
+    """`clients` connections, each posting back to back for `seconds`: `size` items per request,
+    per second. `verify` checks the first answer before anything is timed."""
     host, _, rest = url.removeprefix("http://").partition(":")
     port, _, path = rest.partition("/")
     conns = [Conn(host, int(port), "/" + path) for _ in range(clients)]
-    check(await conns[0].post(reqs[0]), size, encoding, dim)  # right answers before timing anything
+    verify(await conns[0].post(reqs[0]))  # right answers before timing anything
     await asyncio.gather(*(c.open() for c in conns[1:]))
     done = [0] * clients
     start = time.monotonic()

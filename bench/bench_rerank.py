@@ -21,14 +21,13 @@ import random
 import shutil
 import sys
 import tempfile
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import free_port, llmservice, median, process
-from bench.bench_embeddings import BATCH, MICRO_BATCH, OFFLINE, WAIT_MS, Conn, sentences
+from bench.bench_embeddings import BATCH, MICRO_BATCH, OFFLINE, WAIT_MS, sentences, throughput
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
@@ -69,28 +68,12 @@ def bodies(docs: list[str], size: int, model: str, seed: int = 2) -> list[bytes]
 
 async def load(url: str, reqs: list[bytes], size: int, clients: int, seconds: float) -> float:
     """`clients` connections posting back to back for `seconds`: documents scored per second."""
-    host, _, rest = url.removeprefix("http://").partition(":")
-    port, _, path = rest.partition("/")
-    conns = [Conn(host, int(port), "/" + path) for _ in range(clients)]
-    first = json.loads(await conns[0].post(reqs[0]))
-    assert len(first["results"]) == size, f"{len(first['results'])} results for {size} documents"
-    await asyncio.gather(*(c.open() for c in conns[1:]))
-    done = [0] * clients
-    start = time.monotonic()
-    deadline = start + seconds
 
-    async def client(i: int) -> None:
-        k = i * 7
-        while time.monotonic() < deadline:
-            await conns[i].post(reqs[k % len(reqs)])
-            done[i] += size
-            k += 1
+    def verify(answer: bytes) -> None:
+        results = json.loads(answer)["results"]
+        assert len(results) == size, f"{len(results)} results for {size} documents"
 
-    await asyncio.gather(*(client(i) for i in range(clients)))
-    elapsed = time.monotonic() - start
-    for c in conns:
-        c.close()
-    return sum(done) / elapsed
+    return await throughput(url, reqs, size, clients, seconds, verify)
 
 
 def infinity_cmd(exe: str, folder: str, port: int) -> list[str]:
