@@ -28,7 +28,7 @@ import copy
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -265,6 +265,17 @@ def request_tokenizer(tokenizer: Any, max_tokens: int) -> Any:
     backend.enable_truncation(max_tokens)
     backend.no_padding()
     return backend
+
+
+def padded_batches(
+    ids: list[list[int]], batch_size: int, pad_id: int
+) -> Iterator[tuple[list[int], npt.NDArray[np.int64], npt.NDArray[np.int64]]]:
+    """Forward passes over tokenised texts, longest first and `batch_size` at a time, so rows of
+    similar length share a pass and padding stays small: (indices into `ids`, input ids, mask)."""
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        yield chunk, *pad_batch([ids[i] for i in chunk], pad_id)
 
 
 def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:

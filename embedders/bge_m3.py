@@ -23,7 +23,7 @@ from embedders.base import (
     EmbeddingOutput,
     PreTokenizing,
     hf_max_tokens,
-    pad_batch,
+    padded_batches,
     request_tokenizer,
 )
 from embedders.torch_engine import TorchEngine
@@ -118,12 +118,8 @@ class BgeM3Embedder(TorchEngine[EmbedderInfo], Embedder, PreTokenizing):
         self.info()
         heads = self._model.model
         results: list[EmbeddingOutput | None] = [None] * len(ids)
-        # Longest first, chunked: texts of similar length share a batch and padding stays small.
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         with engine_errors(self.name):
-            for start in range(0, len(order), self._batch_size):
-                chunk = order[start : start + self._batch_size]
-                input_ids, mask = pad_batch([ids[i] for i in chunk], self._pad_id)
+            for chunk, input_ids, mask in padded_batches(ids, self._batch_size, self._pad_id):
                 features = {
                     "input_ids": torch.from_numpy(input_ids).to(self._device),
                     "attention_mask": torch.from_numpy(mask).to(self._device),

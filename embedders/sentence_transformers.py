@@ -17,7 +17,7 @@ from embedders.base import (
     EmbeddingOutput,
     PreTokenizing,
     l2_normalize,
-    pad_batch,
+    padded_batches,
     request_tokenizer,
 )
 from embedders.torch_engine import TorchEngine
@@ -97,12 +97,8 @@ class SentenceTransformerEmbedder(TorchEngine[EmbedderInfo], Embedder, PreTokeni
         self.check_outputs(dense=dense, sparse=sparse, colbert=colbert)
         self.info()
         results: list[EmbeddingOutput | None] = [None] * len(ids)
-        # Longest first, chunked: rows of similar length share a forward pass.
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         with engine_errors(self.name):
-            for start in range(0, len(order), self._batch_size):
-                chunk = order[start : start + self._batch_size]
-                input_ids, mask = pad_batch([ids[i] for i in chunk], self._pad_id)
+            for chunk, input_ids, mask in padded_batches(ids, self._batch_size, self._pad_id):
                 features = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
                 if "token_type_ids" in self._inputs:
                     features["token_type_ids"] = torch.zeros_like(features["input_ids"])
