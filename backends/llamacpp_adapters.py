@@ -39,7 +39,13 @@ class LoraHeader:
     alpha: float | None
 
 
-def read_lora_header(path: str) -> LoraHeader:
+@dataclass(frozen=True, slots=True)
+class GgufHeader:
+    meta: dict[str, str | float | int]  # scalar and string metadata (arrays skipped)
+    tensors: dict[str, tuple[int, ...]]  # every tensor's shape, in ggml order
+
+
+def read_gguf_header(path: str) -> GgufHeader:
     """Parse a GGUF file's header (metadata and tensor shapes, not the weights)."""
     try:
         with open(path, "rb") as f:
@@ -48,7 +54,22 @@ def read_lora_header(path: str) -> LoraHeader:
         raise InvalidRequestError(f"Not a readable GGUF file: {exc}", param="path", code="invalid_adapter") from exc
 
 
-def _parse(f: BinaryIO) -> LoraHeader:
+def read_lora_header(path: str) -> LoraHeader:
+    header = read_gguf_header(path)
+    meta = header.meta
+    # The rank is the second ggml dimension, (inputs, rank), of the first `*.lora_a` tensor.
+    rank = next((dims[1] for name, dims in header.tensors.items() if name.endswith(".lora_a") and len(dims) >= 2), None)
+    alpha = meta.get("adapter.lora.alpha")
+    return LoraHeader(
+        kind=str(meta.get("general.type", "")),
+        adapter_type=str(meta.get("adapter.type", "")),
+        architecture=str(meta.get("general.architecture", "")),
+        rank=rank,
+        alpha=float(alpha) if isinstance(alpha, int | float) else None,
+    )
+
+
+def _parse(f: BinaryIO) -> GgufHeader:
     if f.read(4) != b"GGUF":
         raise ValueError("no GGUF magic number")
     (version,) = _unpack(f, "<I")
@@ -64,24 +85,15 @@ def _parse(f: BinaryIO) -> LoraHeader:
         value = _value(f, kind)
         if value is not None:
             meta[key] = value
-    rank = None
+    tensors: dict[str, tuple[int, ...]] = {}
     for _ in range(n_tensors):
         name = _string(f)
         (n_dims,) = _unpack(f, "<I")
         if n_dims > _MAX_DIMS:
             raise ValueError(f"tensor {name!r} has {n_dims} dimensions")
-        dims = _unpack(f, f"<{n_dims}Q")
+        tensors[name] = tuple(int(d) for d in _unpack(f, f"<{n_dims}Q"))
         _unpack(f, "<IQ")  # type and data offset
-        if rank is None and name.endswith(".lora_a") and n_dims >= 2:
-            rank = int(dims[1])  # ggml order: (inputs, rank)
-    alpha = meta.get("adapter.lora.alpha")
-    return LoraHeader(
-        kind=str(meta.get("general.type", "")),
-        adapter_type=str(meta.get("adapter.type", "")),
-        architecture=str(meta.get("general.architecture", "")),
-        rank=rank,
-        alpha=float(alpha) if isinstance(alpha, int | float) else None,
-    )
+    return GgufHeader(meta, tensors)
 
 
 def _unpack(f: BinaryIO, fmt: str) -> tuple[Any, ...]:
