@@ -76,7 +76,8 @@ class ResponsesController(Controller):
             seed=data.seed,
             response_format=_response_format(data),
         )
-        logprobs = "message.output_text.logprobs" in (data.include or ())
+        # top_logprobs alone asks for them too: scores computed and not returned would be a silent drop.
+        logprobs = "message.output_text.logprobs" in (data.include or ()) or bool(data.top_logprobs)
         request = engine_request(
             fields,
             slot.settings,

@@ -145,6 +145,9 @@ def test_logprobs_included(client: openai.OpenAI) -> None:
     part = res.output[0].content[0]  # type: ignore[union-attr]
     assert part.logprobs and len(part.logprobs) == res.usage.output_tokens  # type: ignore[union-attr]
     assert all(len(lp.top_logprobs) == 2 and lp.logprob <= 0 for lp in part.logprobs)
+    alone = client.responses.create(model="light", input="Hi", max_output_tokens=2, top_logprobs=1)
+    assert all(len(lp.top_logprobs) == 1 for lp in alone.output[0].content[0].logprobs)  # type: ignore[union-attr]
+    assert alone.output[0].content[0].logprobs  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(
