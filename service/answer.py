@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from backends.reasoning import ReasoningFormat, reasoning_format
 from backends.tools import ToolCall, tool_format
-from service.registry import TierSlot
+from service.slots import TierSlot
 from service.tool_calls import ToolCallFilter, ToolPlan
 
 

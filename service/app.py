@@ -37,14 +37,16 @@ from service.controllers.responses import ResponsesController
 from service.controllers.tokenize import TokenizeController
 from service.controllers.ws import ws
 from service.dispatch import Dispatcher
+from service.families import EngineFactories
 from service.lifecycle import Lifecycle
 from service.metrics import RequestRecord, Telemetry, TelemetryMiddleware, request_record
 from service.openapi import openapi_config
-from service.registry import Registry, TierState
+from service.registry import Registry
 from service.runtime_config import RuntimeConfig
 from service.schemas.common import decode_strict
 from service.security import Security, cors_config
 from service.settings import Settings, load_settings
+from service.slots import TierState
 
 log = logging.getLogger("service")
 
@@ -69,12 +71,15 @@ class JsonRequest(Request[Any, Any, Any]):
         return await super().json()
 
 
-def create_app(settings: Settings | None = None, *, env_file: str | Path | None = None) -> Litestar:
+def create_app(
+    settings: Settings | None = None, *, env_file: str | Path | None = None, engines: EngineFactories | None = None
+) -> Litestar:
     """`env_file`: the `.env` the settings came from, which `PATCH /v1/config` may write back to
-    (without settings, they are read from `.env`, which is then that file)."""
+    (without settings, they are read from `.env`, which is then that file). `engines`: how each
+    model family builds its engine; the real engines by default (tests of the app pass fakes)."""
     if settings is None:
         settings, env_file = load_settings(), env_file or ".env"
-    registry = Registry(settings)
+    registry = Registry(settings, engines)
     cache = ResponseCache.from_settings(settings)
     telemetry = Telemetry(settings, registry, cache)
     lifecycle = Lifecycle(registry, settings)

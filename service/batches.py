@@ -42,7 +42,7 @@ from service.batch_store import BATCH_ID, FILE_ID, BatchStore, LineProblem, chec
 from service.dispatch import Dispatcher
 from service.embeddings import serve_embeddings
 from service.metrics import RequestRecord
-from service.registry import Registry, TierSlot, TierState
+from service.registry import Registry
 from service.schemas.batches import (
     FINISHED,
     Batch,
@@ -67,6 +67,7 @@ from service.schemas.completions import Completion, CompletionRequest
 from service.schemas.embeddings import EmbeddingCreate, EmbeddingList
 from service.serving import serve_chat, serve_completion
 from service.settings import Settings
+from service.slots import TierSlot, TierState
 from service.streaming import Streamed
 
 log = logging.getLogger(__name__)

@@ -37,13 +37,15 @@ import asyncio
 import bisect
 import heapq
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from kernel.errors import EngineError, ModelUnavailableError, RateLimitError
+from service.slots import busy_fraction
 
 log = logging.getLogger(__name__)
 
@@ -129,15 +131,55 @@ class MicroBatcher(Generic[T, R]):
         self.batches = 0  # run_batch calls that succeeded, for metrics and tests
         self.items = 0
         self.padded_tokens = 0  # rows x longest row over all batches: what packing keeps small
+        self.started = time.monotonic()
+        self.busy_since: float | None = None  # while a batch runs
+        self.busy_seconds = 0.0
 
     @property
     def queued_items(self) -> int:
         """Items waiting for a batch (not counting the batch running now)."""
         return self._queued
 
+    # -- the Executor protocol (service.slots); its units are items, not requests ----------------
     @property
-    def queued_interactive(self) -> int:
+    def in_flight(self) -> int:
+        return self._queued
+
+    @property
+    def waiting(self) -> int:
+        return self._queued
+
+    @property
+    def interactive_waiting(self) -> int:
         return self._queued - self._queued_background
+
+    @property
+    def busy(self) -> bool:
+        return self.busy_since is not None
+
+    @property
+    def processed(self) -> int:
+        return self.batches
+
+    def set_queue_limit(self, limit: int) -> None:
+        self.max_queued_items = limit
+
+    async def retire(self) -> None:
+        await self.close(drain=True)
+
+    async def stop(self) -> None:
+        await self.close()
+
+    def view(self) -> dict[str, Any]:
+        busy, share = busy_fraction(self.busy_seconds, self.busy_since, self.started)
+        return {
+            "state": "batching",
+            "batches": self.batches,
+            "items": self.items,
+            "queued": self._queued,
+            "busy_seconds": round(busy, 3),
+            "utilisation": round(share, 4),
+        }
 
     async def submit(self, items: Sequence[T], *, background: bool = False) -> list[R]:
         """Results for `items`, in order, computed together with other concurrent submissions."""
@@ -146,7 +188,7 @@ class MicroBatcher(Generic[T, R]):
         batch = list(items)
         if not batch:
             return []
-        waiting = self.queued_interactive
+        waiting = self.interactive_waiting
         if not background and waiting and waiting + len(batch) > self.max_queued_items:
             raise RateLimitError(
                 f"{self.name} has {waiting} items waiting (limit {self.max_queued_items}); retry shortly",
@@ -335,7 +377,12 @@ class MicroBatcher(Generic[T, R]):
     # -- worker thread side ------------------------------------------------------------------------
 
     def _call(self, batch: list[T]) -> list[R]:
-        results = list(self.run_batch(batch))
+        self.busy_since = time.monotonic()
+        try:
+            results = list(self.run_batch(batch))
+        finally:
+            self.busy_seconds += time.monotonic() - self.busy_since
+            self.busy_since = None
         if len(results) != len(batch):
             raise EngineError(f"{self.name}: run_batch returned {len(results)} results for {len(batch)} items")
         self.batches += 1

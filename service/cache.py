@@ -4,10 +4,10 @@ Values are stored msgpack-encoded, so a hit costs one dict lookup and one decode
 stats are real, and the file on disk is plain data (never pickle: a cache file is not trusted
 code). Everything runs on the event loop thread; only the file write happens in a worker thread.
 
-Usage from a controller (the key is None when caching is off, and then nothing is cached):
+Usage (the key is None when caching is off, and then nothing is cached):
 
     key = cache.key("embeddings", slot, (inputs, dimensions))
-    vectors = await cache.through(key, list[list[float]], lambda: registry.embed(slot, inputs))
+    batch = await cache.through(key, EmbeddingBatch, lambda: EMBEDDING.embed(slot, request))
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
-from service.registry import TierSlot
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,6 +47,12 @@ class CachedGeneration(msgspec.Struct, array_like=True):
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+
+
+class Model(Protocol):
+    """What answers a request (a tier's slot): everything about it that decides its outputs."""
+
+    def cache_identity(self) -> tuple[Any, ...]: ...
 
 
 class _CacheFile(msgspec.Struct):
@@ -102,15 +107,14 @@ class ResponseCache:
         )
 
     # -- keys and lookups ------------------------------------------------------------------
-    def key(self, kind: str, slot: TierSlot, payload: Any) -> str | None:
-        """A digest of everything that decides the output: the kind of request, the tier's model
-        (id, file, template, context) and `payload` (any msgspec-encodable request: a struct,
+    def key(self, kind: str, model: Model, payload: Any) -> str | None:
+        """A digest of everything that decides the output: the kind of request, the model (a tier's
+        id, file, template, context) and `payload` (any msgspec-encodable request: a struct,
         dataclass, tuple, dict...). None when caching is off."""
         if not self.enabled:
             return None
-        t = slot.settings
-        model = (slot.id, t.model_path, t.backend, t.chat_template, t.n_ctx, t.embedding_dimension)
-        return kind + ":" + hashlib.sha256(msgspec.msgpack.encode((kind, model, payload))).hexdigest()
+        identity = model.cache_identity()
+        return kind + ":" + hashlib.sha256(msgspec.msgpack.encode((kind, identity, payload))).hexdigest()
 
     def get(self, key: str | None, type_: type[T]) -> T | None:
         """The cached value for `key` (and a hit), or None (and a miss)."""

@@ -23,8 +23,9 @@ from typing import Any, TypeVar
 from embedders.base import EmbeddingBatch, EmbeddingRequest
 from kernel.errors import ConflictError, InvalidRequestError, NotFoundError
 from service.chunking import chunk_text
+from service.families import EMBEDDING, RERANK
 from service.input_limits import clip_texts
-from service.registry import Registry, TierSlot, TierState
+from service.registry import Registry
 from service.schemas.chat import ChatMessage
 from service.schemas.collections import (
     Collection,
@@ -40,6 +41,7 @@ from service.schemas.collections import (
 )
 from service.security import check_batch_size
 from service.settings import Settings
+from service.slots import TierSlot, TierState
 from stores.base import CollectionInfo, Hit, StoredChunk, VectorStore, check_collection_name
 from stores.factory import create_store
 
@@ -131,7 +133,7 @@ class Collections:
     async def _embed(self, slot: TierSlot, texts: list[str], sparse: bool) -> EmbeddingBatch:
         # The model truncates long inputs anyway: cut them first, so tokenising cannot hold the tier.
         clipped = clip_texts(texts, slot.context_length or slot.settings.n_ctx)
-        return await self._registry.embed(slot, EmbeddingRequest(clipped, dense=True, sparse=sparse))
+        return await EMBEDDING.embed(slot, EmbeddingRequest(clipped, dense=True, sparse=sparse))
 
     # -- documents -------------------------------------------------------------------------
     async def add(self, name: str, data: DocumentsAdd) -> DocumentsAdded:
@@ -218,7 +220,7 @@ class Collections:
         if rerank and hits:
             reranker = await self._registry.tier_for("reranker", "reranker")
             query, *texts = clip_texts([question, *(h.text for h in hits)], reranker.context_length or 512)
-            results, used = await self._registry.rerank(reranker, query, texts, options.top_k, normalize=True)
+            results, used = await RERANK.rerank(reranker, query, texts, options.top_k, normalize=True)
             scored = [(hits[r.index], r.score) for r in results]
             tokens += used
         done = time.perf_counter()

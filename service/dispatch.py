@@ -16,10 +16,12 @@ from typing import Any, TypeVar
 from backends.base import Chunk, FinishReason, GenerationRequest, Usage
 from kernel.errors import InvalidRequestError, LLMServiceError, ModelUnavailableError
 from service.cache import CachedGeneration, ResponseCache
+from service.families import GENERATION
 from service.input_limits import check_prompt_length
 from service.metrics import RequestRecord
-from service.registry import Registry, TierSlot
+from service.registry import Registry
 from service.settings import Settings
+from service.slots import TierSlot
 from service.streaming import Drain
 from service.workers import ChunkStream, JobStream
 
@@ -62,7 +64,7 @@ class Dispatcher:
                 reason = f"Adapter {adapter.name} of tier {slot.name} failed to load: {adapter.error}"
                 raise ModelUnavailableError(reason)
             adapter.requests += 1
-        stream = await self.registry.generate(slot, request, background=background)
+        stream = GENERATION.generate(slot, request, background=background)
         store = (lambda value: self.cache.put(key, value)) if key is not None else None
         return RecordingStream(stream, record, store)
 

@@ -12,11 +12,13 @@ from embedders.base import EmbeddingOutput, EmbeddingRequest
 from embedders.token_ids import openai_decoder
 from kernel.errors import InvalidRequestError
 from service.dispatch import Dispatcher
+from service.families import EMBEDDING
 from service.input_limits import clip_texts, clip_token_ids
 from service.metrics import RequestRecord
-from service.registry import Registry, TierSlot
+from service.registry import Registry
 from service.schemas.embeddings import EmbeddingCreate, EmbeddingData, EmbeddingList, EmbeddingUsage
 from service.security import check_batch_size
+from service.slots import TierSlot
 
 
 async def serve_embeddings(
@@ -66,7 +68,7 @@ async def _embed(
         colbert=kind == "colbert" or data.return_colbert,
         dimensions=data.dimensions,
     )
-    batch = await registry.embed(slot, request, background=background)
+    batch = await EMBEDDING.embed(slot, request, background=background)
     record.prompt_tokens, record.generated = batch.prompt_tokens, True
     items = [_item(i, out, data) for i, out in enumerate(batch.outputs)]
     usage = EmbeddingUsage(batch.prompt_tokens, batch.prompt_tokens)

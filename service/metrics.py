@@ -28,8 +28,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from service.cache import ResponseCache
-from service.registry import Registry, TierSlot, TierState
+from service.registry import Registry
 from service.settings import GENERATION_TIERS, Settings
+from service.slots import TierState
 
 RECORD = "llmservice.record"  # key of the RequestRecord in scope["state"]
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -195,37 +196,35 @@ class Telemetry:
     def snapshot(self) -> dict[str, Any]:
         """The body of `GET /v1/stats`."""
         samples = self._recent()
-        slots = self.registry.configured()
-        workers = {slot.name: worker_view(slot) for slot in slots}
+        views = [slot.view() for slot in self.registry.configured()]
         tiers: dict[str, Any] = {}
-        for slot in slots:
-            mine = [s for s in samples if s.tier == slot.name]
-            tiers[slot.name] = {
-                "model": slot.id,
-                "state": slot.state.value,
-                "requests": self.tier_totals.get(slot.name, _Totals()).view(),
+        for v in views:
+            mine = [s for s in samples if s.tier == v.tier]
+            tiers[v.tier] = {
+                "model": v.model,
+                "state": v.state,
+                "requests": self.tier_totals.get(v.tier, _Totals()).view(),
                 **self._rates(mine),
-                "in_flight": slot.in_flight,
-                "queued": queued(slot),
-                "usage_count": slot.requests,
-                "memory_bytes": slot.size_bytes if slot.state is TierState.LOADED else 0,
-                "worker": workers[slot.name],
+                "in_flight": v.in_flight,
+                "queued": v.queued,
+                "usage_count": v.requests,
+                "memory_bytes": v.memory_bytes,
+                "worker": v.worker,
             }
-        loaded = [s for s in slots if s.state is TierState.LOADED]
         return {
             "uptime_seconds": round(self.registry.uptime(), 3),
             "window_seconds": self.window,
             "requests": {
                 **self.totals.view(),
                 "active": self.active,
-                "queued": sum(queued(s) for s in slots),
+                "queued": sum(v.queued for v in views),
             },
             **self._rates(samples),
             "tiers": tiers,
-            "workers": [{"tier": name, **view} for name, view in workers.items() if view is not None],
+            "workers": [{"tier": v.tier, **v.worker} for v in views if v.worker is not None],
             "memory": {
                 "process_rss_bytes": process_rss(),
-                "models_bytes": sum(s.size_bytes or 0 for s in loaded),
+                "models_bytes": sum(v.memory_bytes for v in views),
                 "note": "models_bytes is the loaded models' size on disk (weights are memory-mapped)",
             },
         }
@@ -252,32 +251,6 @@ class Telemetry:
                 for tier, p in sorted(self.prefix.items())
             },
         }
-
-
-def queued(slot: TierSlot) -> int:
-    """Requests (generation) or inputs (embedding, rerank) waiting for the tier's model."""
-    if slot.batcher is not None:
-        return slot.batcher.queued_items
-    return slot.worker.waiting if slot.worker else 0
-
-
-def worker_view(slot: TierSlot) -> dict[str, Any] | None:
-    worker = slot.worker
-    if worker is None:
-        if slot.batcher is None:
-            return None
-        batcher = slot.batcher  # embedding and reranker tiers: one micro-batching thread
-        return {"state": "batching", "batches": batcher.batches, "items": batcher.items, "queued": queued(slot)}
-    now = time.monotonic()
-    busy = worker.busy_seconds + (now - worker.busy_since if worker.busy_since is not None else 0.0)
-    alive = max(now - worker.started, 1e-9)
-    return {
-        "state": "busy" if worker.busy else "idle",
-        "processed": worker.processed,
-        "queued": worker.waiting,
-        "busy_seconds": round(busy, 3),
-        "utilisation": round(min(1.0, busy / alive), 4),
-    }
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:
@@ -314,22 +287,26 @@ class _LiveCollector:
         t = self.t
         yield GaugeMetricFamily("llmservice_uptime_seconds", "Seconds since start", t.registry.uptime())
         yield GaugeMetricFamily("llmservice_requests_active", "HTTP requests in progress", t.active)
-        queue = GaugeMetricFamily("llmservice_queue_depth", "Requests waiting for a tier's worker", labels=["tier"])
-        busy = GaugeMetricFamily("llmservice_worker_busy", "1 while a tier's worker generates", labels=["tier"])
-        processed = CounterMetricFamily("llmservice_worker_processed", "Jobs a worker finished", labels=["tier"])
+        queue = GaugeMetricFamily(
+            "llmservice_queue_depth", "Requests (generation) or inputs waiting for a tier's model", labels=["tier"]
+        )
+        busy = GaugeMetricFamily("llmservice_worker_busy", "1 while a tier's model runs", labels=["tier"])
+        processed = CounterMetricFamily(
+            "llmservice_worker_processed", "Jobs (generation) or batches (embedding, rerank) finished", labels=["tier"]
+        )
         state = GaugeMetricFamily("llmservice_model_state", "1 for each tier's current state", labels=["tier", "state"])
         load = GaugeMetricFamily("llmservice_model_load_seconds", "Duration of the last model load", labels=["tier"])
         size = GaugeMetricFamily("llmservice_model_size_bytes", "Size on disk of loaded models", labels=["tier"])
-        for slot in t.registry.configured():
-            state.add_metric([slot.name, slot.state.value], 1)
-            queue.add_metric([slot.name], queued(slot))
-            if slot.worker is not None:
-                busy.add_metric([slot.name], 1 if slot.worker.busy else 0)
-                processed.add_metric([slot.name], slot.worker.processed)
-            if slot.load_seconds is not None:
-                load.add_metric([slot.name], slot.load_seconds)
-            if slot.state is TierState.LOADED and slot.size_bytes is not None:
-                size.add_metric([slot.name], slot.size_bytes)
+        for v in (slot.view() for slot in t.registry.configured()):
+            state.add_metric([v.tier, v.state], 1)
+            queue.add_metric([v.tier], v.queued)
+            if v.worker is not None:
+                busy.add_metric([v.tier], 1 if v.busy else 0)
+                processed.add_metric([v.tier], v.processed)
+            if v.load_seconds is not None:
+                load.add_metric([v.tier], v.load_seconds)
+            if v.memory_bytes:
+                size.add_metric([v.tier], v.memory_bytes)
         yield from (queue, busy, processed, state, load, size)
 
         hits = CounterMetricFamily("llmservice_cache_hits", "Cache hits", labels=["cache", "kind"])

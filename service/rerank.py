@@ -6,10 +6,11 @@ from typing import Any
 
 from kernel.errors import InvalidRequestError
 from service.dispatch import Dispatcher
+from service.families import RERANK
 from service.generation import new_id
 from service.input_limits import clip_texts
 from service.metrics import RequestRecord
-from service.registry import Registry, TierSlot
+from service.registry import Registry
 from service.schemas.rerank import (
     CohereDocument,
     CohereResult,
@@ -21,6 +22,7 @@ from service.schemas.rerank import (
     TeiResult,
 )
 from service.security import check_batch_size
+from service.slots import TierSlot
 
 
 async def serve_rerank(
@@ -46,7 +48,7 @@ async def _rerank(
     top = data.top_n if data.top_n is not None else data.top_k
     # The model truncates each pair anyway: cut first, so tokenising a huge document cannot hold the tier.
     query, *texts = clip_texts([data.query, *docs], slot.context_length or slot.settings.n_ctx)
-    results, tokens = await registry.rerank(slot, query, texts, top, normalize=not data.raw_scores)
+    results, tokens = await RERANK.rerank(slot, query, texts, top, normalize=not data.raw_scores)
     record.prompt_tokens, record.generated = tokens, True
     if data.documents is None:  # TEI's /rerank body (`texts`) gets TEI's answer
         return [TeiResult(r.index, r.score, docs[r.index] if data.return_text else None) for r in results]

@@ -21,7 +21,7 @@ import msgspec
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError
 from service.lifecycle import Lifecycle
-from service.registry import Registry, TierState
+from service.registry import Registry
 from service.security import Security
 from service.settings import (
     LIVE_SERVER_FIELDS,
@@ -32,6 +32,7 @@ from service.settings import (
     with_variables,
     write_variables,
 )
+from service.slots import TierState
 
 _SECRETS = ("api_keys", "admin_api_keys")
 _MASK = "********"

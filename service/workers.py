@@ -24,10 +24,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import closing
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from backends.base import Backend, Chunk, Completion, DecodeBatch, GenerationRequest
 from kernel.errors import EngineError, LLMServiceError, RateLimitError
+from service.slots import busy_fraction
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class GenerationWorker:
         return self._waiting
 
     @property
-    def waiting_interactive(self) -> int:
+    def interactive_waiting(self) -> int:
         return self._waiting - self._waiting_background
 
     @property
@@ -326,3 +327,23 @@ class GenerationWorker:
         """Stop the thread after the current job; the backend is closed by its owner."""
         self._put(None)
         self._thread.join(timeout)
+
+    # -- the Executor protocol (service.slots) ---------------------------------------------
+    def set_queue_limit(self, limit: int) -> None:
+        self.max_queue = limit
+
+    async def retire(self) -> None:
+        await asyncio.to_thread(self.close, None)  # the stop marker ranks after every queued job
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.close)
+
+    def view(self) -> dict[str, Any]:
+        busy, share = busy_fraction(self.busy_seconds, self.busy_since, self.started)
+        return {
+            "state": "busy" if self.busy else "idle",
+            "processed": self.processed,
+            "queued": self.waiting,
+            "busy_seconds": round(busy, 3),
+            "utilisation": round(share, 4),
+        }

@@ -8,9 +8,10 @@ from litestar import Controller, get, post
 
 from service.lifecycle import Lifecycle
 from service.model_paths import disk_size
-from service.registry import AdapterRecord, Registry, TierSlot
+from service.registry import Registry
 from service.schemas.adapters import AdapterCard, AdapterList, AdapterLoadRequest, AdapterUnloadRequest
 from service.settings import GENERATION_TIERS
+from service.slots import AdapterRecord, TierSlot
 
 
 def adapter_card(slot: TierSlot, record: AdapterRecord) -> AdapterCard:

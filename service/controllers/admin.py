@@ -11,8 +11,10 @@ from litestar import Controller, Response, get, post
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.cache import ResponseCache
+from service.families import FAMILIES, GENERATION
 from service.metrics import Telemetry
-from service.registry import Registry, TierState
+from service.registry import Registry
+from service.slots import TierState
 
 _OBSERVE_OFF = {"observe": False}  # polling these is monitoring, not traffic
 # Litestar appends `; charset=utf-8` to text/ types itself: without this it would be there twice.
@@ -42,9 +44,8 @@ class AdminController(Controller):
         if target in ("prefix", "all"):
             tiers = []
             for slot in registry.configured():
-                worker, engine = slot.worker, slot.engine
-                if slot.state is TierState.LOADED and worker is not None and engine is not None:
-                    await worker.run(engine.reset_prefix_cache)  # on the model's own thread
+                if FAMILIES[slot.name] is GENERATION and slot.state is TierState.LOADED:
+                    await GENERATION.on_model_thread(slot, lambda engine: engine.reset_prefix_cache())
                     tiers.append(slot.name)
             cleared["prefix"] = {"tiers": tiers}
         return {"cleared": cleared}

@@ -15,6 +15,7 @@ from backends.base import Chunk
 from kernel.errors import InvalidRequestError, LLMServiceError
 from service.answer import Answer
 from service.dispatch import Dispatcher
+from service.families import GENERATION
 from service.generation import collect, engine_request, first_chunk
 from service.metrics import RequestRecord
 from service.registry import Registry
@@ -99,7 +100,7 @@ class MessagesController(Controller):
         request = engine_request(
             fields, slot.settings, max_tokens=1, messages=_messages(data.system, data.messages), tools=plan.tools
         )
-        return CountTokensResponse(len(await registry.tokenize(slot, request)))
+        return CountTokensResponse(len(await GENERATION.tokenize(await registry.ensure_loaded(slot), request)))
 
 
 def _plan(tools: list[ToolParam] | None, choice: ToolChoice | None) -> ToolPlan:

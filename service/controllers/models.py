@@ -9,32 +9,33 @@ from litestar.exceptions import NotFoundException
 from litestar.openapi import ResponseSpec
 
 from service.lifecycle import Lifecycle
-from service.metrics import worker_view
 from service.model_paths import disk_size
-from service.registry import Registry, TierSlot, TierState
+from service.registry import Registry
 from service.schemas.models import LoadRequest, ModelCard, ModelList
+from service.slots import TierSlot, TierState, TierView
 
 
 def model_card(registry: Registry, slot: TierSlot, details: dict[str, Any] | None = None) -> ModelCard:
+    v = slot.view()
     size = slot.size_bytes
     if size is None and slot.settings.model_path and ":" not in slot.settings.model_path:
         size = disk_size(os.path.expanduser(slot.settings.model_path))
     return ModelCard(
-        id=slot.id,
+        id=v.model,
         created=int(slot.loaded_at or registry.started),
-        owned_by=f"llmservice-{slot.name}",
-        tier=slot.name,
-        status=slot.state.value,
-        engine=slot.engine_name,
-        device=slot.device,
-        context_length=slot.context_length or slot.settings.n_ctx,
-        dimension=slot.dimension or slot.settings.embedding_dimension,
-        error=slot.error,
+        owned_by=f"llmservice-{v.tier}",
+        tier=v.tier,
+        status=v.state,
+        engine=v.engine,
+        device=v.device,
+        context_length=v.context_length,
+        dimension=v.dimension,
+        error=v.error,
         size_bytes=size,
-        loaded_at=int(slot.loaded_at) if slot.loaded_at and slot.state is TierState.LOADED else None,
-        last_used=int(slot.last_used) if slot.last_used else None,
-        usage_count=slot.requests,
-        in_flight=slot.in_flight,
+        loaded_at=int(v.loaded_at) if v.loaded_at else None,
+        last_used=int(v.last_used) if v.last_used else None,
+        usage_count=v.requests,
+        in_flight=v.in_flight,
         keep_alive=slot.settings.keep_alive,
         pinned=slot.settings.pin,
         details=details,
@@ -50,7 +51,7 @@ def model_details(slot: TierSlot) -> dict[str, Any]:
         "max_queue": t.max_queue,
         "preload": t.preload,
         "load_seconds": round(slot.load_seconds, 3) if slot.load_seconds is not None else None,
-        "worker": worker_view(slot),
+        "worker": slot.view().worker,
     }
 
 
@@ -96,7 +97,7 @@ class ModelsController(Controller):
     },
 )
 def health(registry: Registry) -> Response[dict[str, Any]]:
-    tiers = registry.health()
+    tiers = {v.tier: _health(v) for v in (slot.view() for slot in registry.configured())}
     serving = any(t["state"] in (TierState.LOADED, TierState.AVAILABLE, TierState.LOADING) for t in tiers.values())
     body = {
         "status": "healthy" if serving else "unhealthy",
@@ -105,3 +106,16 @@ def health(registry: Registry) -> Response[dict[str, Any]]:
         "tiers": tiers,
     }
     return Response(body, status_code=200 if serving else 503)
+
+
+def _health(v: TierView) -> dict[str, Any]:
+    return {
+        "state": v.state,
+        "model": v.model,
+        "engine": v.engine,
+        "device": v.device,
+        "context_length": v.context_length,
+        "error": v.error,
+        "queued": v.queued,
+        "busy": v.busy,
+    }

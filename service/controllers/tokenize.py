@@ -7,6 +7,7 @@ from litestar import Controller, post
 
 from backends.base import GenerationRequest
 from kernel.errors import InvalidRequestError
+from service.families import GENERATION
 from service.generation import chat_messages
 from service.input_limits import check_prompt_length
 from service.registry import Registry
@@ -30,9 +31,10 @@ class TokenizeController(Controller):
         await registry.ensure_loaded(slot)
         context = slot.context_length or slot.settings.n_ctx
         check_prompt_length(request, context)  # bounds the tokenizer's work, as for generation
-        tokens = await registry.tokenize(slot, request)
+        tokens = await GENERATION.tokenize(slot, request)
         return TokenizeResponse(tokens, len(tokens), context)
 
     @post(["/detokenize", "/v1/detokenize"], status_code=200, summary="Turn token ids back into text")
     async def detokenize(self, data: DetokenizeRequest, registry: Registry) -> DetokenizeResponse:
-        return DetokenizeResponse(await registry.detokenize(registry.generation_target(data.model)[0], data.tokens))
+        slot = await registry.ensure_loaded(registry.generation_target(data.model)[0])
+        return DetokenizeResponse(await GENERATION.detokenize(slot, data.tokens))

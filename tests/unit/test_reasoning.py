@@ -10,8 +10,8 @@ import pytest
 from backends.reasoning import THINK_OPEN, ReasoningFormat, reasoning_format
 from kernel.config import TierSettings
 from service.answer import Answer
-from service.registry import TierSlot, TierState
 from service.schemas.chat import ChatCompletionRequest
+from service.slots import TierSlot, TierState
 from service.tool_calls import plan_tools
 
 QWEN3 = ReasoningFormat("<think>", "</think>", opened_by_prompt=False)

@@ -12,7 +12,7 @@ import pytest
 from backends.base import GenerationRequest
 from kernel.config import TierSettings
 from service.cache import FILE_NAME, CachedGeneration, ResponseCache
-from service.registry import TierSlot, TierState
+from service.slots import TierSlot, TierState
 
 
 class Clock:

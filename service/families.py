@@ -1,0 +1,237 @@
+"""One adapter per model family (generation, embedding, rerank) behind a fixed tier → family table:
+how the family's engine is built and loaded into a slot, and how a request reaches the slot's
+executor. The registry owns the slots' state; these own what a family's engine is and does."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from backends.base import Backend, GenerationRequest
+from backends.factory import create_backend
+from embedders.base import Embedder, EmbeddingBatch, EmbeddingJob, EmbeddingRequest
+from embedders.factory import create_embedder
+from kernel.config import TierSettings
+from kernel.errors import InvalidRequestError, LLMServiceError, ModelUnavailableError
+from rerankers.base import Reranker, RerankResult
+from rerankers.factory import create_reranker
+from service.batching import MicroBatcher
+from service.settings import GENERATION_TIERS
+from service.slots import AdapterRecord, TierSlot
+from service.workers import GenerationWorker, JobStream
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Tokenising (for packing, and so the model thread does not) takes ~20 µs for a sentence, less
+# than a thread hop: only inputs longer than this go to a thread, where the fast tokenizer runs
+# without the GIL beside the model.
+_INLINE_TOKENIZE_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class EngineFactories:
+    """How each family builds an engine from a tier's settings and resolved model path. The real
+    factories import engine modules only when a tier uses them; `service.testing` has fakes."""
+
+    backend: Callable[[TierSettings, str], Backend] = create_backend
+    embedder: Callable[[TierSettings, str], Embedder] = create_embedder
+    reranker: Callable[[TierSettings, str, Callable[[], Embedder]], Reranker] = create_reranker
+
+
+class Family(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def load(self, slot: TierSlot, path: str, engines: EngineFactories, slots: Mapping[str, TierSlot]) -> None:
+        """Build and load the engine on this (worker) thread, and set the slot's loaded fields."""
+
+    def queue_limit(self, tier: TierSettings, max_batch_inputs: int) -> int:
+        """The executor's bound for `{TIER}_MAX_QUEUE`, in its own units."""
+        return tier.max_queue
+
+    @staticmethod
+    def _batcher(
+        slot: TierSlot, run: Callable[[list[Any]], list[Any]], cost: Callable[[Any], int]
+    ) -> MicroBatcher[Any, Any]:
+        tier = slot.settings  # the queue bound is the registry's to set (`queue_limit`)
+        return MicroBatcher(
+            run,
+            max_batch_size=tier.micro_batch_size,
+            max_batch_tokens=tier.micro_batch_tokens,
+            cost=cost,
+            max_wait_ms=tier.micro_batch_wait_ms,
+            name=slot.name,
+        )
+
+
+class GenerationFamily(Family):
+    name = "generation"
+
+    def load(self, slot: TierSlot, path: str, engines: EngineFactories, slots: Mapping[str, TierSlot]) -> None:
+        backend = engines.backend(slot.settings, path)
+        backend.load()
+        for adapter in slot.adapters.values():
+            _load_adapter(slot, backend, adapter)
+        info = backend.info()
+        slot.engine, slot.engine_name, slot.device = backend, info.engine, info.device
+        slot.context_length, slot.tool_format, slot.reasoning = info.context_length, info.tool_format, info.reasoning
+        slot.worker = GenerationWorker(slot.name, backend, slot.settings.max_queue)
+
+    @staticmethod
+    def engine(slot: TierSlot) -> Backend:
+        if not isinstance(slot.engine, Backend):
+            raise ModelUnavailableError(f"Tier {slot.name} is not loaded")
+        return slot.engine
+
+    @staticmethod
+    def generate(slot: TierSlot, request: GenerationRequest, *, background: bool = False) -> JobStream:
+        """`background`: a batch-job line, queued after every interactive request (see workers)."""
+        if slot.worker is None:
+            raise ModelUnavailableError(f"Tier {slot.name} is not loaded")
+        return slot.worker.submit(request, background=background)
+
+    async def tokenize(self, slot: TierSlot, request: GenerationRequest) -> list[int]:
+        """The prompt's tokens as generation would see them (chat template and tools applied).
+
+        Tokenizers only read the vocabulary, so this runs beside generation, not queued behind it."""
+        return await asyncio.to_thread(self.engine(slot).tokens, request)
+
+    async def detokenize(self, slot: TierSlot, tokens: list[int]) -> str:
+        backend = self.engine(slot)
+        vocab = backend.info().vocab_size
+        if vocab and any(not 0 <= t < vocab for t in tokens):
+            raise InvalidRequestError(f"tokens must be ids from 0 to {vocab - 1}", param="tokens")
+        return await asyncio.to_thread(backend.detokenize, tokens)
+
+    async def on_model_thread(self, slot: TierSlot, fn: Callable[[Backend], T]) -> T:
+        """`fn(engine)` on the model's worker thread, between batches; its exception is raised here."""
+        worker, engine = slot.worker, self.engine(slot)
+        if worker is None:
+            raise ModelUnavailableError(f"Tier {slot.name} is not loaded")
+        results: list[T] = []
+        errors: list[Exception] = []
+
+        def call() -> None:
+            try:
+                results.append(fn(engine))
+            except Exception as exc:
+                errors.append(exc)
+
+        await worker.run(call)
+        if errors:
+            raise errors[0]
+        if not results:
+            raise ModelUnavailableError(f"Tier {slot.name} was unloaded meanwhile; try again")
+        return results[0]
+
+
+class EmbeddingFamily(Family):
+    name = "embedding"
+
+    def load(self, slot: TierSlot, path: str, engines: EngineFactories, slots: Mapping[str, TierSlot]) -> None:
+        embedder = engines.embedder(slot.settings, path)
+        embedder.load()
+        info = embedder.info()
+        slot.engine, slot.engine_name, slot.device = embedder, info.engine, info.device
+        slot.context_length, slot.dimension, slot.capabilities = info.max_tokens, info.dimension, info.capabilities
+        slot.batcher = self._batcher(slot, embedder.embed_jobs, _job_cost)
+
+    def queue_limit(self, tier: TierSettings, max_batch_inputs: int) -> int:
+        return tier.max_queue * max_batch_inputs  # counted in inputs, as a request may carry many
+
+    @staticmethod
+    def engine(slot: TierSlot) -> Embedder:
+        if not isinstance(slot.engine, Embedder):
+            raise ModelUnavailableError(f"Tier {slot.name} is not loaded")
+        return slot.engine
+
+    async def embed(self, slot: TierSlot, request: EmbeddingRequest, *, background: bool = False) -> EmbeddingBatch:
+        embedder, batcher = self.engine(slot), slot.batcher
+        if batcher is None:
+            raise ModelUnavailableError(f"Tier {slot.name} is not loaded")
+        needs_tokenizer = any(not isinstance(item, str) for item in request.inputs)
+        # Decoding token ids takes the model's lock: keep that off the event loop.
+        texts = await asyncio.to_thread(embedder.prepare, request) if needs_tokenizer else embedder.prepare(request)
+        if sum(len(t) for t in texts) > _INLINE_TOKENIZE_CHARS:
+            jobs = await asyncio.to_thread(embedder.jobs, request, texts)
+        else:
+            jobs = embedder.jobs(request, texts)
+        outputs = await batcher.submit(jobs, background=background)
+        return embedder.finish(outputs, request.dimensions)
+
+
+class RerankFamily(Family):
+    name = "rerank"
+
+    def load(self, slot: TierSlot, path: str, engines: EngineFactories, slots: Mapping[str, TierSlot]) -> None:
+        source = path.removeprefix("tier:").strip()
+
+        def embedder() -> Embedder:  # asked on every call: the embedding tier may be reloaded
+            engine = slots[source].engine if source in slots else None
+            if not isinstance(engine, Embedder):
+                raise ModelUnavailableError(f"Tier {slot.name} scores with tier {source}, which is not loaded")
+            return engine
+
+        reranker = engines.reranker(slot.settings, path, embedder)
+        reranker.load()
+        info = reranker.info()
+        slot.engine, slot.engine_name, slot.device = reranker, info.engine, info.device
+        slot.context_length = info.max_tokens
+        slot.batcher = self._batcher(slot, reranker.score_pairs, _pair_cost)
+
+    def queue_limit(self, tier: TierSettings, max_batch_inputs: int) -> int:
+        return tier.max_queue * max_batch_inputs
+
+    @staticmethod
+    def engine(slot: TierSlot) -> Reranker:
+        if not isinstance(slot.engine, Reranker):
+            raise ModelUnavailableError(f"Tier {slot.name} is not loaded")
+        return slot.engine
+
+    async def rerank(
+        self, slot: TierSlot, query: str, docs: list[str], top_n: int | None, normalize: bool
+    ) -> tuple[list[RerankResult], int]:
+        """Results best first, and the tokens they cost."""
+        reranker, batcher = self.engine(slot), slot.batcher
+        if batcher is None:
+            raise ModelUnavailableError(f"Tier {slot.name} is not loaded")
+        if not docs:
+            return [], 0
+        raw: list[float] = await batcher.submit([(query, doc) for doc in docs])
+        tokens = await asyncio.to_thread(reranker.count_tokens, query, docs)
+        return reranker.rank(raw, top_n, normalize), tokens
+
+
+GENERATION, EMBEDDING, RERANK = GenerationFamily(), EmbeddingFamily(), RerankFamily()
+FAMILIES: Mapping[str, Family] = {
+    **dict.fromkeys(GENERATION_TIERS, GENERATION),
+    "embedding": EMBEDDING,
+    "reranker": RERANK,
+}
+
+
+def _job_cost(job: EmbeddingJob) -> int:
+    return job.cost
+
+
+def _pair_cost(pair: tuple[str, str]) -> int:
+    # About 4 characters a token, plus the special tokens of a pair; only packing uses it.
+    return (len(pair[0]) + len(pair[1])) // 4 + 3
+
+
+def _load_adapter(slot: TierSlot, backend: Backend, adapter: AdapterRecord) -> None:
+    """Load one of the tier's adapters with its model; a bad one fails alone (its requests get 503)."""
+    try:
+        info = backend.load_adapter(adapter.name, adapter.path)
+    except LLMServiceError as exc:
+        adapter.status, adapter.error = "failed", exc.message
+        log.error("Tier %s: adapter %s failed to load: %s", slot.name, adapter.name, exc.message)
+        return
+    adapter.loaded(info.rank, info.size_bytes)
+    log.info("Tier %s: adapter %s loaded (rank %s)", slot.name, adapter.name, info.rank)

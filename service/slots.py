@@ -1,0 +1,200 @@
+"""A tier's state: its slot (settings, loaded engine, executor, counters) and the one view of it
+that `/health`, `/v1/models`, `/v1/stats` and `/metrics` all present."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from kernel.config import TierSettings
+
+if TYPE_CHECKING:
+    from backends.base import Backend
+    from backends.reasoning import ReasoningFormat
+    from backends.tools import ToolFormat
+    from embedders.base import Embedder
+    from rerankers.base import Reranker
+    from service.batching import MicroBatcher
+    from service.workers import GenerationWorker
+
+
+class TierState(enum.StrEnum):
+    ABSENT = "absent"  # no MODEL_PATH
+    AVAILABLE = "available"  # configured, not loaded
+    LOADING = "loading"
+    LOADED = "loaded"
+    FAILED = "failed"
+
+
+class Executor(Protocol):
+    """What runs a loaded model's work, one thread per model: a generation worker (requests) or an
+    embedding/rerank micro-batcher (inputs). The registry and the views see it only through this."""
+
+    @property
+    def in_flight(self) -> int: ...  # accepted and not finished: waiting or running
+
+    @property
+    def waiting(self) -> int: ...  # not started yet
+
+    @property
+    def interactive_waiting(self) -> int: ...  # waiting, batch-job lines not counted
+
+    @property
+    def busy(self) -> bool: ...
+
+    @property
+    def processed(self) -> int: ...  # jobs (generation) or batches (micro-batcher) finished
+
+    def set_queue_limit(self, limit: int) -> None: ...
+
+    async def retire(self) -> None:
+        """Refuse new work, finish what was accepted, stop."""
+
+    async def stop(self) -> None:
+        """Refuse new work, fail what waits, let the running step end, stop (server shutdown)."""
+
+    def view(self) -> dict[str, Any]: ...  # the `worker` object of /v1/stats and model details
+
+
+@dataclass(eq=False)
+class AdapterRecord:
+    """A LoRA adapter of a generation tier: from <TIER>_ADAPTERS or loaded by an admin at runtime.
+    It is loaded into the engine with the model (and again after every reload)."""
+
+    name: str
+    path: str
+    source: str  # "settings" or "runtime"
+    status: str = "available"  # available (loads with the model), loaded, failed
+    error: str | None = None
+    rank: int | None = None
+    size_bytes: int | None = None
+    requests: int = 0  # generations that used it (cache hits excluded)
+    fingerprint: str = ""  # path, size and mtime when loaded: part of the response-cache key
+
+    def loaded(self, rank: int | None, size: int) -> None:
+        self.status, self.error, self.rank, self.size_bytes = "loaded", None, rank, size
+        try:
+            self.fingerprint = f"{self.path}:{size}:{os.stat(self.path).st_mtime_ns}"
+        except OSError:
+            self.fingerprint = f"{self.path}:{size}"
+
+
+@dataclass(frozen=True)
+class TierView:
+    """A tier as every status endpoint shows it, taken at one moment."""
+
+    tier: str
+    model: str  # tier/name
+    state: str
+    engine: str | None
+    device: str | None
+    context_length: int | None
+    dimension: int | None
+    error: str | None
+    loaded_at: float | None  # only while loaded
+    last_used: float | None
+    requests: int
+    in_flight: int
+    queued: int
+    busy: bool
+    processed: int
+    load_seconds: float | None
+    memory_bytes: int  # on disk, while loaded
+    worker: dict[str, Any] | None
+
+
+@dataclass(eq=False)
+class TierSlot:
+    name: str
+    settings: TierSettings
+    state: TierState
+    model: str = ""
+    error: str | None = None
+    # What a load sets (moved from a staging slot to the live one by `Registry.replace`). The
+    # engine's type is the tier's family's (service.families): generation tiers hold a Backend
+    # run by a GenerationWorker, embedding and reranker tiers an Embedder or Reranker run by a
+    # MicroBatcher.
+    engine: Backend | Embedder | Reranker | None = None
+    worker: GenerationWorker | None = None
+    batcher: MicroBatcher[Any, Any] | None = None  # items and results are the family's
+    engine_name: str | None = None
+    tool_format: ToolFormat | None = None  # generation tiers: how the model writes tool calls
+    reasoning: ReasoningFormat | None = None  # generation tiers: how it marks its thinking
+    device: str | None = None
+    context_length: int | None = None
+    dimension: int | None = None  # embedding tiers
+    capabilities: frozenset[str] = frozenset()  # embedding tiers: dense, sparse, colbert
+    load_seconds: float | None = None
+    loaded_at: float | None = None
+    path: str | None = None  # MODEL_PATH resolved to a file or folder, once loaded
+    size_bytes: int | None = None  # on disk
+    # Kept across loads.
+    last_used: float | None = None
+    requests: int = 0
+    adapters: dict[str, AdapterRecord] = field(default_factory=dict)  # generation tiers: LoRA adapters
+    load_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    draining: asyncio.Task[None] | None = field(default=None, repr=False)  # an unload finishing its requests
+
+    LOADED_FIELDS = (
+        "engine", "worker", "batcher", "engine_name", "tool_format", "reasoning", "device", "context_length",
+        "dimension", "capabilities", "load_seconds", "loaded_at", "path", "size_bytes", "state",
+    )  # fmt: skip
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}/{self.model}"
+
+    @property
+    def executor(self) -> Executor | None:
+        return self.worker if self.worker is not None else self.batcher
+
+    @property
+    def in_flight(self) -> int:
+        """Requests (generation) or inputs (embedding, rerank) that hold the model: waiting or
+        running (a stream holds it until it ends)."""
+        return self.executor.in_flight if self.executor else 0
+
+    @property
+    def interactive_waiting(self) -> int:
+        """Interactive work queued for the model (not yet running): batch lines hold back meanwhile."""
+        return self.executor.interactive_waiting if self.executor else 0
+
+    def cache_identity(self) -> tuple[Any, ...]:
+        """Everything about the tier's model that decides its outputs: part of every cache key."""
+        t = self.settings
+        return (self.id, t.model_path, t.backend, t.chat_template, t.n_ctx, t.embedding_dimension)
+
+    def view(self) -> TierView:
+        executor = self.executor
+        loaded = self.state is TierState.LOADED
+        return TierView(
+            tier=self.name,
+            model=self.id,
+            state=self.state.value,
+            engine=self.engine_name,
+            device=self.device,
+            context_length=self.context_length or self.settings.n_ctx,
+            dimension=self.dimension or self.settings.embedding_dimension,
+            error=self.error,
+            loaded_at=self.loaded_at if loaded else None,
+            last_used=self.last_used,
+            requests=self.requests,
+            in_flight=executor.in_flight if executor else 0,
+            queued=executor.waiting if executor else 0,
+            busy=bool(executor and executor.busy),
+            processed=executor.processed if executor else 0,
+            load_seconds=self.load_seconds,
+            memory_bytes=(self.size_bytes or 0) if loaded else 0,
+            worker=executor.view() if executor else None,
+        )
+
+
+def busy_fraction(busy_seconds: float, busy_since: float | None, started: float) -> tuple[float, float]:
+    """Seconds an executor has been busy so far, and that as a share of its life."""
+    now = time.monotonic()
+    busy = busy_seconds + (now - busy_since if busy_since is not None else 0.0)
+    return busy, min(1.0, busy / max(now - started, 1e-9))
