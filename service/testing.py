@@ -1,0 +1,25 @@
+"""Engines without weights for testing the app in-process: auth, errors, the response cache,
+lifecycle and metrics, where the test is about the server rather than a model.
+
+    app = create_app(parse_settings({"LIGHT_MODEL_PATH": "fake/light"}), engines=fake_engines())
+    with TestClient(app) as client: ...
+
+A tier's MODEL_PATH is then just a name (a `owner/name` form needs no file). The engine contract
+suites keep running the real models.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from backends.fake import FakeBackend, echo_last_line
+from embedders.fake import FakeEmbedder
+from rerankers.fake import FakeReranker
+from service.families import EngineFactories
+
+
+def fake_engines(*, reply: Callable[[str], str] = echo_last_line, token_seconds: float = 0.0) -> EngineFactories:
+    """`reply`: a generation tier's answer to a prompt's text; `token_seconds`: time per token."""
+    backend = functools.partial(FakeBackend, reply=reply, token_seconds=token_seconds)
+    return EngineFactories(backend=backend, embedder=FakeEmbedder, reranker=FakeReranker)
