@@ -95,7 +95,8 @@ def test_unload_then_the_next_request_loads_again(client: TestClient) -> None:  
 
 def test_every_status_view_shows_the_same_tiers(client: TestClient) -> None:  # type: ignore[type-arg]
     client.post("/v1/embeddings", json={"model": "embedding", "input": ["one", "two"]})
-    ranked = client.post("/v1/rerank", json={"model": "reranker", "query": "red fox", "documents": ["a cat", "red fox"]})
+    rerank = {"model": "reranker", "query": "red fox", "documents": ["a cat", "red fox"]}
+    ranked = client.post("/v1/rerank", json=rerank)
     assert [r["index"] for r in ranked.json()["results"]] == [1, 0]
     health = client.get("/health").json()["tiers"]
     models = {m["tier"]: m for m in client.get("/v1/models").json()["data"]}
