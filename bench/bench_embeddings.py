@@ -185,7 +185,7 @@ def in_process(model: Any, texts: list[str], size: int, seconds: float) -> float
 # -- part 1: MiniLM ---------------------------------------------------------------------------
 
 
-def infinity_cmd(exe: str, folder: str, port: int) -> list[str]:
+def infinity_cmd(exe: str, folder: str, port: int, engine: str = "torch") -> list[str]:
     return [
         exe,
         "v2",
@@ -196,7 +196,7 @@ def infinity_cmd(exe: str, folder: str, port: int) -> list[str]:
         "--device",
         "cpu",
         "--engine",
-        "torch",
+        engine,
         "--host",
         "127.0.0.1",
         "--port",
@@ -223,6 +223,7 @@ def minilm(args: argparse.Namespace) -> None:
             "EMBEDDING_MICRO_BATCH_SIZE": str(MICRO_BATCH),
             "EMBEDDING_MICRO_BATCH_WAIT_MS": str(WAIT_MS),
             "EMBEDDING_N_THREADS": str(args.threads),
+            "EMBEDDING_RUNTIME": args.runtime,
         }
     )
     sizes = [int(x) for x in args.sizes.split(",")]
@@ -254,7 +255,7 @@ def minilm(args: argparse.Namespace) -> None:
     with ExitStack() as servers:
         # Both start together (their start-ups overlap) and stay up, so runs can alternate.
         if use_infinity:
-            inf_cmd = infinity_cmd(args.infinity, folder, inf_port)
+            inf_cmd = infinity_cmd(args.infinity, folder, inf_port, args.infinity_engine)
             inf_env = {**OFFLINE, "DO_NOT_TRACK": "1"}  # no telemetry thread posting to the network
             if args.threads:
                 inf_env["OMP_NUM_THREADS"] = str(args.threads)  # it has no flag; torch reads this
@@ -280,7 +281,8 @@ def minilm(args: argparse.Namespace) -> None:
 
     print(
         f"\nembeddings/s, median of {args.reps} x {args.seconds:g} s, encoding_format={args.encoding}, "
-        f"torch threads {args.threads or 'default'}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+        f"ours on {args.runtime}, infinity on {args.infinity_engine}, torch threads {args.threads or 'default'}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
     )
     print(
         "| texts/request | clients | llmservice | infinity-emb | in-process (1 caller) "
@@ -355,6 +357,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each measurement")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--encoding", choices=("float", "base64"), default="float")
+    parser.add_argument("--infinity-engine", choices=("torch", "optimum"), default="torch", help="optimum: ONNX")
+    parser.add_argument("--runtime", choices=("torch", "onnx"), default="torch", help="ours: EMBEDDING_RUNTIME")
     parser.add_argument(
         "--threads", type=int, default=0, help="torch threads for all three (0: torch's default, one per core)"
     )

@@ -76,10 +76,10 @@ async def load(url: str, reqs: list[bytes], size: int, clients: int, seconds: fl
     return await throughput(url, reqs, size, clients, seconds, verify)
 
 
-def infinity_cmd(exe: str, folder: str, port: int) -> list[str]:
+def infinity_cmd(exe: str, folder: str, port: int, engine: str = "torch") -> list[str]:
     return [
         *(exe, "v2", "--model-id", folder, "--served-model-name", "reranker", "--device", "cpu"),
-        *("--engine", "torch", "--host", "127.0.0.1", "--port", str(port), "--batch-size", str(BATCH)),
+        *("--engine", engine, "--host", "127.0.0.1", "--port", str(port), "--batch-size", str(BATCH)),
         *("--no-vector-disk-cache", "--log-level", "warning"),
     ]
 
@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--sizes", default="32,1", help="documents per request, comma-separated")
     parser.add_argument("--clients", default="1,4,16", help="concurrent clients, comma-separated")
+    parser.add_argument("--infinity-engine", choices=("torch", "optimum"), default="torch", help="optimum: ONNX")
+    parser.add_argument("--runtime", choices=("torch", "onnx"), default="torch", help="ours: RERANKER_RUNTIME")
     args = parser.parse_args()
     os.environ.update(OFFLINE)
     sizes = [int(x) for x in args.sizes.split(",")]
@@ -107,6 +109,7 @@ def main() -> None:
                 "RERANKER_BATCH_SIZE": str(BATCH),
                 "RERANKER_MICRO_BATCH_SIZE": str(MICRO_BATCH),
                 "RERANKER_MICRO_BATCH_WAIT_MS": str(WAIT_MS),
+                "RERANKER_RUNTIME": args.runtime,
             }
         )
         targets = {"ours": (f"http://127.0.0.1:{ours_port}/v1/rerank", "reranker")}
@@ -120,7 +123,7 @@ def main() -> None:
         with ExitStack() as servers:
             if "infinity" in targets:
                 inf_env = {**OFFLINE, "DO_NOT_TRACK": "1"}
-                inf_cmd = infinity_cmd(args.infinity, folder, inf_port)
+                inf_cmd = infinity_cmd(args.infinity, folder, inf_port, args.infinity_engine)
                 servers.enter_context(process(inf_cmd, f"http://127.0.0.1:{inf_port}/health", inf_env, timeout=300))
             servers.enter_context(process(cmd, f"http://127.0.0.1:{ours_port}/health", env, ready='"loaded"'))
             for name in targets:  # warm-up
@@ -139,7 +142,8 @@ def main() -> None:
     def rate(name: str, size: int, clients: int) -> float:
         return median(results[name, size, clients]) if (name, size, clients) in results else 0.0
 
-    print(f"\ndocuments scored/s, median of {args.reps} x {args.seconds:g} s")
+    engines = f"ours on {args.runtime}, infinity on {args.infinity_engine}"
+    print(f"\ndocuments scored/s, median of {args.reps} x {args.seconds:g} s, {engines}")
     print("| docs/request | clients | llmservice | infinity-emb | ours/infinity | spread (ours, infinity) |")
     print("|---|---|---|---|---|---|")
     for size in sizes:

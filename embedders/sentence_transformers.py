@@ -3,7 +3,8 @@
 Texts are tokenised on the request side (`PreTokenizing`, a private copy of the fast tokenizer)
 and the model thread runs only the forward pass: the model's own modules (Transformer, Pooling,
 Normalize) on tensors we pad, under `torch.inference_mode`, which is what `encode()` does per
-batch minus its tokenisation, sorting and progress bookkeeping.
+batch minus its tokenisation, sorting and progress bookkeeping. With `EMBEDDING_RUNTIME=onnx` the
+Transformer module runs in onnxruntime (embedders.onnx_runtime) and the modules after it in torch.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from embedders.base import (
     padded_batches,
     request_tokenizer,
 )
+from embedders.onnx_runtime import OnnxModule
 from embedders.torch_engine import TorchEngine
 from kernel.errors import ModelUnavailableError, engine_errors
 
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 class SentenceTransformerEmbedder(TorchEngine[EmbedderInfo], Embedder, PreTokenizing):
     name = "sentence_transformers"
     model_kind = "embedding"
+    runtimes = ("torch", "onnx")
 
     def __init__(self, tier: TierSettings, model_path: str) -> None:
         super().__init__(tier, model_path)
@@ -38,6 +41,7 @@ class SentenceTransformerEmbedder(TorchEngine[EmbedderInfo], Embedder, PreTokeni
         self._request_tokenizer: Any = None
         self._inputs: frozenset[str] = frozenset()
         self._pad_id = 0
+        self._onnx: OnnxModule | None = None  # the Transformer module, with RUNTIME=onnx
 
     def load(self) -> None:
         path = self._begin_load("sentence-transformers")
@@ -60,6 +64,8 @@ class SentenceTransformerEmbedder(TorchEngine[EmbedderInfo], Embedder, PreTokeni
         self._pad_id = int(tokenizer.pad_token_id or 0)
         if getattr(tokenizer, "is_fast", False) and "input_ids" in self._inputs:
             self._request_tokenizer = request_tokenizer(tokenizer, max_tokens)
+        if self.tier.runtime == "onnx":
+            self._onnx = self._export_transformer(model, path)
         # The model's Normalize module already gives unit vectors: don't normalise twice.
         self._normalize = self._normalize and not any(type(m).__name__ == "Normalize" for m in model)
         self._model = model
@@ -104,12 +110,29 @@ class SentenceTransformerEmbedder(TorchEngine[EmbedderInfo], Embedder, PreTokeni
                     features["token_type_ids"] = torch.zeros_like(features["input_ids"])
                 features = {k: v.to(self._device) for k, v in features.items()}
                 with torch.inference_mode():
-                    vectors = self._model(features)["sentence_embedding"].float().cpu().numpy()
+                    if self._onnx is not None:
+                        feeds = {k: v.numpy() for k, v in features.items()}
+                        features["token_embeddings"] = torch.from_numpy(self._onnx.run(feeds))
+                        for module in list(self._model)[1:]:  # pooling, dense, normalize: the model's own
+                            features = module(features)
+                    else:
+                        features = self._model(features)
+                    vectors = features["sentence_embedding"].float().cpu().numpy()
                 if self._normalize:
                     vectors = l2_normalize(vectors)
                 for row, i in enumerate(chunk):
                     results[i] = EmbeddingOutput(tokens=len(ids[i]), dense=vectors[row])
         return [r for r in results if r is not None]
+
+    def _export_transformer(self, model: Any, path: str) -> OnnxModule:
+        transformer = model[0]
+        auto_model = getattr(transformer, "auto_model", None)
+        if auto_model is None or self._device != "cpu":
+            raise ModelUnavailableError(
+                f"EMBEDDING_RUNTIME=onnx runs a Transformer module on the CPU; {path} on {self._device} cannot"
+            )
+        names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in self._inputs]
+        return OnnxModule(auto_model, names, "last_hidden_state", path, threads=self.tier.n_threads)
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         self.info()

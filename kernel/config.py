@@ -58,6 +58,9 @@ class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
     engine: str = ""  # embedding/reranker engine; "" = chosen from the model's files
     device: str = "auto"  # torch engines: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
     batch_size: Positive = 32  # torch engines: inputs per forward pass
+    # sentence-transformers and cross-encoder engines: run the transformer in torch, or exported once
+    # to ONNX in onnxruntime (CPU; faster there, above all for small batches)
+    runtime: Literal["torch", "onnx"] = "torch"
     normalize: bool = True  # sentence-transformers: L2-normalise
     pooling: Literal["mean", "cls", "last", "model"] = "mean"  # llama.cpp embedders
     hybrid_weights: tuple[Weight, Weight, Weight] = (0.4, 0.2, 0.4)  # tier:<BGE-M3>: dense, sparse, ColBERT

@@ -50,4 +50,11 @@ def import_engine(tier: TierSettings, engines: EngineTable, engine: str, kind: s
             f"Tier {tier.name} needs the {engine} {kind} engine, but {', '.join(missing)} "
             f"is not installed: pip install 'llmservice[{extra}]'"
         )
-    return getattr(importlib.import_module(module_name), class_name)
+    cls = getattr(importlib.import_module(module_name), class_name)
+    runtimes: tuple[str, ...] = getattr(cls, "runtimes", ("torch",))
+    if tier.runtime not in runtimes:
+        raise ModelUnavailableError(
+            f"{tier.name.upper()}_RUNTIME={tier.runtime} is not supported by the {engine} {kind} engine"
+            f" (it runs on: {', '.join(runtimes)})"
+        )
+    return cls

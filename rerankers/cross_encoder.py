@@ -1,4 +1,5 @@
-"""Cross-encoder reranking with sentence-transformers (`CrossEncoder`, one relevance logit per pair)."""
+"""Cross-encoder reranking with sentence-transformers (`CrossEncoder`, one relevance logit per pair).
+With `RERANKER_RUNTIME=onnx` the sequence classifier runs in onnxruntime (embedders.onnx_runtime)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import numpy as np
 
 from embedders import hf
 from embedders.base import hf_max_tokens
+from embedders.onnx_runtime import OnnxModule
 from embedders.torch_engine import TorchEngine
 from kernel.errors import ModelUnavailableError, engine_errors
 from rerankers.base import Reranker, RerankerInfo
@@ -14,6 +16,8 @@ from rerankers.base import Reranker, RerankerInfo
 class CrossEncoderReranker(TorchEngine[RerankerInfo], Reranker):
     name = "cross_encoder"
     model_kind = "reranker"
+    runtimes = ("torch", "onnx")
+    _onnx: OnnxModule | None = None
 
     def load(self) -> None:
         path = self._begin_load("cross-encoder")
@@ -33,6 +37,11 @@ class CrossEncoderReranker(TorchEngine[RerankerInfo], Reranker):
                 f"{path} has {labels} output labels; a reranker needs a one-logit cross-encoder"
             )
         self._model = model
+        if self.tier.runtime == "onnx":
+            if self._device != "cpu":
+                raise ModelUnavailableError(f"RERANKER_RUNTIME=onnx runs on the CPU; {path} is on {self._device}")
+            names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in model.tokenizer(["a"], ["b"])]
+            self._onnx = OnnxModule(model.model, names, "logits", path, threads=self.tier.n_threads)
         self._info = RerankerInfo(engine=self.name, max_tokens=max_tokens, score_kind="logit", device=self._device)
 
     def score(self, query: str, docs: list[str]) -> list[float]:
@@ -42,6 +51,8 @@ class CrossEncoderReranker(TorchEngine[RerankerInfo], Reranker):
         self.info()
         if not pairs:
             return []
+        if self._onnx is not None:
+            return self._score_onnx(self._onnx, pairs)
         with engine_errors(self.name):
             logits = self._model.predict(
                 pairs,
@@ -50,6 +61,25 @@ class CrossEncoderReranker(TorchEngine[RerankerInfo], Reranker):
                 convert_to_numpy=True,
             )
         return [float(x) for x in np.asarray(logits, dtype=np.float32).reshape(-1)]
+
+    def _score_onnx(self, onnx: OnnxModule, pairs: list[tuple[str, str]]) -> list[float]:
+        """Pairs sorted by length, `BATCH_SIZE` at a time, padded to each batch's longest (as predict does)."""
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+        scores = np.empty(len(pairs), dtype=np.float32)
+        tokenizer, max_tokens = self._model.tokenizer, self.info().max_tokens
+        with engine_errors(self.name):
+            for start in range(0, len(order), self._batch_size):
+                rows = order[start : start + self._batch_size]
+                encoded = tokenizer(
+                    [pairs[i][0] for i in rows],
+                    [pairs[i][1] for i in rows],
+                    padding=True,
+                    truncation=True,
+                    max_length=max_tokens,
+                    return_tensors="np",
+                )
+                scores[rows] = onnx.run(dict(encoded)).reshape(len(rows), -1)[:, 0]
+        return [float(x) for x in scores]
 
     def count_tokens(self, query: str, docs: list[str]) -> int:
         return hf.count_pair_tokens(self._model.tokenizer, query, docs, self.info().max_tokens)

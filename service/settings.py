@@ -107,6 +107,7 @@ _FAMILY_ONLY: dict[str, tuple[str, ...]] = {
     "micro_batch_wait_ms": ("embedding", "reranker"),
     "micro_batch_tokens": ("embedding", "reranker"),
     "normalize": ("embedding",),
+    "runtime": ("embedding", "reranker"),
     "pooling": ("embedding",),
     "embedding_dimension": ("embedding",),
     "token_ids": ("embedding",),
@@ -140,7 +141,7 @@ def _unknown(key: str) -> SettingsError:
 
 
 def _tier_value(field: str, value: str) -> Any:
-    if field in ("backend", "engine", "device", "pooling", "tool_parser", "reasoning_parser"):
+    if field in ("backend", "engine", "device", "pooling", "tool_parser", "reasoning_parser", "runtime"):
         return value.strip().lower().replace("-", "_") if field == "engine" else value.strip().lower()
     if field == "hybrid_weights":
         return [part.strip() for part in value.split(",")]

@@ -1,0 +1,139 @@
+"""`<TIER>_RUNTIME=onnx`: a torch engine's transformer exported once to ONNX and run by onnxruntime.
+
+On a CPU onnxruntime runs BERT-sized encoders faster than eager torch (fused attention and
+layer-norm kernels, no per-op dispatch), most of all for small batches. The export is traced from
+the model torch loaded, so it computes the same function. It is cached under
+`$XDG_CACHE_HOME/llmservice/onnx/` (`~/.cache/...`), keyed by the model's path, its weights' size
+and mtime and the exporter's versions, so a changed model is exported again. Never inside the model
+folder: other tools take any ONNX file they find there for the model's own export (infinity's
+optimum engine refused to start on ours). What follows the transformer (pooling, dense
+layers, normalisation, a classifier head) stays the model's own torch code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from kernel.errors import ModelUnavailableError
+
+log = logging.getLogger(__name__)
+
+_OPSET = 17
+_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "config.json")
+
+
+def available() -> bool:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class OnnxModule:
+    """A Hugging Face model (`module(**{name: LongTensor}, return_dict=True)`) run by onnxruntime,
+    for the one output `output` names (`last_hidden_state`, `logits`)."""
+
+    def __init__(self, module: Any, inputs: Sequence[str], output: str, model_path: str, *, threads: int) -> None:
+        if not available():
+            raise ModelUnavailableError("RUNTIME=onnx needs onnxruntime and onnx: pip install 'llmservice[embeddings]'")
+        import onnxruntime as ort
+
+        self.inputs = tuple(inputs)
+        path = _cached(model_path, output, lambda target: _export(module, self.inputs, output, target))
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads > 0:
+            options.intra_op_num_threads = threads
+        try:
+            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # a corrupt cache file: say which, so it can be deleted
+            raise ModelUnavailableError(f"onnxruntime cannot open {path}: {exc}") from exc
+
+    def run(self, feeds: dict[str, npt.NDArray[Any]]) -> npt.NDArray[np.float32]:
+        out = self._session.run(None, {name: feeds[name].astype(np.int64, copy=False) for name in self.inputs})[0]
+        return np.asarray(out, dtype=np.float32)
+
+
+def _export(module: Any, inputs: tuple[str, ...], output: str, target: Path) -> None:
+    import torch
+
+    class Positional(torch.nn.Module):  # the exporter passes inputs by position
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = module
+
+        def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+            result: torch.Tensor = getattr(
+                self.inner(**dict(zip(inputs, tensors, strict=True)), return_dict=True), output
+            )
+            return result
+
+    example = tuple(torch.ones((2, 8), dtype=torch.long) for _ in inputs)
+    if "attention_mask" in inputs:
+        # A padded row, so that a library shortcut for "no padding anywhere" (attention mask
+        # dropped) is not what the trace records: every batch we run after is padded.
+        example[inputs.index("attention_mask")][1, 5:] = 0
+    axes = {name: {0: "batch", 1: "tokens"} for name in (*inputs, "output")}
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # type: ignore[attr-defined]  # shape checks
+        # The TorchScript exporter: traces in a second or two (the dynamo one needs onnxscript too).
+        torch.onnx.export(
+            Positional().eval(),
+            example,
+            str(target),
+            input_names=list(inputs),
+            output_names=["output"],
+            dynamic_axes=axes,
+            opset_version=_OPSET,
+            dynamo=False,
+        )
+
+
+def _cached(model_path: str, output: str, export: Callable[[Path], None]) -> Path:
+    folder = _cache_home()
+    path = folder / f"{Path(model_path).name}-{output}-{_key(Path(model_path), output)}.onnx"
+    if path.is_file():
+        return path
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".onnx.tmp")
+    except OSError as exc:
+        raise ModelUnavailableError(f"Cannot write the ONNX export of {model_path} under {folder}: {exc}") from exc
+    os.close(fd)
+    log.info("Exporting %s (%s) to ONNX at %s", model_path, output, path)
+    try:
+        export(Path(tmp))
+        os.replace(tmp, path)  # atomic: a crash mid-export leaves no half file under the name
+    except Exception as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise ModelUnavailableError(f"Cannot export {model_path} to ONNX: {type(exc).__name__}: {exc}") from exc
+    return path
+
+
+def _key(folder: Path, tag: str) -> str:
+    import onnxruntime
+    import torch
+
+    parts = [tag, str(folder.resolve()), torch.__version__, onnxruntime.__version__, str(_OPSET)]
+    for name in _WEIGHTS:
+        if (file := folder / name).is_file():
+            stat = file.stat()
+            parts.append(f"{name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _cache_home() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llmservice" / "onnx"
