@@ -4,6 +4,7 @@ clients (openai's SDK over Litestar's TestClient); the engine contract suites ru
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import openai
@@ -30,6 +31,10 @@ def client() -> Iterator[TestClient]:  # type: ignore[type-arg]
     app = create_app(parse_settings(env), engines=fake_engines())
     with TestClient(app, base_url="http://localhost") as http:
         http.headers["Authorization"] = f"Bearer {KEY}"
+        deadline = time.monotonic() + 30
+        while {t["state"] for t in http.get("/health").json()["tiers"].values()} != {"loaded"}:
+            assert time.monotonic() < deadline, "the fake engines did not load"
+            time.sleep(0.01)  # tiers preload in the background, as in production
         yield http
 
 
@@ -94,7 +99,7 @@ def test_unload_then_the_next_request_loads_again(client: TestClient) -> None:  
 
 
 def test_every_status_view_shows_the_same_tiers(client: TestClient) -> None:  # type: ignore[type-arg]
-    client.post("/v1/embeddings", json={"model": "embedding", "input": ["one", "two"]})
+    assert client.post("/v1/embeddings", json={"model": "embedding", "input": ["one", "two"]}).status_code == 200
     rerank = {"model": "reranker", "query": "red fox", "documents": ["a cat", "red fox"]}
     ranked = client.post("/v1/rerank", json=rerank)
     assert [r["index"] for r in ranked.json()["results"]] == [1, 0]
