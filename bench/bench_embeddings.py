@@ -255,7 +255,7 @@ def minilm(args: argparse.Namespace) -> None:
     with ExitStack() as servers:
         # Both start together (their start-ups overlap) and stay up, so runs can alternate.
         if use_infinity:
-            inf_cmd = infinity_cmd(args.infinity, folder, inf_port, args.infinity_engine)
+            inf_cmd = infinity_cmd(args.infinity, args.infinity_model or folder, inf_port, args.infinity_engine)
             inf_env = {**OFFLINE, "DO_NOT_TRACK": "1"}  # no telemetry thread posting to the network
             if args.threads:
                 inf_env["OMP_NUM_THREADS"] = str(args.threads)  # it has no flag; torch reads this
@@ -326,14 +326,17 @@ def bge_m3(args: argparse.Namespace) -> None:
             "dense": {"embedding_type": "dense"},
             "dense+sparse+colbert": {"embedding_type": "dense", "return_sparse": True, "return_colbert": True},
         }
-        reqs = {name: bodies(texts, 32, "embedding", extra) for name, extra in modes.items()}
+        reqs = {
+            name: bodies(texts, 32, "embedding", {**extra, "encoding_format": args.encoding})
+            for name, extra in modes.items()
+        }
         rates: dict[str, list[float]] = {name: [] for name in modes}
-        print("\nBGE-M3 (tiny fixture, hidden 32) through llmservice, 32 texts/request, 1 client")
+        print(f"\nBGE-M3 (tiny fixture, hidden 32) through llmservice, 32 texts/request, 1 client, {args.encoding}")
         with process(cmd, f"http://127.0.0.1:{port}/health", env, ready='"loaded"', timeout=300):
             sizes = {name: len(_post_once(url, reqs[name][0])) for name in modes}
             for rep in range(args.reps):
                 for name in modes if rep % 2 == 0 else list(modes)[::-1]:
-                    rate = asyncio.run(load(url, reqs[name], 32, 1, args.seconds / 2, "float", TINY_DIM))
+                    rate = asyncio.run(load(url, reqs[name], 32, 1, args.seconds / 2, args.encoding, TINY_DIM))
                     rates[name].append(rate)
         dense, tri = median(rates["dense"]), median(rates["dense+sparse+colbert"])
         print("| output | texts/s | ms per 32-text request | response bytes |")
@@ -357,8 +360,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each measurement")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--encoding", choices=("float", "base64"), default="float")
+    parser.add_argument(
+        "--infinity-model", help="infinity's copy of the model (optimum needs an onnx/model.onnx export in it)"
+    )
     parser.add_argument("--infinity-engine", choices=("torch", "optimum"), default="torch", help="optimum: ONNX")
-    parser.add_argument("--runtime", choices=("torch", "onnx"), default="torch", help="ours: EMBEDDING_RUNTIME")
+    parser.add_argument("--runtime", choices=("auto", "torch", "onnx"), default="auto", help="ours: EMBEDDING_RUNTIME")
     parser.add_argument(
         "--threads", type=int, default=0, help="torch threads for all three (0: torch's default, one per core)"
     )

@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="32,1", help="documents per request, comma-separated")
     parser.add_argument("--clients", default="1,4,16", help="concurrent clients, comma-separated")
     parser.add_argument("--infinity-engine", choices=("torch", "optimum"), default="torch", help="optimum: ONNX")
-    parser.add_argument("--runtime", choices=("torch", "onnx"), default="torch", help="ours: RERANKER_RUNTIME")
+    parser.add_argument("--runtime", choices=("auto", "torch", "onnx"), default="auto", help="ours: RERANKER_RUNTIME")
     args = parser.parse_args()
     os.environ.update(OFFLINE)
     sizes = [int(x) for x in args.sizes.split(",")]

@@ -1,4 +1,5 @@
-"""`<TIER>_RUNTIME=onnx`: a torch engine's transformer exported once to ONNX and run by onnxruntime.
+"""`<TIER>_RUNTIME`: a torch engine's transformer exported once to ONNX and run by onnxruntime
+(`onnx`; `auto`, the default, does so on a CPU and falls back to torch where the export fails).
 
 On a CPU onnxruntime runs BERT-sized encoders faster than eager torch (fused attention and
 layer-norm kernels, no per-op dispatch), most of all for small batches. The export is traced from
@@ -39,6 +40,21 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def onnx_or_torch(runtime: str, device: str, model_path: str, build: Callable[[], OnnxModule]) -> OnnxModule | None:
+    """What a tier's transformer runs on: `build()`'s module, or None for torch."""
+    if runtime == "torch" or (runtime == "auto" and (device != "cpu" or not available())):
+        return None
+    if device != "cpu":
+        raise ModelUnavailableError(f"RUNTIME=onnx runs on the CPU; {model_path} is set to run on {device}")
+    try:
+        return build()
+    except ModelUnavailableError as exc:
+        if runtime == "onnx":
+            raise
+        log.warning("%s runs on torch (RUNTIME=auto): %s", model_path, exc.message)
+        return None
 
 
 class OnnxModule:

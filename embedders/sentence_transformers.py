@@ -21,7 +21,7 @@ from embedders.base import (
     padded_batches,
     request_tokenizer,
 )
-from embedders.onnx_runtime import OnnxModule
+from embedders.onnx_runtime import OnnxModule, onnx_or_torch
 from embedders.torch_engine import TorchEngine
 from kernel.errors import ModelUnavailableError, engine_errors
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 class SentenceTransformerEmbedder(TorchEngine[EmbedderInfo], Embedder, PreTokenizing):
     name = "sentence_transformers"
     model_kind = "embedding"
-    runtimes = ("torch", "onnx")
+    runtimes = ("torch", "onnx", "auto")
 
     def __init__(self, tier: TierSettings, model_path: str) -> None:
         super().__init__(tier, model_path)
@@ -64,8 +64,7 @@ class SentenceTransformerEmbedder(TorchEngine[EmbedderInfo], Embedder, PreTokeni
         self._pad_id = int(tokenizer.pad_token_id or 0)
         if getattr(tokenizer, "is_fast", False) and "input_ids" in self._inputs:
             self._request_tokenizer = request_tokenizer(tokenizer, max_tokens)
-        if self.tier.runtime == "onnx":
-            self._onnx = self._export_transformer(model, path)
+        self._onnx = onnx_or_torch(self.tier.runtime, self._device, path, lambda: self._export_transformer(model, path))
         # The model's Normalize module already gives unit vectors: don't normalise twice.
         self._normalize = self._normalize and not any(type(m).__name__ == "Normalize" for m in model)
         self._model = model
@@ -125,12 +124,9 @@ class SentenceTransformerEmbedder(TorchEngine[EmbedderInfo], Embedder, PreTokeni
         return [r for r in results if r is not None]
 
     def _export_transformer(self, model: Any, path: str) -> OnnxModule:
-        transformer = model[0]
-        auto_model = getattr(transformer, "auto_model", None)
-        if auto_model is None or self._device != "cpu":
-            raise ModelUnavailableError(
-                f"EMBEDDING_RUNTIME=onnx runs a Transformer module on the CPU; {path} on {self._device} cannot"
-            )
+        auto_model = getattr(model[0], "auto_model", None)
+        if auto_model is None:
+            raise ModelUnavailableError(f"{path} does not start with a Transformer module to export")
         names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in self._inputs]
         return OnnxModule(auto_model, names, "last_hidden_state", path, threads=self.tier.n_threads)
 

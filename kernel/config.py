@@ -59,8 +59,9 @@ class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
     device: str = "auto"  # torch engines: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
     batch_size: Positive = 32  # torch engines: inputs per forward pass
     # sentence-transformers and cross-encoder engines: run the transformer in torch, or exported once
-    # to ONNX in onnxruntime (CPU; faster there, above all for small batches)
-    runtime: Literal["torch", "onnx"] = "torch"
+    # to ONNX in onnxruntime (CPU only; faster there, above all for small batches); auto: onnx on a
+    # CPU where the export works, else torch
+    runtime: Literal["auto", "torch", "onnx"] = "auto"
     normalize: bool = True  # sentence-transformers: L2-normalise
     pooling: Literal["mean", "cls", "last", "model"] = "mean"  # llama.cpp embedders
     hybrid_weights: tuple[Weight, Weight, Weight] = (0.4, 0.2, 0.4)  # tier:<BGE-M3>: dense, sparse, ColBERT

@@ -51,10 +51,10 @@ def import_engine(tier: TierSettings, engines: EngineTable, engine: str, kind: s
             f"is not installed: pip install 'llmservice[{extra}]'"
         )
     cls = getattr(importlib.import_module(module_name), class_name)
-    runtimes: tuple[str, ...] = getattr(cls, "runtimes", ("torch",))
+    runtimes: tuple[str, ...] = getattr(cls, "runtimes", ("torch", "auto"))
     if tier.runtime not in runtimes:
         raise ModelUnavailableError(
             f"{tier.name.upper()}_RUNTIME={tier.runtime} is not supported by the {engine} {kind} engine"
-            f" (it runs on: {', '.join(runtimes)})"
+            f" (it runs on: {', '.join(r for r in runtimes if r != 'auto')})"
         )
     return cls

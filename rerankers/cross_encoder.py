@@ -7,7 +7,7 @@ import numpy as np
 
 from embedders import hf
 from embedders.base import hf_max_tokens
-from embedders.onnx_runtime import OnnxModule
+from embedders.onnx_runtime import OnnxModule, onnx_or_torch
 from embedders.torch_engine import TorchEngine
 from kernel.errors import ModelUnavailableError, engine_errors
 from rerankers.base import Reranker, RerankerInfo
@@ -16,7 +16,7 @@ from rerankers.base import Reranker, RerankerInfo
 class CrossEncoderReranker(TorchEngine[RerankerInfo], Reranker):
     name = "cross_encoder"
     model_kind = "reranker"
-    runtimes = ("torch", "onnx")
+    runtimes = ("torch", "onnx", "auto")
     _onnx: OnnxModule | None = None
 
     def load(self) -> None:
@@ -37,11 +37,13 @@ class CrossEncoderReranker(TorchEngine[RerankerInfo], Reranker):
                 f"{path} has {labels} output labels; a reranker needs a one-logit cross-encoder"
             )
         self._model = model
-        if self.tier.runtime == "onnx":
-            if self._device != "cpu":
-                raise ModelUnavailableError(f"RERANKER_RUNTIME=onnx runs on the CPU; {path} is on {self._device}")
-            names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in model.tokenizer(["a"], ["b"])]
-            self._onnx = OnnxModule(model.model, names, "logits", path, threads=self.tier.n_threads)
+        names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in model.tokenizer(["a"], ["b"])]
+        self._onnx = onnx_or_torch(
+            self.tier.runtime,
+            self._device,
+            path,
+            lambda: OnnxModule(model.model, names, "logits", path, threads=self.tier.n_threads),
+        )
         self._info = RerankerInfo(engine=self.name, max_tokens=max_tokens, score_kind="logit", device=self._device)
 
     def score(self, query: str, docs: list[str]) -> list[float]:

@@ -73,3 +73,26 @@ def test_engines_that_cannot_run_onnx_refuse_it(tiny_bge_m3_path: Path) -> None:
         parse_settings({"LIGHT_MODEL_PATH": "x.gguf", "LIGHT_RUNTIME": "onnx"})
     with pytest.raises(SettingsError, match="RUNTIME"):
         parse_settings({"EMBEDDING_MODEL_PATH": "m", "EMBEDDING_RUNTIME": "tensorrt"})
+
+
+def test_auto_runs_onnx_on_a_cpu_and_falls_back_to_torch_where_the_export_fails(
+    minilm_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    tier = TierSettings(name="embedding", device="cpu")  # RUNTIME=auto, the default
+    engine = create_embedder(tier, minilm_path)
+    engine.load()
+    assert engine._onnx is not None  # type: ignore[attr-defined]
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("an op the exporter does not know")
+
+    monkeypatch.setattr(onnx_runtime, "_export", broken)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty"))  # nothing cached there
+    fallback = create_embedder(tier, minilm_path)
+    fallback.load()
+    assert fallback._onnx is None  # type: ignore[attr-defined]
+    assert "runs on torch (RUNTIME=auto)" in caplog.text and "an op the exporter does not know" in caplog.text
+    assert np.allclose(fallback.embed(TEXTS)[0].dense, engine.embed(TEXTS)[0].dense, atol=1e-4)  # type: ignore[arg-type]
+    strict = create_embedder(TierSettings(name="embedding", runtime="onnx"), minilm_path)
+    with pytest.raises(ModelUnavailableError, match="an op the exporter does not know"):
+        strict.load()
