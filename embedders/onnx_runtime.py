@@ -76,6 +76,7 @@ class OnnxModule:
             self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # a corrupt cache file: say which, so it can be deleted
             raise ModelUnavailableError(f"onnxruntime cannot open {path}: {exc}") from exc
+        log.info("%s: %s computed by onnxruntime (%s)", model_path, output, path)
 
     def run(self, feeds: dict[str, npt.NDArray[Any]]) -> npt.NDArray[np.float32]:
         out = self._session.run(None, {name: feeds[name].astype(np.int64, copy=False) for name in self.inputs})[0]

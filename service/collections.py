@@ -58,7 +58,10 @@ class Collections:
 
     def _open(self) -> VectorStore:  # on the store's thread
         if self._store is None:
-            self._store = create_store(path=self._settings.collections_dir, url=self._settings.collections_url)
+            settings = self._settings
+            self._store = create_store(
+                path=settings.collections_dir, url=settings.collections_url, api_key=settings.collections_api_key
+            )
         return self._store
 
     async def _run(self, call: Callable[[VectorStore], T]) -> T:

@@ -34,7 +34,7 @@ from service.settings import (
 )
 from service.slots import TierState
 
-_SECRETS = ("api_keys", "admin_api_keys")
+_SECRETS = ("api_keys", "admin_api_keys", "collections_api_key")
 _MASK = "********"
 _MAX_VALUE = 100  # characters: a value is a number; errors echo it
 

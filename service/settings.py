@@ -64,6 +64,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # RAG collections: Qdrant embedded in this folder, or the Qdrant server at COLLECTIONS_URL.
     collections_dir: str = ".data/collections"
     collections_url: str = ""
+    collections_api_key: str = ""  # the Qdrant server's API key (sent as its `api-key` header)
     chunk_size: Annotated[int, msgspec.Meta(ge=100, le=8000)] = 800  # characters per chunk (new collections)
     chunk_overlap: Annotated[int, msgspec.Meta(ge=0, le=2000)] = 100  # characters shared by neighbouring chunks
     max_document_chars: Positive = 1_000_000  # longer documents get 400

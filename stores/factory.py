@@ -13,8 +13,9 @@ if TYPE_CHECKING:
     from stores.base import VectorStore
 
 
-def create_store(*, path: str, url: str = "") -> VectorStore:
-    """A Qdrant server when `url` is set, else Qdrant's embedded mode keeping its files in `path`."""
+def create_store(*, path: str, url: str = "", api_key: str = "") -> VectorStore:
+    """A Qdrant server when `url` is set (with `api_key` if it asks for one), else Qdrant's embedded
+    mode keeping its files in `path`."""
     if missing_modules(["qdrant_client"]):
         raise StoreUnavailableError(
             "Collections need qdrant-client, which is not installed: pip install 'llmservice[rag]'"
@@ -22,7 +23,7 @@ def create_store(*, path: str, url: str = "") -> VectorStore:
     from stores.qdrant import QdrantStore
 
     if url:
-        return QdrantStore(url=url)
+        return QdrantStore(url=url, api_key=api_key or None)
     folder = Path(path).expanduser()
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -42,10 +42,10 @@ def _store_errors(where: str) -> Iterator[None]:
 class QdrantStore(VectorStore):
     name = "qdrant"
 
-    def __init__(self, *, path: str | None = None, url: str | None = None) -> None:
+    def __init__(self, *, path: str | None = None, url: str | None = None, api_key: str | None = None) -> None:
         with _store_errors("open"):
             # A second process on the same folder gets RuntimeError ("already accessed") here.
-            self._client = QdrantClient(url=url) if url else QdrantClient(path=path)
+            self._client = QdrantClient(url=url, api_key=api_key) if url else QdrantClient(path=path)
 
     def _exists(self, name: str) -> None:
         check_collection_name(name)  # again here: embedded mode turns the name into a folder
