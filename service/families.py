@@ -46,14 +46,15 @@ class EngineFactories:
 
 class Family(abc.ABC):
     name: str
+    per_input = False  # True: the executor queues inputs (texts, pairs), not requests
 
     @abc.abstractmethod
     def load(self, slot: TierSlot, path: str, engines: EngineFactories, slots: Mapping[str, TierSlot]) -> None:
         """Build and load the engine on this (worker) thread, and set the slot's loaded fields."""
 
     def queue_limit(self, tier: TierSettings, max_batch_inputs: int) -> int:
-        """The executor's bound for `{TIER}_MAX_QUEUE`, in its own units."""
-        return tier.max_queue
+        """The executor's bound for `{TIER}_MAX_QUEUE`, in its own units (a request may carry many inputs)."""
+        return tier.max_queue * max_batch_inputs if self.per_input else tier.max_queue
 
     @staticmethod
     def _batcher(
@@ -133,6 +134,7 @@ class GenerationFamily(Family):
 
 class EmbeddingFamily(Family):
     name = "embedding"
+    per_input = True
 
     def load(self, slot: TierSlot, path: str, engines: EngineFactories, slots: Mapping[str, TierSlot]) -> None:
         embedder = engines.embedder(slot.settings, path)
@@ -141,9 +143,6 @@ class EmbeddingFamily(Family):
         slot.engine, slot.engine_name, slot.device = embedder, info.engine, info.device
         slot.context_length, slot.dimension, slot.capabilities = info.max_tokens, info.dimension, info.capabilities
         slot.batcher = self._batcher(slot, embedder.embed_jobs, _job_cost)
-
-    def queue_limit(self, tier: TierSettings, max_batch_inputs: int) -> int:
-        return tier.max_queue * max_batch_inputs  # counted in inputs, as a request may carry many
 
     @staticmethod
     def engine(slot: TierSlot) -> Embedder:
@@ -168,6 +167,7 @@ class EmbeddingFamily(Family):
 
 class RerankFamily(Family):
     name = "rerank"
+    per_input = True
 
     def load(self, slot: TierSlot, path: str, engines: EngineFactories, slots: Mapping[str, TierSlot]) -> None:
         source = path.removeprefix("tier:").strip()
@@ -184,9 +184,6 @@ class RerankFamily(Family):
         slot.engine, slot.engine_name, slot.device = reranker, info.engine, info.device
         slot.context_length = info.max_tokens
         slot.batcher = self._batcher(slot, reranker.score_pairs, _pair_cost)
-
-    def queue_limit(self, tier: TierSettings, max_batch_inputs: int) -> int:
-        return tier.max_queue * max_batch_inputs
 
     @staticmethod
     def engine(slot: TierSlot) -> Reranker:
