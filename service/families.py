@@ -9,7 +9,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from backends.base import Backend, GenerationRequest
 from backends.factory import create_backend
@@ -27,6 +27,7 @@ from service.workers import GenerationWorker, JobStream
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+E = TypeVar("E", Backend, Embedder, Reranker)
 
 # Tokenising (for packing, and so the model thread does not) takes ~20 µs for a sentence, less
 # than a thread hop: only inputs longer than this go to a thread, where the fast tokenizer runs
@@ -44,8 +45,9 @@ class EngineFactories:
     reranker: Callable[[TierSettings, str, Callable[[], Embedder]], Reranker] = create_reranker
 
 
-class Family(abc.ABC):
+class Family(abc.ABC, Generic[E]):
     name: str
+    engine_type: type[E]
     per_input = False  # True: the executor queues inputs (texts, pairs), not requests
 
     @abc.abstractmethod
@@ -55,6 +57,19 @@ class Family(abc.ABC):
     def queue_limit(self, tier: TierSettings, max_batch_inputs: int) -> int:
         """The executor's bound for `{TIER}_MAX_QUEUE`, in its own units (a request may carry many inputs)."""
         return tier.max_queue * max_batch_inputs if self.per_input else tier.max_queue
+
+    def engine(self, slot: TierSlot) -> E:
+        """The slot's engine, of this family's type (a 503 once the model is unloaded)."""
+        if not isinstance(slot.engine, self.engine_type):
+            raise ModelUnavailableError(f"Tier {slot.name} is not loaded")
+        return slot.engine
+
+    def batched(self, slot: TierSlot) -> tuple[E, MicroBatcher[Any, Any]]:
+        """The engine and the micro-batcher that runs it (embedding and rerank tiers)."""
+        engine, batcher = self.engine(slot), slot.batcher
+        if batcher is None:
+            raise ModelUnavailableError(f"Tier {slot.name} is not loaded")
+        return engine, batcher
 
     @staticmethod
     def _batcher(
@@ -71,8 +86,9 @@ class Family(abc.ABC):
         )
 
 
-class GenerationFamily(Family):
+class GenerationFamily(Family[Backend]):
     name = "generation"
+    engine_type = Backend
 
     def load(self, slot: TierSlot, path: str, engines: EngineFactories, slots: Mapping[str, TierSlot]) -> None:
         backend = engines.backend(slot.settings, path)
@@ -83,12 +99,6 @@ class GenerationFamily(Family):
         slot.engine, slot.engine_name, slot.device = backend, info.engine, info.device
         slot.context_length, slot.tool_format, slot.reasoning = info.context_length, info.tool_format, info.reasoning
         slot.worker = GenerationWorker(slot.name, backend, slot.settings.max_queue)
-
-    @staticmethod
-    def engine(slot: TierSlot) -> Backend:
-        if not isinstance(slot.engine, Backend):
-            raise ModelUnavailableError(f"Tier {slot.name} is not loaded")
-        return slot.engine
 
     @staticmethod
     def generate(slot: TierSlot, request: GenerationRequest, *, background: bool = False) -> JobStream:
@@ -132,8 +142,9 @@ class GenerationFamily(Family):
         return results[0]
 
 
-class EmbeddingFamily(Family):
+class EmbeddingFamily(Family[Embedder]):
     name = "embedding"
+    engine_type = Embedder
     per_input = True
 
     def load(self, slot: TierSlot, path: str, engines: EngineFactories, slots: Mapping[str, TierSlot]) -> None:
@@ -144,16 +155,8 @@ class EmbeddingFamily(Family):
         slot.context_length, slot.dimension, slot.capabilities = info.max_tokens, info.dimension, info.capabilities
         slot.batcher = self._batcher(slot, embedder.embed_jobs, _job_cost)
 
-    @staticmethod
-    def engine(slot: TierSlot) -> Embedder:
-        if not isinstance(slot.engine, Embedder):
-            raise ModelUnavailableError(f"Tier {slot.name} is not loaded")
-        return slot.engine
-
     async def embed(self, slot: TierSlot, request: EmbeddingRequest, *, background: bool = False) -> EmbeddingBatch:
-        embedder, batcher = self.engine(slot), slot.batcher
-        if batcher is None:
-            raise ModelUnavailableError(f"Tier {slot.name} is not loaded")
+        embedder, batcher = self.batched(slot)
         needs_tokenizer = any(not isinstance(item, str) for item in request.inputs)
         # Decoding token ids takes the model's lock: keep that off the event loop.
         texts = await asyncio.to_thread(embedder.prepare, request) if needs_tokenizer else embedder.prepare(request)
@@ -165,8 +168,9 @@ class EmbeddingFamily(Family):
         return embedder.finish(outputs, request.dimensions)
 
 
-class RerankFamily(Family):
+class RerankFamily(Family[Reranker]):
     name = "rerank"
+    engine_type = Reranker
     per_input = True
 
     def load(self, slot: TierSlot, path: str, engines: EngineFactories, slots: Mapping[str, TierSlot]) -> None:
@@ -185,19 +189,11 @@ class RerankFamily(Family):
         slot.context_length = info.max_tokens
         slot.batcher = self._batcher(slot, reranker.score_pairs, _pair_cost)
 
-    @staticmethod
-    def engine(slot: TierSlot) -> Reranker:
-        if not isinstance(slot.engine, Reranker):
-            raise ModelUnavailableError(f"Tier {slot.name} is not loaded")
-        return slot.engine
-
     async def rerank(
         self, slot: TierSlot, query: str, docs: list[str], top_n: int | None, normalize: bool
     ) -> tuple[list[RerankResult], int]:
         """Results best first, and the tokens they cost."""
-        reranker, batcher = self.engine(slot), slot.batcher
-        if batcher is None:
-            raise ModelUnavailableError(f"Tier {slot.name} is not loaded")
+        reranker, batcher = self.batched(slot)
         if not docs:
             return [], 0
         raw: list[float] = await batcher.submit([(query, doc) for doc in docs])
@@ -206,7 +202,7 @@ class RerankFamily(Family):
 
 
 GENERATION, EMBEDDING, RERANK = GenerationFamily(), EmbeddingFamily(), RerankFamily()
-FAMILIES: Mapping[str, Family] = {
+FAMILIES: Mapping[str, Family[Any]] = {
     **dict.fromkeys(GENERATION_TIERS, GENERATION),
     "embedding": EMBEDDING,
     "reranker": RERANK,
