@@ -301,9 +301,41 @@ def default_threads() -> int:
 
 
 def _device(n_gpu_layers: int) -> str:
-    """ "gpu" when layers are offloaded to a GPU backend that llama.cpp found, else "cpu"."""
+    """Where the layers run: the GPU backend's name as torch spells it ("cuda", "metal", "vulkan")
+    when layers are offloaded to a GPU that llama.cpp found, else "cpu"."""
     # Asked after llama_backend_init and the model load, never before (see init_llama_backend).
-    return "gpu" if n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload() else "cpu"
+    if n_gpu_layers == 0 or not llama_cpp.llama_supports_gpu_offload():
+        return "cpu"
+    gpus = _gpu_devices()
+    if not gpus:
+        return "cpu"
+    log.info("llama.cpp GPU devices: %s", ", ".join(f"{backend} {name}" for backend, name in gpus))
+    return gpus[0][0].lower()
+
+
+def _gpu_devices() -> list[tuple[str, str]]:
+    """(backend, description) of each GPU in ggml's device registry, e.g. ("CUDA", "NVIDIA H100")."""
+    try:
+        from llama_cpp._ggml import libggml as g
+    except (ImportError, OSError, AttributeError):  # a llama-cpp-python without the ggml handle
+        return []
+    void, text = ctypes.c_void_p, ctypes.c_char_p
+    for fn, restype, argtypes in (
+        (g.ggml_backend_dev_count, ctypes.c_size_t, []),
+        (g.ggml_backend_dev_get, void, [ctypes.c_size_t]),
+        (g.ggml_backend_dev_type, ctypes.c_int, [void]),
+        (g.ggml_backend_dev_description, text, [void]),
+        (g.ggml_backend_dev_backend_reg, void, [void]),
+        (g.ggml_backend_reg_name, text, [void]),
+    ):
+        fn.restype, fn.argtypes = restype, argtypes
+    found = []
+    for i in range(g.ggml_backend_dev_count()):
+        dev = g.ggml_backend_dev_get(i)
+        if g.ggml_backend_dev_type(dev) in (1, 2):  # GGML_BACKEND_DEVICE_TYPE_GPU, _IGPU
+            backend = g.ggml_backend_reg_name(g.ggml_backend_dev_backend_reg(dev)) or b"gpu"
+            found.append((backend.decode(), (g.ggml_backend_dev_description(dev) or b"").decode(errors="replace")))
+    return found
 
 
 def _meta(model: Any, key: str) -> str | None:
