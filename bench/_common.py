@@ -141,7 +141,9 @@ def time_pieces(pieces: Iterable[str], start: float) -> StreamTiming:
 SAMPLING: dict[str, object] = {"temperature": 0, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}
 
 
-def concurrent_streams(url: str, model: str, streams: int, tokens: int, tag: str) -> tuple[float, list[StreamTiming]]:
+def concurrent_streams(
+    url: str, model: str, streams: int, tokens: int, tag: str, stagger: float = 0.05
+) -> tuple[float, list[StreamTiming]]:
     """`streams` simultaneous streaming completions of PROMPT: aggregate tokens/s over the wall time,
     and the streams that finished, in arrival order."""
     results: list[StreamTiming | None] = [None] * streams
@@ -163,7 +165,7 @@ def concurrent_streams(url: str, model: str, streams: int, tokens: int, tag: str
     t0 = time.monotonic()
     for t in threads:
         t.start()
-        time.sleep(0.05)  # a defined arrival order, even with both cores busy decoding
+        time.sleep(stagger)  # a defined arrival order, even with both cores busy decoding
     for t in threads:
         t.join()
     done = [r for r in results if r is not None]
