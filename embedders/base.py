@@ -267,26 +267,37 @@ def request_tokenizer(tokenizer: Any, max_tokens: int) -> Any:
     return backend
 
 
+def passes(lengths: Sequence[int], batch_size: int, max_tokens: int = 0) -> Iterator[list[int]]:
+    """Forward passes over inputs of these token lengths, longest first, so rows of similar length
+    share a pass and padding stays small: at most `batch_size` rows and, when `max_tokens` is set,
+    at most that many padded tokens (rows x longest row; a longer input goes alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    start = 0
+    while start < len(order):
+        rows = batch_size if not max_tokens else min(batch_size, max(1, max_tokens // max(1, lengths[order[start]])))
+        yield order[start : start + rows]
+        start += rows
+
+
 def padded_batches(
-    ids: list[list[int]], batch_size: int, pad_id: int
+    ids: list[list[int]], batch_size: int, pad_id: int, max_tokens: int = 0
 ) -> Iterator[tuple[list[int], npt.NDArray[np.int64], npt.NDArray[np.int64]]]:
-    """Forward passes over tokenised texts, longest first and `batch_size` at a time, so rows of
-    similar length share a pass and padding stays small: (indices into `ids`, input ids, mask)."""
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    """`passes` over tokenised texts: (indices into `ids`, input ids, mask) for each."""
+    for chunk in passes([len(row) for row in ids], batch_size, max_tokens):
         yield chunk, *pad_batch([ids[i] for i in chunk], pad_id)
 
 
 def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Right-padded input ids and attention mask for one forward pass."""
-    width = max(len(row) for row in ids)
-    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(ids), width), dtype=np.int64)
-    for r, row in enumerate(ids):
-        input_ids[r, : len(row)] = row
-        mask[r, : len(row)] = 1
-    return input_ids, mask
+    return pad_rows(ids, pad_id), pad_rows([[1] * len(row) for row in ids], 0)
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad: int) -> npt.NDArray[np.int64]:
+    """Rows of token-level values right-padded with `pad` to the longest."""
+    out = np.full((len(rows), max(len(row) for row in rows)), pad, dtype=np.int64)
+    for r, row in enumerate(rows):
+        out[r, : len(row)] = row
+    return out
 
 
 def apply_dimensions(vector: Vector, dimensions: int) -> Vector:

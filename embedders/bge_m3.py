@@ -119,7 +119,7 @@ class BgeM3Embedder(TorchEngine[EmbedderInfo], Embedder, PreTokenizing):
         heads = self._model.model
         results: list[EmbeddingOutput | None] = [None] * len(ids)
         with engine_errors(self.name):
-            for chunk, input_ids, mask in padded_batches(ids, self._batch_size, self._pad_id):
+            for chunk, input_ids, mask in padded_batches(ids, self._batch_size, self._pad_id, self._pass_tokens):
                 features = {
                     "input_ids": torch.from_numpy(input_ids).to(self._device),
                     "attention_mask": torch.from_numpy(mask).to(self._device),

@@ -103,7 +103,7 @@ class SentenceTransformerEmbedder(TorchEngine[EmbedderInfo], Embedder, PreTokeni
         self.info()
         results: list[EmbeddingOutput | None] = [None] * len(ids)
         with engine_errors(self.name):
-            for chunk, input_ids, mask in padded_batches(ids, self._batch_size, self._pad_id):
+            for chunk, input_ids, mask in padded_batches(ids, self._batch_size, self._pad_id, self._pass_tokens):
                 features = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
                 if "token_type_ids" in self._inputs:
                     features["token_type_ids"] = torch.zeros_like(features["input_ids"])

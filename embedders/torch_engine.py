@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from embedders.base import require_local_model
-from embedders.options import set_torch_threads, torch_device
+from embedders.options import pass_tokens, set_torch_threads, torch_device
 from kernel.errors import ModelUnavailableError
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ class TorchEngine(Generic[InfoT]):
         self.model_path = model_path
         self._device = torch_device(tier)
         self._batch_size = tier.batch_size
+        self._pass_tokens = 0  # padded tokens per forward pass, set at load (embedders.options)
         self._model: Any = None
         self._info: InfoT | None = None
 
@@ -37,6 +38,7 @@ class TorchEngine(Generic[InfoT]):
         download), with N_THREADS applied to torch."""
         path = require_local_model(self.model_path, engine)
         set_torch_threads(self.tier.n_threads)
+        self._pass_tokens = pass_tokens(self._device, self.tier.n_threads)
         return path
 
     def info(self) -> InfoT:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from embedders import hf
-from embedders.base import hf_max_tokens
+from embedders.base import hf_max_tokens, pad_rows, passes
 from embedders.onnx_runtime import OnnxModule, onnx_or_torch
 from embedders.torch_engine import TorchEngine
 from kernel.errors import ModelUnavailableError, engine_errors
@@ -65,22 +65,17 @@ class CrossEncoderReranker(TorchEngine[RerankerInfo], Reranker):
         return [float(x) for x in np.asarray(logits, dtype=np.float32).reshape(-1)]
 
     def _score_onnx(self, onnx: OnnxModule, pairs: list[tuple[str, str]]) -> list[float]:
-        """Pairs sorted by length, `BATCH_SIZE` at a time, padded to each batch's longest (as predict does)."""
-        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+        """Pairs tokenised once, then scored longest first in passes of similar length (as the
+        embedders run: at most BATCH_SIZE rows and, on a CPU, a bounded number of padded tokens)."""
         scores = np.empty(len(pairs), dtype=np.float32)
         tokenizer, max_tokens = self._model.tokenizer, self.info().max_tokens
         with engine_errors(self.name):
-            for start in range(0, len(order), self._batch_size):
-                rows = order[start : start + self._batch_size]
-                encoded = tokenizer(
-                    [pairs[i][0] for i in rows],
-                    [pairs[i][1] for i in rows],
-                    padding=True,
-                    truncation=True,
-                    max_length=max_tokens,
-                    return_tensors="np",
-                )
-                scores[rows] = onnx.run(dict(encoded)).reshape(len(rows), -1)[:, 0]
+            encoded = tokenizer([q for q, _ in pairs], [d for _, d in pairs], truncation=True, max_length=max_tokens)
+            pads = {name: int(tokenizer.pad_token_id or 0) if name == "input_ids" else 0 for name in onnx.inputs}
+            lengths = [len(row) for row in encoded["input_ids"]]
+            for rows in passes(lengths, self._batch_size, self._pass_tokens):
+                feeds = {name: pad_rows([encoded[name][i] for i in rows], pad) for name, pad in pads.items()}
+                scores[rows] = onnx.run(feeds).reshape(len(rows), -1)[:, 0]
         return [float(x) for x in scores]
 
     def count_tokens(self, query: str, docs: list[str]) -> int:

@@ -39,6 +39,9 @@ def test_minilm_on_onnx_gives_the_torch_vectors_and_caches_the_export(
     ours = np.stack([o.dense for o in onnx_engine.embed(TEXTS)])  # type: ignore[misc]
     ref = np.stack([o.dense for o in torch_engine.embed(TEXTS)])  # type: ignore[misc]
     assert np.allclose(ours, ref, atol=1e-4) and np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+    onnx_engine._pass_tokens = 1  # every text in a pass of its own: the same vectors, in input order
+    alone = np.stack([o.dense for o in onnx_engine.embed(TEXTS)])  # type: ignore[misc]
+    assert np.allclose(alone, ours, atol=1e-5)
 
     def no_export(*args: object) -> None:
         raise AssertionError("exported again")
@@ -62,6 +65,8 @@ def test_cross_encoder_on_onnx_gives_the_torch_scores(tiny_bert_ce: Path, cache_
     onnx_engine = create_reranker(TierSettings(name="reranker", runtime="onnx", batch_size=1), str(tiny_bert_ce))
     onnx_engine.load()
     pairs = [*PAIRS, ("long " * 200, "document " * 200)]
+    assert np.allclose(onnx_engine.score_pairs(pairs), torch_engine.score_pairs(pairs), atol=1e-4)
+    onnx_engine._batch_size, onnx_engine._pass_tokens = 8, 10**6  # one pass for all: the same scores
     assert np.allclose(onnx_engine.score_pairs(pairs), torch_engine.score_pairs(pairs), atol=1e-4)
     assert list(cache_home.glob("*-logits-*.onnx"))
 
