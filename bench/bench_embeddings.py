@@ -185,14 +185,14 @@ def in_process(model: Any, texts: list[str], size: int, seconds: float) -> float
 # -- part 1: MiniLM ---------------------------------------------------------------------------
 
 
-def infinity_cmd(exe: str, folder: str, port: int, engine: str = "torch") -> list[str]:
+def infinity_cmd(exe: str, folder: str, port: int, engine: str = "torch", name: str = "minilm") -> list[str]:
     return [
         exe,
         "v2",
         "--model-id",
         folder,
         "--served-model-name",
-        "minilm",
+        name,
         "--device",
         "cpu",
         "--engine",
@@ -206,6 +206,9 @@ def infinity_cmd(exe: str, folder: str, port: int, engine: str = "torch") -> lis
         "--no-vector-disk-cache",  # else repeated texts come from its SQLite cache
         "--log-level",
         "warning",
+        # optimum 1.17 (which its optimum engine needs) has a BetterTransformer that no longer fits
+        # transformers 4.57's BERT layers; optimum 2 has none, so torch runs plain either way.
+        *(["--no-bettertransformer"] if engine == "torch" else []),
     ]
 
 

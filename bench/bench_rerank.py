@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import free_port, llmservice, median, process
-from bench.bench_embeddings import BATCH, MICRO_BATCH, OFFLINE, WAIT_MS, sentences, throughput
+from bench.bench_embeddings import BATCH, MICRO_BATCH, OFFLINE, WAIT_MS, infinity_cmd, sentences, throughput
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
@@ -76,14 +76,6 @@ async def load(url: str, reqs: list[bytes], size: int, clients: int, seconds: fl
     return await throughput(url, reqs, size, clients, seconds, verify)
 
 
-def infinity_cmd(exe: str, folder: str, port: int, engine: str = "torch") -> list[str]:
-    return [
-        *(exe, "v2", "--model-id", folder, "--served-model-name", "reranker", "--device", "cpu"),
-        *("--engine", engine, "--host", "127.0.0.1", "--port", str(port), "--batch-size", str(BATCH)),
-        *("--no-vector-disk-cache", "--log-level", "warning"),
-    ]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--infinity", default="/work/inf-venv/bin/infinity_emb", help="infinity_emb executable")
@@ -123,7 +115,7 @@ def main() -> None:
         with ExitStack() as servers:
             if "infinity" in targets:
                 inf_env = {**OFFLINE, "DO_NOT_TRACK": "1"}
-                inf_cmd = infinity_cmd(args.infinity, folder, inf_port, args.infinity_engine)
+                inf_cmd = infinity_cmd(args.infinity, folder, inf_port, args.infinity_engine, "reranker")
                 servers.enter_context(process(inf_cmd, f"http://127.0.0.1:{inf_port}/health", inf_env, timeout=300))
             servers.enter_context(process(cmd, f"http://127.0.0.1:{ours_port}/health", env, ready='"loaded"'))
             for name in targets:  # warm-up
