@@ -45,7 +45,7 @@ class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
     keep_alive: NonNeg = 0  # unload after this many idle seconds; 0 = never
     micro_batch_size: Positive = 64  # embedding/reranker tiers: inputs coalesced into one forward pass
     micro_batch_wait_ms: Annotated[float, msgspec.Meta(ge=0)] = 5.0  # how long a batch waits for company
-    # Embedding/reranker tiers: padded tokens (rows x longest row) per forward pass; inputs are packed by length.
+    # Embedding/reranker tiers: padded tokens (rows x longest row) per engine call; inputs are packed by length.
     micro_batch_tokens: Positive = 8192
     token_ids: str = "cl100k_base"  # embedding input given as token ids: cl100k_base, o200k_base or model
     # Generation tiers: LoRA adapters by name -> path (`<TIER>_ADAPTERS=legal-qa=/a.gguf,chat=/b`).

@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 
 import llama_cpp
+import pytest
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's loader log (LD_DEBUG)")
 def test_llama_cpp_loads_before_the_shared_libstdcxx(tmp_path: Path) -> None:
     log = tmp_path / "ld"
     env = {**os.environ, "LD_DEBUG": "files", "LD_DEBUG_OUTPUT": str(log)}
