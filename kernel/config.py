@@ -43,7 +43,7 @@ class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
     max_batch: Positive = 4  # requests an engine that can batch (MLX) decodes together
     preload: bool = True  # load at start (requests meanwhile get 503 + Retry-After); false: on first use
     keep_alive: NonNeg = 0  # unload after this many idle seconds; 0 = never
-    micro_batch_size: Positive = 64  # embedding/reranker tiers: inputs coalesced into one forward pass
+    micro_batch_size: Positive = 64  # embedding/reranker tiers: inputs coalesced into one engine call
     micro_batch_wait_ms: Annotated[float, msgspec.Meta(ge=0)] = 5.0  # how long a batch waits for company
     # Embedding/reranker tiers: padded tokens (rows x longest row) per engine call; inputs are packed by length.
     micro_batch_tokens: Positive = 8192
