@@ -5,10 +5,11 @@ On a CPU onnxruntime runs BERT-sized encoders faster than eager torch (fused att
 layer-norm kernels, no per-op dispatch), most of all for small batches. The export is traced from
 the model torch loaded, so it computes the same function. It is cached under
 `$XDG_CACHE_HOME/llmservice/onnx/` (`~/.cache/...`), keyed by the model's path, its weights' size
-and mtime and the exporter's versions, so a changed model is exported again. Never inside the model
-folder: other tools take any ONNX file they find there for the model's own export (infinity's
-optimum engine refused to start on ours). What follows the transformer (pooling, dense
-layers, normalisation, a classifier head) stays the model's own torch code.
+and mtime and the exporter's versions, so a changed model is exported again and its old export
+deleted (one file per model path and output). Never inside the model folder: other tools take any
+ONNX file they find there for the model's own export (infinity's optimum engine refused to start
+on ours). What follows the transformer (pooling, dense layers, normalisation, a classifier head)
+stays the model's own torch code.
 """
 
 from __future__ import annotations
@@ -120,7 +121,9 @@ def _export(module: Any, inputs: tuple[str, ...], output: str, target: Path) -> 
 
 def _cached(model_path: str, output: str, export: Callable[[Path], None]) -> Path:
     folder = _cache_home()
-    path = folder / f"{Path(model_path).name}-{output}-{_key(Path(model_path), output)}.onnx"
+    source = Path(model_path)
+    stem = f"{source.name}-{output}-{_digest(output, str(source.resolve()))}"  # this model's exports
+    path = folder / f"{stem}-{_key(source)}.onnx"
     if path.is_file():
         return path
     try:
@@ -136,18 +139,26 @@ def _cached(model_path: str, output: str, export: Callable[[Path], None]) -> Pat
     except Exception as exc:
         Path(tmp).unlink(missing_ok=True)
         raise ModelUnavailableError(f"Cannot export {model_path} to ONNX: {type(exc).__name__}: {exc}") from exc
+    for stale in folder.glob(f"{stem}-*.onnx"):  # the same model before its weights or our versions changed
+        if stale != path:
+            stale.unlink(missing_ok=True)
     return path
 
 
-def _key(folder: Path, tag: str) -> str:
+def _key(folder: Path) -> str:
+    """What the export depends on besides the model's path: its weights and the exporter's versions."""
     import onnxruntime
     import torch
 
-    parts = [tag, str(folder.resolve()), torch.__version__, onnxruntime.__version__, str(_OPSET)]
+    parts = [torch.__version__, onnxruntime.__version__, str(_OPSET)]
     for name in _WEIGHTS:
         if (file := folder / name).is_file():
             stat = file.stat()
             parts.append(f"{name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return _digest(*parts)
+
+
+def _digest(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

@@ -3,6 +3,8 @@ torch engine's outputs, is cached and reused, and is refused where an engine can
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +71,18 @@ def test_cross_encoder_on_onnx_gives_the_torch_scores(tiny_bert_ce: Path, cache_
     onnx_engine._batch_size, onnx_engine._pass_tokens = 8, 10**6  # one pass for all: the same scores
     assert np.allclose(onnx_engine.score_pairs(pairs), torch_engine.score_pairs(pairs), atol=1e-4)
     assert list(cache_home.glob("*-logits-*.onnx"))
+
+
+def test_a_changed_model_replaces_its_old_export(tiny_bert_ce: Path, cache_home: Path, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(tiny_bert_ce, tmp_path / "ce"))
+    tier = TierSettings(name="reranker", runtime="onnx")
+    create_reranker(tier, str(folder)).load()
+    first = list(cache_home.glob("*.onnx"))
+    weights = next(f for f in (folder / "model.safetensors", folder / "pytorch_model.bin") if f.is_file())
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # new weights
+    create_reranker(tier, str(folder)).load()
+    second = list(cache_home.glob("*.onnx"))
+    assert len(first) == len(second) == 1 and first != second
 
 
 def test_engines_that_cannot_run_onnx_refuse_it(tiny_bge_m3_path: Path) -> None:
