@@ -89,3 +89,9 @@ def error_of(res: httpx.Response, status: int) -> dict[str, object]:
     assert {"message", "type", "param", "code"} <= set(error)
     assert "Traceback" not in error["message"]
     return error  # type: ignore[no-any-return]
+
+
+def completion_text(res: httpx.Response) -> str:
+    """A 200 completion's text (choice 0)."""
+    assert res.status_code == 200, res.text
+    return str(res.json()["choices"][0]["text"])

@@ -15,7 +15,7 @@ pytest.importorskip("llama_cpp")
 pytest.importorskip("gguf")
 
 from tests.fixtures.lora import build_gguf_lora
-from tests.live import LiveServer, live_server
+from tests.live import LiveServer, completion_text, live_server
 
 USER = {"Authorization": "Bearer user-key"}
 ADMIN = {"Authorization": "Bearer admin-key"}
@@ -58,11 +58,6 @@ def complete(client: httpx.Client, prompt: str, model: str = "light", **extra: A
     return client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 12, **extra})
 
 
-def text(response: httpx.Response) -> str:
-    assert response.status_code == 200, response.text
-    return str(response.json()["choices"][0]["text"])
-
-
 def cards(client: httpx.Client) -> dict[str, dict[str, Any]]:
     body = client.get("/v1/adapters").json()
     assert body["object"] == "list"
@@ -93,8 +88,8 @@ def test_load_and_unload_need_admin_and_stay_inside_models_dir(server: LiveServe
         assert admin.post("/v1/adapters/load", json={**body, "path": "other.gguf"}).json()["error"]["code"] == (
             "adapter_exists"
         )
-        base = text(complete(client, "The capital of France is"))
-        assert text(complete(client, "The capital of France is", "light:zero")) == base  # lora_b = 0
+        base = completion_text(complete(client, "The capital of France is"))
+        assert completion_text(complete(client, "The capital of France is", "light:zero")) == base  # lora_b = 0
         assert cards(client)["zero"]["usage_count"] == 1
         unloaded = admin.post("/v1/adapters/unload", json={"model": "light", "adapter": "zero"})
         assert unloaded.status_code == 200 and unloaded.json()["status"] == "unloaded"
@@ -104,10 +99,10 @@ def test_load_and_unload_need_admin_and_stay_inside_models_dir(server: LiveServe
 
 
 def test_adapter_is_chosen_per_request_on_every_endpoint(client: httpx.Client) -> None:
-    base = text(complete(client, "A B C D E F G"))
-    tuned = text(complete(client, "A B C D E F G", "light:random"))
+    base = completion_text(complete(client, "A B C D E F G"))
+    tuned = completion_text(complete(client, "A B C D E F G", "light:random"))
     assert tuned != base
-    assert text(complete(client, "A B C D E F G", adapter="random")) == tuned
+    assert completion_text(complete(client, "A B C D E F G", adapter="random")) == tuned
     conflict = complete(client, "A B C D E F G", "light:random", adapter="other")
     assert conflict.status_code == 400
     chat = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8}
@@ -136,10 +131,10 @@ def test_unknown_adapter_is_404_naming_the_ones_there(client: httpx.Client) -> N
 def test_concurrent_requests_with_different_adapters_each_get_their_own_output(client: httpx.Client) -> None:
     # Continuations each model is sure of (see tests/engines/test_lora_llamacpp.py).
     cases = [("light", "1, 2, 3, 4, 5, 6,"), ("light:random", "A B C D E F G"), ("light", "A B C D E F G")]
-    solo = [text(complete(client, prompt, model)) for model, prompt in cases]
+    solo = [completion_text(complete(client, prompt, model)) for model, prompt in cases]
     with ThreadPoolExecutor(len(cases)) as pool:
         # A stop string never produced: a different cache key from the solo runs, so these decode.
-        together = list(pool.map(lambda c: text(complete(client, c[1], c[0], stop=["\u2063"])), cases))
+        together = list(pool.map(lambda c: completion_text(complete(client, c[1], c[0], stop=["\u2063"])), cases))
     assert together == solo
     assert solo[1] != solo[2]
 
@@ -148,8 +143,8 @@ def test_response_cache_keys_on_the_adapter(client: httpx.Client) -> None:
     prompt = "Once upon a time"
     base = complete(client, prompt)
     tuned = complete(client, prompt, "light:random")
-    assert text(tuned) != text(base)  # not the base model's cached answer
+    assert completion_text(tuned) != completion_text(base)  # not the base model's cached answer
     again = complete(client, prompt, "light:random")
-    assert text(again) == text(tuned)
+    assert completion_text(again) == completion_text(tuned)
     details = again.json()["usage"]["prompt_tokens_details"]
     assert details["cached_tokens"] == again.json()["usage"]["prompt_tokens"]  # a response-cache hit

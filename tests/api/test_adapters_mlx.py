@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.fixtures.lora import build_mlx_lora
-from tests.live import LiveServer, live_server
+from tests.live import LiveServer, completion_text, live_server
 
 ADMIN = {"Authorization": "Bearer admin-key"}
 
@@ -47,25 +47,20 @@ def complete(http: httpx.Client, model: str, prompt: str = "one two three", **ex
     return http.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 10, **extra})
 
 
-def text(response: httpx.Response) -> str:
-    assert response.status_code == 200, response.text
-    return str(response.json()["choices"][0]["text"])
-
-
 def test_mlx_adapters_load_and_apply_per_request(server: LiveServer) -> None:
     with server.client(headers=ADMIN) as http:
         card = {c["id"]: c for c in http.get("/v1/adapters").json()["data"]}["random"]
         assert (card["status"], card["rank"]) == ("loaded", 4)
-        base, tuned = text(complete(http, "light")), text(complete(http, "light:random"))
+        base, tuned = completion_text(complete(http, "light")), completion_text(complete(http, "light:random"))
         assert tuned != base
         loaded = http.post("/v1/adapters/load", json={"model": "light", "adapter": "zero", "path": "zero"})
         assert loaded.status_code == 200, loaded.text
-        assert text(complete(http, "light", adapter="zero")) == base  # lora_b = 0 adds nothing
+        assert completion_text(complete(http, "light", adapter="zero")) == base  # lora_b = 0 adds nothing
         missing = complete(http, "light:nope")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "adapter_not_found"
         cases = ["light", "light:random", "light:zero"]
         with ThreadPoolExecutor(len(cases)) as pool:
-            together = list(pool.map(lambda model: text(complete(http, model)), cases))
+            together = list(pool.map(lambda model: completion_text(complete(http, model)), cases))
         assert together == [base, tuned, base]
         assert http.post("/v1/adapters/unload", json={"model": "light", "adapter": "zero"}).status_code == 200
         assert complete(http, "light:zero").status_code == 404
