@@ -1,7 +1,7 @@
 """Generation through llmservice vs llama.cpp's own server (the anchor) vs `llama_cpp.server`.
 
     python bench/bench_generation.py [--rounds 5] [--tokens 128] [--streams 1,4,8]
-        [--model GGUF] [--gpu-layers N] [--stagger 0.05] [--no-llama-cpp-server]
+        [--model GGUF] [--gpu-layers N] [--stagger 0.05] [--no-llama-cpp-server] [--profile FILE]
 
 All three serve the same GGUF (default: the Gemma 3 270M GGUF from PyPI) with the same threads,
 context per sequence, GPU offload and sampling, one after another on an otherwise idle machine:
@@ -149,7 +149,7 @@ def main() -> None:
         else:
             print(f"(llama-server not found at {LLAMA_SERVER}: skipped)")
         if args.no_llama_cpp_server:
-            pass
+            print("(llama_cpp.server: skipped, --no-llama-cpp-server)")
         elif available(LCS_PYTHON, "llama_cpp.server.app"):
             contenders.append(stack.enter_context(llama_cpp_server(model, args.gpu_layers)))
         else:
