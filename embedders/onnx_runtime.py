@@ -73,6 +73,9 @@ class OnnxModule:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads > 0:
             options.intra_op_num_threads = threads
+        # Idle pool threads sleep instead of spinning: spinning took the cores the event loop and
+        # tokenisers need between passes (rerank 4-10 % more documents/s on 2 cores without it).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # a corrupt cache file: say which, so it can be deleted

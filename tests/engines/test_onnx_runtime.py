@@ -41,6 +41,8 @@ def test_minilm_on_onnx_gives_the_torch_vectors_and_caches_the_export(
     ours = np.stack([o.dense for o in onnx_engine.embed(TEXTS)])  # type: ignore[misc]
     ref = np.stack([o.dense for o in torch_engine.embed(TEXTS)])  # type: ignore[misc]
     assert np.allclose(ours, ref, atol=1e-4) and np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+    options = onnx_engine._onnx._session.get_session_options()  # type: ignore[attr-defined]
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"  # cores left to the app
     onnx_engine._pass_tokens = 1  # every text in a pass of its own: the same vectors, in input order
     alone = np.stack([o.dense for o in onnx_engine.embed(TEXTS)])  # type: ignore[misc]
     assert np.allclose(alone, ours, atol=1e-5)
