@@ -24,9 +24,12 @@ class LiveServer:
     def __init__(self, env: Mapping[str, str], env_file: Path | None = None) -> None:
         # Collections and batch files go to folders of this server's own unless a test names one
         # (a restart test): never into the checkout.
-        self._batch_dir = None if "BATCH_DIR" in env else tempfile.mkdtemp(prefix="llmservice-batches-")
-        defaults = {"LOG_LEVEL": "WARNING", "COLLECTIONS_DIR": tempfile.mkdtemp(prefix="llmservice-collections-")}
-        defaults |= {"BATCH_DIR": self._batch_dir} if self._batch_dir else {}
+        self._own_dirs = {
+            key: tempfile.mkdtemp(prefix=f"llmservice-{key.split('_')[0].lower()}-")
+            for key in ("BATCH_DIR", "COLLECTIONS_DIR")
+            if key not in env
+        }
+        defaults = {"LOG_LEVEL": "WARNING", **self._own_dirs}
         self.settings = parse_settings({**defaults, **env})
         configure_logging(self.settings.log_level)  # as `python -m service` does
         self.app = create_app(self.settings, env_file=env_file)
@@ -62,8 +65,8 @@ class LiveServer:
         self._server.should_exit = True
         self._thread.join(30)
         self._sock.close()
-        if self._batch_dir is not None:
-            shutil.rmtree(self._batch_dir, ignore_errors=True)
+        for folder in self._own_dirs.values():
+            shutil.rmtree(folder, ignore_errors=True)
 
     def client(self, **kwargs: object) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=120, **kwargs)  # type: ignore[arg-type]
