@@ -24,11 +24,8 @@ class LiveServer:
     def __init__(self, env: Mapping[str, str], env_file: Path | None = None) -> None:
         # Collections and batch files go to folders of this server's own unless a test names one
         # (a restart test): never into the checkout.
-        self._own_dirs = {
-            key: tempfile.mkdtemp(prefix=f"llmservice-{key.split('_')[0].lower()}-")
-            for key in ("BATCH_DIR", "COLLECTIONS_DIR")
-            if key not in env
-        }
+        prefixes = {"BATCH_DIR": "llmservice-batches-", "COLLECTIONS_DIR": "llmservice-collections-"}
+        self._own_dirs = {key: tempfile.mkdtemp(prefix=prefix) for key, prefix in prefixes.items() if key not in env}
         defaults = {"LOG_LEVEL": "WARNING", **self._own_dirs}
         self.settings = parse_settings({**defaults, **env})
         configure_logging(self.settings.log_level)  # as `python -m service` does
