@@ -8,6 +8,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -36,9 +37,16 @@ def process(
     ready: str | None = None,
     timeout: float = 180,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run a server until `ready_url` answers 200 (and contains `ready`, if given)."""
+    """Run a server until `ready_url` answers 200 (and contains `ready`, if given), in an empty
+    working folder: llmservice would otherwise read the checkout's `.env` (start_service.sh writes
+    one) and load its tiers beside the benchmark's."""
+    folder = tempfile.TemporaryDirectory(prefix="bench-cwd-")
     proc = subprocess.Popen(
-        list(cmd), cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        list(cmd),
+        cwd=folder.name,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + timeout
@@ -61,6 +69,7 @@ def process(
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        folder.cleanup()
 
 
 def llmservice(env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
@@ -71,6 +80,8 @@ def llmservice(env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
         "LOG_LEVEL": "WARNING",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
+        # `-m service` from the checkout, whatever the working folder
+        "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))),
         **env,
     }
     return [sys.executable, "-m", "service"], full

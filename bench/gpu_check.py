@@ -24,13 +24,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import free_port  # noqa: E402
+from bench._common import free_port, llmservice  # noqa: E402
 
 
 def tiny_embedder(dest: Path) -> Path:
@@ -43,27 +44,25 @@ def tiny_embedder(dest: Path) -> Path:
     return dest
 
 
-def serve(env: dict[str, str], log: Path, timeout: float = 240) -> bool:
-    """Start the server, check it, stop it; True when every check answered."""
+def serve(env: dict[str, str], log: Path, cwd: Path, timeout: float = 240) -> bool:
+    """Start the server in `cwd` (no `.env` there), check it, stop it; True when every check answered."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    full = {**os.environ, "PORT": str(port), "PORT_AUTO_INCREMENT": "false", "LOG_LEVEL": "INFO", **env}
-    port_file = os.path.join(tempfile.gettempdir(), f"gpu-check-{port}.port")
-    full.update({"PORT_FILE": port_file, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    cmd, full = llmservice({"PORT": str(port), "LOG_LEVEL": "INFO", **env})
     tiers = [k.removesuffix("_MODEL_PATH").lower() for k in env if k.endswith("_MODEL_PATH")]
     print(f"--- {' + '.join(tiers)}: {json.dumps(env)}")
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-X", "faulthandler", "-m", "service"], cwd=ROOT, env=full, stdout=out, stderr=out
+            [cmd[0], "-X", "faulthandler", *cmd[1:]], cwd=cwd, env={**os.environ, **full}, stdout=out, stderr=out
         )
         ok = False
         try:
             t0 = time.monotonic()
-            health: dict[str, object] = {}
+            health: dict[str, Any] = {}
             while time.monotonic() - t0 < timeout and proc.poll() is None:
                 try:
                     health = httpx.get(f"{url}/health", timeout=5).json()
-                    states = {t: (health.get("tiers") or {}).get(t, {}).get("state") for t in tiers}  # type: ignore[union-attr]
+                    states = {t: (health.get("tiers") or {}).get(t, {}).get("state") for t in tiers}
                     if all(s == "loaded" for s in states.values()) or any(s == "failed" for s in states.values()):
                         break
                 except httpx.HTTPError:
@@ -110,8 +109,8 @@ def main() -> None:
         embedder = str(tiny_embedder(folder / "embedder"))
         light = {"LIGHT_MODEL_PATH": args.model, "LIGHT_N_GPU_LAYERS": "-1", "LIGHT_MAX_BATCH": "4"}
         embedding = {"EMBEDDING_MODEL_PATH": embedder, "EMBEDDING_ENGINE": "sentence_transformers"}
-        both = serve({**light, **embedding}, logs / "serve-both.log")
-        alone = both or serve(light, logs / "serve-light.log")
+        both = serve({**light, **embedding}, logs / "serve-both.log", folder)
+        alone = both or serve(light, logs / "serve-light.log", folder)
         print(f"RESULT gguf on GPU + torch embedding tier: {'ok' if both else 'FAILED'}", end="")
         print("" if both else f"; GGUF alone: {'ok' if alone else 'FAILED'}")
         sys.exit(0 if both else 1)
