@@ -8,13 +8,16 @@ Score kinds, declared by each engine in `RerankerInfo.score_kind`:
 Ordering always follows the raw score, so clamping never reorders results.
 
 With a micro-batcher, pairs from several requests go through `score_pairs` in one call and each
-request orders its own slice with `rank`; without one, `rerank` does both.
+request orders its own slice with `rank`; without one, `rerank` does both. A `PairTokenizing`
+reranker's pairs are tokenised on the request side instead, once (for packing, usage and the
+forward pass), and the batcher runs `score_tokens` on them.
 """
 
 from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -37,6 +40,14 @@ class RerankerInfo:
     score_kind: ScoreKind
     device: str = "cpu"
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PairTokens:
+    """A (query, document) pair as the model sees it: special tokens added, truncated."""
+
+    ids: list[int]
+    type_ids: list[int]  # which segment each token belongs to (BERT's token_type_ids)
 
 
 class Reranker(abc.ABC):
@@ -101,6 +112,30 @@ class Reranker(abc.ABC):
             RerankResult(index=i, score=normalize_score(raw[i], kind) if normalize else raw[i], raw_score=raw[i])
             for i in order
         ]
+
+
+class PairTokenizing(abc.ABC):
+    """A reranker whose tokenizer may run on request threads, beside the model's forward pass (as
+    `embedders.base.PreTokenizing`): `tokenize_pairs` is thread-safe and never touches a tokenizer
+    the model thread uses."""
+
+    @property
+    def pretokenizes(self) -> bool:
+        """False where this loaded model must tokenise on its own thread after all (a slow tokenizer)."""
+        return True
+
+    @abc.abstractmethod
+    def tokenize_pairs(self, query: str, docs: list[str]) -> list[PairTokens]: ...
+
+    @abc.abstractmethod
+    def score_tokens(self, pairs: list[PairTokens]) -> list[float]:
+        """Raw scores for pairs from `tokenize_pairs`, possibly of several requests."""
+
+
+def encode_pairs(backend: Any, pairs: Sequence[tuple[str, str]]) -> list[PairTokens]:
+    """Pairs through a fast tokenizer's Rust backend (`embedders.base.request_tokenizer`: it
+    truncates longest-first, as the model's own tokenizer does for pairs, and never pads)."""
+    return [PairTokens(e.ids, e.type_ids) for e in backend.encode_batch(list(pairs))]
 
 
 def check_top_n(top_n: int | None) -> None:

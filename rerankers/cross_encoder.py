@@ -1,34 +1,42 @@
-"""Cross-encoder reranking with sentence-transformers (`CrossEncoder`, one relevance logit per pair).
-With `RERANKER_RUNTIME=onnx` the sequence classifier runs in onnxruntime (embedders.onnx_runtime)."""
+"""Cross-encoder reranking: a sentence-transformers `CrossEncoder` folder (one relevance logit per pair).
+
+Pairs are tokenised on the request side (`PairTokenizing`, a private copy of the fast tokenizer),
+and the model thread only runs forward passes: longest pairs first, rows of similar length together,
+through the model's sequence classifier, in torch (what `CrossEncoder.predict` does per batch) or,
+with `RERANKER_RUNTIME=onnx`, in onnxruntime (embedders.onnx_runtime).
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from embedders import hf
-from embedders.base import hf_max_tokens, pad_rows, passes
+from embedders.base import hf_max_tokens, pad_batch, pad_rows, passes, request_tokenizer
 from embedders.onnx_runtime import OnnxModule, onnx_or_torch
 from embedders.torch_engine import TorchEngine
 from kernel.errors import ModelUnavailableError, engine_errors
-from rerankers.base import Reranker, RerankerInfo
+from rerankers.base import PairTokenizing, PairTokens, Reranker, RerankerInfo, encode_pairs
 
 
-class CrossEncoderReranker(TorchEngine[RerankerInfo], Reranker):
+class CrossEncoderReranker(TorchEngine[RerankerInfo], Reranker, PairTokenizing):
     name = "cross_encoder"
     model_kind = "reranker"
     runtimes = ("torch", "onnx", "auto")
     _onnx: OnnxModule | None = None
+    _request_tokenizer: Any = None
+    _inputs: tuple[str, ...] = ()
+    _pad_id = 0
 
     def load(self) -> None:
         path = self._begin_load("cross-encoder")
-        import torch
         from sentence_transformers import CrossEncoder
 
         max_tokens = hf_max_tokens(path, cap=self.tier.n_ctx)
         try:
-            # Identity: we want raw logits; `rerank()` applies the sigmoid itself (CrossEncoder's
-            # default activation for one label is a sigmoid, which would be applied twice).
-            model = CrossEncoder(path, device=self._device, max_length=max_tokens, activation_fn=torch.nn.Identity())
+            model = CrossEncoder(path, device=self._device, max_length=max_tokens)
         except (OSError, ValueError, RuntimeError) as exc:
             raise ModelUnavailableError(f"Cannot load {path} as a cross-encoder: {exc}") from exc
         labels = int(model.config.num_labels)
@@ -36,47 +44,76 @@ class CrossEncoderReranker(TorchEngine[RerankerInfo], Reranker):
             raise ModelUnavailableError(
                 f"{path} has {labels} output labels; a reranker needs a one-logit cross-encoder"
             )
+        tokenizer = model.tokenizer
+        # The tensors the model's own tokenisation gives it (BERT: token_type_ids too).
+        probe = tokenizer(["a"], ["b"])
+        self._inputs = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in probe)
+        self._pad_id = int(tokenizer.pad_token_id or 0)
+        if getattr(tokenizer, "is_fast", False):
+            self._request_tokenizer = request_tokenizer(tokenizer, max_tokens)
         self._model = model
-        names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in model.tokenizer(["a"], ["b"])]
         self._onnx = onnx_or_torch(
             self.tier.runtime,
             self._device,
             path,
-            lambda: OnnxModule(model.model, names, "logits", path, threads=self.tier.n_threads),
+            lambda: OnnxModule(model.model, self._inputs, "logits", path, threads=self.tier.n_threads),
         )
         self._info = RerankerInfo(engine=self.name, max_tokens=max_tokens, score_kind="logit", device=self._device)
+
+    @property
+    def pretokenizes(self) -> bool:
+        return self._request_tokenizer is not None
 
     def score(self, query: str, docs: list[str]) -> list[float]:
         return self.score_pairs([(query, doc) for doc in docs])
 
     def score_pairs(self, pairs: list[tuple[str, str]]) -> list[float]:
-        self.info()
+        return self.score_tokens(self._tokenize(pairs))
+
+    def tokenize_pairs(self, query: str, docs: list[str]) -> list[PairTokens]:
+        return self._tokenize([(query, doc) for doc in docs])
+
+    def _tokenize(self, pairs: list[tuple[str, str]]) -> list[PairTokens]:
+        max_tokens = self.info().max_tokens
         if not pairs:
             return []
-        if self._onnx is not None:
-            return self._score_onnx(self._onnx, pairs)
-        with engine_errors(self.name):
-            logits = self._model.predict(
-                pairs,
-                batch_size=self._batch_size,
-                show_progress_bar=False,
-                convert_to_numpy=True,
-            )
-        return [float(x) for x in np.asarray(logits, dtype=np.float32).reshape(-1)]
+        if self._request_tokenizer is not None:
+            return encode_pairs(self._request_tokenizer, pairs)
+        # A slow (Python) tokenizer: the model's own, so only on the model thread (`pretokenizes` is False).
+        encoded = self._model.tokenizer(
+            [q for q, _ in pairs], [d for _, d in pairs], truncation=True, max_length=max_tokens
+        )
+        ids: list[list[int]] = encoded["input_ids"]
+        types: list[list[int]] = encoded.get("token_type_ids") or [[0] * len(row) for row in ids]
+        return [PairTokens(i, t) for i, t in zip(ids, types, strict=True)]
 
-    def _score_onnx(self, onnx: OnnxModule, pairs: list[tuple[str, str]]) -> list[float]:
-        """Pairs tokenised once, then scored longest first in passes of similar length (as the
-        embedders run: at most BATCH_SIZE rows and, on a CPU, a bounded number of padded tokens)."""
+    def score_tokens(self, pairs: list[PairTokens]) -> list[float]:
+        """Longest first in passes of similar length: at most BATCH_SIZE rows and, on a CPU, a
+        bounded number of padded tokens (as the embedders run)."""
+        self.info()
         scores = np.empty(len(pairs), dtype=np.float32)
-        tokenizer, max_tokens = self._model.tokenizer, self.info().max_tokens
         with engine_errors(self.name):
-            encoded = tokenizer([q for q, _ in pairs], [d for _, d in pairs], truncation=True, max_length=max_tokens)
-            pads = {name: int(tokenizer.pad_token_id or 0) if name == "input_ids" else 0 for name in onnx.inputs}
-            lengths = [len(row) for row in encoded["input_ids"]]
-            for rows in passes(lengths, self._batch_size, self._pass_tokens):
-                feeds = {name: pad_rows([encoded[name][i] for i in rows], pad) for name, pad in pads.items()}
-                scores[rows] = onnx.run(feeds).reshape(len(rows), -1)[:, 0]
+            for rows in passes([len(p.ids) for p in pairs], self._batch_size, self._pass_tokens):
+                input_ids, mask = pad_batch([pairs[i].ids for i in rows], self._pad_id)
+                feeds = {"input_ids": input_ids, "attention_mask": mask}
+                if "token_type_ids" in self._inputs:
+                    feeds["token_type_ids"] = pad_rows([pairs[i].type_ids for i in rows], 0)
+                scores[rows] = self._logits(feeds)
         return [float(x) for x in scores]
 
+    def _logits(self, feeds: dict[str, npt.NDArray[np.int64]]) -> npt.NDArray[np.float32]:
+        """One pass's raw logits (no activation: `rank()` applies the sigmoid when asked)."""
+        if self._onnx is not None:
+            return self._onnx.run(feeds)[:, 0]
+        import torch
+
+        with torch.inference_mode():
+            tensors = {name: torch.from_numpy(feeds[name]).to(self._device) for name in self._inputs}
+            logits = self._model.model(**tensors, return_dict=True).logits
+        out: npt.NDArray[np.float32] = logits[:, 0].float().cpu().numpy()
+        return out
+
     def count_tokens(self, query: str, docs: list[str]) -> int:
-        return hf.count_pair_tokens(self._model.tokenizer, query, docs, self.info().max_tokens)
+        if self._request_tokenizer is None:
+            return hf.count_pair_tokens(self._model.tokenizer, query, docs, self.info().max_tokens)
+        return sum(len(p.ids) for p in self.tokenize_pairs(query, docs))

@@ -9,7 +9,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeGuard, TypeVar
 
 from backends.base import Backend, GenerationRequest
 from backends.factory import create_backend
@@ -17,7 +17,7 @@ from embedders.base import Embedder, EmbeddingBatch, EmbeddingJob, EmbeddingRequ
 from embedders.factory import create_embedder
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError, LLMServiceError, ModelUnavailableError
-from rerankers.base import Reranker, RerankResult
+from rerankers.base import PairTokenizing, PairTokens, Reranker, RerankResult
 from rerankers.factory import create_reranker
 from service.batching import MicroBatcher
 from service.settings import GENERATION_TIERS
@@ -187,7 +187,10 @@ class RerankFamily(Family[Reranker]):
         info = reranker.info()
         slot.engine, slot.engine_name, slot.device = reranker, info.engine, info.device
         slot.context_length = info.max_tokens
-        slot.batcher = self._batcher(slot, reranker.score_pairs, _pair_cost)
+        if _pretokenizes(reranker):
+            slot.batcher = self._batcher(slot, reranker.score_tokens, _tokens_cost)
+        else:
+            slot.batcher = self._batcher(slot, reranker.score_pairs, _pair_cost)
 
     async def rerank(
         self, slot: TierSlot, query: str, docs: list[str], top_n: int | None, normalize: bool
@@ -196,8 +199,18 @@ class RerankFamily(Family[Reranker]):
         reranker, batcher = self.batched(slot)
         if not docs:
             return [], 0
-        raw: list[float] = await batcher.submit([(query, doc) for doc in docs])
-        tokens = await asyncio.to_thread(reranker.count_tokens, query, docs)
+        raw: list[float]
+        if _pretokenizes(reranker):
+            # Tokenised once, here: for packing, for usage, and so the model thread only runs passes.
+            if len(query) * len(docs) + sum(len(d) for d in docs) > _INLINE_TOKENIZE_CHARS:
+                pairs = await asyncio.to_thread(reranker.tokenize_pairs, query, docs)
+            else:
+                pairs = reranker.tokenize_pairs(query, docs)
+            raw = await batcher.submit(pairs)
+            tokens = sum(len(p.ids) for p in pairs)
+        else:
+            raw = await batcher.submit([(query, doc) for doc in docs])
+            tokens = await asyncio.to_thread(reranker.count_tokens, query, docs)
         return reranker.rank(raw, top_n, normalize), tokens
 
 
@@ -211,6 +224,14 @@ FAMILIES: Mapping[str, Family[Any]] = {
 
 def _job_cost(job: EmbeddingJob) -> int:
     return job.cost
+
+
+def _pretokenizes(reranker: Reranker) -> TypeGuard[PairTokenizing]:
+    return isinstance(reranker, PairTokenizing) and reranker.pretokenizes
+
+
+def _tokens_cost(pair: PairTokens) -> int:
+    return len(pair.ids)
 
 
 def _pair_cost(pair: tuple[str, str]) -> int:

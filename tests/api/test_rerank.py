@@ -6,6 +6,7 @@ import math
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -131,3 +132,31 @@ def test_logit_rerankers_sigmoid_and_raw(logit_server: LiveServer) -> None:
     for n, r in zip(normal, raw, strict=True):
         assert math.isclose(n["relevance_score"], 1 / (1 + math.exp(-r["relevance_score"])), rel_tol=1e-5)
     assert len({round(r["relevance_score"], 6) for r in raw}) > 1
+
+
+def test_coalesced_requests_get_their_own_scores_and_usage(logit_server: LiveServer) -> None:
+    """Pairs of several requests share forward passes; each still gets what it gets alone, and
+    usage counts its own pairs' tokens after truncation (tokenised once, on the request side)."""
+    engine = logit_server.app.state.registry.slots["reranker"].engine
+    queries = [QUERY, "apple pie on sundays", "sunny", "patterns learned from examples " * 200]
+    alone = {q: rerank(logit_server, query=q, raw_scores=True).json() for q in queries}
+    answers: list[tuple[str, Any]] = []
+    barrier = threading.Barrier(8)
+
+    def one(query: str) -> None:
+        barrier.wait()
+        answers.append((query, rerank(logit_server, query=query, raw_scores=True).json()))
+
+    threads = [threading.Thread(target=one, args=(queries[i % 4],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(answers) == 8
+    for query, body in answers:
+        expected = alone[query]
+        assert [r["index"] for r in body["results"]] == [r["index"] for r in expected["results"]]
+        for got, want in zip(body["results"], expected["results"], strict=True):
+            assert got["relevance_score"] == pytest.approx(want["relevance_score"], abs=1e-4)
+        assert body["usage"] == expected["usage"]
+        assert body["usage"]["prompt_tokens"] == engine.count_tokens(query, DOCS)

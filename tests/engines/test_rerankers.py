@@ -152,6 +152,29 @@ def test_cross_encoder_returns_raw_logits_like_flag(tiny_xlmr_ce: Path, flag: Re
         assert a == pytest.approx(b, rel=1e-3, abs=1e-4)
 
 
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+def test_cross_encoder_gives_sentence_transformers_own_scores(tiny_bert_ce: Path, runtime: str) -> None:
+    """Our passes (request-side tokens, longest first, padded by us) score what `CrossEncoder.predict`
+    does, truncation of an over-long pair included."""
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    reranker = create_reranker(TierSettings(name="reranker", runtime=runtime, batch_size=3), str(tiny_bert_ce))
+    assert isinstance(reranker, CrossEncoderReranker)
+    reranker.load()
+    assert reranker.pretokenizes
+    pairs = [(QUERY, d) for d in DOCS] + [("cats " * 100, "fish " * 300), ("q", "")]
+    limit = reranker.info().max_tokens
+    reference = CrossEncoder(str(tiny_bert_ce), max_length=limit, activation_fn=torch.nn.Identity())
+    expected = reference.predict(pairs, batch_size=2, convert_to_numpy=True)
+    assert reranker.score_pairs(pairs) == pytest.approx(expected.tolist(), rel=1e-3, abs=1e-4)
+    tokens = reranker.tokenize_pairs(QUERY, DOCS)
+    own = reference.tokenizer([QUERY] * len(DOCS), DOCS)
+    assert [t.ids for t in tokens] == own["input_ids"] and [t.type_ids for t in tokens] == own["token_type_ids"]
+    assert reranker.score_tokens(tokens) == pytest.approx(reranker.score(QUERY, DOCS), abs=1e-6)
+    assert reranker.count_tokens(QUERY, DOCS) == sum(len(t.ids) for t in tokens)
+
+
 def test_long_documents_are_truncated_not_fatal(cross_encoder: Reranker, flag: Reranker) -> None:
     long_doc = "cats eat fish " * 300  # far past the tiny models' 128 positions
     for reranker in (cross_encoder, flag):
