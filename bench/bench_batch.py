@@ -89,16 +89,17 @@ def main() -> None:
     )
     for index, width in enumerate(int(v) for v in args.batch_concurrency.split(",")):
         port = str(free_port())
+        batch_dir = tempfile.TemporaryDirectory(prefix="bench-batch-")  # removed when its server stops
         # LOAD_WAIT_SECONDS: the warm-up waits for the model instead of a 503 while it loads.
         settings = {
             "PORT": port,
             "BATCH_CONCURRENCY": str(width),
-            "BATCH_DIR": tempfile.mkdtemp(),
+            "BATCH_DIR": batch_dir.name,
             "LOAD_WAIT_SECONDS": "120",
         }
         cmd, env = llmservice(settings)
         url = f"http://127.0.0.1:{port}"
-        with process(cmd, f"{url}/health", env=env):
+        with batch_dir, process(cmd, f"{url}/health", env=env):
             client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
             client.chat.completions.create(**_body(-1, -1, 4))  # warm-up
             for r in range(args.rounds):

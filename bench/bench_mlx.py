@@ -21,8 +21,10 @@ prompt processing about tenfold and lets batched decoding scale. Compare ratios,
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -60,7 +62,9 @@ def default_model() -> tuple[str, str]:
         return str(gemma), "Gemma 3 270M (float32 MLX folder converted from the PyPI GGUF)"
     from tests.fixtures.tiny_mlx import build_tiny_mlx_model
 
-    tiny = build_tiny_mlx_model(Path(tempfile.mkdtemp()) / "tiny-mlx")
+    folder = tempfile.mkdtemp(prefix="bench-mlx-")
+    atexit.register(shutil.rmtree, folder, True)
+    tiny = build_tiny_mlx_model(Path(folder) / "tiny-mlx")
     return str(tiny), "the TINY random test model (no Gemma MLX folder found; build it for real numbers)"
 
 

