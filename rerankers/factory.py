@@ -3,14 +3,15 @@
 Choice, first match wins:
 1. MODEL_PATH `tier:<name>` → EmbeddingReranker over that tier's embedder (`embedder_provider`);
 2. RERANKER_ENGINE=cross_encoder | flag | embedding (extras["engine"]);
-3. a folder whose config is an XLM-R sequence classifier without sentence-transformers metadata,
-   or a repo id naming bge-reranker → flag (how BAAI publishes bge-reranker-*);
-4. anything else → cross_encoder (sentence-transformers `CrossEncoder`; it loads bge-rerankers too).
+3. anything else → cross_encoder (sentence-transformers `CrossEncoder`). It loads BAAI's
+   bge-reranker folders too and gives FlagReranker's logits in about half the work: one forward
+   pass per batch where `compute_score` runs its first batch twice, onnxruntime on a CPU, and the
+   last layer for the first token only (rerankers.first_token). `flag` stays for FlagEmbedding's
+   own truncation (the query keeps at most 3/4 of the tokens).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,30 +36,10 @@ _ENGINES: EngineTable = {
 }
 
 
-def _is_bge_reranker_folder(path: Path) -> bool:
-    if (path / "config_sentence_transformers.json").is_file():
-        return False
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(config, dict) or "sentence_transformers" in config:
-        return False
-    return "XLMRobertaForSequenceClassification" in (config.get("architectures") or [])
-
-
 def choose_reranker(tier: TierSettings, model_path: str) -> str:
     if model_path.startswith("tier:"):
         return "embedding"
-    engine = engine_setting(tier, _ENGINES)
-    if engine:
-        return engine
-    path = Path(model_path)
-    if path.is_dir() and _is_bge_reranker_folder(path):
-        return "flag"
-    if not path.exists() and "bge-reranker" in model_path.lower():
-        return "flag"
-    return "cross_encoder"
+    return engine_setting(tier, _ENGINES) or "cross_encoder"
 
 
 def create_reranker(

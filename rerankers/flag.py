@@ -1,9 +1,10 @@
 """bge-reranker family through FlagEmbedding's `FlagReranker` (raw logits, sigmoid in `rerank()`).
 
-Chosen by RERANKER_ENGINE=flag, or detected by the factory for an XLM-R sequence classifier with
-no sentence-transformers metadata (how BAAI publishes bge-reranker-base/large/v2-m3).
-`compute_score()` runs its first batch twice (a batch-size probe), so each call costs about two
-forward passes; RERANKER_ENGINE=cross_encoder gives the same logits in one.
+Chosen by RERANKER_ENGINE=flag only: the cross-encoder engine loads the same folders and gives the
+same logits for less work (see rerankers.factory). `compute_score()` runs its first batch twice (a
+batch-size probe), so each call costs about two forward passes. What it does differently:
+truncation keeps at most 3/4 of the tokens for the query, where the cross-encoder truncates the
+longer of the two.
 """
 
 from __future__ import annotations

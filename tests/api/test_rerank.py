@@ -36,7 +36,8 @@ def minilm_server() -> Iterator[LiveServer]:
 @pytest.fixture(scope="module", params=["cross_encoder", "flag"])
 def logit_server(request: pytest.FixtureRequest, tiny_bert_ce: Path, tiny_xlmr_ce: Path) -> Iterator[LiveServer]:
     path = tiny_bert_ce if request.param == "cross_encoder" else tiny_xlmr_ce
-    with live_server({"RERANKER_MODEL_PATH": str(path)}, wait_for=("reranker",)) as live:
+    env = {"RERANKER_MODEL_PATH": str(path), "RERANKER_ENGINE": request.param}
+    with live_server(env, wait_for=("reranker",)) as live:
         assert live.app.state.registry.slots["reranker"].engine_name == request.param
         yield live
 

@@ -40,7 +40,7 @@ def cross_encoder(tiny_bert_ce: Path) -> Reranker:
 
 @pytest.fixture(scope="session")
 def flag(tiny_xlmr_ce: Path) -> Reranker:
-    reranker = create_reranker(TIER, str(tiny_xlmr_ce))  # detected: XLM-R classifier, no ST metadata
+    reranker = create_reranker(TierSettings(name="reranker", engine="flag"), str(tiny_xlmr_ce))
     assert isinstance(reranker, FlagRerankerReranker)
     reranker.load()
     return reranker
@@ -82,9 +82,11 @@ def test_sigmoid_and_similarity_normalisation() -> None:
 
 def test_factory_choices(tiny_bert_ce: Path, tiny_xlmr_ce: Path) -> None:
     assert choose_reranker(TIER, str(tiny_bert_ce)) == "cross_encoder"
-    assert choose_reranker(TIER, str(tiny_xlmr_ce)) == "flag"
+    # bge-reranker's layout (an XLM-R classifier, no sentence-transformers metadata): the cross-encoder
+    # gives FlagReranker's logits for less work (test_cross_encoder_returns_raw_logits_like_flag).
+    assert choose_reranker(TIER, str(tiny_xlmr_ce)) == "cross_encoder"
     assert choose_reranker(TIER, "tier:embedding") == "embedding"
-    assert choose_reranker(TIER, "BAAI/bge-reranker-v2-m3") == "flag"
+    assert choose_reranker(TIER, "BAAI/bge-reranker-v2-m3") == "cross_encoder"
     forced = TierSettings(name="reranker", engine="cross_encoder")
     assert choose_reranker(forced, str(tiny_xlmr_ce)) == "cross_encoder"
     assert choose_reranker(TierSettings(name="reranker", engine="flag"), str(tiny_bert_ce)) == "flag"
