@@ -4,7 +4,7 @@ Choice, first match wins:
 1. MODEL_PATH `tier:<name>` → EmbeddingReranker over that tier's embedder (`embedder_provider`);
 2. RERANKER_ENGINE=cross_encoder | flag | embedding (extras["engine"]);
 3. anything else → cross_encoder (sentence-transformers `CrossEncoder`). It loads BAAI's
-   bge-reranker folders too and gives FlagReranker's logits in about half the work: one forward
+   bge-reranker folders too and gives FlagReranker's logits in a third to a half of the time: one forward
    pass per batch where `compute_score` runs its first batch twice, onnxruntime on a CPU, and the
    last layer for the first token only (rerankers.first_token). `flag` stays for FlagEmbedding's
    own truncation (the query keeps at most 3/4 of the tokens).
