@@ -55,7 +55,7 @@ def build_base_xlmr(dest: Path) -> Path:
 
 
 def engines(folder: str) -> dict[str, Any]:
-    import rerankers.cross_encoder as cross_encoder
+    import rerankers.first_token as first_token
     from kernel.config import TierSettings
     from rerankers.factory import create_reranker
 
@@ -67,15 +67,15 @@ def engines(folder: str) -> dict[str, Any]:
     ):
         out[name] = create_reranker(TierSettings(name="reranker", engine=engine, runtime=runtime), folder)
         out[name].load()
-    own = cross_encoder.first_token_classifier
-    cross_encoder.first_token_classifier = lambda model, probe: None  # every layer in full
+    own = first_token.first_token_classifier
+    first_token.first_token_classifier = lambda model, probe: None  # every layer in full
     try:
         for runtime in ("torch", "onnx"):
             tier = TierSettings(name="reranker", engine="cross_encoder", runtime=runtime)
             out[f"full {runtime}"] = create_reranker(tier, folder)
             out[f"full {runtime}"].load()
     finally:
-        cross_encoder.first_token_classifier = own
+        first_token.first_token_classifier = own
     return out
 
 

@@ -20,7 +20,6 @@ from embedders.onnx_runtime import OnnxModule, onnx_or_torch
 from embedders.torch_engine import TorchEngine
 from kernel.errors import ModelUnavailableError, engine_errors
 from rerankers.base import PairTokenizing, PairTokens, Reranker, RerankerInfo, encode_pairs
-from rerankers.first_token import first_token_classifier
 
 
 class CrossEncoderReranker(TorchEngine[RerankerInfo], Reranker, PairTokenizing):
@@ -36,6 +35,8 @@ class CrossEncoderReranker(TorchEngine[RerankerInfo], Reranker, PairTokenizing):
     def load(self) -> None:
         path = self._begin_load("cross-encoder")
         from sentence_transformers import CrossEncoder
+
+        from rerankers.first_token import first_token_classifier  # torch: imported when a tier loads
 
         max_tokens = hf_max_tokens(path, cap=self.tier.n_ctx)
         try:
