@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from embedders import hf
 from embedders.base import hf_max_tokens, pad_batch, pad_rows, passes, request_tokenizer
 from embedders.onnx_runtime import OnnxModule, onnx_or_torch
 from embedders.torch_engine import TorchEngine
@@ -87,7 +86,7 @@ class CrossEncoderReranker(TorchEngine[RerankerInfo], Reranker, PairTokenizing):
             return []
         if self._request_tokenizer is not None:
             return encode_pairs(self._request_tokenizer, pairs)
-        # A slow (Python) tokenizer: the model's own, so only on the model thread (`pretokenizes` is False).
+        # A slow (Python) tokenizer, the model's own (`pretokenizes` is False: scoring tokenises here).
         encoded = self._model.tokenizer(
             [q for q, _ in pairs], [d for _, d in pairs], truncation=True, max_length=max_tokens
         )
@@ -122,6 +121,4 @@ class CrossEncoderReranker(TorchEngine[RerankerInfo], Reranker, PairTokenizing):
         return out
 
     def count_tokens(self, query: str, docs: list[str]) -> int:
-        if self._request_tokenizer is None:
-            return hf.count_pair_tokens(self._model.tokenizer, query, docs, self.info().max_tokens)
         return sum(len(p.ids) for p in self.tokenize_pairs(query, docs))

@@ -160,10 +160,7 @@ class EmbeddingFamily(Family[Embedder]):
         needs_tokenizer = any(not isinstance(item, str) for item in request.inputs)
         # Decoding token ids takes the model's lock: keep that off the event loop.
         texts = await asyncio.to_thread(embedder.prepare, request) if needs_tokenizer else embedder.prepare(request)
-        if sum(len(t) for t in texts) > _INLINE_TOKENIZE_CHARS:
-            jobs = await asyncio.to_thread(embedder.jobs, request, texts)
-        else:
-            jobs = embedder.jobs(request, texts)
+        jobs = await _tokenize(sum(len(t) for t in texts), embedder.jobs, request, texts)
         outputs = await batcher.submit(jobs, background=background)
         return embedder.finish(outputs, request.dimensions)
 
@@ -202,10 +199,8 @@ class RerankFamily(Family[Reranker]):
         raw: list[float]
         if _pretokenizes(reranker):
             # Tokenised once, here: for packing, for usage, and so the model thread only runs passes.
-            if len(query) * len(docs) + sum(len(d) for d in docs) > _INLINE_TOKENIZE_CHARS:
-                pairs = await asyncio.to_thread(reranker.tokenize_pairs, query, docs)
-            else:
-                pairs = reranker.tokenize_pairs(query, docs)
+            chars = len(query) * len(docs) + sum(len(d) for d in docs)
+            pairs = await _tokenize(chars, reranker.tokenize_pairs, query, docs)
             raw = await batcher.submit(pairs)
             tokens = sum(len(p.ids) for p in pairs)
         else:
@@ -224,6 +219,13 @@ FAMILIES: Mapping[str, Family[Any]] = {
 
 def _job_cost(job: EmbeddingJob) -> int:
     return job.cost
+
+
+async def _tokenize(chars: int, tokenize: Callable[..., T], *args: Any) -> T:
+    """`tokenize(*args)` on the event loop for short inputs, in a thread beyond `_INLINE_TOKENIZE_CHARS`."""
+    if chars > _INLINE_TOKENIZE_CHARS:
+        return await asyncio.to_thread(tokenize, *args)
+    return tokenize(*args)
 
 
 def _pretokenizes(reranker: Reranker) -> TypeGuard[PairTokenizing]:
