@@ -24,6 +24,7 @@ from service.schemas.common import (
     UsageInfo,
 )
 from service.schemas.completions import CompletionLogprobs
+from service.thinking import ThinkingControl
 from service.workers import ChunkStream
 
 
@@ -48,8 +49,10 @@ def engine_request(
     top_logprobs: int = 0,
     prompt_logprobs: bool = False,
     adapter: str | None = None,
+    thinking: ThinkingControl | None = None,
 ) -> GenerationRequest:
     """Apply the tier's defaults to whatever the request left out."""
+    thinking = thinking or ThinkingControl()
     stop = (fields.stop,) if isinstance(fields.stop, str) else tuple(fields.stop or ())
     if len(stop) > 16:
         raise InvalidRequestError("At most 16 stop sequences are supported", param="stop")
@@ -73,6 +76,9 @@ def engine_request(
         top_logprobs=top_logprobs,
         prompt_logprobs=prompt_logprobs,
         adapter=adapter,
+        thinking=thinking.enabled,
+        thinking_budget=thinking.budget,
+        template_kwargs=thinking.template_kwargs,
     )
 
 
