@@ -7,5 +7,7 @@ cd "$(dirname "$0")/.."
 ./start_service.sh --install-only --dev
 # The openai Node SDK for tests/api/test_node_sdk.py, at the versions its package-lock.json pins.
 npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
+# The coding agents (Codex CLI, Claude Code and the Node 22 it needs) for tests/agents, pinned the same way.
+npm ci --prefix tests/agents --no-audit --no-fund --loglevel=error
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TQDM_DISABLE=1
 exec "${VENV:-.venv}/bin/python" -m pytest "$@"
