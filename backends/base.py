@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from backends.reasoning import ReasoningFormat, reasoning_format
+from backends.reasoning import ReasoningFormat, ThinkingBudget, reasoning_format
 from backends.tools import ToolFormat
 from kernel.errors import AdapterNotFoundError, ContextLengthExceeded, InvalidRequestError, LLMServiceError
 
@@ -124,6 +124,32 @@ class EngineInfo:
     vocab_size: int = 0  # 0: unknown; token-id prompts are checked against it
     tool_format: ToolFormat = "hermes"  # how this model writes tool calls (backends.tools)
     reasoning: ReasoningFormat | None = None  # how it marks its thinking (backends.reasoning)
+
+
+# Names a request's template variables may not set: the render's own inputs.
+RESERVED_TEMPLATE_NAMES = frozenset(
+    {
+        "messages",
+        "tools",
+        "add_generation_prompt",
+        "bos_token",
+        "eos_token",
+        "chat_template",
+        "tokenize",
+        "conversation",
+    }
+)
+
+
+def template_variables(request: GenerationRequest) -> dict[str, Any]:
+    """What a chat template is rendered with besides the messages: `chat_template_kwargs`, and the
+    thinking switch under the names templates read (`enable_thinking`: Qwen3 and most others;
+    `thinking`: DeepSeek-V3.1), unless the client set those names itself."""
+    variables = {k: v for k, v in request.template_kwargs if k not in RESERVED_TEMPLATE_NAMES}
+    if request.thinking is not None:
+        variables.setdefault("enable_thinking", request.thinking)
+        variables.setdefault("thinking", request.thinking)
+    return variables
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -279,9 +305,15 @@ class Backend(abc.ABC):
         """The text of `tokens`, special tokens included (the inverse of `encode`)."""
 
     @abc.abstractmethod
-    def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> str:
+    def render_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        variables: Mapping[str, Any] | None = None,
+    ) -> str:
         """Apply the model's chat template and the assistant generation prompt, with `tools` offered
-        to the model (in the template's own way, or `backends.tools.fold_tools` where it has none)."""
+        to the model (in the template's own way, or `backends.tools.fold_tools` where it has none)
+        and `variables` (`template_variables`: the thinking switch, chat_template_kwargs) set."""
 
     @abc.abstractmethod
     def decode(
@@ -326,10 +358,23 @@ class Backend(abc.ABC):
     def tokens(self, request: GenerationRequest) -> list[int]:
         """The request's prompt as token ids: chat template and tools applied, BOS added once."""
         if request.messages is not None:
-            return self.encode(self.render_chat(request.messages, request.tools))
+            return self.encode(self.render_chat(request.messages, request.tools, template_variables(request)))
         if isinstance(request.prompt, list):
             return request.prompt
         return self.encode(request.prompt)
+
+    def thinking_budget(self, prompt: Sequence[int], request: GenerationRequest) -> ThinkingBudget | None:
+        """The request's thinking budget as a decoder enforces it; None where there is nothing to
+        bound (no budget, a model without thinking markers, or a grammar, which leaves no room to think)."""
+        fmt = self.info().reasoning
+        if fmt is None or request.thinking_budget is None or request.response_format is not None:
+            return None
+        # This prompt's own end, not the probe's: a template's switch may add or drop the opening.
+        inside = self.detokenize(prompt[-16:]).rstrip().endswith(fmt.open)
+        start, close = self.encode(""), self.encode(fmt.close + "\n\n")
+        if close[: len(start)] == start:  # the BOS that encode adds to a prompt
+            close = close[len(start) :]
+        return ThinkingBudget(fmt, request.thinking_budget, close, inside=inside)
 
     def prepare(self, request: GenerationRequest) -> Completion:
         """Tokenize the request and check it against the context window."""

@@ -6,7 +6,8 @@ llama-cpp-python then falls back to a llama-2 format that is wrong for them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,10 @@ def resolve_template_setting(value: str) -> str:
     return value
 
 
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
 def _raise(message: str) -> None:
     raise InvalidRequestError(f"Chat template: {message}", param="messages")
 
@@ -74,6 +79,7 @@ def _raise(message: str) -> None:
 def _compile(source: str) -> Template:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = _strftime_now  # Hugging Face's helper; gpt-oss's template dates its prompt
     return env.from_string(source)
 
 
@@ -81,15 +87,20 @@ def render(
     source: str,
     messages: Sequence[dict[str, Any]],
     tools: Sequence[dict[str, Any]] | None = None,
+    variables: Mapping[str, Any] | None = None,
     **special_tokens: str,
 ) -> str:
-    """Render `messages` (and `tools`, folded into the messages where the template takes none)."""
+    """Render `messages` (and `tools`, folded into the messages where the template takes none);
+    `variables` (the thinking switch, chat_template_kwargs) never replace the render's own names."""
     if not template_takes_tools(source):
         messages, tools = fold_tools(messages, tools or ()), None
-    context: dict[str, Any] = {"tools": list(tools)} if tools else {}
+    context: dict[str, Any] = dict(variables or {})
+    context.update(special_tokens, messages=template_messages(messages), add_generation_prompt=True)
+    if tools:
+        context["tools"] = list(tools)
+    else:
+        context.pop("tools", None)
     try:
-        return _compile(source).render(
-            messages=template_messages(messages), add_generation_prompt=True, **context, **special_tokens
-        )
+        return _compile(source).render(**context)
     except TemplateError as exc:
         raise InvalidRequestError(f"Chat template failed: {exc}", param="messages") from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from backends.base import Backend, EngineInfo, GenerationRequest, Token
@@ -53,7 +53,12 @@ class FakeBackend(Backend):
     def detokenize(self, tokens: Sequence[int]) -> str:
         return bytes(t for t in tokens if t < BOS).decode(errors="replace")
 
-    def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> str:
+    def render_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        variables: Mapping[str, Any] | None = None,
+    ) -> str:
         lines = [f"{m['role']}: {m.get('content') or ''}" for m in messages]
         return "\n".join(lines) + "\n"
 

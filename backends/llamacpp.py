@@ -13,7 +13,7 @@ import ctypes
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -233,14 +233,19 @@ class LlamaCppBackend(Backend):
                 return buf.raw[:n].decode("utf-8", errors="replace")
             size = -n
 
-    def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> str:
+    def render_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        variables: Mapping[str, Any] | None = None,
+    ) -> str:
         if self._template is None:
             raise InvalidRequestError(
                 f"The model of tier {self.tier.name} has no chat template; set "
                 f"{self.tier.name.upper()}_CHAT_TEMPLATE or use /v1/completions",
                 param="messages",
             )
-        return render(self._template, messages, tools, bos_token=self._bos, eos_token=self._eos_text)
+        return render(self._template, messages, tools, variables, bos_token=self._bos, eos_token=self._eos_text)
 
     # -- generation ------------------------------------------------------------------------
 

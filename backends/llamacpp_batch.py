@@ -30,6 +30,7 @@ import numpy as np
 
 from backends.base import PROMPT_SCORE_CHUNK, Completion, DecodeBatch, Token, TokenLogprob, common_prefix
 from backends.llamacpp_sampling import Sampler, TextStream, free_sampler, logprobs
+from backends.reasoning import ThinkingBudget
 from kernel.errors import EngineError, InvalidRequestError, LLMServiceError
 
 if TYPE_CHECKING:
@@ -135,6 +136,7 @@ class _Sequence:
     grammar: Future[Any] | None = None  # compiling off the model's thread
     grammar_since: float = 0.0
     prompt_scores: list[Token] = field(default_factory=list)  # with prompt_logprobs
+    thinking: ThinkingBudget | None = None  # a thinking budget to enforce
 
     @property
     def adapter(self) -> str | None:
@@ -177,6 +179,7 @@ class LlamaCppBatch(DecodeBatch):
                 raise
         slot, reused = backend.slots.acquire(prompt, request.adapter)
         seq = _Sequence(key, completion, slot, reused, sampler, fed=reused, grammar=grammar)
+        seq.thinking = backend.thinking_budget(prompt, request)
         if request.prompt_logprobs:
             # Every prompt token is scored from its own logits: nothing comes from the KV cache.
             backend.slots.wipe(slot)
@@ -284,7 +287,12 @@ class LlamaCppBatch(DecodeBatch):
                 seq.prompt_scores.append(Token(chosen.token, logprob=chosen, top_logprobs=best))
 
     def _sample(self, seq: _Sequence, index: int) -> Token | None:
-        token = seq.sampler.sample(self._ctx, index)
+        forced = seq.thinking.forced() if seq.thinking is not None else None
+        if forced is None:
+            token = seq.sampler.sample(self._ctx, index)
+        else:  # the thinking budget is spent: its close marker goes in as if sampled
+            token = forced
+            seq.sampler.accept(token)
         if llama_cpp.llama_vocab_is_eog(self._vocab, token):
             self._finish(seq)
             return None
@@ -298,7 +306,10 @@ class LlamaCppBatch(DecodeBatch):
         top: tuple[TokenLogprob, ...] = ()
         if request.logprobs:
             chosen, top = logprobs(self._ctx, index, self._n_vocab, token, request.top_logprobs, self.piece_text)
-        text = seq.text.add(self.piece(token), final=done)
+        piece = self.piece(token)
+        if seq.thinking is not None:
+            seq.thinking.observe(piece.decode("utf-8", errors="replace"))
+        text = seq.text.add(piece, final=done)
         first = seq.count == 1
         result = Token(
             text,

@@ -61,6 +61,10 @@ class Sampler:
         llama_cpp.llama_sampler_accept(self._chain, token)
         return token
 
+    def accept(self, token: int) -> None:
+        """Record a token chosen for the sampler (a forced one), so its penalties count it."""
+        llama_cpp.llama_sampler_accept(self._chain, token)
+
     def allows(self, token: int) -> bool:
         """Whether the grammar (if any) accepts `token` next; for an end-of-generation token: whether
         the structured value is complete."""

@@ -16,7 +16,7 @@ import itertools
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +33,7 @@ from mlx_lm.utils import _download, load_model
 
 from backends.base import (
     PROMPT_SCORE_CHUNK,
+    RESERVED_TEMPLATE_NAMES,
     AdapterInfo,
     Backend,
     Completion,
@@ -44,7 +45,7 @@ from backends.base import (
     TokenLogprob,
     common_prefix,
 )
-from backends.reasoning import ReasoningFormat
+from backends.reasoning import ReasoningFormat, ThinkingBudget
 from backends.tools import fold_tools, template_messages, template_takes_tools, tool_format
 from kernel.errors import (
     AdapterNotFoundError,
@@ -170,7 +171,12 @@ class MlxBackend(Backend):
         with engine_errors(_ENGINE):
             return str(tokenizer.decode(list(tokens), skip_special_tokens=False))
 
-    def render_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> str:
+    def render_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        variables: Mapping[str, Any] | None = None,
+    ) -> str:
         tokenizer = self._require()[1]
         template = self.tier.chat_template
         if template is None and not tokenizer.chat_template:
@@ -180,7 +186,9 @@ class MlxBackend(Backend):
                 "cannot be formatted; use /v1/completions with a raw prompt instead.",
                 param="messages",
             )
-        extra: dict[str, Any] = {} if template is None else {"chat_template": template}
+        extra = {k: v for k, v in (variables or {}).items() if k not in RESERVED_TEMPLATE_NAMES}
+        if template is not None:
+            extra["chat_template"] = template
         if not template_takes_tools(self._template_source()):
             messages, tools = fold_tools(messages, tools or ()), None
         if tools:
@@ -283,6 +291,7 @@ class MlxBackend(Backend):
         if cache is None:
             cache = make_prompt_cache(model)
         processors = self._processors(prompt[:reused], request, matcher)
+        processors += self._thinking(prompt, request)
         scored_prompt = _score_prompt(model, tokenizer, prompt, request) if request.prompt_logprobs else ()
         text = _TextStream(tokenizer, prompt)
         generated: list[int] = []
@@ -365,6 +374,11 @@ class MlxBackend(Backend):
             # Last, so no later processor can lift a masked token back above -inf.
             processors.append(_GrammarMask(matcher, self._llg_tokenizer().vocab_size, self._eos))
         return processors
+
+    def _thinking(self, prompt: list[int], request: GenerationRequest) -> list[LogitsProcessor]:
+        """The thinking budget's processor, where the request has one to enforce."""
+        budget = self.thinking_budget(prompt, request)
+        return [] if budget is None else [_ThinkingForce(budget, self._require()[1])]
 
     def _matcher(self, response_format: ResponseFormat) -> LLMatcher:
         try:
@@ -491,7 +505,7 @@ class _MlxBatch(DecodeBatch):
                 caches=[cache],  # None: BatchGenerator makes a fresh one
                 all_tokens=[prompt[:reused]],
                 samplers=[_sampler(request)],
-                logits_processors=[backend._processors([], request, matcher)],
+                logits_processors=[backend._processors([], request, matcher) + backend._thinking(prompt, request)],
             )
         seq = _Sequence(key, reused, _TextStream(self._tokenizer, prompt), matcher, request)
         if request.prompt_logprobs:
@@ -653,6 +667,26 @@ class _GrammarMask:
         n = min(len(bits), len(allowed))
         allowed[:n] = bits[:n].astype(np.bool_)
         return mx.where(mx.array(allowed), logits, -mx.inf)
+
+
+class _ThinkingForce:
+    """Enforces a `ThinkingBudget`: once it is spent, only the close marker's next token is left
+    possible, so the sampler picks it as if the model had (and the repetition history sees it)."""
+
+    def __init__(self, budget: ThinkingBudget, tokenizer: Any) -> None:
+        self._budget = budget
+        self._tokenizer = tokenizer
+        self._started = False
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        if self._started:  # called once per step, right after the previous token was sampled
+            last = int(tokens[-1])
+            self._budget.observe(str(self._tokenizer.decode([last], skip_special_tokens=False)))
+        self._started = True
+        forced = self._budget.forced()
+        if forced is None:
+            return logits
+        return mx.where(mx.arange(logits.shape[-1]) == forced, mx.zeros_like(logits), -mx.inf)
 
 
 class _TextStream:

@@ -24,3 +24,37 @@ def reasoning_format(template: str | None, setting: str, generation_prompt: str 
     if setting == "none" or (setting == "auto" and THINK_CLOSE not in (template or "")):
         return None
     return ReasoningFormat(THINK_OPEN, THINK_CLOSE, generation_prompt.rstrip().endswith(THINK_OPEN))
+
+
+class ThinkingBudget:
+    """One sequence's thinking, counted while it decodes: once `budget` tokens were spent inside the
+    block, the close marker's tokens (`close_tokens`) are forced in as if sampled, then the model
+    answers. The budget covers every block of the answer; 0 closes a block as soon as it opens."""
+
+    def __init__(self, fmt: ReasoningFormat, budget: int, close_tokens: list[int], *, inside: bool) -> None:
+        self._fmt = fmt
+        self._budget = max(0, budget)
+        self._close = close_tokens
+        self._queue: list[int] = []
+        self._forced_last = False
+        self._tail = ""  # recent text, to see a marker split over several tokens
+        self.inside = inside  # the prompt opened the block (DeepSeek-R1) or the model did
+        self.spent = 0
+
+    def forced(self) -> int | None:
+        """The token to emit next instead of sampling one; None: sample as usual."""
+        if not self._queue and self.inside and self.spent >= self._budget and self._close:
+            self._queue, self.inside, self._tail = list(self._close), False, ""
+        self._forced_last = bool(self._queue)
+        return self._queue.pop(0) if self._queue else None
+
+    def observe(self, text: str) -> None:
+        """The text of the token just emitted (sampled or forced)."""
+        if self._forced_last:
+            return
+        if self.inside:
+            self.spent += 1
+        self._tail = (self._tail + text)[-64:]
+        while (at := self._tail.find(marker := self._fmt.close if self.inside else self._fmt.open)) >= 0:
+            self.inside = not self.inside
+            self._tail = self._tail[at + len(marker) :]

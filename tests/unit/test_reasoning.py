@@ -7,11 +7,15 @@ import json
 import msgspec
 import pytest
 
-from backends.reasoning import THINK_OPEN, ReasoningFormat, reasoning_format
+from backends.base import GenerationRequest, template_variables
+from backends.chat_templates import render
+from backends.reasoning import THINK_OPEN, ReasoningFormat, ThinkingBudget, reasoning_format
 from kernel.config import TierSettings
+from kernel.errors import InvalidRequestError
 from service.answer import Answer
 from service.schemas.chat import ChatCompletionRequest
 from service.slots import TierSlot, TierState
+from service.thinking import ThinkingControl, thinking_control
 from service.tool_calls import plan_tools
 
 QWEN3 = ReasoningFormat("<think>", "</think>", opened_by_prompt=False)
@@ -91,3 +95,99 @@ def test_format_from_setting_then_template() -> None:
     assert reasoning_format(template, "none") is None
     assert reasoning_format("{{ messages }}", "auto") is None
     assert reasoning_format(None, "think") == QWEN3
+
+
+# -- reasoning controls: service.thinking and the budget the engines enforce -----------------------
+
+
+def _budget(fmt: ReasoningFormat, budget: int, *, inside: bool) -> ThinkingBudget:
+    return ThinkingBudget(fmt, budget, [900, 901], inside=inside)  # the close marker's token ids
+
+
+def _run(budget: ThinkingBudget, texts: list[str]) -> list[int | str]:
+    """Feed the model's tokens in order; each step emits a forced id or the model's next text."""
+    out: list[int | str] = []
+    model = iter(texts)
+    while True:
+        forced = budget.forced()
+        if forced is not None:
+            out.append(forced)
+            budget.observe("</think>" if forced == 900 else "\n\n")
+            continue
+        text = next(model, None)
+        if text is None:
+            return out
+        out.append(text)
+        budget.observe(text)
+
+
+def test_budget_closes_an_opened_block() -> None:
+    out = _run(_budget(R1, 3, inside=True), ["a", "b", "c", "d", "e"])
+    assert out == ["a", "b", "c", 900, 901, "d", "e"]
+
+
+def test_budget_counts_from_the_models_own_opening() -> None:
+    # The marker split over tokens is still seen; text before it is no thinking.
+    out = _run(_budget(QWEN3, 2, inside=False), ["x", "<th", "ink>", "a", "b", "c"])
+    assert out == ["x", "<th", "ink>", "a", "b", 900, 901, "c"]
+
+
+def test_budget_not_needed_when_the_model_closes() -> None:
+    out = _run(_budget(QWEN3, 3, inside=False), ["<think>", "a", "</think>", "b", "c", "d"])
+    assert 900 not in out
+
+
+def test_budget_zero_and_a_second_block() -> None:
+    assert _run(_budget(R1, 0, inside=True), ["a"]) == [900, 901, "a"]
+    # The budget covers the whole answer: a block reopened after it was spent closes at once.
+    out = _run(_budget(QWEN3, 1, inside=False), ["<think>", "a", "b", "<think>", "c"])
+    assert out == ["<think>", "a", 900, 901, "b", "<think>", 900, 901, "c"]
+
+
+def test_thinking_control_levels() -> None:
+    assert thinking_control() == ThinkingControl()
+    none = thinking_control(effort="none")
+    assert (none.enabled, none.budget) == (False, 0)
+    low = thinking_control(effort="low")
+    assert (low.enabled, low.budget) == (True, 1024) and ("reasoning_effort", "low") in low.template_kwargs
+    high = thinking_control(effort="xhigh")  # above high: bounded by max_tokens only
+    assert (high.enabled, high.budget) == (True, None) and ("reasoning_effort", "high") in high.template_kwargs
+    # A level newer than our table is a hint: the template's default, no budget, nothing passed on.
+    assert thinking_control(effort="ultra") == ThinkingControl()
+
+
+def test_thinking_control_template_kwargs() -> None:
+    off = thinking_control(effort="high", template_kwargs={"enable_thinking": False})
+    assert (off.enabled, off.budget) == (False, 0)
+    assert thinking_control(template_kwargs={"thinking": True}).enabled is True
+    assert thinking_control(budget=50, enabled=True).budget == 50
+    for bad, param in (
+        ({"messages": []}, "chat_template_kwargs.messages"),
+        ({"not a name": 1}, "chat_template_kwargs.not a name"),
+        ({f"k{i}": 1 for i in range(40)}, "chat_template_kwargs"),
+        ({"big": "x" * 9000}, "chat_template_kwargs"),
+    ):
+        with pytest.raises(InvalidRequestError) as err:
+            thinking_control(template_kwargs=bad)
+        assert err.value.param == param
+
+
+def test_template_variables_carry_the_switch() -> None:
+    request = GenerationRequest(thinking=False, template_kwargs=(("custom", 1), ("tools", [])))
+    assert template_variables(request) == {"custom": 1, "enable_thinking": False, "thinking": False}
+    assert template_variables(GenerationRequest(template_kwargs=(("enable_thinking", True),))) == {
+        "enable_thinking": True
+    }
+
+
+def test_jinja_render_sees_the_switch() -> None:
+    template = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+        "{{ reasoning_effort | default('medium') }}"
+    )
+    assert render(template, [{"role": "user", "content": "Hi"}]) == "Himedium"
+    off = render(template, [{"role": "user", "content": "Hi"}], None, {"enable_thinking": False, "messages": []})
+    assert off == "Hi<think>\n\n</think>\n\nmedium", "the render's own names win over variables"
+    effort = thinking_control(effort="minimal")
+    assert render(template, [{"role": "user", "content": "Hi"}], None, dict(effort.template_kwargs)) == "Hilow"
