@@ -14,7 +14,7 @@ from backends.base import Chunk, GenerationRequest, ResponseFormat, Token, Usage
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError
 from service.schema_limits import check_schema
-from service.schemas.chat import ChatMessage, ChoiceLogprobs
+from service.schemas.chat import ChatCompletionRequest, ChatMessage, ChoiceLogprobs
 from service.schemas.common import (
     PromptTokensDetails,
     ResponseFormatSpec,
@@ -24,7 +24,7 @@ from service.schemas.common import (
     UsageInfo,
 )
 from service.schemas.completions import CompletionLogprobs
-from service.thinking import ThinkingControl
+from service.thinking import ThinkingControl, thinking_control
 from service.workers import ChunkStream
 
 
@@ -245,8 +245,31 @@ async def first_chunk(stream: ChunkStream) -> Chunk:
 
 
 def chat_messages(messages: list[ChatMessage]) -> tuple[dict[str, Any], ...]:
-    """Wire messages as engines take them (OpenAI-shaped dicts, tool calls and results included)."""
+    """Wire messages as engines take them (OpenAI-shaped dicts, tool calls and results included).
+    Our models read text only: an image, audio or file part is a 400 naming it, never dropped."""
+    for i, message in enumerate(messages):
+        if (j := message.unreadable_part()) is not None:
+            kind = message.content[j].type if isinstance(message.content, list) else "?"
+            raise InvalidRequestError(
+                f"messages[{i}].content[{j}]: this model reads text only and cannot take a {kind!r} part",
+                param=f"messages[{i}].content[{j}]",
+            )
     return tuple(_message(m) for m in messages)
+
+
+def chat_thinking(data: ChatCompletionRequest) -> ThinkingControl:
+    """Chat's reasoning controls (`reasoning_effort`, `chat_template_kwargs`) as one control; the
+    fields chat refuses (output a text model cannot make, the pre-`tools` function calling) fail here."""
+    if data.modalities and (other := [m for m in data.modalities if m != "text"]):
+        raise InvalidRequestError(f"modalities: this model answers in text only, not {other[0]!r}", param="modalities")
+    if data.audio is not None:
+        raise InvalidRequestError("audio: this model cannot answer with audio", param="audio")
+    for name in ("functions", "function_call"):
+        if getattr(data, name) is not None:
+            raise InvalidRequestError(
+                f"{name} is the legacy form of function calling; send `tools` instead", param=name
+            )
+    return thinking_control(effort=data.reasoning_effort, template_kwargs=data.chat_template_kwargs)
 
 
 def _message(message: ChatMessage) -> dict[str, Any]:

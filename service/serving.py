@@ -16,6 +16,7 @@ from service.generation import (
     Fanout,
     chat_logprobs,
     chat_messages,
+    chat_thinking,
     collect_all,
     completion_logprobs,
     engine_request,
@@ -64,6 +65,7 @@ async def serve_chat(
         logprobs=data.logprobs,
         top_logprobs=data.top_logprobs or 0,
         adapter=adapter,
+        thinking=chat_thinking(data),
     )
     streams = await dispatch.choices("chat", slot, request, record, data.n, background=background)
     cid, created, model = new_id("chatcmpl"), now(), data.model

@@ -9,9 +9,14 @@ from service.schemas.common import MaxTokens, SamplingFields, TokenLogprob, Usag
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 
+# Content parts a text-only model reads; images, audio and files are refused, never dropped.
+TEXT_PARTS = ("text", "refusal")
+
+
 class ContentPart(msgspec.Struct, kw_only=True):
     type: str
     text: str | None = None
+    refusal: str | None = None  # an assistant turn's refusal part, sent back in history
 
 
 class FunctionCall(msgspec.Struct, kw_only=True):
@@ -58,7 +63,13 @@ class ChatMessage(msgspec.Struct, kw_only=True):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text or "" for p in self.content if p.type == "text")
+        return "".join((p.text if p.type == "text" else p.refusal) or "" for p in self.content if p.type in TEXT_PARTS)
+
+    def unreadable_part(self) -> int | None:
+        """The index of the first content part that is not text (an image, audio, a file)."""
+        if isinstance(self.content, list):
+            return next((j for j, p in enumerate(self.content) if p.type not in TEXT_PARTS), None)
+        return None
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -69,6 +80,16 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     parallel_tool_calls: bool | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
+    # Reasoning controls (service.thinking): OpenAI's effort level (a name newer than ours is a
+    # hint) and vLLM/llama-server's template variables, e.g. {"enable_thinking": false}.
+    reasoning_effort: Annotated[str, msgspec.Meta(max_length=32)] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    # Output kinds: text is all these models make (audio output is refused, not silently skipped).
+    modalities: Annotated[list[str], msgspec.Meta(max_length=8)] | None = None
+    audio: dict[str, Any] | None = None
+    # The legacy function-calling fields (before `tools`): refused with a pointer to `tools`.
+    functions: list[Any] | None = None
+    function_call: Any = None
 
 
 class AssistantMessage(msgspec.Struct):
