@@ -193,11 +193,16 @@ class MlxBackend(Backend):
             messages, tools = fold_tools(messages, tools or ()), None
         if tools:
             extra["tools"] = list(tools)
+        # mlx-lm's wrapper sets `enable_thinking` to whether the vocabulary has thinking tokens when
+        # the request leaves it unset; the template's own default is what an unset switch means
+        # here (as on llama.cpp), so a plain Hugging Face tokenizer renders without the wrapper.
+        render = tokenizer.apply_chat_template
+        hf = getattr(tokenizer, "_tokenizer", None)
+        if getattr(tokenizer, "_chat_template", None) is None and hf is not None:
+            render, extra["return_dict"] = hf.apply_chat_template, False
         try:
             with engine_errors(_ENGINE):
-                text = tokenizer.apply_chat_template(
-                    template_messages(messages), add_generation_prompt=True, tokenize=False, **extra
-                )
+                text = render(template_messages(messages), add_generation_prompt=True, tokenize=False, **extra)
         except TemplateError as exc:
             # Templates reject bad conversations themselves (e.g. roles that do not alternate).
             message = f"The chat template rejected the messages: {exc}"
