@@ -126,3 +126,19 @@ def test_answers_validate_strictly(client: TestClient) -> None:  # type: ignore[
     assert events[-1] == "[DONE]" and len(events) > 3
     for event in events[:-1]:
         ChatCompletionChunk.model_validate(json.loads(event), strict=True)
+
+
+def test_tool_calls_and_completions_validate_strictly(client: TestClient) -> None:  # type: ignore[type-arg]
+    # The fake engine echoes the last line: here, a tool call in the template's (hermes) format.
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    body = {**BASE["Chat completions"], "messages": [{"role": "user", "content": call}], "tools": tools}
+    body["max_tokens"] = 200
+    answer = ChatCompletion.model_validate(client.post("/v1/chat/completions", json=body).json(), strict=True)
+    assert answer.choices[0].finish_reason == "tool_calls" and answer.choices[0].message.tool_calls
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as stream:
+        events = [line.removeprefix("data: ") for line in stream.iter_lines() if line.startswith("data: ")]
+    chunks = [ChatCompletionChunk.model_validate(json.loads(e), strict=True) for e in events[:-1]]
+    assert any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+    completion = client.post("/v1/completions", json={**BASE["Completions"], "logprobs": 2, "echo": True}).json()
+    openai.types.Completion.model_validate(completion, strict=True)
