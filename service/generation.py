@@ -14,7 +14,14 @@ from backends.base import Chunk, GenerationRequest, ResponseFormat, Token, Usage
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError
 from service.schema_limits import check_schema
-from service.schemas.chat import ChatCompletionRequest, ChatMessage, ChoiceLogprobs
+from service.schemas.chat import (
+    ChatCompletionRequest,
+    ChatMessage,
+    ChoiceLogprobs,
+    NamedFunction,
+    NamedToolChoice,
+    ToolSpec,
+)
 from service.schemas.common import (
     PromptTokensDetails,
     ResponseFormatSpec,
@@ -257,18 +264,31 @@ def chat_messages(messages: list[ChatMessage]) -> tuple[dict[str, Any], ...]:
     return tuple(_message(m) for m in messages)
 
 
+def legacy_functions(data: ChatCompletionRequest) -> ChatCompletionRequest:
+    """Function calling from before `tools` (`functions`, `function_call`) as tools and a tool
+    choice; the answer then carries `message.function_call` (see `serve_chat`). One call at a time,
+    as that API had."""
+    if data.functions is None and data.function_call is None:
+        return data
+    if data.tools is not None:
+        raise InvalidRequestError("Send either tools or the legacy functions, not both", param="functions")
+    choice = data.function_call
+    named = NamedToolChoice(type="function", function=choice) if isinstance(choice, NamedFunction) else None
+    return msgspec.structs.replace(
+        data,
+        tools=[ToolSpec(type="function", function=f) for f in data.functions] if data.functions else None,
+        tool_choice=named or (choice if isinstance(choice, str) else None),
+        parallel_tool_calls=False,
+    )
+
+
 def chat_thinking(data: ChatCompletionRequest) -> ThinkingControl:
     """Chat's reasoning controls (`reasoning_effort`, `chat_template_kwargs`) as one control; the
-    fields chat refuses (output a text model cannot make, the pre-`tools` function calling) fail here."""
+    fields chat refuses (output a text model cannot make) fail here."""
     if data.modalities and (other := [m for m in data.modalities if m != "text"]):
         raise InvalidRequestError(f"modalities: this model answers in text only, not {other[0]!r}", param="modalities")
     if data.audio is not None:
         raise InvalidRequestError("audio: this model cannot answer with audio", param="audio")
-    for name in ("functions", "function_call"):
-        if getattr(data, name) is not None:
-            raise InvalidRequestError(
-                f"{name} is the legacy form of function calling; send `tools` instead", param=name
-            )
     return thinking_control(effort=data.reasoning_effort, template_kwargs=data.chat_template_kwargs)
 
 
@@ -279,6 +299,12 @@ def _message(message: ChatMessage) -> dict[str, Any]:
         out["tool_calls"] = [
             msgspec.structs.asdict(c) | {"function": msgspec.structs.asdict(c.function)} for c in message.tool_calls
         ]
+    elif message.function_call is not None:  # the legacy form of an assistant's call
+        call = msgspec.structs.asdict(message.function_call)
+        out["tool_calls"] = [{"id": f"call_{call['name']}", "type": "function", "function": call}]
+    if message.role == "function":  # the legacy form of a tool result: templates know "tool"
+        out["role"] = "tool"
+        out.setdefault("tool_call_id", f"call_{message.name}")
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
     if message.name is not None:

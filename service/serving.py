@@ -21,6 +21,7 @@ from service.generation import (
     completion_logprobs,
     engine_request,
     first_chunk,
+    legacy_functions,
     new_id,
     now,
     total_usage,
@@ -54,6 +55,8 @@ async def serve_chat(
     if not data.messages:
         raise InvalidRequestError("messages must contain at least one message", param="messages")
     slot, adapter = registry.generation_target(data.model, data.adapter)
+    legacy = data.functions is not None or data.function_call is not None  # answered as `function_call`
+    data = legacy_functions(data)
     tools = plan_tools(data)
     request = engine_request(
         data,
@@ -75,14 +78,16 @@ async def serve_chat(
         choices, usages = [], []
         for index, (answer, (whole, usage)) in enumerate(zip(answers, await collect_all(streams), strict=True)):
             parts, found = answer.split(whole.text)
+            calls = wire_calls(found)
             message = AssistantMessage(
                 "assistant",
                 parts.content or (None if found else ""),
-                wire_calls(found) or None,
+                None if legacy else calls or None,
                 reasoning_content=parts.reasoning or None,
                 reasoning=parts.reasoning or None,
+                function_call=calls[0].function if legacy and calls else None,
             )
-            finish = "tool_calls" if found else whole.finish_reason
+            finish = ("function_call" if legacy else "tool_calls") if found else whole.finish_reason
             choices.append(ChatChoice(index, message, finish, chat_logprobs(whole)))
             usages.append(usage)
         return ChatCompletion(cid, created, model, choices, total_usage(usages))
@@ -105,8 +110,13 @@ async def serve_chat(
         tail, found = answer.finish()
         if tail:
             events.append(chunk(index, _delta(tail.reasoning, tail.content)))
-        events += [chunk(index, Delta(tool_calls=delta)) for delta in call_deltas(wire_calls(found))]
-        return [*events, chunk(index, Delta(), "tool_calls" if found else part.finish_reason)]
+        deltas = call_deltas(wire_calls(found))
+        if legacy:
+            events += [chunk(index, Delta(function_call=delta[0].function)) for delta in deltas]
+        else:
+            events += [chunk(index, Delta(tool_calls=delta)) for delta in deltas]
+        finish = ("function_call" if legacy else "tool_calls") if found else part.finish_reason
+        return [*events, chunk(index, Delta(), finish)]
 
     include_usage = bool(data.stream_options and data.stream_options.include_usage)
     opening = [ChunkChoice(i, Delta(role="assistant", content="")) for i in range(len(streams))]

@@ -57,6 +57,7 @@ class ChatMessage(msgspec.Struct, kw_only=True):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    function_call: FunctionCall | None = None  # a legacy assistant turn's call
 
     def text(self) -> str:
         if self.content is None:
@@ -87,9 +88,9 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     # Output kinds: text is all these models make (audio output is refused, not silently skipped).
     modalities: Annotated[list[str], msgspec.Meta(max_length=8)] | None = None
     audio: dict[str, Any] | None = None
-    # The legacy function-calling fields (before `tools`): refused with a pointer to `tools`.
-    functions: list[Any] | None = None
-    function_call: Any = None
+    # Function calling before `tools` (service.generation.legacy_functions maps it onto tools).
+    functions: Annotated[list[FunctionSpec], msgspec.Meta(max_length=128)] | None = None
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
 
 
 class AssistantMessage(msgspec.Struct):
@@ -100,6 +101,7 @@ class AssistantMessage(msgspec.Struct):
     # A reasoning model's thinking, under both names clients read (vLLM/DeepSeek's and OpenRouter's).
     reasoning_content: str | None = None
     reasoning: str | None = None
+    function_call: FunctionCall | None = None  # the call, for a request in the legacy `functions` form
 
 
 class ChoiceLogprobs(msgspec.Struct):
@@ -144,6 +146,7 @@ class Delta(msgspec.Struct, omit_defaults=True):
     tool_calls: list[ToolCallDelta] | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
+    function_call: FunctionDelta | None = None
 
 
 class ChunkChoice(msgspec.Struct):

@@ -142,3 +142,31 @@ def test_tool_calls_and_completions_validate_strictly(client: TestClient) -> Non
     assert any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
     completion = client.post("/v1/completions", json={**BASE["Completions"], "logprobs": 2, "echo": True}).json()
     openai.types.Completion.model_validate(completion, strict=True)
+
+
+def test_legacy_functions_answer_in_their_own_shape(client: TestClient) -> None:  # type: ignore[type-arg]
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    history = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": "{}"}},
+        {"role": "function", "name": "get_weather", "content": "sunny"},
+        {"role": "user", "content": call},
+    ]
+    functions = [{"name": "get_weather", "parameters": {"type": "object"}}]
+    body = {**BASE["Chat completions"], "messages": history, "functions": functions, "max_tokens": 200}
+    answer = ChatCompletion.model_validate(client.post("/v1/chat/completions", json=body).json(), strict=True)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "function_call" and not choice.message.tool_calls
+    assert choice.message.function_call is not None and choice.message.function_call.name == "get_weather"
+    assert json.loads(choice.message.function_call.arguments) == {"city": "Oslo"}
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as stream:
+        events = [line.removeprefix("data: ") for line in stream.iter_lines() if line.startswith("data: ")]
+    chunks = [ChatCompletionChunk.model_validate(json.loads(e), strict=True) for e in events[:-1]]
+    deltas = [c.choices[0].delta.function_call for c in chunks if c.choices and c.choices[0].delta.function_call]
+    assert deltas[0].name == "get_weather" and json.loads("".join(d.arguments or "" for d in deltas)) == {
+        "city": "Oslo"
+    }
+    assert chunks[-1].choices[0].finish_reason == "function_call"
+    both = {**body, "tools": [{"type": "function", "function": functions[0]}]}
+    res = client.post("/v1/chat/completions", json=both)
+    assert res.status_code == 400 and res.json()["error"]["param"] == "functions"
