@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from backends.reasoning import ReasoningFormat, ThinkingBudget, reasoning_format
@@ -347,13 +347,26 @@ class Backend(abc.ABC):
         """Forget reusable prompt state (KV/prefix cache); called on the model's worker thread."""
 
     def probe_reasoning(self, template: str | None, setting: str) -> ReasoningFormat | None:
-        """The model's thinking markers, and whether its generation prompt opens them (rendered once
-        for a one-message chat; a template that cannot render that opens nothing)."""
-        try:
-            probe = self.render_chat([{"role": "user", "content": "Hi"}]) if template else ""
-        except Exception:  # any template failure here only means "not opened"
-            probe = ""
-        return reasoning_format(template, setting, probe)
+        """The model's thinking markers, and whether its generation prompt opens them (rendered for
+        a one-message chat with the template's default, and with its thinking switch on and off; a
+        template that cannot render that opens nothing)."""
+
+        def probe(thinking: bool | None) -> str:
+            request = GenerationRequest(messages=({"role": "user", "content": "Hi"},), thinking=thinking)
+            try:
+                return self.render_chat(request.messages or (), None, template_variables(request)) if template else ""
+            except Exception:  # any template failure here only means "not opened"
+                return ""
+
+        fmt = reasoning_format(template, setting, probe(None))
+        if fmt is None:
+            return None
+        on, off = (reasoning_format(template, setting, probe(s)) for s in (True, False))
+        return replace(
+            fmt,
+            opened_if_on=on.opened_by_prompt if on else None,
+            opened_if_off=off.opened_by_prompt if off else None,
+        )
 
     def tokens(self, request: GenerationRequest) -> list[int]:
         """The request's prompt as token ids: chat template and tools applied, BOS added once."""

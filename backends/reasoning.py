@@ -4,7 +4,7 @@ of the generation prompt (DeepSeek-R1 appends `<think>\\n`), so the answer start
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 ReasoningSetting = Literal["auto", "none", "think"]
@@ -16,6 +16,16 @@ class ReasoningFormat:
     open: str
     close: str
     opened_by_prompt: bool  # the generation prompt ends with `open`: the answer begins as thinking
+    # The same with the template's thinking switch on / off, where rendering told (None: unknown).
+    # A template may open the block only when thinking is on (DeepSeek-V3.1), or write a closed,
+    # empty one when it is off.
+    opened_if_on: bool | None = None
+    opened_if_off: bool | None = None
+
+    def switched(self, thinking: bool | None) -> ReasoningFormat:
+        """The format for a request that set the thinking switch (None: the template's default)."""
+        opened = None if thinking is None else self.opened_if_on if thinking else self.opened_if_off
+        return self if opened is None else replace(self, opened_by_prompt=opened)
 
 
 def reasoning_format(template: str | None, setting: str, generation_prompt: str = "") -> ReasoningFormat | None:

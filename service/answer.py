@@ -76,9 +76,13 @@ class ThinkingSplitter:
 class Answer:
     """Thinking split off first (when the model thinks), then tool calls out of what remains."""
 
-    def __init__(self, slot: TierSlot, plan: ToolPlan, *, constrained: bool = False) -> None:
+    def __init__(
+        self, slot: TierSlot, plan: ToolPlan, *, constrained: bool = False, thinking: bool | None = None
+    ) -> None:
+        """`thinking`: the request's thinking switch, which may decide whether the prompt opened the block."""
         # A cache replay may come before the tier loaded: then only the settings tell the formats.
         fmt = slot.reasoning or reasoning_format(None, slot.settings.reasoning_parser)
+        fmt = fmt.switched(thinking) if fmt is not None else None
         # A grammar (response_format, a forced call) holds the answer from its first token: no thinking.
         thinks = fmt is not None and not constrained and plan.forced is None
         self._thinking = ThinkingSplitter(fmt) if thinks and fmt is not None else None

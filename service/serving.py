@@ -73,7 +73,8 @@ async def serve_chat(
     streams = await dispatch.choices("chat", slot, request, record, data.n, background=background)
     cid, created, model = new_id("chatcmpl"), now(), data.model
     # Made after generate() waited for the tier to load, which tells the model's formats.
-    answers = [Answer(slot, tools, constrained=request.response_format is not None) for _ in streams]
+    constrained = request.response_format is not None
+    answers = [Answer(slot, tools, constrained=constrained, thinking=request.thinking) for _ in streams]
     if not data.stream:
         choices, usages = [], []
         for index, (answer, (whole, usage)) in enumerate(zip(answers, await collect_all(streams), strict=True)):

@@ -149,6 +149,7 @@ def test_thinking_switch_reaches_the_template(engine: Backend) -> None:
     # budget of 0 forces nothing: the answer is the model's own, after the empty block.
     info = engine.info().reasoning
     assert info is not None and info.opened_by_prompt
+    assert (info.opened_if_on, info.opened_if_off) == (True, False), "the probe rendered both switches"
     tokens = _alone(engine, _request(engine, 0, thinking=False))
     assert not _text(tokens).startswith(CLOSE) and len(tokens) == MAX
 

@@ -191,3 +191,16 @@ def test_jinja_render_sees_the_switch() -> None:
     assert off == "Hi<think>\n\n</think>\n\nmedium", "the render's own names win over variables"
     effort = thinking_control(effort="minimal")
     assert render(template, [{"role": "user", "content": "Hi"}], None, dict(effort.template_kwargs)) == "Hilow"
+
+
+def test_the_switch_decides_whether_the_prompt_opened_the_block() -> None:
+    # A template that opens the block by default and writes a closed, empty one when thinking is off.
+    fmt = ReasoningFormat("<think>", "</think>", True, opened_if_on=True, opened_if_off=False)
+    assert fmt.switched(None) == fmt and fmt.switched(True).opened_by_prompt
+    assert not fmt.switched(False).opened_by_prompt
+    assert R1.switched(False) == R1, "unknown: the probe's default stands"
+    slot = _slot(fmt)
+    parts, _ = Answer(slot, _plan(), thinking=False).split("Paris.")
+    assert (parts.reasoning, parts.content) == ("", "Paris.")
+    parts, _ = Answer(slot, _plan()).split("Hmm.</think>\n\nParis.")
+    assert (parts.reasoning, parts.content) == ("Hmm.", "Paris.")
