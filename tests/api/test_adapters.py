@@ -47,7 +47,7 @@ def server(gemma_gguf: str, minilm_path: str, models_dir: Path) -> Iterator[Live
         "ADMIN_API_KEYS": "admin-key",
         "ENABLE_CACHE": "true",
     }
-    with live_server(env, wait_for=("light",)) as live:
+    with live_server(env, wait_for=("light", "embedding")) as live:
         yield live
 
 
