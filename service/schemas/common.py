@@ -152,8 +152,9 @@ def _fields_at(type_: Any, where: str) -> list[str]:
 
 def _struct_in(info: mi.Type, item: bool) -> mi.Type:
     """Through `| None` (and into a list's items when `item`) to the struct it holds."""
-    if isinstance(info, mi.UnionType):
-        info = next((t for t in info.types if isinstance(t, mi.StructType | mi.ListType)), info)
+    if isinstance(info, mi.UnionType):  # `X | None` only: in a union of several, which one was meant is unknown
+        held = [t for t in info.types if not isinstance(t, mi.NoneType)]
+        info = held[0] if len(held) == 1 else info
     if item and isinstance(info, mi.ListType):
         info = info.item_type
     return info
