@@ -43,7 +43,7 @@ from service.metrics import RequestRecord, Telemetry, TelemetryMiddleware, reque
 from service.openapi import openapi_config
 from service.registry import Registry
 from service.runtime_config import RuntimeConfig
-from service.schemas.common import decode_strict
+from service.schemas.common import UNKNOWN_FIELD, decode_strict, raise_unknown_field
 from service.security import Security, cors_config
 from service.settings import Settings, load_settings
 from service.slots import TierState
@@ -185,12 +185,13 @@ async def _touch(request: Request[Any, Any, Any]) -> None:
     request.app.state.last_activity = time.monotonic()
 
 
-def to_service_error(exc: Exception) -> LLMServiceError:
-    """The one place where every exception becomes our error tree."""
+def to_service_error(exc: Exception, body_type: Any = None) -> LLMServiceError:
+    """The one place where every exception becomes our error tree (`body_type`: the route's
+    request body type, which knows the fields an unknown one was meant to be)."""
     if isinstance(exc, LLMServiceError):
         return exc
     if isinstance(exc, ValidationException):
-        return _validation_error(exc)
+        return _validation_error(exc, body_type)
     if isinstance(exc, HTTPException):
         status = exc.status_code
         if status == 404:
@@ -215,20 +216,26 @@ def _http(status: int, message: str) -> LLMServiceError:
     return err
 
 
-def _validation_error(exc: ValidationException) -> InvalidRequestError:
+def _validation_error(exc: ValidationException, body_type: Any) -> InvalidRequestError:
     extra = exc.extra if isinstance(exc.extra, list) else []
     if extra and isinstance(extra[0], dict):
         key = str(extra[0].get("key") or "")
         if key == "data":  # the handler's body parameter: the request came without one
             return InvalidRequestError("Invalid request: this endpoint needs a JSON request body")
         message = str(extra[0].get("message") or exc.detail)
+        if message.startswith(UNKNOWN_FIELD) and body_type is not None:
+            try:
+                raise_unknown_field(body_type, key or None, message.removeprefix(UNKNOWN_FIELD).strip("`"))
+            except InvalidRequestError as named:
+                return named
         text = f"{message} at `{key}`" if key else message
         return InvalidRequestError(f"Invalid request: {text}", param=key or None)
     return InvalidRequestError(f"Invalid request: {exc.detail}")
 
 
 def _error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, object]]:
-    error = to_service_error(exc)
+    body = getattr(request.scope.get("route_handler"), "parsed_data_field", None)
+    error = to_service_error(exc, getattr(body, "annotation", None))
     retry_after = getattr(error, "retry_after", None)
     headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else {}
     if isinstance(exc, HTTPException) and exc.headers:

@@ -357,7 +357,7 @@ class Batches:
             raise InvalidRequestError(
                 "stream is not supported in a batch: each answer is written whole to the output file", param="stream"
             )
-        async with self._gate(registry.generation_slot(data.model)):
+        async with self._gate(registry.generation_target(data.model, data.adapter)[0]):
             answer = (
                 await serve_chat(data, registry, dispatch, record, background=True)
                 if isinstance(data, ChatCompletionRequest)

@@ -32,7 +32,7 @@ async def serve_embeddings(
     """`background`: a batch-job line, batched after every waiting interactive request."""
     inputs = _inputs(data.input)
     check_batch_size(len(inputs), registry.settings)
-    slot = await registry.tier_for(data.model, "embedding")
+    slot = await registry.tier_for(data.model, "embedding", data.adapter)
     return await dispatch.cached(
         "embeddings",
         slot,

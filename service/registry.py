@@ -24,7 +24,7 @@ from service import routing
 from service.families import FAMILIES, GENERATION, EngineFactories
 from service.model_paths import disk_size, resolve_model_path
 from service.routing import model_name, shown
-from service.settings import GENERATION_TIERS, TIERS, Settings
+from service.settings import TIERS, Settings
 from service.slots import AdapterRecord, Executor, TierSlot, TierState
 
 log = logging.getLogger(__name__)
@@ -243,24 +243,31 @@ class Registry:
     def generation_target(self, model: str, adapter: str | None = None) -> tuple[TierSlot, str | None]:
         """The generation tier and LoRA adapter a request names: `model: "<model>:<adapter>"` (where
         `<model>` names a tier exactly) and/or the `adapter` field. 404 adapter_not_found for an
-        adapter the tier does not have."""
-        base, sep, named = model.strip().rpartition(":")
-        exact = routing.exact(base.lower(), self.slots) if sep and base and named else None
-        if exact is None or exact.name not in GENERATION_TIERS:
+        adapter the tier does not have. Every generating route (HTTP, WebSocket, batch lines, RAG
+        chat) resolves its model here."""
+        named = self._adapter_in_name(model)
+        if named is None:
             slot, param = self.generation_slot(model), "adapter"
         else:
-            slot, param = self.generation_slot(base), "model"
-            if adapter is not None and adapter != named:
+            slot, param = self.generation_slot(named[0]), "model"
+            if adapter is not None and adapter != named[1]:
                 raise InvalidRequestError(
-                    f"model names adapter {shown(named)} but adapter is {shown(adapter)}", param="adapter"
+                    f"model names adapter {shown(named[1])} but adapter is {shown(adapter)}", param="adapter"
                 )
-            adapter = named
+            adapter = named[1]
         if adapter is not None:
             self.adapter(slot, adapter, param=param)
         return slot, adapter
 
-    async def tier_for(self, model: str, tier: str) -> TierSlot:
-        """The loaded `tier` (embedding or reranker) that `model` names."""
+    async def tier_for(self, model: str, tier: str, adapter: str | None = None) -> TierSlot:
+        """The loaded `tier` (embedding or reranker) that `model` names; such tiers take no adapter,
+        so one named (the field or `<tier>:<adapter>`) is a 400, not silently ignored."""
+        named = self._adapter_in_name(model)
+        if adapter is not None or (named is not None and named[0] == tier):
+            raise InvalidRequestError(
+                f"The {tier} tier takes no LoRA adapter (adapters are for generation tiers)",
+                param="adapter" if adapter is not None else "model",
+            )
         slot = self._configured(model)
         if slot.name != tier:
             raise InvalidRequestError(
@@ -268,6 +275,12 @@ class Registry:
                 param="model",
             )
         return await self.ensure_loaded(slot)
+
+    def _adapter_in_name(self, model: str) -> tuple[str, str] | None:
+        """(tier, adapter) when `model` is `<name of a tier>:<adapter>`."""
+        base, sep, named = model.strip().rpartition(":")
+        exact = routing.exact(base.lower(), self.slots) if sep and base and named else None
+        return None if exact is None else (exact.name, named)
 
     def _configured(self, model: str) -> TierSlot:
         slot = self.resolve(model)

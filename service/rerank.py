@@ -34,7 +34,7 @@ async def serve_rerank(
     docs = data.texts if data.documents is None else [d if isinstance(d, str) else d.text for d in data.documents]
     assert docs is not None
     check_batch_size(len(docs), registry.settings, param="documents")
-    slot = await registry.tier_for(data.model, "reranker")
+    slot = await registry.tier_for(data.model, "reranker", data.adapter)
     answer: Any = RerankResponse | list[TeiResult]  # the type a cached answer decodes to
     result: RerankResponse | list[TeiResult] = await dispatch.cached(
         "rerank", slot, data, answer, record, lambda: _rerank(registry, slot, data, docs, record)

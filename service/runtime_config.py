@@ -29,6 +29,7 @@ from service.settings import (
     TIERS,
     Settings,
     SettingsError,
+    applies_to,
     with_variables,
     write_variables,
 )
@@ -69,8 +70,10 @@ class RuntimeConfig:
         for name in _SECRETS:
             if server[name]:
                 server[name] = _MASK
-        tiers = {  # the slots' settings: they include a model swapped in by an admin load
-            slot.name: {k: v for k, v in msgspec.to_builtins(slot.settings).items() if k != "name"}
+        tiers = {  # the slots' settings (they include a model swapped in by an admin load), those that apply
+            slot.name: {
+                k: v for k, v in msgspec.to_builtins(slot.settings).items() if k != "name" and applies_to(slot.name, k)
+            }
             for slot in self._registry.configured()
         }
         return {
@@ -107,12 +110,13 @@ class RuntimeConfig:
 
     def _variables(self, patch: ConfigPatch) -> dict[str, str]:
         changes: dict[str, str] = {}
+        server_defaults, tier_defaults = Settings(), TierSettings()  # a field's default tells its JSON type
         names = [*patch.server, *patch.tiers, *(key for fields in patch.tiers.values() for key in fields)]
         if any(len(name) > _MAX_VALUE for name in names):
             raise InvalidRequestError(f"Setting names are at most {_MAX_VALUE} characters")  # errors echo them
         for key, value in patch.server.items():
             _check_live(key, LIVE_SERVER_FIELDS, Settings.__struct_fields__, f"server.{key}", key.upper())
-            changes[key.upper()] = _text(value, f"server.{key}")
+            changes[key.upper()] = _text(value, f"server.{key}", getattr(server_defaults, key))
         for tier, fields in patch.tiers.items():
             if tier not in TIERS:
                 param = f"tiers.{tier}"
@@ -124,7 +128,7 @@ class RuntimeConfig:
             for key, value in fields.items():
                 param, variable = f"tiers.{tier}.{key}", f"{tier.upper()}_{key.upper()}"
                 _check_live(key, LIVE_TIER_FIELDS, TierSettings.__struct_fields__, param, variable)
-                changes[variable] = _text(value, param)
+                changes[variable] = _text(value, param, getattr(tier_defaults, key))
         return changes
 
     def _writable_env_file(self) -> Path:
@@ -164,8 +168,11 @@ def _check_live(key: str, live: tuple[str, ...], known: tuple[str, ...], param: 
     raise InvalidRequestError(f"Unknown setting {param}{hint}", param=param)
 
 
-def _text(value: Any, param: str) -> str:
-    """A JSON value as `.env` would hold it, so the one parser checks it."""
+def _text(value: Any, param: str, default: object) -> str:
+    """A JSON value as `.env` would hold it, so the one parser checks it. JSON has types where
+    `.env` has only text: a string for a numeric setting (`"0.3"`) is refused, not converted."""
+    if isinstance(value, str) and isinstance(default, int | float) and not isinstance(default, bool):
+        raise InvalidRequestError(f"{param} must be a JSON number, not the string {value[:_MAX_VALUE]!r}", param=param)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float) or (isinstance(value, str) and len(value) <= _MAX_VALUE):

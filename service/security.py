@@ -273,15 +273,20 @@ class Security:
         if scope["type"] == ScopeType.WEBSOCKET:
             return  # the key may come in the first message: the WebSocket session checks it and counts each request
         key = self.keys.check(connection.headers.get("authorization"), admin=admin)
-        self.throttle(key, connection.scope.get("client"), request_record(connection.scope))
+        self.throttle(key, connection.scope.get("client"), request_record(connection.scope), admin=admin)
         self.browser.check_body(connection, multipart=bool(handler.opt.get("multipart")))
 
-    def throttle(self, key: str | None, client: tuple[str, int] | None, record: RequestRecord) -> None:
+    def throttle(
+        self, key: str | None, client: tuple[str, int] | None, record: RequestRecord, *, admin: bool = False
+    ) -> None:
         """Count one request against RATE_LIMIT_PER_MINUTE (per key, else per client address), note
-        it on `record` for the rate-limit headers, and raise 429 over the limit."""
+        it on `record` for the rate-limit headers, and raise 429 over the limit. Admin routes count
+        in a bucket of their own: traffic that exhausted the limit must not lock out the route
+        (`PATCH /v1/config`) that lifts it, with keys off as with keys on."""
         if self.limiter is None:
             return
         identity = "key:" + _digest(key).hex() if key else "ip:" + (client[0] if client else "unknown")
+        identity = "admin:" + identity if admin else identity
         info = self.limiter.hit(identity)
         record.rate_limit = RateLimitInfo(info.limit, max(0, info.remaining), info.reset)
         if info.remaining < 0:

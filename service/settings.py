@@ -272,6 +272,12 @@ LIVE_TIER_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "rep
 LIVE_SERVER_FIELDS = ("rate_limit_per_minute",)
 
 
+def applies_to(tier: str, field: str) -> bool:
+    """Whether `<TIER>_<FIELD>` means anything to that tier's family (set elsewhere, it is refused)."""
+    allowed = _FAMILY_ONLY.get(field)
+    return allowed is None or tier in allowed
+
+
 def _variable_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -308,6 +314,8 @@ def with_variables(settings: Settings, changes: Mapping[str, str]) -> Settings:
 
 
 _ASSIGNMENT = re.compile(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=")
+# After `=`: a quoted or bare value, then dotenv's inline comment (whitespace, `#`), kept on rewrite.
+_INLINE_COMMENT = re.compile(r"""=\s*(?:'[^']*'|"(?:\\.|[^"\\])*"|.*?)(\s+#.*?)?\s*$""")
 
 
 def write_variables(path: Path, changes: Mapping[str, str]) -> None:
@@ -321,7 +329,9 @@ def write_variables(path: Path, changes: Mapping[str, str]) -> None:
     appended = []
     for key, value in changes.items():
         if key in last:
-            lines[last[key]] = f"{key}={value}\n"
+            found = _INLINE_COMMENT.search(lines[last[key]].rstrip("\r\n"))
+            comment = (found.group(1) if found else None) or ""
+            lines[last[key]] = f"{key}={value}{comment}\n"
         else:
             appended.append(f"{key}={value}\n")
     if appended and lines and not lines[-1].endswith("\n"):

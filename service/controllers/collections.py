@@ -105,12 +105,14 @@ class CollectionsController(Controller):
         dispatch: Dispatcher,
         record: RequestRecord,
     ) -> RagChatCompletion | EventStream:
-        registry.generation_slot(data.model)  # an unknown model is a 404 before any retrieval work
+        registry.generation_target(data.model, data.adapter)  # an unknown model or adapter: 404 before retrieval
         found = await collections.query(name, last_question(data.messages), data.rag or Retrieval())
         extra: dict[str, Any] = {
             "sources": found.data,
             "documents_retrieved": found.documents_retrieved,
             "retrieval_time_ms": found.retrieval_time_ms,
+            "reranked": found.reranked,
+            "rerank_skipped": found.rerank_skipped,
         }
         grounded = msgspec.structs.replace(data, messages=with_context(data.messages, found.data))
 

@@ -89,7 +89,9 @@ class DocumentList(msgspec.Struct):
     object: Literal["list"] = "list"
 
 
-class Retrieval(msgspec.Struct, kw_only=True):
+class Retrieval(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Our own object, so an unknown key is a mistake (`topk`): a 400 naming the known one."""
+
     top_k: TopK = 5
     rerank: bool | None = None  # None = when a reranker tier is configured
     filter: Annotated[dict[MetaKey, MetaValue], msgspec.Meta(max_length=32)] | None = None  # metadata equals
@@ -101,6 +103,7 @@ class QueryRequest(Retrieval, kw_only=True):
 
 class Source(msgspec.Struct, kw_only=True):
     id: str  # the chunk's id
+    citation: int  # 1, 2, ...: the number the grounded prompt gives this passage (`[1]`)
     document_id: str
     chunk_index: int
     text: str
@@ -121,6 +124,7 @@ class QueryResponse(msgspec.Struct, kw_only=True):
     model: str
     hybrid: bool
     reranked: bool
+    rerank_skipped: str | None = None  # why a reranker was not run where it could not change the order
     documents_retrieved: int
     retrieval_time_ms: float
     timings: Timings
@@ -145,6 +149,8 @@ class RagChatCompletion(ChatCompletion, kw_only=True):
     sources: list[Source]
     documents_retrieved: int
     retrieval_time_ms: float
+    reranked: bool
+    rerank_skipped: str | None = None
 
 
 class RagChatCompletionChunk(ChatCompletionChunk, kw_only=True):
@@ -153,3 +159,5 @@ class RagChatCompletionChunk(ChatCompletionChunk, kw_only=True):
     sources: list[Source]
     documents_retrieved: int
     retrieval_time_ms: float
+    reranked: bool
+    rerank_skipped: str | None = None

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
+import re
 from typing import Annotated, Any, Literal
 
 import msgspec
+import msgspec.inspect as mi
 
 from kernel.config import AdapterName
 from kernel.errors import InvalidRequestError
@@ -98,7 +101,7 @@ class ErrorResponse(msgspec.Struct):
     error: ErrorBody
 
 
-_UNKNOWN_FIELD = "Object contains unknown field "
+UNKNOWN_FIELD = "Object contains unknown field "  # msgspec's words for a key a strict struct refuses
 
 
 def decode_strict(body: bytes, type_: Any) -> Any:
@@ -109,8 +112,8 @@ def decode_strict(body: bytes, type_: Any) -> Any:
     except msgspec.ValidationError as exc:
         reason, _, where = str(exc).partition(" - at `$")
         param = where.rstrip("`").lstrip(".") or None
-        if reason.startswith(_UNKNOWN_FIELD):  # bodies that refuse unknown keys: name the key
-            param = ".".join(filter(None, (param, reason.removeprefix(_UNKNOWN_FIELD).strip("`"))))
+        if reason.startswith(UNKNOWN_FIELD):  # bodies that refuse unknown keys: name the key
+            raise_unknown_field(type_, param, reason.removeprefix(UNKNOWN_FIELD).strip("`"))
         raise InvalidRequestError(
             f"Invalid request: {reason}" + (f" at `{param}`" if param else ""), param=param
         ) from None
@@ -120,3 +123,38 @@ def decode_strict(body: bytes, type_: Any) -> Any:
         raise InvalidRequestError("Malformed JSON body: it is not valid UTF-8") from None
     except RecursionError:
         raise InvalidRequestError("Malformed JSON body: nested too deeply") from None
+
+
+def raise_unknown_field(type_: Any, where: str | None, field: str) -> None:
+    """Raise the 400 for `field`, unknown in the object at `where` (`rag`, `messages[0]`) of a body
+    of `type_`, naming the known field it is closest to (`topk` → `top_k`), as .env settings do."""
+    param = ".".join(filter(None, (where, field)))
+    known = _fields_at(type_, where or "")
+    close = difflib.get_close_matches(field, known, n=1, cutoff=0.6)
+    hint = f"; did you mean `{'.'.join(filter(None, (where, close[0])))}`?" if close else ""
+    listed = f" (known: {', '.join(known)})" if known and not close else ""
+    raise InvalidRequestError(f"Invalid request: unknown field `{param}`{hint}{listed}", param=param)
+
+
+def _fields_at(type_: Any, where: str) -> list[str]:
+    """The field names of the object at `where` in `type_`; [] where the path cannot be followed."""
+    info: mi.Type = mi.type_info(type_)
+    for step in filter(None, re.split(r"[.\[\]]", where)):
+        info = _struct_in(info, step.isdigit())
+        if step.isdigit():
+            continue
+        if not isinstance(info, mi.StructType):
+            return []
+        info = next((f.type for f in info.fields if f.encode_name == step), mi.AnyType())
+    found = _struct_in(info, False)
+    return [f.encode_name for f in found.fields] if isinstance(found, mi.StructType) else []
+
+
+def _struct_in(info: mi.Type, item: bool) -> mi.Type:
+    """Through `| None` (and into a list's items when `item`) to the struct it holds."""
+    if isinstance(info, mi.UnionType):  # `X | None` only: in a union of several, which one was meant is unknown
+        held = [t for t in info.types if not isinstance(t, mi.NoneType)]
+        info = held[0] if len(held) == 1 else info
+    if item and isinstance(info, mi.ListType):
+        info = info.item_type
+    return info

@@ -17,6 +17,7 @@ class EmbeddingCreate(msgspec.Struct, kw_only=True):
     embedding_type: EmbeddingType = "dense"
     return_sparse: bool = False
     return_colbert: bool = False
+    adapter: str | None = None  # refused when set: an embedding model takes no LoRA adapter
 
 
 class EmbeddingData(msgspec.Struct, omit_defaults=True, tag_field="object", tag="embedding"):

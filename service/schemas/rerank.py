@@ -23,6 +23,7 @@ class RerankRequest(msgspec.Struct, kw_only=True):
     return_documents: bool = True
     return_text: bool = False  # TEI
     raw_scores: bool = False
+    adapter: str | None = None  # refused when set: a reranker takes no LoRA adapter
 
 
 class SeedResult(msgspec.Struct):

@@ -3,6 +3,8 @@ selection on every generation endpoint, 404 adapter_not_found, batching and the 
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,7 +33,7 @@ def models_dir(gemma_gguf: str, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 @pytest.fixture(scope="module")
-def server(gemma_gguf: str, models_dir: Path) -> Iterator[LiveServer]:
+def server(gemma_gguf: str, minilm_path: str, models_dir: Path) -> Iterator[LiveServer]:
     env = {
         "LIGHT_MODEL_PATH": gemma_gguf,
         "LIGHT_N_CTX": "512",
@@ -39,12 +41,13 @@ def server(gemma_gguf: str, models_dir: Path) -> Iterator[LiveServer]:
         "LIGHT_REPEAT_PENALTY": "1.0",
         "LIGHT_MAX_BATCH": "3",
         "LIGHT_ADAPTERS": f"random={models_dir / 'random.gguf'}",
+        "EMBEDDING_MODEL_PATH": minilm_path,  # RAG chat with an adapter
         "MODELS_DIR": str(models_dir),
         "API_KEYS": "user-key",
         "ADMIN_API_KEYS": "admin-key",
         "ENABLE_CACHE": "true",
     }
-    with live_server(env, wait_for=("light",)) as live:
+    with live_server(env, wait_for=("light", "embedding")) as live:
         yield live
 
 
@@ -148,3 +151,48 @@ def test_response_cache_keys_on_the_adapter(client: httpx.Client) -> None:
     assert completion_text(again) == completion_text(tuned)
     details = again.json()["usage"]["prompt_tokens_details"]
     assert details["cached_tokens"] == again.json()["usage"]["prompt_tokens"]  # a response-cache hit
+
+
+def test_batch_lines_and_rag_chat_take_tier_colon_adapter(client: httpx.Client) -> None:
+    """They resolve model + adapter where every other route does (issue 30: they answered 404)."""
+    direct = completion_text(complete(client, "A B C D E F G", "light:random"))
+    lines = [
+        {"custom_id": name, "method": "POST", "url": "/v1/completions",
+         "body": {"model": model, "prompt": "A B C D E F G", "max_tokens": 12}}
+        for name, model in (("colon", "light:random"), ("field", "light"), ("missing", "light:nope"))
+    ]  # fmt: skip
+    lines[1]["body"]["adapter"] = "random"
+    upload = client.post(
+        "/v1/files",
+        files={"file": ("lines.jsonl", "\n".join(map(json.dumps, lines)).encode())},
+        data={"purpose": "batch"},
+    )
+    assert upload.status_code == 200, upload.text
+    created = client.post(
+        "/v1/batches",
+        json={"input_file_id": upload.json()["id"], "endpoint": "/v1/completions", "completion_window": "24h"},
+    )
+    assert created.status_code == 200, created.text
+    deadline = time.monotonic() + 120
+    while (batch := client.get(f"/v1/batches/{created.json()['id']}").json())["status"] != "completed":
+        assert time.monotonic() < deadline and batch["status"] in ("validating", "in_progress", "finalizing"), batch
+        time.sleep(0.1)
+    done = [json.loads(x) for x in client.get(f"/v1/files/{batch['output_file_id']}/content").text.splitlines()]
+    texts = {line["custom_id"]: line["response"]["body"]["choices"][0]["text"] for line in done}
+    assert texts == {"colon": direct, "field": direct}
+    failed = json.loads(client.get(f"/v1/files/{batch['error_file_id']}/content").text)
+    assert failed["response"]["status_code"] == 404
+    assert failed["response"]["body"]["error"]["code"] == "adapter_not_found"
+
+    admin = {"Authorization": ADMIN["Authorization"]}
+    assert client.post("/v1/collections", json={"name": "lora"}, headers=admin).status_code == 200
+    docs = {"documents": [{"text": "The mascot is a purple otter named Quill."}]}
+    assert client.post("/v1/collections/lora/documents", json=docs, headers=admin).status_code == 200
+    ask = {"messages": [{"role": "user", "content": "Who is the mascot?"}], "max_tokens": 8}
+    url = "/v1/collections/lora/chat/completions"
+    colon = client.post(url, json={**ask, "model": "light:random"})
+    assert colon.status_code == 200, colon.text
+    field = client.post(url, json={**ask, "model": "light", "adapter": "random"})
+    assert colon.json()["choices"][0]["message"] == field.json()["choices"][0]["message"]
+    missing = client.post(url, json={**ask, "model": "light:nope"})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "adapter_not_found"

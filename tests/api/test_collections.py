@@ -130,7 +130,12 @@ def test_query_ranks_by_meaning_reranks_and_filters(server: LiveServer, kb: str)
         body = res.json()
         assert res.status_code == 200, res.text
         assert body["data"][0]["document_id"] == "bread"
-        assert body["reranked"] is True  # a reranker tier is configured
+        # The reranker tier scores with the embedding model that retrieved: the same cosine on the
+        # same vectors cannot change the order, so it is skipped, and the answer says so.
+        assert body["reranked"] is False and "cannot change their order" in body["rerank_skipped"]
+        asked = http.post(f"/v1/collections/{kb}/query", json={"query": "rise dough", "top_k": 2, "rerank": True})
+        assert asked.json()["reranked"] is False and asked.json()["rerank_skipped"]
+        assert [h["score"] for h in asked.json()["data"]] == [h["search_score"] for h in asked.json()["data"]]
         assert body["documents_retrieved"] == 2 and body["retrieval_time_ms"] > 0
         assert set(body["timings"]) == {"embed_ms", "search_ms", "rerank_ms"}
         top = body["data"][0]
@@ -156,7 +161,8 @@ def test_rag_chat_answers_from_the_collection(server: LiveServer, kb: str) -> No
     answer = client.chat.completions.create(model="light", messages=messages, extra_body={"rag": {"top_k": 2}})
     extra = answer.model_extra or {}
     assert "Quill" in (answer.choices[0].message.content or "")
-    assert extra["sources"][0]["document_id"] == "mascot"
+    assert extra["sources"][0]["document_id"] == "mascot" and extra["sources"][0]["citation"] == 1
+    assert extra["reranked"] is False and extra["rerank_skipped"]  # the default reranker: same model
     assert extra["documents_retrieved"] == 2 and extra["retrieval_time_ms"] > 0
     assert answer.object == "chat.completion" and answer.usage is not None and answer.usage.prompt_tokens > 50
 

@@ -17,7 +17,7 @@ USER, ADMIN = "sk-user-cfg", "sk-admin-cfg"
 AS_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
 ENV_TEXT = """# my settings
 LIGHT_N_CTX=512   # context
-LIGHT_TEMPERATURE=0.7
+LIGHT_TEMPERATURE=0.7  # a little creative
 # LIGHT_MAX_TOKENS=99 (a comment keeps its line)
 RATE_LIMIT_PER_MINUTE=0
 """
@@ -70,10 +70,12 @@ def test_patch_needs_an_admin_key_and_no_page(server: LiveServer) -> None:
         ({"tiers": {"light": {"tempreature": 0.2}}}, "tiers.light.tempreature", "did you mean temperature"),
         ({"tiers": {"light": {"n_ctx": 256}}}, "tiers.light.n_ctx", "LIGHT_N_CTX"),
         ({"tiers": {"light": {"temperature": 9}}}, "tiers.light.temperature", "LIGHT_TEMPERATURE='9'"),
-        ({"tiers": {"light": {"max_tokens": "lots"}}}, "tiers.light.max_tokens", "LIGHT_MAX_TOKENS='lots'"),
+        ({"tiers": {"light": {"max_tokens": "lots"}}}, "tiers.light.max_tokens", "must be a JSON number"),
+        ({"tiers": {"light": {"temperature": "0.3"}}}, "tiers.light.temperature", "not the string '0.3'"),
+        ({"tiers": {"light": {"max_tokens": 2.5}}}, "tiers.light.max_tokens", "LIGHT_MAX_TOKENS='2.5'"),
         ({"tiers": {"light": {"max_tokens": 10**9}}}, "tiers.light.max_tokens", "MAX_TOKENS_LIMIT"),
         ({"tiers": {"light": {"top_k": [1]}}}, "tiers.light.top_k", "number"),
-        ({"tiers": {"light": {"top_k": "9" * 1000}}}, "tiers.light.top_k", "short string"),
+        ({"tiers": {"light": {"top_k": "9" * 1000}}}, "tiers.light.top_k", "must be a JSON number"),
         ({"tiers": {"heavy": {"top_k": 5}}}, "tiers.heavy", "HEAVY_MODEL_PATH"),
         ({"tiers": {"huge": {"top_k": 5}}}, "tiers.huge", "Unknown tier"),
         ({"server": {"api_keys": ""}}, "server.api_keys", "cannot change while the server runs"),
@@ -121,7 +123,7 @@ def test_rate_limit_changes_live(server: LiveServer) -> None:
             statuses = [http.get("/v1/models", headers=user).status_code for _ in range(3)]
             assert statuses == [200, 200, 429]
         finally:
-            assert patch(http, {"server": {"rate_limit_per_minute": "0"}}).status_code == 200
+            assert patch(http, {"server": {"rate_limit_per_minute": 0}}).status_code == 200
         assert http.get("/v1/models", headers=user).status_code == 200
 
 
@@ -139,7 +141,7 @@ def test_keep_alive_set_live_unloads_an_idle_tier(server: LiveServer) -> None:
 
 def test_persist_edits_only_the_changed_lines(server: LiveServer, env_file: Path) -> None:
     with server.client() as http:
-        res = patch(http, {"tiers": {"light": {"temperature": "0.25", "top_p": 0.5}}, "persist": True})
+        res = patch(http, {"tiers": {"light": {"temperature": 0.25, "top_p": 0.5}}, "persist": True})
     assert res.status_code == 200, res.text
     assert res.json()["persisted"] is True
     expected = ENV_TEXT.replace("LIGHT_TEMPERATURE=0.7", "LIGHT_TEMPERATURE=0.25") + "LIGHT_TOP_P=0.5\n"

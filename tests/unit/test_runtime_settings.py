@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from dotenv import dotenv_values
 
 from service.settings import SettingsError, load_settings, parse_settings, with_variables, write_variables
 
@@ -46,6 +47,25 @@ def test_write_edits_the_last_assignment_and_appends_new_ones(tmp_path: Path) ->
     link = tmp_path / ".env"
     link.symlink_to(real)
     write_variables(link, {"LIGHT_TOP_K": "5", "LIGHT_TOP_P": "0.5"})
-    assert real.read_text() == "A=1\nexport LIGHT_TOP_K=3\n# LIGHT_TOP_P=0.1\nLIGHT_TOP_K=5\nZ=9\nLIGHT_TOP_P=0.5\n"
+    expected = "A=1\nexport LIGHT_TOP_K=3\n# LIGHT_TOP_P=0.1\nLIGHT_TOP_K=5  # later one wins\nZ=9\nLIGHT_TOP_P=0.5\n"
+    assert real.read_text() == expected
     assert link.is_symlink() and real.stat().st_mode & 0o777 == 0o600
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize(
+    ("line", "written"),
+    [
+        ("LIGHT_TOP_P=0.9  # warmer answers\n", "LIGHT_TOP_P=0.5  # warmer answers\n"),
+        ("LIGHT_TOP_P='0.9' # quoted\n", "LIGHT_TOP_P=0.5 # quoted\n"),
+        ('LIGHT_TOP_P="0.9 # not a comment"\n', "LIGHT_TOP_P=0.5\n"),
+        ("LIGHT_TOP_P=0.9#glued: part of the value\n", "LIGHT_TOP_P=0.5\n"),
+        ("LIGHT_TOP_P=0.9\r\n", "LIGHT_TOP_P=0.5\n"),
+    ],
+)
+def test_write_keeps_the_inline_comment_of_the_line_it_changes(tmp_path: Path, line: str, written: str) -> None:
+    env = tmp_path / ".env"
+    env.write_bytes(f"# top\n{line}".encode())
+    write_variables(env, {"LIGHT_TOP_P": "0.5"})
+    assert env.read_bytes().decode() == f"# top\n{written}"
+    assert dotenv_values(env)["LIGHT_TOP_P"] == "0.5"  # the comment stays a comment
