@@ -24,7 +24,7 @@ from service import routing
 from service.families import FAMILIES, GENERATION, EngineFactories
 from service.model_paths import disk_size, resolve_model_path
 from service.routing import model_name, shown
-from service.settings import TIERS, Settings
+from service.settings import GENERATION_TIERS, TIERS, Settings, model_aliases
 from service.slots import AdapterRecord, Executor, TierSlot, TierState
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class Registry:
         self.settings = settings
         self.engines = engines or EngineFactories()
         self.started = time.time()
+        self.aliases = model_aliases(settings.model_aliases)  # (glob, tier) pairs, first match wins
         # One model load at a time, in tier order at start-up: two libraries initialising a GPU
         # runtime at once (torch and llama.cpp's CUDA build) is what a load must never race into.
         self._loading = asyncio.Lock()
@@ -229,7 +230,7 @@ class Registry:
         return routing.configured(self.slots)
 
     def resolve(self, model: str) -> TierSlot:
-        return routing.resolve(model, self.slots)
+        return routing.resolve(model, self.slots, self.aliases)
 
     def generation_slot(self, model: str) -> TierSlot:
         """The generation tier for `model`, without loading it (a cached answer needs no model)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from kernel.config import TierSettings
 from kernel.errors import ModelNotFoundError
@@ -30,15 +30,19 @@ def configured(slots: Mapping[str, TierSlot]) -> list[TierSlot]:
     return [s for s in slots.values() if s.state is not TierState.ABSENT]
 
 
-def resolve(model: str, slots: Mapping[str, TierSlot]) -> TierSlot:
-    """Tier name, `tier/name`, the model's own name, or the seed's name patterns."""
+def resolve(model: str, slots: Mapping[str, TierSlot], aliases: Sequence[tuple[str, str]] = ()) -> TierSlot:
+    """Tier name, `tier/name`, the model's own name, then MODEL_ALIASES in order, then the seed's
+    name patterns."""
     key = model.strip().lower()
     if (named := exact(key, slots)) is not None:
         return named
+    if aliased := next((slots[tier] for pattern, tier in aliases if fnmatch.fnmatchcase(key, pattern)), None):
+        return aliased
     if routed := _by_pattern(key, slots):
         return routed
     available = ", ".join(s.id for s in configured(slots)) or "none"
-    raise ModelNotFoundError(f"Model not found: {shown(model)}. Available models: {available}")
+    also = f"; aliases: {', '.join(f'{p}={t}' for p, t in aliases)}" if aliases else ""
+    raise ModelNotFoundError(f"Model not found: {shown(model)}. Available models: {available}{also}")
 
 
 def exact(key: str, slots: Mapping[str, TierSlot]) -> TierSlot | None:

@@ -77,6 +77,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     batch_max_batches: Positive = 1000  # kept batch records; the oldest finished are forgotten past it
     batch_max_running: Positive = 2  # batches run at once (each holds its input in memory); others wait
     batch_concurrency: Positive = 2  # batch requests in flight per tier, from all batches together
+    # Other model names onto tiers (`claude-*=heavy,gpt-5*=medium`): globs tried in order after exact names.
+    model_aliases: str = ""
     tiers: dict[str, TierSettings] = {}
 
     def tier(self, name: str) -> TierSettings:
@@ -221,6 +223,35 @@ def _convert(raw: dict[str, Any], cls: type[Any], prefix: str, env: Mapping[str,
         raise SettingsError(f"Invalid setting {var}={env.get(var, '')!r}: {reason}") from None
 
 
+_ALIAS_PATTERN = re.compile(r"[^\s,=]+")
+
+
+def model_aliases(value: str) -> tuple[tuple[str, str], ...]:
+    """`claude-*=heavy, gpt-5*=medium` -> ((pattern, tier), ...) in order, patterns lower case."""
+    aliases: list[tuple[str, str]] = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        pattern, sep, tier = (p.strip().lower() for p in item.partition("="))
+        if not sep or not _ALIAS_PATTERN.fullmatch(pattern) or tier not in TIERS:
+            raise SettingsError(
+                f"Invalid setting MODEL_ALIASES={value!r}: expected pattern=tier pairs separated by commas"
+                f" (a glob such as claude-*, then one of: {', '.join(TIERS)}), got {item!r}"
+            )
+        aliases.append((pattern, tier))
+    return tuple(aliases)
+
+
+def _check_aliases(server: Settings, tiers: Mapping[str, TierSettings]) -> None:
+    for pattern, tier in model_aliases(server.model_aliases):
+        if tier not in tiers or not tiers[tier].configured:
+            served = ", ".join(name for name, t in tiers.items() if t.configured) or "none"
+            raise SettingsError(
+                f"Invalid setting MODEL_ALIASES={server.model_aliases!r}: {pattern} names tier {tier}, which has"
+                f" no {tier.upper()}_MODEL_PATH (configured tiers: {served})"
+            )
+
+
 def parse_settings(env: Mapping[str, str]) -> Settings:
     """Build `Settings` from a flat mapping of variables; raise `SettingsError` naming a bad one."""
     env = {k.upper(): v for k, v in env.items() if v is not None}
@@ -232,6 +263,7 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
             f"Invalid setting CHUNK_OVERLAP={env.get('CHUNK_OVERLAP', '')!r}: at most half of CHUNK_SIZE"
             f" ({server.chunk_size // 2})"
         )
+    _check_aliases(server, tiers)
     for name, tier in tiers.items():
         _check_tier(tier, env)
         var = f"{name.upper()}_MAX_TOKENS"

@@ -38,6 +38,7 @@ def model_card(registry: Registry, slot: TierSlot, details: dict[str, Any] | Non
         in_flight=v.in_flight,
         keep_alive=slot.settings.keep_alive,
         pinned=slot.settings.pin,
+        aliases=[pattern for pattern, tier in registry.aliases if tier == slot.name] or None,
         details=details,
     )
 

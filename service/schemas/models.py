@@ -25,6 +25,7 @@ class ModelCard(msgspec.Struct, omit_defaults=True, tag_field="object", tag="mod
     in_flight: int | None = None
     keep_alive: int | None = None
     pinned: bool | None = None
+    aliases: list[str] | None = None  # MODEL_ALIASES globs that name this tier
     details: dict[str, Any] | None = None
 
 

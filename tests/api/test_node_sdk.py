@@ -5,6 +5,7 @@ logprobs and the Responses API."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,14 +14,15 @@ import pytest
 
 from tests.live import LiveServer
 
-NODE_DIR = Path(__file__).resolve().parents[1] / "node"
+# tests/clients-latest.sh points this at a throwaway folder with the newest SDK (and client.mjs).
+NODE_DIR = Path(os.environ.get("LLMSERVICE_NODE_DIR") or Path(__file__).resolve().parents[1] / "node")
 
 
 def test_openai_node_sdk(engine_server: LiveServer) -> None:
     node = shutil.which("node")
     assert node, "Node.js is needed for the Node SDK test (tests/run.sh installs its packages with npm)"
     if not (NODE_DIR / "node_modules" / "openai").is_dir():
-        pytest.fail("tests/node/node_modules is missing: run tests/run.sh (it runs npm ci there)")
+        pytest.fail(f"{NODE_DIR}/node_modules is missing: run tests/run.sh (it runs npm ci in tests/node)")
     done = subprocess.run(
         [node, str(NODE_DIR / "client.mjs"), engine_server.url], capture_output=True, text=True, timeout=300
     )
