@@ -243,6 +243,8 @@ def _messages(
                 content = (
                     block.content if isinstance(block.content, str) else _result(block.content or [], where, loaded)
                 )
+                if block.is_error:  # templates have no field for it: say so in the text
+                    content = f"Error: {content}"
                 _add(out, {"role": "tool", "tool_call_id": block.tool_use_id, "content": content})
             elif isinstance(block, ToolUseBlock | ToolResultBlock):
                 raise InvalidRequestError(
