@@ -63,7 +63,6 @@ _MODES: dict[str, ToolMode] = {"auto": "auto", "any": "required", "tool": "named
 # files put in a container), stay out of the prompt: our model can neither read nor repeat them.
 _LEFT_OUT = frozenset(
     {
-        "thinking",
         "redacted_thinking",
         "server_tool_use",
         "web_search_tool_result",
