@@ -1,40 +1,56 @@
 """Anthropic's Messages API (`POST /v1/messages`, `/v1/messages/count_tokens`) for the `anthropic`
 SDK and Claude Code, on the same generation path as chat: content blocks become OpenAI-shaped
 messages, `tool_use`/`tool_result` become tool calls and results, and the answer goes back as
-content blocks (streamed with Anthropic's event types)."""
+content blocks (streamed with Anthropic's event types).
+
+What Claude Code sends is the yardstick (docs/api.md lists each field's treatment): system turns
+inside `messages`, custom tools without a `type` beside Anthropic's own tools (left out of the
+prompt), history blocks of Anthropic-side work (left out), `thinking` and `output_config.effort`
+(mapped through `service.thinking`), beta fields and headers (hints). `?beta=true` and the
+`anthropic-beta` / `anthropic-version` headers change nothing."""
 
 from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from litestar import Controller, post
 
-from backends.base import Chunk
+from backends.base import Chunk, ResponseFormat
 from kernel.errors import InvalidRequestError, LLMServiceError
 from service.answer import Answer
 from service.dispatch import Dispatcher
 from service.families import GENERATION
 from service.generation import collect, engine_request, first_chunk
+from service.input_limits import check_prompt_length
 from service.metrics import RequestRecord
 from service.registry import Registry
+from service.schema_limits import check_schema
 from service.schemas.common import SamplingFields
 from service.schemas.messages import (
     CountTokensRequest,
     CountTokensResponse,
+    DocumentBlock,
+    ImageBlock,
     Message,
     MessageParam,
     MessagesRequest,
     MessageUsage,
+    PromptFields,
+    SearchResultBlock,
     TextBlock,
     ThinkingBlock,
     ToolChoice,
     ToolParam,
+    ToolReferenceBlock,
     ToolResultBlock,
     ToolUseBlock,
+    content_block,
 )
 from service.streaming import EventStream, event_stream, named_sse
+from service.thinking import ThinkingControl, thinking_control
 from service.tool_calls import ToolMode, ToolPlan, make_plan
 
 _STREAMED = (
@@ -43,6 +59,23 @@ _STREAMED = (
     "error after the start as one `event: error`"
 )
 _MODES: dict[str, ToolMode] = {"auto": "auto", "any": "required", "tool": "named", "none": "none"}
+# Earlier thinking, and the record of work Anthropic's servers did (their tool calls and results,
+# files put in a container), stay out of the prompt: our model can neither read nor repeat them.
+_LEFT_OUT = frozenset(
+    {
+        "redacted_thinking",
+        "server_tool_use",
+        "web_search_tool_result",
+        "web_fetch_tool_result",
+        "code_execution_tool_result",
+        "bash_code_execution_tool_result",
+        "text_editor_code_execution_tool_result",
+        "tool_search_tool_result",
+        "mcp_tool_use",
+        "mcp_tool_result",
+        "container_upload",
+    }
+)
 
 
 class MessagesController(Controller):
@@ -52,10 +85,8 @@ class MessagesController(Controller):
     async def create(
         self, data: MessagesRequest, registry: Registry, dispatch: Dispatcher, record: RequestRecord
     ) -> Message | EventStream:
-        if data.thinking is not None and data.thinking.type == "enabled":
-            raise InvalidRequestError("Extended thinking is not supported by this server", param="thinking")
         slot, adapter = registry.generation_target(data.model, data.adapter)
-        plan = _plan(data.tools, data.tool_choice)
+        prompt = _prompt(data)
         fields = SamplingFields(
             model=data.model, temperature=data.temperature, top_p=data.top_p, top_k=data.top_k, stop=data.stop_sequences
         )
@@ -63,14 +94,15 @@ class MessagesController(Controller):
             fields,
             slot.settings,
             max_tokens=data.max_tokens,
-            messages=_messages(data.system, data.messages),
-            tools=plan.tools,
-            constraint=plan.forced,
+            messages=prompt.messages,
+            tools=prompt.plan.tools,
+            constraint=prompt.plan.forced or prompt.format,
             adapter=adapter,
+            thinking=prompt.thinking,
         )
         stream = await dispatch.generate("chat", slot, request, record)  # the same work as chat: one cache
         mid = f"msg_{uuid.uuid4().hex[:24]}"
-        answer = Answer(slot, plan)
+        answer = Answer(slot, prompt.plan, constrained=prompt.format is not None)
         if not data.stream:
             whole, usage = await collect(stream)
             parts, found = answer.split(whole.text)
@@ -87,7 +119,7 @@ class MessagesController(Controller):
                 content,
                 _stop_reason(whole, bool(found)),
                 whole.stop_sequence,
-                MessageUsage(usage.prompt_tokens, usage.completion_tokens, cache_read_input_tokens=cached),
+                MessageUsage(usage.prompt_tokens - cached, usage.completion_tokens, cache_read_input_tokens=cached),
             )
         first = await first_chunk(stream)
         return EventStream(_events(dispatch, stream, first, mid, data.model, answer))
@@ -95,79 +127,209 @@ class MessagesController(Controller):
     @post("/count_tokens", status_code=200, summary="Count a message's input tokens (Anthropic)")
     async def count_tokens(self, data: CountTokensRequest, registry: Registry) -> CountTokensResponse:
         slot = registry.generation_target(data.model)[0]  # an adapter does not change tokens
-        plan = _plan(data.tools, None)
-        fields = SamplingFields(model=data.model)
+        prompt = _prompt(data)
         request = engine_request(
-            fields, slot.settings, max_tokens=1, messages=_messages(data.system, data.messages), tools=plan.tools
+            SamplingFields(model=data.model),
+            slot.settings,
+            max_tokens=1,
+            messages=prompt.messages,
+            tools=prompt.plan.tools,
+            thinking=prompt.thinking,
         )
-        return CountTokensResponse(len(await GENERATION.tokenize(await registry.ensure_loaded(slot), request)))
+        await registry.ensure_loaded(slot)
+        check_prompt_length(request, slot.context_length or slot.settings.n_ctx)  # bounds the tokenizer's work
+        return CountTokensResponse(len(await GENERATION.tokenize(slot, request)))
 
 
-def _plan(tools: list[ToolParam] | None, choice: ToolChoice | None) -> ToolPlan:
-    for tool in tools or ():
-        if tool.type not in (None, "custom"):
-            raise InvalidRequestError(f"Tool type {tool.type!r} is not supported; only custom tools", param="tools")
-    offered = tuple(
-        {
-            "type": "function",
-            "function": {"name": t.name, "parameters": t.input_schema}
-            | ({"description": t.description} if t.description else {}),
-        }
-        for t in tools or ()
-    )
+@dataclass(frozen=True, slots=True)
+class _Prompt:
+    messages: tuple[dict[str, Any], ...]
+    plan: ToolPlan
+    thinking: ThinkingControl
+    format: ResponseFormat | None  # output_config.format's grammar
+
+
+def _prompt(data: PromptFields) -> _Prompt:
+    """Everything of a request that shapes the prompt, as the engine request takes it."""
+    if data.mcp_servers:
+        raise InvalidRequestError(
+            "mcp_servers is not supported: this server cannot call MCP servers (offer their tools as custom tools)",
+            param="mcp_servers",
+        )
+    messages, loaded = _messages(data.system, data.messages)
+    spec = (data.output_config.format if data.output_config else None) or data.output_format
+    fmt = None
+    if spec is not None:
+        param = "output_config.format" if data.output_config and data.output_config.format else "output_format"
+        check_schema(spec.schema, f"{param}.schema")
+        fmt = ResponseFormat("json_schema", spec.schema)
+    return _Prompt(messages, _plan(data.tools, data.tool_choice, loaded), _thinking(data), fmt)
+
+
+def _thinking(data: PromptFields) -> ThinkingControl:
+    """`thinking` and `output_config.effort` onto the template's switch and a thinking budget.
+    `adaptive`, `between_tools` and newer types leave the switch to the model (and the effort)."""
+    effort = data.output_config.effort if data.output_config else None
+    config = data.thinking
+    if config is not None and (config.type == "enabled" or (config.type is None and config.budget_tokens)):
+        return thinking_control(effort=effort, enabled=True, budget=config.budget_tokens)
+    disabled = config is not None and config.type == "disabled"
+    return thinking_control(effort=effort, enabled=False if disabled else None)
+
+
+def _plan(tools: list[ToolParam] | None, choice: ToolChoice | None, loaded: set[str]) -> ToolPlan:
+    """Custom tools offered to the model; Anthropic's own tools (web search, code execution, its
+    versioned bash and editor) are left out, as a deferred tool is until a tool_reference loads it."""
+    offered = []
+    for i, tool in enumerate(tools or ()):
+        if tool.type not in (None, "custom") or (tool.defer_loading and tool.name not in loaded):
+            continue
+        if tool.input_schema is None:
+            raise InvalidRequestError(f"tools[{i}].input_schema is required for a custom tool", param=f"tools[{i}]")
+        function = {"name": tool.name, "parameters": tool.input_schema}
+        offered.append({"type": "function", "function": function | _described(tool.description)})
     if choice is not None and choice.type == "tool" and not choice.name:
         raise InvalidRequestError("tool_choice of type tool needs a name", param="tool_choice")
     return make_plan(
-        offered or None,
+        tuple(offered) or None,
         _MODES[choice.type] if choice else "auto",
         choice.name if choice else None,
         parallel=not (choice and choice.disable_parallel_tool_use),
     )
 
 
-def _messages(system: str | list[TextBlock] | None, messages: list[MessageParam]) -> tuple[dict[str, Any], ...]:
-    """Content blocks as the OpenAI-shaped messages engines take."""
+def _described(description: str | None) -> dict[str, str]:
+    return {"description": description} if description else {}
+
+
+def _messages(
+    system: str | list[TextBlock] | None, messages: list[MessageParam]
+) -> tuple[tuple[dict[str, Any], ...], set[str]]:
+    """Content blocks as the OpenAI-shaped messages engines take, and the tools that tool_reference
+    blocks loaded. Consecutive turns of one role become one turn, as Anthropic combines them; a
+    system turn inside the conversation joins the user turn it sits beside (most chat templates
+    allow a system message only first, Gemma's none at all)."""
     if not messages:
         raise InvalidRequestError("messages must contain at least one message", param="messages")
     out: list[dict[str, Any]] = []
-    if system:
-        out.append({"role": "system", "content": system if isinstance(system, str) else _text(system)})
-    for message in messages:
+    leading = [system if isinstance(system, str) else _text(system, "system")] if system else []
+    loaded: set[str] = set()
+    for i, message in enumerate(messages):
+        param = f"messages[{i}].content"
+        if message.role == "system":
+            said = (
+                message.content if isinstance(message.content, str) else _text(_blocks(message.content, param), param)
+            )
+            if out:
+                _add(out, {"role": "user", "content": said})
+            else:
+                leading.append(said)
+            continue
         if isinstance(message.content, str):
-            out.append({"role": message.role, "content": message.content})
+            _add(out, {"role": message.role, "content": message.content})
             continue
         texts: list[str] = []
         calls: list[dict[str, Any]] = []
-        for block in message.content:
-            if isinstance(block, TextBlock):
-                texts.append(block.text)
-            elif isinstance(block, ToolUseBlock) and message.role == "assistant":
+        for j, raw in enumerate(message.content):
+            where = f"{param}[{j}]"
+            block = content_block(raw, where)
+            if isinstance(block, ToolUseBlock) and message.role == "assistant":
                 arguments = json.dumps(block.input, ensure_ascii=False)
                 calls.append(
                     {"id": block.id, "type": "function", "function": {"name": block.name, "arguments": arguments}}
                 )
-            elif isinstance(block, ThinkingBlock) and message.role == "assistant":
-                continue  # earlier thinking stays out of the prompt, as reasoning models' templates do
             elif isinstance(block, ToolResultBlock) and message.role == "user":
-                content = block.content if isinstance(block.content, str) else _text(block.content or [])
-                out.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": content})
-            else:
-                kind = block.__struct_config__.tag  # the block's "type"
-                raise InvalidRequestError(
-                    f"{kind} content is not supported in a {message.role} message", param="messages"
+                content = (
+                    block.content if isinstance(block.content, str) else _result(block.content or [], where, loaded)
                 )
+                if block.is_error:  # templates have no field for it: say so in the text
+                    content = f"Error: {content}"
+                _add(out, {"role": "tool", "tool_call_id": block.tool_use_id, "content": content})
+            elif isinstance(block, ToolUseBlock | ToolResultBlock):
+                raise InvalidRequestError(
+                    f"{where}: a {block.__struct_config__.tag} block in a {message.role} message", param=where
+                )
+            elif (text := _rendered(block, raw, where, loaded)) is not None:
+                texts.append(text)
         if message.role == "assistant":
-            out.append({"role": "assistant", "content": "".join(texts)} | ({"tool_calls": calls} if calls else {}))
+            _add(out, {"role": "assistant", "content": "\n\n".join(texts)} | ({"tool_calls": calls} if calls else {}))
         elif texts:
-            out.append({"role": "user", "content": "".join(texts)})
-    return tuple(out)
+            _add(out, {"role": "user", "content": "\n\n".join(texts)})
+    if leading:
+        out.insert(0, {"role": "system", "content": "\n\n".join(leading)})
+    return tuple(out), loaded
 
 
-def _text(blocks: list[Any]) -> str:
-    for block in blocks:
+def _add(out: list[dict[str, Any]], message: dict[str, Any]) -> None:
+    """Append, merging into the last turn when it has the same role (never a tool result)."""
+    last = out[-1] if out else None
+    if last is None or last["role"] != message["role"] or message["role"] == "tool":
+        out.append(message)
+        return
+    text = "\n\n".join(t for t in (last["content"], message["content"]) if t)
+    calls = [*last.get("tool_calls", ()), *message.get("tool_calls", ())]
+    out[-1] = {"role": message["role"], "content": text} | ({"tool_calls": calls} if calls else {})
+
+
+def _blocks(raw: list[dict[str, Any]], param: str) -> list[Any]:
+    return [content_block(b, f"{param}[{j}]") for j, b in enumerate(raw)]
+
+
+def _rendered(block: Any, raw: dict[str, Any], where: str, loaded: set[str]) -> str | None:
+    """A block's text in the prompt; None for a block left out. Images and documents we cannot
+    read are refused: an answer that never saw them would mislead."""
+    if isinstance(block, TextBlock):
+        return block.text
+    if isinstance(block, ImageBlock):
+        raise InvalidRequestError(f"{where} is an image block: this server's models read text only", param=where)
+    if isinstance(block, DocumentBlock):
+        return _document(block, where)
+    if isinstance(block, SearchResultBlock):
+        return "\n".join([f"{block.title} ({block.source})", *(b.text for b in block.content)])
+    if isinstance(block, ToolReferenceBlock):
+        loaded.add(block.tool_name)
+        return f"Tool loaded: {block.tool_name}"
+    if isinstance(block, ThinkingBlock) or (isinstance(block, str) and block in _LEFT_OUT):
+        return None
+    # A block newer than this server: its text when it has one (a compaction's summary), else nothing.
+    for key in ("text", "content"):
+        if isinstance(raw.get(key), str):
+            return str(raw[key])
+    return None
+
+
+def _document(block: DocumentBlock, where: str) -> str:
+    source = block.source
+    if source.get("type") == "text" and isinstance(source.get("data"), str):
+        body = source["data"]
+    elif source.get("type") == "content":
+        inner = source.get("content")
+        body = inner if isinstance(inner, str) else _text(_blocks(inner or [], f"{where}.source.content"), where)
+    else:
+        kind = source.get("type")
+        raise InvalidRequestError(
+            f"{where} is a document with a {kind} source: this server reads plain-text documents only", param=where
+        )
+    head = [h for h in (block.title, block.context) if h]
+    return "\n\n".join([*head, body])
+
+
+def _result(content: list[dict[str, Any]], where: str, loaded: set[str]) -> str:
+    """A tool result's blocks as one text."""
+    texts = []
+    for k, raw in enumerate(content):
+        inner = f"{where}.content[{k}]"
+        if (text := _rendered(content_block(raw, inner), raw, inner, loaded)) is not None:
+            texts.append(text)
+    return "\n\n".join(texts)
+
+
+def _text(blocks: list[Any], param: str) -> str:
+    for j, block in enumerate(blocks):
         if not isinstance(block, TextBlock):
-            raise InvalidRequestError("Only text content is supported here", param="messages")
-    return "".join(b.text for b in blocks)
+            kind = block if isinstance(block, str) else block.__struct_config__.tag
+            raise InvalidRequestError(f"{param}[{j}] is a {kind} block; only text is supported here", param=param)
+    return "\n\n".join(b.text for b in blocks)
 
 
 def _stop_reason(final: Chunk, tool_use: bool) -> Any:
@@ -229,14 +391,17 @@ def _events(dispatch: Dispatcher, stream: Any, first: Chunk, mid: str, model: st
                 {"type": "content_block_stop", "index": state["index"]},
             ]
         usage = part.usage
+        cached = usage.cached_tokens if usage else 0
         return [
             *events,
             {
                 "type": "message_delta",
                 "delta": {"stop_reason": _stop_reason(part, bool(found)), "stop_sequence": part.stop_sequence},
                 "usage": {
-                    "input_tokens": usage.prompt_tokens if usage else 0,
+                    "input_tokens": usage.prompt_tokens - cached if usage else 0,
                     "output_tokens": usage.completion_tokens if usage else 0,
+                    "cache_read_input_tokens": cached,
+                    "cache_creation_input_tokens": 0,
                 },
             },
             {"type": "message_stop"},
@@ -252,7 +417,12 @@ def _events(dispatch: Dispatcher, stream: Any, first: Chunk, mid: str, model: st
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": {"input_tokens": 0, "output_tokens": 0},
+            "usage": {
+                "input_tokens": 0,
+                "output_tokens": 0,
+                "cache_read_input_tokens": 0,
+                "cache_creation_input_tokens": 0,
+            },
         },
     }
     return event_stream(

@@ -36,6 +36,7 @@ BASE: dict[str, dict[str, Any]] = {
 _SECTION = re.compile(r"^## .*\(`POST (/v1/[\w/]+)`\)\s*$")
 _CELL_SPLIT = re.compile(r"(?<!\\)\|")
 _PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+_ANY_ITEM = re.compile(r"\[(?!\d+\])[^\]]*\]")  # `[]` or `[kind]`: any item of a list
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,11 @@ def parse_policy(text: str) -> tuple[list[Row], list[str]]:
 
 
 def set_path(body: dict[str, Any], path: str, value: Any) -> None:
-    """Set `value` at `path` (`a.b`, `messages[0].content`), creating objects on the way."""
+    """Set `value` at `path` (`a.b`, `messages[0].content`), creating objects on the way. A field
+    of every item of a list (`tools[].strict`, `messages[].content[image]`) takes its example as the
+    whole list."""
+    if (at := _ANY_ITEM.search(path)) is not None:
+        path = path[: at.start()]
     keys: list[str | int] = [
         m.group(1) if m.group(1) is not None else int(m.group(2)) for m in _PATH_PART.finditer(path)
     ]
@@ -196,6 +201,8 @@ def test_each_field_gets_its_treatment(http: TestClient, row: Row) -> None:  # t
         assert answer.status_code == 400, f"{where}, but got {answer.status_code}: {answer.text[:300]}"
         error = answer.json()["error"]
         named = row.field.removeprefix("header:")
+        if (at := _ANY_ITEM.search(named)) is not None:
+            named = named[: at.start()]  # the 400 names the very item (`messages[0].content[1]`)
         param = error.get("param") or ""  # a part of the field (`messages[0].content[1]`) names it too
         assert param.startswith(named) or named in error["message"], f"{where}; the 400 does not name it: {error}"
     else:
