@@ -71,9 +71,11 @@ class Slots:
             s.seq: min(common_prefix(s.tokens, prompt), len(prompt) - 1) if s.adapter == adapter is None else 0
             for s in self.slots
         }
-        slot = max(free, key=lambda s: (usable[s.seq], -s.used))
-        if usable[slot.seq] == 0:  # nothing to reuse: overwrite the least recently used one
-            slot = min(free, key=lambda s: s.used)
+        # Write into the free slot that loses least of what it holds (then the one reusing most,
+        # then the least recently used): a short request that shares only the template's header
+        # with an agent's 20k-token conversation takes an empty slot, not that conversation's.
+        # The longest cached prefix is shared from whichever slot holds it.
+        slot = min(free, key=lambda s: (len(s.tokens) - usable[s.seq], -usable[s.seq], s.used))
         source = max(self.slots, key=lambda s: usable[s.seq])
         slot.busy, slot.used = True, next(self._clock)
         mem = self._memory

@@ -24,7 +24,7 @@ from service import routing
 from service.families import FAMILIES, GENERATION, EngineFactories
 from service.model_paths import disk_size, resolve_model_path
 from service.routing import model_name, shown
-from service.settings import GENERATION_TIERS, TIERS, Settings, model_aliases
+from service.settings import TIERS, Settings, model_aliases
 from service.slots import AdapterRecord, Executor, TierSlot, TierState
 
 log = logging.getLogger(__name__)

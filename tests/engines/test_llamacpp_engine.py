@@ -176,6 +176,19 @@ def test_follow_up_reuses_the_prefix(llama: LlamaCppBackend) -> None:
     assert a[-1].usage is not None and b[-1].usage is not None
 
 
+def test_a_short_request_keeps_a_long_conversation_cached(llama: LlamaCppBackend) -> None:
+    """A request sharing only a few tokens with a long conversation (an agent's side request) takes
+    another slot: the conversation's next turn still reuses its whole prefix."""
+    llama.reset_prefix_cache()
+    history = "An agent's long system prompt, with its tools described at length. " * 8
+    first = list(llama.stream(greedy(history + "First turn.", 2)))
+    list(llama.stream(greedy("An agent asks for a title.", 2)))  # shares only the first tokens
+    follow = list(llama.stream(greedy(history + "First turn. Second turn.", 2)))
+    used, usage = first[-1].usage, follow[-1].usage
+    assert used is not None and usage is not None
+    assert usage.cached_tokens >= used.prompt_tokens - 2
+
+
 def test_logprobs_and_logit_bias(llama: LlamaCppBackend) -> None:
     llama.reset_prefix_cache()
     prompt = llama.encode("The capital of France is")
