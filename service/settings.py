@@ -77,6 +77,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     batch_max_batches: Positive = 1000  # kept batch records; the oldest finished are forgotten past it
     batch_max_running: Positive = 2  # batches run at once (each holds its input in memory); others wait
     batch_concurrency: Positive = 2  # batch requests in flight per tier, from all batches together
+    # Stored Responses (`store: true`), under BATCH_DIR/responses: OpenAI's default is to store.
+    responses_store_default: bool = True  # what a request without `store` does
+    responses_max_stored: Positive = 1000  # kept responses; the oldest are evicted past it
+    responses_max_bytes: Positive = 256 * 1024 * 1024  # their total size on disk
     tiers: dict[str, TierSettings] = {}
 
     def tier(self, name: str) -> TierSettings:

@@ -17,11 +17,15 @@ import uvicorn
 
 from service.__main__ import configure_logging, server_config
 from service.app import create_app
+from service.families import EngineFactories
 from service.settings import parse_settings
 
 
 class LiveServer:
-    def __init__(self, env: Mapping[str, str], env_file: Path | None = None) -> None:
+    def __init__(
+        self, env: Mapping[str, str], env_file: Path | None = None, engines: EngineFactories | None = None
+    ) -> None:
+        """`engines`: e.g. `service.testing.fake_engines(reply=...)` for a scripted model."""
         # Collections and batch files go to folders of this server's own unless a test names one
         # (a restart test): never into the checkout.
         prefixes = {"BATCH_DIR": "llmservice-batches-", "COLLECTIONS_DIR": "llmservice-collections-"}
@@ -29,7 +33,7 @@ class LiveServer:
         defaults = {"LOG_LEVEL": "WARNING", **self._own_dirs}
         self.settings = parse_settings({**defaults, **env})
         configure_logging(self.settings.log_level)  # as `python -m service` does
-        self.app = create_app(self.settings, env_file=env_file)
+        self.app = create_app(self.settings, env_file=env_file, engines=engines)
         # IPPROTO_TCP: asyncio then sets TCP_NODELAY on connections (see service.__main__.bind).
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._sock.bind(("127.0.0.1", 0))
@@ -71,9 +75,12 @@ class LiveServer:
 
 @contextmanager
 def live_server(
-    env: Mapping[str, str], wait_for: tuple[str, ...] = (), env_file: Path | None = None
+    env: Mapping[str, str],
+    wait_for: tuple[str, ...] = (),
+    env_file: Path | None = None,
+    engines: EngineFactories | None = None,
 ) -> Iterator[LiveServer]:
-    server = LiveServer(env, env_file).start(wait_for)
+    server = LiveServer(env, env_file, engines).start(wait_for)
     try:
         yield server
     finally:
