@@ -45,6 +45,7 @@ from service.schemas.responses import (
     ResponsesRequest,
     ResponseUsage,
     ShellAction,
+    SummaryText,
     ToolDef,
 )
 from service.streaming import EventStream, event_stream, named_sse
@@ -117,6 +118,8 @@ class ResponsesController(Controller):
         answer = Answer(slot, plan, constrained=request.response_format is not None)
         store = data.store if data.store is not None else registry.settings.responses_store_default
         shell = _shell(data, slot.settings.temperature, slot.settings.top_p)
+        asked = data.reasoning.summary or data.reasoning.generate_summary if data.reasoning is not None else None
+        summarise = asked not in (None, "none")
 
         def finish(done: Response) -> Response:
             if not store:
@@ -129,7 +132,7 @@ class ResponsesController(Controller):
             parts, calls = answer.split(whole.text)
             output: list[OutputItem] = []
             if parts.reasoning:
-                output.append(OutputReasoning(_id("rs"), [ReasoningText(parts.reasoning)]))
+                output.append(_reasoning(_id("rs"), parts.reasoning, summarise))
             if parts.content or not calls:
                 text = OutputText(parts.content, logprobs=_logprobs(whole) if logprobs else [])
                 cut = whole.finish_reason == "length" and not calls
@@ -138,7 +141,7 @@ class ResponsesController(Controller):
             return finish(_finished(shell, output, whole, usage, bool(calls)))
         first = await first_chunk(stream)
         return EventStream(
-            _events(dispatch, stream, first, shell, answer, logprobs, tools, data.max_tool_calls, finish)
+            _events(dispatch, stream, first, shell, answer, logprobs, tools, data.max_tool_calls, summarise, finish)
         )
 
     @get("/{response_id:str}", summary="A stored response")
@@ -454,6 +457,12 @@ def _shell(data: ResponsesRequest, temperature: float, top_p: float) -> Response
     )
 
 
+def _reasoning(iid: str, text: str, summarise: bool) -> OutputReasoning:
+    """Thinking as `reasoning_text` content; asked for a summary (`reasoning.summary`), the summary
+    is the thinking itself: there is no summariser, and clients such as Codex show only summaries."""
+    return OutputReasoning(iid, [ReasoningText(text)], [SummaryText(text)] if summarise else [])
+
+
 def _usage(usage: UsageInfo) -> ResponseUsage:
     cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
     return ResponseUsage(
@@ -490,6 +499,7 @@ def _events(
     logprobs: bool,
     tools: _Tools,
     max_calls: int | None,
+    summarise: bool,
     finish: Callable[[Response], Response],
 ) -> Any:
     """The typed events: each output item added, filled by deltas, done; the response completed."""
@@ -508,12 +518,18 @@ def _events(
         current["kind"] = None
         index = len(output)
         if kind == "reasoning":
-            item: OutputItem = OutputReasoning(iid, [ReasoningText(text)])
+            item: OutputItem = _reasoning(iid, text, summarise)
             output.append(item)
-            return [
-                event("response.reasoning_text.done", item_id=iid, output_index=index, content_index=0, text=text),
-                event("response.output_item.done", output_index=index, item=item),
-            ]
+            done = [event("response.reasoning_text.done", item_id=iid, output_index=index, content_index=0, text=text)]
+            if summarise:  # the summary is the whole thinking, sent as one delta once it is known
+                at = {"item_id": iid, "output_index": index, "summary_index": 0}
+                done += [
+                    event("response.reasoning_summary_part.added", **at, part=SummaryText("")),
+                    event("response.reasoning_summary_text.delta", **at, delta=text),
+                    event("response.reasoning_summary_text.done", **at, text=text),
+                    event("response.reasoning_summary_part.done", **at, part=SummaryText(text)),
+                ]
+            return [*done, event("response.output_item.done", output_index=index, item=item)]
         part = OutputText(text, logprobs=current["logprobs"])
         item = OutputMessage(iid, [part], "incomplete" if current["cut"] else "completed")
         output.append(item)

@@ -121,6 +121,10 @@ class ReasoningText(msgspec.Struct, tag_field="type", tag="reasoning_text"):
     text: str
 
 
+class SummaryText(msgspec.Struct, tag_field="type", tag="summary_text"):
+    text: str
+
+
 class OutputMessage(msgspec.Struct, tag_field="type", tag="message"):
     id: str
     content: list[OutputText]
@@ -167,7 +171,7 @@ class OutputReasoning(msgspec.Struct, tag_field="type", tag="reasoning"):
 
     id: str
     content: list[ReasoningText]
-    summary: list[Any] = msgspec.field(default_factory=list)
+    summary: list[SummaryText] = msgspec.field(default_factory=list)
     status: Literal["in_progress", "completed", "incomplete"] = "completed"
 
 

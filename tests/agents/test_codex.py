@@ -103,7 +103,7 @@ def _scripted(prompt: str) -> str:
     if "\ntool: " in prompt:
         return "done"
     call = {"name": "exec_command", "arguments": {"cmd": SHELL_COMMAND}}
-    return f"<tool_call>{json.dumps(call)}</tool_call>"
+    return f"<think>A shell command does it.</think><tool_call>{json.dumps(call)}</tool_call>"
 
 
 def test_tool_loop_runs_the_command_and_finishes(tmp_path: Path) -> None:
@@ -117,9 +117,8 @@ def test_tool_loop_runs_the_command_and_finishes(tmp_path: Path) -> None:
         return _scripted(prompt)
 
     # The fake counts a byte a token: room for Codex's ~40 kB prompt.
-    with live_server(
-        {"LIGHT_MODEL_PATH": "fake/script", "LIGHT_N_CTX": "200000"}, engines=fake_engines(reply=reply)
-    ) as server:
+    env = {"LIGHT_MODEL_PATH": "fake/script", "LIGHT_N_CTX": "200000", "LIGHT_REASONING_PARSER": "think"}
+    with live_server(env, engines=fake_engines(reply=reply)) as server:
         events = _codex(
             server.url,
             home,
@@ -135,4 +134,9 @@ def test_tool_loop_runs_the_command_and_finishes(tmp_path: Path) -> None:
     ]
     assert len(commands) == 1 and SHELL_COMMAND in commands[0]["command"] and commands[0]["exit_code"] == 0
     assert _answer(events) == "done"
+    # Thinking reaches Codex as the reasoning item's summary (what it shows), and stays out of the next prompt.
+    thoughts = [
+        e["item"]["text"] for e in events if e.get("type") == "item.completed" and e["item"]["type"] == "reasoning"
+    ]
+    assert thoughts == ["A shell command does it."] and "A shell command" not in prompts[1]
     assert len(prompts) == 2 and "\ntool: " in prompts[1]  # the command's result went back to the model

@@ -187,7 +187,12 @@ def test_unsupported_fields_are_named(engine_server: LiveServer, change: dict[st
 SHELL_CALL = '<tool_call>{"name": "exec_command", "arguments": {"cmd": "ls"}}</tool_call>'
 NS_CALL = '<tool_call>{"name": "multi_agent_v1.spawn_agent", "arguments": {"message": "hi"}}</tool_call>'
 PATCH_CALL = '<tool_call>{"name": "apply_patch", "arguments": {"input": "*** Begin Patch"}}</tool_call>'
-SCRIPT = {"run ls": SHELL_CALL, "spawn one": NS_CALL, "patch it": PATCH_CALL}
+SCRIPT = {
+    "run ls": SHELL_CALL,
+    "spawn one": NS_CALL,
+    "patch it": PATCH_CALL,
+    "think first": "<think>pondering</think>hi",
+}
 # What Codex CLI 0.171.0 sends (tools and fields as captured, descriptions cut short).
 CODEX_TOOLS: list[dict[str, Any]] = [
     {
@@ -237,7 +242,8 @@ def _scripted(prompt: str) -> str:
 
 @contextmanager
 def _fake_app(folder: Path, **env: str) -> Iterator[TestClient]:  # type: ignore[type-arg]
-    settings = parse_settings({"LIGHT_MODEL_PATH": "fake/script", "BATCH_DIR": str(folder), **env})
+    base = {"LIGHT_MODEL_PATH": "fake/script", "LIGHT_REASONING_PARSER": "think", "BATCH_DIR": str(folder)}
+    settings = parse_settings({**base, **env})
     app = create_app(settings, engines=fake_engines(reply=_scripted))
     with TestClient(app, base_url="http://localhost") as http:
         deadline = time.monotonic() + 30
@@ -363,6 +369,16 @@ def test_reasoning_effort_and_hints_are_accepted(fake: TestClient) -> None:  # t
         max_tool_calls=1,
     )
     assert answer["output"][0]["content"][0]["text"] == "Hi" and answer["reasoning"]["effort"] == "high"
+
+
+def test_reasoning_summary_carries_the_thinking(fake: TestClient) -> None:  # type: ignore[type-arg]
+    plain = _create(fake, input="think first")["output"][0]
+    assert plain["content"] == [{"type": "reasoning_text", "text": "pondering"}] and plain["summary"] == []
+    summarised = _create(fake, input="think first", reasoning={"summary": "auto"})["output"][0]
+    assert summarised["summary"] == [{"type": "summary_text", "text": "pondering"}]  # what Codex shows
+    events = _events(fake, input="think first", reasoning={"summary": "auto"})
+    deltas = [e["delta"] for e in events if e["type"] == "response.reasoning_summary_text.delta"]
+    assert deltas == ["pondering"] and events[-1]["response"]["output"][0]["summary"][0]["text"] == "pondering"
 
 
 def test_stored_response_get_continue_list_delete(fake: TestClient) -> None:  # type: ignore[type-arg]
