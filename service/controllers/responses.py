@@ -1,6 +1,8 @@
-"""OpenAI's Responses API (`POST /v1/responses`), stateless, on the same generation path as chat:
-`instructions` and input items become chat messages, the answer comes back as output items
-(reasoning, message, function calls), streamed as the typed `response.*` events."""
+"""OpenAI's Responses API (`/v1/responses`) on the same generation path as chat: `instructions`
+and input items (after a stored `previous_response_id` chain) become chat messages, the answer
+comes back as output items (reasoning, message, function/custom/local-shell calls), streamed as
+the typed `response.*` events; `store` keeps it (service.response_store) for GET, DELETE,
+`input_items` and continuation."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from litestar.params import Parameter
 
 from backends.base import Chunk
 from backends.tools import ToolCall
-from kernel.errors import InvalidRequestError, LLMServiceError
+from kernel.errors import InvalidRequestError, LLMServiceError, NotFoundError
 from service.answer import Answer
 from service.dispatch import Dispatcher
 from service.generation import chat_logprobs, collect, engine_request, first_chunk, now, usage_info
@@ -89,7 +91,10 @@ class ResponsesController(Controller):
         plan = _plan(data, tools)
         prior: list[InputItem] = []
         if data.previous_response_id is not None:
-            context = responses.context(data.previous_response_id)
+            try:
+                context = responses.context(data.previous_response_id)
+            except NotFoundError as exc:
+                raise NotFoundError(exc.message, param="previous_response_id", code=exc.code) from None
             prior = msgspec.convert(context, list[InputItem])
         items = [InputItem(role="user", content=data.input)] if isinstance(data.input, str) else data.input
         fields = SamplingFields(

@@ -1,6 +1,9 @@
 """OpenAI's Responses API through the openai SDK's `responses.create` on both engines: plain and
-streamed, input items with tool history, forced function calls, structured text, and the fields a
-stateless server refuses by name."""
+streamed, input items with tool history, forced function calls, structured text. Then, on the
+fake engine in-process: what Codex CLI sends (namespace, custom and hosted tools, its history
+items, reasoning and cache hints), what is refused by name, stored responses (GET, DELETE,
+input_items, previous_response_id, bounds, restarts); every answer and stream event validated
+strictly against the installed openai package's types."""
 
 from __future__ import annotations
 
@@ -347,7 +350,7 @@ def test_tool_history_codex_sends_back(fake: TestClient) -> None:  # type: ignor
         ({"background": True}, "background"),
         ({"conversation": "conv_1"}, "conversation"),
         ({"include": ["file_search_call.results"]}, "include"),
-        ({"previous_response_id": "resp_0123456789abcdef01234567"}, "response_id"),
+        ({"previous_response_id": "resp_0123456789abcdef01234567"}, "previous_response_id"),
     ],
 )
 def test_what_would_mislead_is_refused_by_name(fake: TestClient, change: dict[str, Any], param: str) -> None:  # type: ignore[type-arg]
