@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar import Controller, delete, get, post
+from litestar import Controller, Request, delete, get, post
 from litestar.params import Parameter
 
 from backends.base import Chunk
@@ -80,6 +80,7 @@ class ResponsesController(Controller):
     async def create(
         self,
         data: ResponsesRequest,
+        request: Request[Any, Any, Any],
         registry: Registry,
         dispatch: Dispatcher,
         record: RequestRecord,
@@ -107,7 +108,7 @@ class ResponsesController(Controller):
         # top_logprobs alone asks for them too: scores computed and not returned would be a silent drop.
         logprobs = "message.output_text.logprobs" in (data.include or ()) or bool(data.top_logprobs)
         effort = data.reasoning.effort if data.reasoning is not None else None
-        request = engine_request(
+        generation = engine_request(
             fields,
             slot.settings,
             max_tokens=data.max_output_tokens,
@@ -119,10 +120,10 @@ class ResponsesController(Controller):
             adapter=adapter,
             thinking=thinking_control(effort=effort),
         )
-        stream = await dispatch.generate("chat", slot, request, record)  # the same work as chat: one cache
-        answer = Answer(slot, plan, constrained=request.response_format is not None)
+        stream = await dispatch.generate("chat", slot, generation, record)  # the same work as chat: one cache
+        answer = Answer(slot, plan, constrained=generation.response_format is not None)
         store = data.store if data.store is not None else registry.settings.responses_store_default
-        shell = _shell(data, slot.settings.temperature, slot.settings.top_p)
+        shell = _shell(data, await _tools_echo(request, data), slot.settings.temperature, slot.settings.top_p)
         asked = data.reasoning.summary or data.reasoning.generate_summary if data.reasoning is not None else None
         summarise = asked not in (None, "none")
 
@@ -434,7 +435,22 @@ def _stored_input(items: list[InputItem]) -> list[dict[str, Any]]:
 _ITEM_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
 
 
-def _shell(data: ResponsesRequest, temperature: float, top_p: float) -> Response:
+class _ToolsOnly(msgspec.Struct):
+    tools: list[dict[str, Any]] | None = None
+
+
+_OURS = {"function", "namespace", "custom", "local_shell"}
+
+
+async def _tools_echo(request: Request[Any, Any, Any], data: ResponsesRequest) -> list[dict[str, Any]]:
+    """The tools as sent, for the response's `tools`: a hosted tool's own fields (a file search's
+    `vector_store_ids`...) are not in our schema, so those come from the body itself."""
+    if all(t.type in _OURS for t in data.tools or ()):
+        return [msgspec.to_builtins(t) for t in data.tools or ()]
+    return msgspec.json.decode(await request.body(), type=_ToolsOnly).tools or []
+
+
+def _shell(data: ResponsesRequest, tools: list[dict[str, Any]], temperature: float, top_p: float) -> Response:
     """The response as it stands before any output (echoing the request as OpenAI does)."""
     choice = data.tool_choice
     return Response(
@@ -443,7 +459,7 @@ def _shell(data: ResponsesRequest, temperature: float, top_p: float) -> Response
         model=data.model,
         status="in_progress",
         output=[],
-        tools=[msgspec.to_builtins(t) for t in data.tools or ()],
+        tools=tools,
         tool_choice=choice if isinstance(choice, str) else (msgspec.structs.asdict(choice) if choice else "auto"),
         parallel_tool_calls=data.parallel_tool_calls is not False,
         text={"format": msgspec.structs.asdict(data.text.format) if data.text else {"type": "text"}},

@@ -190,10 +190,12 @@ def test_unsupported_fields_are_named(engine_server: LiveServer, change: dict[st
 SHELL_CALL = '<tool_call>{"name": "exec_command", "arguments": {"cmd": "ls"}}</tool_call>'
 NS_CALL = '<tool_call>{"name": "multi_agent_v1.spawn_agent", "arguments": {"message": "hi"}}</tool_call>'
 PATCH_CALL = '<tool_call>{"name": "apply_patch", "arguments": {"input": "*** Begin Patch"}}</tool_call>'
+LOCAL_CALL = '<tool_call>{"name": "local_shell", "arguments": {"command": ["ls", "-l"]}}</tool_call>'
 SCRIPT = {
     "run ls": SHELL_CALL,
     "spawn one": NS_CALL,
     "patch it": PATCH_CALL,
+    "list here": LOCAL_CALL,
     "think first": "<think>pondering</think>hi",
 }
 # What Codex CLI 0.171.0 sends (tools and fields as captured, descriptions cut short).
@@ -307,6 +309,15 @@ def test_calls_come_back_as_the_items_codex_expects(fake: TestClient, stream: bo
             output = _create(fake, **body)["output"]
         assert len(output) == 1 and output[0]["call_id"].startswith("call_")
         assert item.items() <= output[0].items()
+
+
+def test_local_shell_call(fake: TestClient) -> None:  # type: ignore[type-arg]
+    tools = [{"type": "local_shell"}, {"type": "file_search", "vector_store_ids": ["vs_1"]}]
+    output = _create(fake, input="list here", tools=tools)["output"]
+    assert [o["type"] for o in output] == ["local_shell_call"]
+    assert output[0]["action"]["command"] == ["ls", "-l"] and output[0]["action"]["type"] == "exec"
+    events = _events(fake, input="list here", tools=tools)
+    assert events[-1]["response"]["output"][0]["action"]["command"] == ["ls", "-l"]
 
 
 def test_tool_history_codex_sends_back(fake: TestClient) -> None:  # type: ignore[type-arg]
