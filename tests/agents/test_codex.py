@@ -9,7 +9,8 @@ server through the Responses API, as a user points it at us: a `config.toml` pro
   until max_tokens, and Codex fails a turn whose response is `incomplete`; `--output-schema` (a
   Codex flag for scripted runs) makes the answer a JSON object our grammar closes, so it ends.
 - A full tool loop on a scripted fake engine: the "model" calls Codex's shell tool, Codex runs the
-  command in a temp folder and sends the output back, the model says "done", Codex exits 0.
+  command in a temp folder and sends the output back; then a tool of a `namespace` (Codex must
+  recognise the call as its own); the model says "done", Codex exits 0.
 """
 
 from __future__ import annotations
@@ -99,11 +100,16 @@ def test_two_turns_on_gemma_reuse_the_kv(gemma_gguf: str, tmp_path: Path) -> Non
 
 def _scripted(prompt: str) -> str:
     """The model's side of the loop (the fake engine's prompt is one `role: content` line per
-    message): no tool output yet, call Codex's shell tool; once the output is back, finish."""
-    if "\ntool: " in prompt:
-        return "done"
-    call = {"name": "exec_command", "arguments": {"cmd": SHELL_COMMAND}}
-    return f"<think>A shell command does it.</think><tool_call>{json.dumps(call)}</tool_call>"
+    message): call Codex's shell tool, then one of its namespaced tools (offered to the model as
+    `multi_agent_v1.close_agent`), then finish."""
+    outputs = prompt.count("\ntool: ")
+    if outputs == 0:
+        call = {"name": "exec_command", "arguments": {"cmd": SHELL_COMMAND}}
+        return f"<think>A shell command does it.</think><tool_call>{json.dumps(call)}</tool_call>"
+    if outputs == 1:
+        call = {"name": "multi_agent_v1.close_agent", "arguments": {"target": "no-such-agent"}}
+        return f"<tool_call>{json.dumps(call)}</tool_call>"
+    return "done"
 
 
 def test_tool_loop_runs_the_command_and_finishes(tmp_path: Path) -> None:
@@ -139,4 +145,7 @@ def test_tool_loop_runs_the_command_and_finishes(tmp_path: Path) -> None:
         e["item"]["text"] for e in events if e.get("type") == "item.completed" and e["item"]["type"] == "reasoning"
     ]
     assert thoughts == ["A shell command does it."] and "A shell command" not in prompts[1]
-    assert len(prompts) == 2 and "\ntool: " in prompts[1]  # the command's result went back to the model
+    assert len(prompts) == 3 and "\ntool: " in prompts[1]  # the command's result went back to the model
+    # Codex ran its own close_agent on the namespaced call (an unknown name gets "unsupported call").
+    answer = prompts[2].rsplit("\ntool: ", 1)[1]
+    assert "no-such-agent" in answer and "unsupported call" not in answer, answer
