@@ -80,7 +80,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # Stored Responses (`store: true`), under BATCH_DIR/responses: OpenAI's default is to store.
     responses_store_default: bool = True  # what a request without `store` does
     responses_max_stored: Positive = 1000  # kept responses; the oldest are evicted past it
-    responses_max_bytes: Positive = 256 * 1024 * 1024  # their total size on disk
+    responses_max_bytes: Positive = 64 * 1024 * 1024  # their total size (on disk, and held in memory)
     tiers: dict[str, TierSettings] = {}
 
     def tier(self, name: str) -> TierSettings:
