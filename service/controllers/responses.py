@@ -69,6 +69,9 @@ _INCLUDES = {
 }
 
 
+_STORED = {"errors": (404,)}  # `response_not_found`: never stored, deleted or evicted
+
+
 def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
@@ -150,16 +153,16 @@ class ResponsesController(Controller):
             _events(dispatch, stream, first, shell, answer, logprobs, tools, data.max_tool_calls, summarise, finish)
         )
 
-    @get("/{response_id:str}", summary="A stored response")
+    @get("/{response_id:str}", summary="A stored response", opt=_STORED)
     async def retrieve(self, response_id: str, responses: ResponseStore) -> dict[str, Any]:
         return responses.get(response_id).response
 
-    @delete("/{response_id:str}", status_code=200, summary="Delete a stored response")
+    @delete("/{response_id:str}", status_code=200, summary="Delete a stored response", opt=_STORED)
     async def remove(self, response_id: str, responses: ResponseStore) -> DeletedResponse:
         responses.delete(response_id)
         return DeletedResponse(id=response_id)
 
-    @get("/{response_id:str}/input_items", summary="A stored response's input items (a cursor page)")
+    @get("/{response_id:str}/input_items", summary="A stored response's input items (a cursor page)", opt=_STORED)
     async def input_items(
         self,
         response_id: str,
