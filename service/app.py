@@ -42,6 +42,7 @@ from service.lifecycle import Lifecycle
 from service.metrics import RequestRecord, Telemetry, TelemetryMiddleware, request_record
 from service.openapi import openapi_config
 from service.registry import Registry
+from service.response_store import ResponseStore
 from service.runtime_config import RuntimeConfig
 from service.schemas.common import UNKNOWN_FIELD, decode_strict, raise_unknown_field
 from service.security import Security, cors_config
@@ -88,6 +89,11 @@ def create_app(
     config = RuntimeConfig(settings, registry, lifecycle, security, env_file)
     collections = Collections(settings, registry)
     batches = Batches(settings, registry, dispatch, to_service_error)
+    responses = ResponseStore(
+        Path(settings.batch_dir).expanduser() / "responses",
+        max_stored=settings.responses_max_stored,
+        max_bytes=settings.responses_max_bytes,
+    )
     # Uploads are multipart JSONL files, bounded by BATCH_MAX_FILE_BYTES rather than MAX_BODY_BYTES.
     files = Router("/", route_handlers=[FilesController], request_max_body_size=settings.batch_max_file_bytes + 65536)
 
@@ -97,12 +103,14 @@ def create_app(
         await registry.start()
         await lifecycle.start()
         await batches.start()
+        await asyncio.to_thread(responses.open)
         announce = asyncio.create_task(_announce(app, registry), name="announce")
         try:
             yield
         finally:
             announce.cancel()
             await batches.close()  # before the models go: running lines stop, and resume at the next start
+            await asyncio.to_thread(responses.close)
             await lifecycle.close()
             try:
                 await collections.close()
@@ -138,6 +146,7 @@ def create_app(
             "config": Provide(lambda: config, use_cache=True, sync_to_thread=False),
             "security": Provide(lambda: security, use_cache=True, sync_to_thread=False),
             "batches": Provide(lambda: batches, use_cache=True, sync_to_thread=False),
+            "responses": Provide(lambda: responses, use_cache=True, sync_to_thread=False),
             "errors": Provide(lambda: to_service_error, use_cache=True, sync_to_thread=False),
             "collections": Provide(lambda: collections, use_cache=True, sync_to_thread=False),
             "record": Provide(_record, sync_to_thread=False),

@@ -79,6 +79,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     batch_concurrency: Positive = 2  # batch requests in flight per tier, from all batches together
     # Other model names onto tiers (`claude-*=heavy,gpt-5*=medium`): globs tried in order after exact names.
     model_aliases: str = ""
+    # Stored Responses (`store: true`), under BATCH_DIR/responses: OpenAI's default is to store.
+    responses_store_default: bool = True  # what a request without `store` does
+    responses_max_stored: Positive = 1000  # kept responses; the oldest are evicted past it
+    responses_max_bytes: Positive = 64 * 1024 * 1024  # their total size (on disk, and held in memory)
     tiers: dict[str, TierSettings] = {}
 
     def tier(self, name: str) -> TierSettings:

@@ -102,7 +102,7 @@ class MessagesController(Controller):
         )
         stream = await dispatch.generate("chat", slot, request, record)  # the same work as chat: one cache
         mid = f"msg_{uuid.uuid4().hex[:24]}"
-        answer = Answer(slot, prompt.plan, constrained=prompt.format is not None)
+        answer = Answer(slot, prompt.plan, constrained=prompt.format is not None, thinking=request.thinking)
         if not data.stream:
             whole, usage = await collect(stream)
             parts, found = answer.split(whole.text)

@@ -176,8 +176,9 @@ def test_the_parser_reads_dotted_fields_and_escaped_pipes() -> None:
 
 
 @pytest.fixture(scope="module")
-def http() -> Iterator[TestClient]:  # type: ignore[type-arg]
-    app = create_app(parse_settings({"LIGHT_MODEL_PATH": "fake/echo"}), engines=fake_engines())
+def http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:  # type: ignore[type-arg]
+    env = {"LIGHT_MODEL_PATH": "fake/echo", "BATCH_DIR": str(tmp_path_factory.mktemp("batches"))}  # stored responses
+    app = create_app(parse_settings(env), engines=fake_engines())
     with TestClient(app, base_url="http://localhost") as client:
         deadline = time.monotonic() + 30
         while client.get("/health").json()["tiers"]["light"]["state"] != "loaded":
