@@ -97,7 +97,8 @@ def parse_input(
     return lines, problems
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file whole or not at all (a crash leaves the old one), for the on-disk stores."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(temporary, "wb") as f:
@@ -151,8 +152,8 @@ class BatchStore:
         meta = FileObject(
             id=new_id("file-"), bytes=len(data), created_at=int(time.time()), filename=filename, purpose="batch"
         )
-        _write_atomic(self.content(meta.id), data)
-        _write_atomic(self.files_dir / f"{meta.id}.json", msgspec.json.encode(meta))
+        write_atomic(self.content(meta.id), data)
+        write_atomic(self.files_dir / f"{meta.id}.json", msgspec.json.encode(meta))
         self.files[meta.id] = meta
         return meta
 
@@ -166,7 +167,7 @@ class BatchStore:
 
     # -- batches ---------------------------------------------------------------------------------
     def save_batch(self, batch: Batch) -> None:
-        _write_atomic(self.batches_dir / f"{batch.id}.json", msgspec.json.encode(batch))
+        write_atomic(self.batches_dir / f"{batch.id}.json", msgspec.json.encode(batch))
         self.batches[batch.id] = batch
 
     def forget_batch(self, batch_id: str) -> None:
@@ -225,7 +226,7 @@ class BatchStore:
                 filename=f"{batch_id}_{kind}.jsonl",
                 purpose="batch_output",
             )
-            _write_atomic(self.files_dir / f"{file_id}.json", msgspec.json.encode(meta))
+            write_atomic(self.files_dir / f"{file_id}.json", msgspec.json.encode(meta))
             self.files[file_id] = meta
         return file_id
 

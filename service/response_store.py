@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ from typing import Any
 import msgspec
 
 from kernel.errors import NotFoundError
+from service.batch_store import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +39,6 @@ class StoredResponse(msgspec.Struct):
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(StoredResponse).decode
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
 
 
 class ResponseStore:
@@ -160,6 +150,6 @@ class ResponseStore:
 
     def _persist(self, rid: str | None, data: bytes, evicted: list[str]) -> None:
         if rid is not None:
-            _write_atomic(self.root / f"{rid}.json", data)
+            write_atomic(self.root / f"{rid}.json", data)
         for gone in evicted:
             (self.root / f"{gone}.json").unlink(missing_ok=True)

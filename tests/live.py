@@ -14,11 +14,13 @@ from pathlib import Path
 
 import httpx
 import uvicorn
+from litestar.testing import TestClient
 
 from service.__main__ import configure_logging, server_config
 from service.app import create_app
 from service.families import EngineFactories
 from service.settings import parse_settings
+from service.testing import fake_engines
 
 
 class LiveServer:
@@ -71,6 +73,24 @@ class LiveServer:
 
     def client(self, **kwargs: object) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=120, **kwargs)  # type: ignore[arg-type]
+
+
+@contextmanager
+def fake_app(
+    env: Mapping[str, str], engines: EngineFactories | None = None, headers: Mapping[str, str] | None = None
+) -> Iterator[TestClient]:  # type: ignore[type-arg]
+    """The app in-process (Litestar's TestClient) on fake engines (`service.testing.fake_engines()`
+    unless given), once every configured tier has loaded: tiers preload in the background, as in
+    production. Batch files and stored responses go to a folder of its own unless `env` names one."""
+    with tempfile.TemporaryDirectory(prefix="llmservice-batches-") as batches:
+        app = create_app(parse_settings({"BATCH_DIR": batches, **env}), engines=engines or fake_engines())
+        with TestClient(app, base_url="http://localhost") as http:
+            http.headers.update(headers or {})
+            deadline = time.monotonic() + 30
+            while {t["state"] for t in http.get("/health").json()["tiers"].values()} != {"loaded"}:
+                assert time.monotonic() < deadline, "the fake engines did not load"
+                time.sleep(0.01)
+            yield http
 
 
 @contextmanager

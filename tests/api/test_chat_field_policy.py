@@ -5,7 +5,6 @@ answer validates strictly (tests/clients-latest.sh runs the same with the newest
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,8 @@ import pytest
 from litestar.testing import TestClient
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from service.app import create_app
-from service.settings import parse_settings
-from service.testing import fake_engines
 from tests.api.test_field_policy import ROWS
+from tests.live import fake_app
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 BASE: dict[str, dict[str, Any]] = {
@@ -30,12 +27,7 @@ BASE: dict[str, dict[str, Any]] = {
 @pytest.fixture(scope="module")
 def client() -> Iterator[TestClient]:  # type: ignore[type-arg]
     env = {"LIGHT_MODEL_PATH": "fake/echo", "ENABLE_CACHE": "false"}
-    app = create_app(parse_settings(env), engines=fake_engines())
-    with TestClient(app, base_url="http://localhost") as http:
-        deadline = time.monotonic() + 30
-        while http.get("/health").json()["tiers"]["light"]["state"] != "loaded":
-            assert time.monotonic() < deadline, "the fake engine did not load"
-            time.sleep(0.01)
+    with fake_app(env) as http:
         yield http
 
 

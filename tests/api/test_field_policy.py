@@ -9,7 +9,6 @@ import copy
 import itertools
 import json
 import re
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,7 @@ from typing import Any
 import pytest
 from litestar.testing import TestClient
 
-from service.app import create_app
-from service.settings import parse_settings
-from service.testing import fake_engines
+from tests.live import fake_app
 
 API_DOC = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 TREATMENTS = ("honoured", "mapped", "hint", "refused")
@@ -176,14 +173,8 @@ def test_the_parser_reads_dotted_fields_and_escaped_pipes() -> None:
 
 
 @pytest.fixture(scope="module")
-def http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:  # type: ignore[type-arg]
-    env = {"LIGHT_MODEL_PATH": "fake/echo", "BATCH_DIR": str(tmp_path_factory.mktemp("batches"))}  # stored responses
-    app = create_app(parse_settings(env), engines=fake_engines())
-    with TestClient(app, base_url="http://localhost") as client:
-        deadline = time.monotonic() + 30
-        while client.get("/health").json()["tiers"]["light"]["state"] != "loaded":
-            assert time.monotonic() < deadline, "the fake engine did not load"
-            time.sleep(0.01)
+def http() -> Iterator[TestClient]:  # type: ignore[type-arg]
+    with fake_app({"LIGHT_MODEL_PATH": "fake/echo"}) as client:
         yield client
 
 

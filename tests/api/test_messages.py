@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,12 +19,10 @@ from backends.base import GenerationRequest, ResponseFormat
 from backends.fake import FakeBackend
 from embedders.fake import FakeEmbedder
 from rerankers.fake import FakeReranker
-from service.app import create_app
 from service.families import EngineFactories
-from service.settings import parse_settings
 from service.thinking import EFFORT_BUDGETS
 from tests.api.test_field_policy import ROWS
-from tests.live import LiveServer
+from tests.live import LiveServer, fake_app
 
 WEATHER = {
     "name": "get_weather",
@@ -160,12 +157,7 @@ def fake() -> Iterator[Fake]:
     backend = functools.partial(_recording_backend(seen), reply=lambda prompt: prompt)
     engines = EngineFactories(backend=backend, embedder=FakeEmbedder, reranker=FakeReranker)
     env = {"LIGHT_MODEL_PATH": "fake/prompt", "LIGHT_N_CTX": "4096", "LIGHT_TOOL_PARSER": "hermes"}
-    app = create_app(parse_settings(env), engines=engines)
-    with TestClient(app, base_url="http://localhost") as http:
-        deadline = time.monotonic() + 30
-        while http.get("/health").json()["tiers"]["light"]["state"] != "loaded":
-            assert time.monotonic() < deadline, "the fake engine did not load"
-            time.sleep(0.01)
+    with fake_app(env, engines) as http:
         yield Fake(http, seen)
 
 

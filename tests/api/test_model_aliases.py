@@ -4,16 +4,14 @@ what exists. In-process on the fake engines, through the openai SDK."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import openai
 import pytest
 from litestar.testing import TestClient
 
-from service.app import create_app
 from service.settings import SettingsError, parse_settings
-from service.testing import fake_engines
+from tests.live import fake_app
 
 ENV = {
     "LIGHT_MODEL_PATH": "fake/light-echo",
@@ -26,12 +24,7 @@ ENV = {
 
 @pytest.fixture(scope="module")
 def http() -> Iterator[TestClient]:  # type: ignore[type-arg]
-    app = create_app(parse_settings(ENV), engines=fake_engines())
-    with TestClient(app, base_url="http://localhost") as client:
-        deadline = time.monotonic() + 30
-        while {t["state"] for t in client.get("/health").json()["tiers"].values()} != {"loaded"}:
-            assert time.monotonic() < deadline, "the fake engines did not load"
-            time.sleep(0.01)
+    with fake_app(ENV) as client:
         yield client
 
 

@@ -8,7 +8,6 @@ strictly against the installed openai package's types."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,10 +22,8 @@ from openai.pagination import SyncCursorPage
 from openai.types.responses import Response as ResponseType
 from openai.types.responses import ResponseItem, ResponseStreamEvent
 
-from service.app import create_app
-from service.settings import parse_settings
 from service.testing import fake_engines
-from tests.live import LiveServer, error_of
+from tests.live import LiveServer, error_of, fake_app
 
 StreamEvent: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(ResponseStreamEvent)
 InputItemListType = SyncCursorPage[ResponseItem]
@@ -248,13 +245,7 @@ def _scripted(prompt: str) -> str:
 @contextmanager
 def _fake_app(folder: Path, **env: str) -> Iterator[TestClient]:  # type: ignore[type-arg]
     base = {"LIGHT_MODEL_PATH": "fake/script", "LIGHT_REASONING_PARSER": "think", "BATCH_DIR": str(folder)}
-    settings = parse_settings({**base, **env})
-    app = create_app(settings, engines=fake_engines(reply=_scripted))
-    with TestClient(app, base_url="http://localhost") as http:
-        deadline = time.monotonic() + 30
-        while http.get("/health").json()["tiers"]["light"]["state"] != "loaded":
-            assert time.monotonic() < deadline, "the fake engine did not load"
-            time.sleep(0.01)
+    with fake_app({**base, **env}, fake_engines(reply=_scripted)) as http:
         yield http
 
 

@@ -6,7 +6,6 @@ shows up first. In-process on a fake engine that answers a tool call when asked 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,9 +17,8 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from service.app import create_app
-from service.settings import parse_settings
 from service.testing import fake_engines
+from tests.live import fake_app
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
@@ -30,15 +28,9 @@ def reply(prompt: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:  # type: ignore[type-arg]
+def http() -> Iterator[TestClient]:  # type: ignore[type-arg]
     env = {"LIGHT_MODEL_PATH": "fake/echo", "EMBEDDING_MODEL_PATH": "fake/words"}
-    env["BATCH_DIR"] = str(tmp_path_factory.mktemp("batches"))  # stored responses go there
-    app = create_app(parse_settings(env), engines=fake_engines(reply=reply))
-    with TestClient(app, base_url="http://localhost") as client:
-        deadline = time.monotonic() + 30
-        while {t["state"] for t in client.get("/health").json()["tiers"].values()} != {"loaded"}:
-            assert time.monotonic() < deadline, "the fake engines did not load"
-            time.sleep(0.01)
+    with fake_app(env, fake_engines(reply=reply)) as client:
         yield client
 
 

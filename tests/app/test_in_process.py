@@ -4,16 +4,13 @@ clients (openai's SDK over Litestar's TestClient); the engine contract suites ru
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import openai
 import pytest
 from litestar.testing import TestClient
 
-from service.app import create_app
-from service.settings import parse_settings
-from service.testing import fake_engines
+from tests.live import fake_app
 
 ENV = {
     "LIGHT_MODEL_PATH": "fake/echo",
@@ -28,13 +25,7 @@ KEY, ADMIN = "sk-user-test", "sk-admin-test"
 @pytest.fixture
 def client() -> Iterator[TestClient]:  # type: ignore[type-arg]
     env = {**ENV, "API_KEYS": KEY, "ADMIN_API_KEYS": ADMIN}
-    app = create_app(parse_settings(env), engines=fake_engines())
-    with TestClient(app, base_url="http://localhost") as http:
-        http.headers["Authorization"] = f"Bearer {KEY}"
-        deadline = time.monotonic() + 30
-        while {t["state"] for t in http.get("/health").json()["tiers"].values()} != {"loaded"}:
-            assert time.monotonic() < deadline, "the fake engines did not load"
-            time.sleep(0.01)  # tiers preload in the background, as in production
+    with fake_app(env, headers={"Authorization": f"Bearer {KEY}"}) as http:
         yield http
 
 

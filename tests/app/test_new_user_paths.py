@@ -3,7 +3,6 @@ admin routes, adapters on tiers that take none, retrieval options, and `/v1/conf
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,9 +10,7 @@ from typing import Any
 import pytest
 from litestar.testing import TestClient
 
-from service.app import create_app
-from service.settings import parse_settings
-from service.testing import fake_engines
+from tests.live import fake_app
 
 pytest.importorskip("qdrant_client")
 
@@ -28,12 +25,7 @@ def client(tmp_path: Path) -> Iterator[TestClient]:  # type: ignore[type-arg]
         "COLLECTIONS_DIR": str(tmp_path / "collections"),
         "BATCH_DIR": str(tmp_path / "batches"),
     }
-    app = create_app(parse_settings(env), engines=fake_engines())
-    with TestClient(app, base_url="http://localhost") as http:
-        deadline = time.monotonic() + 30
-        while {t["state"] for t in http.get("/health").json()["tiers"].values()} != {"loaded"}:
-            assert time.monotonic() < deadline, "the fake engines did not load"
-            time.sleep(0.01)
+    with fake_app(env) as http:
         yield http
 
 
