@@ -71,16 +71,20 @@ class Slots:
             s.seq: min(common_prefix(s.tokens, prompt), len(prompt) - 1) if s.adapter == adapter is None else 0
             for s in self.slots
         }
-        # Write into the free slot that loses least of what it holds (then the one reusing most,
-        # then the least recently used): a short request that shares only the template's header
-        # with an agent's 20k-token conversation takes an empty slot, not that conversation's.
-        # The longest cached prefix is shared from whichever slot holds it.
-        slot = min(free, key=lambda s: (len(s.tokens) - usable[s.seq], -usable[s.seq], s.used))
+        # The next turn of a conversation, or the same prompt again, goes back to its slot: the
+        # slot holds the whole prompt, or the prompt keeps at least half of what the slot holds.
+        # Anything else writes into the free slot that loses least (then the least recently
+        # used): a side request sharing only the template's header with an agent's 20k-token
+        # conversation takes another slot, sharing that prefix from whichever slot holds it.
+        slot = max(free, key=lambda s: (usable[s.seq], -s.used))
+        n = usable[slot.seq]
+        if n == 0 or (n < len(prompt) - 1 and len(slot.tokens) - n > n):
+            slot = min(free, key=lambda s: (len(s.tokens) - usable[s.seq], s.used))
         source = max(self.slots, key=lambda s: usable[s.seq])
         slot.busy, slot.used = True, next(self._clock)
         mem = self._memory
         if usable[source.seq] > usable[slot.seq]:
-            # Another (busy) sequence holds a longer prefix: share its cells.
+            # Another sequence holds a longer prefix: share its cells.
             n = usable[source.seq]
             llama_cpp.llama_memory_seq_rm(mem, slot.seq, -1, -1)
             llama_cpp.llama_memory_seq_cp(mem, source.seq, slot.seq, 0, n)
