@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,9 @@ import pytest
 from service.testing import fake_engines
 from tests.live import LiveServer, live_server
 
-BIN = Path(__file__).resolve().parent / "node_modules" / ".bin"
+# Node 22 and the agents, from `npm ci --prefix tests/agents` (tests/clients-latest.sh points
+# LLMSERVICE_AGENTS_DIR at a folder of the newest releases).
+BIN = Path(os.environ.get("LLMSERVICE_AGENTS_DIR") or Path(__file__).resolve().parent) / "node_modules" / ".bin"
 
 
 def claude(

@@ -26,7 +26,9 @@ import pytest
 from service.testing import fake_engines
 from tests.live import live_server
 
-BIN = Path(__file__).parent / "node_modules" / ".bin"  # Node 22 and the agents, from `npm ci --prefix tests/agents`
+# Node 22 and the agents, from `npm ci --prefix tests/agents` (tests/clients-latest.sh points
+# LLMSERVICE_AGENTS_DIR at a folder of the newest releases).
+BIN = Path(os.environ.get("LLMSERVICE_AGENTS_DIR") or Path(__file__).parent) / "node_modules" / ".bin"
 SHELL_COMMAND = "echo 42 > out.txt"
 ANSWER_SCHEMA = {
     "type": "object",
