@@ -328,9 +328,11 @@ def llama_server(model: str, extra: list[str]) -> Iterator[Server]:
             yield Server(name, url, "gemma")
 
 
-def chat_turn(http: httpx.Client, server: Server, messages: list[Message], max_tokens: int) -> Turn:
+def chat_turn(server: Server, messages: list[Message], max_tokens: int) -> Turn:
     """One streamed chat turn; TTFT = until the first content (or the finish, if the model stops
-    at once: then no content comes, but the prompt has been evaluated all the same)."""
+    at once: then no content comes, but the prompt has been evaluated all the same). A new
+    connection per turn: llama-server drops an idle keep-alive connection after 5 s, and a turn
+    waits minutes for the other server's."""
     body = {
         "model": server.model,
         "messages": messages,
@@ -339,27 +341,28 @@ def chat_turn(http: httpx.Client, server: Server, messages: list[Message], max_t
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    start = time.monotonic()
-    first = 0.0
     text: list[str] = []
     usage: dict[str, object] = {}
     timings: dict[str, object] = {}
-    with http.stream("POST", f"{server.url}/v1/chat/completions", json=body) as res:
-        if res.status_code != 200:
-            res.read()
-            raise RuntimeError(f"{server.name}: {res.status_code} {res.text[:500]}")
-        for line in res.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            usage = event.get("usage") or usage
-            timings = event.get("timings") or timings
-            for choice in event.get("choices") or []:
-                content = (choice.get("delta") or {}).get("content")
-                if content or choice.get("finish_reason"):
-                    first = first or time.monotonic()
-                if content:
-                    text.append(content)
+    with httpx.Client(timeout=1800) as http:
+        start = time.monotonic()
+        first = 0.0
+        with http.stream("POST", f"{server.url}/v1/chat/completions", json=body) as res:
+            if res.status_code != 200:
+                res.read()
+                raise RuntimeError(f"{server.name}: {res.status_code} {res.text[:500]}")
+            for line in res.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                usage = event.get("usage") or usage
+                timings = event.get("timings") or timings
+                for choice in event.get("choices") or []:
+                    content = (choice.get("delta") or {}).get("content")
+                    if content or choice.get("finish_reason"):
+                        first = first or time.monotonic()
+                    if content:
+                        text.append(content)
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
     cache_n = timings.get("cache_n")
@@ -415,13 +418,13 @@ def main() -> None:
         else:
             print(f"(llama-server not found at {LLAMA_SERVER}: skipped)")
         for s in servers:  # warm-up: first-request costs (connection, graph reservation)
-            chat_turn(http, s, [{"role": "user", "content": "Hi"}], 2)
+            chat_turn(s, [{"role": "user", "content": "Hi"}], 2)
         for r in range(args.rounds):
             messages = sized_conversation(http, servers[0], 1000 + r, args.tokens)
             for s in servers:
-                t1 = chat_turn(http, s, messages, args.max_tokens)
+                t1 = chat_turn(s, messages, args.max_tokens)
                 follow = [*messages, {"role": "assistant", "content": t1.text}, {"role": "user", "content": FOLLOW_UP}]
-                t2 = chat_turn(http, s, follow, args.max_tokens)
+                t2 = chat_turn(s, follow, args.max_tokens)
                 s.turns.append((t1, t2))
                 print(
                     f"round {r} {s.name:28} turn 1 {t1.ttft:7.2f} s ({t1.prompt_tokens} prompt tokens,"
