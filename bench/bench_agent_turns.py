@@ -331,8 +331,8 @@ def llama_server(model: str, extra: list[str]) -> Iterator[Server]:
 def chat_turn(server: Server, messages: list[Message], max_tokens: int) -> Turn:
     """One streamed chat turn; TTFT = until the first content (or the finish, if the model stops
     at once: then no content comes, but the prompt has been evaluated all the same). A new
-    connection per turn: llama-server drops an idle keep-alive connection after 5 s, and a turn
-    waits minutes for the other server's."""
+    connection per turn: a keep-alive connection to llama-server, idle for minutes while the other
+    server ran its turn, failed with "Server disconnected without sending a response"."""
     body = {
         "model": server.model,
         "messages": messages,
