@@ -44,7 +44,7 @@ from service.openapi import openapi_config
 from service.registry import Registry
 from service.response_store import ResponseStore
 from service.runtime_config import RuntimeConfig
-from service.schemas.common import UNKNOWN_FIELD, decode_strict, raise_unknown_field
+from service.schemas.common import UNKNOWN_FIELD, decode_strict, unknown_field_error
 from service.security import Security, cors_config
 from service.settings import Settings, load_settings
 from service.slots import TierState
@@ -233,10 +233,7 @@ def _validation_error(exc: ValidationException, body_type: Any) -> InvalidReques
             return InvalidRequestError("Invalid request: this endpoint needs a JSON request body")
         message = str(extra[0].get("message") or exc.detail)
         if message.startswith(UNKNOWN_FIELD) and body_type is not None:
-            try:
-                raise_unknown_field(body_type, key or None, message.removeprefix(UNKNOWN_FIELD).strip("`"))
-            except InvalidRequestError as named:
-                return named
+            return unknown_field_error(body_type, key or None, message)
         text = f"{message} at `{key}`" if key else message
         return InvalidRequestError(f"Invalid request: {text}", param=key or None)
     return InvalidRequestError(f"Invalid request: {exc.detail}")

@@ -113,7 +113,7 @@ def decode_strict(body: bytes, type_: Any) -> Any:
         reason, _, where = str(exc).partition(" - at `$")
         param = where.rstrip("`").lstrip(".") or None
         if reason.startswith(UNKNOWN_FIELD):  # bodies that refuse unknown keys: name the key
-            raise_unknown_field(type_, param, reason.removeprefix(UNKNOWN_FIELD).strip("`"))
+            raise unknown_field_error(type_, param, reason) from None
         raise InvalidRequestError(
             f"Invalid request: {reason}" + (f" at `{param}`" if param else ""), param=param
         ) from None
@@ -125,15 +125,17 @@ def decode_strict(body: bytes, type_: Any) -> Any:
         raise InvalidRequestError("Malformed JSON body: nested too deeply") from None
 
 
-def raise_unknown_field(type_: Any, where: str | None, field: str) -> None:
-    """Raise the 400 for `field`, unknown in the object at `where` (`rag`, `messages[0]`) of a body
-    of `type_`, naming the known field it is closest to (`topk` → `top_k`), as .env settings do."""
+def unknown_field_error(type_: Any, where: str | None, reason: str) -> InvalidRequestError:
+    """The 400 for msgspec's `reason` (UNKNOWN_FIELD and the key) in the object at `where` (`rag`,
+    `messages[0]`) of a body of `type_`, naming the known field it is closest to (`topk` → `top_k`),
+    as .env settings do."""
+    field = reason.removeprefix(UNKNOWN_FIELD).strip("`")
     param = ".".join(filter(None, (where, field)))
     known = _fields_at(type_, where or "")
     close = difflib.get_close_matches(field, known, n=1, cutoff=0.6)
     hint = f"; did you mean `{'.'.join(filter(None, (where, close[0])))}`?" if close else ""
     listed = f" (known: {', '.join(known)})" if known and not close else ""
-    raise InvalidRequestError(f"Invalid request: unknown field `{param}`{hint}{listed}", param=param)
+    return InvalidRequestError(f"Invalid request: unknown field `{param}`{hint}{listed}", param=param)
 
 
 def _fields_at(type_: Any, where: str) -> list[str]:
