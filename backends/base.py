@@ -56,7 +56,7 @@ class GenerationRequest:
     top_logprobs: int = 0  # ... and this many most likely alternatives (needs logprobs)
     prompt_logprobs: bool = False  # score the prompt's tokens too (`echo` with `logprobs`)
     adapter: str | None = None  # a LoRA adapter loaded with `Backend.load_adapter`; None: the base model
-    # Reasoning controls (service.thinking maps each API's fields onto them): the chat template's
+    # Reasoning controls (service.serving.thinking maps each API's fields onto them): the chat template's
     # thinking switch (None: the template's default), at most this many thinking tokens before the
     # engine closes the block (None: no bound), and `chat_template_kwargs` for the template.
     thinking: bool | None = None

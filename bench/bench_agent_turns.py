@@ -403,7 +403,7 @@ def main() -> None:
     parser.add_argument("--no-llama-server", action="store_true")
     args = parser.parse_args()
 
-    from service.model_paths import resolve_model_path
+    from service.tiers.model_paths import resolve_model_path
 
     model = resolve_model_path(args.model)
     print(f"model {model}")

@@ -137,7 +137,7 @@ def main() -> None:
     counts = [int(n) for n in args.streams.split(",")]
     parallel = max(counts)
 
-    from service.model_paths import resolve_model_path
+    from service.tiers.model_paths import resolve_model_path
 
     model = resolve_model_path(args.model)
     print(f"model {model}, {args.gpu_layers} GPU layers")

@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import free_port, llmservice, median, pct, process
-from service.model_paths import resolve_model_path
+from service.tiers.model_paths import resolve_model_path
 from stores.base import StoredChunk
 from stores.factory import create_store
 

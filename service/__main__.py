@@ -17,8 +17,8 @@ from typing import Any
 import uvicorn
 
 from service.app import create_app
+from service.serving.streaming import Drain
 from service.settings import Settings, SettingsError, load_settings
-from service.streaming import Drain
 
 log = logging.getLogger("service")
 

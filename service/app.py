@@ -19,9 +19,7 @@ from litestar.middleware import DefineMiddleware
 from litestar.types import Empty
 
 from kernel.errors import InvalidRequestError, LLMServiceError
-from service.batches import Batches
 from service.cache import ResponseCache
-from service.collections import Collections
 from service.controllers.adapters import AdaptersController
 from service.controllers.admin import AdminController
 from service.controllers.batches import BatchesController, FilesController
@@ -36,18 +34,20 @@ from service.controllers.rerank import rerank
 from service.controllers.responses import ResponsesController
 from service.controllers.tokenize import TokenizeController
 from service.controllers.ws import ws
-from service.dispatch import Dispatcher
-from service.families import EngineFactories
+from service.jobs.batches import BatchJobs
+from service.jobs.collections import Collections
 from service.lifecycle import Lifecycle
 from service.metrics import RequestRecord, Telemetry, TelemetryMiddleware, request_record
 from service.openapi import openapi_config
-from service.registry import Registry
-from service.response_store import ResponseStore
 from service.runtime_config import RuntimeConfig
 from service.schemas.common import UNKNOWN_FIELD, decode_strict, unknown_field_error
 from service.security import Security, cors_config
+from service.serving.dispatch import Dispatcher
+from service.serving.response_store import ResponseStore
 from service.settings import Settings, load_settings
-from service.slots import TierState
+from service.tiers.families import EngineFactories
+from service.tiers.registry import Registry
+from service.tiers.slots import TierState
 
 log = logging.getLogger("service")
 
@@ -88,7 +88,7 @@ def create_app(
     dispatch = Dispatcher(registry, cache, settings)
     config = RuntimeConfig(settings, registry, lifecycle, security, env_file)
     collections = Collections(settings, registry)
-    batches = Batches(settings, registry, dispatch, to_service_error)
+    batches = BatchJobs(settings, registry, dispatch, to_service_error)
     responses = ResponseStore(
         Path(settings.batch_dir).expanduser() / "responses",
         max_stored=settings.responses_max_stored,

@@ -17,8 +17,6 @@ import contextlib
 import hashlib
 import logging
 import math
-import os
-import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -28,6 +26,7 @@ from typing import Any, Protocol, TypeVar
 
 import msgspec
 
+from service.disk import write_atomic
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -220,7 +219,7 @@ class ResponseCache:
         data = msgspec.msgpack.encode(_CacheFile(_FORMAT, _VERSION, entries))
         self._dirty = False
         try:
-            await asyncio.to_thread(_write_atomic, self.path, data)
+            await asyncio.to_thread(write_atomic, self.path, data)
         except OSError as exc:
             self._dirty = True
             log.warning("Response cache: could not write %s: %s", self.path, exc)
@@ -248,19 +247,3 @@ def _read(path: Path) -> list[tuple[str, float, bytes]]:
         log.warning("Response cache: %s has format %s v%d, not ours; ignoring it", path, file.format, file.version)
         return []
     return file.entries
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write then rename: a crash leaves the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -14,10 +14,10 @@ import time
 import msgspec
 
 from kernel.errors import InvalidRequestError, ModelUnavailableError, TierNotConfiguredError
-from service.registry import Registry
 from service.security import allowed_model_path
 from service.settings import Settings
-from service.slots import AdapterRecord, TierSlot, TierState
+from service.tiers.registry import Registry
+from service.tiers.slots import AdapterRecord, TierSlot, TierState
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from service.cache import ResponseCache
-from service.registry import Registry
 from service.settings import GENERATION_TIERS, Settings
-from service.slots import TierState
+from service.tiers.registry import Registry
+from service.tiers.slots import TierState
 
 RECORD = "llmservice.record"  # key of the RequestRecord in scope["state"]
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)

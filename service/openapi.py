@@ -26,8 +26,8 @@ from litestar.openapi.plugins import JsonRenderPlugin, ScalarRenderPlugin, Swagg
 from litestar.routes import HTTPRoute
 
 from service.schemas.common import ErrorResponse
+from service.serving.streaming import EventStream
 from service.settings import Settings
-from service.streaming import EventStream
 
 _REF = "#/components/schemas/{name}"
 _ERRORS = {

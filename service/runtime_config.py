@@ -21,7 +21,6 @@ import msgspec
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError
 from service.lifecycle import Lifecycle
-from service.registry import Registry
 from service.security import Security
 from service.settings import (
     LIVE_SERVER_FIELDS,
@@ -33,7 +32,8 @@ from service.settings import (
     with_variables,
     write_variables,
 )
-from service.slots import TierState
+from service.tiers.registry import Registry
+from service.tiers.slots import TierState
 
 _SECRETS = ("api_keys", "admin_api_keys", "collections_api_key")
 _MASK = "********"

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from backends.fake import FakeBackend, echo_last_line
 from embedders.fake import FakeEmbedder
 from rerankers.fake import FakeReranker
-from service.families import EngineFactories
+from service.tiers.families import EngineFactories
 
 
 def fake_engines(*, reply: Callable[[str], str] = echo_last_line, token_seconds: float = 0.0) -> EngineFactories:

@@ -3,7 +3,7 @@
 A store holds named collections of chunks. Each chunk carries a dense vector, optionally a
 sparse one (BGE-M3's lexical weights, for hybrid search), and a payload: the document it came
 from, its place in that document, its text and the document's metadata. Stores are not assumed
-to be thread-safe: `service.collections` calls one from a single worker thread.
+to be thread-safe: `service.jobs.collections` calls one from a single worker thread.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from backends.base import Backend, GenerationRequest
-from service.workers import GenerationWorker
+from service.tiers.workers import GenerationWorker
 from tests.live import LiveServer
 
 

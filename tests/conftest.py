@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from service.model_paths import resolve_model_path
+from service.tiers.model_paths import resolve_model_path
 
 StartService = Callable[[dict[str, str]], subprocess.CompletedProcess[str]]
 

@@ -18,9 +18,9 @@ from litestar.testing import TestClient
 
 from service.__main__ import configure_logging, server_config
 from service.app import create_app
-from service.families import EngineFactories
 from service.settings import parse_settings
 from service.testing import fake_engines
+from service.tiers.families import EngineFactories
 
 
 class LiveServer:

@@ -7,11 +7,11 @@ import os
 from litestar import Controller, get, post
 
 from service.lifecycle import Lifecycle
-from service.model_paths import disk_size
-from service.registry import Registry
 from service.schemas.adapters import AdapterCard, AdapterList, AdapterLoadRequest, AdapterUnloadRequest
 from service.settings import GENERATION_TIERS
-from service.slots import AdapterRecord, TierSlot
+from service.tiers.model_paths import disk_size
+from service.tiers.registry import Registry
+from service.tiers.slots import AdapterRecord, TierSlot
 
 
 def adapter_card(slot: TierSlot, record: AdapterRecord) -> AdapterCard:

@@ -11,10 +11,10 @@ from litestar import Controller, Response, get, post
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.cache import ResponseCache
-from service.families import FAMILIES, GENERATION
 from service.metrics import Telemetry
-from service.registry import Registry
-from service.slots import TierState
+from service.tiers.families import FAMILIES, GENERATION
+from service.tiers.registry import Registry
+from service.tiers.slots import TierState
 
 _OBSERVE_OFF = {"observe": False}  # polling these is monitoring, not traffic
 # Litestar appends `; charset=utf-8` to text/ types itself: without this it would be there twice.

@@ -1,4 +1,4 @@
-"""`/v1/files` and `/v1/batches`: OpenAI's Files and Batch API (see service/batches.py)."""
+"""`/v1/files` and `/v1/batches`: OpenAI's Files and Batch API (see service/jobs/batches.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from litestar.params import Parameter
 from litestar.response import File
 
 from kernel.errors import InvalidRequestError
-from service.batches import Batches
+from service.jobs.batches import BatchJobs
 from service.schemas.batches import Batch, BatchCreate, BatchList, FileDeleted, FileList, FileObject
 
 _FORM_FIELDS = ("file", "purpose")
@@ -22,7 +22,7 @@ class FilesController(Controller):
     path = "/v1/files"
 
     @post(status_code=200, summary="Upload a batch input file (JSONL, purpose batch)", opt={"multipart": True})
-    async def create(self, request: Request[Any, Any, Any], batches: Batches) -> FileObject:
+    async def create(self, request: Request[Any, Any, Any], batches: BatchJobs) -> FileObject:
         form = await request.form()
         try:
             for key in form:
@@ -47,7 +47,7 @@ class FilesController(Controller):
     @get(summary="List files")
     async def list_files(
         self,
-        batches: Batches,
+        batches: BatchJobs,
         purpose: str | None = None,
         limit: Annotated[int, Parameter(ge=1, le=10_000)] = 10_000,
         order: Literal["asc", "desc"] = "desc",
@@ -56,7 +56,7 @@ class FilesController(Controller):
         return batches.list_files(purpose, limit, order, after)
 
     @get("/{file_id:str}", summary="Retrieve a file's metadata")
-    async def retrieve(self, file_id: str, batches: Batches) -> FileObject:
+    async def retrieve(self, file_id: str, batches: BatchJobs) -> FileObject:
         return batches.file(file_id)
 
     @get(
@@ -65,12 +65,12 @@ class FilesController(Controller):
         media_type="application/octet-stream",
         opt={"media_type": "application/octet-stream"},
     )
-    async def content(self, file_id: str, batches: Batches) -> File:
+    async def content(self, file_id: str, batches: BatchJobs) -> File:
         # Served as an attachment named by its id: never rendered by a browser, never a client's name.
         return File(batches.content(file_id), filename=f"{file_id}.jsonl", media_type="application/octet-stream")
 
     @delete("/{file_id:str}", status_code=200, summary="Delete a file")
-    async def remove(self, file_id: str, batches: Batches) -> FileDeleted:
+    async def remove(self, file_id: str, batches: BatchJobs) -> FileDeleted:
         return await batches.delete_file(file_id)
 
 
@@ -78,19 +78,19 @@ class BatchesController(Controller):
     path = "/v1/batches"
 
     @post(status_code=200, summary="Create a batch from an uploaded file")
-    async def create(self, data: BatchCreate, batches: Batches) -> Batch:
+    async def create(self, data: BatchCreate, batches: BatchJobs) -> Batch:
         return await batches.create(data)
 
     @get(summary="List batches, newest first")
     async def list_batches(
-        self, batches: Batches, after: str | None = None, limit: Annotated[int, Parameter(ge=1, le=100)] = 20
+        self, batches: BatchJobs, after: str | None = None, limit: Annotated[int, Parameter(ge=1, le=100)] = 20
     ) -> BatchList:
         return batches.list_batches(after, limit)
 
     @get("/{batch_id:str}", summary="Retrieve a batch")
-    async def retrieve(self, batch_id: str, batches: Batches) -> Batch:
+    async def retrieve(self, batch_id: str, batches: BatchJobs) -> Batch:
         return batches.get(batch_id)
 
     @post("/{batch_id:str}/cancel", status_code=200, summary="Cancel a batch")
-    async def cancel(self, batch_id: str, batches: Batches) -> Batch:
+    async def cancel(self, batch_id: str, batches: BatchJobs) -> Batch:
         return await batches.cancel(batch_id)

@@ -2,12 +2,12 @@ from __future__ import annotations
 
 from litestar import Controller, post
 
-from service.dispatch import Dispatcher
 from service.metrics import RequestRecord
-from service.registry import Registry
 from service.schemas.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
-from service.serving import serve_chat
-from service.streaming import EventStream, Streamed
+from service.serving.chat import serve_chat
+from service.serving.dispatch import Dispatcher
+from service.serving.streaming import EventStream, Streamed
+from service.tiers.registry import Registry
 
 
 class ChatController(Controller):

@@ -15,10 +15,8 @@ import msgspec
 from litestar import Controller, delete, get, post
 from litestar.params import Parameter
 
-from service.collections import Collections, last_question, with_context
-from service.dispatch import Dispatcher
+from service.jobs.collections import Collections, last_question, with_context
 from service.metrics import RequestRecord
-from service.registry import Registry
 from service.schemas.chat import ChatCompletion
 from service.schemas.collections import (
     Collection,
@@ -35,8 +33,10 @@ from service.schemas.collections import (
     RagChatRequest,
     Retrieval,
 )
-from service.serving import serve_chat
-from service.streaming import EventStream
+from service.serving.chat import serve_chat
+from service.serving.dispatch import Dispatcher
+from service.serving.streaming import EventStream
+from service.tiers.registry import Registry
 
 # Every route reads the store (503 when it cannot) and names a collection (404) or may create one (409).
 _ERRORS = {"errors": (404, 409, 503)}

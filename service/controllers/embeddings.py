@@ -2,11 +2,11 @@ from __future__ import annotations
 
 from litestar import Controller, post
 
-from service.dispatch import Dispatcher
-from service.embeddings import serve_embeddings
 from service.metrics import RequestRecord
-from service.registry import Registry
 from service.schemas.embeddings import EmbeddingCreate, EmbeddingList
+from service.serving.dispatch import Dispatcher
+from service.serving.embeddings import serve_embeddings
+from service.tiers.registry import Registry
 
 
 class EmbeddingsController(Controller):

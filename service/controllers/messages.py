@@ -6,7 +6,7 @@ content blocks (streamed with Anthropic's event types).
 What Claude Code sends is the yardstick (docs/api.md lists each field's treatment): system turns
 inside `messages`, custom tools without a `type` beside Anthropic's own tools (left out of the
 prompt), history blocks of Anthropic-side work (left out), `thinking` and `output_config.effort`
-(mapped through `service.thinking`), beta fields and headers (hints). `?beta=true` and the
+(mapped through `service.serving.thinking`), beta fields and headers (hints). `?beta=true` and the
 `anthropic-beta` / `anthropic-version` headers change nothing."""
 
 from __future__ import annotations
@@ -20,14 +20,7 @@ from litestar import Controller, post
 
 from backends.base import Chunk, ResponseFormat
 from kernel.errors import InvalidRequestError, LLMServiceError
-from service.answer import Answer
-from service.dispatch import Dispatcher
-from service.families import GENERATION
-from service.generation import collect, engine_request, first_chunk
-from service.input_limits import check_prompt_length
 from service.metrics import RequestRecord
-from service.registry import Registry
-from service.schema_limits import check_schema
 from service.schemas.common import SamplingFields
 from service.schemas.messages import (
     CountTokensRequest,
@@ -49,9 +42,16 @@ from service.schemas.messages import (
     ToolUseBlock,
     content_block,
 )
-from service.streaming import EventStream, event_stream, named_sse
-from service.thinking import ThinkingControl, thinking_control
-from service.tool_calls import ToolMode, ToolPlan, make_plan
+from service.serving.answer import Answer
+from service.serving.dispatch import Dispatcher
+from service.serving.generation import collect, engine_request, first_chunk
+from service.serving.input_limits import check_prompt_length
+from service.serving.schema_limits import check_schema
+from service.serving.streaming import EventStream, event_stream, named_sse
+from service.serving.thinking import ThinkingControl, thinking_control
+from service.serving.tool_calls import ToolMode, ToolPlan, make_plan
+from service.tiers.families import GENERATION
+from service.tiers.registry import Registry
 
 _STREAMED = (
     "With `stream: true`: Anthropic's named events, each `event: <type>` and `data: <json>`: message_start, "

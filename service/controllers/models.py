@@ -9,10 +9,10 @@ from litestar.exceptions import NotFoundException
 from litestar.openapi import ResponseSpec
 
 from service.lifecycle import Lifecycle
-from service.model_paths import disk_size
-from service.registry import Registry
 from service.schemas.models import LoadRequest, ModelCard, ModelList
-from service.slots import TierSlot, TierState, TierView
+from service.tiers.model_paths import disk_size
+from service.tiers.registry import Registry
+from service.tiers.slots import TierSlot, TierState, TierView
 
 
 def model_card(registry: Registry, slot: TierSlot, details: dict[str, Any] | None = None) -> ModelCard:

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 from litestar import post
 
-from service.dispatch import Dispatcher
 from service.metrics import RequestRecord
-from service.registry import Registry
-from service.rerank import serve_rerank
 from service.schemas.rerank import RerankRequest, RerankResponse, TeiResult
+from service.serving.dispatch import Dispatcher
+from service.serving.rerank import serve_rerank
+from service.tiers.registry import Registry
 
 
 @post(["/v1/rerank", "/rerank", "/v2/rerank"], status_code=200, summary="Rerank documents")

@@ -1,7 +1,7 @@
 """OpenAI's Responses API (`/v1/responses`) on the same generation path as chat: `instructions`
 and input items (after a stored `previous_response_id` chain) become chat messages, the answer
 comes back as output items (reasoning, message, function/custom/local-shell calls), streamed as
-the typed `response.*` events; `store` keeps it (service.response_store) for GET, DELETE,
+the typed `response.*` events; `store` keeps it (service.serving.response_store) for GET, DELETE,
 `input_items` and continuation."""
 
 from __future__ import annotations
@@ -18,12 +18,7 @@ from litestar.params import Parameter
 from backends.base import Chunk
 from backends.tools import ToolCall
 from kernel.errors import InvalidRequestError, LLMServiceError, NotFoundError
-from service.answer import Answer
-from service.dispatch import Dispatcher
-from service.generation import chat_logprobs, collect, engine_request, first_chunk, now, usage_info
 from service.metrics import RequestRecord
-from service.registry import Registry
-from service.response_store import ResponseStore
 from service.schemas.chat import FunctionSpec, ToolSpec
 from service.schemas.common import JsonSchemaSpec, ResponseFormatSpec, SamplingFields, UsageInfo
 from service.schemas.responses import (
@@ -50,9 +45,14 @@ from service.schemas.responses import (
     SummaryText,
     ToolDef,
 )
-from service.streaming import EventStream, event_stream, named_sse
-from service.thinking import thinking_control
-from service.tool_calls import ToolMode, ToolPlan, make_plan, tool_dicts
+from service.serving.answer import Answer
+from service.serving.dispatch import Dispatcher
+from service.serving.generation import chat_logprobs, collect, engine_request, first_chunk, now, usage_info
+from service.serving.response_store import ResponseStore
+from service.serving.streaming import EventStream, event_stream, named_sse
+from service.serving.thinking import thinking_control
+from service.serving.tool_calls import ToolMode, ToolPlan, make_plan, tool_dicts
+from service.tiers.registry import Registry
 
 _STREAMED = (
     "With `stream: true`: the typed Responses events, each `event: <type>` and `data: <json>` with a "

@@ -7,12 +7,12 @@ from litestar import Controller, post
 
 from backends.base import GenerationRequest
 from kernel.errors import InvalidRequestError
-from service.families import GENERATION
-from service.generation import chat_messages
-from service.input_limits import check_prompt_length
-from service.registry import Registry
 from service.schemas.tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-from service.tool_calls import tool_dicts
+from service.serving.generation import chat_messages
+from service.serving.input_limits import check_prompt_length
+from service.serving.tool_calls import tool_dicts
+from service.tiers.families import GENERATION
+from service.tiers.registry import Registry
 
 
 class TokenizeController(Controller):

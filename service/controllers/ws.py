@@ -33,15 +33,15 @@ from litestar import WebSocket, websocket
 from litestar.exceptions import WebSocketDisconnect
 
 from kernel.errors import AuthenticationError, InvalidRequestError, LLMServiceError, RateLimitError
-from service.dispatch import Dispatcher
 from service.metrics import RequestRecord, Telemetry
-from service.registry import Registry
 from service.schemas.chat import ChatCompletionRequest
 from service.schemas.common import decode_strict
 from service.schemas.completions import CompletionRequest
 from service.security import Security
-from service.serving import serve_chat, serve_completion
-from service.streaming import Streamed
+from service.serving.chat import serve_chat, serve_completion
+from service.serving.dispatch import Dispatcher
+from service.serving.streaming import Streamed
+from service.tiers.registry import Registry
 
 log = logging.getLogger(__name__)
 _encode = msgspec.json.Encoder().encode

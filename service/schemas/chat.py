@@ -81,14 +81,14 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     parallel_tool_calls: bool | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
-    # Reasoning controls (service.thinking): OpenAI's effort level (a name newer than ours is a
+    # Reasoning controls (service.serving.thinking): OpenAI's effort level (a name newer than ours is a
     # hint) and vLLM/llama-server's template variables, e.g. {"enable_thinking": false}.
     reasoning_effort: Annotated[str, msgspec.Meta(max_length=32)] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     # Output kinds: text is all these models make (audio output is refused, not silently skipped).
     modalities: Annotated[list[str], msgspec.Meta(max_length=8)] | None = None
     audio: dict[str, Any] | None = None
-    # Function calling before `tools` (service.generation.legacy_functions maps it onto tools).
+    # Function calling before `tools` (service.serving.generation.legacy_functions maps it onto tools).
     functions: Annotated[list[FunctionSpec], msgspec.Meta(max_length=128)] | None = None
     function_call: Literal["none", "auto"] | NamedFunction | None = None
 

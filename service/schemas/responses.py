@@ -72,7 +72,7 @@ class TextConfig(msgspec.Struct, kw_only=True):
 
 
 class ReasoningConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
-    effort: str | None = None  # none, minimal, low, medium, high, xhigh: mapped by service.thinking
+    effort: str | None = None  # none, minimal, low, medium, high, xhigh: mapped by service.serving.thinking
     summary: str | None = None  # auto, concise, detailed: a hint (reasoning comes back whole)
     generate_summary: str | None = None  # the older name of summary
 
@@ -219,7 +219,7 @@ class Response(msgspec.Struct, kw_only=True):
     incomplete_details: IncompleteDetails | None = None
     error: dict[str, Any] | None = None
     previous_response_id: str | None = None
-    store: bool = False  # kept for GET and previous_response_id (see service.response_store)
+    store: bool = False  # kept for GET and previous_response_id (see service.serving.response_store)
     truncation: Literal["auto", "disabled"] = "disabled"
     reasoning: dict[str, Any] | None = None
     user: str | None = None

@@ -235,8 +235,8 @@ def test_load_by_path_is_refused_without_models_dir(gemma_gguf: str) -> None:
 
 
 def test_tiers_load_one_at_a_time_in_tier_order(gemma_gguf: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from service.registry import Registry
-    from service.slots import TierSlot
+    from service.tiers.registry import Registry
+    from service.tiers.slots import TierSlot
 
     spans: list[tuple[str, float, float]] = []
     real = Registry._load_sync

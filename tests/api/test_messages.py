@@ -19,8 +19,8 @@ from backends.base import GenerationRequest, ResponseFormat
 from backends.fake import FakeBackend
 from embedders.fake import FakeEmbedder
 from rerankers.fake import FakeReranker
-from service.families import EngineFactories
-from service.thinking import EFFORT_BUDGETS
+from service.serving.thinking import EFFORT_BUDGETS
+from service.tiers.families import EngineFactories
 from tests.api.test_field_policy import ROWS
 from tests.live import LiveServer, fake_app
 

@@ -69,7 +69,7 @@ def test_port_file_written_and_removed_on_sigterm(tmp_path: Path, gemma_gguf: st
         assert not port_file.exists()
         log = proc.stdout.read() if proc.stdout else ""
     # The documented log format: timestamp - module - level - message.
-    assert any(" - service.registry - INFO - Tier light" in line for line in log.splitlines()), log
+    assert any(" - service.tiers.registry - INFO - Tier light" in line for line in log.splitlines()), log
     # Start-up ends with one line saying where the server is and what it serves.
     assert f"INFO - Ready on {url}/v1: light/gemma-3-270m (llamacpp on cpu)" in log, log
 

@@ -19,7 +19,7 @@ import pytest
 from backends.base import Backend, Chunk, EngineInfo, GenerationRequest, ResponseFormat, Token
 from kernel.config import TierSettings
 from kernel.errors import EngineError, engine_errors
-from service.workers import GenerationWorker
+from service.tiers.workers import GenerationWorker
 
 SCHEMA = {
     "type": "object",
@@ -192,7 +192,7 @@ class _FailingBackend(Backend):
 
 
 def test_engine_error_is_logged_with_its_cause(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.ERROR, logger="service.workers")
+    caplog.set_level(logging.ERROR, logger="service.tiers.workers")
     with pytest.raises(EngineError, match="The failing engine failed: ValueError"):
         run_worker(_FailingBackend(), [GenerationRequest(prompt="a b c")])
     [record] = [r for r in caplog.records if r.exc_info]

@@ -21,7 +21,7 @@ from backends.base import Chunk, Completion, GenerationRequest, ResponseFormat, 
 from backends.llamacpp import LlamaCppBackend
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError
-from service.workers import GenerationWorker
+from service.tiers.workers import GenerationWorker
 
 SCHEMA = {
     "type": "object",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import msgspec
 
-from service.batch_store import BatchStore, parse_input, result_file_id
+from service.jobs.store import BatchStore, parse_input, result_file_id
 from service.schemas.batches import Batch
 
 

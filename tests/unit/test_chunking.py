@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from service.chunking import chunk_text
+from service.jobs.chunking import chunk_text
 from service.settings import SettingsError, parse_settings
 
 TEXT = " ".join(f"Sentence {i} says something about item {i * 7}." for i in range(200))

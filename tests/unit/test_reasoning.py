@@ -12,11 +12,11 @@ from backends.chat_templates import render
 from backends.reasoning import THINK_OPEN, ReasoningFormat, ThinkingBudget, reasoning_format
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError
-from service.answer import Answer
 from service.schemas.chat import ChatCompletionRequest
-from service.slots import TierSlot, TierState
-from service.thinking import ThinkingControl, thinking_control
-from service.tool_calls import plan_tools
+from service.serving.answer import Answer
+from service.serving.thinking import ThinkingControl, thinking_control
+from service.serving.tool_calls import plan_tools
+from service.tiers.slots import TierSlot, TierState
 
 QWEN3 = ReasoningFormat("<think>", "</think>", opened_by_prompt=False)
 R1 = ReasoningFormat("<think>", "</think>", opened_by_prompt=True)  # DeepSeek-R1's prompt ends with <think>\n
@@ -97,7 +97,7 @@ def test_format_from_setting_then_template() -> None:
     assert reasoning_format(None, "think") == QWEN3
 
 
-# -- reasoning controls: service.thinking and the budget the engines enforce -----------------------
+# -- reasoning controls: service.serving.thinking and the budget the engines enforce -----------------------
 
 
 def _budget(fmt: ReasoningFormat, budget: int, *, inside: bool) -> ThinkingBudget:

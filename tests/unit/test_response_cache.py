@@ -12,7 +12,7 @@ import pytest
 from backends.base import GenerationRequest
 from kernel.config import TierSettings
 from service.cache import FILE_NAME, CachedGeneration, ResponseCache
-from service.slots import TierSlot, TierState
+from service.tiers.slots import TierSlot, TierState
 
 
 class Clock:
@@ -167,10 +167,10 @@ def test_corrupt_or_foreign_file_is_logged_and_ignored(
 
 
 def test_dispatcher_cached_for_embedding_style_endpoints() -> None:
-    from service.dispatch import Dispatcher
     from service.metrics import RequestRecord
-    from service.registry import Registry
+    from service.serving.dispatch import Dispatcher
     from service.settings import parse_settings
+    from service.tiers.registry import Registry
 
     settings = parse_settings({"ENABLE_CACHE": "true"})
     dispatch = Dispatcher(Registry(settings), ResponseCache.from_settings(settings), settings)

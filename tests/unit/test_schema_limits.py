@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from kernel.errors import InvalidRequestError
-from service.schema_limits import MAX_DEPTH, MAX_ENUM, MAX_REPEAT, MAX_SCHEMA_BYTES, check_schema
+from service.serving.schema_limits import MAX_DEPTH, MAX_ENUM, MAX_REPEAT, MAX_SCHEMA_BYTES, check_schema
 
 P = "response_format.json_schema.schema"
 

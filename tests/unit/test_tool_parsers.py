@@ -9,7 +9,7 @@ import pytest
 
 from backends.tools import fold_tools, forced_call_schema, parse_forced, parse_tool_calls, tool_format
 from service.schemas.chat import ChatCompletionRequest
-from service.tool_calls import ToolCallFilter, plan_tools
+from service.serving.tool_calls import ToolCallFilter, plan_tools
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 

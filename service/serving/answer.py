@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from backends.reasoning import ReasoningFormat, reasoning_format
 from backends.tools import ToolCall, tool_format
-from service.slots import TierSlot
-from service.tool_calls import ToolCallFilter, ToolPlan
+from service.serving.tool_calls import ToolCallFilter, ToolPlan
+from service.tiers.slots import TierSlot
 
 
 @dataclass(frozen=True, slots=True)

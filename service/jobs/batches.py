@@ -14,7 +14,7 @@ into the same envelope; a line's error becomes a line of the error file, never t
 Priority: batch lines are background work, three ways.
   1. Per tier, at most BATCH_CONCURRENCY lines (of every batch together) are in flight.
   2. A line is handed to a tier only when no interactive request waits in that tier's queue.
-  3. The tier's queue serves interactive jobs first (service/workers.py, service/batching.py), so
+  3. The tier's queue serves interactive jobs first (service/tiers/workers.py, service/tiers/micro_batcher.py), so
      one that arrives after a line was handed over still goes ahead of it.
 A line already generating is not pre-empted: with continuous batching (MAX_BATCH > BATCH_CONCURRENCY)
 an interactive request joins the running decode at the next step; with MAX_BATCH=1 it waits for
@@ -38,11 +38,8 @@ from typing import Any
 import msgspec
 
 from kernel.errors import InvalidRequestError, LLMServiceError, NotFoundError, RateLimitError
-from service.batch_store import BATCH_ID, FILE_ID, BatchStore, LineProblem, check_problems, new_id, parse_input
-from service.dispatch import Dispatcher
-from service.embeddings import serve_embeddings
+from service.jobs.store import BATCH_ID, FILE_ID, BatchStore, LineProblem, check_problems, new_id, parse_input
 from service.metrics import RequestRecord
-from service.registry import Registry
 from service.schemas.batches import (
     FINISHED,
     Batch,
@@ -65,10 +62,13 @@ from service.schemas.chat import ChatCompletion, ChatCompletionRequest
 from service.schemas.common import decode_strict
 from service.schemas.completions import Completion, CompletionRequest
 from service.schemas.embeddings import EmbeddingCreate, EmbeddingList
-from service.serving import serve_chat, serve_completion
+from service.serving.chat import serve_chat, serve_completion
+from service.serving.dispatch import Dispatcher
+from service.serving.embeddings import serve_embeddings
+from service.serving.streaming import Streamed
 from service.settings import Settings
-from service.slots import TierSlot, TierState
-from service.streaming import Streamed
+from service.tiers.registry import Registry
+from service.tiers.slots import TierSlot, TierState
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ _POLL_SECONDS = 0.02  # how often a held-back line looks again for a quiet queue
 _encode = msgspec.json.Encoder().encode
 
 
-class Batches:
+class BatchJobs:
     def __init__(self, settings: Settings, registry: Registry, dispatch: Dispatcher, errors: ErrorMapper) -> None:
         self.settings = settings
         self.registry = registry

@@ -5,12 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kernel.errors import InvalidRequestError
-from service.dispatch import Dispatcher
-from service.families import RERANK
-from service.generation import new_id
-from service.input_limits import clip_texts
 from service.metrics import RequestRecord
-from service.registry import Registry
 from service.schemas.rerank import (
     CohereDocument,
     CohereResult,
@@ -22,7 +17,12 @@ from service.schemas.rerank import (
     TeiResult,
 )
 from service.security import check_batch_size
-from service.slots import TierSlot
+from service.serving.dispatch import Dispatcher
+from service.serving.generation import new_id
+from service.serving.input_limits import clip_texts
+from service.tiers.families import RERANK
+from service.tiers.registry import Registry
+from service.tiers.slots import TierSlot
 
 
 async def serve_rerank(

@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 
 from kernel.errors import NotFoundError
-from service.batch_store import write_atomic
+from service.disk import write_atomic
 
 log = logging.getLogger(__name__)
 

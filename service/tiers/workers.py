@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from backends.base import Backend, Chunk, Completion, DecodeBatch, GenerationRequest
 from kernel.errors import EngineError, LLMServiceError, RateLimitError
-from service.slots import busy_fraction
+from service.tiers.executor import busy_fraction
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,7 @@ class GenerationWorker:
         self._put(None)
         self._thread.join(timeout)
 
-    # -- the Executor protocol (service.slots) ---------------------------------------------
+    # -- the Executor protocol (service.tiers.slots) ---------------------------------------------
     def set_queue_limit(self, limit: int) -> None:
         self.max_queue = limit
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import os
-import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from kernel.config import TierSettings
+from service.tiers.executor import Executor
 
 if TYPE_CHECKING:
     from backends.base import Backend
@@ -18,8 +18,8 @@ if TYPE_CHECKING:
     from backends.tools import ToolFormat
     from embedders.base import Embedder
     from rerankers.base import Reranker
-    from service.batching import MicroBatcher
-    from service.workers import GenerationWorker
+    from service.tiers.micro_batcher import MicroBatcher
+    from service.tiers.workers import GenerationWorker
 
 
 class TierState(enum.StrEnum):
@@ -28,36 +28,6 @@ class TierState(enum.StrEnum):
     LOADING = "loading"
     LOADED = "loaded"
     FAILED = "failed"
-
-
-class Executor(Protocol):
-    """What runs a loaded model's work, one thread per model: a generation worker (requests) or an
-    embedding/rerank micro-batcher (inputs). The registry and the views see it only through this."""
-
-    @property
-    def in_flight(self) -> int: ...  # accepted and not finished: waiting or running
-
-    @property
-    def waiting(self) -> int: ...  # not started yet
-
-    @property
-    def interactive_waiting(self) -> int: ...  # waiting, batch-job lines not counted
-
-    @property
-    def busy(self) -> bool: ...
-
-    @property
-    def processed(self) -> int: ...  # jobs (generation) or batches (micro-batcher) finished
-
-    def set_queue_limit(self, limit: int) -> None: ...
-
-    async def retire(self) -> None:
-        """Refuse new work, finish what was accepted, stop."""
-
-    async def stop(self) -> None:
-        """Refuse new work, fail what waits, let the running step end, stop (server shutdown)."""
-
-    def view(self) -> dict[str, Any]: ...  # the `worker` object of /v1/stats and model details
 
 
 @dataclass(eq=False)
@@ -115,7 +85,7 @@ class TierSlot:
     model: str = ""
     error: str | None = None
     # What a load sets (moved from a staging slot to the live one by `Registry.replace`). The
-    # engine's type is the tier's family's (service.families): generation tiers hold a Backend
+    # engine's type is the tier's family's (service.tiers.families): generation tiers hold a Backend
     # run by a GenerationWorker, embedding and reranker tiers an Embedder or Reranker run by a
     # MicroBatcher.
     engine: Backend | Embedder | Reranker | None = None
@@ -191,10 +161,3 @@ class TierSlot:
             memory_bytes=(self.size_bytes or 0) if loaded else 0,
             worker=executor.view() if executor else None,
         )
-
-
-def busy_fraction(busy_seconds: float, busy_since: float | None, started: float) -> tuple[float, float]:
-    """Seconds an executor has been busy so far, and that as a share of its life."""
-    now = time.monotonic()
-    busy = busy_seconds + (now - busy_since if busy_since is not None else 0.0)
-    return busy, min(1.0, busy / max(now - started, 1e-9))

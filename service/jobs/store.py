@@ -27,6 +27,7 @@ from typing import Literal, TypeVar
 import msgspec
 
 from kernel.errors import InvalidRequestError
+from service.disk import write_atomic
 from service.schemas.batches import Batch, DoneLine, FileObject, InputLine
 from service.schemas.common import decode_strict
 
@@ -95,17 +96,6 @@ def parse_input(
     if count == 0 and not problems:
         problems.append(LineProblem(1, "The file holds no requests"))
     return lines, problems
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file whole or not at all (a crash leaves the old one), for the on-disk stores."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
 
 
 class BatchStore:

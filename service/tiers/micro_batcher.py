@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from kernel.errors import EngineError, ModelUnavailableError, RateLimitError
-from service.slots import busy_fraction
+from service.tiers.executor import busy_fraction
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class MicroBatcher(Generic[T, R]):
         """Items waiting for a batch (not counting the batch running now)."""
         return self._queued
 
-    # -- the Executor protocol (service.slots); its units are items, not requests ----------------
+    # -- the Executor protocol (service.tiers.slots); its units are items, not requests ----------------
     @property
     def in_flight(self) -> int:
         return self._queued

@@ -13,7 +13,6 @@ import msgspec
 from backends.base import Chunk, GenerationRequest, ResponseFormat, Token, Usage
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError
-from service.schema_limits import check_schema
 from service.schemas.chat import (
     ChatCompletionRequest,
     ChatMessage,
@@ -31,8 +30,9 @@ from service.schemas.common import (
     UsageInfo,
 )
 from service.schemas.completions import CompletionLogprobs
-from service.thinking import ThinkingControl, thinking_control
-from service.workers import ChunkStream
+from service.serving.schema_limits import check_schema
+from service.serving.thinking import ThinkingControl, thinking_control
+from service.tiers.workers import ChunkStream
 
 
 def new_id(prefix: str) -> str:

@@ -1,5 +1,5 @@
 """The registry: the tiers' slots and their lifecycle (load, unload, replace, retune), and which
-tier a request names. What a family's engine is and does lives in service.families; the request
+tier a request names. What a family's engine is and does lives in service.tiers.families; the request
 path is controller → serving → registry (a loaded slot) → executor → engine."""
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from kernel.errors import (
     ModelUnavailableError,
     TierNotConfiguredError,
 )
-from service import routing
-from service.families import FAMILIES, GENERATION, EngineFactories
-from service.model_paths import disk_size, resolve_model_path
-from service.routing import model_name, shown
 from service.settings import TIERS, Settings, model_aliases
-from service.slots import AdapterRecord, Executor, TierSlot, TierState
+from service.tiers import routing
+from service.tiers.executor import Executor
+from service.tiers.families import FAMILIES, GENERATION, EngineFactories
+from service.tiers.model_paths import disk_size, resolve_model_path
+from service.tiers.routing import model_name, shown
+from service.tiers.slots import AdapterRecord, TierSlot, TierState
 
 log = logging.getLogger(__name__)
 

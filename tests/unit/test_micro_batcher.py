@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import pytest
 
 from kernel.errors import EngineError, ModelUnavailableError, RateLimitError
-from service.batching import MicroBatcher
+from service.tiers.micro_batcher import MicroBatcher
 
 X = TypeVar("X")
 

@@ -16,14 +16,14 @@ from typing import Any, TypeVar
 from backends.base import Chunk, FinishReason, GenerationRequest, Usage
 from kernel.errors import InvalidRequestError, LLMServiceError, ModelUnavailableError
 from service.cache import CachedGeneration, ResponseCache
-from service.families import GENERATION
-from service.input_limits import check_prompt_length
 from service.metrics import RequestRecord
-from service.registry import Registry
+from service.serving.input_limits import check_prompt_length
+from service.serving.streaming import Drain
 from service.settings import Settings
-from service.slots import TierSlot
-from service.streaming import Drain
-from service.workers import ChunkStream, JobStream
+from service.tiers.families import GENERATION
+from service.tiers.registry import Registry
+from service.tiers.slots import TierSlot
+from service.tiers.workers import ChunkStream, JobStream
 
 T = TypeVar("T")
 

@@ -1,6 +1,6 @@
 """RAG collections, between the /v1/collections controllers and the registry and vector store.
 
-Adding documents chunks them (`service.chunking`), embeds the chunks on the embedding tier and
+Adding documents chunks them (`service.jobs.chunking`), embeds the chunks on the embedding tier and
 stores them. A query embeds the question on the same tier, takes the best chunks from the store
 (hybrid dense + sparse when the collection was made with a BGE-M3 tier), then, when a reranker
 tier is configured or the request asks, reorders a wider candidate set with it. A collection
@@ -22,10 +22,7 @@ from typing import Any, TypeVar
 
 from embedders.base import EmbeddingBatch, EmbeddingRequest
 from kernel.errors import ConflictError, InvalidRequestError, NotFoundError
-from service.chunking import chunk_text
-from service.families import EMBEDDING, RERANK
-from service.input_limits import clip_texts
-from service.registry import Registry
+from service.jobs.chunking import chunk_text
 from service.schemas.chat import ChatMessage
 from service.schemas.collections import (
     Collection,
@@ -40,8 +37,11 @@ from service.schemas.collections import (
     Usage,
 )
 from service.security import check_batch_size
+from service.serving.input_limits import clip_texts
 from service.settings import Settings
-from service.slots import TierSlot, TierState
+from service.tiers.families import EMBEDDING, RERANK
+from service.tiers.registry import Registry
+from service.tiers.slots import TierSlot, TierState
 from stores.base import CollectionInfo, Hit, StoredChunk, VectorStore, check_collection_name
 from stores.factory import create_store
 

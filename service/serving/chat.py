@@ -2,7 +2,7 @@
 
 Each function takes the decoded request and returns the whole answer, or a `Streamed` answer
 whose job has started (so a prompt error is still a plain error, not an event). `background`: a
-batch-job line, queued behind interactive requests (see service/workers.py)."""
+batch-job line, queued behind interactive requests (see service/tiers/workers.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,21 @@ from typing import Any
 
 from backends.base import Chunk
 from kernel.errors import InvalidRequestError
-from service.answer import Answer
-from service.dispatch import Dispatcher
-from service.generation import (
+from service.metrics import RequestRecord
+from service.schemas.chat import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Delta,
+)
+from service.schemas.completions import Completion, CompletionChoice, CompletionRequest
+from service.serving.answer import Answer
+from service.serving.dispatch import Dispatcher
+from service.serving.generation import (
     Fanout,
     chat_logprobs,
     chat_messages,
@@ -26,22 +38,10 @@ from service.generation import (
     now,
     total_usage,
 )
-from service.metrics import RequestRecord
-from service.registry import Registry
-from service.schemas.chat import (
-    AssistantMessage,
-    ChatChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChoiceLogprobs,
-    ChunkChoice,
-    Delta,
-)
-from service.schemas.completions import Completion, CompletionChoice, CompletionRequest
-from service.streaming import Streamed
-from service.tool_calls import call_deltas, plan_tools, wire_calls
-from service.workers import ChunkStream
+from service.serving.streaming import Streamed
+from service.serving.tool_calls import call_deltas, plan_tools, wire_calls
+from service.tiers.registry import Registry
+from service.tiers.workers import ChunkStream
 
 
 async def serve_chat(

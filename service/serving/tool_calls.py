@@ -18,7 +18,6 @@ import msgspec
 from backends.base import ResponseFormat
 from backends.tools import START_MARKERS, ToolCall, ToolFormat, forced_call_schema, parse_forced, parse_tool_calls
 from kernel.errors import InvalidRequestError
-from service.schema_limits import check_schema
 from service.schemas.chat import (
     ChatCompletionRequest,
     FunctionCall,
@@ -28,6 +27,7 @@ from service.schemas.chat import (
     ToolSpec,
 )
 from service.schemas.chat import ToolCall as WireToolCall
+from service.serving.schema_limits import check_schema
 
 ToolMode = Literal["none", "auto", "required", "named"]
 

@@ -8,9 +8,9 @@ from collections.abc import Mapping, Sequence
 
 from kernel.config import TierSettings
 from kernel.errors import ModelNotFoundError
-from service.model_paths import model_file_name
 from service.settings import GENERATION_TIERS
-from service.slots import TierSlot, TierState
+from service.tiers.model_paths import model_file_name
+from service.tiers.slots import TierSlot, TierState
 
 _QUANT_SUFFIX = re.compile(r"([-_.](i?q\d\w*|f16|f32|bf16|fp16|\d+bit)|\.gguf|-gguf)$", re.IGNORECASE)
 _SIZE = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)([bm])(?![a-z])", re.IGNORECASE)

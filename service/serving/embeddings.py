@@ -11,14 +11,14 @@ import numpy.typing as npt
 from embedders.base import EmbeddingOutput, EmbeddingRequest
 from embedders.token_ids import openai_decoder
 from kernel.errors import InvalidRequestError
-from service.dispatch import Dispatcher
-from service.families import EMBEDDING
-from service.input_limits import clip_texts, clip_token_ids
 from service.metrics import RequestRecord
-from service.registry import Registry
 from service.schemas.embeddings import EmbeddingCreate, EmbeddingData, EmbeddingList, EmbeddingUsage
 from service.security import check_batch_size
-from service.slots import TierSlot
+from service.serving.dispatch import Dispatcher
+from service.serving.input_limits import clip_texts, clip_token_ids
+from service.tiers.families import EMBEDDING
+from service.tiers.registry import Registry
+from service.tiers.slots import TierSlot
 
 
 async def serve_embeddings(

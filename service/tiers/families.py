@@ -19,10 +19,10 @@ from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError, LLMServiceError, ModelUnavailableError
 from rerankers.base import PairTokenizing, PairTokens, Reranker, RerankResult
 from rerankers.factory import create_reranker
-from service.batching import MicroBatcher
 from service.settings import GENERATION_TIERS
-from service.slots import AdapterRecord, TierSlot
-from service.workers import GenerationWorker, JobStream
+from service.tiers.micro_batcher import MicroBatcher
+from service.tiers.slots import AdapterRecord, TierSlot
+from service.tiers.workers import GenerationWorker, JobStream
 
 log = logging.getLogger(__name__)
 

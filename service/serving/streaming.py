@@ -14,9 +14,9 @@ from litestar.response import Stream
 
 from backends.base import Chunk
 from kernel.errors import LLMServiceError, ModelUnavailableError
-from service.generation import usage_info
 from service.schemas.common import UsageInfo
-from service.workers import ChunkStream
+from service.serving.generation import usage_info
+from service.tiers.workers import ChunkStream
 
 log = logging.getLogger(__name__)
 _encode = msgspec.json.Encoder().encode

@@ -1,0 +1,1 @@
+"""Work that outlives a request: files and batch jobs, RAG collections and their chunking."""
