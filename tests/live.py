@@ -20,8 +20,8 @@ from service.__main__ import configure_logging, server_config
 from service.app import create_app
 from service.settings import parse_settings
 from service.testing import fake_engines
-from service.tiers.slots import TierState
 from service.tiers.families import EngineFactories
+from service.tiers.slots import TierState
 
 
 class LiveServer:
