@@ -17,6 +17,7 @@ from service.testing import fake_engines
 from tests.live import fake_app, live_server
 
 USER, OTHER_USER, ADMIN = "sk-user-1f2e3d", "sk-user-second", "sk-admin-9a8b7c"
+Client = TestClient[Litestar]
 LIGHT = {"LIGHT_MODEL_PATH": "fake/gemma-3-270m", "LIGHT_N_CTX": "256"}  # a name: the fake needs no file
 CHAT = {"model": "light", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
 BODIES: dict[str, dict[str, object]] = {
@@ -54,14 +55,14 @@ def call(http: httpx.Client, method: str, path: str, key: str | None = None) -> 
 
 
 @pytest.fixture(scope="module")
-def http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:  # type: ignore[type-arg]
+def http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
     env = {**LIGHT, "API_KEYS": f"{USER}, {OTHER_USER}", "ADMIN_API_KEYS": ADMIN,
            "COLLECTIONS_DIR": str(tmp_path_factory.mktemp("collections"))}  # fmt: skip
     with fake_app(env) as client:
         yield client
 
 
-def test_every_route_but_health_needs_a_key(http: TestClient) -> None:  # type: ignore[type-arg]
+def test_every_route_but_health_needs_a_key(http: Client) -> None:
     for method, path, public, _ in routes(http.app):
         for key in (None, "sk-wrong"):
             res = call(http, method, path, key)
@@ -75,7 +76,7 @@ def test_every_route_but_health_needs_a_key(http: TestClient) -> None:  # type: 
             assert "sk-wrong" not in res.text
 
 
-def test_user_key_opens_user_routes_admin_key_admin_routes(http: TestClient) -> None:  # type: ignore[type-arg]
+def test_user_key_opens_user_routes_admin_key_admin_routes(http: Client) -> None:
     for method, path, _, admin in routes(http.app):
         res = call(http, method, path, USER)
         if admin:
@@ -92,7 +93,7 @@ def test_user_key_opens_user_routes_admin_key_admin_routes(http: TestClient) -> 
     assert http.get("/v1/models", headers={"Authorization": f"Basic {USER}"}).status_code == 401
 
 
-def test_openai_sdk_with_keys(http: TestClient) -> None:  # type: ignore[type-arg]
+def test_openai_sdk_with_keys(http: Client) -> None:
     good = openai.OpenAI(base_url=f"{http.base_url}/v1", api_key=USER, http_client=http, max_retries=0)
     assert good.chat.completions.create(model="light", messages=CHAT["messages"], max_tokens=1).choices  # type: ignore[arg-type]
     bad = openai.OpenAI(base_url=f"{http.base_url}/v1", api_key="sk-nope", http_client=http, max_retries=0)
