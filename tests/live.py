@@ -21,6 +21,7 @@ from service.app import create_app
 from service.settings import parse_settings
 from service.testing import fake_engines
 from service.tiers.families import EngineFactories
+from service.tiers.slots import TierState
 
 
 class LiveServer:
@@ -80,16 +81,16 @@ def fake_app(
     env: Mapping[str, str], engines: EngineFactories | None = None, headers: Mapping[str, str] | None = None
 ) -> Iterator[TestClient]:  # type: ignore[type-arg]
     """The app in-process (Litestar's TestClient) on fake engines (`service.testing.fake_engines()`
-    unless given), once every configured tier has loaded: tiers preload in the background, as in
+    unless given), once every preloading tier has loaded: tiers preload in the background, as in
     production. Batch files and stored responses go to a folder of its own unless `env` names one."""
     with tempfile.TemporaryDirectory(prefix="llmservice-batches-") as batches:
         app = create_app(parse_settings({"BATCH_DIR": batches, **env}), engines=engines or fake_engines())
         with TestClient(app, base_url="http://localhost") as http:
             http.headers.update(headers or {})
-            deadline = time.monotonic() + 30
-            while {t["state"] for t in http.get("/health").json()["tiers"].values()} != {"loaded"}:
-                assert time.monotonic() < deadline, "the fake engines did not load"
-                time.sleep(0.01)
+            registry = app.state.registry
+            http.blocking_portal.call(registry.preloaded)  # on the app's loop, where the loads run
+            failed = {s.name: s.error for s in registry.slots.values() if s.state is TierState.FAILED}
+            assert not failed, f"the fake engines did not load: {failed}"
             yield http
 
 

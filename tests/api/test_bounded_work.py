@@ -1,4 +1,8 @@
-"""No single request can kill the server or hold a tier (issue 12, points 0, 2, 4, 5)."""
+"""No single request can hold a tier or lose a model (issue 12, points 2 and 4), where the work
+bounded is a real engine's: a real tokenizer's time on a 5 MB prompt (a byte tokenizer takes none),
+MiniLM's on a 5 MB input, and a broken GGUF that llama.cpp refuses to load. The bounds the app
+applies before any engine (schemas, malformed bodies) run on the fake engines in
+tests/app/test_request_bounds.py."""
 
 from __future__ import annotations
 
@@ -35,40 +39,6 @@ def server(gemma_gguf: str, minilm_path: str) -> Iterator[LiveServer]:
 def http(server: LiveServer) -> Iterator[httpx.Client]:
     with server.client() as client:
         yield client
-
-
-def chat_with_schema(http: httpx.Client, schema: object) -> httpx.Response:
-    response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
-    return http.post(
-        "/v1/chat/completions",
-        json={"model": "light", "messages": MSG, "max_tokens": 4, "response_format": response_format},
-    )
-
-
-def test_a_huge_schema_is_a_fast_400_and_memory_stays_flat(http: httpx.Client) -> None:
-    before = peak_rss_mib()
-    attacks = {
-        "minItems": {"type": "array", "items": {"type": "integer"}, "minItems": 10**9},
-        "enum": {"type": "object", "properties": {"k": {"enum": [f"v{i}" for i in range(20_000)]}}},
-        "pattern": {"type": "string", "pattern": "^a{1000000000}$"},
-        "$ref": {"type": "object", "properties": {"a": {"$ref": "#/$defs/nothing"}}},
-        "remote": {"$ref": "https://example.com/schema.json"},
-    }
-    for name, schema in attacks.items():
-        started = time.monotonic()
-        res = chat_with_schema(http, schema)
-        elapsed = time.monotonic() - started
-        assert res.status_code == 400, (name, res.text)
-        error = res.json()["error"]
-        assert error["type"] == "invalid_request_error"
-        assert str(error["param"]).startswith("response_format.json_schema.schema")
-        assert elapsed < 1.0, (name, elapsed)
-    grown = peak_rss_mib() - before
-    print(f"peak RSS grew {grown:.1f} MiB over {len(attacks)} hostile schemas")
-    assert grown < 50
-    # The model is untouched: a small schema still constrains the answer.
-    ok = chat_with_schema(http, {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]})
-    assert ok.status_code == 200, ok.text
 
 
 def test_a_huge_prompt_is_refused_before_tokenising(http: httpx.Client) -> None:
@@ -117,27 +87,6 @@ def test_a_huge_input_does_not_hold_the_tier(http: httpx.Client, server: LiveSer
           f"(alone {baseline:.3f} s); peak RSS +{grown:.0f} MiB")  # fmt: skip
     assert max(small) - baseline < 1.0
     assert grown < 200
-
-
-@pytest.mark.parametrize(
-    "body",
-    [
-        b'{"model": "light", "messages": [{"role": "user", "content": "caf\xe9 \xff\xfe"}]}',
-        b'{"model": "light", "messages": [{"role": "user", "content": "x"}], "extra": '
-        + b"[" * 1000
-        + b"]" * 1000
-        + b"}",
-        b'{"model": "light", "messages": ' + b'{"a":' * 600 + b"1" + b"}" * 600 + b"}",
-    ],
-    ids=["invalid-utf8", "nested-1000-arrays", "nested-600-objects"],
-)
-def test_malformed_bodies_are_400(http: httpx.Client, body: bytes, capfd: pytest.CaptureFixture[str]) -> None:
-    res = http.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
-    assert res.status_code == 400, res.text
-    error = res.json()["error"]
-    assert error["type"] == "invalid_request_error" and len(error["message"]) < 300
-    _, err = capfd.readouterr()
-    assert "Traceback" not in err
 
 
 def test_a_failed_replacement_keeps_the_old_model(gemma_gguf: str, tmp_path: Path) -> None:

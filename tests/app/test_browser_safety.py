@@ -1,5 +1,6 @@
 """A web page the user opens cannot use or administer the server (issue 12, point 1), and proxy
-headers are trusted only when configured (point 3)."""
+headers are trusted only when configured (point 3). On the fake engines: a live server where the
+socket matters (its port in `Host`, a proxy's address), the app in-process where it does not."""
 
 from __future__ import annotations
 
@@ -9,17 +10,18 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from service.testing import fake_engines
 from tests.conftest import StartService
-from tests.live import LiveServer, error_of, live_server
+from tests.live import LiveServer, error_of, fake_app, live_server
 
 CHAT = {"model": "light", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
 EVIL = "http://evil.example"
+LIGHT = {"LIGHT_MODEL_PATH": "fake/gemma-3-270m", "LIGHT_N_CTX": "256"}  # a name: the fake needs no file
 
 
 @pytest.fixture(scope="module")
-def server(gemma_gguf: str) -> Iterator[LiveServer]:
-    env = {"LIGHT_MODEL_PATH": gemma_gguf, "LIGHT_N_CTX": "256"}
-    with live_server(env, wait_for=("light",)) as live:
+def server() -> Iterator[LiveServer]:
+    with live_server(LIGHT, wait_for=("light",), engines=fake_engines()) as live:
         yield live
 
 
@@ -79,10 +81,10 @@ def test_dns_rebinding_host_is_refused(http: httpx.Client, server: LiveServer) -
         assert http.get("/v1/models", headers={"Host": host}).status_code == 200, host
 
 
-def test_allowed_hosts_and_origins_are_configurable(gemma_gguf: str) -> None:
-    env = {"LIGHT_MODEL_PATH": gemma_gguf, "LIGHT_PRELOAD": "false", "ALLOWED_HOSTS": "llm.lan,*.corp.example",
+def test_allowed_hosts_and_origins_are_configurable() -> None:
+    env = {**LIGHT, "LIGHT_PRELOAD": "false", "ALLOWED_HOSTS": "llm.lan,*.corp.example",
            "CORS_ORIGINS": "https://app.corp.example"}  # fmt: skip
-    with live_server(env) as server, server.client() as http:
+    with fake_app(env) as http:
         for host in ("llm.lan", "llm.lan:8000", "gpu.corp.example"):
             assert http.get("/v1/models", headers={"Host": host}).status_code == 200
         assert http.get("/v1/models", headers={"Host": "other.lan"}).status_code == 400
@@ -91,9 +93,9 @@ def test_allowed_hosts_and_origins_are_configurable(gemma_gguf: str) -> None:
         assert http.get("/v1/models", headers={"Origin": "http://localhost:3000"}).status_code == 403
 
 
-def test_admin_routes_need_an_admin_key_whenever_keys_are_on(gemma_gguf: str) -> None:
-    env = {"LIGHT_MODEL_PATH": gemma_gguf, "LIGHT_PRELOAD": "false", "API_KEYS": "sk-user"}
-    with live_server(env) as server, server.client(headers={"Authorization": "Bearer sk-user"}) as http:
+def test_admin_routes_need_an_admin_key_whenever_keys_are_on() -> None:
+    env = {**LIGHT, "LIGHT_PRELOAD": "false", "API_KEYS": "sk-user"}
+    with fake_app(env, headers={"Authorization": "Bearer sk-user"}) as http:
         assert http.get("/v1/models").status_code == 200
         res = http.post("/v1/models/light/unload")
         error = error_of(res, 403)
@@ -108,12 +110,16 @@ def test_non_loopback_bind_needs_keys(start_service: StartService) -> None:
     assert "\n" not in line and "API_KEYS" in line and "ALLOW_INSECURE_BIND=true" in line
 
 
-def test_forwarded_for_is_ignored_unless_configured(gemma_gguf: str) -> None:
-    env = {"LIGHT_MODEL_PATH": gemma_gguf, "LIGHT_PRELOAD": "false", "RATE_LIMIT_PER_MINUTE": "2"}
-    with live_server(env) as server, server.client() as http:
+def test_forwarded_for_is_ignored_unless_configured() -> None:
+    # uvicorn, not the app, reads X-Forwarded-For (FORWARDED_ALLOW_IPS): a real server.
+    env = {**LIGHT, "LIGHT_PRELOAD": "false", "RATE_LIMIT_PER_MINUTE": "2"}
+    with live_server(env, engines=fake_engines()) as server, server.client() as http:
         codes = [http.get("/v1/models", headers={"X-Forwarded-For": f"10.0.0.{i}"}).status_code for i in range(4)]
         assert codes == [200, 200, 429, 429]
     # Behind a configured proxy, its X-Forwarded-For names the client.
-    with live_server({**env, "FORWARDED_ALLOW_IPS": "127.0.0.1"}) as server, server.client() as http:
+    with (
+        live_server({**env, "FORWARDED_ALLOW_IPS": "127.0.0.1"}, engines=fake_engines()) as server,
+        server.client() as http,
+    ):
         codes = [http.get("/v1/models", headers={"X-Forwarded-For": f"10.0.0.{i}"}).status_code for i in range(4)]
         assert codes == [200] * 4
