@@ -13,7 +13,7 @@ from typing import Any
 
 import llama_cpp
 
-from backends.base import AdapterInfo, Backend, Completion, DecodeBatch, EngineInfo, GenerationRequest, Token
+from backends.base import AdapterInfo, Backend, DecodeBatch, DecodeState, EngineInfo, GenerationRequest, Token
 from backends.chat_templates import builtin_for_architecture, render, resolve_template_setting
 from backends.llamacpp.adapters import LoraAdapters
 from backends.llamacpp.batch import LlamaCppBatch, ModelHandle
@@ -268,7 +268,7 @@ class LlamaCppBackend(Backend):
         if max_tokens <= 0:
             return iter(())
         batch = LlamaCppBatch(self._handle())
-        batch.add(0, Completion(prompt, request, max_tokens))  # a bad schema fails before any token
+        batch.add(0, DecodeState(prompt, request, max_tokens))  # a bad schema fails before any token
         return self._run_one(batch, cancel)
 
     def _run_one(self, batch: LlamaCppBatch, cancel: threading.Event | None) -> Iterator[Token]:

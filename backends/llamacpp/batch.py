@@ -22,7 +22,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from backends.base import PROMPT_SCORE_CHUNK, Completion, DecodeBatch, GenerationRequest, Token, TokenLogprob
+from backends.base import PROMPT_SCORE_CHUNK, DecodeBatch, DecodeState, GenerationRequest, Token, TokenLogprob
 from backends.llamacpp.adapters import LoraAdapters
 from backends.llamacpp.kv_slots import KvSlot, KvSlots
 from backends.llamacpp.sampling import GrammarCompiler, Sampler, TextStream, free_sampler, logprobs
@@ -55,7 +55,7 @@ class ModelHandle:
 @dataclass(slots=True, eq=False)
 class _Sequence:
     key: int
-    completion: Completion
+    state: DecodeState
     slot: KvSlot
     reused: int
     sampler: Sampler
@@ -70,11 +70,11 @@ class _Sequence:
 
     @property
     def adapter(self) -> str | None:
-        return self.completion.request.adapter
+        return self.state.request.adapter
 
     def has_work(self) -> bool:
         """A token to feed, or prompt left to evaluate (once its grammar, if any, is compiled)."""
-        return self.next_token is not None or (self.grammar is None and self.fed < len(self.completion.prompt))
+        return self.next_token is not None or (self.grammar is None and self.fed < len(self.state.prompt))
 
 
 class LlamaCppBatch(DecodeBatch):
@@ -96,8 +96,8 @@ class LlamaCppBatch(DecodeBatch):
 
     # -- joining and leaving -----------------------------------------------------------------
 
-    def add(self, key: int, completion: Completion) -> None:
-        request, prompt = completion.request, completion.prompt
+    def add(self, key: int, state: DecodeState) -> None:
+        request, prompt = state.request, state.prompt
         model = self._model
         sampler = Sampler(self._vocab, self._n_vocab, request, prompt)
         grammar = None
@@ -108,7 +108,7 @@ class LlamaCppBatch(DecodeBatch):
                 sampler.close()
                 raise
         slot, reused = model.kv_slots.acquire(prompt, request.adapter)
-        seq = _Sequence(key, completion, slot, reused, sampler, fed=reused, grammar=grammar)
+        seq = _Sequence(key, state, slot, reused, sampler, fed=reused, grammar=grammar)
         seq.thinking = model.thinking_budget(prompt, request)
         if request.prompt_logprobs:
             # Every prompt token is scored from its own logits: nothing comes from the KV cache.
@@ -157,10 +157,10 @@ class LlamaCppBatch(DecodeBatch):
         for seq in sequences:
             if n >= self._capacity:
                 break
-            prompt = seq.completion.prompt
+            prompt = seq.state.prompt
             if seq.next_token is not None or seq.grammar is not None or seq.fed >= len(prompt):
                 continue
-            every = seq.completion.request.prompt_logprobs
+            every = seq.state.request.prompt_logprobs
             room = min(self._capacity - n, PROMPT_SCORE_CHUNK) if every else self._capacity - n
             take = min(room, len(prompt) - seq.fed)
             last = seq.fed + take == len(prompt)
@@ -180,9 +180,9 @@ class LlamaCppBatch(DecodeBatch):
             if seq.next_token is not None:
                 seq.slot.tokens.append(seq.next_token)
         for seq, start, take in chunks:
-            if seq.completion.request.prompt_logprobs:
+            if seq.state.request.prompt_logprobs:
                 self._score_prompt(seq, start, take)
-            seq.slot.tokens.extend(seq.completion.prompt[seq.fed : seq.fed + take])
+            seq.slot.tokens.extend(seq.state.prompt[seq.fed : seq.fed + take])
             seq.fed += take
         for index, seq in outputs:
             out.append((seq.key, self._sample(seq, index)))
@@ -209,7 +209,7 @@ class LlamaCppBatch(DecodeBatch):
 
     def _score_prompt(self, seq: _Sequence, start: int, take: int) -> None:
         """Each position's logits score the prompt token after it."""
-        prompt, top = seq.completion.prompt, seq.completion.request.top_logprobs
+        prompt, top = seq.state.prompt, seq.state.request.top_logprobs
         for j in range(take):
             at = seq.fed + j + 1
             if at < len(prompt):
@@ -227,11 +227,11 @@ class LlamaCppBatch(DecodeBatch):
             self._finish(seq)
             return None
         seq.count += 1
-        request = seq.completion.request
+        request = seq.state.request
         # A grammar that would now accept the end of generation has produced a complete value.
         eos = self._model.eos
         final = request.response_format is not None and eos >= 0 and seq.sampler.allows(eos)
-        done = final or seq.count >= seq.completion.max_tokens
+        done = final or seq.count >= seq.state.max_tokens
         chosen: TokenLogprob | None = None
         top: tuple[TokenLogprob, ...] = ()
         if request.logprobs:

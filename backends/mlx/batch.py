@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlx_lm.generate import BatchGenerator
 
-from backends.base import Completion, DecodeBatch, GenerationRequest, Token
+from backends.base import DecodeBatch, DecodeState, GenerationRequest, Token
 from backends.mlx.adapters import LoraAdapters
 from backends.mlx.prefix_cache import PrefixCache
 from backends.mlx.sampling import (
@@ -112,15 +112,15 @@ class MlxBatch(DecodeBatch):
             )
         return gen
 
-    def add(self, key: int, completion: Completion) -> None:
-        handle, prompt, request = self._model, completion.prompt, completion.request
+    def add(self, key: int, state: DecodeState) -> None:
+        handle, prompt, request = self._model, state.prompt, state.request
         model, prefix_cache = handle.model_for(request.adapter)
         matcher = handle.grammars.matcher(request.response_format) if request.response_format else None
         cache, reused = prefix_cache.fetch(prompt)
         with engine_errors(ENGINE):
             (uid,) = self._gen(request.adapter).insert(
                 [prompt[reused:]],
-                max_tokens=[completion.max_tokens],
+                max_tokens=[state.max_tokens],
                 caches=[cache],  # None: BatchGenerator makes a fresh one
                 all_tokens=[prompt[:reused]],
                 samplers=[sampler(request)],

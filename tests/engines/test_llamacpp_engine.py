@@ -17,7 +17,7 @@ pytest.importorskip("llama_cpp")
 
 import llama_cpp
 
-from backends.base import Chunk, Completion, GenerationRequest, ResponseFormat, Token
+from backends.base import Chunk, DecodeState, GenerationRequest, ResponseFormat, Token
 from backends.llamacpp.backend import LlamaCppBackend
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError
@@ -146,8 +146,8 @@ def test_cancelled_sequence_gives_its_slot_back(llama: LlamaCppBackend) -> None:
     llama.reset_prefix_cache()
     batch = llama.open_batch()
     prompt = llama.encode("The weather today is sunny with a light wind. " * 8)
-    batch.add(1, Completion(prompt, greedy("", 100), 100))
-    batch.add(2, Completion(llama.encode("Hello"), greedy("", 100), 100))
+    batch.add(1, DecodeState(prompt, greedy("", 100), 100))
+    batch.add(2, DecodeState(llama.encode("Hello"), greedy("", 100), 100))
     for _ in range(4):
         batch.step()
     slots = llama.kv_slots.slots
