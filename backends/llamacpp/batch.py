@@ -80,12 +80,12 @@ class _Sequence:
 class LlamaCppBatch(DecodeBatch):
     """Sequences decoded together through one `llama_decode` per step (see the module docstring)."""
 
-    def __init__(self, model: ModelHandle) -> None:
-        self._model = model
-        self._ctx = model.context
-        self._vocab = model.vocab
-        self._n_vocab = model.n_vocab
-        self._capacity = model.n_batch
+    def __init__(self, handle: ModelHandle) -> None:
+        self._handle = handle
+        self._ctx = handle.context
+        self._vocab = handle.vocab
+        self._n_vocab = handle.n_vocab
+        self._capacity = handle.n_batch
         self._batch = _Batch(self._capacity)
         self._piece = ctypes.create_string_buffer(256)
         self._sequences: dict[int, _Sequence] = {}  # in arrival order
@@ -98,21 +98,21 @@ class LlamaCppBatch(DecodeBatch):
 
     def add(self, key: int, state: DecodeState) -> None:
         request, prompt = state.request, state.prompt
-        model = self._model
+        handle = self._handle
         sampler = Sampler(self._vocab, self._n_vocab, request, prompt)
         grammar = None
         if request.response_format is not None:
             try:
-                grammar = model.grammars.submit(request.response_format)
+                grammar = handle.grammars.submit(request.response_format)
             except BaseException:
                 sampler.close()
                 raise
-        slot, reused = model.kv_slots.acquire(prompt, request.adapter)
+        slot, reused = handle.kv_slots.acquire(prompt, request.adapter)
         seq = _Sequence(key, state, slot, reused, sampler, fed=reused, grammar=grammar)
-        seq.thinking = model.thinking_budget(prompt, request)
+        seq.thinking = handle.thinking_budget(prompt, request)
         if request.prompt_logprobs:
             # Every prompt token is scored from its own logits: nothing comes from the KV cache.
-            model.kv_slots.wipe(slot)
+            handle.kv_slots.wipe(slot)
             seq.reused = seq.fed = 0
             seq.prompt_scores.append(Token(self.piece_text(prompt[0])))
         seq.grammar_since = time.monotonic()
@@ -128,12 +128,12 @@ class LlamaCppBatch(DecodeBatch):
             seq.grammar.add_done_callback(free_sampler)  # compiled for nobody: free it when done
         seq.sampler.close()
         # The slot keeps what its KV holds (prompt and output so far) for the next request.
-        self._model.kv_slots.release(seq.slot)
+        self._handle.kv_slots.release(seq.slot)
 
     def close(self) -> None:
         for seq in list(self._sequences.values()):
             self._leave(seq)
-            self._model.kv_slots.drop(seq.slot)
+            self._handle.kv_slots.drop(seq.slot)
         self._sequences.clear()
 
     def pending(self, key: int) -> bool:
@@ -204,7 +204,7 @@ class LlamaCppBatch(DecodeBatch):
         self._last_ran[self._group] = next(self._clock)
         if len(self._last_ran) > 4 * len(groups) + 8:  # forget groups long gone
             self._last_ran = {g: self._last_ran[g] for g in groups if g in self._last_ran}
-        self._model.adapters.apply(self._ctx, self._group)
+        self._handle.adapters.apply(self._ctx, self._group)
         return [s for s in ready if s.adapter == self._group]
 
     def _score_prompt(self, seq: _Sequence, start: int, take: int) -> None:
@@ -229,7 +229,7 @@ class LlamaCppBatch(DecodeBatch):
         seq.count += 1
         request = seq.state.request
         # A grammar that would now accept the end of generation has produced a complete value.
-        eos = self._model.eos
+        eos = self._handle.eos
         final = request.response_format is not None and eos >= 0 and seq.sampler.allows(eos)
         done = final or seq.count >= seq.state.max_tokens
         chosen: TokenLogprob | None = None

@@ -90,9 +90,9 @@ class MlxBatch(DecodeBatch):
     processor the sequence's whole token history, so no cached-tail adapter is needed here.
     """
 
-    def __init__(self, model: ModelHandle) -> None:
-        self._model = model
-        self._tokenizer = model.tokenizer
+    def __init__(self, handle: ModelHandle) -> None:
+        self._handle = handle
+        self._tokenizer = handle.tokenizer
         # One BatchGenerator per adapter (None: the base model): a LoRA adapter is its own set of
         # modules, so requests of one adapter decode together and each group steps in turn.
         self._gens: dict[str | None, Any] = {}
@@ -102,18 +102,18 @@ class MlxBatch(DecodeBatch):
     def _gen(self, adapter: str | None) -> Any:
         gen = self._gens.get(adapter)
         if gen is None:
-            model, size = self._model, self._model.max_batch
+            handle, size = self._handle, self._handle.max_batch
             gen = self._gens[adapter] = BatchGenerator(  # untyped
-                model.model_for(adapter)[0],
-                stop_tokens=[[t] for t in sorted(model.eos)],
+                handle.model_for(adapter)[0],
+                stop_tokens=[[t] for t in sorted(handle.eos)],
                 completion_batch_size=size,
                 prefill_batch_size=size,
-                prefill_step_size=model.prefill_step,
+                prefill_step_size=handle.prefill_step,
             )
         return gen
 
     def add(self, key: int, state: DecodeState) -> None:
-        handle, prompt, request = self._model, state.prompt, state.request
+        handle, prompt, request = self._handle, state.prompt, state.request
         model, prefix_cache = handle.model_for(request.adapter)
         matcher = handle.grammars.matcher(request.response_format) if request.response_format else None
         cache, reused = prefix_cache.fetch(prompt)
@@ -172,8 +172,8 @@ class MlxBatch(DecodeBatch):
     def _forget(self, adapter: str | None, uid: int, tokens: list[int] | None, cache: list[Any] | None) -> None:
         seq = self._sequences.pop((adapter, uid))
         del self._uids[seq.key]
-        if tokens and cache is not None and (adapter is None or adapter in self._model.adapters.names()):
-            self._model.model_for(adapter)[1].store(list(tokens), cache)
+        if tokens and cache is not None and (adapter is None or adapter in self._handle.adapters.names()):
+            self._handle.model_for(adapter)[1].store(list(tokens), cache)
 
     def close(self) -> None:
         self._sequences.clear()
