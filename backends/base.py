@@ -4,7 +4,7 @@ Engines implement four things (load, encode a prompt, render chat, decode tokens
 `stream()` built on them does the context check, `max_tokens`, stop strings and usage, so both
 engines behave identically at the HTTP surface. An engine that can decode several requests at
 once also offers a `DecodeBatch`; the worker then drives each request through the same
-`Completion` state that `stream()` uses.
+`DecodeState` that `stream()` uses.
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ class StopBuffer:
         return out
 
 
-class Completion:
+class DecodeState:
     """One request on its way from tokens to chunks: stop strings, `max_tokens`, finish reason, usage.
 
     `Backend.stream()` and the batched worker loop both feed tokens through this, so a request
@@ -264,7 +264,7 @@ class DecodeBatch(abc.ABC):
     """
 
     @abc.abstractmethod
-    def add(self, key: int, completion: Completion) -> None:
+    def add(self, key: int, state: DecodeState) -> None:
         """Queue a sequence; raise `InvalidRequestError` (e.g. a bad schema) before it joins."""
 
     @abc.abstractmethod
@@ -389,7 +389,7 @@ class Backend(abc.ABC):
             close = close[len(start) :]
         return ThinkingBudget(fmt, request.thinking_budget, close, inside=inside)
 
-    def prepare(self, request: GenerationRequest) -> Completion:
+    def prepare(self, request: GenerationRequest) -> DecodeState:
         """Tokenize the request and check it against the context window."""
         param = "prompt" if request.messages is None else "messages"
         if request.adapter is not None and request.adapter not in (loaded := self.adapter_names()):
@@ -412,20 +412,20 @@ class Backend(abc.ABC):
             )
         if len(prompt) >= context:
             raise ContextLengthExceeded(len(prompt), context, param=param)
-        return Completion(prompt, request, min(request.max_tokens, context - len(prompt)))
+        return DecodeState(prompt, request, min(request.max_tokens, context - len(prompt)))
 
     def stream(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[Chunk]:
         """One request on its own: chunks of text, then a final chunk with finish reason and usage."""
-        completion = self.prepare(request)
-        tokens = self.decode(completion.prompt, request, completion.max_tokens, cancel)
+        state = self.prepare(request)
+        tokens = self.decode(state.prompt, request, state.max_tokens, cancel)
         try:
             for token in tokens:
-                if chunk := completion.add(token):
+                if chunk := state.add(token):
                     yield chunk
-                if completion.done:
+                if state.done:
                     break
         finally:
             close = getattr(tokens, "close", None)
             if close is not None:
                 close()
-        yield from completion.finish()
+        yield from state.finish()

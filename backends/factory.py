@@ -13,8 +13,8 @@ if TYPE_CHECKING:
     from kernel.config import TierSettings
 
 _ENGINES: EngineTable = {
-    "llamacpp": ("backends.llamacpp", "LlamaCppBackend", ("llama_cpp",), "llamacpp"),
-    "mlx": ("backends.mlx", "MlxBackend", ("mlx_lm",), "mlx"),
+    "llamacpp": ("backends.llamacpp.backend", "LlamaCppBackend", ("llama_cpp",), "llamacpp"),
+    "mlx": ("backends.mlx.backend", "MlxBackend", ("mlx_lm",), "mlx"),
 }
 
 

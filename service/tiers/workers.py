@@ -26,7 +26,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from backends.base import Backend, Chunk, Completion, DecodeBatch, GenerationRequest
+from backends.base import Backend, Chunk, DecodeBatch, DecodeState, GenerationRequest
 from kernel.errors import EngineError, LLMServiceError, RateLimitError
 from service.tiers.executor import busy_fraction
 
@@ -111,7 +111,7 @@ class GenerationWorker:
         self._running = 0  # jobs generating right now (up to max_batch_size)
         self._lock = threading.Lock()
         self._batch: DecodeBatch | None = None
-        self._active: dict[int, tuple[Job, Completion]] = {}  # the batch's jobs, by sequence key
+        self._active: dict[int, tuple[Job, DecodeState]] = {}  # the batch's jobs, by sequence key
         target = self._run_batched if backend.max_batch_size > 1 else self._run
         self._thread = threading.Thread(target=target, name=f"llm-worker-{name}", daemon=True)
         self._thread.start()
@@ -251,32 +251,32 @@ class GenerationWorker:
         if not self._active:
             self.busy_since = time.monotonic()
         try:
-            completion = self.backend.prepare(job.request)
-            if not completion.done:  # done already: nothing to generate (max_tokens 0)
+            state = self.backend.prepare(job.request)
+            if not state.done:  # done already: nothing to generate (max_tokens 0)
                 if self._batch is None:
                     self._batch = self.backend.open_batch()
-                self._batch.add(key, completion)
+                self._batch.add(key, state)
         except Exception as exc:
             self._fail(job, exc)
             self._done(job)
             return
-        self._active[key] = (job, completion)
+        self._active[key] = (job, state)
         self._running = len(self._active)
-        if completion.done:
+        if state.done:
             self._finish(key)
 
     def _step(self) -> None:
         assert self._batch is not None
         try:
             for key, token in self._batch.step():
-                job, completion = self._active[key]
+                job, state = self._active[key]
                 if isinstance(token, LLMServiceError):  # this sequence alone failed; it has left
                     self._fail(job, token)
                     self._end(key)
                     continue
-                if token is not None and (chunk := completion.add(token)):
+                if token is not None and (chunk := state.add(token)):
                     job.put(chunk)
-                if token is None or completion.done:
+                if token is None or state.done:
                     self._batch.remove(key)  # a no-op when the sequence already left by itself
                     self._finish(key)
             for key, (job, _) in list(self._active.items()):
@@ -296,8 +296,8 @@ class GenerationWorker:
             self._batch = None
 
     def _finish(self, key: int) -> None:
-        job, completion = self._active[key]
-        for chunk in completion.finish():
+        job, state = self._active[key]
+        for chunk in state.finish():
             job.put(chunk)
         self._end(key)
 

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("llama_cpp")
 
 from backends.base import GenerationRequest
-from backends.llamacpp import LlamaCppBackend
+from backends.llamacpp.backend import LlamaCppBackend
 from kernel.config import TierSettings
 from tests.batching import Result, run_concurrently, three_streams_one_cut, wait_until, worker_of
 from tests.live import LiveServer, live_server

@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("mlx_lm")
 
 from backends.base import GenerationRequest, ResponseFormat
-from backends.mlx import MlxBackend
+from backends.mlx.backend import MlxBackend
 from kernel.config import TierSettings
 from tests.batching import Result, body_of, held, run_concurrently, stream, three_streams_one_cut, wait_until, worker_of
 from tests.live import LiveServer, live_server

@@ -65,7 +65,7 @@ def text_of(chunks: list[Chunk]) -> str:
 @pytest.fixture(scope="module")
 def mlx(tiny_mlx_model: Path) -> Iterator[Backend]:
     pytest.importorskip("mlx_lm")
-    from backends.mlx import MlxBackend
+    from backends.mlx.backend import MlxBackend
 
     backend = MlxBackend(TierSettings(name="light", n_ctx=2048, n_batch=8, max_batch=4), str(tiny_mlx_model))
     backend.load()
@@ -120,7 +120,7 @@ def test_mlx_preset_cancel_generates_nothing(mlx: Backend) -> None:
 @pytest.fixture(scope="module")
 def llama(gemma_gguf: str) -> Iterator[Backend]:
     pytest.importorskip("llama_cpp")
-    from backends.llamacpp import LlamaCppBackend
+    from backends.llamacpp.backend import LlamaCppBackend
 
     backend = LlamaCppBackend(TierSettings(name="light", n_ctx=1024, n_batch=16), gemma_gguf)
     backend.load()

@@ -17,8 +17,8 @@ pytest.importorskip("llama_cpp")
 
 import llama_cpp
 
-from backends.base import Chunk, Completion, GenerationRequest, ResponseFormat, Token
-from backends.llamacpp import LlamaCppBackend
+from backends.base import Chunk, DecodeState, GenerationRequest, ResponseFormat, Token
+from backends.llamacpp.backend import LlamaCppBackend
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError
 from service.tiers.workers import GenerationWorker
@@ -101,7 +101,7 @@ def test_batched_greedy_equals_unbatched(llama: LlamaCppBackend) -> None:
 
     assert counts(got) == counts(expected)  # cached_tokens may differ: a batch shares prefixes
     assert expected[2][-1].finish_reason == "stop" and " July" not in text(expected[2])
-    assert all(not s.busy for s in llama.slots.slots)
+    assert all(not s.busy for s in llama.kv_slots.slots)
 
 
 def test_seeded_request_equals_itself_batched(llama: LlamaCppBackend) -> None:
@@ -146,11 +146,11 @@ def test_cancelled_sequence_gives_its_slot_back(llama: LlamaCppBackend) -> None:
     llama.reset_prefix_cache()
     batch = llama.open_batch()
     prompt = llama.encode("The weather today is sunny with a light wind. " * 8)
-    batch.add(1, Completion(prompt, greedy("", 100), 100))
-    batch.add(2, Completion(llama.encode("Hello"), greedy("", 100), 100))
+    batch.add(1, DecodeState(prompt, greedy("", 100), 100))
+    batch.add(2, DecodeState(llama.encode("Hello"), greedy("", 100), 100))
     for _ in range(4):
         batch.step()
-    slots = llama.slots.slots
+    slots = llama.kv_slots.slots
     assert sum(s.busy for s in slots) == 2
     batch.remove(1)
     assert sum(s.busy for s in slots) == 1
@@ -219,7 +219,7 @@ def test_backend_initialised_once_before_any_load(monkeypatch: pytest.MonkeyPatc
     tiers load at the same moment on two threads (as at start-up)."""
     import threading
 
-    import backends.llamacpp as engine
+    import backends.llamacpp.backend as engine
 
     calls: list[str] = []
     monkeypatch.setattr(engine, "_backend_ready", False)

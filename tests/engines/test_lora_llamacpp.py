@@ -15,8 +15,8 @@ pytest.importorskip("llama_cpp")
 pytest.importorskip("gguf")
 
 from backends.base import Chunk, GenerationRequest
-from backends.llamacpp import LlamaCppBackend
-from backends.llamacpp_adapters import read_lora_header
+from backends.llamacpp.adapters import read_lora_header
+from backends.llamacpp.backend import LlamaCppBackend
 from kernel.config import TierSettings
 from kernel.errors import AdapterNotFoundError, InvalidRequestError
 from tests.batching import alone, together
@@ -79,7 +79,7 @@ def test_different_adapters_in_one_batch_each_get_their_own_output(llama: LlamaC
     assert expected[1] != expected[3]
     assert expected[2] != alone(llama, greedy(None, "Monday, Tuesday, Wednesday,"))
     assert together(llama, requests) == expected
-    assert all(not s.busy for s in llama.slots.slots)
+    assert all(not s.busy for s in llama.kv_slots.slots)
 
 
 def test_prefix_is_reused_only_with_the_same_adapter(llama: LlamaCppBackend) -> None:
@@ -95,7 +95,7 @@ def test_prefix_is_reused_only_with_the_same_adapter(llama: LlamaCppBackend) -> 
     assert cached("random", "Rain?") == 0
     assert cached(None, "Rain? Sun?") == 0  # the KV computed with the adapter is not the base model's
     assert cached(None, "Rain? Sun? Wind?") > 10
-    # Adapter requests reuse no KV for now (see Slots.acquire), not even their own adapter's.
+    # Adapter requests reuse no KV for now (see KvSlots.acquire), not even their own adapter's.
     assert cached("random", "Rain? Wind?") == 0
     assert cached("other", "Rain? Snow?") == 0
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from backends.base import Chunk, GenerationRequest
-from backends.mlx import MlxBackend
+from backends.mlx.backend import MlxBackend
 from kernel.config import TierSettings
 from kernel.errors import AdapterNotFoundError, InvalidRequestError
 from tests.batching import alone, together

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("mlx_lm")
 
 from backends.base import Chunk, GenerationRequest, ResponseFormat
-from backends.mlx import MlxBackend
+from backends.mlx.backend import MlxBackend
 from kernel.config import TierSettings
 from kernel.errors import ContextLengthExceeded, InvalidRequestError, ModelUnavailableError
 from tests.fixtures.tiny_mlx import build_tiny_mlx_model

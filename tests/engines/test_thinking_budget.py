@@ -38,13 +38,13 @@ def engine(request: pytest.FixtureRequest) -> Iterator[Backend]:
     backend: Backend
     if request.param == "mlx":
         pytest.importorskip("mlx_lm")
-        from backends.mlx import MlxBackend
+        from backends.mlx.backend import MlxBackend
 
         path: Path = request.getfixturevalue("tiny_mlx_model")
         backend = MlxBackend(_tier(max_batch=2), str(path))
     else:
         pytest.importorskip("llama_cpp")
-        from backends.llamacpp import LlamaCppBackend
+        from backends.llamacpp.backend import LlamaCppBackend
 
         backend = LlamaCppBackend(_tier(max_batch=2, n_batch=64), request.getfixturevalue("gemma_gguf"))
     backend.load()

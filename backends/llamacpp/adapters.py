@@ -1,7 +1,7 @@
 """LoRA adapters for the llama.cpp engine: GGUF LoRA files, checked, loaded and set on the context.
 
 llama.cpp applies adapters to a whole context (`llama_set_adapters_lora`), not per sequence, so
-sequences with different adapters never share a decode step: `llamacpp_batch` decodes one adapter
+sequences with different adapters never share a decode step: `batch` decodes one adapter
 group per step, taking turns. Changing the context's adapters costs a graph re-reserve (~10 ms on
 a CPU), which is why a group keeps its turn for a few steps.
 """

@@ -1,11 +1,5 @@
-"""llama.cpp engine: GGUF models on Metal, CUDA or plain CPUs, driven through llama.cpp's C API.
-
-llama-cpp-python is the dependency, but only for its ctypes bindings: the model, the context, the
-batch, the samplers and the KV cache are llama.cpp's own objects (`llama_decode`,
-`llama_sampler_*`, `llama_memory_seq_*`), so per-token work in Python is a handful of calls.
-Requests decode together in continuous batches (`llamacpp_batch`), each with its own native
-sampler chain (`llamacpp_sampling`); one request at a time (`MAX_BATCH=1`) runs the same loop.
-"""
+"""`LlamaCppBackend`: loads a GGUF model and its context, tokenizes, renders chat, and decodes
+through the batch loop (`batch`), one request at a time when it is alone."""
 
 from __future__ import annotations
 
@@ -19,11 +13,12 @@ from typing import Any
 
 import llama_cpp
 
-from backends.base import AdapterInfo, Backend, Completion, DecodeBatch, EngineInfo, GenerationRequest, Token
+from backends.base import AdapterInfo, Backend, DecodeBatch, DecodeState, EngineInfo, GenerationRequest, Token
 from backends.chat_templates import builtin_for_architecture, render, resolve_template_setting
-from backends.llamacpp_adapters import LoraAdapters
-from backends.llamacpp_batch import LlamaCppBatch, Slots
-from backends.llamacpp_sampling import GrammarCompiler
+from backends.llamacpp.adapters import LoraAdapters
+from backends.llamacpp.batch import LlamaCppBatch, ModelHandle
+from backends.llamacpp.kv_slots import KvSlots
+from backends.llamacpp.sampling import GrammarCompiler
 from backends.reasoning import ReasoningFormat
 from backends.tools import tool_format
 from kernel.config import TierSettings
@@ -69,7 +64,7 @@ class LlamaCppBackend(Backend):
         self.vocab: Any = None
         self.n_vocab = 0
         self.eos = -1
-        self._slots: Slots | None = None
+        self._kv_slots: KvSlots | None = None
         self._adapters: LoraAdapters | None = None
         self._grammars: GrammarCompiler | None = None
         self._template: str | None = None
@@ -102,7 +97,7 @@ class LlamaCppBackend(Backend):
         cp.n_ubatch = min(self.n_batch, 512)
         threads = t.n_threads or default_threads()
         cp.n_threads = cp.n_threads_batch = threads
-        cp.kv_unified = True  # shared prefixes share cells; see llamacpp_batch
+        cp.kv_unified = True  # shared prefixes share cells; see kv_slots
         cp.swa_full = True  # sliding-window layers keep every position, so a prefix stays reusable
         cp.no_perf = True
         ctx = llama_cpp.llama_init_from_model(model, cp)
@@ -113,7 +108,7 @@ class LlamaCppBackend(Backend):
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.eos = llama_cpp.llama_vocab_eos(self.vocab)
-        self._slots = Slots(llama_cpp.llama_get_memory(ctx), slots)
+        self._kv_slots = KvSlots(llama_cpp.llama_get_memory(ctx), slots)
         self._adapters = LoraAdapters(model, _meta(model, "general.architecture") or "")
         self._grammars = GrammarCompiler(self.vocab)
         self._device = _device(t.n_gpu_layers)
@@ -145,7 +140,7 @@ class LlamaCppBackend(Backend):
         if self._grammars is not None:
             self._grammars.close()
             self._grammars = None
-        self._slots = None
+        self._kv_slots = None
         if self._adapters is not None:
             self._adapters.forget()  # freed with the model
             self._adapters = None
@@ -157,8 +152,8 @@ class LlamaCppBackend(Backend):
             self._model = None
 
     def reset_prefix_cache(self) -> None:
-        if self._slots is not None:
-            self._slots.clear()
+        if self._kv_slots is not None:
+            self._kv_slots.clear()
 
     @property
     def context(self) -> Any:
@@ -167,10 +162,10 @@ class LlamaCppBackend(Backend):
         return self._ctx
 
     @property
-    def slots(self) -> Slots:
-        if self._slots is None:
+    def kv_slots(self) -> KvSlots:
+        if self._kv_slots is None:
             raise ModelUnavailableError(f"Tier {self.tier.name}: model is not loaded")
-        return self._slots
+        return self._kv_slots
 
     @property
     def adapters(self) -> LoraAdapters:
@@ -184,7 +179,7 @@ class LlamaCppBackend(Backend):
     def unload_adapter(self, name: str) -> None:
         if self._adapters is not None:
             self._adapters.unload(self.context, name)
-            self.slots.forget_adapter(name)
+            self.kv_slots.forget_adapter(name)
 
     def adapter_names(self) -> list[str]:
         return self._adapters.names() if self._adapters is not None else []
@@ -250,8 +245,20 @@ class LlamaCppBackend(Backend):
     # -- generation ------------------------------------------------------------------------
 
     def open_batch(self) -> DecodeBatch:
-        self.context  # noqa: B018 - raises when not loaded
-        return LlamaCppBatch(self)
+        return LlamaCppBatch(self._handle())
+
+    def _handle(self) -> ModelHandle:
+        return ModelHandle(
+            self.context,
+            self.vocab,
+            self.n_vocab,
+            self.eos,
+            self.n_batch,
+            self.kv_slots,
+            self.adapters,
+            self.grammars,
+            self.thinking_budget,
+        )
 
     def decode(
         self, prompt: list[int], request: GenerationRequest, max_tokens: int, cancel: threading.Event | None = None
@@ -260,8 +267,8 @@ class LlamaCppBackend(Backend):
         between steps, i.e. between `N_BATCH`-token pieces of the prompt."""
         if max_tokens <= 0:
             return iter(())
-        batch = LlamaCppBatch(self)
-        batch.add(0, Completion(prompt, request, max_tokens))  # a bad schema fails before any token
+        batch = LlamaCppBatch(self._handle())
+        batch.add(0, DecodeState(prompt, request, max_tokens))  # a bad schema fails before any token
         return self._run_one(batch, cancel)
 
     def _run_one(self, batch: LlamaCppBatch, cancel: threading.Event | None) -> Iterator[Token]:

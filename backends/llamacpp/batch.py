@@ -1,19 +1,12 @@
-"""Continuous batching for the llama.cpp engine: sequences, KV slots and the decode step.
-
-The context has one unified KV cache of `MAX_BATCH x N_CTX` cells shared by `MAX_BATCH` sequence
-ids ("slots"), so every admitted sequence can always grow to its full context window. A slot keeps
-its KV after its request ends: the next request whose prompt starts with the same tokens (the
-previous turn of a conversation) reuses it, like llama-server's slots. Copying a prefix from a
-busy slot is cheap in a unified cache (the cells are shared, not copied).
+"""Continuous batching for the llama.cpp engine: sequences and the decode step.
 
 Each step puts one token of every generating sequence and then up to `N_BATCH` minus that many
 prompt tokens of joining sequences into one `llama_decode`, so a long new prompt is prefilled in
-chunks while the running streams keep flowing.
+chunks while the running streams keep flowing. Each sequence decodes in a KV slot (`kv_slots`).
 
 LoRA adapters are set per context in llama.cpp, not per sequence, so one step decodes only the
 sequences of one adapter (or of none): the sequences sharing an adapter share a batch, and the
-groups take turns of `TURN_STEPS` steps, the group that waited longest going next. A slot's KV
-belongs to the adapter it was computed with and is reused only by requests with that adapter.
+groups take turns of `TURN_STEPS` steps, the group that waited longest going next.
 """
 
 from __future__ import annotations
@@ -21,118 +14,49 @@ from __future__ import annotations
 import ctypes
 import itertools
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import llama_cpp
 import numpy as np
 
-from backends.base import PROMPT_SCORE_CHUNK, Completion, DecodeBatch, Token, TokenLogprob, common_prefix
-from backends.llamacpp_sampling import Sampler, TextStream, free_sampler, logprobs
+from backends.base import PROMPT_SCORE_CHUNK, DecodeBatch, DecodeState, GenerationRequest, Token, TokenLogprob
+from backends.llamacpp.adapters import LoraAdapters
+from backends.llamacpp.kv_slots import KvSlot, KvSlots
+from backends.llamacpp.sampling import GrammarCompiler, Sampler, TextStream, free_sampler, logprobs
 from backends.reasoning import ThinkingBudget
 from kernel.errors import EngineError, InvalidRequestError, LLMServiceError
-
-if TYPE_CHECKING:
-    from backends.llamacpp import LlamaCppBackend
 
 TURN_STEPS = 4  # steps an adapter group keeps the context while others wait (a switch costs a re-reserve)
 GRAMMAR_TIMEOUT = 10.0  # seconds a response_format may take to compile before the request is a 400
 _GRAMMAR_POLL = 0.05  # how long an otherwise idle step waits for a grammar to compile
 
 
-@dataclass(slots=True)
-class Slot:
-    """A KV sequence id and the tokens its cells hold, positions 0..len-1."""
+@dataclass(frozen=True, slots=True)
+class ModelHandle:
+    """What a batch needs of its loaded model: the native handles and the model's helpers.
 
-    seq: int
-    tokens: list[int] = field(default_factory=list)
-    busy: bool = False
-    used: int = 0  # LRU clock
-    adapter: str | None = None  # the LoRA adapter the KV was computed with
+    The backend hands this over rather than itself, so the batch never reaches back into its owner.
+    """
 
-
-class Slots:
-    """The context's sequence ids and the prompt state they keep between requests."""
-
-    def __init__(self, memory: Any, count: int) -> None:
-        self._memory = memory
-        self.slots = [Slot(i) for i in range(count)]
-        self._clock = itertools.count(1)
-
-    def acquire(self, prompt: list[int], adapter: str | None = None) -> tuple[Slot, int]:
-        """A free slot holding as much of `prompt` as any slot can give; returns (slot, reused).
-        Only KV computed with the same adapter is reused: an adapter changes every K and V."""
-        free = [s for s in self.slots if not s.busy]
-        assert free, "more sequences than slots"
-        # Requests with an adapter reuse no KV for now: reusing one, while another adapter group
-        # decoded between its steps, gave wrong tokens in tests (cause not yet found in llama.cpp).
-        usable = {
-            s.seq: min(common_prefix(s.tokens, prompt), len(prompt) - 1) if s.adapter == adapter is None else 0
-            for s in self.slots
-        }
-        # The next turn of a conversation, or the same prompt again, goes back to its slot: the
-        # slot holds the whole prompt, or the prompt keeps at least half of what the slot holds.
-        # Anything else writes into the free slot that loses least (then the least recently
-        # used): a side request sharing only the template's header with an agent's 20k-token
-        # conversation takes another slot, sharing that prefix from whichever slot holds it.
-        slot = max(free, key=lambda s: (usable[s.seq], -s.used))
-        n = usable[slot.seq]
-        if n == 0 or (n < len(prompt) - 1 and len(slot.tokens) - n > n):
-            slot = min(free, key=lambda s: (len(s.tokens) - usable[s.seq], s.used))
-        source = max(self.slots, key=lambda s: usable[s.seq])
-        slot.busy, slot.used = True, next(self._clock)
-        mem = self._memory
-        if usable[source.seq] > usable[slot.seq]:
-            # Another sequence holds a longer prefix: share its cells.
-            n = usable[source.seq]
-            llama_cpp.llama_memory_seq_rm(mem, slot.seq, -1, -1)
-            llama_cpp.llama_memory_seq_cp(mem, source.seq, slot.seq, 0, n)
-            slot.tokens = prompt[:n]
-        else:
-            n = usable[slot.seq]
-            if not llama_cpp.llama_memory_seq_rm(mem, slot.seq, n, -1):
-                n = 0  # this memory cannot cut a sequence short (recurrent state): start over
-                llama_cpp.llama_memory_seq_rm(mem, slot.seq, -1, -1)
-            del slot.tokens[n:]
-        if n and llama_cpp.llama_memory_seq_pos_min(mem, slot.seq) > 0:
-            # A sliding-window cache dropped early positions: the prefix cannot be rebuilt from it.
-            llama_cpp.llama_memory_seq_rm(mem, slot.seq, -1, -1)
-            slot.tokens, n = [], 0
-        slot.adapter = adapter
-        return slot, n
-
-    def wipe(self, slot: Slot) -> None:
-        """Empty an acquired slot's KV, to evaluate a prompt from its first token."""
-        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
-        slot.tokens = []
-
-    def release(self, slot: Slot) -> None:
-        slot.busy, slot.used = False, next(self._clock)
-
-    def drop(self, slot: Slot) -> None:
-        """Forget what a slot holds (its KV state is unknown after a failed decode)."""
-        self.wipe(slot)
-        self.release(slot)
-
-    def forget_adapter(self, adapter: str) -> None:
-        """Drop the KV an unloaded adapter computed (a new file may come back under its name)."""
-        for slot in self.slots:
-            if slot.adapter == adapter and not slot.busy:
-                self.wipe(slot)
-                slot.adapter = None
-
-    def clear(self) -> None:
-        llama_cpp.llama_memory_clear(self._memory, True)
-        for slot in self.slots:
-            slot.tokens = []
+    context: Any  # the llama_context
+    vocab: Any  # the llama_vocab
+    n_vocab: int
+    eos: int  # -1: none
+    n_batch: int  # tokens one llama_decode takes
+    kv_slots: KvSlots
+    adapters: LoraAdapters
+    grammars: GrammarCompiler
+    thinking_budget: Callable[[Sequence[int], GenerationRequest], ThinkingBudget | None]
 
 
 @dataclass(slots=True, eq=False)
 class _Sequence:
     key: int
-    completion: Completion
-    slot: Slot
+    state: DecodeState
+    slot: KvSlot
     reused: int
     sampler: Sampler
     text: TextStream = field(default_factory=TextStream)
@@ -146,22 +70,22 @@ class _Sequence:
 
     @property
     def adapter(self) -> str | None:
-        return self.completion.request.adapter
+        return self.state.request.adapter
 
     def has_work(self) -> bool:
         """A token to feed, or prompt left to evaluate (once its grammar, if any, is compiled)."""
-        return self.next_token is not None or (self.grammar is None and self.fed < len(self.completion.prompt))
+        return self.next_token is not None or (self.grammar is None and self.fed < len(self.state.prompt))
 
 
 class LlamaCppBatch(DecodeBatch):
     """Sequences decoded together through one `llama_decode` per step (see the module docstring)."""
 
-    def __init__(self, backend: LlamaCppBackend) -> None:
-        self._backend = backend
-        self._ctx = backend.context
-        self._vocab = backend.vocab
-        self._n_vocab = backend.n_vocab
-        self._capacity = backend.n_batch
+    def __init__(self, handle: ModelHandle) -> None:
+        self._handle = handle
+        self._ctx = handle.context
+        self._vocab = handle.vocab
+        self._n_vocab = handle.n_vocab
+        self._capacity = handle.n_batch
         self._batch = _Batch(self._capacity)
         self._piece = ctypes.create_string_buffer(256)
         self._sequences: dict[int, _Sequence] = {}  # in arrival order
@@ -172,23 +96,23 @@ class LlamaCppBatch(DecodeBatch):
 
     # -- joining and leaving -----------------------------------------------------------------
 
-    def add(self, key: int, completion: Completion) -> None:
-        request, prompt = completion.request, completion.prompt
-        backend = self._backend
+    def add(self, key: int, state: DecodeState) -> None:
+        request, prompt = state.request, state.prompt
+        handle = self._handle
         sampler = Sampler(self._vocab, self._n_vocab, request, prompt)
         grammar = None
         if request.response_format is not None:
             try:
-                grammar = backend.grammars.submit(request.response_format)
+                grammar = handle.grammars.submit(request.response_format)
             except BaseException:
                 sampler.close()
                 raise
-        slot, reused = backend.slots.acquire(prompt, request.adapter)
-        seq = _Sequence(key, completion, slot, reused, sampler, fed=reused, grammar=grammar)
-        seq.thinking = backend.thinking_budget(prompt, request)
+        slot, reused = handle.kv_slots.acquire(prompt, request.adapter)
+        seq = _Sequence(key, state, slot, reused, sampler, fed=reused, grammar=grammar)
+        seq.thinking = handle.thinking_budget(prompt, request)
         if request.prompt_logprobs:
             # Every prompt token is scored from its own logits: nothing comes from the KV cache.
-            backend.slots.wipe(slot)
+            handle.kv_slots.wipe(slot)
             seq.reused = seq.fed = 0
             seq.prompt_scores.append(Token(self.piece_text(prompt[0])))
         seq.grammar_since = time.monotonic()
@@ -204,12 +128,12 @@ class LlamaCppBatch(DecodeBatch):
             seq.grammar.add_done_callback(free_sampler)  # compiled for nobody: free it when done
         seq.sampler.close()
         # The slot keeps what its KV holds (prompt and output so far) for the next request.
-        self._backend.slots.release(seq.slot)
+        self._handle.kv_slots.release(seq.slot)
 
     def close(self) -> None:
         for seq in list(self._sequences.values()):
             self._leave(seq)
-            self._backend.slots.drop(seq.slot)
+            self._handle.kv_slots.drop(seq.slot)
         self._sequences.clear()
 
     def pending(self, key: int) -> bool:
@@ -233,10 +157,10 @@ class LlamaCppBatch(DecodeBatch):
         for seq in sequences:
             if n >= self._capacity:
                 break
-            prompt = seq.completion.prompt
+            prompt = seq.state.prompt
             if seq.next_token is not None or seq.grammar is not None or seq.fed >= len(prompt):
                 continue
-            every = seq.completion.request.prompt_logprobs
+            every = seq.state.request.prompt_logprobs
             room = min(self._capacity - n, PROMPT_SCORE_CHUNK) if every else self._capacity - n
             take = min(room, len(prompt) - seq.fed)
             last = seq.fed + take == len(prompt)
@@ -256,9 +180,9 @@ class LlamaCppBatch(DecodeBatch):
             if seq.next_token is not None:
                 seq.slot.tokens.append(seq.next_token)
         for seq, start, take in chunks:
-            if seq.completion.request.prompt_logprobs:
+            if seq.state.request.prompt_logprobs:
                 self._score_prompt(seq, start, take)
-            seq.slot.tokens.extend(seq.completion.prompt[seq.fed : seq.fed + take])
+            seq.slot.tokens.extend(seq.state.prompt[seq.fed : seq.fed + take])
             seq.fed += take
         for index, seq in outputs:
             out.append((seq.key, self._sample(seq, index)))
@@ -280,12 +204,12 @@ class LlamaCppBatch(DecodeBatch):
         self._last_ran[self._group] = next(self._clock)
         if len(self._last_ran) > 4 * len(groups) + 8:  # forget groups long gone
             self._last_ran = {g: self._last_ran[g] for g in groups if g in self._last_ran}
-        self._backend.adapters.apply(self._ctx, self._group)
+        self._handle.adapters.apply(self._ctx, self._group)
         return [s for s in ready if s.adapter == self._group]
 
     def _score_prompt(self, seq: _Sequence, start: int, take: int) -> None:
         """Each position's logits score the prompt token after it."""
-        prompt, top = seq.completion.prompt, seq.completion.request.top_logprobs
+        prompt, top = seq.state.prompt, seq.state.request.top_logprobs
         for j in range(take):
             at = seq.fed + j + 1
             if at < len(prompt):
@@ -303,11 +227,11 @@ class LlamaCppBatch(DecodeBatch):
             self._finish(seq)
             return None
         seq.count += 1
-        request = seq.completion.request
+        request = seq.state.request
         # A grammar that would now accept the end of generation has produced a complete value.
-        eos = self._backend.eos
+        eos = self._handle.eos
         final = request.response_format is not None and eos >= 0 and seq.sampler.allows(eos)
-        done = final or seq.count >= seq.completion.max_tokens
+        done = final or seq.count >= seq.state.max_tokens
         chosen: TokenLogprob | None = None
         top: tuple[TokenLogprob, ...] = ()
         if request.logprobs:

@@ -1,0 +1,307 @@
+"""`MlxBackend`: loads an mlx-lm model, tokenizes, renders chat, and decodes one request at a time
+with `generate_step` (several together go through `batch`), both around the prefix cache."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlx.core as mx
+from jinja2 import TemplateError
+from mlx_lm import load as mlx_load
+from mlx_lm.generate import generate_step, wired_limit
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.utils import _download
+
+from backends.base import (
+    RESERVED_TEMPLATE_NAMES,
+    AdapterInfo,
+    Backend,
+    DecodeBatch,
+    EngineInfo,
+    GenerationRequest,
+    Token,
+)
+from backends.mlx.adapters import LoraAdapters
+from backends.mlx.batch import ENGINE, MlxBatch, ModelHandle
+from backends.mlx.prefix_cache import PrefixCache
+from backends.mlx.sampling import GrammarCompiler, TextStream, sampler, score_prompt, scores
+from backends.reasoning import ReasoningFormat
+from backends.tools import fold_tools, template_messages, template_takes_tools, tool_format
+from kernel.errors import InvalidRequestError, ModelUnavailableError, engine_errors
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
+
+    from kernel.config import TierSettings
+
+log = logging.getLogger(__name__)
+
+
+class MlxBackend(Backend):
+    """An mlx-lm model folder or hub repo id. Not thread-safe: one worker per instance."""
+
+    name = "mlx"
+
+    def __init__(self, tier: TierSettings, model_path: str) -> None:
+        self.tier = tier
+        self.model_path = model_path
+        self._model: Any = None
+        self._tokenizer: Any = None  # mlx_lm TokenizerWrapper (untyped)
+        self._eos: frozenset[int] = frozenset()
+        self._reasoning: ReasoningFormat | None = None
+        self._grammars: GrammarCompiler | None = None
+        self.prefix_cache = PrefixCache(tier.prefix_cache_entries)
+        self._adapters = LoraAdapters(tier.prefix_cache_entries)
+        self._local = Path(model_path)  # the model folder, once load() resolved it
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def load(self) -> None:
+        if self._model is not None:
+            return
+        where = f"Tier {self.tier.name or '?'}: cannot load MLX model {self.model_path!r}"
+        source = self.model_path
+        if source.startswith(("/", ".", "~")) or source.count("/") > 1:
+            # A local path: say so plainly instead of letting it be tried as a hub repo id.
+            local = Path(source).expanduser()
+            if not local.is_dir():
+                raise ModelUnavailableError(f"{where}: no such folder")
+            source = str(local)
+        try:
+            self._local = _download(source)  # the folder (a hub id resolves to its cached copy)
+            model, tokenizer = mlx_load(str(self._local))[:2]
+        except Exception as exc:
+            # Loading fails in many library-specific ways (missing files, hub errors, unknown
+            # architectures); to a client they all mean "this model cannot be served".
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelUnavailableError(f"{where}: {reason}") from exc
+        eos = set(tokenizer.eos_token_ids)
+        if tokenizer.eos_token_id is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        self._model, self._tokenizer, self._eos = model, tokenizer, frozenset(eos)
+        self._grammars = GrammarCompiler(tokenizer, self._eos)
+        self._reasoning = self.probe_reasoning(self._template_source(), self.tier.reasoning_parser)
+        # BatchGenerator merges per-sequence caches; models whose caches cannot merge (some
+        # state-space layers) decode one request at a time, as mlx_lm.server does.
+        batchable = all(hasattr(c, "merge") for c in make_prompt_cache(model))
+        self.max_batch_size = self.tier.max_batch if batchable else 1
+        if not batchable and self.tier.max_batch > 1:
+            log.info("Tier %s: this model's KV cache cannot be batched; one request at a time", self.tier.name)
+
+    def close(self) -> None:
+        self.prefix_cache.clear()
+        self._adapters.clear()
+        self._model = self._tokenizer = self._grammars = None
+        mx.clear_cache()
+
+    def reset_prefix_cache(self) -> None:
+        self.prefix_cache.clear()
+        self._adapters.reset_prefix_caches()
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            engine=ENGINE,
+            device=mx.default_device().type.name,
+            context_length=self.tier.n_ctx,
+            extras={
+                "model_path": self.model_path,
+                "prefix_cache_entries": self.prefix_cache.capacity,
+                "structured_output": "llguidance",
+                "max_batch": self.max_batch_size,
+            },
+            vocab_size=self._tokenizer.vocab_size if self._tokenizer is not None else 0,
+            tool_format=tool_format(self._template_source(), self.tier.tool_parser),
+            reasoning=self._reasoning,
+        )
+
+    def _template_source(self) -> str | None:
+        template = self.tier.chat_template
+        return template or (getattr(self._tokenizer, "chat_template", None) if self._tokenizer else None)
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Every token that ends generation (config.json and generation_config.json)."""
+        return self._eos
+
+    # -- prompts ---------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        tokenizer = self._require()[1]
+        bos = tokenizer.bos_token
+        add_special = bos is None or not text.startswith(bos)
+        with engine_errors(ENGINE):
+            return [int(t) for t in tokenizer.encode(text, add_special_tokens=add_special)]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        tokenizer = self._require()[1]
+        with engine_errors(ENGINE):
+            return str(tokenizer.decode(list(tokens), skip_special_tokens=False))
+
+    def render_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        variables: Mapping[str, Any] | None = None,
+    ) -> str:
+        tokenizer = self._require()[1]
+        template = self.tier.chat_template
+        if template is None and not tokenizer.chat_template:
+            raise InvalidRequestError(
+                f"The model {self.model_path!r} has no chat template and none is configured "
+                f"(set {(self.tier.name or 'TIER').upper()}_CHAT_TEMPLATE), so chat messages "
+                "cannot be formatted; use /v1/completions with a raw prompt instead.",
+                param="messages",
+            )
+        extra = {k: v for k, v in (variables or {}).items() if k not in RESERVED_TEMPLATE_NAMES}
+        if template is not None:
+            extra["chat_template"] = template
+        if not template_takes_tools(self._template_source()):
+            messages, tools = fold_tools(messages, tools or ()), None
+        if tools:
+            extra["tools"] = list(tools)
+        # mlx-lm's wrapper sets `enable_thinking` to whether the vocabulary has thinking tokens when
+        # the request leaves it unset; the template's own default is what an unset switch means
+        # here (as on llama.cpp), so a plain Hugging Face tokenizer renders without the wrapper.
+        render = tokenizer.apply_chat_template
+        hf = getattr(tokenizer, "_tokenizer", None)
+        if getattr(tokenizer, "_chat_template", None) is None and hf is not None:
+            render, extra["return_dict"] = hf.apply_chat_template, False
+        try:
+            with engine_errors(ENGINE):
+                text = render(template_messages(messages), add_generation_prompt=True, tokenize=False, **extra)
+        except TemplateError as exc:
+            # Templates reject bad conversations themselves (e.g. roles that do not alternate).
+            message = f"The chat template rejected the messages: {exc}"
+            raise InvalidRequestError(message, param="messages") from exc
+        return str(text)
+
+    # -- LoRA adapters ---------------------------------------------------------------------
+
+    def load_adapter(self, name: str, path: str) -> AdapterInfo:
+        """An mlx-lm adapter folder on a copy of the model's modules sharing its weights (`adapters`)."""
+        return self._adapters.load(self._require()[0], self._local, name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        self._adapters.unload(name)
+
+    def adapter_names(self) -> list[str]:
+        return self._adapters.names()
+
+    # -- generation ------------------------------------------------------------------------
+
+    def decode(
+        self, prompt: list[int], request: GenerationRequest, max_tokens: int, cancel: threading.Event | None = None
+    ) -> Iterator[Token]:
+        handle = self._handle()
+        model, prefix_cache = handle.model_for(request.adapter)
+        # Checked before the first token, so a bad schema is a 400 and not a broken stream.
+        matcher = handle.grammars.matcher(request.response_format) if request.response_format else None
+        return _generate(handle, model, prefix_cache, list(prompt), request, max_tokens, matcher, cancel)
+
+    def open_batch(self) -> DecodeBatch:
+        return MlxBatch(self._handle())
+
+    def _handle(self) -> ModelHandle:
+        model, tokenizer = self._require()
+        assert self._grammars is not None  # made with the model
+        return ModelHandle(
+            model,
+            tokenizer,
+            self.prefix_cache,
+            self._adapters,
+            self._grammars,
+            self._eos,
+            self.max_batch_size,
+            self.tier.n_batch,
+            self.thinking_budget,
+        )
+
+    def _require(self) -> tuple[Any, Any]:
+        if self._model is None:
+            raise ModelUnavailableError(f"The MLX model {self.model_path!r} is not loaded.")
+        return self._model, self._tokenizer
+
+
+def _generate(
+    handle: ModelHandle,
+    model: Any,
+    prefix_cache: PrefixCache,
+    prompt: list[int],
+    request: GenerationRequest,
+    max_tokens: int,
+    matcher: LLMatcher | None,
+    cancel: threading.Event | None,
+) -> Iterator[Token]:
+    """One request with mlx-lm's `generate_step`, from and back into the prefix cache."""
+    if max_tokens <= 0:
+        return
+    tokenizer = handle.tokenizer
+    cache, reused = prefix_cache.fetch(prompt)
+    if cache is None:
+        cache = make_prompt_cache(model)
+    processors = handle.processors(prompt[:reused], request, prompt, matcher)
+    scored_prompt = score_prompt(model, tokenizer, prompt, request) if request.prompt_logprobs else ()
+    text = TextStream(tokenizer, prompt)
+    generated: list[int] = []
+    eos: list[int] = []  # the end-of-generation token, once the model emits it
+    prefilled = [0]  # prompt tokens after the reused ones that are in the cache so far
+    kept: list[int] | None = None  # the tokens the cache holds, when it is worth keeping
+
+    def on_prefill(done: int, total: int) -> None:
+        if done < total:  # the last call comes after the first token: the loop handles that
+            prefilled[0] = done
+            if cancel is not None and cancel.is_set():
+                raise _Cancelled
+
+    with engine_errors(ENGINE), wired_limit(model):
+        steps = generate_step(
+            mx.array(prompt[reused:]),
+            model,
+            max_tokens=max_tokens,
+            sampler=sampler(request),
+            logits_processors=processors,
+            prompt_cache=cache,
+            prefill_step_size=handle.prefill_step,
+            prompt_progress_callback=on_prefill,
+        )
+        try:
+            for step, logprobs in steps:
+                token = int(step)  # annotated as an array; generate_step yields a plain int
+                if token in handle.eos:
+                    eos.append(token)
+                    break
+                generated.append(token)
+                final = matcher is not None and matcher.is_stopped()
+                done = len(generated) == max_tokens or final
+                first = len(generated) == 1
+                chosen, top = scores(tokenizer, logprobs, token, request) if request.logprobs else (None, ())
+                yield Token(
+                    text.add(token, final=done),
+                    cached_tokens=reused if first else 0,
+                    final=final,
+                    logprob=chosen,
+                    top_logprobs=top,
+                    prompt=scored_prompt if first else (),
+                )
+                if done:
+                    break
+            # generate_step feeds each token to the model before yielding it, so the
+            # cache now holds the prompt, every yielded token and the EOS if we saw it.
+            kept = prompt + generated + eos
+        except GeneratorExit:
+            kept = prompt + generated + eos  # the client went away; the cache is consistent
+            raise
+        except _Cancelled:
+            kept = prompt[: reused + prefilled[0]]  # cancelled mid-prompt: a retry resumes here
+        finally:
+            steps.close()
+            if kept is not None:
+                prefix_cache.store(kept, cache)
+
+
+class _Cancelled(Exception):
+    """Raised from the prompt-progress callback once the request's cancel event is set."""

@@ -1,0 +1,183 @@
+"""Continuous batching for the MLX engine, on mlx-lm's `BatchGenerator`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from mlx_lm.generate import BatchGenerator
+
+from backends.base import DecodeBatch, DecodeState, GenerationRequest, Token
+from backends.mlx.adapters import LoraAdapters
+from backends.mlx.prefix_cache import PrefixCache
+from backends.mlx.sampling import (
+    GrammarCompiler,
+    LogitsProcessor,
+    TextStream,
+    ThinkingForce,
+    logits_processors,
+    sampler,
+    score_prompt,
+    scores,
+)
+from backends.reasoning import ThinkingBudget
+from kernel.errors import AdapterNotFoundError, LLMServiceError, engine_errors
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
+
+ENGINE = "mlx"  # how engine_errors names the library
+
+
+@dataclass(frozen=True, slots=True)
+class ModelHandle:
+    """What decoding needs of the loaded model: its modules, tokenizer, caches and helpers.
+
+    The backend hands this over rather than itself, so the batch never reaches back into its owner.
+    """
+
+    model: Any  # the base model's modules
+    tokenizer: Any  # mlx_lm TokenizerWrapper (untyped)
+    prefix_cache: PrefixCache  # the base model's
+    adapters: LoraAdapters
+    grammars: GrammarCompiler
+    eos: frozenset[int]
+    max_batch: int
+    prefill_step: int  # prompt tokens per forward pass (N_BATCH)
+    thinking_budget: Callable[[Sequence[int], GenerationRequest], ThinkingBudget | None]
+
+    def model_for(self, adapter: str | None) -> tuple[Any, PrefixCache]:
+        """The modules a request runs on and the prefix cache of KV they computed (an adapter
+        changes every K and V, so KV is reused only within one adapter)."""
+        if adapter is None:
+            return self.model, self.prefix_cache
+        found = self.adapters.get(adapter)
+        if found is None:
+            raise AdapterNotFoundError(adapter, "this model", self.adapters.names())
+        return found
+
+    def processors(
+        self, history: list[int], request: GenerationRequest, prompt: list[int], matcher: LLMatcher | None
+    ) -> list[LogitsProcessor]:
+        """The request's logits processors (`history`: the cached prompt tokens the penalties see),
+        with its thinking budget's where it has one to enforce."""
+        processors = logits_processors(history, request, self.grammars.mask(matcher) if matcher is not None else None)
+        budget = self.thinking_budget(prompt, request)
+        return processors if budget is None else [*processors, ThinkingForce(budget, self.tokenizer)]
+
+
+@dataclass(slots=True)
+class _Sequence:
+    """A request inside an `MlxBatch`."""
+
+    key: int
+    reused: int  # prompt tokens taken from the prefix cache
+    text: TextStream
+    matcher: LLMatcher | None
+    request: GenerationRequest
+    count: int = 0
+    prompt: tuple[Token, ...] = ()  # the prompt's scores, with prompt_logprobs
+
+
+class MlxBatch(DecodeBatch):
+    """Continuous batching on mlx-lm's `BatchGenerator`, with our prefix cache around it.
+
+    A sequence starts from the prefix cache's best entry (BatchGenerator merges per-sequence
+    caches, left-padding the shorter ones) and its cache goes back to the prefix cache when it
+    ends or is removed, exactly as on the single-request path. Each sequence has its own sampler
+    and logits processors (repetition penalty, the llguidance mask); BatchGenerator hands each
+    processor the sequence's whole token history, so no cached-tail adapter is needed here.
+    """
+
+    def __init__(self, handle: ModelHandle) -> None:
+        self._handle = handle
+        self._tokenizer = handle.tokenizer
+        # One BatchGenerator per adapter (None: the base model): a LoRA adapter is its own set of
+        # modules, so requests of one adapter decode together and each group steps in turn.
+        self._gens: dict[str | None, Any] = {}
+        self._sequences: dict[tuple[str | None, int], _Sequence] = {}  # by (adapter, generator uid)
+        self._uids: dict[int, tuple[str | None, int]] = {}  # our key -> (adapter, uid)
+
+    def _gen(self, adapter: str | None) -> Any:
+        gen = self._gens.get(adapter)
+        if gen is None:
+            handle, size = self._handle, self._handle.max_batch
+            gen = self._gens[adapter] = BatchGenerator(  # untyped
+                handle.model_for(adapter)[0],
+                stop_tokens=[[t] for t in sorted(handle.eos)],
+                completion_batch_size=size,
+                prefill_batch_size=size,
+                prefill_step_size=handle.prefill_step,
+            )
+        return gen
+
+    def add(self, key: int, state: DecodeState) -> None:
+        handle, prompt, request = self._handle, state.prompt, state.request
+        model, prefix_cache = handle.model_for(request.adapter)
+        matcher = handle.grammars.matcher(request.response_format) if request.response_format else None
+        cache, reused = prefix_cache.fetch(prompt)
+        with engine_errors(ENGINE):
+            (uid,) = self._gen(request.adapter).insert(
+                [prompt[reused:]],
+                max_tokens=[state.max_tokens],
+                caches=[cache],  # None: BatchGenerator makes a fresh one
+                all_tokens=[prompt[:reused]],
+                samplers=[sampler(request)],
+                logits_processors=[handle.processors([], request, prompt, matcher)],
+            )
+        seq = _Sequence(key, reused, TextStream(self._tokenizer, prompt), matcher, request)
+        if request.prompt_logprobs:
+            seq.prompt = score_prompt(model, self._tokenizer, prompt, request)
+        self._sequences[request.adapter, uid] = seq
+        self._uids[key] = (request.adapter, uid)
+
+    def step(self) -> list[tuple[int, Token | LLMServiceError | None]]:
+        out: list[tuple[int, Token | LLMServiceError | None]] = []
+        for adapter in {adapter for adapter, _ in self._sequences}:
+            with engine_errors(ENGINE):
+                _, responses = self._gens[adapter].next()
+            for r in responses:
+                seq = self._sequences.get((adapter, r.uid))
+                if seq is None:
+                    continue
+                out.append((seq.key, self._token(seq, r)))
+                if r.finish_reason is not None:
+                    # Like generate_step, the batch fed this token to the model before returning it:
+                    # the cache holds the prompt and every token returned, EOS included.
+                    self._forget(adapter, r.uid, r.all_tokens, r.prompt_cache)
+        return out
+
+    def _token(self, seq: _Sequence, r: Any) -> Token | None:
+        if r.finish_reason == "stop":  # an end-of-generation token: neither shown nor counted
+            return None
+        seq.count += 1
+        final = seq.matcher is not None and seq.matcher.is_stopped()
+        text = seq.text.add(int(r.token), final=final or r.finish_reason == "length")
+        request = seq.request
+        scored = scores(self._tokenizer, r.logprobs, int(r.token), request) if request.logprobs else (None, ())
+        first = seq.count == 1
+        return Token(text, seq.reused if first else 0, final, scored[0], scored[1], seq.prompt if first else ())
+
+    def remove(self, key: int) -> None:
+        found = self._uids.get(key)
+        if found is None:
+            return
+        adapter, uid = found
+        with engine_errors(ENGINE):
+            caches = self._gens[adapter].remove([uid], return_prompt_caches=True)
+        cache, tokens = caches.get(uid, (None, None))
+        self._forget(adapter, uid, tokens, cache)
+
+    def _forget(self, adapter: str | None, uid: int, tokens: list[int] | None, cache: list[Any] | None) -> None:
+        seq = self._sequences.pop((adapter, uid))
+        del self._uids[seq.key]
+        if tokens and cache is not None and (adapter is None or adapter in self._handle.adapters.names()):
+            self._handle.model_for(adapter)[1].store(list(tokens), cache)
+
+    def close(self) -> None:
+        self._sequences.clear()
+        self._uids.clear()
+        for gen in self._gens.values():
+            gen.close()
+        self._gens.clear()
