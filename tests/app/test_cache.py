@@ -1,6 +1,6 @@
 """The response cache over HTTP on the fake engines: hits and misses, streams replayed, TTL,
 LRU, persistence, clearing, embeddings and rerank. What needs a real model (llama.cpp's prefix
-cache, a real model's cached answer) is in tests/api/test_cache.py."""
+cache, a real model's cached answer) is in tests/api/test_cache_real_model.py."""
 
 from __future__ import annotations
 

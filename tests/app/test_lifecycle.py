@@ -1,7 +1,7 @@
 """Model lifecycle over HTTP on the fake engines: lazy load, keep-alive, pinning, admin
 load/unload, failed tiers, load by path. Streams run on a real socket (`live_server`): a test reads
 a stream while it unloads or waits. A real GGUF loaded by path and a broken GGUF refused by
-llama.cpp are in tests/api/test_lifecycle.py."""
+llama.cpp are in tests/api/test_lifecycle_real_model.py."""
 
 from __future__ import annotations
 
