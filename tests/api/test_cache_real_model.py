@@ -17,13 +17,10 @@ MSG = [{"role": "user", "content": "Tell me about cats."}]
 CHAT = {"model": "light", "messages": MSG, "max_tokens": 12, "temperature": 0}
 
 
-def env(gguf: str, **extra: str) -> dict[str, str]:
-    return {"LIGHT_MODEL_PATH": gguf, "LIGHT_N_CTX": "512", "ENABLE_CACHE": "true", **extra}
-
-
 @pytest.fixture(scope="module")
 def server(gemma_gguf: str) -> Iterator[LiveServer]:
-    with live_server(env(gemma_gguf), wait_for=("light",)) as live:
+    env = {"LIGHT_MODEL_PATH": gemma_gguf, "LIGHT_N_CTX": "512", "ENABLE_CACHE": "true"}
+    with live_server(env, wait_for=("light",)) as live:
         yield live
 
 
