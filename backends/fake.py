@@ -15,6 +15,7 @@ from typing import Any
 
 from backends.base import Backend, EngineInfo, GenerationRequest, Token
 from kernel.config import TierSettings
+from kernel.errors import ModelUnavailableError
 
 BOS, EOS = 256, 257
 
@@ -33,15 +34,25 @@ class FakeBackend(Backend):
         *,
         reply: Callable[[str], str] = echo_last_line,
         token_seconds: float = 0.0,
+        load_seconds: float = 0.0,
+        fails_to_load: Callable[[str], bool] | None = None,
     ) -> None:
-        """`reply`: the answer to a prompt's text; `token_seconds`: time spent on each token."""
+        """`reply`: the answer to a prompt's text; `token_seconds`: time spent on each token;
+        `load_seconds`: time a load takes; `fails_to_load(model_path)`: True for a model that cannot
+        load, as a corrupt file does with a real engine."""
         self.tier = tier
         self.model_path = model_path
         self.reply = reply
         self.token_seconds = token_seconds
+        self.load_seconds = load_seconds
+        self.fails_to_load = fails_to_load
         self.loaded = False
 
     def load(self) -> None:
+        if self.load_seconds:
+            time.sleep(self.load_seconds)
+        if self.fails_to_load is not None and self.fails_to_load(self.model_path):
+            raise ModelUnavailableError(f"Cannot load {self.model_path}: not a model")
         self.loaded = True
 
     def info(self) -> EngineInfo:

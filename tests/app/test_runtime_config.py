@@ -1,5 +1,5 @@
-"""GET/PATCH /v1/config on a real server with the real Gemma: changes checked as `.env` values are,
-applied to the next requests, and written back to `.env` line by line when asked."""
+"""GET/PATCH /v1/config on a real server (uvicorn, on the fake engines): changes checked as `.env`
+values are, applied to the next requests, and written back to `.env` line by line when asked."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from service.settings import load_settings
+from service.testing import fake_engines
 from tests.live import LiveServer, error_of, live_server
 
 USER, ADMIN = "sk-user-cfg", "sk-admin-cfg"
@@ -31,10 +32,10 @@ def env_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(gemma_gguf: str, env_file: Path) -> Iterator[LiveServer]:
-    env = {"LIGHT_MODEL_PATH": gemma_gguf, "LIGHT_N_CTX": "512", "LIGHT_TEMPERATURE": "0",
+def server(env_file: Path) -> Iterator[LiveServer]:
+    env = {"LIGHT_MODEL_PATH": "fake/light", "LIGHT_N_CTX": "512", "LIGHT_TEMPERATURE": "0",
            "API_KEYS": USER, "ADMIN_API_KEYS": ADMIN, "LIGHT_N_THREADS": "1"}  # fmt: skip
-    with live_server(env, wait_for=("light",), env_file=env_file) as live:
+    with live_server(env, wait_for=("light",), env_file=env_file, engines=fake_engines()) as live:
         yield live
 
 
@@ -152,9 +153,9 @@ def test_persist_edits_only_the_changed_lines(server: LiveServer, env_file: Path
     assert (slot.settings.temperature, slot.settings.top_p) == (0.25, 0.5)
 
 
-def test_persist_without_an_env_file_is_refused(gemma_gguf: str) -> None:
-    env = {"LIGHT_MODEL_PATH": gemma_gguf, "LIGHT_PRELOAD": "false"}
-    with live_server(env) as live, live.client() as http:
+def test_persist_without_an_env_file_is_refused() -> None:
+    env = {"LIGHT_MODEL_PATH": "fake/light", "LIGHT_PRELOAD": "false"}
+    with live_server(env, engines=fake_engines()) as live, live.client() as http:
         error = error_of(patch(http, {"tiers": {"light": {"top_k": 5}}, "persist": True}, {}), 400)
         assert error["param"] == "persist"
         assert live.app.state.registry.slots["light"].settings.top_k == 40  # refused as a whole
