@@ -439,18 +439,20 @@ class _ResponseStream:
         """A tool call as an item added, its arguments (or freeform input) in one delta, done."""
         index, item = len(self.output), self.out.tools.item(call)
         self.output.append(item)
-        opened: OutputItem = msgspec.structs.replace(item, status="in_progress")
-        body: list[ResponseEvent] = []
         if isinstance(item, OutputFunctionCall):
-            opened = msgspec.structs.replace(item, arguments="", status="in_progress")
-            body = [
+            opened = OutputItemAdded(
+                self._next(), index, msgspec.structs.replace(item, arguments="", status="in_progress")
+            )
+            body: list[ResponseEvent] = [
                 ArgumentsDelta(self._next(), item.id, index, item.arguments),
                 ArgumentsDone(self._next(), item.id, index, item.name, item.arguments),
             ]
         elif isinstance(item, OutputCustomToolCall):
-            opened = msgspec.structs.replace(item, input="", status="in_progress")
+            opened = OutputItemAdded(self._next(), index, msgspec.structs.replace(item, input="", status="in_progress"))
             body = [
                 CustomInputDelta(self._next(), item.id, index, item.input),
                 CustomInputDone(self._next(), item.id, index, item.input),
             ]
-        return [OutputItemAdded(self._next(), index, opened), *body, OutputItemDone(self._next(), index, item)]
+        else:
+            opened, body = OutputItemAdded(self._next(), index, msgspec.structs.replace(item, status="in_progress")), []
+        return [opened, *body, OutputItemDone(self._next(), index, item)]
