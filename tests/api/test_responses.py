@@ -302,6 +302,13 @@ def test_calls_come_back_as_the_items_codex_expects(fake: TestClient, stream: bo
         assert item.items() <= output[0].items()
 
 
+def test_streamed_events_are_numbered_in_the_order_they_are_sent(fake: TestClient) -> None:  # type: ignore[type-arg]
+    tools = [*CODEX_TOOLS, {"type": "local_shell"}]
+    for cue in ("run ls", "patch it", "list here", "think first"):
+        events = _events(fake, input=cue, tools=tools, **CODEX_FIELDS)
+        assert [e["sequence_number"] for e in events] == list(range(len(events))), cue
+
+
 def test_local_shell_call(fake: TestClient) -> None:  # type: ignore[type-arg]
     tools = [{"type": "local_shell"}, {"type": "file_search", "vector_store_ids": ["vs_1"]}]
     output = _create(fake, input="list here", tools=tools)["output"]
