@@ -43,6 +43,8 @@ from service.runtime_config import RuntimeConfig
 from service.schemas.common import UNKNOWN_FIELD, decode_strict, unknown_field_error
 from service.security import Security, cors_config
 from service.serving.dispatch import Dispatcher
+from service.serving.embeddings import Embeddings
+from service.serving.rerank import Rerank
 from service.serving.response_store import ResponseStore
 from service.settings import Settings, load_settings
 from service.tiers.families import EngineFactories
@@ -87,8 +89,10 @@ def create_app(
     security = Security.from_settings(settings)
     dispatch = Dispatcher(registry, cache, settings)
     config = RuntimeConfig(settings, registry, lifecycle, security, env_file)
-    collections = Collections(settings, registry)
-    batches = BatchJobs(settings, registry, dispatch, to_service_error)
+    embeddings = Embeddings(registry, cache)
+    reranker = Rerank(registry, cache)
+    collections = Collections(settings, registry, embeddings, reranker)
+    batches = BatchJobs(settings, registry, dispatch, embeddings, to_service_error)
     responses = ResponseStore(
         Path(settings.batch_dir).expanduser() / "responses",
         max_stored=settings.responses_max_stored,
@@ -143,6 +147,8 @@ def create_app(
             "telemetry": Provide(lambda: telemetry, use_cache=True, sync_to_thread=False),
             "lifecycle": Provide(lambda: lifecycle, use_cache=True, sync_to_thread=False),
             "dispatch": Provide(lambda: dispatch, use_cache=True, sync_to_thread=False),
+            "embeddings": Provide(lambda: embeddings, use_cache=True, sync_to_thread=False),
+            "reranker": Provide(lambda: reranker, use_cache=True, sync_to_thread=False),
             "config": Provide(lambda: config, use_cache=True, sync_to_thread=False),
             "security": Provide(lambda: security, use_cache=True, sync_to_thread=False),
             "batches": Provide(lambda: batches, use_cache=True, sync_to_thread=False),

@@ -1,4 +1,5 @@
-"""RAG collections, between the /v1/collections controllers and the registry and vector store.
+"""RAG collections, between the /v1/collections controllers and the embedding and rerank serving
+objects and vector store.
 
 Adding documents chunks them (`service.jobs.chunking`), embeds the chunks on the embedding tier and
 stores them. A query embeds the question on the same tier, takes the best chunks from the store
@@ -20,7 +21,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from embedders.base import EmbeddingBatch, EmbeddingRequest
 from kernel.errors import ConflictError, InvalidRequestError, NotFoundError
 from service.jobs.chunking import chunk_text
 from service.schemas.chat import ChatMessage
@@ -37,9 +37,9 @@ from service.schemas.collections import (
     Usage,
 )
 from service.security import check_batch_size
-from service.serving.input_limits import clip_texts
+from service.serving.embeddings import Embeddings
+from service.serving.rerank import Rerank
 from service.settings import Settings
-from service.tiers.families import EMBEDDING, RERANK
 from service.tiers.registry import Registry
 from service.tiers.slots import TierSlot, TierState
 from stores.base import CollectionInfo, Hit, StoredChunk, VectorStore, check_collection_name
@@ -50,9 +50,11 @@ _MAX_CANDIDATES = 100  # chunks a reranker scores per query: 4 x top_k, at least
 
 
 class Collections:
-    def __init__(self, settings: Settings, registry: Registry) -> None:
+    def __init__(self, settings: Settings, registry: Registry, embeddings: Embeddings, rerank: Rerank) -> None:
         self._settings = settings
         self._registry = registry
+        self._embeddings = embeddings
+        self._rerank = rerank
         self._store: VectorStore | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="collections")
 
@@ -133,11 +135,6 @@ class Collections:
             )
         return slot
 
-    async def _embed(self, slot: TierSlot, texts: list[str], sparse: bool) -> EmbeddingBatch:
-        # The model truncates long inputs anyway: cut them first, so tokenising cannot hold the tier.
-        clipped = clip_texts(texts, slot.context_length or slot.settings.n_ctx)
-        return await EMBEDDING.embed(slot, EmbeddingRequest(clipped, dense=True, sparse=sparse))
-
     # -- documents -------------------------------------------------------------------------
     async def add(self, name: str, data: DocumentsAdd) -> DocumentsAdded:
         check_batch_size(len(data.documents), self._settings, param="documents")
@@ -167,7 +164,7 @@ class Collections:
                 raise InvalidRequestError(f"Document {i} has no text", param=f"documents[{i}].text")
         slot = await self._embedder(info)
         hybrid = bool(info.config["hybrid"])
-        batch = await self._embed(slot, [c for chunks in pieces for c in chunks], hybrid)
+        batch = await self._embeddings.embed(slot, [c for chunks in pieces for c in chunks], sparse=hybrid)
         created = int(time.time())
         stored: list[StoredChunk] = []
         added: list[Document] = []
@@ -207,7 +204,7 @@ class Collections:
         info = await self._info(name)
         slot = await self._embedder(info)
         hybrid = bool(info.config["hybrid"])
-        batch = await self._embed(slot, [question], hybrid)
+        batch = await self._embeddings.embed(slot, [question], sparse=hybrid)
         embedded = time.perf_counter()
         out = batch.outputs[0]
         assert out.dense is not None
@@ -224,8 +221,8 @@ class Collections:
         scored = [(hit, hit.score) for hit in hits[: options.top_k]]
         if rerank and hits:
             reranker = await self._registry.tier_for("reranker", "reranker")
-            query, *texts = clip_texts([question, *(h.text for h in hits)], reranker.context_length or 512)
-            results, used = await RERANK.rerank(reranker, query, texts, options.top_k, normalize=True)
+            texts = [h.text for h in hits]
+            results, used = await self._rerank.scores(reranker, question, texts, options.top_k, normalize=True)
             scored = [(hits[r.index], r.score) for r in results]
             tokens += used
         done = time.perf_counter()
