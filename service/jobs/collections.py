@@ -23,7 +23,6 @@ from typing import Any, TypeVar
 
 from kernel.errors import ConflictError, InvalidRequestError, NotFoundError
 from service.jobs.chunking import chunk_text
-from service.schemas.chat import ChatMessage
 from service.schemas.collections import (
     Collection,
     CollectionCreate,
@@ -255,29 +254,6 @@ class Collections:
             f"the reranker tier scores with the {embedder.name} tier's model, which retrieved these chunks by the"
             " same similarity: reranking cannot change their order (configure a cross-encoder RERANKER_MODEL_PATH)"
         )
-
-
-def with_context(messages: list[ChatMessage], sources: list[Source]) -> list[ChatMessage]:
-    """The conversation with its last user message wrapped in the retrieved passages. In that turn,
-    not in a system message: small models (Gemma 3 270M) answer from passages put before the
-    question, and repeat the instructions when they come as a system prompt."""
-    # Numbers only: each source's `citation` maps them to documents; Gemma 270M echoed prompts that named them.
-    passages = "\n\n".join(f"[{s.citation}] {s.text}" for s in sources)
-    last = max(i for i, m in enumerate(messages) if m.role == "user")
-    question = messages[last].text()
-    grounded = (
-        "Answer the question using the passages below; cite them like [1]. If they do not contain the answer,"
-        f" say you do not know.\n\nPassages:\n{passages or '(none found)'}\n\nQuestion: {question}"
-    )
-    return [*messages[:last], ChatMessage(role="user", content=grounded), *messages[last + 1 :]]
-
-
-def last_question(messages: list[ChatMessage]) -> str:
-    """What to retrieve for: the last user message (400 when there is none, or it is empty)."""
-    users = [m for m in messages if m.role == "user"]
-    if not users or not users[-1].text().strip():
-        raise InvalidRequestError("RAG needs a last user message to retrieve for", param="messages")
-    return users[-1].text()
 
 
 def _ms(seconds: float) -> float:
