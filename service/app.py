@@ -151,7 +151,9 @@ def create_app(
         ],
         dependencies={
             "registry": Provide(lambda: registry, use_cache=True, sync_to_thread=False),
+            "cache": Provide(lambda: cache, use_cache=True, sync_to_thread=False),
             "telemetry": Provide(lambda: telemetry, use_cache=True, sync_to_thread=False),
+            "lifecycle": Provide(lambda: lifecycle, use_cache=True, sync_to_thread=False),
             "dispatch": Provide(lambda: dispatch, use_cache=True, sync_to_thread=False),
             "embeddings": Provide(lambda: embeddings, use_cache=True, sync_to_thread=False),
             "reranker": Provide(lambda: reranker, use_cache=True, sync_to_thread=False),
