@@ -22,12 +22,13 @@ from kernel.errors import InvalidRequestError, LLMServiceError
 from service.cache import ResponseCache
 from service.controllers.adapters import AdaptersController
 from service.controllers.admin import AdminController
-from service.controllers.batches import BatchesController, FilesController
+from service.controllers.batches import BatchesController
 from service.controllers.chat import ChatController
-from service.controllers.collections import CollectionsController
+from service.controllers.collections import CollectionsController, DocumentsController
 from service.controllers.completions import CompletionsController
 from service.controllers.config import ConfigController
 from service.controllers.embeddings import EmbeddingsController
+from service.controllers.files import FilesController
 from service.controllers.messages import MessagesController
 from service.controllers.models import ModelsController, health
 from service.controllers.rerank import rerank
@@ -36,13 +37,18 @@ from service.controllers.tokenize import TokenizeController
 from service.controllers.ws import ws
 from service.jobs.batches import BatchJobs
 from service.jobs.collections import Collections
+from service.jobs.rag import RagChat
 from service.lifecycle import Lifecycle
 from service.metrics import RequestRecord, Telemetry, TelemetryMiddleware, request_record
 from service.openapi import openapi_config
 from service.runtime_config import RuntimeConfig
 from service.schemas.common import UNKNOWN_FIELD, decode_strict, unknown_field_error
 from service.security import Security, cors_config
+from service.serving.caches import Caches
 from service.serving.dispatch import Dispatcher
+from service.serving.embeddings import Embeddings
+from service.serving.models import Models
+from service.serving.rerank import Rerank
 from service.serving.response_store import ResponseStore
 from service.settings import Settings, load_settings
 from service.tiers.families import EngineFactories
@@ -87,8 +93,13 @@ def create_app(
     security = Security.from_settings(settings)
     dispatch = Dispatcher(registry, cache, settings)
     config = RuntimeConfig(settings, registry, lifecycle, security, env_file)
-    collections = Collections(settings, registry)
-    batches = BatchJobs(settings, registry, dispatch, to_service_error)
+    embeddings = Embeddings(registry, cache)
+    reranker = Rerank(registry, cache)
+    models = Models(registry, lifecycle)
+    caches = Caches(cache, registry, telemetry)
+    collections = Collections(settings, registry, embeddings, reranker)
+    rag = RagChat(collections, registry, dispatch)
+    batches = BatchJobs(settings, registry, dispatch, embeddings, to_service_error)
     responses = ResponseStore(
         Path(settings.batch_dir).expanduser() / "responses",
         max_stored=settings.responses_max_stored,
@@ -135,6 +146,7 @@ def create_app(
             BatchesController,
             ws,
             CollectionsController,
+            DocumentsController,
             health,
         ],
         dependencies={
@@ -143,12 +155,17 @@ def create_app(
             "telemetry": Provide(lambda: telemetry, use_cache=True, sync_to_thread=False),
             "lifecycle": Provide(lambda: lifecycle, use_cache=True, sync_to_thread=False),
             "dispatch": Provide(lambda: dispatch, use_cache=True, sync_to_thread=False),
+            "embeddings": Provide(lambda: embeddings, use_cache=True, sync_to_thread=False),
+            "reranker": Provide(lambda: reranker, use_cache=True, sync_to_thread=False),
+            "models": Provide(lambda: models, use_cache=True, sync_to_thread=False),
+            "caches": Provide(lambda: caches, use_cache=True, sync_to_thread=False),
             "config": Provide(lambda: config, use_cache=True, sync_to_thread=False),
             "security": Provide(lambda: security, use_cache=True, sync_to_thread=False),
             "batches": Provide(lambda: batches, use_cache=True, sync_to_thread=False),
             "responses": Provide(lambda: responses, use_cache=True, sync_to_thread=False),
             "errors": Provide(lambda: to_service_error, use_cache=True, sync_to_thread=False),
             "collections": Provide(lambda: collections, use_cache=True, sync_to_thread=False),
+            "rag": Provide(lambda: rag, use_cache=True, sync_to_thread=False),
             "record": Provide(_record, sync_to_thread=False),
         },
         guards=[security.guard],

@@ -9,15 +9,14 @@ Mutations are admin routes: they write to disk and change every client's answers
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
-import msgspec
 from litestar import Controller, delete, get, post
 from litestar.params import Parameter
 
-from service.jobs.collections import Collections, last_question, with_context
+from service.jobs.collections import Collections
+from service.jobs.rag import RagChat
 from service.metrics import RequestRecord
-from service.schemas.chat import ChatCompletion
 from service.schemas.collections import (
     Collection,
     CollectionCreate,
@@ -31,12 +30,9 @@ from service.schemas.collections import (
     RagChatCompletion,
     RagChatCompletionChunk,
     RagChatRequest,
-    Retrieval,
 )
-from service.serving.chat import serve_chat
 from service.serving.dispatch import Dispatcher
-from service.serving.streaming import EventStream
-from service.tiers.registry import Registry
+from service.serving.streaming import EventStream, Streamed
 
 # Every route reads the store (503 when it cannot) and names a collection (404) or may create one (409).
 _ERRORS = {"errors": (404, 409, 503)}
@@ -63,11 +59,31 @@ class CollectionsController(Controller):
         await collections.delete(name)
         return Deleted(id=name, object="collection.deleted")
 
-    @post("/{name:str}/documents", status_code=200, summary="Add documents (chunked and embedded)", opt=_ADMIN)
-    async def add_documents(self, name: str, data: DocumentsAdd, collections: Collections) -> DocumentsAdded:
+    @post("/{name:str}/query", status_code=200, summary="Retrieve the chunks most relevant to a query", opt=_ERRORS)
+    async def query(self, name: str, data: QueryRequest, collections: Collections) -> QueryResponse:
+        return await collections.query(name, data.query, data)
+
+    @post(
+        "/{name:str}/chat/completions",
+        status_code=200,
+        summary="Create a chat completion grounded in a collection (RAG)",
+        opt={"stream_events": RagChatCompletionChunk, **_ERRORS},
+    )
+    async def chat(
+        self, name: str, data: RagChatRequest, rag: RagChat, dispatch: Dispatcher, record: RequestRecord
+    ) -> RagChatCompletion | EventStream:
+        answer = await rag.create(name, data, record)
+        return EventStream(answer.events(dispatch.drain)) if isinstance(answer, Streamed) else answer
+
+
+class DocumentsController(Controller):
+    path = "/v1/collections/{name:str}/documents"
+
+    @post(status_code=200, summary="Add documents (chunked and embedded)", opt=_ADMIN)
+    async def add(self, name: str, data: DocumentsAdd, collections: Collections) -> DocumentsAdded:
         return await collections.add(name, data)
 
-    @get("/{name:str}/documents", summary="List a collection's documents", opt=_ERRORS)
+    @get(summary="List a collection's documents", opt=_ERRORS)
     async def list_documents(
         self,
         name: str,
@@ -80,46 +96,8 @@ class CollectionsController(Controller):
         return DocumentList(docs, more, first, last)
 
     # `path`: document ids may contain `/` (file paths); Litestar hands them over with a leading one.
-    @delete("/{name:str}/documents/{document_id:path}", status_code=200, summary="Delete a document", opt=_ADMIN)
-    async def remove_document(self, name: str, document_id: str, collections: Collections) -> Deleted:
+    @delete("/{document_id:path}", status_code=200, summary="Delete a document", opt=_ADMIN)
+    async def remove(self, name: str, document_id: str, collections: Collections) -> Deleted:
         document_id = document_id.removeprefix("/")
         chunks = await collections.delete_document(name, document_id)
         return Deleted(id=document_id, object="collection.document.deleted", chunks=chunks)
-
-    @post("/{name:str}/query", status_code=200, summary="Retrieve the chunks most relevant to a query", opt=_ERRORS)
-    async def query(self, name: str, data: QueryRequest, collections: Collections) -> QueryResponse:
-        return await collections.query(name, data.query, data)
-
-    @post(
-        "/{name:str}/chat/completions",
-        status_code=200,
-        summary="Create a chat completion grounded in a collection (RAG)",
-        opt={"stream_events": RagChatCompletionChunk, **_ERRORS},
-    )
-    async def chat(
-        self,
-        name: str,
-        data: RagChatRequest,
-        collections: Collections,
-        registry: Registry,
-        dispatch: Dispatcher,
-        record: RequestRecord,
-    ) -> RagChatCompletion | EventStream:
-        registry.generation_target(data.model, data.adapter)  # an unknown model or adapter: 404 before retrieval
-        found = await collections.query(name, last_question(data.messages), data.rag or Retrieval())
-        extra: dict[str, Any] = {
-            "sources": found.data,
-            "documents_retrieved": found.documents_retrieved,
-            "retrieval_time_ms": found.retrieval_time_ms,
-            "reranked": found.reranked,
-            "rerank_skipped": found.rerank_skipped,
-        }
-        grounded = msgspec.structs.replace(data, messages=with_context(data.messages, found.data))
-
-        answer = await serve_chat(grounded, registry, dispatch, record)
-        if isinstance(answer, ChatCompletion):
-            return RagChatCompletion(**msgspec.structs.asdict(answer), **extra)
-        # A stream's first event carries the sources.
-        first, *rest = answer.opening
-        answer.opening = [RagChatCompletionChunk(**msgspec.structs.asdict(first), **extra), *rest]
-        return EventStream(answer.events(dispatch.drain))

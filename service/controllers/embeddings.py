@@ -4,16 +4,12 @@ from litestar import Controller, post
 
 from service.metrics import RequestRecord
 from service.schemas.embeddings import EmbeddingCreate, EmbeddingList
-from service.serving.dispatch import Dispatcher
-from service.serving.embeddings import serve_embeddings
-from service.tiers.registry import Registry
+from service.serving.embeddings import Embeddings
 
 
 class EmbeddingsController(Controller):
     path = "/v1/embeddings"
 
     @post(status_code=200, summary="Create embeddings")
-    async def create(
-        self, data: EmbeddingCreate, registry: Registry, dispatch: Dispatcher, record: RequestRecord
-    ) -> EmbeddingList:
-        return await serve_embeddings(data, registry, dispatch, record)
+    async def create(self, data: EmbeddingCreate, embeddings: Embeddings, record: RequestRecord) -> EmbeddingList:
+        return await embeddings.create(data, record)

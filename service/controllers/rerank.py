@@ -4,14 +4,10 @@ from litestar import post
 
 from service.metrics import RequestRecord
 from service.schemas.rerank import RerankRequest, RerankResponse, TeiResult
-from service.serving.dispatch import Dispatcher
-from service.serving.rerank import serve_rerank
-from service.tiers.registry import Registry
+from service.serving.rerank import Rerank
 
 
 @post(["/v1/rerank", "/rerank", "/v2/rerank"], status_code=200, summary="Rerank documents")
-async def rerank(
-    data: RerankRequest, registry: Registry, dispatch: Dispatcher, record: RequestRecord
-) -> RerankResponse | list[TeiResult]:
+async def rerank(data: RerankRequest, reranker: Rerank, record: RequestRecord) -> RerankResponse | list[TeiResult]:
     """Sorted by relevance, best first; every document unless `top_n`/`top_k` asks for fewer."""
-    return await serve_rerank(data, registry, dispatch, record)
+    return await reranker.create(data, record)

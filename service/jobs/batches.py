@@ -8,7 +8,7 @@ ends `cancelled` with the results so far; one still running 24 h after creation 
 (the lines left become error lines).
 
 Each line goes down the same path as its HTTP request: decoded strictly like an HTTP body, then
-`serve_chat` / `serve_completion` / `serve_embeddings`, errors mapped by the app's one mapper
+`serve_chat` / `serve_completion` / `Embeddings.create`, errors mapped by the app's one mapper
 into the same envelope; a line's error becomes a line of the error file, never the batch's.
 
 Priority: batch lines are background work, three ways.
@@ -64,7 +64,7 @@ from service.schemas.completions import Completion, CompletionRequest
 from service.schemas.embeddings import EmbeddingCreate, EmbeddingList
 from service.serving.chat import serve_chat, serve_completion
 from service.serving.dispatch import Dispatcher
-from service.serving.embeddings import serve_embeddings
+from service.serving.embeddings import Embeddings
 from service.serving.streaming import Streamed
 from service.settings import Settings
 from service.tiers.registry import Registry
@@ -79,10 +79,13 @@ _encode = msgspec.json.Encoder().encode
 
 
 class BatchJobs:
-    def __init__(self, settings: Settings, registry: Registry, dispatch: Dispatcher, errors: ErrorMapper) -> None:
+    def __init__(
+        self, settings: Settings, registry: Registry, dispatch: Dispatcher, embeddings: Embeddings, errors: ErrorMapper
+    ) -> None:
         self.settings = settings
         self.registry = registry
         self.dispatch = dispatch
+        self.embeddings = embeddings
         self.errors = errors
         self.store = BatchStore(Path(settings.batch_dir).expanduser())
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -349,7 +352,7 @@ class BatchJobs:
         if endpoint == "/v1/embeddings":
             embed: EmbeddingCreate = decode_strict(body, EmbeddingCreate)
             async with self._gate(registry.resolve(embed.model)):
-                return await serve_embeddings(embed, registry, dispatch, record, background=True)
+                return await self.embeddings.create(embed, record, background=True)
         data: ChatCompletionRequest | CompletionRequest = decode_strict(
             body, ChatCompletionRequest if endpoint == "/v1/chat/completions" else CompletionRequest
         )

@@ -1,4 +1,5 @@
-"""RAG collections, between the /v1/collections controllers and the registry and vector store.
+"""RAG collections, between the /v1/collections controllers and the embedding and rerank serving
+objects and vector store.
 
 Adding documents chunks them (`service.jobs.chunking`), embeds the chunks on the embedding tier and
 stores them. A query embeds the question on the same tier, takes the best chunks from the store
@@ -20,10 +21,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from embedders.base import EmbeddingBatch, EmbeddingRequest
 from kernel.errors import ConflictError, InvalidRequestError, NotFoundError
 from service.jobs.chunking import chunk_text
-from service.schemas.chat import ChatMessage
 from service.schemas.collections import (
     Collection,
     CollectionCreate,
@@ -37,9 +36,9 @@ from service.schemas.collections import (
     Usage,
 )
 from service.security import check_batch_size
-from service.serving.input_limits import clip_texts
+from service.serving.embeddings import Embeddings
+from service.serving.rerank import Rerank
 from service.settings import Settings
-from service.tiers.families import EMBEDDING, RERANK
 from service.tiers.registry import Registry
 from service.tiers.slots import TierSlot, TierState
 from stores.base import CollectionInfo, Hit, StoredChunk, VectorStore, check_collection_name
@@ -50,9 +49,11 @@ _MAX_CANDIDATES = 100  # chunks a reranker scores per query: 4 x top_k, at least
 
 
 class Collections:
-    def __init__(self, settings: Settings, registry: Registry) -> None:
+    def __init__(self, settings: Settings, registry: Registry, embeddings: Embeddings, rerank: Rerank) -> None:
         self._settings = settings
         self._registry = registry
+        self._embeddings = embeddings
+        self._rerank = rerank
         self._store: VectorStore | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="collections")
 
@@ -133,11 +134,6 @@ class Collections:
             )
         return slot
 
-    async def _embed(self, slot: TierSlot, texts: list[str], sparse: bool) -> EmbeddingBatch:
-        # The model truncates long inputs anyway: cut them first, so tokenising cannot hold the tier.
-        clipped = clip_texts(texts, slot.context_length or slot.settings.n_ctx)
-        return await EMBEDDING.embed(slot, EmbeddingRequest(clipped, dense=True, sparse=sparse))
-
     # -- documents -------------------------------------------------------------------------
     async def add(self, name: str, data: DocumentsAdd) -> DocumentsAdded:
         check_batch_size(len(data.documents), self._settings, param="documents")
@@ -167,7 +163,7 @@ class Collections:
                 raise InvalidRequestError(f"Document {i} has no text", param=f"documents[{i}].text")
         slot = await self._embedder(info)
         hybrid = bool(info.config["hybrid"])
-        batch = await self._embed(slot, [c for chunks in pieces for c in chunks], hybrid)
+        batch = await self._embeddings.embed(slot, [c for chunks in pieces for c in chunks], sparse=hybrid)
         created = int(time.time())
         stored: list[StoredChunk] = []
         added: list[Document] = []
@@ -207,7 +203,7 @@ class Collections:
         info = await self._info(name)
         slot = await self._embedder(info)
         hybrid = bool(info.config["hybrid"])
-        batch = await self._embed(slot, [question], hybrid)
+        batch = await self._embeddings.embed(slot, [question], sparse=hybrid)
         embedded = time.perf_counter()
         out = batch.outputs[0]
         assert out.dense is not None
@@ -224,8 +220,8 @@ class Collections:
         scored = [(hit, hit.score) for hit in hits[: options.top_k]]
         if rerank and hits:
             reranker = await self._registry.tier_for("reranker", "reranker")
-            query, *texts = clip_texts([question, *(h.text for h in hits)], reranker.context_length or 512)
-            results, used = await RERANK.rerank(reranker, query, texts, options.top_k, normalize=True)
+            texts = [h.text for h in hits]
+            results, used = await self._rerank.scores(reranker, question, texts, options.top_k, normalize=True)
             scored = [(hits[r.index], r.score) for r in results]
             tokens += used
         done = time.perf_counter()
@@ -258,29 +254,6 @@ class Collections:
             f"the reranker tier scores with the {embedder.name} tier's model, which retrieved these chunks by the"
             " same similarity: reranking cannot change their order (configure a cross-encoder RERANKER_MODEL_PATH)"
         )
-
-
-def with_context(messages: list[ChatMessage], sources: list[Source]) -> list[ChatMessage]:
-    """The conversation with its last user message wrapped in the retrieved passages. In that turn,
-    not in a system message: small models (Gemma 3 270M) answer from passages put before the
-    question, and repeat the instructions when they come as a system prompt."""
-    # Numbers only: each source's `citation` maps them to documents; Gemma 270M echoed prompts that named them.
-    passages = "\n\n".join(f"[{s.citation}] {s.text}" for s in sources)
-    last = max(i for i, m in enumerate(messages) if m.role == "user")
-    question = messages[last].text()
-    grounded = (
-        "Answer the question using the passages below; cite them like [1]. If they do not contain the answer,"
-        f" say you do not know.\n\nPassages:\n{passages or '(none found)'}\n\nQuestion: {question}"
-    )
-    return [*messages[:last], ChatMessage(role="user", content=grounded), *messages[last + 1 :]]
-
-
-def last_question(messages: list[ChatMessage]) -> str:
-    """What to retrieve for: the last user message (400 when there is none, or it is empty)."""
-    users = [m for m in messages if m.role == "user"]
-    if not users or not users[-1].text().strip():
-        raise InvalidRequestError("RAG needs a last user message to retrieve for", param="messages")
-    return users[-1].text()
 
 
 def _ms(seconds: float) -> float:

@@ -1,4 +1,4 @@
-"""Embeddings, whatever carries them: `/v1/embeddings` or a batch job's line."""
+"""Embeddings, whatever carries them: `/v1/embeddings`, a batch job's line or a collection."""
 
 from __future__ import annotations
 
@@ -8,71 +8,75 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from embedders.base import EmbeddingOutput, EmbeddingRequest
+from embedders.base import EmbeddingBatch, EmbeddingOutput, EmbeddingRequest
 from embedders.token_ids import openai_decoder
 from kernel.errors import InvalidRequestError
+from service.cache import ResponseCache
 from service.metrics import RequestRecord
 from service.schemas.embeddings import EmbeddingCreate, EmbeddingData, EmbeddingList, EmbeddingUsage
 from service.security import check_batch_size
-from service.serving.dispatch import Dispatcher
+from service.serving.cached import lookup
 from service.serving.input_limits import clip_texts, clip_token_ids
 from service.tiers.families import EMBEDDING
 from service.tiers.registry import Registry
 from service.tiers.slots import TierSlot
 
 
-async def serve_embeddings(
-    data: EmbeddingCreate,
-    registry: Registry,
-    dispatch: Dispatcher,
-    record: RequestRecord,
-    *,
-    background: bool = False,
-) -> EmbeddingList:
-    """`background`: a batch-job line, batched after every waiting interactive request."""
-    inputs = _inputs(data.input)
-    check_batch_size(len(inputs), registry.settings)
-    slot = await registry.tier_for(data.model, "embedding", data.adapter)
-    return await dispatch.cached(
-        "embeddings",
-        slot,
-        data,
-        EmbeddingList,
-        record,
-        lambda: _embed(registry, slot, data, inputs, record, background),
-    )
+class Embeddings:
+    """The embedding tier's way in, for `/v1/embeddings`, batch-job lines and collections."""
 
+    def __init__(self, registry: Registry, cache: ResponseCache) -> None:
+        self._registry = registry
+        self._cache = cache
 
-async def _embed(
-    registry: Registry,
-    slot: TierSlot,
-    data: EmbeddingCreate,
-    inputs: list[str] | list[list[int]],
-    record: RequestRecord,
-    background: bool,
-) -> EmbeddingList:
-    # The model truncates long inputs anyway: cut them first, so tokenising them cannot hold the tier.
-    max_tokens = slot.context_length or slot.settings.n_ctx
-    if inputs and isinstance(inputs[0], str):
-        inputs = clip_texts(inputs, max_tokens)  # type: ignore[arg-type]
-    else:
-        inputs = clip_token_ids(inputs, max_tokens)  # type: ignore[arg-type]
-    decode = openai_decoder(slot.settings.token_ids)
-    if decode is not None:
-        inputs = [item if isinstance(item, str) else decode(item) for item in inputs]
-    kind = data.embedding_type
-    request = EmbeddingRequest(
-        inputs,
-        dense=kind == "dense",
-        sparse=kind == "sparse" or data.return_sparse,
-        colbert=kind == "colbert" or data.return_colbert,
-        dimensions=data.dimensions,
-    )
-    batch = await EMBEDDING.embed(slot, request, background=background)
-    record.prompt_tokens, record.generated = batch.prompt_tokens, True
-    items = [_item(i, out, data) for i, out in enumerate(batch.outputs)]
-    usage = EmbeddingUsage(batch.prompt_tokens, batch.prompt_tokens)
-    return EmbeddingList(items, data.model, usage)
+    async def create(self, data: EmbeddingCreate, record: RequestRecord, *, background: bool = False) -> EmbeddingList:
+        """`background`: a batch-job line, batched after every waiting interactive request."""
+        inputs = _inputs(data.input)
+        check_batch_size(len(inputs), self._registry.settings)
+        slot = self._registry.tier_slot(data.model, "embedding", data.adapter)
+        key, hit = lookup(self._cache, "embeddings", slot, data, EmbeddingList, record)
+        if hit is not None:
+            return hit
+        await self._registry.ensure_loaded(slot)
+        kind = data.embedding_type
+        batch = await self.embed(
+            slot,
+            inputs,
+            dense=kind == "dense",
+            sparse=kind == "sparse" or data.return_sparse,
+            colbert=kind == "colbert" or data.return_colbert,
+            dimensions=data.dimensions,
+            background=background,
+        )
+        record.prompt_tokens, record.generated = batch.prompt_tokens, True
+        items = [_item(i, out, data) for i, out in enumerate(batch.outputs)]
+        answer = EmbeddingList(items, data.model, EmbeddingUsage(batch.prompt_tokens, batch.prompt_tokens))
+        self._cache.put(key, answer)
+        return answer
+
+    @staticmethod
+    async def embed(
+        slot: TierSlot,
+        inputs: list[str] | list[list[int]],
+        *,
+        dense: bool = True,
+        sparse: bool = False,
+        colbert: bool = False,
+        dimensions: int | None = None,
+        background: bool = False,
+    ) -> EmbeddingBatch:
+        """`inputs` embedded on the loaded `slot`: texts or token ids, clipped to what the model reads."""
+        # The model truncates long inputs anyway: cut them first, so tokenising them cannot hold the tier.
+        max_tokens = slot.context_length or slot.settings.n_ctx
+        if inputs and isinstance(inputs[0], str):
+            inputs = clip_texts(inputs, max_tokens)  # type: ignore[arg-type]
+        else:
+            inputs = clip_token_ids(inputs, max_tokens)  # type: ignore[arg-type]
+            decode = openai_decoder(slot.settings.token_ids)
+            if decode is not None:
+                inputs = [decode(item) for item in inputs]  # type: ignore[arg-type]
+        request = EmbeddingRequest(inputs, dense=dense, sparse=sparse, colbert=colbert, dimensions=dimensions)
+        return await EMBEDDING.embed(slot, request, background=background)
 
 
 def _inputs(value: str | list[Any]) -> list[str] | list[list[int]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from kernel.errors import InvalidRequestError
+from rerankers.base import RerankResult
+from service.cache import ResponseCache
 from service.metrics import RequestRecord
 from service.schemas.rerank import (
     CohereDocument,
@@ -17,39 +19,55 @@ from service.schemas.rerank import (
     TeiResult,
 )
 from service.security import check_batch_size
-from service.serving.dispatch import Dispatcher
+from service.serving.cached import lookup
 from service.serving.generation import new_id
 from service.serving.input_limits import clip_texts
 from service.tiers.families import RERANK
 from service.tiers.registry import Registry
 from service.tiers.slots import TierSlot
 
+_ANSWER: Any = RerankResponse | list[TeiResult]  # the type a cached answer decodes to
 
-async def serve_rerank(
-    data: RerankRequest, registry: Registry, dispatch: Dispatcher, record: RequestRecord
+
+class Rerank:
+    """The reranker tier's way in, for `/v1/rerank` and collections."""
+
+    def __init__(self, registry: Registry, cache: ResponseCache) -> None:
+        self._registry = registry
+        self._cache = cache
+
+    async def create(self, data: RerankRequest, record: RequestRecord) -> RerankResponse | list[TeiResult]:
+        """Sorted by relevance, best first; every document unless `top_n`/`top_k` asks for fewer."""
+        if data.documents is None and data.texts is None:
+            raise InvalidRequestError("documents is required", param="documents")
+        docs = data.texts if data.documents is None else [d if isinstance(d, str) else d.text for d in data.documents]
+        assert docs is not None
+        check_batch_size(len(docs), self._registry.settings, param="documents")
+        slot = self._registry.tier_slot(data.model, "reranker", data.adapter)
+        key, hit = lookup(self._cache, "rerank", slot, data, _ANSWER, record)
+        if hit is not None:
+            return hit  # type: ignore[no-any-return]
+        await self._registry.ensure_loaded(slot)
+        top = data.top_n if data.top_n is not None else data.top_k
+        results, tokens = await self.scores(slot, data.query, docs, top, normalize=not data.raw_scores)
+        record.prompt_tokens, record.generated = tokens, True
+        answer = _answer(data, docs, results, tokens)
+        self._cache.put(key, answer)
+        return answer
+
+    @staticmethod
+    async def scores(
+        slot: TierSlot, query: str, docs: list[str], top: int | None, *, normalize: bool
+    ) -> tuple[list[RerankResult], int]:
+        """`docs` scored against `query` on the loaded `slot`, best first, and the tokens that took."""
+        # The model truncates each pair anyway: cut first, so tokenising a huge document cannot hold the tier.
+        query, *texts = clip_texts([query, *docs], slot.context_length or slot.settings.n_ctx)
+        return await RERANK.rerank(slot, query, texts, top, normalize=normalize)
+
+
+def _answer(
+    data: RerankRequest, docs: list[str], results: list[RerankResult], tokens: int
 ) -> RerankResponse | list[TeiResult]:
-    """Sorted by relevance, best first; every document unless `top_n`/`top_k` asks for fewer."""
-    if data.documents is None and data.texts is None:
-        raise InvalidRequestError("documents is required", param="documents")
-    docs = data.texts if data.documents is None else [d if isinstance(d, str) else d.text for d in data.documents]
-    assert docs is not None
-    check_batch_size(len(docs), registry.settings, param="documents")
-    slot = await registry.tier_for(data.model, "reranker", data.adapter)
-    answer: Any = RerankResponse | list[TeiResult]  # the type a cached answer decodes to
-    result: RerankResponse | list[TeiResult] = await dispatch.cached(
-        "rerank", slot, data, answer, record, lambda: _rerank(registry, slot, data, docs, record)
-    )
-    return result
-
-
-async def _rerank(
-    registry: Registry, slot: TierSlot, data: RerankRequest, docs: list[str], record: RequestRecord
-) -> RerankResponse | list[TeiResult]:
-    top = data.top_n if data.top_n is not None else data.top_k
-    # The model truncates each pair anyway: cut first, so tokenising a huge document cannot hold the tier.
-    query, *texts = clip_texts([data.query, *docs], slot.context_length or slot.settings.n_ctx)
-    results, tokens = await RERANK.rerank(slot, query, texts, top, normalize=not data.raw_scores)
-    record.prompt_tokens, record.generated = tokens, True
     if data.documents is None:  # TEI's /rerank body (`texts`) gets TEI's answer
         return [TeiResult(r.index, r.score, docs[r.index] if data.return_text else None) for r in results]
     keep = data.return_documents

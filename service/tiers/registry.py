@@ -261,9 +261,14 @@ class Registry:
             self.adapter(slot, adapter, param=param)
         return slot, adapter
 
-    async def tier_for(self, model: str, tier: str, adapter: str | None = None) -> TierSlot:
-        """The loaded `tier` (embedding or reranker) that `model` names; such tiers take no adapter,
-        so one named (the field or `<tier>:<adapter>`) is a 400, not silently ignored."""
+    async def tier_for(self, model: str, tier: str) -> TierSlot:
+        """The `tier` (embedding or reranker) that `model` names, loaded."""
+        return await self.ensure_loaded(self.tier_slot(model, tier))
+
+    def tier_slot(self, model: str, tier: str, adapter: str | None = None) -> TierSlot:
+        """The `tier` (embedding or reranker) that `model` names, without loading it (a cached answer
+        needs no model); such tiers take no adapter, so one named (the field or `<tier>:<adapter>`)
+        is a 400, not silently ignored."""
         named = self._adapter_in_name(model)
         if adapter is not None or (named is not None and named[0] == tier):
             raise InvalidRequestError(
@@ -276,7 +281,7 @@ class Registry:
                 f"Model {shown(model)} is served by the {slot.name} tier; this endpoint needs the {tier} tier",
                 param="model",
             )
-        return await self.ensure_loaded(slot)
+        return slot
 
     def _adapter_in_name(self, model: str) -> tuple[str, str] | None:
         """(tier, adapter) when `model` is `<name of a tier>:<adapter>`."""

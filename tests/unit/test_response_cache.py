@@ -166,27 +166,31 @@ def test_corrupt_or_foreign_file_is_logged_and_ignored(
     assert again.get(key, str) == "v"
 
 
-def test_dispatcher_cached_for_embedding_style_endpoints() -> None:
+def test_lookup_for_embedding_style_endpoints() -> None:
     from service.metrics import RequestRecord
-    from service.serving.dispatch import Dispatcher
+    from service.serving.cached import lookup
     from service.settings import parse_settings
-    from service.tiers.registry import Registry
 
     settings = parse_settings({"ENABLE_CACHE": "true"})
-    dispatch = Dispatcher(Registry(settings), ResponseCache.from_settings(settings), settings)
+    responses = ResponseCache.from_settings(settings)
     calls: list[str] = []
 
-    async def compute() -> dict[str, list[float]]:
+    def compute() -> dict[str, list[float]]:
         calls.append("x")
         return {"vector": [0.5, 0.25]}
 
-    async def request() -> tuple[dict[str, list[float]], RequestRecord]:
+    def request() -> tuple[dict[str, list[float]], RequestRecord]:
         record = RequestRecord("/v1/embeddings", "POST")
         payload = {"input": ["a", "b"], "dimensions": 2}
-        return await dispatch.cached("embeddings", slot(), payload, dict[str, list[float]], record, compute), record
+        key, hit = lookup(responses, "embeddings", slot(), payload, dict[str, list[float]], record)
+        if hit is not None:
+            return hit, record
+        value = compute()
+        responses.put(key, value)
+        return value, record
 
-    first, miss = asyncio.run(request())
-    second, hit = asyncio.run(request())
+    first, miss = request()
+    second, hit = request()
     assert first == second == {"vector": [0.5, 0.25]} and calls == ["x"]
     assert (miss.cache, hit.cache, hit.tier) == ("miss", "hit", "light")
-    assert dispatch.cache.stats()["by_kind"] == {"embeddings": {"hits": 1, "misses": 1}}
+    assert responses.stats()["by_kind"] == {"embeddings": {"hits": 1, "misses": 1}}
