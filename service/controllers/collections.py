@@ -34,9 +34,8 @@ from service.schemas.collections import (
     Retrieval,
 )
 from service.serving.chat import serve_chat
-from service.serving.dispatch import Dispatcher
+from service.serving.generation import Generation
 from service.serving.streaming import EventStream
-from service.tiers.registry import Registry
 
 # Every route reads the store (503 when it cannot) and names a collection (404) or may create one (409).
 _ERRORS = {"errors": (404, 409, 503)}
@@ -101,11 +100,10 @@ class CollectionsController(Controller):
         name: str,
         data: RagChatRequest,
         collections: Collections,
-        registry: Registry,
-        dispatch: Dispatcher,
+        generation: Generation,
         record: RequestRecord,
     ) -> RagChatCompletion | EventStream:
-        registry.generation_target(data.model, data.adapter)  # an unknown model or adapter: 404 before retrieval
+        generation.target(data.model, data.adapter)  # an unknown model or adapter: 404 before retrieval
         found = await collections.query(name, last_question(data.messages), data.rag or Retrieval())
         extra: dict[str, Any] = {
             "sources": found.data,
@@ -116,10 +114,10 @@ class CollectionsController(Controller):
         }
         grounded = msgspec.structs.replace(data, messages=with_context(data.messages, found.data))
 
-        answer = await serve_chat(grounded, registry, dispatch, record)
+        answer = await serve_chat(grounded, generation, record)
         if isinstance(answer, ChatCompletion):
             return RagChatCompletion(**msgspec.structs.asdict(answer), **extra)
         # A stream's first event carries the sources.
         first, *rest = answer.opening
         answer.opening = [RagChatCompletionChunk(**msgspec.structs.asdict(first), **extra), *rest]
-        return EventStream(answer.events(dispatch.drain))
+        return EventStream(answer.events(generation.drain))

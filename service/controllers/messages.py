@@ -43,15 +43,11 @@ from service.schemas.messages import (
     content_block,
 )
 from service.serving.answer import Answer
-from service.serving.dispatch import Dispatcher
-from service.serving.generation import collect, engine_request, first_chunk
-from service.serving.input_limits import check_prompt_length
+from service.serving.generation import Generation, collect, engine_request, first_chunk
 from service.serving.schema_limits import check_schema
 from service.serving.streaming import EventStream, event_stream, named_sse
 from service.serving.thinking import ThinkingControl, thinking_control
 from service.serving.tool_calls import ToolMode, ToolPlan, make_plan
-from service.tiers.families import GENERATION
-from service.tiers.registry import Registry
 
 _STREAMED = (
     "With `stream: true`: Anthropic's named events, each `event: <type>` and `data: <json>`: message_start, "
@@ -83,9 +79,10 @@ class MessagesController(Controller):
 
     @post(status_code=200, summary="Create a message (Anthropic Messages API)", opt={"stream_events": _STREAMED})
     async def create(
-        self, data: MessagesRequest, registry: Registry, dispatch: Dispatcher, record: RequestRecord
+        self, data: MessagesRequest, generation: Generation, record: RequestRecord
     ) -> Message | EventStream:
-        slot, adapter = registry.generation_target(data.model, data.adapter)
+        target = generation.target(data.model, data.adapter)
+        slot = target.slot
         prompt = _prompt(data)
         fields = SamplingFields(
             model=data.model, temperature=data.temperature, top_p=data.top_p, top_k=data.top_k, stop=data.stop_sequences
@@ -97,10 +94,10 @@ class MessagesController(Controller):
             messages=prompt.messages,
             tools=prompt.plan.tools,
             constraint=prompt.plan.forced or prompt.format,
-            adapter=adapter,
+            adapter=target.adapter_name,
             thinking=prompt.thinking,
         )
-        stream = await dispatch.generate("chat", slot, request, record)  # the same work as chat: one cache
+        [stream] = await generation.generate("chat", target, request, record)  # the same work as chat: one cache
         mid = f"msg_{uuid.uuid4().hex[:24]}"
         answer = Answer(slot, prompt.plan, constrained=prompt.format is not None, thinking=request.thinking)
         if not data.stream:
@@ -122,23 +119,21 @@ class MessagesController(Controller):
                 MessageUsage(usage.prompt_tokens - cached, usage.completion_tokens, cache_read_input_tokens=cached),
             )
         first = await first_chunk(stream)
-        return EventStream(_events(dispatch, stream, first, mid, data.model, answer))
+        return EventStream(_events(generation, stream, first, mid, data.model, answer))
 
     @post("/count_tokens", status_code=200, summary="Count a message's input tokens (Anthropic)")
-    async def count_tokens(self, data: CountTokensRequest, registry: Registry) -> CountTokensResponse:
-        slot = registry.generation_target(data.model)[0]  # an adapter does not change tokens
+    async def count_tokens(self, data: CountTokensRequest, generation: Generation) -> CountTokensResponse:
+        target = generation.target(data.model)  # an adapter does not change tokens
         prompt = _prompt(data)
         request = engine_request(
             SamplingFields(model=data.model),
-            slot.settings,
+            target.slot.settings,
             max_tokens=1,
             messages=prompt.messages,
             tools=prompt.plan.tools,
             thinking=prompt.thinking,
         )
-        await registry.ensure_loaded(slot)
-        check_prompt_length(request, slot.context_length or slot.settings.n_ctx)  # bounds the tokenizer's work
-        return CountTokensResponse(len(await GENERATION.tokenize(slot, request)))
+        return CountTokensResponse(len((await generation.tokens(target, request)).ids))
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,7 +344,7 @@ def _error(exc: LLMServiceError) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": exc.message}}
 
 
-def _events(dispatch: Dispatcher, stream: Any, first: Chunk, mid: str, model: str, answer: Answer) -> Any:
+def _events(generation: Generation, stream: Any, first: Chunk, mid: str, model: str, answer: Answer) -> Any:
     """Anthropic's stream: message_start, a thinking block and a text block (deltas), tool_use
     blocks, message_delta, message_stop."""
     state: dict[str, Any] = {"index": -1, "open": None}  # the open block's type
@@ -431,7 +426,7 @@ def _events(dispatch: Dispatcher, stream: Any, first: Chunk, mid: str, model: st
         opening=[opening],
         piece=piece,
         usage_event=None,
-        drain=dispatch.drain,
+        drain=generation.drain,
         frame=named_sse,
         error=_error,
         done=b"",

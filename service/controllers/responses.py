@@ -46,8 +46,7 @@ from service.schemas.responses import (
     ToolDef,
 )
 from service.serving.answer import Answer
-from service.serving.dispatch import Dispatcher
-from service.serving.generation import chat_logprobs, collect, engine_request, first_chunk, now, usage_info
+from service.serving.generation import Generation, chat_logprobs, collect, engine_request, first_chunk, now, usage_info
 from service.serving.response_store import ResponseStore
 from service.serving.streaming import EventStream, event_stream, named_sse
 from service.serving.thinking import thinking_control
@@ -85,12 +84,13 @@ class ResponsesController(Controller):
         data: ResponsesRequest,
         request: Request[Any, Any, Any],
         registry: Registry,
-        dispatch: Dispatcher,
+        generation: Generation,
         record: RequestRecord,
         responses: ResponseStore,
     ) -> Response | EventStream:
         _check_supported(data)
-        slot, adapter = registry.generation_target(data.model, data.adapter)
+        target = generation.target(data.model, data.adapter)
+        slot = target.slot
         tools = _Tools(data.tools or ())
         plan = _plan(data, tools)
         prior: list[InputItem] = []
@@ -111,7 +111,7 @@ class ResponsesController(Controller):
         # top_logprobs alone asks for them too: scores computed and not returned would be a silent drop.
         logprobs = "message.output_text.logprobs" in (data.include or ()) or bool(data.top_logprobs)
         effort = data.reasoning.effort if data.reasoning is not None else None
-        generation = engine_request(
+        generation_request = engine_request(
             fields,
             slot.settings,
             max_tokens=data.max_output_tokens,
@@ -120,11 +120,12 @@ class ResponsesController(Controller):
             constraint=plan.forced,
             logprobs=logprobs,
             top_logprobs=data.top_logprobs or 0,
-            adapter=adapter,
+            adapter=target.adapter_name,
             thinking=thinking_control(effort=effort),
         )
-        stream = await dispatch.generate("chat", slot, generation, record)  # the same work as chat: one cache
-        answer = Answer(slot, plan, constrained=generation.response_format is not None, thinking=generation.thinking)
+        [stream] = await generation.generate("chat", target, generation_request, record)  # the same work as chat
+        constrained = generation_request.response_format is not None
+        answer = Answer(slot, plan, constrained=constrained, thinking=generation_request.thinking)
         store = data.store if data.store is not None else registry.settings.responses_store_default
         shell = _shell(data, await _tools_echo(request, data), slot.settings.temperature, slot.settings.top_p)
         asked = data.reasoning.summary or data.reasoning.generate_summary if data.reasoning is not None else None
@@ -150,7 +151,7 @@ class ResponsesController(Controller):
             return finish(_finished(shell, output, whole, usage, bool(calls)))
         first = await first_chunk(stream)
         return EventStream(
-            _events(dispatch, stream, first, shell, answer, logprobs, tools, data.max_tool_calls, summarise, finish)
+            _events(generation, stream, first, shell, answer, logprobs, tools, data.max_tool_calls, summarise, finish)
         )
 
     @get("/{response_id:str}", summary="A stored response", opt=_STORED)
@@ -515,7 +516,7 @@ def _logprobs(chunk: Chunk) -> list[Any]:
 
 
 def _events(
-    dispatch: Dispatcher,
+    generation: Generation,
     stream: Any,
     first: Chunk,
     shell: Response,
@@ -680,7 +681,7 @@ def _events(
         opening=[event("response.created", response=shell), event("response.in_progress", response=shell)],
         piece=piece,
         usage_event=None,
-        drain=dispatch.drain,
+        drain=generation.drain,
         frame=named_sse,
         error=error,
         done=b"",

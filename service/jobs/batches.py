@@ -38,7 +38,8 @@ from typing import Any
 import msgspec
 
 from kernel.errors import InvalidRequestError, LLMServiceError, NotFoundError, RateLimitError
-from service.jobs.store import BATCH_ID, FILE_ID, BatchStore, LineProblem, check_problems, new_id, parse_input
+from service.ids import new_id
+from service.jobs.store import BATCH_ID, FILE_ID, BatchStore, LineProblem, check_problems, parse_input
 from service.metrics import RequestRecord
 from service.schemas.batches import (
     FINISHED,
@@ -65,6 +66,7 @@ from service.schemas.embeddings import EmbeddingCreate, EmbeddingList
 from service.serving.chat import serve_chat, serve_completion
 from service.serving.dispatch import Dispatcher
 from service.serving.embeddings import serve_embeddings
+from service.serving.generation import Generation
 from service.serving.streaming import Streamed
 from service.settings import Settings
 from service.tiers.registry import Registry
@@ -79,9 +81,12 @@ _encode = msgspec.json.Encoder().encode
 
 
 class BatchJobs:
-    def __init__(self, settings: Settings, registry: Registry, dispatch: Dispatcher, errors: ErrorMapper) -> None:
+    def __init__(
+        self, settings: Settings, registry: Registry, generation: Generation, dispatch: Dispatcher, errors: ErrorMapper
+    ) -> None:
         self.settings = settings
         self.registry = registry
+        self.generation = generation
         self.dispatch = dispatch
         self.errors = errors
         self.store = BatchStore(Path(settings.batch_dir).expanduser())
@@ -357,11 +362,12 @@ class BatchJobs:
             raise InvalidRequestError(
                 "stream is not supported in a batch: each answer is written whole to the output file", param="stream"
             )
-        async with self._gate(registry.generation_target(data.model, data.adapter)[0]):
+        generation = self.generation
+        async with self._gate(generation.target(data.model, data.adapter).slot):
             answer = (
-                await serve_chat(data, registry, dispatch, record, background=True)
+                await serve_chat(data, generation, record, background=True)
                 if isinstance(data, ChatCompletionRequest)
-                else await serve_completion(data, registry, dispatch, record, background=True)
+                else await serve_completion(data, generation, record, background=True)
             )
         assert not isinstance(answer, Streamed)  # stream is refused above
         return answer

@@ -170,10 +170,9 @@ def test_dispatcher_cached_for_embedding_style_endpoints() -> None:
     from service.metrics import RequestRecord
     from service.serving.dispatch import Dispatcher
     from service.settings import parse_settings
-    from service.tiers.registry import Registry
 
     settings = parse_settings({"ENABLE_CACHE": "true"})
-    dispatch = Dispatcher(Registry(settings), ResponseCache.from_settings(settings), settings)
+    dispatch = Dispatcher(ResponseCache.from_settings(settings))
     calls: list[str] = []
 
     async def compute() -> dict[str, list[float]]:
