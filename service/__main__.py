@@ -17,7 +17,7 @@ from typing import Any
 import uvicorn
 
 from service.app import create_app
-from service.serving.streaming import Drain
+from service.serving.drain import Drain
 from service.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("service")

@@ -45,11 +45,12 @@ from service.runtime_config import RuntimeConfig
 from service.schemas.common import UNKNOWN_FIELD, decode_strict, unknown_field_error
 from service.security import Security, cors_config
 from service.serving.caches import Caches
-from service.serving.dispatch import Dispatcher
 from service.serving.embeddings import Embeddings
+from service.serving.generation import Generation
 from service.serving.models import Models
 from service.serving.rerank import Rerank
 from service.serving.response_store import ResponseStore
+from service.serving.websocket import WebSocketSessions
 from service.settings import Settings, load_settings
 from service.tiers.families import EngineFactories
 from service.tiers.registry import Registry
@@ -91,15 +92,16 @@ def create_app(
     telemetry = Telemetry(settings, registry, cache)
     lifecycle = Lifecycle(registry, settings)
     security = Security.from_settings(settings)
-    dispatch = Dispatcher(registry, cache, settings)
+    generation = Generation(registry, cache, settings)
     config = RuntimeConfig(settings, registry, lifecycle, security, env_file)
     embeddings = Embeddings(registry, cache)
     reranker = Rerank(registry, cache)
     models = Models(registry, lifecycle)
     caches = Caches(cache, registry, telemetry)
     collections = Collections(settings, registry, embeddings, reranker)
-    rag = RagChat(collections, registry, dispatch)
-    batches = BatchJobs(settings, registry, dispatch, embeddings, to_service_error)
+    rag = RagChat(collections, generation)
+    batches = BatchJobs(settings, registry, generation, embeddings, to_service_error)
+    sessions = WebSocketSessions(settings, generation, telemetry, security, to_service_error)
     responses = ResponseStore(
         Path(settings.batch_dir).expanduser() / "responses",
         max_stored=settings.responses_max_stored,
@@ -154,7 +156,7 @@ def create_app(
             "cache": Provide(lambda: cache, use_cache=True, sync_to_thread=False),
             "telemetry": Provide(lambda: telemetry, use_cache=True, sync_to_thread=False),
             "lifecycle": Provide(lambda: lifecycle, use_cache=True, sync_to_thread=False),
-            "dispatch": Provide(lambda: dispatch, use_cache=True, sync_to_thread=False),
+            "generation": Provide(lambda: generation, use_cache=True, sync_to_thread=False),
             "embeddings": Provide(lambda: embeddings, use_cache=True, sync_to_thread=False),
             "reranker": Provide(lambda: reranker, use_cache=True, sync_to_thread=False),
             "models": Provide(lambda: models, use_cache=True, sync_to_thread=False),
@@ -166,6 +168,7 @@ def create_app(
             "errors": Provide(lambda: to_service_error, use_cache=True, sync_to_thread=False),
             "collections": Provide(lambda: collections, use_cache=True, sync_to_thread=False),
             "rag": Provide(lambda: rag, use_cache=True, sync_to_thread=False),
+            "sessions": Provide(lambda: sessions, use_cache=True, sync_to_thread=False),
             "record": Provide(_record, sync_to_thread=False),
         },
         guards=[security.guard],
@@ -176,7 +179,7 @@ def create_app(
         request_max_body_size=settings.max_body_bytes,
         request_class=JsonRequest,
         state=State(
-            {"registry": registry, "settings": settings, "drain": dispatch.drain, "last_activity": time.monotonic()}
+            {"registry": registry, "settings": settings, "drain": generation.drain, "last_activity": time.monotonic()}
         ),
         before_request=_touch,
         openapi_config=openapi_config(_version()),

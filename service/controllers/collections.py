@@ -31,7 +31,7 @@ from service.schemas.collections import (
     RagChatCompletionChunk,
     RagChatRequest,
 )
-from service.serving.dispatch import Dispatcher
+from service.serving.generation import Generation
 from service.serving.streaming import EventStream, Streamed
 
 # Every route reads the store (503 when it cannot) and names a collection (404) or may create one (409).
@@ -70,10 +70,10 @@ class CollectionsController(Controller):
         opt={"stream_events": RagChatCompletionChunk, **_ERRORS},
     )
     async def chat(
-        self, name: str, data: RagChatRequest, rag: RagChat, dispatch: Dispatcher, record: RequestRecord
+        self, name: str, data: RagChatRequest, rag: RagChat, generation: Generation, record: RequestRecord
     ) -> RagChatCompletion | EventStream:
         answer = await rag.create(name, data, record)
-        return EventStream(answer.events(dispatch.drain)) if isinstance(answer, Streamed) else answer
+        return EventStream(answer.events(generation.drain)) if isinstance(answer, Streamed) else answer
 
 
 class DocumentsController(Controller):

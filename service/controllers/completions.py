@@ -5,9 +5,8 @@ from litestar import Controller, post
 from service.metrics import RequestRecord
 from service.schemas.completions import Completion, CompletionRequest
 from service.serving.chat import serve_completion
-from service.serving.dispatch import Dispatcher
+from service.serving.generation import Generation
 from service.serving.streaming import EventStream, Streamed
-from service.tiers.registry import Registry
 
 
 class CompletionsController(Controller):
@@ -15,7 +14,7 @@ class CompletionsController(Controller):
 
     @post(status_code=200, summary="Create a completion (legacy)", opt={"stream_events": Completion})
     async def create(
-        self, data: CompletionRequest, registry: Registry, dispatch: Dispatcher, record: RequestRecord
+        self, data: CompletionRequest, generation: Generation, record: RequestRecord
     ) -> Completion | EventStream:
-        answer = await serve_completion(data, registry, dispatch, record)
-        return EventStream(answer.events(dispatch.drain)) if isinstance(answer, Streamed) else answer
+        answer = await serve_completion(data, generation, record)
+        return EventStream(answer.events(generation.drain)) if isinstance(answer, Streamed) else answer

@@ -10,11 +10,10 @@ from litestar.params import Parameter
 
 from service.metrics import RequestRecord
 from service.schemas.responses import DeletedResponse, InputItemList, Response, ResponsesRequest
-from service.serving.dispatch import Dispatcher
+from service.serving.generation import Generation
 from service.serving.response_store import ResponseStore
 from service.serving.responses import create_response, input_page
 from service.serving.streaming import EventStream
-from service.tiers.registry import Registry
 
 _STREAMED = (
     "With `stream: true`: the typed Responses events, each `event: <type>` and `data: <json>` with a "
@@ -34,12 +33,11 @@ class ResponsesController(Controller):
         self,
         data: ResponsesRequest,
         request: Request[Any, Any, Any],
-        registry: Registry,
-        dispatch: Dispatcher,
+        generation: Generation,
         record: RequestRecord,
         responses: ResponseStore,
     ) -> Response | EventStream:
-        answer = await create_response(data, request.body, registry, dispatch, record, responses)
+        answer = await create_response(data, request.body, generation, record, responses)
         return answer if isinstance(answer, Response) else EventStream(answer)
 
     @get("/{response_id:str}", summary="A stored response", opt=_STORED)

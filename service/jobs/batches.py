@@ -38,7 +38,8 @@ from typing import Any
 import msgspec
 
 from kernel.errors import InvalidRequestError, LLMServiceError, NotFoundError, RateLimitError
-from service.jobs.store import BATCH_ID, FILE_ID, BatchStore, LineProblem, check_problems, new_id, parse_input
+from service.ids import new_id
+from service.jobs.store import BATCH_ID, FILE_ID, BatchStore, LineProblem, check_problems, parse_input
 from service.metrics import RequestRecord
 from service.schemas.batches import (
     FINISHED,
@@ -63,8 +64,8 @@ from service.schemas.common import decode_strict
 from service.schemas.completions import Completion, CompletionRequest
 from service.schemas.embeddings import EmbeddingCreate, EmbeddingList
 from service.serving.chat import serve_chat, serve_completion
-from service.serving.dispatch import Dispatcher
 from service.serving.embeddings import Embeddings
+from service.serving.generation import Generation
 from service.serving.streaming import Streamed
 from service.settings import Settings
 from service.tiers.registry import Registry
@@ -80,11 +81,16 @@ _encode = msgspec.json.Encoder().encode
 
 class BatchJobs:
     def __init__(
-        self, settings: Settings, registry: Registry, dispatch: Dispatcher, embeddings: Embeddings, errors: ErrorMapper
+        self,
+        settings: Settings,
+        registry: Registry,
+        generation: Generation,
+        embeddings: Embeddings,
+        errors: ErrorMapper,
     ) -> None:
         self.settings = settings
         self.registry = registry
-        self.dispatch = dispatch
+        self.generation = generation
         self.embeddings = embeddings
         self.errors = errors
         self.store = BatchStore(Path(settings.batch_dir).expanduser())
@@ -348,10 +354,9 @@ class BatchJobs:
     async def _serve(
         self, endpoint: str, body: bytes, record: RequestRecord
     ) -> ChatCompletion | Completion | EmbeddingList:
-        registry, dispatch = self.registry, self.dispatch
         if endpoint == "/v1/embeddings":
             embed: EmbeddingCreate = decode_strict(body, EmbeddingCreate)
-            async with self._gate(registry.resolve(embed.model)):
+            async with self._gate(self.registry.resolve(embed.model)):
                 return await self.embeddings.create(embed, record, background=True)
         data: ChatCompletionRequest | CompletionRequest = decode_strict(
             body, ChatCompletionRequest if endpoint == "/v1/chat/completions" else CompletionRequest
@@ -360,11 +365,12 @@ class BatchJobs:
             raise InvalidRequestError(
                 "stream is not supported in a batch: each answer is written whole to the output file", param="stream"
             )
-        async with self._gate(registry.generation_target(data.model, data.adapter)[0]):
+        generation = self.generation
+        async with self._gate(generation.target(data.model, data.adapter).slot):
             answer = (
-                await serve_chat(data, registry, dispatch, record, background=True)
+                await serve_chat(data, generation, record, background=True)
                 if isinstance(data, ChatCompletionRequest)
-                else await serve_completion(data, registry, dispatch, record, background=True)
+                else await serve_completion(data, generation, record, background=True)
             )
         assert not isinstance(answer, Streamed)  # stream is refused above
         return answer

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from kernel.errors import ConflictError, InvalidRequestError, NotFoundError
+from service.ids import new_id
 from service.jobs.chunking import chunk_text
 from service.schemas.collections import (
     Collection,
@@ -144,7 +144,7 @@ class Collections:
                     f"Document {i} has {len(doc.text)} characters; at most {limit} (MAX_DOCUMENT_CHARS)",
                     param=f"documents[{i}].text",
                 )
-        ids = [doc.id or f"doc-{uuid.uuid4().hex[:24]}" for doc in data.documents]
+        ids = [doc.id or new_id("doc-") for doc in data.documents]
         if len(set(ids)) != len(ids):
             raise InvalidRequestError("Document ids must be unique within a request", param="documents")
         info = await self._info(name)

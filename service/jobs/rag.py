@@ -14,19 +14,17 @@ from service.metrics import RequestRecord
 from service.schemas.chat import ChatCompletion, ChatMessage
 from service.schemas.collections import RagChatCompletion, RagChatCompletionChunk, RagChatRequest, Retrieval, Source
 from service.serving.chat import serve_chat
-from service.serving.dispatch import Dispatcher
+from service.serving.generation import Generation
 from service.serving.streaming import Streamed
-from service.tiers.registry import Registry
 
 
 class RagChat:
-    def __init__(self, collections: Collections, registry: Registry, dispatch: Dispatcher) -> None:
+    def __init__(self, collections: Collections, generation: Generation) -> None:
         self._collections = collections
-        self._registry = registry
-        self._dispatch = dispatch
+        self._generation = generation
 
     async def create(self, name: str, data: RagChatRequest, record: RequestRecord) -> RagChatCompletion | Streamed:
-        self._registry.generation_target(data.model, data.adapter)  # an unknown model or adapter: 404 before retrieval
+        self._generation.target(data.model, data.adapter)  # an unknown model or adapter: 404 before retrieval
         found = await self._collections.query(name, last_question(data.messages), data.rag or Retrieval())
         extra: dict[str, Any] = {
             "sources": found.data,
@@ -37,7 +35,7 @@ class RagChat:
         }
         grounded = msgspec.structs.replace(data, messages=with_context(data.messages, found.data))
 
-        answer = await serve_chat(grounded, self._registry, self._dispatch, record)
+        answer = await serve_chat(grounded, self._generation, record)
         if isinstance(answer, ChatCompletion):
             return RagChatCompletion(**msgspec.structs.asdict(answer), **extra)
         # A stream's first event carries the sources.

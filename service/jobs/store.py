@@ -19,7 +19,6 @@ import hashlib
 import logging
 import os
 import re
-import secrets
 import time
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -28,6 +27,7 @@ import msgspec
 
 from kernel.errors import InvalidRequestError
 from service.disk import write_atomic
+from service.ids import new_id
 from service.schemas.batches import Batch, DoneLine, FileObject, InputLine
 from service.schemas.common import decode_strict
 
@@ -38,10 +38,6 @@ BATCH_ID = re.compile(r"batch_[0-9a-f]{24}")
 ResultKind = Literal["output", "errors"]
 S = TypeVar("S", bound=msgspec.Struct)
 _MAX_REPORTED = 100  # problems listed per file: enough to fix it, bounded for a hostile one
-
-
-def new_id(prefix: str) -> str:
-    return prefix + secrets.token_hex(12)
 
 
 def result_file_id(batch_id: str, kind: ResultKind) -> str:

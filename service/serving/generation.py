@@ -1,26 +1,28 @@
-"""Shared by chat and legacy completions: wire request → engine request, results and usage."""
+"""Generation: the one serving object of every endpoint that generates text (chat, completions,
+messages, responses, the WebSocket, batch lines), and the helpers their adapters share to turn a
+wire request into one engine request and the engine's chunks back into answers.
+
+The request skeleton, written once here: bound max_tokens and the prompt, ask the response cache
+(a deterministic request is looked up before its tier is even loaded, and a hit replays the stored
+chunks, so streaming and non-streaming clients get the shapes a live model gives), load the tier,
+count the adapter, submit to the tier's worker. A miss is stored once it finishes normally (not
+when cancelled or failed).
+"""
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import time
-import uuid
-from dataclasses import replace
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
-import msgspec
-
-from backends.base import Chunk, GenerationRequest, ResponseFormat, Token, Usage
+from backends.base import Chunk, FinishReason, GenerationRequest, ResponseFormat, Token, Usage
 from kernel.config import TierSettings
-from kernel.errors import InvalidRequestError
-from service.schemas.chat import (
-    ChatCompletionRequest,
-    ChatMessage,
-    ChoiceLogprobs,
-    NamedFunction,
-    NamedToolChoice,
-    ToolSpec,
-)
+from kernel.errors import InvalidRequestError, LLMServiceError, ModelUnavailableError
+from service.cache import CachedGeneration, ResponseCache
+from service.metrics import RequestRecord
+from service.schemas.chat import ChoiceLogprobs
 from service.schemas.common import (
     PromptTokensDetails,
     ResponseFormatSpec,
@@ -29,14 +31,188 @@ from service.schemas.common import (
     TopLogprob,
     UsageInfo,
 )
-from service.schemas.completions import CompletionLogprobs
+from service.serving.drain import Drain
+from service.serving.input_limits import check_prompt_length
 from service.serving.schema_limits import check_schema
-from service.serving.thinking import ThinkingControl, thinking_control
-from service.tiers.workers import ChunkStream
+from service.serving.thinking import ThinkingControl
+from service.settings import Settings
+from service.tiers.families import GENERATION
+from service.tiers.registry import Registry, Target
+from service.tiers.workers import ChunkStream, JobStream
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """A prompt's token ids, and the context (in tokens) of the model that read them."""
+
+    ids: list[int]
+    context: int
+
+
+class Generation:
+    """Created once by the app; every generating route goes through it: `target` (which tier and
+    adapter), then `generate` (the skeleton) or `tokens` (the same prompt bound, then the tokenizer)."""
+
+    def __init__(self, registry: Registry, cache: ResponseCache, settings: Settings) -> None:
+        self.registry = registry
+        self.cache = cache
+        self.max_tokens_limit = settings.max_tokens_limit
+        self.drain = Drain()  # begun by the server when it starts shutting down
+
+    def target(self, model: str, adapter: str | None = None) -> Target:
+        """The tier and adapter a request names (404 for an unknown model or adapter), without loading it."""
+        return self.registry.generation_target(model, adapter)
+
+    async def generate(
+        self,
+        kind: str,
+        target: Target,
+        request: GenerationRequest,
+        record: RequestRecord,
+        *,
+        n: int = 1,
+        background: bool = False,
+    ) -> list[ChunkStream]:
+        """The chunk streams of `n` choices (OpenAI's `n`: one job per choice, decoded side by side
+        where the engine batches); `kind` names the cache's answers ("chat" is shared by every chat-like
+        API). A fixed seed moves on by one per choice, so seeded choices differ yet stay reproducible.
+        `background`: a batch-job line, queued behind interactive requests (see service/tiers/workers.py)."""
+        slot = target.slot
+        if n > slot.settings.max_queue:
+            raise InvalidRequestError(
+                f"n is {n}, above the {slot.settings.max_queue} requests tier {slot.name} queues"
+                f" ({slot.name.upper()}_MAX_QUEUE)",
+                param="n",
+            )
+        if request.max_tokens > self.max_tokens_limit:
+            raise InvalidRequestError(
+                f"max_tokens is {request.max_tokens}, above this server's limit of {self.max_tokens_limit}"
+                " (MAX_TOKENS_LIMIT)",
+                param="max_tokens",
+            )
+        # Before the cache and the model's thread: tokenising a huge prompt would hold the tier.
+        check_prompt_length(request, slot.context_length or slot.settings.n_ctx)
+        record.tier = slot.name
+        streams: list[ChunkStream] = []
+        try:
+            for i in range(n):
+                seed = None if request.seed is None else (request.seed + i) % 2**32
+                streams.append(await self._start(kind, target, replace(request, seed=seed), record, background))
+        except BaseException:
+            for stream in streams:
+                stream.cancel()
+            raise
+        return streams
+
+    async def _start(
+        self, kind: str, target: Target, request: GenerationRequest, record: RequestRecord, background: bool
+    ) -> ChunkStream:
+        """One choice: replayed from the cache, or a job on the tier's worker."""
+        slot, adapter = target.slot, target.adapter
+        # A new file under the adapter's name gives new answers: its fingerprint is part of the key.
+        payload: Any = request if adapter is None else (request, adapter.fingerprint or adapter.path)
+        key = self.cache.key(kind, slot, payload) if _is_deterministic(request) else None
+        if key is not None:
+            hit = self.cache.get(key, CachedGeneration)
+            record.cache = "miss" if hit is None else "hit"
+            if hit is not None:
+                return _Replay(hit)
+        await self.registry.ensure_loaded(slot)
+        if adapter is not None:
+            if adapter.status == "failed":
+                raise ModelUnavailableError(
+                    f"Adapter {adapter.name} of tier {slot.name} failed to load: {adapter.error}"
+                )
+            adapter.requests += 1
+        stream = GENERATION.generate(slot, request, background=background)
+        return _Recording(stream, record, None if key is None else functools.partial(self.cache.put, key))
+
+    async def tokens(self, target: Target, request: GenerationRequest) -> Tokens:
+        """The prompt's tokens as generation would see them (chat template and tools applied),
+        under the prompt bound generation has: the tokenizer runs on the model's engine."""
+        slot = await self.registry.ensure_loaded(target.slot)
+        context = slot.context_length or slot.settings.n_ctx
+        check_prompt_length(request, context)
+        return Tokens(await GENERATION.tokenize(slot, request), context)
+
+    async def detokenize(self, model: str, ids: list[int]) -> str:
+        slot = await self.registry.ensure_loaded(self.target(model).slot)
+        return await GENERATION.detokenize(slot, ids)
+
+
+def _is_deterministic(request: GenerationRequest) -> bool:
+    # A cached answer keeps only its text: one that asked for logprobs is not served from it.
+    return (request.temperature == 0 or request.seed is not None) and not request.logprobs
+
+
+class _Replay:
+    """A cached generation as the chunks a live one would produce."""
+
+    def __init__(self, cached: CachedGeneration) -> None:
+        self._chunks = self._replay(cached)
+
+    @staticmethod
+    async def _replay(cached: CachedGeneration) -> AsyncIterator[Chunk]:
+        for piece in cached.pieces:
+            yield Chunk(piece)
+        finish: FinishReason = "length" if cached.finish_reason == "length" else "stop"
+        # The whole prompt was served from a cache: say so in usage.prompt_tokens_details.cached_tokens.
+        usage = Usage(cached.prompt_tokens, cached.completion_tokens, cached_tokens=cached.prompt_tokens)
+        yield Chunk("", finish_reason=finish, usage=usage)
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        return await anext(self._chunks)
+
+    def cancel(self) -> None:
+        pass
+
+
+class _Recording:
+    """A live job's chunks, noting time to first token and usage, and storing the result."""
+
+    def __init__(
+        self, stream: JobStream, record: RequestRecord, store: Callable[[CachedGeneration], None] | None
+    ) -> None:
+        self._stream = stream
+        self._record = record
+        self._store = store
+        self._pieces: list[str] = []
+        record.generated = True
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        try:
+            chunk = await anext(self._stream)
+        except LLMServiceError:
+            self._record.failed = True
+            raise
+        record = self._record
+        if record.ttft is None:
+            record.ttft = time.monotonic() - record.started
+        if chunk.text:
+            self._pieces.append(chunk.text)
+        if chunk.usage is not None:
+            usage = chunk.usage
+            # Several choices (n > 1) share one prompt: its tokens count once, generated ones add up.
+            record.prompt_tokens = max(record.prompt_tokens, usage.prompt_tokens)
+            record.completion_tokens += usage.completion_tokens
+            record.cached_tokens = max(record.cached_tokens, usage.cached_tokens)
+            if self._store is not None and chunk.finish_reason is not None:
+                self._store(
+                    CachedGeneration(self._pieces, chunk.finish_reason, usage.prompt_tokens, usage.completion_tokens)
+                )
+        return chunk
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+
+# -- what every generation API's adapter shares ------------------------------------------------
 
 
 def now() -> int:
@@ -115,24 +291,6 @@ def chat_logprobs(chunk: Chunk) -> ChoiceLogprobs | None:
     )
 
 
-def completion_logprobs(scored: tuple[Token, ...], offset: int) -> CompletionLogprobs | None:
-    """The legacy shape of scored tokens (a chunk's, or an echoed prompt's); `offset` is where
-    their text starts in the whole answer. A prompt's first token has no logprob: null, as OpenAI's."""
-    if not scored:
-        return None
-    tokens, offsets = [], []
-    for t in scored:
-        offsets.append(offset)
-        tokens.append(t.logprob.token if t.logprob else t.text)
-        offset += len(tokens[-1])
-    return CompletionLogprobs(
-        tokens,
-        [t.logprob.logprob if t.logprob else None for t in scored],
-        [{a.token: a.logprob for a in t.top_logprobs} if t.logprob else None for t in scored],
-        offsets,
-    )
-
-
 def _response_format(spec: ResponseFormatSpec | None) -> ResponseFormat | None:
     if spec is None or spec.type == "text":
         return None
@@ -175,138 +333,9 @@ async def collect(stream: ChunkStream) -> tuple[Chunk, UsageInfo]:
     return whole, usage_info(last.usage)
 
 
-async def collect_all(streams: list[ChunkStream]) -> list[tuple[Chunk, UsageInfo]]:
-    """Every choice's whole answer (see `collect`), run side by side."""
-    try:
-        return await asyncio.gather(*(collect(s) for s in streams))
-    finally:
-        for stream in streams:
-            stream.cancel()  # a no-op for finished jobs; stops the others when one failed
-
-
-def total_usage(usages: list[UsageInfo]) -> UsageInfo:
-    """Usage of several choices of one prompt: the prompt counts once, generated tokens add up."""
-    first = usages[0]
-    completion = sum(u.completion_tokens for u in usages)
-    return UsageInfo(first.prompt_tokens, completion, first.prompt_tokens + completion, first.prompt_tokens_details)
-
-
-class Fanout:
-    """Several choices' streams as one: chunks in the order they come, `index` naming the choice
-    of the chunk last returned. Each job's usage is held back and summed into one last chunk."""
-
-    def __init__(self, streams: list[ChunkStream]) -> None:
-        self._streams = streams
-        self._pending: dict[asyncio.Future[Chunk | None], int] = {}
-        self._usages: list[Usage] = []
-        self._started = False
-        self.index = 0
-
-    def __aiter__(self) -> Fanout:
-        return self
-
-    async def __anext__(self) -> Chunk:
-        if not self._started:
-            self._started = True
-            for i in range(len(self._streams)):
-                self._watch(i)
-        while self._pending:
-            done, _ = await asyncio.wait(self._pending, return_when=asyncio.FIRST_COMPLETED)
-            task = done.pop()
-            index = self._pending.pop(task)
-            chunk = task.result()  # a job's error ends the whole stream (cancel() stops the rest)
-            if chunk is None:
-                continue
-            self._watch(index)
-            self.index = index
-            if chunk.usage is None:
-                return chunk
-            self._usages.append(chunk.usage)
-            return replace(chunk, usage=None)
-        if self._usages:
-            usages, self._usages = self._usages, []
-            total = Usage(
-                usages[0].prompt_tokens,
-                sum(u.completion_tokens for u in usages),
-                cached_tokens=usages[0].cached_tokens,
-            )
-            return Chunk("", usage=total)
-        raise StopAsyncIteration
-
-    def _watch(self, index: int) -> None:
-        self._pending[asyncio.ensure_future(anext(self._streams[index], None))] = index
-
-    def cancel(self) -> None:
-        for task in self._pending:
-            task.cancel()
-        for stream in self._streams:
-            stream.cancel()
-
-
 async def first_chunk(stream: ChunkStream) -> Chunk:
     """Wait for the job to start producing, so prompt errors still become plain HTTP errors."""
     try:
         return await anext(stream)
     except StopAsyncIteration:
         return Chunk("", finish_reason="stop", usage=Usage(0, 0))
-
-
-def chat_messages(messages: list[ChatMessage]) -> tuple[dict[str, Any], ...]:
-    """Wire messages as engines take them (OpenAI-shaped dicts, tool calls and results included).
-    Our models read text only: an image, audio or file part is a 400 naming it, never dropped."""
-    for i, message in enumerate(messages):
-        if (j := message.unreadable_part()) is not None:
-            kind = message.content[j].type if isinstance(message.content, list) else "?"
-            raise InvalidRequestError(
-                f"messages[{i}].content[{j}]: this model reads text only and cannot take a {kind!r} part",
-                param=f"messages[{i}].content[{j}]",
-            )
-    return tuple(_message(m) for m in messages)
-
-
-def legacy_functions(data: ChatCompletionRequest) -> ChatCompletionRequest:
-    """Function calling from before `tools` (`functions`, `function_call`) as tools and a tool
-    choice; the answer then carries `message.function_call` (see `serve_chat`). One call at a time,
-    as that API had."""
-    if data.functions is None and data.function_call is None:
-        return data
-    if data.tools is not None:
-        raise InvalidRequestError("Send either tools or the legacy functions, not both", param="functions")
-    choice = data.function_call
-    named = NamedToolChoice(type="function", function=choice) if isinstance(choice, NamedFunction) else None
-    return msgspec.structs.replace(
-        data,
-        tools=[ToolSpec(type="function", function=f) for f in data.functions] if data.functions else None,
-        tool_choice=named or (choice if isinstance(choice, str) else None),
-        parallel_tool_calls=False,
-    )
-
-
-def chat_thinking(data: ChatCompletionRequest) -> ThinkingControl:
-    """Chat's reasoning controls (`reasoning_effort`, `chat_template_kwargs`) as one control; the
-    fields chat refuses (output a text model cannot make) fail here."""
-    if data.modalities and (other := [m for m in data.modalities if m != "text"]):
-        raise InvalidRequestError(f"modalities: this model answers in text only, not {other[0]!r}", param="modalities")
-    if data.audio is not None:
-        raise InvalidRequestError("audio: this model cannot answer with audio", param="audio")
-    return thinking_control(effort=data.reasoning_effort, template_kwargs=data.chat_template_kwargs)
-
-
-def _message(message: ChatMessage) -> dict[str, Any]:
-    # OpenAI's newer "developer" role is the system role for every chat template we know.
-    out: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role, "content": message.text()}
-    if message.tool_calls:
-        out["tool_calls"] = [
-            msgspec.structs.asdict(c) | {"function": msgspec.structs.asdict(c.function)} for c in message.tool_calls
-        ]
-    elif message.function_call is not None:  # the legacy form of an assistant's call
-        call = msgspec.structs.asdict(message.function_call)
-        out["tool_calls"] = [{"id": f"call_{call['name']}", "type": "function", "function": call}]
-    if message.role == "function":  # the legacy form of a tool result: templates know "tool"
-        out["role"] = "tool"
-        out.setdefault("tool_call_id", f"call_{message.name}")
-    if message.tool_call_id is not None:
-        out["tool_call_id"] = message.tool_call_id
-    if message.name is not None:
-        out["name"] = message.name
-    return out

@@ -6,16 +6,24 @@ tool_use), streamed with Anthropic's event types."""
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Literal
 
-from backends.base import Chunk, GenerationRequest
+from backends.base import Chunk
 from kernel.errors import LLMServiceError
+from service.ids import new_id
 from service.metrics import RequestRecord
 from service.schemas.common import SamplingFields, UsageInfo
-from service.schemas.messages import Message, MessagesRequest, MessageUsage, TextBlock, ThinkingBlock, ToolUseBlock
+from service.schemas.messages import (
+    CountTokensRequest,
+    Message,
+    MessagesRequest,
+    MessageUsage,
+    TextBlock,
+    ThinkingBlock,
+    ToolUseBlock,
+)
 from service.schemas.stream_events import (
     ContentBlockDelta,
     ContentBlockStart,
@@ -35,21 +43,18 @@ from service.schemas.stream_events import (
     named_frame,
 )
 from service.serving.answer import Answer
-from service.serving.dispatch import Dispatcher
-from service.serving.generation import collect, engine_request, first_chunk
+from service.serving.generation import Generation, collect, engine_request, first_chunk
 from service.serving.message_blocks import message_prompt
 from service.serving.streaming import event_stream
-from service.tiers.registry import Registry
-from service.tiers.slots import TierSlot
-from service.tiers.workers import ChunkStream
 
 
 async def create_message(
-    data: MessagesRequest, registry: Registry, dispatch: Dispatcher, record: RequestRecord
+    data: MessagesRequest, generation: Generation, record: RequestRecord
 ) -> Message | AsyncGenerator[bytes, None]:
     """The whole message, or its SSE events once the job has started (so a prompt error is still
     a plain error)."""
-    slot, adapter = registry.generation_target(data.model, data.adapter)
+    target = generation.target(data.model, data.adapter)
+    slot = target.slot
     prompt = message_prompt(data)
     fields = SamplingFields(
         model=data.model, temperature=data.temperature, top_p=data.top_p, top_k=data.top_k, stop=data.stop_sequences
@@ -61,11 +66,11 @@ async def create_message(
         messages=prompt.messages,
         tools=prompt.plan.tools,
         constraint=prompt.plan.forced or prompt.format,
-        adapter=adapter,
+        adapter=target.adapter_name,
         thinking=prompt.thinking,
     )
-    stream = await _generate(dispatch, slot, request, record)
-    mid = _id("msg")
+    [stream] = await generation.generate("chat", target, request, record)  # chat's work: one cache
+    mid = new_id("msg_")
     answer = Answer(slot, prompt.plan, constrained=prompt.format is not None, thinking=request.thinking)
     if not data.stream:
         whole, usage = await collect(stream)
@@ -77,22 +82,26 @@ async def create_message(
         opening=[MessageStart(StartedMessage(id=mid, model=data.model))],
         piece=_MessageStream(answer).piece,
         usage_event=None,
-        drain=dispatch.drain,
+        drain=generation.drain,
         frame=named_frame,
         error=_error,
         done=b"",
     )
 
 
-async def _generate(
-    dispatch: Dispatcher, slot: TierSlot, request: GenerationRequest, record: RequestRecord
-) -> ChunkStream:
-    """The one way into the generation path: the same work as chat, so one cache."""
-    return await dispatch.generate("chat", slot, request, record)
-
-
-def _id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:24]}"
+async def count_tokens(data: CountTokensRequest, generation: Generation) -> int:
+    """The prompt's tokens as `create_message` would feed them, under the same bound as /tokenize."""
+    target = generation.target(data.model)  # an adapter does not change tokens
+    prompt = message_prompt(data)
+    request = engine_request(
+        SamplingFields(model=data.model),
+        target.slot.settings,
+        max_tokens=1,
+        messages=prompt.messages,
+        tools=prompt.plan.tools,
+        thinking=prompt.thinking,
+    )
+    return len((await generation.tokens(target, request)).ids)
 
 
 def _message(mid: str, model: str, answer: Answer, whole: Chunk, usage: UsageInfo) -> Message:
@@ -102,7 +111,7 @@ def _message(mid: str, model: str, answer: Answer, whole: Chunk, usage: UsageInf
         content.append(ThinkingBlock(thinking=parts.reasoning))
     if parts.content:
         content.append(TextBlock(text=parts.content))
-    content += [ToolUseBlock(id=_id("toolu"), name=c.name, input=json.loads(c.arguments)) for c in found]
+    content += [ToolUseBlock(id=new_id("toolu_"), name=c.name, input=json.loads(c.arguments)) for c in found]
     cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
     return Message(
         mid,
@@ -148,7 +157,7 @@ class _MessageStream:
         for call in found:
             self.index += 1
             events += [
-                ContentBlockStart(self.index, ToolUseBlock(id=_id("toolu"), name=call.name, input={})),
+                ContentBlockStart(self.index, ToolUseBlock(id=new_id("toolu_"), name=call.name, input={})),
                 ContentBlockDelta(self.index, InputJsonDelta(call.arguments)),
                 ContentBlockStop(self.index),
             ]

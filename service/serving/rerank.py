@@ -7,6 +7,7 @@ from typing import Any
 from kernel.errors import InvalidRequestError
 from rerankers.base import RerankResult
 from service.cache import ResponseCache
+from service.ids import new_id
 from service.metrics import RequestRecord
 from service.schemas.rerank import (
     CohereDocument,
@@ -20,7 +21,6 @@ from service.schemas.rerank import (
 )
 from service.security import check_batch_size
 from service.serving.cached import lookup
-from service.serving.generation import new_id
 from service.serving.input_limits import clip_texts
 from service.tiers.families import RERANK
 from service.tiers.registry import Registry
@@ -72,7 +72,7 @@ def _answer(
         return [TeiResult(r.index, r.score, docs[r.index] if data.return_text else None) for r in results]
     keep = data.return_documents
     return RerankResponse(
-        id=new_id("rerank"),
+        id=new_id("rerank-"),
         model=data.model,
         data=[SeedResult(r.index, r.score, docs[r.index] if keep else None) for r in results],
         results=[CohereResult(r.index, r.score, CohereDocument(docs[r.index]) if keep else None) for r in results],

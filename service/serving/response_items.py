@@ -5,7 +5,6 @@ parsed call back as the item the client expects), the tool plan and the text for
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
@@ -13,6 +12,7 @@ import msgspec
 
 from backends.tools import ToolCall
 from kernel.errors import InvalidRequestError
+from service.ids import new_id
 from service.schemas.chat import FunctionSpec, ToolSpec
 from service.schemas.common import JsonSchemaSpec, ResponseFormatSpec
 from service.schemas.responses import (
@@ -28,12 +28,6 @@ from service.schemas.responses import (
     ToolDef,
 )
 from service.serving.tool_calls import ToolMode, ToolPlan, make_plan, tool_dicts
-
-
-def item_id(prefix: str) -> str:
-    """Ids as OpenAI writes them: `<prefix>_` and 24 hex digits (stored responses are found by that shape)."""
-    return f"{prefix}_{uuid.uuid4().hex[:24]}"
-
 
 _Kind = Literal["function", "custom", "local_shell"]  # how a call comes back
 
@@ -74,10 +68,10 @@ class ResponseTools:
     def item(self, call: ToolCall) -> OutputItem:
         kind, name, namespace = self.kinds.get(call.name, ("function", call.name, None))
         if kind == "custom":
-            return OutputCustomToolCall(item_id("ctc"), item_id("call"), name, _custom_input(call.arguments))
+            return OutputCustomToolCall(new_id("ctc_"), new_id("call_"), name, _custom_input(call.arguments))
         if kind == "local_shell":
-            return OutputLocalShellCall(item_id("lsh"), item_id("call"), _shell_action(call.arguments))
-        return OutputFunctionCall(item_id("fc"), item_id("call"), name, call.arguments, namespace=namespace)
+            return OutputLocalShellCall(new_id("lsh_"), new_id("call_"), _shell_action(call.arguments))
+        return OutputFunctionCall(new_id("fc_"), new_id("call_"), name, call.arguments, namespace=namespace)
 
 
 def _named(tool: ToolDef, param: str) -> ToolDef:
@@ -251,7 +245,7 @@ def stored_input(items: list[InputItem]) -> list[dict[str, Any]]:
     for item in items:
         entry: dict[str, Any] = msgspec.to_builtins(item)
         entry["type"] = item.type
-        entry.setdefault("id", item_id(_ITEM_PREFIXES.get(item.type, "item")))
+        entry.setdefault("id", new_id(_ITEM_PREFIXES.get(item.type, "item") + "_"))
         if item.type == "message":
             if isinstance(item.content, str) or item.content is None:
                 kind = "output_text" if item.role == "assistant" else "input_text"

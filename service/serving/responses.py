@@ -12,9 +12,10 @@ from typing import Literal
 
 import msgspec
 
-from backends.base import Chunk, GenerationRequest
+from backends.base import Chunk
 from backends.tools import ToolCall
 from kernel.errors import InvalidRequestError, LLMServiceError, NotFoundError
+from service.ids import new_id
 from service.metrics import RequestRecord
 from service.schemas.common import SamplingFields, TokenLogprob, UsageInfo
 from service.schemas.responses import (
@@ -61,11 +62,9 @@ from service.schemas.stream_events import (
     named_frame,
 )
 from service.serving.answer import Answer
-from service.serving.dispatch import Dispatcher
-from service.serving.generation import chat_logprobs, collect, engine_request, first_chunk, now, usage_info
+from service.serving.generation import Generation, chat_logprobs, collect, engine_request, first_chunk, now, usage_info
 from service.serving.response_items import (
     ResponseTools,
-    item_id,
     prompt_messages,
     response_format,
     stored_input,
@@ -76,8 +75,6 @@ from service.serving.response_store import ResponseStore
 from service.serving.streaming import event_stream
 from service.serving.thinking import thinking_control
 from service.tiers.registry import Registry
-from service.tiers.slots import TierSlot
-from service.tiers.workers import ChunkStream
 
 _INCLUDES = {
     "message.output_text.logprobs",  # logprobs on output_text parts (top_logprobs alternatives)
@@ -90,15 +87,15 @@ _INCLUDES = {
 async def create_response(
     data: ResponsesRequest,
     body: Callable[[], Awaitable[bytes]],
-    registry: Registry,
-    dispatch: Dispatcher,
+    generation: Generation,
     record: RequestRecord,
     responses: ResponseStore,
 ) -> Response | AsyncGenerator[bytes, None]:
     """The whole response, or its SSE events once the job has started (so a prompt error is still
     a plain error). `body`: the request as sent, read only to echo hosted tools' own fields."""
     _check_supported(data)
-    slot, adapter = registry.generation_target(data.model, data.adapter)
+    target = generation.target(data.model, data.adapter)
+    slot = target.slot
     tools = ResponseTools(data.tools or ())
     plan = tool_plan(data, tools)
     prior = _prior(responses, data.previous_response_id)
@@ -121,13 +118,15 @@ async def create_response(
         constraint=plan.forced,
         logprobs=logprobs,
         top_logprobs=data.top_logprobs or 0,
-        adapter=adapter,
+        adapter=target.adapter_name,
         thinking=thinking_control(effort=data.reasoning.effort if data.reasoning is not None else None),
     )
-    stream = await _generate(dispatch, slot, request, record)
+    [stream] = await generation.generate("chat", target, request, record)  # chat's work: one cache
     answer = Answer(slot, plan, constrained=request.response_format is not None, thinking=request.thinking)
     shell = _shell(data, await tools_echo(data, body), slot.settings.temperature, slot.settings.top_p)
-    out = _Output(tools, data.max_tool_calls, _summarise(data), logprobs, _keeper(data, registry, responses, items))
+    out = _Output(
+        tools, data.max_tool_calls, _summarise(data), logprobs, _keeper(data, generation.registry, responses, items)
+    )
     if not data.stream:
         whole, usage = await collect(stream)
         return out.whole(shell, answer, whole, usage)
@@ -139,18 +138,11 @@ async def create_response(
         opening=state.opening(),
         piece=state.piece,
         usage_event=None,
-        drain=dispatch.drain,
+        drain=generation.drain,
         frame=named_frame,
         error=state.error,
         done=b"",
     )
-
-
-async def _generate(
-    dispatch: Dispatcher, slot: TierSlot, request: GenerationRequest, record: RequestRecord
-) -> ChunkStream:
-    """The one way into the generation path: the same work as chat, so one cache."""
-    return await dispatch.generate("chat", slot, request, record)
 
 
 def input_page(
@@ -239,7 +231,7 @@ def _shell(data: ResponsesRequest, tools: list[dict[str, object]], temperature: 
     """The response as it stands before any output (echoing the request as OpenAI does)."""
     choice = data.tool_choice
     return Response(
-        id=item_id("resp"),
+        id=new_id("resp_"),
         created_at=now(),
         model=data.model,
         status="in_progress",
@@ -299,11 +291,11 @@ class _Output:
         parts, calls = answer.split(whole.text)
         output: list[OutputItem] = []
         if parts.reasoning:
-            output.append(_reasoning(item_id("rs"), parts.reasoning, self.summarise))
+            output.append(_reasoning(new_id("rs_"), parts.reasoning, self.summarise))
         if parts.content or not calls:
             text = OutputText(parts.content, logprobs=_logprobs(whole) if self.logprobs else [])
             cut = whole.finish_reason == "length" and not calls
-            output.append(OutputMessage(item_id("msg"), [text], "incomplete" if cut else "completed"))
+            output.append(OutputMessage(new_id("msg_"), [text], "incomplete" if cut else "completed"))
         output += [self.tools.item(c) for c in calls[: self.max_calls]]
         return self.done(shell, output, whole, usage, bool(calls))
 
@@ -395,9 +387,9 @@ class _ResponseStream:
     def _start(self, kind: Literal["reasoning", "message"]) -> list[ResponseEvent]:
         index = len(self.output)
         if kind == "reasoning":
-            self.open = _Open(kind, item_id("rs"))
+            self.open = _Open(kind, new_id("rs_"))
             return [OutputItemAdded(self._next(), index, OutputReasoning(self.open.id, [], status="in_progress"))]
-        iid = item_id("msg")
+        iid = new_id("msg_")
         self.open = _Open(kind, iid)
         return [
             OutputItemAdded(self._next(), index, OutputMessage(iid, [], status="in_progress")),

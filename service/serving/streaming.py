@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,30 +14,13 @@ from litestar.response import Stream
 from backends.base import Chunk
 from kernel.errors import LLMServiceError, ModelUnavailableError
 from service.schemas.common import UsageInfo
+from service.serving.drain import Drain
 from service.serving.generation import usage_info
 from service.tiers.workers import ChunkStream
 
 log = logging.getLogger(__name__)
 _encode = msgspec.json.Encoder().encode
 _DRAIN_POLL = 0.25  # seconds between checks, while waiting for a token, of whether shutdown is due
-
-
-class Drain:
-    """Set when the server starts shutting down. uvicorn cuts open connections DRAIN_SECONDS later
-    (a chunked body cut mid-stream); streams still open a second before that end with an error
-    event and `[DONE]` instead, so clients see why."""
-
-    def __init__(self) -> None:
-        self.deadline: float | None = None
-
-    def begin(self, seconds: float) -> None:
-        """Called from the signal handler: only stores a float, which streams poll."""
-        if self.deadline is None:
-            self.deadline = time.monotonic() + max(0.0, seconds - 1.0)
-
-    @property
-    def due(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
 
 
 class EventStream(Stream):

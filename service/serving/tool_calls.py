@@ -9,7 +9,6 @@ held back, and the calls go out as OpenAI-shaped deltas at the end.
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -18,6 +17,7 @@ import msgspec
 from backends.base import ResponseFormat
 from backends.tools import START_MARKERS, ToolCall, ToolFormat, forced_call_schema, parse_forced, parse_tool_calls
 from kernel.errors import InvalidRequestError
+from service.ids import new_id
 from service.schemas.chat import (
     ChatCompletionRequest,
     FunctionCall,
@@ -151,7 +151,7 @@ class ToolCallFilter:
 
 
 def wire_calls(calls: list[ToolCall]) -> list[WireToolCall]:
-    return [WireToolCall(id=_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
+    return [WireToolCall(id=new_id("call_"), function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
 
 
 def call_deltas(calls: list[WireToolCall]) -> list[list[ToolCallDelta]]:
@@ -161,7 +161,3 @@ def call_deltas(calls: list[WireToolCall]) -> list[list[ToolCallDelta]]:
         out.append([ToolCallDelta(index, FunctionDelta(name=call.function.name, arguments=""), call.id, "function")])
         out.append([ToolCallDelta(index, FunctionDelta(arguments=call.function.arguments))])
     return out
-
-
-def _call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 from kernel.config import MAX_ADAPTERS, TierSettings
@@ -242,11 +243,11 @@ class Registry:
             )
         return slot
 
-    def generation_target(self, model: str, adapter: str | None = None) -> tuple[TierSlot, str | None]:
+    def generation_target(self, model: str, adapter: str | None = None) -> Target:
         """The generation tier and LoRA adapter a request names: `model: "<model>:<adapter>"` (where
         `<model>` names a tier exactly) and/or the `adapter` field. 404 adapter_not_found for an
         adapter the tier does not have. Every generating route (HTTP, WebSocket, batch lines, RAG
-        chat) resolves its model here."""
+        chat) resolves its model here, once: the target carries the adapter's record on."""
         named = self._adapter_in_name(model)
         if named is None:
             slot, param = self.generation_slot(model), "adapter"
@@ -257,9 +258,7 @@ class Registry:
                     f"model names adapter {shown(named[1])} but adapter is {shown(adapter)}", param="adapter"
                 )
             adapter = named[1]
-        if adapter is not None:
-            self.adapter(slot, adapter, param=param)
-        return slot, adapter
+        return Target(slot, None if adapter is None else self.adapter(slot, adapter, param=param))
 
     async def tier_for(self, model: str, tier: str) -> TierSlot:
         """The `tier` (embedding or reranker) that `model` names, loaded."""
@@ -340,6 +339,18 @@ class Registry:
     # -- views -----------------------------------------------------------------------------
     def uptime(self) -> float:
         return time.time() - self.started
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a generation request goes: its tier, and the LoRA adapter it names (if any)."""
+
+    slot: TierSlot
+    adapter: AdapterRecord | None
+
+    @property
+    def adapter_name(self) -> str | None:
+        return None if self.adapter is None else self.adapter.name
 
 
 class _Closable(Protocol):
