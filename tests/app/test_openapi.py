@@ -1,7 +1,8 @@
 """The OpenAPI document (`/schema/openapi.json`) and a bounded schemathesis run against it.
 
-The fuzz run is the document's contract: the real app (Gemma on llama.cpp, default security),
-requests generated from the document, answers checked against it: never a 5xx, only documented
+The fuzz run is the document's contract: the real app (default security) on the fake engines, a
+light tier named like Gemma (the document and the wire are the app's; the engines' own contracts
+are tests/engines' and tests/api's), requests generated from the document, answers checked against it: never a 5xx, only documented
 statuses, content types, headers and bodies, and bodies that break the schema refused with a 4xx.
 """
 
@@ -29,6 +30,7 @@ from schemathesis.specs.openapi.checks import (
 
 from service.app import create_app
 from service.settings import parse_settings
+from service.testing import fake_engines
 from tests.live import LiveServer, live_server
 
 ERRORS = {"400", "401", "403", "404", "413", "415", "429", "503"}
@@ -89,17 +91,14 @@ def test_document_asks_for_keys_when_they_are_on() -> None:
 
 
 @pytest.fixture(scope="module")
-def fuzzed_server(gemma_gguf: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+def fuzzed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     env = {
         "COLLECTIONS_DIR": str(tmp_path_factory.mktemp("collections")),  # fuzzed names must stay in here
-        "LIGHT_MODEL_PATH": gemma_gguf,
-        "LIGHT_BACKEND": "llamacpp",
+        "LIGHT_MODEL_PATH": "fake/gemma-3-270m",
         "LIGHT_N_CTX": "256",
         "MAX_TOKENS_LIMIT": "4",
-        # One thread: on a busy machine llama.cpp's spinning threads take seconds a token, not ms.
-        "LIGHT_N_THREADS": "1",
     }
-    with live_server(env, wait_for=("light",)) as live:
+    with live_server(env, wait_for=("light",), engines=fake_engines()) as live:
         yield live
 
 
