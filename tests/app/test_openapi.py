@@ -1,9 +1,10 @@
 """The OpenAPI document (`/schema/openapi.json`) and a bounded schemathesis run against it.
 
-The fuzz run is the document's contract: the real app (default security) on the fake engines, a
-light tier named like Gemma (the document and the wire are the app's; the engines' own contracts
-are tests/engines' and tests/api's), requests generated from the document, answers checked against it: never a 5xx, only documented
-statuses, content types, headers and bodies, and bodies that break the schema refused with a 4xx.
+The fuzz run is the document's contract: the real app (default security) on the fake engines, the
+light tier named like Gemma (the document and the wire are the app's; the engines' contracts are
+tests/engines' and tests/api's), requests generated from the document, answers checked against it:
+never a 5xx, only documented statuses, content types, headers and bodies, and bodies that break the
+schema refused with a 4xx. Generating the requests is the cost (about a minute per mode), not serving them.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from service.testing import fake_engines
 from tests.live import LiveServer, live_server
 
 ERRORS = {"400", "401", "403", "404", "413", "415", "429", "503"}
-MAX_EXAMPLES = 60  # per operation and generation mode: about a minute in all here
+MAX_EXAMPLES = 60  # per operation and generation mode
 STATUSES: Counter[str] = Counter()
 CHECKS = [
     not_a_server_error,
