@@ -33,3 +33,9 @@ def fake_engines(
         FakeBackend, reply=reply, token_seconds=token_seconds, load_seconds=load_seconds, fails_to_load=fails_to_load
     )
     return EngineFactories(backend=backend, embedder=FakeEmbedder, reranker=FakeReranker)
+
+
+def counting(prompt: str) -> str:
+    """A reply long enough to stream through an unload, a keep-alive or a busy check: 4, 5, ... 999,
+    one number a token (with `token_seconds`, as slow as a test needs)."""
+    return "".join(f"{i}," for i in range(4, 1000))

@@ -15,16 +15,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.testing import fake_engines
+from service.testing import counting, fake_engines
 from service.tiers.families import EngineFactories
 from tests.live import LiveServer, fake_app, live_server
 
 CHAT = {"model": "light", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 
 
-def counting(token_seconds: float) -> EngineFactories:
-    """Streams long enough to unload or wait during: one number a token, `token_seconds` each."""
-    return fake_engines(reply=lambda prompt: "".join(f"{i}," for i in range(4, 1000)), token_seconds=token_seconds)
+def counting_engines(token_seconds: float) -> EngineFactories:
+    return fake_engines(reply=counting, token_seconds=token_seconds)
 
 
 def wait_until(predicate: Callable[[], bool], seconds: float = 30) -> None:
@@ -99,7 +98,10 @@ def test_a_long_stream_keeps_its_model_past_keep_alive() -> None:
            "MEDIUM_MODEL_PATH": "fake/medium", "MEDIUM_KEEP_ALIVE": "1"}  # fmt: skip
     body = {"model": "light", "prompt": "Count: 1, 2, 3,", "max_tokens": 400, "stream": True}
     # 400 tokens take 3.2 s: well past the keep-alive and the unloader's tick.
-    with live_server(env, wait_for=("light", "medium"), engines=counting(0.008)) as server, server.client() as http:
+    with (
+        live_server(env, wait_for=("light", "medium"), engines=counting_engines(0.008)) as server,
+        server.client() as http,
+    ):
         worker = server.app.state.registry.slots["light"].worker
         with http.stream("POST", "/v1/completions", json=body) as res:
             lines = res.iter_lines()
@@ -117,7 +119,7 @@ def test_a_long_stream_keeps_its_model_past_keep_alive() -> None:
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
     env = {"LIGHT_MODEL_PATH": "fake/light", "LIGHT_N_CTX": "1024", "LIGHT_TEMPERATURE": "0"}
-    with live_server(env, wait_for=("light",), engines=counting(0.003)) as live:
+    with live_server(env, wait_for=("light",), engines=counting_engines(0.003)) as live:
         yield live
 
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.testing import fake_engines
+from service.testing import counting, fake_engines
 from tests.live import LiveServer, live_server
 
 CHAT = {"model": "light", "messages": [{"role": "user", "content": "Hi there"}], "max_tokens": 6, "temperature": 0}
@@ -47,7 +47,7 @@ def traffic(model_file: str) -> Iterator[tuple[LiveServer, dict[str, int]]]:
     """A fresh server and a known mix of requests: what the tests below must find in the numbers."""
     env = {"LIGHT_MODEL_PATH": model_file, "LIGHT_N_CTX": "512", "ENABLE_CACHE": "true"}
     # Counting, a few ms a token: a long stream is still running while the stats are read.
-    engines = fake_engines(reply=lambda prompt: "".join(f"{i}," for i in range(4, 1000)), token_seconds=0.003)
+    engines = fake_engines(reply=counting, token_seconds=0.003)
     with live_server(env, wait_for=("light",), engines=engines) as server, server.client() as http:
         tokens = {"completion": 0, "prompt": 0}
         miss = http.post("/v1/chat/completions", json=CHAT)
