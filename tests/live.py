@@ -22,6 +22,7 @@ from service.settings import parse_settings
 from service.testing import fake_engines
 from service.tiers.families import EngineFactories
 from service.tiers.slots import TierState
+from service.tiers.workers import GenerationWorker
 
 
 class LiveServer:
@@ -123,3 +124,31 @@ def completion_text(res: httpx.Response) -> str:
     """A 200 completion's text (choice 0)."""
     assert res.status_code == 200, res.text
     return str(res.json()["choices"][0]["text"])
+
+
+def assert_second_answer_is_cached(http: httpx.Client, worker: GenerationWorker, chat: dict[str, object]) -> None:
+    """A deterministic chat asked twice: the second answer comes from the response cache (same text
+    and usage, cached prompt tokens, a fresh id) and the model does not run again."""
+    first = http.post("/v1/chat/completions", json=chat)
+    assert first.status_code == 200, first.text
+    assert first.headers["X-Cache"] == "MISS"
+    deadline = time.monotonic() + 10
+    while worker.busy and time.monotonic() < deadline:  # the worker counts a job just after its last chunk
+        time.sleep(0.01)
+    processed = worker.processed
+    second = http.post("/v1/chat/completions", json=chat)
+    assert second.status_code == 200, second.text
+    assert second.headers["X-Cache"] == "HIT"
+    assert second.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+    usage = second.json()["usage"]
+    assert usage["completion_tokens"] == first.json()["usage"]["completion_tokens"]
+    assert (
+        usage["prompt_tokens_details"]["cached_tokens"]
+        == usage["prompt_tokens"]
+        == first.json()["usage"]["prompt_tokens"]
+    )
+    assert second.json()["id"] != first.json()["id"]  # a fresh envelope around the cached result
+    assert worker.processed == processed  # the model did not run
+    stats = http.get("/v1/cache/stats").json()["response"]
+    assert (stats["hits"], stats["misses"], stats["entries"]) == (1, 1, 1) and stats["bytes"] > 0
+    assert stats["hit_rate"] == 0.5

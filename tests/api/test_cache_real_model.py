@@ -5,13 +5,12 @@ app: tests/app/test_cache.py, on the fake engines."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.live import LiveServer, live_server
+from tests.live import LiveServer, assert_second_answer_is_cached, live_server
 
 MSG = [{"role": "user", "content": "Tell me about cats."}]
 CHAT = {"model": "light", "messages": MSG, "max_tokens": 12, "temperature": 0}
@@ -31,34 +30,9 @@ def http(server: LiveServer) -> Iterator[httpx.Client]:
         yield client
 
 
-def content(res: httpx.Response) -> str:
-    assert res.status_code == 200, res.text
-    return str(res.json()["choices"][0]["message"]["content"])
-
-
 def test_deterministic_request_hits_the_second_time(server: LiveServer, http: httpx.Client) -> None:
     worker = server.app.state.registry.slots["light"].worker
-    first = http.post("/v1/chat/completions", json=CHAT)
-    assert first.headers["X-Cache"] == "MISS"
-    deadline = time.monotonic() + 10
-    while worker.busy and time.monotonic() < deadline:  # the worker counts a job just after its last chunk
-        time.sleep(0.01)
-    processed = worker.processed
-    second = http.post("/v1/chat/completions", json=CHAT)
-    assert second.headers["X-Cache"] == "HIT"
-    assert content(second) == content(first)
-    usage = second.json()["usage"]
-    assert usage["completion_tokens"] == first.json()["usage"]["completion_tokens"]
-    assert (
-        usage["prompt_tokens_details"]["cached_tokens"]
-        == usage["prompt_tokens"]
-        == first.json()["usage"]["prompt_tokens"]
-    )
-    assert second.json()["id"] != first.json()["id"]  # a fresh envelope around the cached result
-    assert worker.processed == processed  # the model did not run
-    stats = http.get("/v1/cache/stats").json()["response"]
-    assert (stats["hits"], stats["misses"], stats["entries"]) == (1, 1, 1) and stats["bytes"] > 0
-    assert stats["hit_rate"] == 0.5
+    assert_second_answer_is_cached(http, worker, CHAT)
 
 
 def test_clear_prefix_cache(http: httpx.Client) -> None:

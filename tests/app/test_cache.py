@@ -16,7 +16,7 @@ from litestar.testing import TestClient
 
 from service.cache import FILE_NAME, ResponseCache
 from service.testing import fake_engines
-from tests.live import fake_app, live_server
+from tests.live import assert_second_answer_is_cached, fake_app, live_server
 
 MSG = [{"role": "user", "content": "Tell me about cats."}]
 CHAT = {"model": "light", "messages": MSG, "max_tokens": 12, "temperature": 0}
@@ -57,27 +57,7 @@ def stream_events(http: httpx.Client, body: dict[str, object]) -> tuple[httpx.He
 
 def test_deterministic_request_hits_the_second_time(http: TestClient) -> None:  # type: ignore[type-arg]
     worker = http.app.state.registry.slots["light"].worker
-    first = http.post("/v1/chat/completions", json=CHAT)
-    assert first.headers["X-Cache"] == "MISS"
-    deadline = time.monotonic() + 10
-    while worker.busy and time.monotonic() < deadline:  # the worker counts a job just after its last chunk
-        time.sleep(0.01)
-    processed = worker.processed
-    second = http.post("/v1/chat/completions", json=CHAT)
-    assert second.headers["X-Cache"] == "HIT"
-    assert content(second) == content(first)
-    usage = second.json()["usage"]
-    assert usage["completion_tokens"] == first.json()["usage"]["completion_tokens"]
-    assert (
-        usage["prompt_tokens_details"]["cached_tokens"]
-        == usage["prompt_tokens"]
-        == first.json()["usage"]["prompt_tokens"]
-    )
-    assert second.json()["id"] != first.json()["id"]  # a fresh envelope around the cached result
-    assert worker.processed == processed  # the model did not run
-    stats = http.get("/v1/cache/stats").json()["response"]
-    assert (stats["hits"], stats["misses"], stats["entries"]) == (1, 1, 1) and stats["bytes"] > 0
-    assert stats["hit_rate"] == 0.5
+    assert_second_answer_is_cached(http, worker, CHAT)
 
 
 def test_every_output_parameter_is_part_of_the_key(http: TestClient) -> None:  # type: ignore[type-arg]
