@@ -1,4 +1,4 @@
-"""The response cache for answers that depend on the request alone (embeddings, rerank).
+"""Asking the response cache, for every family (generation when deterministic, embeddings, rerank).
 
 Asked before the tier is loaded: a hit never loads a model, nor waits for one."""
 

@@ -31,6 +31,7 @@ from service.schemas.common import (
     TopLogprob,
     UsageInfo,
 )
+from service.serving.cached import lookup
 from service.serving.drain import Drain
 from service.serving.input_limits import check_prompt_length
 from service.serving.schema_limits import check_schema
@@ -111,12 +112,13 @@ class Generation:
         slot, adapter = target.slot, target.adapter
         # A new file under the adapter's name gives new answers: its fingerprint is part of the key.
         payload: Any = request if adapter is None else (request, adapter.fingerprint or adapter.path)
-        key = self.cache.key(kind, slot, payload) if _is_deterministic(request) else None
-        if key is not None:
-            hit = self.cache.get(key, CachedGeneration)
-            record.cache = "miss" if hit is None else "hit"
-            if hit is not None:
-                return _Replay(hit)
+        key, hit = (
+            lookup(self.cache, kind, slot, payload, CachedGeneration, record)
+            if _is_deterministic(request)
+            else (None, None)
+        )
+        if hit is not None:
+            return _Replay(hit)
         await self.registry.ensure_loaded(slot)
         if adapter is not None:
             if adapter.status == "failed":
