@@ -1,6 +1,6 @@
 """Many concurrent streams: llmservice vs llama-server at 1, 16, 32 and 64 streams (issue 24).
 
-    python bench/bench_streams.py [--model GGUF] [--streams 1,16,32,64] [--tokens 128] [--rounds 3]
+    python bench/bench_streams.py [--model GGUF] [--streams 1,16,32,64] [--tokens 128] [--rounds 5]
         [--repeat-penalty tier,1.0] [--gpu-layers N] [--stagger 0.005] [--logs DIR] [--profile FILE]
 
 For each stream count N, both servers start sized to it (llmservice `MAX_BATCH=N`, llama-server
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--model", default=str(TINY32K), help="a GGUF path")
     parser.add_argument("--streams", default="1,16,32,64")
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeat-penalty", default="tier,1.0", help="comma list: tier or numbers")
     parser.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded to the GPU, -1 = all")
     parser.add_argument("--stagger", type=float, default=0.005, help="seconds between the streams' arrivals")
