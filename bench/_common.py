@@ -11,7 +11,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,23 +36,29 @@ def process(
     env: dict[str, str] | None = None,
     ready: str | None = None,
     timeout: float = 180,
+    log: Path | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run a server until `ready_url` answers 200 (and contains `ready`, if given), in an empty
     working folder: llmservice would otherwise read the checkout's `.env` (start_service.sh writes
-    one) and load its tiers beside the benchmark's."""
+    one) and load its tiers beside the benchmark's. Its output goes to `log` when given (a server
+    that dies before it is ready raises with the log's tail), otherwise nowhere."""
     folder = tempfile.TemporaryDirectory(prefix="bench-cwd-")
+    out = log.open("wb") if log else None
     proc = subprocess.Popen(
         list(cmd),
         cwd=folder.name,
         env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=out or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT if out else subprocess.DEVNULL,
     )
+    if out:
+        out.close()  # the server holds its own descriptor
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}")
+                ending = f"; end of {log}:\n{tail(log)}" if log else ""
+                raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}{ending}")
             try:
                 res = httpx.get(ready_url, timeout=2)
                 if res.status_code == 200 and (ready is None or ready in res.text):
@@ -70,6 +76,10 @@ def process(
         except subprocess.TimeoutExpired:
             proc.kill()
         folder.cleanup()
+
+
+def tail(log: Path, lines: int = 20) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
 def llmservice(env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
@@ -153,10 +163,16 @@ SAMPLING: dict[str, object] = {"temperature": 0, "top_k": 40, "top_p": 0.95, "mi
 
 
 def concurrent_streams(
-    url: str, model: str, streams: int, tokens: int, tag: str, stagger: float = 0.05
+    url: str,
+    model: str,
+    streams: int,
+    tokens: int,
+    tag: str,
+    stagger: float = 0.05,
+    sampling: Mapping[str, object] = SAMPLING,
 ) -> tuple[float, list[StreamTiming]]:
-    """`streams` simultaneous streaming completions of PROMPT: aggregate tokens/s over the wall time,
-    and the streams that finished, in arrival order."""
+    """`streams` simultaneous streaming completions of PROMPT (sampled with `sampling`): aggregate
+    tokens/s over the wall time, and the streams that finished, in arrival order."""
     results: list[StreamTiming | None] = [None] * streams
 
     def run(i: int) -> None:
@@ -164,7 +180,7 @@ def concurrent_streams(
             "model": model,
             "prompt": PROMPT.format(i=f"{tag}-{streams}-{i}"),
             "max_tokens": tokens,
-            **SAMPLING,
+            **sampling,
             "stream_options": {"include_usage": True},
         }
         try:

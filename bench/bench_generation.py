@@ -61,7 +61,7 @@ class Contender:
 
 
 @contextmanager
-def ours(model: str, parallel: int, gpu_layers: int) -> Iterator[Contender]:
+def ours(model: str, parallel: int, gpu_layers: int, log: Path | None = None) -> Iterator[Contender]:
     port = free_port()
     cmd, env = llmservice(
         {
@@ -75,18 +75,18 @@ def ours(model: str, parallel: int, gpu_layers: int) -> Iterator[Contender]:
         }
     )
     url = f"http://127.0.0.1:{port}"
-    with process(cmd, f"{url}/health", env, ready='"loaded"') as proc:
+    with process(cmd, f"{url}/health", env, ready='"loaded"', log=log) as proc:
         yield Contender("llmservice", url, "light", proc.pid)
 
 
 @contextmanager
-def llama_server(model: str, parallel: int, gpu_layers: int) -> Iterator[Contender]:
+def llama_server(model: str, parallel: int, gpu_layers: int, log: Path | None = None) -> Iterator[Contender]:
     port = free_port()
     cmd = [LLAMA_SERVER, "-m", model, "-c", str(N_CTX * parallel), "-np", str(parallel)]
     cmd += ["-ngl", str(999 if gpu_layers < 0 else gpu_layers)]
     cmd += ["-t", str(THREADS), "-tb", str(THREADS), "--host", "127.0.0.1", "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
-    with process(cmd, f"{url}/health") as proc:
+    with process(cmd, f"{url}/health", log=log) as proc:
         yield Contender(f"llama-server -np {parallel}", url, "gemma", proc.pid)
 
 
