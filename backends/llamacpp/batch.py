@@ -228,18 +228,22 @@ class LlamaCppBatch(DecodeBatch):
             return None
         seq.count += 1
         request = seq.state.request
-        # A grammar that would now accept the end of generation has produced a complete value.
+        piece = self.piece(token)
+        # As in llama-server, a structured value ends when the model samples the end (above; the
+        # grammar allows nothing else once the value cannot go on). A JSON value that is complete
+        # with whitespace after it can only be followed by more whitespace: it ends there too.
         eos = self._handle.eos
-        final = request.response_format is not None and eos >= 0 and seq.sampler.allows(eos)
+        final = request.response_format is not None and piece[-1:].isspace() and eos >= 0 and seq.sampler.allows(eos)
         done = final or seq.count >= seq.state.max_tokens
         chosen: TokenLogprob | None = None
         top: tuple[TokenLogprob, ...] = ()
         if request.logprobs:
             chosen, top = logprobs(self._ctx, index, self._n_vocab, token, request.top_logprobs, self.piece_text)
-        piece = self.piece(token)
         if seq.thinking is not None:
             seq.thinking.observe(piece.decode("utf-8", errors="replace"))
         text = seq.text.add(piece, final=done)
+        if final:  # the whitespace after the value is no part of it
+            text = text.rstrip(" \t\r\n")
         first = seq.count == 1
         result = Token(
             text,

@@ -131,6 +131,42 @@ def test_grammar_applies_per_sequence(llama: LlamaCppBackend) -> None:
     assert text(got[2]).lstrip().startswith("{")
 
 
+@pytest.mark.parametrize(
+    ("schema", "expected"),
+    [
+        ({"type": "integer"}, 56088),
+        ({"type": "number"}, 56088),
+        ({"type": "array", "items": {"type": "integer"}}, list),
+        ({"type": "boolean"}, bool),
+        ({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}, dict),
+    ],
+)
+def test_structured_value_ends_when_the_model_ends_it(
+    llama: LlamaCppBackend, schema: dict[str, object], expected: object
+) -> None:
+    """A value the grammar could end early (a number after its first digit) goes on while the model
+    extends it; every root still ends by itself, without trailing whitespace."""
+    ask = ({"role": "user", "content": "Reply with the number 56088 and nothing else."},)
+    request = GenerationRequest(
+        messages=ask, max_tokens=40, temperature=0.0, response_format=ResponseFormat("json_schema", schema)
+    )
+    chunks = alone(llama, request)
+    answer = text(chunks)
+    value = json.loads(answer)
+    assert chunks[-1].finish_reason == "stop" and answer == answer.strip()
+    assert isinstance(value, expected) if isinstance(expected, type) else value == expected
+
+
+def test_structured_value_ends_where_the_grammar_allows_nothing_more(llama: LlamaCppBackend) -> None:
+    """A model pushed to extend an integer for ever is stopped by the grammar (16 digits at most)."""
+    five = llama.encode("5")[-1]
+    request = greedy(
+        "Number:", 40, logit_bias=((five, 100.0),), response_format=ResponseFormat("json_schema", {"type": "integer"})
+    )
+    chunks = alone(llama, request)
+    assert text(chunks) == "5" * 16 and chunks[-1].finish_reason == "stop"
+
+
 def test_bad_schema_fails_only_its_request(llama: LlamaCppBackend) -> None:
     bad = greedy("x", 8, response_format=ResponseFormat("json_schema", {"type": "object", "properties": 5}))
     good = greedy(*SURE[1])
