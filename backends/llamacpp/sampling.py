@@ -15,7 +15,6 @@ import codecs
 import ctypes
 import functools
 import json
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -23,7 +22,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-from backends.base import GenerationRequest, ResponseFormat, TokenLogprob
+from backends.base import RANDOM_SEED, GenerationRequest, ResponseFormat, TokenLogprob
 from kernel.errors import InvalidRequestError
 
 PENALTY_LAST_N = 64  # tokens the penalties look back over (llama-server's and llama-cpp-python's default)
@@ -125,9 +124,10 @@ def _chain(n_vocab: int, r: GenerationRequest) -> Any:
     if r.min_p > 0.0:
         add(llama_cpp.llama_sampler_init_min_p(r.min_p, 1))
     add(llama_cpp.llama_sampler_init_temp(r.temperature))
-    # A seeded chain draws from its own RNG, so a request's draws do not depend on its neighbours.
-    seed = r.seed if r.seed is not None else int.from_bytes(os.urandom(4), "little")
-    add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+    # A seeded chain draws from its own RNG, so a request's draws do not depend on its neighbours;
+    # given RANDOM_SEED, llama.cpp seeds it from the system's random device.
+    seed = r.fixed_seed
+    add(llama_cpp.llama_sampler_init_dist(seed if seed is not None else RANDOM_SEED))
     return chain
 
 

@@ -36,7 +36,7 @@ def sampler(request: GenerationRequest) -> Sampler:
     draw: Sampler = make_sampler(
         temp=request.temperature, top_p=request.top_p, min_p=request.min_p, top_k=request.top_k
     )
-    seed = request.seed
+    seed = request.fixed_seed
     if seed is None or request.temperature == 0:
         return draw
     steps = itertools.count()

@@ -17,7 +17,7 @@ pytest.importorskip("llama_cpp")
 
 import llama_cpp
 
-from backends.base import Chunk, DecodeState, GenerationRequest, ResponseFormat, Token
+from backends.base import RANDOM_SEED, Chunk, DecodeState, GenerationRequest, ResponseFormat, Token
 from backends.llamacpp.backend import LlamaCppBackend
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError
@@ -116,6 +116,8 @@ def test_seeded_request_equals_itself_batched(llama: LlamaCppBackend) -> None:
         for s in range(4)
     }
     assert len(draws) > 1  # the seed does pick the draw
+    random = GenerationRequest(prompt="She said", max_tokens=8, temperature=1.0, seed=RANDOM_SEED)
+    assert len({text(alone(llama, random)) for _ in range(3)}) > 1  # llama.cpp's "random seed"
 
 
 def test_grammar_applies_per_sequence(llama: LlamaCppBackend) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("mlx_lm")
 
-from backends.base import Chunk, GenerationRequest, ResponseFormat
+from backends.base import RANDOM_SEED, Chunk, GenerationRequest, ResponseFormat
 from backends.mlx.backend import MlxBackend
 from kernel.config import TierSettings
 from kernel.errors import ContextLengthExceeded, InvalidRequestError, ModelUnavailableError
@@ -147,6 +147,12 @@ def test_greedy_is_deterministic(backend: MlxBackend, prompt: str) -> None:
     third, final = run(backend, prompt)  # served from the prefix cache: same text
     assert first == second == third
     assert final.usage is not None and final.usage.cached_tokens > 0
+
+
+def test_random_seed_draws_afresh(backend: MlxBackend, prompt: str) -> None:
+    """RANDOM_SEED (llama.cpp's "random seed") means random draws here too, as the cache assumes."""
+    texts = {run(backend, prompt, temperature=1.0, seed=RANDOM_SEED)[0] for _ in range(3)}
+    assert len(texts) > 1
 
 
 def test_seed_reproduces_sampling(backend: MlxBackend, prompt: str) -> None:
