@@ -109,6 +109,11 @@ class TokenLogprob:
 
     token: str
     logprob: float
+    raw: bytes  # the token's own bytes: part of a UTF-8 character for a byte token (then `token` has U+FFFD)
+
+    @classmethod
+    def of(cls, raw: bytes, logprob: float) -> TokenLogprob:
+        return cls(raw.decode("utf-8", errors="replace"), logprob, raw)
 
 
 @dataclass(frozen=True, slots=True)

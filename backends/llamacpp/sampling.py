@@ -15,6 +15,7 @@ import codecs
 import ctypes
 import functools
 import json
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -137,18 +138,19 @@ def _ids(n_vocab: int) -> np.ndarray[Any, Any]:
 
 
 def logprobs(
-    ctx: Any, index: int, n_vocab: int, token: int, top: int, piece: Any
+    ctx: Any, index: int, n_vocab: int, token: int, top: int, piece: Callable[[int], bytes]
 ) -> tuple[TokenLogprob, tuple[TokenLogprob, ...]]:
-    """The chosen token's log-probability under the raw logits, and the `top` most likely ones."""
+    """The chosen token's log-probability under the raw logits, and the `top` most likely ones
+    (`piece`: a token's bytes)."""
     logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index), shape=(n_vocab,))
     peak = float(logits.max())
     norm = peak + float(np.log(np.exp(logits - peak).sum()))
-    chosen = TokenLogprob(piece(token), float(logits[token]) - norm)
+    chosen = TokenLogprob.of(piece(token), float(logits[token]) - norm)
     if top <= 0:
         return chosen, ()
     best = np.argpartition(logits, -top)[-top:]
     best = best[np.argsort(-logits[best])]
-    return chosen, tuple(TokenLogprob(piece(int(t)), float(logits[t]) - norm) for t in best)
+    return chosen, tuple(TokenLogprob.of(piece(int(t)), float(logits[t]) - norm) for t in best)
 
 
 class TextStream:

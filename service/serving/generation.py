@@ -286,8 +286,8 @@ def chat_logprobs(chunk: Chunk) -> ChoiceLogprobs | None:
             TokenLogprob(
                 t.logprob.token,
                 t.logprob.logprob,
-                list(t.logprob.token.encode()),
-                [TopLogprob(a.token, a.logprob, list(a.token.encode())) for a in t.top_logprobs],
+                list(t.logprob.raw),
+                [TopLogprob(a.token, a.logprob, list(a.raw)) for a in t.top_logprobs],
             )
             for t in chunk.scored
             if t.logprob is not None

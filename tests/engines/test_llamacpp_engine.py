@@ -18,6 +18,7 @@ pytest.importorskip("llama_cpp")
 import llama_cpp
 
 from backends.base import RANDOM_SEED, Chunk, DecodeState, GenerationRequest, ResponseFormat, Token
+from backends.llamacpp import batch as llamacpp_batch
 from backends.llamacpp.backend import LlamaCppBackend
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError
@@ -244,6 +245,31 @@ def test_logprobs_and_logit_bias(llama: LlamaCppBackend) -> None:
     forced = llama.encode(" banana")[-1]
     pushed = list(llama.decode(prompt, greedy("", 1, logit_bias=((forced, 100.0),)), 1))
     assert pushed[0].text == " banana"
+
+
+def test_logprobs_carry_each_tokens_bytes(llama: LlamaCppBackend) -> None:
+    """A byte token (Gemma's <0xF0>, part of a 4-byte character) has its own byte, not U+FFFD's."""
+    llama.reset_prefix_cache()
+    prompt = llama.encode("Repeat: \U00013000 \U00013000")
+    lead = llama.encode("\U00013000")[-4]
+    request = greedy("", 4, logprobs=True, top_logprobs=2, logit_bias=((lead, 100.0),))
+    tokens = list(llama.decode(prompt, request, 4))
+    assert [t.logprob.raw for t in tokens if t.logprob] == [b"\xf0"] * 4
+    assert all(t.logprob and t.logprob.token == "\ufffd" for t in tokens)
+    alternatives = [a for t in tokens for a in t.top_logprobs]  # scored before the bias: others
+    assert len(alternatives) == 8 and all(a.raw.decode("utf-8", errors="replace") == a.token for a in alternatives)
+
+
+def test_a_piece_longer_than_the_buffer_comes_whole(llama: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gemma's longest piece is 48 bytes: with a 16-byte buffer it stands for a piece longer than
+    the real buffer, and must come whole in the text and the logprobs."""
+    monkeypatch.setattr(llamacpp_batch, "PIECE_BUFFER", 16)
+    ellipses = "\u2026" * 16
+    (long,) = llama.encode(ellipses)[-1:]
+    assert llama.detokenize([long]) == ellipses
+    request = greedy("", 1, logprobs=True, logit_bias=((long, 100.0),))
+    (token,) = llama.decode(llama.encode("Wait"), request, 1)
+    assert token.text == ellipses and token.logprob is not None and token.logprob.raw == ellipses.encode()
 
 
 def test_presence_and_frequency_penalties_change_sampling(llama: LlamaCppBackend) -> None:

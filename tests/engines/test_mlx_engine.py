@@ -149,6 +149,16 @@ def test_greedy_is_deterministic(backend: MlxBackend, prompt: str) -> None:
     assert final.usage is not None and final.usage.cached_tokens > 0
 
 
+def test_logprobs_carry_each_tokens_bytes(backend: MlxBackend, prompt: str) -> None:
+    """A byte token (0xF0, the start of a 4-byte character) reports its own byte, not U+FFFD's."""
+    lead = backend.encode("\U00013000")[-4]
+    request = GenerationRequest(
+        prompt=prompt, max_tokens=3, temperature=0.0, logprobs=True, top_logprobs=2, logit_bias=((lead, 100.0),)
+    )
+    scored = [t.logprob for c in backend.stream(request) for t in c.scored]
+    assert [(s.raw, s.token) for s in scored if s] == [(b"\xf0", "\ufffd")] * 3
+
+
 def test_random_seed_draws_afresh(backend: MlxBackend, prompt: str) -> None:
     """RANDOM_SEED (llama.cpp's "random seed") means random draws here too, as the cache assumes."""
     texts = {run(backend, prompt, temperature=1.0, seed=RANDOM_SEED)[0] for _ in range(3)}
