@@ -266,6 +266,14 @@ def test_json_schema(backend: MlxBackend, prompt: str, temperature: float, seed:
         assert again == text and final.usage is not None and final.usage.cached_tokens > 0
 
 
+def test_scalar_root_goes_on_while_the_model_extends_it(backend: MlxBackend, prompt: str) -> None:
+    """An integer the grammar could end after its first digit is not cut there (llama.cpp's was)."""
+    five = backend.encode("5")[-1]
+    fmt = ResponseFormat("json_schema", {"type": "integer"})
+    text, final = run(backend, prompt, max_tokens=6, logit_bias=((five, 100.0),), response_format=fmt)
+    assert text == "555555" and final.finish_reason == "length"
+
+
 def test_invalid_schema_is_rejected_before_streaming(backend: MlxBackend, prompt: str) -> None:
     request = GenerationRequest(
         prompt=backend.encode(prompt), max_tokens=5, response_format=ResponseFormat("json_schema", {"type": "nope"})
