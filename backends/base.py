@@ -33,6 +33,11 @@ class ResponseFormat:
     schema: dict[str, Any] | None = None
 
 
+# llama.cpp's LLAMA_DEFAULT_SEED: `llama_sampler_init_dist` draws a random seed for it (as
+# llama-server does for `seed: -1`); every engine and the response cache read it so.
+RANDOM_SEED = 2**32 - 1
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """`messages` (rendered with the model's chat template) or `prompt` (text or token ids)."""
@@ -62,6 +67,11 @@ class GenerationRequest:
     thinking: bool | None = None
     thinking_budget: int | None = None
     template_kwargs: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def fixed_seed(self) -> int | None:
+        """The seed that makes the draws repeat; None for random draws (no seed, or `RANDOM_SEED`)."""
+        return None if self.seed == RANDOM_SEED else self.seed
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +109,11 @@ class TokenLogprob:
 
     token: str
     logprob: float
+    raw: bytes  # the token's own bytes: part of a UTF-8 character for a byte token (then `token` has U+FFFD)
+
+    @classmethod
+    def of(cls, raw: bytes, logprob: float) -> TokenLogprob:
+        return cls(raw.decode("utf-8", errors="replace"), logprob, raw)
 
 
 @dataclass(frozen=True, slots=True)

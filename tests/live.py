@@ -11,11 +11,14 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
 from litestar.testing import TestClient
 
+from backends.base import GenerationRequest
+from backends.fake import FakeBackend
 from service.__main__ import configure_logging, server_config
 from service.app import create_app
 from service.settings import parse_settings
@@ -23,6 +26,17 @@ from service.testing import fake_engines
 from service.tiers.families import EngineFactories
 from service.tiers.slots import TierState
 from service.tiers.workers import GenerationWorker
+
+
+def recording_backend(seen: list[GenerationRequest]) -> type[FakeBackend]:
+    class RecordingBackend(FakeBackend):
+        """The fake engine, keeping each request it is given (thinking switch, budget, tools)."""
+
+        def decode(self, prompt: list[int], request: GenerationRequest, max_tokens: int, cancel: Any = None) -> Any:
+            seen.append(request)
+            return super().decode(prompt, request, max_tokens, cancel)
+
+    return RecordingBackend
 
 
 class LiveServer:

@@ -32,6 +32,7 @@ from kernel.errors import EngineError, InvalidRequestError, LLMServiceError
 TURN_STEPS = 4  # steps an adapter group keeps the context while others wait (a switch costs a re-reserve)
 GRAMMAR_TIMEOUT = 10.0  # seconds a response_format may take to compile before the request is a 400
 _GRAMMAR_POLL = 0.05  # how long an otherwise idle step waits for a grammar to compile
+PIECE_BUFFER = 256  # bytes for a token's piece; a longer piece grows it
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +88,7 @@ class LlamaCppBatch(DecodeBatch):
         self._n_vocab = handle.n_vocab
         self._capacity = handle.n_batch
         self._batch = _Batch(self._capacity)
-        self._piece = ctypes.create_string_buffer(256)
+        self._piece = ctypes.create_string_buffer(PIECE_BUFFER)
         self._sequences: dict[int, _Sequence] = {}  # in arrival order
         self._group: str | None = None  # the adapter whose sequences the last step decoded
         self._turn = 0  # steps that group has had in a row
@@ -213,7 +214,7 @@ class LlamaCppBatch(DecodeBatch):
         for j in range(take):
             at = seq.fed + j + 1
             if at < len(prompt):
-                chosen, best = logprobs(self._ctx, start + j, self._n_vocab, prompt[at], top, self.piece_text)
+                chosen, best = logprobs(self._ctx, start + j, self._n_vocab, prompt[at], top, self.piece)
                 seq.prompt_scores.append(Token(chosen.token, logprob=chosen, top_logprobs=best))
 
     def _sample(self, seq: _Sequence, index: int) -> Token | None:
@@ -228,18 +229,22 @@ class LlamaCppBatch(DecodeBatch):
             return None
         seq.count += 1
         request = seq.state.request
-        # A grammar that would now accept the end of generation has produced a complete value.
+        piece = self.piece(token)
+        # As in llama-server, a structured value ends when the model samples the end (above; the
+        # grammar allows nothing else once the value cannot go on). A JSON value that is complete
+        # with whitespace after it can only be followed by more whitespace: it ends there too.
         eos = self._handle.eos
-        final = request.response_format is not None and eos >= 0 and seq.sampler.allows(eos)
+        final = request.response_format is not None and piece[-1:].isspace() and eos >= 0 and seq.sampler.allows(eos)
         done = final or seq.count >= seq.state.max_tokens
         chosen: TokenLogprob | None = None
         top: tuple[TokenLogprob, ...] = ()
         if request.logprobs:
-            chosen, top = logprobs(self._ctx, index, self._n_vocab, token, request.top_logprobs, self.piece_text)
-        piece = self.piece(token)
+            chosen, top = logprobs(self._ctx, index, self._n_vocab, token, request.top_logprobs, self.piece)
         if seq.thinking is not None:
             seq.thinking.observe(piece.decode("utf-8", errors="replace"))
         text = seq.text.add(piece, final=done)
+        if final:  # the whitespace after the value is no part of it
+            text = text.rstrip(" \t\r\n")
         first = seq.count == 1
         result = Token(
             text,
@@ -261,8 +266,12 @@ class LlamaCppBatch(DecodeBatch):
         self._leave(seq)
 
     def piece(self, token: int) -> bytes:
+        """The token's bytes (part of a UTF-8 character for a byte token)."""
         n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
-        return self._piece.raw[: max(n, 0)]
+        if n < 0:  # longer than the buffer: -n is its length
+            self._piece = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
+        return self._piece.raw[:n]
 
     def piece_text(self, token: int) -> str:
         return self.piece(token).decode("utf-8", errors="replace")

@@ -15,7 +15,7 @@ import codecs
 import ctypes
 import functools
 import json
-import os
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -23,7 +23,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-from backends.base import GenerationRequest, ResponseFormat, TokenLogprob
+from backends.base import RANDOM_SEED, GenerationRequest, ResponseFormat, TokenLogprob
 from kernel.errors import InvalidRequestError
 
 PENALTY_LAST_N = 64  # tokens the penalties look back over (llama-server's and llama-cpp-python's default)
@@ -125,9 +125,10 @@ def _chain(n_vocab: int, r: GenerationRequest) -> Any:
     if r.min_p > 0.0:
         add(llama_cpp.llama_sampler_init_min_p(r.min_p, 1))
     add(llama_cpp.llama_sampler_init_temp(r.temperature))
-    # A seeded chain draws from its own RNG, so a request's draws do not depend on its neighbours.
-    seed = r.seed if r.seed is not None else int.from_bytes(os.urandom(4), "little")
-    add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+    # A seeded chain draws from its own RNG, so a request's draws do not depend on its neighbours;
+    # given RANDOM_SEED, llama.cpp seeds it from the system's random device.
+    seed = r.fixed_seed
+    add(llama_cpp.llama_sampler_init_dist(seed if seed is not None else RANDOM_SEED))
     return chain
 
 
@@ -137,18 +138,19 @@ def _ids(n_vocab: int) -> np.ndarray[Any, Any]:
 
 
 def logprobs(
-    ctx: Any, index: int, n_vocab: int, token: int, top: int, piece: Any
+    ctx: Any, index: int, n_vocab: int, token: int, top: int, piece: Callable[[int], bytes]
 ) -> tuple[TokenLogprob, tuple[TokenLogprob, ...]]:
-    """The chosen token's log-probability under the raw logits, and the `top` most likely ones."""
+    """The chosen token's log-probability under the raw logits, and the `top` most likely ones
+    (`piece`: a token's bytes)."""
     logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index), shape=(n_vocab,))
     peak = float(logits.max())
     norm = peak + float(np.log(np.exp(logits - peak).sum()))
-    chosen = TokenLogprob(piece(token), float(logits[token]) - norm)
+    chosen = TokenLogprob.of(piece(token), float(logits[token]) - norm)
     if top <= 0:
         return chosen, ()
     best = np.argpartition(logits, -top)[-top:]
     best = best[np.argsort(-logits[best])]
-    return chosen, tuple(TokenLogprob(piece(int(t)), float(logits[t]) - norm) for t in best)
+    return chosen, tuple(TokenLogprob.of(piece(int(t)), float(logits[t]) - norm) for t in best)
 
 
 class TextStream:

@@ -244,7 +244,8 @@ def _generate(
     if cache is None:
         cache = make_prompt_cache(model)
     processors = handle.processors(prompt[:reused], request, prompt, matcher)
-    scored_prompt = score_prompt(model, tokenizer, prompt, request) if request.prompt_logprobs else ()
+    piece = handle.grammars.piece
+    scored_prompt = score_prompt(model, piece, prompt, request) if request.prompt_logprobs else ()
     text = TextStream(tokenizer, prompt)
     generated: list[int] = []
     eos: list[int] = []  # the end-of-generation token, once the model emits it
@@ -278,7 +279,7 @@ def _generate(
                 final = matcher is not None and matcher.is_stopped()
                 done = len(generated) == max_tokens or final
                 first = len(generated) == 1
-                chosen, top = scores(tokenizer, logprobs, token, request) if request.logprobs else (None, ())
+                chosen, top = scores(piece, logprobs, token, request) if request.logprobs else (None, ())
                 yield Token(
                     text.add(token, final=done),
                     cached_tokens=reused if first else 0,

@@ -128,7 +128,7 @@ class MlxBatch(DecodeBatch):
             )
         seq = _Sequence(key, reused, TextStream(self._tokenizer, prompt), matcher, request)
         if request.prompt_logprobs:
-            seq.prompt = score_prompt(model, self._tokenizer, prompt, request)
+            seq.prompt = score_prompt(model, handle.grammars.piece, prompt, request)
         self._sequences[request.adapter, uid] = seq
         self._uids[key] = (request.adapter, uid)
 
@@ -155,7 +155,8 @@ class MlxBatch(DecodeBatch):
         final = seq.matcher is not None and seq.matcher.is_stopped()
         text = seq.text.add(int(r.token), final=final or r.finish_reason == "length")
         request = seq.request
-        scored = scores(self._tokenizer, r.logprobs, int(r.token), request) if request.logprobs else (None, ())
+        piece = self._handle.grammars.piece
+        scored = scores(piece, r.logprobs, int(r.token), request) if request.logprobs else (None, ())
         first = seq.count == 1
         return Token(text, seq.reused if first else 0, final, scored[0], scored[1], seq.prompt if first else ())
 

@@ -36,7 +36,7 @@ def sampler(request: GenerationRequest) -> Sampler:
     draw: Sampler = make_sampler(
         temp=request.temperature, top_p=request.top_p, min_p=request.min_p, top_k=request.top_k
     )
-    seed = request.seed
+    seed = request.fixed_seed
     if seed is None or request.temperature == 0:
         return draw
     steps = itertools.count()
@@ -163,42 +163,47 @@ class TextStream:
         return ""
 
 
-def score_prompt(model: Any, tokenizer: Any, prompt: list[int], request: GenerationRequest) -> tuple[Token, ...]:
+def score_prompt(
+    model: Any, piece: Callable[[int], bytes], prompt: list[int], request: GenerationRequest
+) -> tuple[Token, ...]:
     """Each prompt token's log-probability given the tokens before it (`echo` with `logprobs`): one
     forward pass over the whole prompt, apart from the generation's own (prefix-cached) one."""
     cache = make_prompt_cache(model)
-    scored = [Token(tokenizer.decode([prompt[0]]))]
+    scored = [Token(piece(prompt[0]).decode("utf-8", errors="replace"))]
     for start in range(0, len(prompt) - 1, PROMPT_SCORE_CHUNK):  # bounded logits: chunk x vocabulary
         logits = model(mx.array(prompt[start : start + PROMPT_SCORE_CHUNK])[None], cache=cache)[0]
         logits = logits.astype(mx.float32)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         for i, token in enumerate(prompt[start + 1 : start + 1 + PROMPT_SCORE_CHUNK]):
-            chosen, top = scores(tokenizer, logprobs[i], token, request)
+            chosen, top = scores(piece, logprobs[i], token, request)
             scored.append(Token(chosen.token, logprob=chosen, top_logprobs=top))
     return tuple(scored)
 
 
 def scores(
-    tokenizer: Any, logprobs: mx.array, token: int, request: GenerationRequest
+    piece: Callable[[int], bytes], logprobs: mx.array, token: int, request: GenerationRequest
 ) -> tuple[TokenLogprob, tuple[TokenLogprob, ...]]:
     """The chosen token's log-probability and the `top_logprobs` most likely ones (mlx-lm's
-    distribution after the logits processors: penalties and a grammar's mask included)."""
+    distribution after the logits processors: penalties and a grammar's mask included);
+    `piece`: a token's bytes (`GrammarCompiler.piece`)."""
     values = np.array(logprobs.astype(mx.float32)).reshape(-1)
     top: tuple[TokenLogprob, ...] = ()
     if request.top_logprobs:
         best = np.argpartition(-values, request.top_logprobs - 1)[: request.top_logprobs]
         best = best[np.argsort(-values[best])]
-        top = tuple(TokenLogprob(tokenizer.decode([int(t)]), float(values[t])) for t in best)
-    return TokenLogprob(tokenizer.decode([token]), float(values[token])), top
+        top = tuple(TokenLogprob.of(piece(int(t)), float(values[t])) for t in best)
+    return TokenLogprob.of(piece(token), float(values[token])), top
 
 
 class GrammarCompiler:
-    """`response_format` as llguidance matchers, on the model's tokenizer (converted on first use)."""
+    """`response_format` as llguidance matchers, on the model's tokenizer (converted on first use);
+    also each token's bytes, which llguidance reads from the vocabulary."""
 
     def __init__(self, tokenizer: Any, eos: frozenset[int]) -> None:
         self._tokenizer = tokenizer
         self._eos = eos
         self._llg: LLTokenizer | None = None
+        self._decode_bytes: Callable[[list[int]], bytes] | None = None
 
     def matcher(self, response_format: ResponseFormat) -> LLMatcher:
         """The request's JSON grammar, checked (a bad schema is a 400 before any token)."""
@@ -222,6 +227,16 @@ class GrammarCompiler:
         if matcher.is_error():
             raise InvalidRequestError(f"Unsupported JSON schema: {matcher.get_error()}", param="response_format")
         return matcher
+
+    def piece(self, token: int) -> bytes:
+        """A token's own bytes: the tokenizer's decode turns a byte token (part of a UTF-8
+        character) into U+FFFD."""
+        if self._decode_bytes is None:
+            try:
+                self._decode_bytes = self._llg_tokenizer().decode_bytes
+            except (ImportError, InvalidRequestError):  # no llguidance or no fast tokenizer: the text's bytes
+                self._decode_bytes = lambda tokens: str(self._tokenizer.decode(tokens)).encode()
+        return self._decode_bytes([token])
 
     def mask(self, matcher: LLMatcher) -> GrammarMask:
         return GrammarMask(matcher, self._llg_tokenizer().vocab_size, self._eos)

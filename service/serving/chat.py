@@ -290,7 +290,7 @@ def completion_logprobs(scored: tuple[Token, ...], offset: int) -> CompletionLog
     for t in scored:
         offsets.append(offset)
         tokens.append(t.logprob.token if t.logprob else t.text)
-        offset += len(tokens[-1])
+        offset += len(t.text)  # a byte token's text comes with the token that completes its character
     return CompletionLogprobs(
         tokens,
         [t.logprob.logprob if t.logprob else None for t in scored],

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from backends.base import Chunk, FinishReason, GenerationRequest, ResponseFormat, Token, Usage
+from backends.base import RANDOM_SEED, Chunk, FinishReason, GenerationRequest, ResponseFormat, Token, Usage
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError, LLMServiceError, ModelUnavailableError
 from service.cache import CachedGeneration, ResponseCache
@@ -97,7 +97,9 @@ class Generation:
         streams: list[ChunkStream] = []
         try:
             for i in range(n):
-                seed = None if request.seed is None else (request.seed + i) % 2**32
+                # Modulo RANDOM_SEED: a fixed seed never moves on to the one that means "random".
+                fixed = request.fixed_seed
+                seed = request.seed if fixed is None else (fixed + i) % RANDOM_SEED
                 streams.append(await self._start(kind, target, replace(request, seed=seed), record, background))
         except BaseException:
             for stream in streams:
@@ -144,7 +146,7 @@ class Generation:
 
 def _is_deterministic(request: GenerationRequest) -> bool:
     # A cached answer keeps only its text: one that asked for logprobs is not served from it.
-    return (request.temperature == 0 or request.seed is not None) and not request.logprobs
+    return (request.temperature == 0 or request.fixed_seed is not None) and not request.logprobs
 
 
 class _Replay:
@@ -284,8 +286,8 @@ def chat_logprobs(chunk: Chunk) -> ChoiceLogprobs | None:
             TokenLogprob(
                 t.logprob.token,
                 t.logprob.logprob,
-                list(t.logprob.token.encode()),
-                [TopLogprob(a.token, a.logprob, list(a.token.encode())) for a in t.top_logprobs],
+                list(t.logprob.raw),
+                [TopLogprob(a.token, a.logprob, list(a.raw)) for a in t.top_logprobs],
             )
             for t in chunk.scored
             if t.logprob is not None

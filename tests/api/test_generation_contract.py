@@ -270,6 +270,27 @@ def test_chat_logprobs_plain_and_streamed(client: openai.OpenAI) -> None:
     assert chat(client, max_tokens=2).choices[0].logprobs is None  # only when asked
 
 
+def test_logprob_bytes_are_the_tokens_own(server: LiveServer, client: openai.OpenAI) -> None:
+    """A token holding part of a UTF-8 character reports its own bytes (its `token` shows U+FFFD):
+    the bytes of every token, joined, decode to the answer."""
+    ask = [{"role": "user", "content": "Repeat exactly: \U00013000\U00013001\U00013002"}]
+    res = chat(client, messages=ask, max_tokens=16, logprobs=True, top_logprobs=1, extra_body={"repeat_penalty": 1.0})
+    content = res.choices[0].logprobs.content if res.choices[0].logprobs else None
+    assert content is not None
+    joined = b"".join(bytes(e.bytes or []) for e in content)
+    assert joined.decode("utf-8", errors="replace") == res.choices[0].message.content
+    assert all(e.top_logprobs[0].bytes == e.bytes for e in content)  # greedy: the best is the one chosen
+    with server.client() as http:  # U+13000 is F0 93 80 80: one byte token each in both vocabularies
+        lead = http.post("/tokenize", json={"model": "light", "prompt": "\U00013000"}).json()["tokens"][-4]
+    forced = chat(client, messages=ask, max_tokens=1, logprobs=True, logit_bias={str(lead): 100})
+    entry = (
+        forced.choices[0].logprobs.content[0]
+        if forced.choices[0].logprobs and forced.choices[0].logprobs.content
+        else None
+    )
+    assert entry is not None and entry.bytes == [0xF0] and entry.token == "\ufffd"
+
+
 def test_completions_logprobs_legacy_shape(client: openai.OpenAI) -> None:
     res = client.completions.create(model="light", prompt="Hello there", max_tokens=4, logprobs=2)
     lp = res.choices[0].logprobs

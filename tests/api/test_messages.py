@@ -16,13 +16,12 @@ import pytest
 from litestar.testing import TestClient
 
 from backends.base import GenerationRequest, ResponseFormat
-from backends.fake import FakeBackend
 from embedders.fake import FakeEmbedder
 from rerankers.fake import FakeReranker
 from service.serving.thinking import EFFORT_BUDGETS
 from service.tiers.families import EngineFactories
 from tests.api.test_field_policy import ROWS
-from tests.live import LiveServer, fake_app
+from tests.live import LiveServer, fake_app, recording_backend
 
 WEATHER = {
     "name": "get_weather",
@@ -124,17 +123,6 @@ def test_server_tools_stay_out_of_the_prompt(client: anthropic.Anthropic) -> Non
 # -- the shapes Claude Code sends, on a fake engine that answers with its prompt ---------------
 
 
-def _recording_backend(seen: list[GenerationRequest]) -> type[FakeBackend]:
-    class RecordingBackend(FakeBackend):
-        """The fake engine, keeping each request it is given (thinking switch, budget, tools)."""
-
-        def decode(self, prompt: list[int], request: GenerationRequest, max_tokens: int, cancel: Any = None) -> Any:
-            seen.append(request)
-            return super().decode(prompt, request, max_tokens, cancel)
-
-    return RecordingBackend
-
-
 class Fake:
     def __init__(self, http: TestClient, seen: list[GenerationRequest]) -> None:  # type: ignore[type-arg]
         self.http = http
@@ -154,7 +142,7 @@ class Fake:
 @pytest.fixture(scope="module")
 def fake() -> Iterator[Fake]:
     seen: list[GenerationRequest] = []
-    backend = functools.partial(_recording_backend(seen), reply=lambda prompt: prompt)
+    backend = functools.partial(recording_backend(seen), reply=lambda prompt: prompt)
     engines = EngineFactories(backend=backend, embedder=FakeEmbedder, reranker=FakeReranker)
     env = {"LIGHT_MODEL_PATH": "fake/prompt", "LIGHT_N_CTX": "4096", "LIGHT_TOOL_PARSER": "hermes"}
     with fake_app(env, engines) as http:

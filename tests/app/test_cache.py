@@ -14,9 +14,13 @@ import httpx
 import pytest
 from litestar.testing import TestClient
 
+from backends.base import GenerationRequest
+from embedders.fake import FakeEmbedder
+from rerankers.fake import FakeReranker
 from service.cache import FILE_NAME, ResponseCache
 from service.testing import fake_engines
-from tests.live import assert_second_answer_is_cached, fake_app, live_server
+from service.tiers.families import EngineFactories
+from tests.live import assert_second_answer_is_cached, fake_app, live_server, recording_backend
 
 MSG = [{"role": "user", "content": "Tell me about cats."}]
 CHAT = {"model": "light", "messages": MSG, "max_tokens": 12, "temperature": 0}
@@ -87,6 +91,23 @@ def test_only_deterministic_requests_are_cached(http: TestClient) -> None:  # ty
     assert http.post("/v1/chat/completions", json=seeded).headers["X-Cache"] == "MISS"
     assert http.post("/v1/chat/completions", json=seeded).headers["X-Cache"] == "HIT"
     assert http.get("/v1/cache/stats").json()["response"]["entries"] == 1
+
+
+def test_random_seed_is_not_a_fixed_seed() -> None:
+    """seed 2**32-1 is llama.cpp's "random seed" (LLAMA_DEFAULT_SEED): its answers are not cached,
+    and the seeds of `n` choices, moving on from a fixed seed, never land on it."""
+    seen: list[GenerationRequest] = []
+    engines = EngineFactories(backend=recording_backend(seen), embedder=FakeEmbedder, reranker=FakeReranker)
+    with fake_app(env(), engines) as http:
+        random = {**CHAT, "temperature": 0.8, "seed": 2**32 - 1}
+        for _ in range(2):
+            assert "X-Cache" not in http.post("/v1/chat/completions", json=random).headers
+        assert http.get("/v1/cache/stats").json()["response"]["entries"] == 0
+        seen.clear()
+        res = http.post("/v1/chat/completions", json={**random, "seed": 2**32 - 3, "n": 3})
+        assert res.status_code == 200 and res.headers["X-Cache"] == "MISS"
+        assert sorted(r.seed for r in seen if r.seed is not None) == [0, 2**32 - 3, 2**32 - 2]
+        assert http.get("/v1/cache/stats").json()["response"]["entries"] == 3
 
 
 def test_stream_replays_from_cache(http: TestClient) -> None:  # type: ignore[type-arg]

@@ -17,7 +17,8 @@ pytest.importorskip("llama_cpp")
 
 import llama_cpp
 
-from backends.base import Chunk, DecodeState, GenerationRequest, ResponseFormat, Token
+from backends.base import RANDOM_SEED, Chunk, DecodeState, GenerationRequest, ResponseFormat, Token
+from backends.llamacpp import batch as llamacpp_batch
 from backends.llamacpp.backend import LlamaCppBackend
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError
@@ -116,6 +117,8 @@ def test_seeded_request_equals_itself_batched(llama: LlamaCppBackend) -> None:
         for s in range(4)
     }
     assert len(draws) > 1  # the seed does pick the draw
+    random = GenerationRequest(prompt="She said", max_tokens=8, temperature=1.0, seed=RANDOM_SEED)
+    assert len({text(alone(llama, random)) for _ in range(3)}) > 1  # llama.cpp's "random seed"
 
 
 def test_grammar_applies_per_sequence(llama: LlamaCppBackend) -> None:
@@ -129,6 +132,42 @@ def test_grammar_applies_per_sequence(llama: LlamaCppBackend) -> None:
     assert set(value) == {"ok", "n"} and value["n"] in (1, 2, 3)
     assert got[1][-1].finish_reason == "stop"  # the grammar completed: a natural end
     assert text(got[2]).lstrip().startswith("{")
+
+
+@pytest.mark.parametrize(
+    ("schema", "expected"),
+    [
+        ({"type": "integer"}, 56088),
+        ({"type": "number"}, 56088),
+        ({"type": "array", "items": {"type": "integer"}}, list),
+        ({"type": "boolean"}, bool),
+        ({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}, dict),
+    ],
+)
+def test_structured_value_ends_when_the_model_ends_it(
+    llama: LlamaCppBackend, schema: dict[str, object], expected: object
+) -> None:
+    """A value the grammar could end early (a number after its first digit) goes on while the model
+    extends it; every root still ends by itself, without trailing whitespace."""
+    ask = ({"role": "user", "content": "Reply with the number 56088 and nothing else."},)
+    request = GenerationRequest(
+        messages=ask, max_tokens=40, temperature=0.0, response_format=ResponseFormat("json_schema", schema)
+    )
+    chunks = alone(llama, request)
+    answer = text(chunks)
+    value = json.loads(answer)
+    assert chunks[-1].finish_reason == "stop" and answer == answer.strip()
+    assert isinstance(value, expected) if isinstance(expected, type) else value == expected
+
+
+def test_structured_value_ends_where_the_grammar_allows_nothing_more(llama: LlamaCppBackend) -> None:
+    """A model pushed to extend an integer for ever is stopped by the grammar (16 digits at most)."""
+    five = llama.encode("5")[-1]
+    request = greedy(
+        "Number:", 40, logit_bias=((five, 100.0),), response_format=ResponseFormat("json_schema", {"type": "integer"})
+    )
+    chunks = alone(llama, request)
+    assert text(chunks) == "5" * 16 and chunks[-1].finish_reason == "stop"
 
 
 def test_bad_schema_fails_only_its_request(llama: LlamaCppBackend) -> None:
@@ -206,6 +245,31 @@ def test_logprobs_and_logit_bias(llama: LlamaCppBackend) -> None:
     forced = llama.encode(" banana")[-1]
     pushed = list(llama.decode(prompt, greedy("", 1, logit_bias=((forced, 100.0),)), 1))
     assert pushed[0].text == " banana"
+
+
+def test_logprobs_carry_each_tokens_bytes(llama: LlamaCppBackend) -> None:
+    """A byte token (Gemma's <0xF0>, part of a 4-byte character) has its own byte, not U+FFFD's."""
+    llama.reset_prefix_cache()
+    prompt = llama.encode("Repeat: \U00013000 \U00013000")
+    lead = llama.encode("\U00013000")[-4]
+    request = greedy("", 4, logprobs=True, top_logprobs=2, logit_bias=((lead, 100.0),))
+    tokens = list(llama.decode(prompt, request, 4))
+    assert [t.logprob.raw for t in tokens if t.logprob] == [b"\xf0"] * 4
+    assert all(t.logprob and t.logprob.token == "\ufffd" for t in tokens)
+    alternatives = [a for t in tokens for a in t.top_logprobs]  # scored before the bias: others
+    assert len(alternatives) == 8 and all(a.raw.decode("utf-8", errors="replace") == a.token for a in alternatives)
+
+
+def test_a_piece_longer_than_the_buffer_comes_whole(llama: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gemma's longest piece is 48 bytes: with a 16-byte buffer it stands for a piece longer than
+    the real buffer, and must come whole in the text and the logprobs."""
+    monkeypatch.setattr(llamacpp_batch, "PIECE_BUFFER", 16)
+    ellipses = "\u2026" * 16
+    (long,) = llama.encode(ellipses)[-1:]
+    assert llama.detokenize([long]) == ellipses
+    request = greedy("", 1, logprobs=True, logit_bias=((long, 100.0),))
+    (token,) = llama.decode(llama.encode("Wait"), request, 1)
+    assert token.text == ellipses and token.logprob is not None and token.logprob.raw == ellipses.encode()
 
 
 def test_presence_and_frequency_penalties_change_sampling(llama: LlamaCppBackend) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("mlx_lm")
 
-from backends.base import Chunk, GenerationRequest, ResponseFormat
+from backends.base import RANDOM_SEED, Chunk, GenerationRequest, ResponseFormat
 from backends.mlx.backend import MlxBackend
 from kernel.config import TierSettings
 from kernel.errors import ContextLengthExceeded, InvalidRequestError, ModelUnavailableError
@@ -149,6 +149,22 @@ def test_greedy_is_deterministic(backend: MlxBackend, prompt: str) -> None:
     assert final.usage is not None and final.usage.cached_tokens > 0
 
 
+def test_logprobs_carry_each_tokens_bytes(backend: MlxBackend, prompt: str) -> None:
+    """A byte token (0xF0, the start of a 4-byte character) reports its own byte, not U+FFFD's."""
+    lead = backend.encode("\U00013000")[-4]
+    request = GenerationRequest(
+        prompt=prompt, max_tokens=3, temperature=0.0, logprobs=True, top_logprobs=2, logit_bias=((lead, 100.0),)
+    )
+    scored = [t.logprob for c in backend.stream(request) for t in c.scored]
+    assert [(s.raw, s.token) for s in scored if s] == [(b"\xf0", "\ufffd")] * 3
+
+
+def test_random_seed_draws_afresh(backend: MlxBackend, prompt: str) -> None:
+    """RANDOM_SEED (llama.cpp's "random seed") means random draws here too, as the cache assumes."""
+    texts = {run(backend, prompt, temperature=1.0, seed=RANDOM_SEED)[0] for _ in range(3)}
+    assert len(texts) > 1
+
+
 def test_seed_reproduces_sampling(backend: MlxBackend, prompt: str) -> None:
     texts = [run(backend, prompt, temperature=1.0, seed=seed)[0] for seed in (7, 7, 8, 9)]
     assert texts[0] == texts[1]
@@ -248,6 +264,14 @@ def test_json_schema(backend: MlxBackend, prompt: str, temperature: float, seed:
     if seed is None:
         again, final = run(backend, prompt, max_tokens=200, response_format=fmt)
         assert again == text and final.usage is not None and final.usage.cached_tokens > 0
+
+
+def test_scalar_root_goes_on_while_the_model_extends_it(backend: MlxBackend, prompt: str) -> None:
+    """An integer the grammar could end after its first digit is not cut there (llama.cpp's was)."""
+    five = backend.encode("5")[-1]
+    fmt = ResponseFormat("json_schema", {"type": "integer"})
+    text, final = run(backend, prompt, max_tokens=6, logit_bias=((five, 100.0),), response_format=fmt)
+    assert text == "555555" and final.finish_reason == "length"
 
 
 def test_invalid_schema_is_rejected_before_streaming(backend: MlxBackend, prompt: str) -> None:
