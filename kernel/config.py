@@ -34,7 +34,7 @@ class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
     top_k: NonNeg = 40
     min_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
     max_tokens: Positive = 1000
-    repeat_penalty: Annotated[float, msgspec.Meta(gt=0.0)] = 1.1
+    repeat_penalty: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0  # off, as llama-server
     use_mmap: bool = True
     use_mlock: bool = False
     embedding_dimension: Annotated[int, msgspec.Meta(ge=1)] | None = None
