@@ -43,6 +43,9 @@ from kernel.errors import InvalidRequestError
 
 PENALTY_LAST_N = 64  # tokens the penalties look back over (llama-server's and llama-cpp-python's default)
 _GROUPS = 32  # the row is cut into this many strided groups to bound the top-k cheaply
+# Below this vocabulary size llama.cpp's own copy and partial sort cost less than finding the
+# survivors with numpy (~15 small numpy calls): the chain then runs on the whole (adjusted) row.
+_SURVIVORS_FROM = 65536
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
 assert _TOKEN_DATA.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
 
@@ -79,7 +82,7 @@ class Sampler:
         logits = _row(ctx, index, self._n_vocab)
         saved = self._adjust(logits)
         try:
-            token = self._pick(logits)
+            token, accepted = self._pick(ctx, index, logits)
             if self._grammar is not None and not self.allows(token):
                 token = self._select_all(logits, grammar_first=True)
         finally:
@@ -87,14 +90,15 @@ class Sampler:
                 logits[saved[0]] = saved[1]
         if self._grammar is not None:
             llama_cpp.llama_sampler_accept(self._grammar, token)
-        self.accept(token)
+        self.accept(token, chain=not accepted)
         return token
 
-    def accept(self, token: int) -> None:
+    def accept(self, token: int, *, chain: bool = True) -> None:
         """Record a token chosen for the sampler (a forced one), so its penalties count it."""
         if self._penalties is not None:
             self._remember(token)
-        llama_cpp.llama_sampler_accept(self._chain, token)
+        if chain:
+            llama_cpp.llama_sampler_accept(self._chain, token)
 
     def allows(self, token: int) -> bool:
         """Whether the grammar (if any) accepts `token` next; for an end-of-generation token: whether
@@ -125,13 +129,16 @@ class Sampler:
             logits[data["id"]] = data["logit"]
         return saved
 
-    def _pick(self, logits: np.ndarray[Any, Any]) -> int:
+    def _pick(self, ctx: Any, index: int, logits: np.ndarray[Any, Any]) -> tuple[int, bool]:
+        """The chain's token for the (adjusted) row, and whether the chain has accepted it."""
         if self._greedy:
-            return int(logits.argmax())
-        ids = self._survivors(logits)
-        if ids is None:
-            return self._select_all(logits, grammar_first=False)
-        return _apply(self._chain, _candidates(ids, logits))
+            return int(logits.argmax()), False
+        ids = self._survivors(logits) if self._n_vocab >= _SURVIVORS_FROM else None
+        if ids is not None:
+            return _apply(self._chain, _candidates(ids, logits)), False
+        if self._grammar is None:  # llama.cpp's copy of the row is faster than ours
+            return int(llama_cpp.llama_sampler_sample(self._chain, ctx, index)), True
+        return self._select_all(logits, grammar_first=False), False  # the grammar may reject it: no accept
 
     def _survivors(self, logits: np.ndarray[Any, Any]) -> np.ndarray[Any, Any] | None:
         """A superset of the tokens the truncation keeps, in vocabulary order; None: no cheap bound."""
