@@ -55,6 +55,8 @@ class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
     prefix_cache_entries: NonNeg = 4  # MLX: KV caches of recent conversations kept for reuse
     tool_parser: Literal["auto", "hermes", "llama3", "mistral"] = "auto"  # how the model writes tool calls
     reasoning_parser: Literal["auto", "none", "think"] = "auto"  # where its thinking is (backends.reasoning)
+    # llama.cpp: sample in the decode graph (llama_set_sampler); auto = when the model runs on a GPU.
+    device_sampling: Literal["auto", "on", "off"] = "auto"
     engine: str = ""  # embedding/reranker engine; "" = chosen from the model's files
     device: str = "auto"  # torch engines: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
     batch_size: Positive = 32  # torch engines: inputs per forward pass

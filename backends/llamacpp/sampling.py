@@ -17,6 +17,13 @@ at a 128k vocabulary. Here the row is read in place, as a numpy view of llama.cp
 One exception to "the same token": logits exactly equal at the top-k boundary or within the top k
 may be ordered differently by llama.cpp's unstable sorts (the distribution is the same).
 
+On a GPU (`offload`), a request that needs no grammar, logprobs or forced tokens samples like
+llama-server's `backend_sampling`: its whole chain (bias, penalties, truncation, the seeded draw)
+is attached to its sequence with `llama_set_sampler` and runs in the decode graph, so only the
+token comes back, not its logits row. llama-cpp-python 0.3.36 does not bind that function; it is
+bound here from the same library. Seeded draws there use llama.cpp's backend arithmetic, so a seed
+may give another (equally likely) token than on the CPU.
+
 A request with a grammar samples like llama-server: the chain picks a token, the grammar checks
 only that token, and only when the grammar rejects it is the grammar applied to the whole
 vocabulary and the token drawn again. JSON-schema → GBNF compilation runs on a small thread pool
@@ -70,6 +77,8 @@ class Sampler:
             for token in history[-PENALTY_LAST_N:]:
                 self._remember(token)
         self._greedy = request.temperature <= 0
+        self._request, self._history = request, history
+        self._device: tuple[Any, int, Any] | None = None  # (context, sequence, chain) when offloaded
         self._top_k = request.top_k if request.top_k > 0 else 0
         # min-p alone keeps the tokens within log(min_p) of the best one: found without sorting.
         self._min_p = request.min_p if request.top_k <= 0 and request.top_p >= 1.0 else 0.0
@@ -77,8 +86,23 @@ class Sampler:
     def attach_grammar(self, grammar: Any) -> None:
         self._grammar = grammar
 
+    def offload(self, ctx: Any, seq: int) -> bool:
+        """Sample sequence `seq` in the decode graph from now on (see the module docstring); False
+        where this llama.cpp cannot. Only for a request without grammar, logprobs or forced tokens:
+        its logits row no longer reaches the host."""
+        if _set_sampler is None or self._grammar is not None:
+            return False
+        chain = reference_chain(self._n_vocab, self._request, self._history)
+        if not _set_sampler(ctx, seq, chain):
+            llama_cpp.llama_sampler_free(chain)
+            return False
+        self._device = (ctx, seq, chain)
+        return True
+
     def sample(self, ctx: Any, index: int) -> int:
         """Draw the next token from the logits at batch output `index`, and record it."""
+        if self._device is not None:  # drawn in the graph: llama.cpp hands it over (and records it)
+            return int(llama_cpp.llama_sampler_sample(self._device[2], ctx, index))
         logits = _row(ctx, index, self._n_vocab)
         saved = self._adjust(logits)
         try:
@@ -95,6 +119,9 @@ class Sampler:
 
     def accept(self, token: int, *, chain: bool = True) -> None:
         """Record a token chosen for the sampler (a forced one), so its penalties count it."""
+        if self._device is not None:
+            llama_cpp.llama_sampler_accept(self._device[2], token)
+            return
         if self._penalties is not None:
             self._remember(token)
         if chain:
@@ -177,6 +204,11 @@ class Sampler:
         return _apply(self._chain, cur)
 
     def close(self) -> None:
+        if self._device is not None:
+            ctx, seq, chain = self._device
+            _set_sampler(ctx, seq, None)  # detached before it is freed (and before the slot's next owner)
+            llama_cpp.llama_sampler_free(chain)
+            self._device = None
         for name in ("_chain", "_grammar", "_penalties"):
             sampler = getattr(self, name)
             if sampler is not None:
@@ -192,6 +224,19 @@ def _kth_largest(values: np.ndarray[Any, Any], k: int) -> Any:
         tops = values[:n].reshape(_GROUPS, -1).max(axis=0)  # its k-th largest bounds ours from below
         values = values[values >= np.partition(tops, tops.size - k)[tops.size - k]]
     return np.partition(values, values.size - k)[values.size - k]
+
+
+def _bind_set_sampler() -> Any:
+    """`llama_set_sampler` (llama.h's backend sampling), which llama-cpp-python 0.3.36 does not bind."""
+    function = getattr(llama_cpp.llama_cpp._lib, "llama_set_sampler", None)
+    if function is None:
+        return None
+    function.argtypes = [llama_cpp.llama_context_p_ctypes, ctypes.c_int32, llama_cpp.llama_sampler_p_ctypes]
+    function.restype = ctypes.c_bool
+    return function
+
+
+_set_sampler = _bind_set_sampler()
 
 
 def _row(ctx: Any, index: int, n_vocab: int) -> np.ndarray[Any, Any]:

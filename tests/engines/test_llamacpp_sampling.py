@@ -9,8 +9,9 @@ must pick the same tokens: greedy, seeded draws, penalties, logit bias and gramm
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -20,10 +21,11 @@ pytest.importorskip("llama_cpp")
 import llama_cpp
 import numpy as np
 
-from backends.base import GenerationRequest, ResponseFormat
+from backends.base import Chunk, GenerationRequest, ResponseFormat
 from backends.llamacpp.backend import LlamaCppBackend
 from backends.llamacpp.sampling import Sampler, logprobs, reference_chain
 from kernel.config import TierSettings
+from service.tiers.workers import GenerationWorker
 
 PROMPT = "Numbers: 1 1 1 1 1 1"
 
@@ -60,7 +62,7 @@ def logits(gemma_gguf: str) -> Iterator[Logits]:
 
 
 def request(**kw: Any) -> GenerationRequest:
-    return GenerationRequest(prompt=PROMPT, max_tokens=16, **kw)
+    return GenerationRequest(**{"prompt": PROMPT, "max_tokens": 16, **kw})
 
 
 def same_tokens(logits: Logits, r: GenerationRequest, steps: int = 24, seed: int = 0) -> list[int]:
@@ -191,3 +193,95 @@ def test_logprobs_read_the_raw_logits(logits: Logits) -> None:
     norm = raw.max() + np.log(np.exp(raw - raw.max()).sum())
     assert chosen.logprob == pytest.approx(raw[1234] - norm, abs=1e-4)
     assert top[0].token == str(int(raw.argmax()))
+
+
+# -- sampling in the decode graph (llama_set_sampler) -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def on_device(gemma_gguf: str) -> Iterator[LlamaCppBackend]:
+    """Backend sampling works on the CPU too, so the GPU path is tested here."""
+    tier = TierSettings(name="light", n_ctx=512, n_batch=64, max_batch=3, device_sampling="on")
+    backend = LlamaCppBackend(tier, gemma_gguf)
+    backend.load()
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def on_host(gemma_gguf: str) -> Iterator[LlamaCppBackend]:
+    tier = TierSettings(name="light", n_ctx=512, n_batch=64, max_batch=3, device_sampling="off")
+    backend = LlamaCppBackend(tier, gemma_gguf)
+    backend.load()
+    yield backend
+    backend.close()
+
+
+def run_batched(backend: LlamaCppBackend, requests: Sequence[GenerationRequest]) -> list[list[Chunk]]:
+    backend.reset_prefix_cache()
+
+    async def main() -> list[list[Chunk]]:
+        streams = [worker.submit(r) for r in requests]
+        return [[c async for c in s] for s in streams]
+
+    worker = GenerationWorker("light", backend, max_queue=8)
+    try:
+        return asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        worker.close()
+
+
+def text(chunks: list[Chunk]) -> str:
+    return "".join(c.text for c in chunks)
+
+
+def test_sampling_in_the_graph_matches_the_host(
+    on_device: LlamaCppBackend, on_host: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Greedy (with penalties and bias) answers the same from the graph; a request that needs its
+    logits row (logprobs) samples on the host in the same batch and still gets its scores."""
+    offloaded: list[bool] = []
+    offload = Sampler.offload
+    monkeypatch.setattr(Sampler, "offload", lambda self, *a: offloaded.append(offload(self, *a)) or offloaded[-1])
+    requests = [
+        request(prompt="Count: one, two, three,", max_tokens=24, temperature=0.0),
+        request(
+            prompt="Numbers: 1 1 1 1",
+            max_tokens=24,
+            temperature=0.0,
+            repeat_penalty=1.3,
+            frequency_penalty=0.5,
+            logit_bias=((236743, -5.0),),
+        ),
+        request(prompt="The capital of France is", max_tokens=8, temperature=0.0, logprobs=True, top_logprobs=2),
+    ]
+    device, host = run_batched(on_device, requests), run_batched(on_host, requests)
+    assert offloaded == [True, True]  # the logprobs request was never offered
+    assert [text(c) for c in device] == [text(c) for c in host]
+    scores = [t.logprob.logprob for c in device[2] for t in c.scored if t.logprob]
+    assert scores and scores == pytest.approx([t.logprob.logprob for c in host[2] for t in c.scored if t.logprob])
+
+
+def test_seeded_sampling_in_the_graph_is_reproducible(on_device: LlamaCppBackend) -> None:
+    seeded = request(prompt="A story:", max_tokens=24, temperature=1.0, top_k=40, top_p=0.95, seed=5)
+    first = text(list(on_device.stream(seeded)))
+    assert first == text(list(on_device.stream(seeded)))
+    other = request(prompt="A story:", max_tokens=24, temperature=1.0, top_k=40, top_p=0.95, seed=6)
+    assert first != text(list(on_device.stream(other)))
+
+
+def test_an_offloaded_sampler_takes_the_token_the_graph_drew(on_device: LlamaCppBackend) -> None:
+    on_device.reset_prefix_cache()  # sequence 0 starts empty, and the batch's slots know it
+    ctx, prompt = on_device.context, on_device.encode(PROMPT)
+    r = request(temperature=0.0, repeat_penalty=1.5)
+    sampler = Sampler(on_device.vocab, on_device.n_vocab, r, prompt)
+    try:
+        assert sampler.offload(ctx, 0)
+        tokens = (llama_cpp.llama_token * len(prompt))(*prompt)
+        assert llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(tokens, len(prompt))) == 0
+        drawn = llama_cpp.llama_get_sampled_token_ith(ctx, -1)
+        assert drawn != llama_cpp.LLAMA_TOKEN_NULL
+        assert sampler.sample(ctx, -1) == drawn
+    finally:
+        sampler.close()
+        on_device.reset_prefix_cache()
