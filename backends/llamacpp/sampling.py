@@ -12,8 +12,9 @@ at a 128k vocabulary. Here the row is read in place, as a numpy view of llama.cp
   numpy and only they go through llama.cpp's chain (top-k, top-p, min-p, temperature, the seeded
   draw): the chain sees the same sorted top-k (or the same min-p survivors, in vocabulary order)
   as on the whole row, so the draw and its RNG are llama.cpp's and a seed gives what it gave;
-- top-p without top-k, or no truncation at all, normalises over the whole vocabulary: that path
-  fills the whole candidates array, as llama.cpp would.
+- top-p without top-k, or no truncation at all, normalises over the whole vocabulary (as does a
+  vocabulary under 64k, where llama.cpp's C copy is the cheaper): `llama_sampler_sample` copies
+  the adjusted row, as before.
 One exception to "the same token": logits exactly equal at the top-k boundary or within the top k
 may be ordered differently by llama.cpp's unstable sorts (the distribution is the same).
 
@@ -77,7 +78,7 @@ class Sampler:
             for token in history[-PENALTY_LAST_N:]:
                 self._remember(token)
         self._greedy = request.temperature <= 0
-        self._request, self._history = request, history
+        self._request, self._history = request, history[-PENALTY_LAST_N:]  # for `offload`
         self._device: tuple[Any, int, Any] | None = None  # (context, sequence, chain) when offloaded
         self._top_k = request.top_k if request.top_k > 0 else 0
         # min-p alone keeps the tokens within log(min_p) of the best one: found without sorting.
@@ -88,8 +89,8 @@ class Sampler:
 
     def offload(self, ctx: Any, seq: int) -> bool:
         """Sample sequence `seq` in the decode graph from now on (see the module docstring); False
-        where this llama.cpp cannot. Only for a request without grammar, logprobs or forced tokens:
-        its logits row no longer reaches the host."""
+        where this llama.cpp cannot. Before the first `sample`, and only for a request without
+        grammar, logprobs or forced tokens: its logits row no longer reaches the host."""
         if _set_sampler is None or self._grammar is not None:
             return False
         chain = reference_chain(self._n_vocab, self._request, self._history)
