@@ -115,15 +115,17 @@ def synthetic_rows(n: int, n_vocab: int) -> np.ndarray[Any, Any]:
     return rows
 
 
-def per_token(sample: Any, row: np.ndarray[Any, Any], rows: np.ndarray[Any, Any]) -> float:
-    """Median µs of one `sample()`, a new row written into the logits buffer before each."""
-    times = []
-    for i in range(len(rows)):
-        row[:] = rows[i]
-        start = time.perf_counter_ns()
-        sample()
-        times.append(time.perf_counter_ns() - start)
-    return statistics.median(times) / 1000
+def paired(before: Any, after: Any, row: np.ndarray[Any, Any], rows: np.ndarray[Any, Any]) -> tuple[float, float]:
+    """Median µs of one `before()` and one `after()`, timed in turn on each row (written into the
+    logits buffer before each call), so a busy machine slows both alike."""
+    times: tuple[list[int], list[int]] = ([], [])
+    for source in rows:
+        for sample, out in ((before, times[0]), (after, times[1])):
+            row[:] = source
+            start = time.perf_counter_ns()
+            sample()
+            out.append(time.perf_counter_ns() - start)
+    return statistics.median(times[0]) / 1000, statistics.median(times[1]) / 1000
 
 
 def bench_model(path: str, tokens: int) -> list[tuple[str, int, float, float]]:
@@ -142,8 +144,12 @@ def bench_model(path: str, tokens: int) -> list[tuple[str, int, float, float]]:
             request = GenerationRequest(prompt="", **options)  # type: ignore[arg-type]
             chain = reference_chain(n_vocab, request, history)
             sampler = Sampler(backend.vocab, n_vocab, request, history)
-            before = per_token(lambda c=chain: llama_cpp.llama_sampler_sample(c, ctx, -1), row, rows)
-            after = per_token(lambda s=sampler: s.sample(ctx, -1), row, rows)
+            before, after = paired(
+                lambda c=chain: llama_cpp.llama_sampler_sample(c, ctx, -1),
+                lambda s=sampler: s.sample(ctx, -1),
+                row,
+                rows,
+            )
             llama_cpp.llama_sampler_free(chain)
             sampler.close()
             out.append((name, n_vocab, before, after))

@@ -146,8 +146,9 @@ class Sampler:
         """Apply the logit bias and the penalties to the row in place; return what to put back."""
         if self._penalties is None and not self._bias.size:
             return None
-        recent = np.unique(np.fromiter(self._recent, dtype=np.intp, count=len(self._recent)))
-        touched = np.union1d(recent, self._bias_ids)
+        # Repeated ids are harmless (each copy gets the same value) and cheaper than making them unique.
+        recent = np.fromiter(self._recent, dtype=np.intp, count=len(self._recent))
+        touched = np.concatenate((recent, self._bias_ids)) if self._bias.size else recent
         saved = touched, logits[touched]
         if self._bias.size:
             np.add.at(logits, self._bias_ids, self._bias)  # in order, in float32, as llama.cpp's loop
