@@ -230,6 +230,8 @@ def _kth_largest(values: np.ndarray[Any, Any], k: int) -> Any:
 
 def _bind_set_sampler() -> Any:
     """`llama_set_sampler` (llama.h's backend sampling), which llama-cpp-python 0.3.36 does not bind."""
+    if hasattr(llama_cpp, "llama_set_sampler"):  # a later binding
+        return llama_cpp.llama_set_sampler
     function = getattr(llama_cpp.llama_cpp._lib, "llama_set_sampler", None)
     if function is None:
         return None
