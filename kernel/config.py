@@ -34,7 +34,7 @@ class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
     top_k: NonNeg = 40
     min_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
     max_tokens: Positive = 1000
-    repeat_penalty: Annotated[float, msgspec.Meta(gt=0.0)] = 1.1
+    repeat_penalty: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0  # off, as llama-server
     use_mmap: bool = True
     use_mlock: bool = False
     embedding_dimension: Annotated[int, msgspec.Meta(ge=1)] | None = None
@@ -55,6 +55,8 @@ class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
     prefix_cache_entries: NonNeg = 4  # MLX: KV caches of recent conversations kept for reuse
     tool_parser: Literal["auto", "hermes", "llama3", "mistral"] = "auto"  # how the model writes tool calls
     reasoning_parser: Literal["auto", "none", "think"] = "auto"  # where its thinking is (backends.reasoning)
+    # llama.cpp: sample in the decode graph (llama_set_sampler); auto = when the model runs on a GPU.
+    device_sampling: Literal["auto", "on", "off"] = "auto"
     engine: str = ""  # embedding/reranker engine; "" = chosen from the model's files
     device: str = "auto"  # torch engines: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
     batch_size: Positive = 32  # torch engines: inputs per forward pass

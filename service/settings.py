@@ -101,6 +101,7 @@ _FAMILY_ONLY: dict[str, tuple[str, ...]] = {
     "prefix_cache_entries": GENERATION_TIERS,
     "tool_parser": GENERATION_TIERS,
     "reasoning_parser": GENERATION_TIERS,
+    "device_sampling": GENERATION_TIERS,
     "temperature": GENERATION_TIERS,
     "top_p": GENERATION_TIERS,
     "top_k": GENERATION_TIERS,
@@ -121,6 +122,8 @@ _FAMILY_ONLY: dict[str, tuple[str, ...]] = {
     "hybrid_weights": ("reranker",),
 }
 _ENGINES = {"embedding": EMBEDDING_ENGINES, "reranker": RERANKER_ENGINES}
+# Tier options whose values are keywords: matched in lower case.
+_KEYWORDS = ("backend", "engine", "device", "pooling", "tool_parser", "reasoning_parser", "runtime", "device_sampling")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # Variables that other tools read (start_service.sh, Hugging Face, torch, OpenMP): allowed in .env.
 _FOREIGN = re.compile(
@@ -148,7 +151,7 @@ def _unknown(key: str) -> SettingsError:
 
 
 def _tier_value(field: str, value: str) -> Any:
-    if field in ("backend", "engine", "device", "pooling", "tool_parser", "reasoning_parser", "runtime"):
+    if field in _KEYWORDS:
         return value.strip().lower().replace("-", "_") if field == "engine" else value.strip().lower()
     if field == "hybrid_weights":
         return [part.strip() for part in value.split(",")]

@@ -258,7 +258,14 @@ class LlamaCppBackend(Backend):
             self.adapters,
             self.grammars,
             self.thinking_budget,
+            device_sampling=self._device_sampling(),
         )
+
+    def _device_sampling(self) -> bool:
+        """Whether requests that allow it sample in the decode graph: by default where it saves
+        copying each logits row from a GPU (on the CPU it costs a graph per sequence for nothing)."""
+        setting = self.tier.device_sampling
+        return setting == "on" or (setting == "auto" and self._device != "cpu")
 
     def decode(
         self, prompt: list[int], request: GenerationRequest, max_tokens: int, cancel: threading.Event | None = None

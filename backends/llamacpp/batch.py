@@ -51,6 +51,7 @@ class ModelHandle:
     adapters: LoraAdapters
     grammars: GrammarCompiler
     thinking_budget: Callable[[Sequence[int], GenerationRequest], ThinkingBudget | None]
+    device_sampling: bool = False  # sample in the decode graph the requests that allow it
 
 
 @dataclass(slots=True, eq=False)
@@ -111,6 +112,10 @@ class LlamaCppBatch(DecodeBatch):
         slot, reused = handle.kv_slots.acquire(prompt, request.adapter)
         seq = _Sequence(key, state, slot, reused, sampler, fed=reused, grammar=grammar)
         seq.thinking = handle.thinking_budget(prompt, request)
+        # Logprobs, grammars and forced tokens need the logits row on the host.
+        host = request.logprobs or request.prompt_logprobs or grammar is not None or seq.thinking is not None
+        if handle.device_sampling and not host:
+            sampler.offload(self._ctx, slot.seq)
         if request.prompt_logprobs:
             # Every prompt token is scored from its own logits: nothing comes from the KV cache.
             handle.kv_slots.wipe(slot)

@@ -216,3 +216,9 @@ def test_adapters_parse_per_generation_tier() -> None:
 def test_bad_adapters_setting(env: dict[str, str], fragment: str) -> None:
     with pytest.raises(SettingsError, match=re.escape(fragment)):
         parse_settings(env)
+
+
+def test_repeat_penalty_is_off_by_default() -> None:
+    """llama-server's default: a penalty costs a scan per token and changes what greedy answers."""
+    s = parse_settings({"LIGHT_MODEL_PATH": "/m.gguf"})
+    assert s.tier("light").repeat_penalty == 1.0
