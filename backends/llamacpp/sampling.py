@@ -37,7 +37,6 @@ import codecs
 import ctypes
 import functools
 import json
-import os
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
