@@ -147,13 +147,15 @@ class LlamaCppBatch(DecodeBatch):
         self._grammars_ready(out)
         batch, outputs = self._batch, []
         n = 0
-        sequences = self._turn_sequences()
+        # In slot order: llama.cpp puts only consecutive streams into one ubatch (split_equal).
+        sequences = sorted(self._turn_sequences(), key=lambda s: s.slot.seq)
         for seq in sequences:
             if seq.next_token is not None:
                 batch.set(n, seq.next_token, len(seq.slot.tokens), seq.slot.seq, True)
                 outputs.append((n, seq))
                 n += 1
         chunks: list[tuple[_Sequence, int, int]] = []  # (sequence, first batch index, tokens)
+        kv_slots = self._handle.kv_slots
         for seq in sequences:
             if n >= self._capacity:
                 break
@@ -163,6 +165,9 @@ class LlamaCppBatch(DecodeBatch):
             every = seq.state.request.prompt_logprobs
             room = min(self._capacity - n, PROMPT_SCORE_CHUNK) if every else self._capacity - n
             take = min(room, len(prompt) - seq.fed)
+            mark = kv_slots.checkpoint_at(len(prompt))
+            if mark is not None and seq.fed < mark < seq.fed + take:
+                take = mark - seq.fed  # the step ends where the prompt is checkpointed
             last = seq.fed + take == len(prompt)
             batch.set_run(n, prompt[seq.fed : seq.fed + take], seq.fed, seq.slot.seq, last, every=every)
             if last:
@@ -184,6 +189,8 @@ class LlamaCppBatch(DecodeBatch):
                 self._score_prompt(seq, start, take)
             seq.slot.tokens.extend(seq.state.prompt[seq.fed : seq.fed + take])
             seq.fed += take
+            if seq.fed == kv_slots.checkpoint_at(len(seq.state.prompt)):
+                kv_slots.checkpoint(seq.slot)
         for index, seq in outputs:
             out.append((seq.key, self._sample(seq, index)))
         return out

@@ -1,0 +1,111 @@
+"""The llama.cpp engine's KV cache: its settings reach llama.cpp, and Gemma 3's sliding-window
+layers, kept at their window size (no SWA_FULL), still let a conversation reuse its prefix.
+
+Real Gemma 3 270M GGUF: 18 layers, of which 15 sliding-window ones (window 512).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+import pytest
+
+pytest.importorskip("llama_cpp")
+
+from backends.base import Chunk, GenerationRequest
+from backends.llamacpp.backend import LlamaCppBackend
+from backends.llamacpp.kv_slots import CHECKPOINT_TAIL
+from kernel.config import TierSettings
+
+TIER = TierSettings(name="light", n_ctx=2048, n_batch=256, max_batch=2)
+
+
+def loaded(path: str, **settings: Any) -> LlamaCppBackend:
+    backend = LlamaCppBackend(msgspec.structs.replace(TIER, **settings), path)
+    backend.load()
+    return backend
+
+
+@pytest.fixture(scope="module")
+def llama(gemma_gguf: str) -> Iterator[LlamaCppBackend]:
+    backend = loaded(gemma_gguf)
+    yield backend
+    backend.close()
+
+
+def kv_bytes(path: str, **settings: Any) -> int:
+    backend = loaded(path, **settings)
+    try:
+        assert backend.kv_bytes is not None
+        return backend.kv_bytes
+    finally:
+        backend.close()
+
+
+def test_kv_settings_reach_llama_cpp(llama: LlamaCppBackend, gemma_gguf: str) -> None:
+    base = llama.kv_bytes
+    assert base is not None and base > 0
+    assert llama.info().extras["kv_bytes"] == base
+    assert llama.info().context_length == TIER.n_ctx  # 2 sequences x 2048 tokens by default
+    # q8_0 stores 34 bytes per 32 values where f16 stores 64: the whole cache shrinks by that much.
+    quantized = kv_bytes(gemma_gguf, kv_type_k="q8_0", kv_type_v="q8_0", flash_attn="on")
+    assert quantized == pytest.approx(base * 34 / 64, rel=1e-3)
+    # Half the pool: the full-attention layers' cells halve, the windows stay; the window is smaller.
+    half = loaded(gemma_gguf, kv_tokens=TIER.n_ctx)
+    try:
+        assert half.kv_bytes is not None and half.kv_bytes < base
+        assert half.info().context_length == TIER.n_ctx // 2
+    finally:
+        half.close()
+    # SWA_FULL keeps every position in the sliding-window layers too: several times the KV.
+    assert kv_bytes(gemma_gguf, swa_full=True) > 2 * base
+
+
+def chat(backend: LlamaCppBackend, messages: list[dict[str, str]], max_tokens: int) -> tuple[str, list[Chunk]]:
+    chunks = list(backend.stream(GenerationRequest(messages=messages, max_tokens=max_tokens, temperature=0.0)))
+    return "".join(c.text for c in chunks), chunks
+
+
+def usage_of(chunks: list[Chunk]) -> tuple[int, int]:
+    usage = chunks[-1].usage
+    assert usage is not None
+    return usage.prompt_tokens, usage.cached_tokens
+
+
+# Longer than the 512-token window, so the window has dropped the conversation's start.
+HISTORY = [{"role": "user", "content": "Describe the weather in Paris in spring, in detail. " * 60}]
+
+
+def test_second_turn_reuses_the_prefix_past_the_window(llama: LlamaCppBackend) -> None:
+    llama.reset_prefix_cache()
+    first, chunks = chat(llama, HISTORY, 16)
+    prompt_tokens, _ = usage_of(chunks)
+    assert prompt_tokens > 600
+    turn = [*HISTORY, {"role": "assistant", "content": first}, {"role": "user", "content": "And in autumn?"}]
+    warm, chunks = chat(llama, turn, 16)
+    _, cached = usage_of(chunks)
+    assert cached >= prompt_tokens
+    llama.reset_prefix_cache()
+    cold, chunks = chat(llama, turn, 16)
+    assert usage_of(chunks)[1] == 0
+    assert warm == cold
+
+
+def test_a_checkpoint_serves_a_prefix_the_window_has_moved_past(llama: LlamaCppBackend) -> None:
+    """The same prompt again after a long answer: the window now holds the answer's end, so the
+    prompt's state comes back from the checkpoint taken just before its end."""
+    llama.reset_prefix_cache()
+    _, chunks = chat(llama, HISTORY, 1)  # the cold answer's first token, and its checkpoint
+    prompt_tokens, _ = usage_of(chunks)
+    cold = chunks[0].text
+    slot = max(llama.kv_slots.slots, key=lambda s: s.used)
+    assert [c.n_tokens for c in slot.checkpoints] == [prompt_tokens - CHECKPOINT_TAIL]
+    # A long answer moves the window far past the prompt's end ...
+    request = GenerationRequest(prompt=llama.detokenize(slot.tokens) + " The end." * 120, max_tokens=1, temperature=0.0)
+    list(llama.stream(request))
+    # ... and the same conversation again still reuses all but the checkpointed tail.
+    again, chunks = chat(llama, HISTORY, 1)
+    assert usage_of(chunks) == (prompt_tokens, prompt_tokens - CHECKPOINT_TAIL)
+    assert again == cold
