@@ -16,6 +16,7 @@ pytest.importorskip("llama_cpp")
 
 from backends.base import Chunk, GenerationRequest
 from backends.llamacpp.backend import LlamaCppBackend
+from backends.llamacpp.kv_layout import default_kv_tokens, kv_bytes_per_token
 from backends.llamacpp.kv_slots import CHECKPOINT_TAIL
 from kernel.config import TierSettings
 
@@ -109,3 +110,17 @@ def test_a_checkpoint_serves_a_prefix_the_window_has_moved_past(llama: LlamaCppB
     again, chunks = chat(llama, HISTORY, 1)
     assert usage_of(chunks) == (prompt_tokens, prompt_tokens - CHECKPOINT_TAIL)
     assert again == cold
+
+
+def test_default_pool_fits_the_free_memory(llama: LlamaCppBackend, caplog: pytest.LogCaptureFixture) -> None:
+    """Unset, KV_TOKENS is N_CTX per sequence, lowered (whole 256-token stream blocks, logged) to
+    what fits 90% of the free memory of the KV's device."""
+    model = llama._model
+    per_token = kv_bytes_per_token(TIER, model)
+    assert per_token == 18 * 1 * (256 * 2 + 256 * 2)  # Gemma 3 270M: 18 layers, 1 KV head of 256, f16
+    wanted = TIER.n_ctx * 2
+    assert default_kv_tokens(TIER, model, 2, gpu_free=2**40) == wanted
+    with caplog.at_level("WARNING", logger="backends.llamacpp.kv_layout"):
+        capped = default_kv_tokens(TIER, model, 2, gpu_free=int(1536 * per_token / 0.9) + 1)
+    assert capped == 1536 - 1536 % 512  # a whole number of 256-token blocks per sequence
+    assert "LIGHT_KV_TOKENS" in caplog.text
