@@ -1,12 +1,15 @@
-"""The llama.cpp engine's KV cache: its settings reach llama.cpp, and Gemma 3's sliding-window
-layers, kept at their window size (no SWA_FULL), still let a conversation reuse its prefix.
+"""The llama.cpp engine's KV cache: its settings reach llama.cpp, and memory that cannot be cut
+back (Gemma 3's sliding-window layers at their window size, without SWA_FULL; a Mamba state)
+still lets a conversation reuse its prefix, through context checkpoints.
 
-Real Gemma 3 270M GGUF: 18 layers, of which 15 sliding-window ones (window 512).
+Real Gemma 3 270M GGUF: 18 layers, of which 15 sliding-window ones (window 512); a tiny random
+Mamba GGUF built at test time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -19,6 +22,7 @@ from backends.llamacpp.backend import LlamaCppBackend
 from backends.llamacpp.kv_layout import default_kv_tokens, kv_bytes_per_token
 from backends.llamacpp.kv_slots import CHECKPOINT_TAIL
 from kernel.config import TierSettings
+from tests.fixtures.tiny_mamba import build_tiny_mamba
 
 TIER = TierSettings(name="light", n_ctx=2048, n_batch=256, max_batch=2)
 
@@ -124,3 +128,27 @@ def test_default_pool_fits_the_free_memory(llama: LlamaCppBackend, caplog: pytes
         capped = default_kv_tokens(TIER, model, 2, gpu_free=int(1536 * per_token / 0.9) + 1)
     assert capped == 1536 - 1536 % 512  # a whole number of 256-token blocks per sequence
     assert "LIGHT_KV_TOKENS" in caplog.text
+
+
+def test_recurrent_model_reuses_a_prefix_from_a_checkpoint(tmp_path: Path) -> None:
+    """A Mamba state holds only its last position: a prompt that shares all but the previous
+    answer (the same question again) restarts from the prompt's checkpoint, not from nothing,
+    and answers as a cold run does."""
+    backend = LlamaCppBackend(
+        TierSettings(name="light", n_ctx=512, n_batch=64, max_batch=2), str(build_tiny_mamba(tmp_path / "m.gguf"))
+    )
+    backend.load()
+    try:
+
+        def run(prompt: str) -> tuple[str, int, int]:
+            chunks = list(backend.stream(GenerationRequest(prompt=prompt, max_tokens=8, temperature=0.0)))
+            return "".join(c.text for c in chunks), *usage_of(chunks)
+
+        prompt = "the cat sat on the mat and the dog ran in the park. " * 3
+        cold, prompt_tokens, cached = run(prompt)
+        assert cached == 0
+        again, _, cached = run(prompt)
+        assert cached == prompt_tokens - CHECKPOINT_TAIL
+        assert again == cold
+    finally:
+        backend.close()
