@@ -86,6 +86,9 @@ class LlamaCppBatch(DecodeBatch):
         self._vocab = handle.vocab
         self._n_vocab = handle.n_vocab
         self._capacity = handle.n_batch
+        # Room kept for the filler tokens of idle streams (see `_order`), where there is room to spare.
+        slots = len(handle.kv_slots.slots)
+        self._spare = slots if handle.kv_slots.fillable and self._capacity >= 2 * slots else 0
         self._batch = _Batch(self._capacity)
         self._piece = ctypes.create_string_buffer(256)
         self._sequences: dict[int, _Sequence] = {}  # in arrival order
@@ -157,13 +160,14 @@ class LlamaCppBatch(DecodeBatch):
         chunks: list[tuple[_Sequence, int, int]] = []  # (sequence, first batch index, tokens)
         kv_slots = self._handle.kv_slots
         for seq in sequences:
-            if n >= self._capacity:
+            if n >= self._capacity - self._spare:
                 break
             prompt = seq.state.prompt
             if seq.next_token is not None or seq.grammar is not None or seq.fed >= len(prompt):
                 continue
             every = seq.state.request.prompt_logprobs
-            room = min(self._capacity - n, PROMPT_SCORE_CHUNK) if every else self._capacity - n
+            room = self._capacity - self._spare - n
+            room = min(room, PROMPT_SCORE_CHUNK) if every else room
             take = min(room, len(prompt) - seq.fed)
             mark = kv_slots.checkpoint_at(len(prompt))
             if mark is not None and seq.fed < mark < seq.fed + take:
@@ -177,8 +181,13 @@ class LlamaCppBatch(DecodeBatch):
         if n == 0:
             self._wait_for_grammars()
             return out
+        present = {seq.slot.seq for _, seq in outputs} | {seq.slot.seq for seq, _, _ in chunks}
+        fillers = kv_slots.fillers(present, self._capacity - n, int(batch.pos[:n].max()) + 1)
+        outputs, chunks = self._order(n, fillers, outputs, chunks)
+        n += len(fillers)
         batch.n_tokens = n
         rc = llama_cpp.llama_decode(self._ctx, batch.struct)
+        kv_slots.unfill(fillers)
         if rc != 0:
             raise EngineError(f"llama_decode failed with status {rc} on a batch of {n} tokens")
         for _, seq in outputs:
@@ -194,6 +203,27 @@ class LlamaCppBatch(DecodeBatch):
         for index, seq in outputs:
             out.append((seq.key, self._sample(seq, index)))
         return out
+
+    def _order(
+        self,
+        n: int,
+        fillers: list[tuple[int, int, int]],
+        outputs: list[tuple[int, _Sequence]],
+        chunks: list[tuple[_Sequence, int, int]],
+    ) -> tuple[list[tuple[int, _Sequence]], list[tuple[_Sequence, int, int]]]:
+        """Put the step's tokens in stream order, with a filler token for each idle stream between
+        (`KvSlots.fillers`): llama.cpp evaluates only consecutive streams, in batch order, in one
+        graph (split_equal), so streams 0, 2, 3 alone would cost two. Returns outputs and chunks
+        at their new batch indices."""
+        batch = self._batch
+        for i, (seq, pos, token) in enumerate(fillers):
+            batch.set(n + i, token, pos, seq, False)
+        total = n + len(fillers)
+        order = np.argsort(batch.seq[:total], kind="stable")  # a sequence's prompt run stays in one piece
+        batch.permute(order)
+        where = np.empty(total, dtype=np.intp)
+        where[order] = np.arange(total)
+        return [(int(where[i]), s) for i, s in outputs], [(s, int(where[start]), take) for s, start, take in chunks]
 
     def _turn_sequences(self) -> list[_Sequence]:
         """The sequences this step decodes, all of one adapter group, with that adapter set: the
@@ -340,6 +370,12 @@ class _Batch:
     @n_tokens.setter
     def n_tokens(self, n: int) -> None:
         self.struct.n_tokens = n
+
+    def permute(self, order: np.ndarray) -> None:
+        """Reorder the first len(order) tokens: token i moves from index order[i]."""
+        n = len(order)
+        for array in (self.tokens, self.pos, self.seq, self.logits):
+            array[:n] = array[:n][order]
 
     def set(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
         self.tokens[i], self.pos[i], self.seq[i], self.logits[i] = token, pos, seq, logits

@@ -62,6 +62,8 @@ class KvSlots:
         self._memory = llama_cpp.llama_get_memory(context)
         self._swa = swa
         self.checkpointing = swa > 0 or recurrent
+        self.fillable = not recurrent  # a filler token's KV can be taken out again; a recurrent update cannot
+        self._stream = llama_cpp.llama_n_ctx_seq(context)  # cells per stream
         self.slots = [KvSlot(i) for i in range(count)]
         self._clock = itertools.count(1)
 
@@ -163,6 +165,25 @@ class KvSlots:
         if size and llama_cpp.llama_state_seq_get_data_ext(self._ctx, data, size, slot.seq, _PARTIAL) == size:
             kept = [c for c in slot.checkpoints if c.n_tokens < len(slot.tokens)]
             slot.checkpoints = [*kept[-(CHECKPOINTS_PER_SLOT - 1) :], Checkpoint(len(slot.tokens), data)]
+
+    def fillers(self, present: set[int], room: int, longest: int) -> list[tuple[int, int, int]]:
+        """(seq, position, token) of a throwaway token for each stream between the lowest and the
+        highest of `present` that a step does not decode, or none when they do not all fit: with
+        them llama.cpp evaluates the step as one graph (see `LlamaCppBatch._order`). Each goes
+        after what its slot holds and is removed again by `unfill`; a sliding window loses to it
+        only cells that the slot's next position would not attend to. None either when a gap
+        holds more than `longest` tokens (the step's longest sequence): every stream in a graph
+        attends over as many cells as its longest one, so that would cost more than it saves."""
+        if not self.fillable or len(present) < 2:
+            return []
+        gaps = [s for s in self.slots[min(present) : max(present) + 1] if s.seq not in present]
+        if len(gaps) > room or any(len(s.tokens) >= min(self._stream, longest) for s in gaps):
+            return []
+        return [(s.seq, len(s.tokens), s.tokens[-1] if s.tokens else 0) for s in gaps]
+
+    def unfill(self, fillers: list[tuple[int, int, int]]) -> None:
+        for seq, pos, _ in fillers:
+            llama_cpp.llama_memory_seq_rm(self._memory, seq, pos, -1)
 
     def wipe(self, slot: KvSlot) -> None:
         """Empty an acquired slot's KV, to evaluate a prompt from its first token."""

@@ -17,7 +17,9 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from backends.base import Chunk, GenerationRequest
+import llama_cpp
+
+from backends.base import Chunk, DecodeState, GenerationRequest, Token
 from backends.llamacpp.backend import LlamaCppBackend
 from backends.llamacpp.kv_layout import default_kv_tokens, kv_bytes_per_token
 from backends.llamacpp.kv_slots import CHECKPOINT_TAIL
@@ -150,5 +152,50 @@ def test_recurrent_model_reuses_a_prefix_from_a_checkpoint(tmp_path: Path) -> No
         again, _, cached = run(prompt)
         assert cached == prompt_tokens - CHECKPOINT_TAIL
         assert again == cold
+    finally:
+        backend.close()
+
+
+def test_an_idle_stream_between_busy_ones_gets_a_filler_and_keeps_its_kv(gemma_gguf: str) -> None:
+    """Streams 0 and 2 decode while 1 is idle: a throwaway token in stream 1 makes the step one
+    graph; it changes neither what the others generate nor what slot 1 holds."""
+    backend = loaded(gemma_gguf, max_batch=3, n_ctx=512)
+    try:
+        prompts = [backend.encode(p) for p in ("1, 2, 3, 4, 5,", "Monday, Tuesday, Wednesday,", "A B C D E F")]
+
+        def alone(prompt: list[int]) -> list[str]:
+            backend.reset_prefix_cache()
+            batch = backend.open_batch()
+            batch.add(0, DecodeState(prompt, GenerationRequest(prompt="", max_tokens=12, temperature=0.0), 12))
+            texts = []
+            while batch.pending(0):
+                texts += [t.text for _, t in batch.step() if isinstance(t, Token)]
+            return texts
+
+        expected = [alone(p) for p in prompts]
+        backend.reset_prefix_cache()
+        kv_slots = backend.kv_slots
+        filled: list[list[tuple[int, int, int]]] = []
+        unfill = kv_slots.unfill
+        kv_slots.unfill = lambda fillers: (filled.append(fillers), unfill(fillers))  # type: ignore[method-assign]
+        batch = backend.open_batch()
+        for key, prompt in enumerate(prompts):
+            batch.add(key, DecodeState(prompt, GenerationRequest(prompt="", max_tokens=12, temperature=0.0), 12))
+        middle = next(k for k, s in batch._sequences.items() if s.slot.seq == 1)
+        got: dict[int, list[str]] = {0: [], 1: [], 2: []}
+        for key, token in batch.step():  # the prompts, up to their checkpoints
+            if isinstance(token, Token):
+                got[key].append(token.text)
+        batch.remove(middle)
+        while any(batch.pending(k) for k in range(3)):
+            for key, token in batch.step():
+                if isinstance(token, Token):
+                    got[key].append(token.text)
+        del kv_slots.unfill
+        assert all(got[k] == expected[k] for k in range(3) if k != middle)
+        assert any(fillers and fillers[0][0] == 1 for fillers in filled)
+        idle = kv_slots.slots[1]
+        memory = llama_cpp.llama_get_memory(backend.context)
+        assert llama_cpp.llama_memory_seq_pos_max(memory, idle.seq) == len(idle.tokens) - 1
     finally:
         backend.close()
