@@ -86,9 +86,6 @@ class LlamaCppBatch(DecodeBatch):
         self._vocab = handle.vocab
         self._n_vocab = handle.n_vocab
         self._capacity = handle.n_batch
-        # Room kept for the filler tokens of idle streams (see `_order`), where there is room to spare.
-        slots = len(handle.kv_slots.slots)
-        self._spare = slots if handle.kv_slots.fillable and self._capacity >= 2 * slots else 0
         self._batch = _Batch(self._capacity)
         self._piece = ctypes.create_string_buffer(256)
         self._sequences: dict[int, _Sequence] = {}  # in arrival order
@@ -159,15 +156,18 @@ class LlamaCppBatch(DecodeBatch):
                 n += 1
         chunks: list[tuple[_Sequence, int, int]] = []  # (sequence, first batch index, tokens)
         kv_slots = self._handle.kv_slots
+        # Room for the filler tokens of idle streams between these (see `_order`), if prompts leave it.
+        longest = max((len(s.slot.tokens) for s in sequences), default=0) + self._capacity
+        spare = len(kv_slots.fillers({s.slot.seq for s in sequences}, self._capacity, longest))
+        capacity = self._capacity - spare if self._capacity - spare > n else self._capacity
         for seq in sequences:
-            if n >= self._capacity - self._spare:
+            if n >= capacity:
                 break
             prompt = seq.state.prompt
             if seq.next_token is not None or seq.grammar is not None or seq.fed >= len(prompt):
                 continue
             every = seq.state.request.prompt_logprobs
-            room = self._capacity - self._spare - n
-            room = min(room, PROMPT_SCORE_CHUNK) if every else room
+            room = min(capacity - n, PROMPT_SCORE_CHUNK) if every else capacity - n
             take = min(room, len(prompt) - seq.fed)
             mark = kv_slots.checkpoint_at(len(prompt))
             if mark is not None and seq.fed < mark < seq.fed + take:
