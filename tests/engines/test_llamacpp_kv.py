@@ -199,3 +199,35 @@ def test_an_idle_stream_between_busy_ones_gets_a_filler_and_keeps_its_kv(gemma_g
         assert llama_cpp.llama_memory_seq_pos_max(memory, idle.seq) == len(idle.tokens) - 1
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("swa_full", [True, False])
+def test_a_prefix_is_shared_from_a_busy_slot(gemma_gguf: str, swa_full: bool) -> None:
+    """Two prompts with one long start, the first in a busy slot: the second copies that prefix
+    into its own stream (with SWA_FULL a whole-stream copy on the device, without it through
+    host memory, window included) and answers as it does cold."""
+    backend = loaded(gemma_gguf, swa_full=swa_full)
+    try:
+        history = backend.encode("A conversation about the weather in the city. " * 12)
+        first, second = history + backend.encode(" Sunny?")[1:], history + backend.encode(" Windy?")[1:]
+
+        def run(batch: Any, prompts: dict[int, list[int]]) -> dict[int, list[Token]]:
+            for key, prompt in prompts.items():
+                request = GenerationRequest(prompt="", max_tokens=8, temperature=0.0)
+                batch.add(key, DecodeState(prompt, request, 8))
+            got: dict[int, list[Token]] = {key: [] for key in prompts}
+            while any(batch.pending(key) for key in prompts):
+                for key, token in batch.step():
+                    if isinstance(token, Token):
+                        got[key].append(token)
+            return got
+
+        backend.reset_prefix_cache()
+        cold = [t.text for t in run(backend.open_batch(), {0: second})[0]]
+        backend.reset_prefix_cache()
+        run(backend.open_batch(), {0: first})  # the history, in one slot
+        got = run(backend.open_batch(), {0: first, 1: second})  # `first` takes that slot back
+        assert got[1][0].cached_tokens >= len(history) - 1
+        assert [t.text for t in got[1]] == cold
+    finally:
+        backend.close()
