@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 import msgspec
 
 Backend = Literal["auto", "llamacpp", "mlx"]
+KvType = Literal["f16", "q8_0", "q4_0"]  # llama.cpp KV cache element types (ggml names)
 NonNeg = Annotated[int, msgspec.Meta(ge=0)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 Weight = Annotated[float, msgspec.Meta(ge=0.0)]
@@ -53,6 +54,13 @@ class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
     pin: bool = False  # never unloaded, neither when idle nor by POST /v1/models/{id}/unload
     # Engine-specific options; service.settings refuses each one on tiers it does not apply to.
     prefix_cache_entries: NonNeg = 4  # MLX: KV caches of recent conversations kept for reuse
+    # llama.cpp: the KV pool's total tokens, split evenly between the MAX_BATCH sequences;
+    # 0 = N_CTX x MAX_BATCH, lowered to what fits the device's free memory
+    kv_tokens: NonNeg = 0
+    kv_type_k: KvType = "f16"  # llama.cpp: K cache type; q8_0 halves it, q4_0 quarters it
+    kv_type_v: KvType = "f16"  # llama.cpp: V cache type; a quantized V needs flash attention
+    flash_attn: Literal["auto", "on", "off"] = "auto"  # llama.cpp: auto = where the device supports it
+    swa_full: bool = False  # llama.cpp: sliding-window layers keep every position (about 5x the KV on Gemma 3)
     tool_parser: Literal["auto", "hermes", "llama3", "mistral"] = "auto"  # how the model writes tool calls
     reasoning_parser: Literal["auto", "none", "think"] = "auto"  # where its thinking is (backends.reasoning)
     # llama.cpp: sample in the decode graph (llama_set_sampler); auto = when the model runs on a GPU.

@@ -6,6 +6,7 @@ import difflib
 import os
 import re
 import shutil
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -99,6 +100,11 @@ _FAMILY_ONLY: dict[str, tuple[str, ...]] = {
     "adapters": GENERATION_TIERS,
     "max_batch": GENERATION_TIERS,
     "prefix_cache_entries": GENERATION_TIERS,
+    "kv_tokens": GENERATION_TIERS,
+    "kv_type_k": GENERATION_TIERS,
+    "kv_type_v": GENERATION_TIERS,
+    "flash_attn": GENERATION_TIERS,
+    "swa_full": GENERATION_TIERS,
     "tool_parser": GENERATION_TIERS,
     "reasoning_parser": GENERATION_TIERS,
     "device_sampling": GENERATION_TIERS,
@@ -123,7 +129,6 @@ _FAMILY_ONLY: dict[str, tuple[str, ...]] = {
 }
 _ENGINES = {"embedding": EMBEDDING_ENGINES, "reranker": RERANKER_ENGINES}
 # Tier options whose values are keywords: matched in lower case.
-_KEYWORDS = ("backend", "engine", "device", "pooling", "tool_parser", "reasoning_parser", "runtime", "device_sampling")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # Variables that other tools read (start_service.sh, Hugging Face, torch, OpenMP): allowed in .env.
 _FOREIGN = re.compile(
@@ -150,8 +155,27 @@ def _unknown(key: str) -> SettingsError:
     return SettingsError(f"Unknown setting {key}{hint}")
 
 
+# Settings whose values are words, read in any case.
+_WORDS = {
+    "backend",
+    "engine",
+    "device",
+    "pooling",
+    "tool_parser",
+    "reasoning_parser",
+    "runtime",
+    "kv_type_k",
+    "kv_type_v",
+}
+# auto/on/off settings: on and off arrive as true and false (see _value).
+_SWITCHES = {"flash_attn", "device_sampling"}
+
+
 def _tier_value(field: str, value: str) -> Any:
-    if field in _KEYWORDS:
+    if field in _SWITCHES:
+        value = value.strip().lower()
+        return {"true": "on", "false": "off", "1": "on", "0": "off"}.get(value, value)
+    if field in _WORDS:
         return value.strip().lower().replace("-", "_") if field == "engine" else value.strip().lower()
     if field == "hybrid_weights":
         return [part.strip() for part in value.split(",")]
@@ -211,6 +235,12 @@ def _check_tier(tier: TierSettings, env: Mapping[str, str]) -> None:
     if not _DEVICE.fullmatch(tier.device):
         var = f"{prefix}_DEVICE"
         raise SettingsError(f"Invalid setting {var}={env.get(var, '')!r}: expected auto, cpu, cuda, cuda:N or mps")
+    if tier.kv_type_v != "f16" and tier.flash_attn == "off":
+        var = f"{prefix}_KV_TYPE_V"
+        raise SettingsError(
+            f"Invalid setting {var}={env.get(var, '')!r}: a quantized V cache needs flash attention;"
+            f" set {prefix}_FLASH_ATTN=auto or on, or {var}=f16"
+        )
     if sum(tier.hybrid_weights) <= 0:
         var = f"{prefix}_HYBRID_WEIGHTS"
         raise SettingsError(f"Invalid setting {var}={env.get(var, '')!r}: the weights must not all be zero")
@@ -223,11 +253,15 @@ def _convert(raw: dict[str, Any], cls: type[Any], prefix: str, env: Mapping[str,
         # msgspec says "Expected `int`, got `str` - at `$.n_ctx`": name the variable instead.
         reason, _, where = str(exc).partition(" - at `$.")
         var = prefix + where.rstrip("`").split(".")[0].split("[")[0].upper()
-        if var.endswith("_BACKEND"):
-            reason = "expected one of: auto, llamacpp, mlx"
-        elif var == "LOG_LEVEL":
-            reason = "expected one of: DEBUG, INFO, WARNING, ERROR, CRITICAL"
+        if choices := _choices(cls, var.removeprefix(prefix).lower()):
+            reason = f"expected one of: {', '.join(choices)}"
         raise SettingsError(f"Invalid setting {var}={env.get(var, '')!r}: {reason}") from None
+
+
+def _choices(cls: type[Any], field: str) -> tuple[str, ...]:
+    """The allowed values of a Literal field (for the error message), else ()."""
+    hint = typing.get_type_hints(cls).get(field)
+    return tuple(str(v) for v in typing.get_args(hint)) if typing.get_origin(hint) is Literal else ()
 
 
 _ALIAS_PATTERN = re.compile(r"[^\s,=]+")

@@ -17,6 +17,7 @@ from backends.base import AdapterInfo, Backend, DecodeBatch, DecodeState, Engine
 from backends.chat_templates import builtin_for_architecture, render, resolve_template_setting
 from backends.llamacpp.adapters import LoraAdapters
 from backends.llamacpp.batch import LlamaCppBatch, ModelHandle
+from backends.llamacpp.kv_layout import FLASH_ATTN, KV_TYPES, LlamaLog, default_kv_tokens, kv_bytes, model_meta
 from backends.llamacpp.kv_slots import KvSlots
 from backends.llamacpp.sampling import GrammarCompiler
 from backends.reasoning import ReasoningFormat
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 _backend_lock = threading.Lock()
 _backend_ready = False
+_llama_log: LlamaLog | None = None  # installed with the backend; reports what a context allocates
 
 
 def _quiet_llama_log() -> None:
@@ -43,10 +45,12 @@ def init_llama_backend() -> None:
 
     `Llama(...)` does this itself; code on the low-level API must, and must not race two loads
     (two tiers load on two threads at start-up) into ggml's device registry."""
-    global _backend_ready
+    global _backend_ready, _llama_log
     with _backend_lock:
         if not _backend_ready:
             _quiet_llama_log()
+            _llama_log = LlamaLog()
+            _llama_log.install()
             llama_cpp.llama_backend_init()
             _backend_ready = True
 
@@ -73,6 +77,8 @@ class LlamaCppBackend(Backend):
         self._bos = ""
         self._eos_text = ""
         self._device = "cpu"
+        self.n_ctx = tier.n_ctx  # the context window: N_CTX, or less when a sequence's KV stream is smaller
+        self.kv_bytes: int | None = None  # what llama.cpp allocated for KV (and recurrent state)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -89,47 +95,73 @@ class LlamaCppBackend(Backend):
             model = llama_cpp.llama_model_load_from_file(self.model_path.encode("utf-8"), mp)
         if not model:
             raise ModelUnavailableError(f"{where} (see the log above)")
-        cp = llama_cpp.llama_context_default_params()
         slots = max(1, t.max_batch)
+        self._device = _device(t.n_gpu_layers)
+        kv_tokens = t.kv_tokens or default_kv_tokens(t, model, slots, _gpu_free() if self._device != "cpu" else None)
+        cp = llama_cpp.llama_context_default_params()
         cp.n_seq_max = slots
-        cp.n_ctx = t.n_ctx * slots  # one unified KV pool: each sequence can grow to N_CTX
+        cp.n_ctx = kv_tokens
         cp.n_batch = self.n_batch
         cp.n_ubatch = min(self.n_batch, 512)
         threads = t.n_threads or default_threads()
         cp.n_threads = cp.n_threads_batch = threads
-        cp.kv_unified = True  # shared prefixes share cells; see kv_slots
-        cp.swa_full = True  # sliding-window layers keep every position, so a prefix stays reusable
+        cp.kv_unified = False  # one stream per sequence (see kv_layout)
+        cp.swa_full = t.swa_full  # off: sliding-window layers keep their window; kv_slots checkpoints it
+        cp.type_k, cp.type_v = KV_TYPES[t.kv_type_k], KV_TYPES[t.kv_type_v]
+        cp.flash_attn_type = FLASH_ATTN[t.flash_attn]  # llama.cpp turns auto on for a quantized V
         cp.no_perf = True
-        ctx = llama_cpp.llama_init_from_model(model, cp)
+        assert _llama_log is not None
+        with _llama_log.capture() as lines:
+            ctx = llama_cpp.llama_init_from_model(model, cp)
         if not ctx:
             llama_cpp.llama_model_free(model)
-            raise ModelUnavailableError(f"{where}: no context of {cp.n_ctx} tokens could be created")
+            raise ModelUnavailableError(
+                f"{where}: no context with {kv_tokens} tokens of KV could be created (see the log above;"
+                f" {t.name.upper()}_KV_TOKENS, _KV_TYPE_K and _KV_TYPE_V set its size)"
+            )
         self._model, self._ctx = model, ctx
+        self.kv_bytes = kv_bytes(lines)
+        self.n_ctx = min(t.n_ctx, llama_cpp.llama_n_ctx_seq(ctx))
+        if self.n_ctx < t.n_ctx:
+            log.warning(
+                "Tier %s: a sequence holds %d tokens of KV (KV_TOKENS / MAX_BATCH), less than N_CTX=%d:"
+                " the context window is %d",
+                t.name,
+                self.n_ctx,
+                t.n_ctx,
+                self.n_ctx,
+            )
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.eos = llama_cpp.llama_vocab_eos(self.vocab)
-        self._kv_slots = KvSlots(llama_cpp.llama_get_memory(ctx), slots)
-        self._adapters = LoraAdapters(model, _meta(model, "general.architecture") or "")
+        recurrent = bool(llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model))
+        # A recurrent state is checkpointed whole, with any window beside it: no window test then.
+        swa = 0 if t.swa_full or recurrent else llama_cpp.llama_model_n_swa(model)
+        self._kv_slots = KvSlots(ctx, slots, swa=swa, recurrent=recurrent)
+        self._adapters = LoraAdapters(model, model_meta(model, "general.architecture") or "")
         self._grammars = GrammarCompiler(self.vocab)
-        self._device = _device(t.n_gpu_layers)
         self._load_template()
         log.info(
-            "Tier %s: llama.cpp on %s, %d threads, %d sequences x %d tokens of KV",
+            "Tier %s: llama.cpp on %s, %d threads, %d sequences x %d tokens, KV %s (K %s, V %s, flash attention %s)",
             t.name,
             self._device,
             threads,
             slots,
-            t.n_ctx,
+            self.n_ctx,
+            f"{self.kv_bytes / 2**20:.1f} MiB" if self.kv_bytes is not None else "size unknown",
+            t.kv_type_k,
+            t.kv_type_v,
+            t.flash_attn,
         )
 
     def _load_template(self) -> None:
         t = self.tier
         if t.chat_template:
             self._template, self._template_source = resolve_template_setting(t.chat_template), "setting"
-        elif (gguf := _meta(self._model, "tokenizer.chat_template")) is not None:
+        elif (gguf := model_meta(self._model, "tokenizer.chat_template")) is not None:
             self._template, self._template_source = gguf, "gguf"
         else:
-            self._template = builtin_for_architecture(_meta(self._model, "general.architecture") or "")
+            self._template = builtin_for_architecture(model_meta(self._model, "general.architecture") or "")
             self._template_source = "builtin" if self._template else "none"
         bos = llama_cpp.llama_vocab_bos(self.vocab)
         self._bos = _token_text(self.vocab, bos) if bos >= 0 else ""
@@ -194,8 +226,12 @@ class LlamaCppBackend(Backend):
         return EngineInfo(
             engine="llamacpp",
             device=self._device,
-            context_length=self.tier.n_ctx,
-            extras={"chat_template": self._template_source, "max_batch": self.max_batch_size},
+            context_length=self.n_ctx,
+            extras={
+                "chat_template": self._template_source,
+                "max_batch": self.max_batch_size,
+                "kv_bytes": self.kv_bytes,
+            },
             vocab_size=self.n_vocab,
             tool_format=tool_format(self._template, self.tier.tool_parser),
             reasoning=self._reasoning,
@@ -332,6 +368,24 @@ def _device(n_gpu_layers: int) -> str:
     return gpus[0][0].lower()
 
 
+def _gpu_free() -> int | None:
+    """Free bytes on the first GPU in ggml's device registry (where the KV goes), None if unknown."""
+    try:
+        from llama_cpp._ggml import libggml as g
+    except (ImportError, OSError, AttributeError):
+        return None
+    size = ctypes.c_size_t
+    g.ggml_backend_dev_memory.restype, g.ggml_backend_dev_memory.argtypes = (
+        None,
+        [ctypes.c_void_p, ctypes.POINTER(size), ctypes.POINTER(size)],
+    )
+    for dev in _gpu_handles(g):
+        free, total = size(0), size(0)
+        g.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        return int(free.value)
+    return None
+
+
 def _gpu_devices() -> list[tuple[str, str]]:
     """(backend, description) of each GPU in ggml's device registry, e.g. ("CUDA", "NVIDIA H100")."""
     try:
@@ -340,33 +394,29 @@ def _gpu_devices() -> list[tuple[str, str]]:
         return []
     void, text = ctypes.c_void_p, ctypes.c_char_p
     for fn, restype, argtypes in (
-        (g.ggml_backend_dev_count, ctypes.c_size_t, []),
-        (g.ggml_backend_dev_get, void, [ctypes.c_size_t]),
-        (g.ggml_backend_dev_type, ctypes.c_int, [void]),
         (g.ggml_backend_dev_description, text, [void]),
         (g.ggml_backend_dev_backend_reg, void, [void]),
         (g.ggml_backend_reg_name, text, [void]),
     ):
         fn.restype, fn.argtypes = restype, argtypes
     found = []
-    for i in range(g.ggml_backend_dev_count()):
-        dev = g.ggml_backend_dev_get(i)
-        if g.ggml_backend_dev_type(dev) in (1, 2):  # GGML_BACKEND_DEVICE_TYPE_GPU, _IGPU
-            backend = g.ggml_backend_reg_name(g.ggml_backend_dev_backend_reg(dev)) or b"gpu"
-            found.append((backend.decode(), (g.ggml_backend_dev_description(dev) or b"").decode(errors="replace")))
+    for dev in _gpu_handles(g):
+        backend = g.ggml_backend_reg_name(g.ggml_backend_dev_backend_reg(dev)) or b"gpu"
+        found.append((backend.decode(), (g.ggml_backend_dev_description(dev) or b"").decode(errors="replace")))
     return found
 
 
-def _meta(model: Any, key: str) -> str | None:
-    size = 1 << 16
-    buf = ctypes.create_string_buffer(size)
-    n = llama_cpp.llama_model_meta_val_str(model, key.encode("utf-8"), buf, size)
-    if n < 0:
-        return None
-    if n >= size:
-        buf = ctypes.create_string_buffer(n + 1)
-        llama_cpp.llama_model_meta_val_str(model, key.encode("utf-8"), buf, n + 1)
-    return buf.value.decode("utf-8", errors="replace")
+def _gpu_handles(g: Any) -> list[Any]:
+    """ggml's GPU devices (`libggml`), in registry order."""
+    void = ctypes.c_void_p
+    for fn, restype, argtypes in (
+        (g.ggml_backend_dev_count, ctypes.c_size_t, []),
+        (g.ggml_backend_dev_get, void, [ctypes.c_size_t]),
+        (g.ggml_backend_dev_type, ctypes.c_int, [void]),
+    ):
+        fn.restype, fn.argtypes = restype, argtypes
+    devices = (g.ggml_backend_dev_get(i) for i in range(g.ggml_backend_dev_count()))
+    return [dev for dev in devices if g.ggml_backend_dev_type(dev) in (1, 2)]  # GGML_BACKEND_DEVICE_TYPE_GPU, _IGPU
 
 
 def _token_text(vocab: Any, token: int) -> str:

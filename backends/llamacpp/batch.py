@@ -153,22 +153,31 @@ class LlamaCppBatch(DecodeBatch):
         self._grammars_ready(out)
         batch, outputs = self._batch, []
         n = 0
-        sequences = self._turn_sequences()
+        # In slot order: llama.cpp puts only consecutive streams into one ubatch (split_equal).
+        sequences = sorted(self._turn_sequences(), key=lambda s: s.slot.seq)
         for seq in sequences:
             if seq.next_token is not None:
                 batch.set(n, seq.next_token, len(seq.slot.tokens), seq.slot.seq, True)
                 outputs.append((n, seq))
                 n += 1
         chunks: list[tuple[_Sequence, int, int]] = []  # (sequence, first batch index, tokens)
+        kv_slots = self._handle.kv_slots
+        # Room for the filler tokens of idle streams between these (see `_order`), if prompts leave it.
+        longest = max((len(s.slot.tokens) for s in sequences), default=0) + self._capacity
+        spare = len(kv_slots.fillers({s.slot.seq for s in sequences}, self._capacity, longest))
+        capacity = self._capacity - spare if self._capacity - spare > n else self._capacity
         for seq in sequences:
-            if n >= self._capacity:
+            if n >= capacity:
                 break
             prompt = seq.state.prompt
             if seq.next_token is not None or seq.grammar is not None or seq.fed >= len(prompt):
                 continue
             every = seq.state.request.prompt_logprobs
-            room = min(self._capacity - n, PROMPT_SCORE_CHUNK) if every else self._capacity - n
+            room = min(capacity - n, PROMPT_SCORE_CHUNK) if every else capacity - n
             take = min(room, len(prompt) - seq.fed)
+            mark = kv_slots.checkpoint_at(len(prompt))
+            if mark is not None and seq.fed < mark < seq.fed + take:
+                take = mark - seq.fed  # the step ends where the prompt is checkpointed
             last = seq.fed + take == len(prompt)
             batch.set_run(n, prompt[seq.fed : seq.fed + take], seq.fed, seq.slot.seq, last, every=every)
             if last:
@@ -178,8 +187,13 @@ class LlamaCppBatch(DecodeBatch):
         if n == 0:
             self._wait_for_grammars()
             return out
+        present = {seq.slot.seq for _, seq in outputs} | {seq.slot.seq for seq, _, _ in chunks}
+        fillers = kv_slots.fillers(present, self._capacity - n, int(batch.pos[:n].max()) + 1)
+        outputs, chunks = self._order(n, fillers, outputs, chunks)
+        n += len(fillers)
         batch.n_tokens = n
         rc = llama_cpp.llama_decode(self._ctx, batch.struct)
+        kv_slots.unfill(fillers)
         if rc != 0:
             raise EngineError(f"llama_decode failed with status {rc} on a batch of {n} tokens")
         for _, seq in outputs:
@@ -190,9 +204,32 @@ class LlamaCppBatch(DecodeBatch):
                 self._score_prompt(seq, start, take)
             seq.slot.tokens.extend(seq.state.prompt[seq.fed : seq.fed + take])
             seq.fed += take
+            if seq.fed == kv_slots.checkpoint_at(len(seq.state.prompt)):
+                kv_slots.checkpoint(seq.slot)
         for index, seq in outputs:
             out.append((seq.key, self._sample(seq, index)))
         return out
+
+    def _order(
+        self,
+        n: int,
+        fillers: list[tuple[int, int, int]],
+        outputs: list[tuple[int, _Sequence]],
+        chunks: list[tuple[_Sequence, int, int]],
+    ) -> tuple[list[tuple[int, _Sequence]], list[tuple[_Sequence, int, int]]]:
+        """Put the step's tokens in stream order, with a filler token for each idle stream between
+        (`KvSlots.fillers`): llama.cpp evaluates only consecutive streams, in batch order, in one
+        graph (split_equal), so streams 0, 2, 3 alone would cost two. Returns outputs and chunks
+        at their new batch indices."""
+        batch = self._batch
+        for i, (seq, pos, token) in enumerate(fillers):
+            batch.set(n + i, token, pos, seq, False)
+        total = n + len(fillers)
+        order = np.argsort(batch.seq[:total], kind="stable")  # a sequence's prompt run stays in one piece
+        batch.permute(order)
+        where = np.empty(total, dtype=np.intp)
+        where[order] = np.arange(total)
+        return [(int(where[i]), s) for i, s in outputs], [(s, int(where[start]), take) for s, start, take in chunks]
 
     def _turn_sequences(self) -> list[_Sequence]:
         """The sequences this step decodes, all of one adapter group, with that adapter set: the
@@ -347,6 +384,12 @@ class _Batch:
     @n_tokens.setter
     def n_tokens(self, n: int) -> None:
         self.struct.n_tokens = n
+
+    def permute(self, order: np.ndarray) -> None:
+        """Reorder the first len(order) tokens: token i moves from index order[i]."""
+        n = len(order)
+        for array in (self.tokens, self.pos, self.seq, self.logits):
+            array[:n] = array[:n][order]
 
     def set(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
         self.tokens[i], self.pos[i], self.seq[i], self.logits[i] = token, pos, seq, logits

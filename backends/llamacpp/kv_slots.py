@@ -1,15 +1,21 @@
 """KV slots for the llama.cpp engine: the context's sequence ids and the prompt state they keep.
 
-The context has one unified KV cache of `MAX_BATCH x N_CTX` cells shared by `MAX_BATCH` sequence
-ids (KV slots), so every admitted sequence can always grow to its full context window. A slot keeps
+Each of the `MAX_BATCH` sequence ids (KV slots) has its own KV stream (`kv_layout`). A slot keeps
 its KV after its request ends: the next request whose prompt starts with the same tokens (the
-previous turn of a conversation) reuses it, like llama-server's slots. Copying a prefix from a
-busy slot is cheap in a unified cache (the cells are shared, not copied). A slot's KV belongs to
-the LoRA adapter it was computed with and is reused only by requests with that adapter.
+previous turn of a conversation) reuses it, like llama-server's slots. A prefix held by another
+slot is copied in (`share`). A slot's KV belongs to the LoRA adapter it was computed with and is
+reused only by requests with that adapter.
+
+Some memory cannot be cut back to any position: a sliding-window layer (Gemma 3, without
+`SWA_FULL`) keeps only its last window, a recurrent layer (Mamba, LFM2, Granite-4-H) only its
+last state. For those a slot keeps context checkpoints, as llama-server does: that part of its
+state saved a few tokens before the end of each prompt, restored when a later prompt shares
+the prefix up to there.
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +23,20 @@ from typing import Any
 import llama_cpp
 
 from backends.base import common_prefix
+
+# A checkpoint is taken this many tokens before a prompt's end, so that the same prompt again
+# (or one whose template ends differently, e.g. a thinking switch) still finds one before it.
+CHECKPOINT_TAIL = 4
+CHECKPOINTS_PER_SLOT = 2  # each holds one sequence's window or recurrent state in host memory
+_PARTIAL = llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+
+
+@dataclass(slots=True, eq=False)
+class Checkpoint:
+    """The part of a sequence's state that cannot be cut back, after its first `n_tokens` tokens."""
+
+    n_tokens: int
+    data: Any  # a ctypes byte array from llama_state_seq_get_data_ext
 
 
 @dataclass(slots=True)
@@ -28,13 +48,22 @@ class KvSlot:
     busy: bool = False
     used: int = 0  # LRU clock
     adapter: str | None = None  # the LoRA adapter the KV was computed with
+    checkpoints: list[Checkpoint] = field(default_factory=list)  # oldest first
 
 
 class KvSlots:
-    """The context's sequence ids and the prompt state they keep between requests."""
+    """The context's sequence ids and the prompt state they keep between requests.
 
-    def __init__(self, memory: Any, count: int) -> None:
-        self._memory = memory
+    `swa`: the model's sliding window when its SWA layers keep only the window (0: none or
+    `swa_full`); `recurrent`: it has recurrent layers. Either way prompts are checkpointed."""
+
+    def __init__(self, context: Any, count: int, swa: int = 0, recurrent: bool = False) -> None:
+        self._ctx = context
+        self._memory = llama_cpp.llama_get_memory(context)
+        self._swa = swa
+        self.checkpointing = swa > 0 or recurrent
+        self.fillable = not recurrent  # a filler token's KV can be taken out again; a recurrent update cannot
+        self._stream = llama_cpp.llama_n_ctx_seq(context)  # cells per stream
         self.slots = [KvSlot(i) for i in range(count)]
         self._clock = itertools.count(1)
 
@@ -60,30 +89,106 @@ class KvSlots:
             slot = min(free, key=lambda s: (len(s.tokens) - usable[s.seq], s.used))
         source = max(self.slots, key=lambda s: usable[s.seq])
         slot.busy, slot.used = True, next(self._clock)
-        mem = self._memory
-        if usable[source.seq] > usable[slot.seq]:
-            # Another sequence holds a longer prefix: share its cells.
-            n = usable[source.seq]
-            llama_cpp.llama_memory_seq_rm(mem, slot.seq, -1, -1)
-            llama_cpp.llama_memory_seq_cp(mem, source.seq, slot.seq, 0, n)
-            slot.tokens = prompt[:n]
-        else:
-            n = usable[slot.seq]
-            if not llama_cpp.llama_memory_seq_rm(mem, slot.seq, n, -1):
-                n = 0  # this memory cannot cut a sequence short (recurrent state): start over
-                llama_cpp.llama_memory_seq_rm(mem, slot.seq, -1, -1)
-            del slot.tokens[n:]
-        if n and llama_cpp.llama_memory_seq_pos_min(mem, slot.seq) > 0:
-            # A sliding-window cache dropped early positions: the prefix cannot be rebuilt from it.
-            llama_cpp.llama_memory_seq_rm(mem, slot.seq, -1, -1)
-            slot.tokens, n = [], 0
         slot.adapter = adapter
-        return slot, n
+        if usable[source.seq] > usable[slot.seq] and self.share(source, slot, usable[source.seq]):
+            return slot, len(slot.tokens)
+        return slot, self._keep(slot, usable[slot.seq])
+
+    def share(self, source: KvSlot, slot: KvSlot, n: int) -> bool:
+        """Put `source`'s first `n` tokens of KV into `slot` (emptied first); False if none came.
+
+        Streams are separate buffers: llama.cpp copies a sequence into another stream only whole
+        (`llama_memory_seq_cp` with p0 = p1 = -1: every cell of the stream, on the device, at the
+        next `llama_decode`), and the tail is then cut. Where the tail cannot be cut
+        (`checkpointing`), the sequence's used cells travel through host memory at once instead,
+        so that a checkpoint restored over them is not overwritten by that pending copy."""
+        self.wipe(slot)
+        if self.checkpointing:
+            size = llama_cpp.llama_state_seq_get_size(self._ctx, source.seq)
+            data = (ctypes.c_uint8 * size)()
+            written = llama_cpp.llama_state_seq_get_data(self._ctx, data, size, source.seq)
+            if not written or not llama_cpp.llama_state_seq_set_data(self._ctx, data, written, slot.seq):
+                self.wipe(slot)
+                return False
+        else:
+            llama_cpp.llama_memory_seq_cp(self._memory, source.seq, slot.seq, -1, -1)
+        slot.tokens = list(source.tokens)
+        slot.checkpoints = list(source.checkpoints)  # read-only state: shared, never changed in place
+        return self._keep(slot, n) > 0
+
+    def _keep(self, slot: KvSlot, n: int) -> int:
+        """Cut `slot` back to its first `n` tokens (fewer when its memory cannot); returns how many stay."""
+        mem = self._memory
+        if n and self._cut(slot, n):
+            return n
+        # The live state cannot serve position n: go back to the latest checkpoint at or before it.
+        for checkpoint in reversed(slot.checkpoints):
+            if (
+                0 < checkpoint.n_tokens <= n
+                and self._restore(slot, checkpoint)
+                and self._cut(slot, checkpoint.n_tokens)
+            ):
+                return checkpoint.n_tokens
+        llama_cpp.llama_memory_seq_rm(mem, slot.seq, -1, -1)
+        slot.tokens, slot.checkpoints = [], []
+        return 0
+
+    def _cut(self, slot: KvSlot, n: int) -> bool:
+        """Drop positions n.. of `slot`: whether what stays can continue at position n."""
+        mem = self._memory
+        if n > len(slot.tokens):
+            return False
+        # A sliding window must still hold every position that position n attends to: those after
+        # n - window (llama.cpp masks p0 where n - p0 >= window; a chunked window needs fewer).
+        pos_min = llama_cpp.llama_memory_seq_pos_min(mem, slot.seq)
+        if self._swa and pos_min > max(0, n - self._swa + 1):
+            return False
+        if not llama_cpp.llama_memory_seq_rm(mem, slot.seq, n, -1):
+            return False  # a recurrent state cannot be cut back (it is left as it was)
+        del slot.tokens[n:]
+        slot.checkpoints = [c for c in slot.checkpoints if c.n_tokens <= n]
+        return True
+
+    def _restore(self, slot: KvSlot, checkpoint: Checkpoint) -> bool:
+        data = checkpoint.data
+        return bool(llama_cpp.llama_state_seq_set_data_ext(self._ctx, data, len(data), slot.seq, _PARTIAL))
+
+    def checkpoint_at(self, prompt_len: int) -> int | None:
+        """Where a prompt of this length is checkpointed (the batch ends a step there), or None."""
+        at = prompt_len - CHECKPOINT_TAIL
+        return at if self.checkpointing and at > 0 else None
+
+    def checkpoint(self, slot: KvSlot) -> None:
+        """Save the uncuttable part of `slot`'s state as it is now, after `slot.tokens`."""
+        size = llama_cpp.llama_state_seq_get_size_ext(self._ctx, slot.seq, _PARTIAL)
+        data = (ctypes.c_uint8 * size)()
+        if size and llama_cpp.llama_state_seq_get_data_ext(self._ctx, data, size, slot.seq, _PARTIAL) == size:
+            kept = [c for c in slot.checkpoints if c.n_tokens < len(slot.tokens)]
+            slot.checkpoints = [*kept[-(CHECKPOINTS_PER_SLOT - 1) :], Checkpoint(len(slot.tokens), data)]
+
+    def fillers(self, present: set[int], room: int, longest: int) -> list[tuple[int, int, int]]:
+        """(seq, position, token) of a throwaway token for each stream between the lowest and the
+        highest of `present` that a step does not decode, or none when they do not all fit: with
+        them llama.cpp evaluates the step as one graph (see `LlamaCppBatch._order`). Each goes
+        after what its slot holds and is removed again by `unfill`; a sliding window loses to it
+        only cells that the slot's next position would not attend to. None either when a gap
+        holds more than `longest` tokens (the step's longest sequence): every stream in a graph
+        attends over as many cells as its longest one, so that would cost more than it saves."""
+        if not self.fillable or len(present) < 2:
+            return []
+        gaps = [s for s in self.slots[min(present) : max(present) + 1] if s.seq not in present]
+        if len(gaps) > room or any(len(s.tokens) >= min(self._stream, longest) for s in gaps):
+            return []
+        return [(s.seq, len(s.tokens), s.tokens[-1] if s.tokens else 0) for s in gaps]
+
+    def unfill(self, fillers: list[tuple[int, int, int]]) -> None:
+        for seq, pos, _ in fillers:
+            llama_cpp.llama_memory_seq_rm(self._memory, seq, pos, -1)
 
     def wipe(self, slot: KvSlot) -> None:
         """Empty an acquired slot's KV, to evaluate a prompt from its first token."""
         llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
-        slot.tokens = []
+        slot.tokens, slot.checkpoints = [], []
 
     def release(self, slot: KvSlot) -> None:
         slot.busy, slot.used = False, next(self._clock)
@@ -103,4 +208,4 @@ class KvSlots:
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self._memory, True)
         for slot in self.slots:
-            slot.tokens = []
+            slot.tokens, slot.checkpoints = [], []

@@ -110,6 +110,7 @@ def _health(v: TierView) -> dict[str, Any]:
         "engine": v.engine,
         "device": v.device,
         "context_length": v.context_length,
+        "kv_bytes": v.kv_bytes,
         "error": v.error,
         "queued": v.queued,
         "busy": v.busy,

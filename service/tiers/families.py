@@ -98,6 +98,7 @@ class GenerationFamily(Family[Backend]):
         info = backend.info()
         slot.engine, slot.engine_name, slot.device = backend, info.engine, info.device
         slot.context_length, slot.tool_format, slot.reasoning = info.context_length, info.tool_format, info.reasoning
+        slot.kv_bytes = info.extras.get("kv_bytes")
         slot.worker = GenerationWorker(slot.name, backend, slot.settings.max_queue)
 
     @staticmethod

@@ -74,6 +74,7 @@ class TierView:
     processed: int
     load_seconds: float | None
     memory_bytes: int  # on disk, while loaded
+    kv_bytes: int | None  # llama.cpp: the KV cache (and recurrent state) the loaded model holds
     worker: dict[str, Any] | None
 
 
@@ -96,6 +97,7 @@ class TierSlot:
     reasoning: ReasoningFormat | None = None  # generation tiers: how it marks its thinking
     device: str | None = None
     context_length: int | None = None
+    kv_bytes: int | None = None  # generation tiers on llama.cpp: what the engine allocated for KV
     dimension: int | None = None  # embedding tiers
     capabilities: frozenset[str] = frozenset()  # embedding tiers: dense, sparse, colbert
     load_seconds: float | None = None
@@ -111,7 +113,7 @@ class TierSlot:
 
     LOADED_FIELDS = (
         "engine", "worker", "batcher", "engine_name", "tool_format", "reasoning", "device", "context_length",
-        "dimension", "capabilities", "load_seconds", "loaded_at", "path", "size_bytes", "state",
+        "kv_bytes", "dimension", "capabilities", "load_seconds", "loaded_at", "path", "size_bytes", "state",
     )  # fmt: skip
 
     @property
@@ -159,5 +161,6 @@ class TierSlot:
             processed=executor.processed if executor else 0,
             load_seconds=self.load_seconds,
             memory_bytes=(self.size_bytes or 0) if loaded else 0,
+            kv_bytes=self.kv_bytes if loaded else None,
             worker=executor.view() if executor else None,
         )

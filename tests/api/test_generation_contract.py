@@ -53,6 +53,16 @@ def test_models_list_names_tier_engine_and_device(client: openai.OpenAI, server:
     assert card["device"] == "cpu" and card["status"] == "loaded" and card["context_length"] == 1024
 
 
+def test_health_says_how_much_kv_the_tier_holds(server: LiveServer) -> None:
+    with server.client() as http:
+        light = http.get("/health").json()["tiers"]["light"]
+    engine = server.app.state.registry.slots["light"].engine
+    if light["engine"] == "llamacpp":  # what llama.cpp allocated for the tier's KV streams
+        assert light["kv_bytes"] == engine.kv_bytes and light["kv_bytes"] > 0
+    else:
+        assert light["kv_bytes"] is None
+
+
 def test_chat_completion_shape_and_usage(client: openai.OpenAI) -> None:
     res = chat(client, max_tokens=6)
     assert res.object == "chat.completion" and res.id.startswith("chatcmpl-")

@@ -87,6 +87,10 @@ def test_example_file_documents_every_tier_variable() -> None:
         ({"RERANKER_ENGINE": "bge_m3"}, "RERANKER_ENGINE"),
         ({"EMBEDDING_DEVICE": "gpu"}, "EMBEDDING_DEVICE"),
         ({"EMBEDDING_POOLING": "max"}, "EMBEDDING_POOLING"),
+        ({"LIGHT_KV_TOKENS": "-1"}, "LIGHT_KV_TOKENS"),
+        ({"LIGHT_KV_TYPE_K": "q5_1"}, "LIGHT_KV_TYPE_K"),
+        ({"MEDIUM_FLASH_ATTN": "sometimes"}, "MEDIUM_FLASH_ATTN"),
+        ({"LIGHT_SWA_FULL": "maybe"}, "LIGHT_SWA_FULL"),
     ],
 )
 def test_bad_value_names_the_variable(env: dict[str, str], variable: str) -> None:
@@ -99,6 +103,24 @@ def test_bad_value_names_the_variable(env: dict[str, str], variable: str) -> Non
 def test_backend_error_lists_allowed_values() -> None:
     with pytest.raises(SettingsError, match="auto, llamacpp, mlx"):
         parse_settings({"LIGHT_BACKEND": "vllm"})
+
+
+def test_kv_cache_settings() -> None:
+    tier = parse_settings(
+        {"LIGHT_KV_TOKENS": "8192", "LIGHT_KV_TYPE_K": "Q8_0", "LIGHT_KV_TYPE_V": "q4_0", "LIGHT_FLASH_ATTN": "on"}
+    ).tiers["light"]
+    assert (tier.kv_tokens, tier.kv_type_k, tier.kv_type_v, tier.flash_attn) == (8192, "q8_0", "q4_0", "on")
+    assert parse_settings({"LIGHT_FLASH_ATTN": "off"}).tiers["light"].flash_attn == "off"
+    # on/off also read as booleans elsewhere: both auto/on/off switches keep their words.
+    assert parse_settings({"LIGHT_DEVICE_SAMPLING": "On"}).tiers["light"].device_sampling == "on"
+    assert parse_settings({"LIGHT_DEVICE_SAMPLING": "off"}).tiers["light"].device_sampling == "off"
+    with pytest.raises(SettingsError, match="expected one of: f16, q8_0, q4_0"):
+        parse_settings({"LIGHT_KV_TYPE_V": "q5_1"})
+    # llama.cpp reads a quantized V only through flash attention: refused, with what to change.
+    with pytest.raises(SettingsError, match="LIGHT_KV_TYPE_V='q8_0': a quantized V cache needs flash attention"):
+        parse_settings({"LIGHT_KV_TYPE_V": "q8_0", "LIGHT_FLASH_ATTN": "off"})
+    with pytest.raises(SettingsError, match="does not apply to the embedding tier"):
+        parse_settings({"EMBEDDING_KV_TOKENS": "4096"})
 
 
 def test_env_file_then_environment(tmp_path: Path) -> None:
