@@ -188,7 +188,7 @@ def test_logprobs_read_the_raw_logits(logits: Logits) -> None:
     token = sampler.sample(logits.ctx, -1)
     sampler.close()
     assert token == 1234
-    chosen, top = logprobs(logits.ctx, -1, logits.n_vocab, token, 2, str)
+    chosen, top = logprobs(logits.ctx, -1, logits.n_vocab, token, 2, lambda t: str(t).encode())
     raw = logits.real.astype(np.float64)
     norm = raw.max() + np.log(np.exp(raw - raw.max()).sum())
     assert chosen.logprob == pytest.approx(raw[1234] - norm, abs=1e-4)
