@@ -398,12 +398,19 @@ class Backend(abc.ABC):
             close = close[len(start) :]
         return ThinkingBudget(fmt, request.thinking_budget, close, inside=inside)
 
-    def prepare(self, request: GenerationRequest) -> DecodeState:
-        """Tokenize the request and check it against the context window."""
-        param = "prompt" if request.messages is None else "messages"
+    def check_adapter(self, request: GenerationRequest) -> None:
+        """Refuse a request whose adapter is not loaded (unloaded after the request was accepted: an
+        admin unload runs on the model's thread between batches, so the worker checks again there)."""
         if request.adapter is not None and request.adapter not in (loaded := self.adapter_names()):
-            # Unloaded after the request was accepted (an admin unload runs between batches).
             raise AdapterNotFoundError(request.adapter, "this model", loaded)
+
+    def prepare(self, request: GenerationRequest) -> DecodeState:
+        """Tokenize the request and check it against the context window.
+
+        Reads only the template and the vocabulary, so the worker runs it off the model's thread
+        (running streams never wait on a new prompt's rendering and tokenising)."""
+        param = "prompt" if request.messages is None else "messages"
+        self.check_adapter(request)
         prompt = self.tokens(request)
         info = self.info()
         context = info.context_length
@@ -425,7 +432,11 @@ class Backend(abc.ABC):
 
     def stream(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[Chunk]:
         """One request on its own: chunks of text, then a final chunk with finish reason and usage."""
-        state = self.prepare(request)
+        yield from self.stream_prepared(self.prepare(request), cancel)
+
+    def stream_prepared(self, state: DecodeState, cancel: threading.Event | None = None) -> Iterator[Chunk]:
+        """`stream` for a request `prepare` has already tokenised."""
+        request = state.request
         tokens = self.decode(state.prompt, request, state.max_tokens, cancel)
         try:
             for token in tokens:
