@@ -63,10 +63,7 @@ class KvSlots:
         mem = self._memory
         if usable[source.seq] > usable[slot.seq]:
             # Another sequence holds a longer prefix: share its cells.
-            n = usable[source.seq]
-            llama_cpp.llama_memory_seq_rm(mem, slot.seq, -1, -1)
-            llama_cpp.llama_memory_seq_cp(mem, source.seq, slot.seq, 0, n)
-            slot.tokens = prompt[:n]
+            n = self.copy_prefix(source, slot, usable[source.seq])
         else:
             n = usable[slot.seq]
             if not llama_cpp.llama_memory_seq_rm(mem, slot.seq, n, -1):
@@ -79,6 +76,19 @@ class KvSlots:
             slot.tokens, n = [], 0
         slot.adapter = adapter
         return slot, n
+
+    def copy_prefix(self, source: KvSlot, slot: KvSlot, n: int) -> int:
+        """Make `slot` hold the first `n` tokens `source` holds, and return how many it holds: the
+        cells are shared, not copied, in this unified cache; none where a sliding-window cache has
+        dropped the source's early positions."""
+        mem = self._memory
+        llama_cpp.llama_memory_seq_rm(mem, slot.seq, -1, -1)
+        llama_cpp.llama_memory_seq_cp(mem, source.seq, slot.seq, 0, n)
+        slot.tokens = source.tokens[:n]
+        if n and llama_cpp.llama_memory_seq_pos_min(mem, slot.seq) > 0:
+            self.wipe(slot)
+            return 0
+        return n
 
     def wipe(self, slot: KvSlot) -> None:
         """Empty an acquired slot's KV, to evaluate a prompt from its first token."""
