@@ -107,7 +107,8 @@ async def stall(worker: GenerationWorker, streams: int, chat: GenerationRequest)
     chat_stream.cancel()
     begin, end = admitted[-1]
     before = [b - a for t in times for a, b in itertools.pairwise(t) if b < start]
-    spanning = [b - a for t in times for a, b in itertools.pairwise(t) if a <= begin and b >= end]
+    # Each stream's gap from its last token before the admission ended to its first one after.
+    spanning = [b - a for t in times for a, b in itertools.pairwise(t) if a <= end <= b]
     return {
         "admit_on_model_thread_ms": 1e3 * (end - begin),
         "gap_before_ms": 1e3 * statistics.median(before),
