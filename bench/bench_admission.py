@@ -147,7 +147,7 @@ def main() -> None:
         try:
             print(f"stall, round {r + 1}:", asyncio.run(stall(worker, args.streams, chat)), flush=True)
         finally:
-            worker.close()
+            worker.close(None)  # the last step may still run: wait for it, not 5 s
     decoded: list[int] = []
     real = llama_cpp.llama_decode
 
@@ -166,7 +166,7 @@ def main() -> None:
         try:
             answers = asyncio.run(choices(worker, shared, args.n))
         finally:
-            worker.close()
+            worker.close(None)  # the last step may still run: wait for it, not 5 s
         print(
             f"n={args.n}, round {r + 1}: prompt {len(backend.encode(prompt))} tokens, "
             f"{sum(decoded)} tokens decoded, {time.perf_counter() - t:.2f} s, "
