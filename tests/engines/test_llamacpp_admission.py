@@ -15,7 +15,7 @@ pytest.importorskip("llama_cpp")
 
 import llama_cpp
 
-from backends.base import Chunk, DecodeState, GenerationRequest, ResponseFormat
+from backends.base import Chunk, DecodeState, GenerationRequest, ResponseFormat, common_prefix
 from backends.llamacpp import batch as batch_module
 from backends.llamacpp.backend import LlamaCppBackend
 from kernel.config import TierSettings
@@ -155,3 +155,27 @@ def test_a_grammar_that_never_compiles_is_still_a_400(llama: LlamaCppBackend, mo
     [(key, error)] = out
     assert key == 0 and isinstance(error, InvalidRequestError) and error.param == "response_format"
     assert "to compile" in error.message
+
+
+def test_requests_with_one_system_prompt_prefill_it_once(llama: LlamaCppBackend, decoded: list[int]) -> None:
+    requests = [
+        GenerationRequest(prompt=PROMPT + ending, max_tokens=4, temperature=0.0) for ending in (" 6,", " 7, 8,")
+    ]
+    expected = [text(alone(llama, r)) for r in requests]
+    prompts = [llama.encode(PROMPT + ending) for ending in (" 6,", " 7, 8,")]
+    shared = common_prefix(*prompts)  # all but their endings
+    llama.reset_prefix_cache()
+    decoded.clear()
+    batch = llama.open_batch()
+    states = [DecodeState(p, r, 4) for p, r in zip(prompts, requests, strict=True)]
+    for key, state in enumerate(states):
+        batch.add(key, state)
+    texts = ["", ""]
+    while not all(s.done for s in states):
+        for key, token in batch.step():
+            assert token is not None and not isinstance(token, Exception)
+            texts[key] += (states[key].add(token) or Chunk("")).text
+    batch.close()
+    assert [t + "".join(c.text for c in s.finish()) for t, s in zip(texts, states, strict=True)] == expected
+    assert states[1].cached == shared
+    assert sum(decoded) <= len(prompts[0]) + len(prompts[1]) - shared + 2 * 4
