@@ -11,6 +11,10 @@ batch can never make an interactive request see 429. For an engine that can batc
 (`Backend.max_batch_size > 1`: llama.cpp, MLX) the same thread runs a continuous batch instead:
 queued jobs join between decode steps, and each leaves on its own when it ends or its client goes
 away.
+
+Admission: a request's prompt is rendered and tokenised (`Backend.prepare`) on a small thread pool
+before it queues, never on the model's thread, so running streams do not stall while a long new
+prompt is read; the model's thread only checks again that the request's adapter is still loaded.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -34,6 +39,9 @@ log = logging.getLogger(__name__)
 
 _Event = Chunk | LLMServiceError | None  # None ends the stream
 _INTERACTIVE, _BACKGROUND, _STOP = 0, 1, 2  # queue ranks: lower is served first
+# Prompts prepared at once: one long prompt does not hold up a short one behind it; more would only
+# contend with the model's thread for the GIL (templates render in Python).
+_PREPARE_THREADS = 2
 
 
 @dataclass(eq=False)
@@ -45,6 +53,7 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)
     call: Callable[[], None] | None = None  # run this on the model's thread instead of generating
     background: bool = False  # a batch-job line: served after every waiting interactive job
+    state: DecodeState | None = None  # the prompt `Backend.prepare` made of the request, before it queued
 
     def put(self, event: _Event) -> None:
         try:
@@ -108,6 +117,8 @@ class GenerationWorker:
         self._arrivals = itertools.count()
         self._waiting = 0
         self._waiting_background = 0
+        self._preparing = 0  # submitted jobs whose prompt is being prepared (counted in `_waiting` too)
+        self._preparer = ThreadPoolExecutor(_PREPARE_THREADS, thread_name_prefix=f"llm-prepare-{name}")
         self._running = 0  # jobs generating right now (up to max_batch_size)
         self._lock = threading.Lock()
         self._batch: DecodeBatch | None = None
@@ -129,6 +140,11 @@ class GenerationWorker:
         return self.busy_since is not None
 
     @property
+    def preparing(self) -> int:
+        """Submitted jobs not queued yet: their prompt is being rendered and tokenised."""
+        return self._preparing
+
+    @property
     def running(self) -> int:
         return self._running
 
@@ -147,13 +163,38 @@ class GenerationWorker:
                 )
             self._waiting += 1
             self._waiting_background += background
+            self._preparing += 1
         job = Job(request, asyncio.get_running_loop(), background=background)
-        self._put(job)
+        arrival = next(self._arrivals)  # first come, first served among the prepared
+        try:
+            self._preparer.submit(self._prepare, job, arrival)
+        except RuntimeError:  # closing: the model's thread prepares it at admission, as it once did
+            self._put(job, arrival)
+            with self._lock:
+                self._preparing -= 1
         return JobStream(job)
 
-    def _put(self, job: Job | None) -> None:
+    def _prepare(self, job: Job, arrival: int) -> None:
+        try:
+            if not job.cancelled.is_set():  # a cancelled job is dropped at admission
+                job.state = self.backend.prepare(job.request)
+        except Exception as exc:
+            self._fail(job, exc)
+            job.put(None)
+            with self._lock:
+                self._waiting -= 1
+                self._waiting_background -= job.background
+                self.processed += 1
+            self.finished_at = time.time()
+        else:
+            self._put(job, arrival)
+        finally:
+            with self._lock:
+                self._preparing -= 1
+
+    def _put(self, job: Job | None, arrival: int | None = None) -> None:
         rank = _STOP if job is None else _BACKGROUND if job.background else _INTERACTIVE
-        self._jobs.put((rank, next(self._arrivals), job))
+        self._jobs.put((rank, next(self._arrivals) if arrival is None else arrival, job))
 
     def _take(self, block: bool = True) -> Job | None:
         job = self._jobs.get(block=block)[2]
@@ -187,7 +228,7 @@ class GenerationWorker:
             self.busy_since = time.monotonic()
             self._running = 1
             try:
-                chunks = self.backend.stream(job.request, job.cancelled)
+                chunks = self.backend.stream_prepared(self._prepared(job), job.cancelled)
                 with closing(chunks):  # type: ignore[type-var]
                     for chunk in chunks:
                         if job.cancelled.is_set():
@@ -251,7 +292,7 @@ class GenerationWorker:
         if not self._active:
             self.busy_since = time.monotonic()
         try:
-            state = self.backend.prepare(job.request)
+            state = self._prepared(job)
             if not state.done:  # done already: nothing to generate (max_tokens 0)
                 if self._batch is None:
                     self._batch = self.backend.open_batch()
@@ -264,6 +305,13 @@ class GenerationWorker:
         self._running = len(self._active)
         if state.done:
             self._finish(key)
+
+    def _prepared(self, job: Job) -> DecodeState:
+        """The job's prompt, prepared before it queued, still valid now that it starts decoding."""
+        if job.state is None:
+            return self.backend.prepare(job.request)
+        self.backend.check_adapter(job.request)  # the adapter may have been unloaded since
+        return job.state
 
     def _step(self) -> None:
         assert self._batch is not None
@@ -325,6 +373,7 @@ class GenerationWorker:
 
     def close(self, timeout: float | None = 5.0) -> None:
         """Stop the thread after the current job; the backend is closed by its owner."""
+        self._preparer.shutdown(wait=True)  # prompts being prepared queue first, and use the engine no more
         self._put(None)
         self._thread.join(timeout)
 
