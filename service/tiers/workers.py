@@ -51,7 +51,7 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)
     call: Callable[[], None] | None = None  # run this on the model's thread instead of generating
     background: bool = False  # a batch-job line: served after every waiting interactive job
-    taken: bool = False  # the thread has taken it from the queue (under the worker's lock)
+    counted_out: bool = False  # no longer counted as waiting: taken by the thread, or withdrawn (under the lock)
 
     def put(self, event: _Event) -> None:
         try:
@@ -174,18 +174,18 @@ class GenerationWorker:
         job = self._jobs.get(block=block)[2]
         if job is not None:
             with self._lock:
-                if not job.taken:  # else withdrawn already (cancelled while queued)
+                if not job.counted_out:  # else withdrawn already (cancelled while queued)
                     self._count_out(job)
         return job
 
     def _withdraw(self, job: Job) -> None:
         """A cancelled job that still waits leaves the counts now, not when the thread reaches it."""
         with self._lock:
-            if not job.taken:
+            if not job.counted_out:
                 self._count_out(job)
 
     def _count_out(self, job: Job) -> None:
-        job.taken = True
+        job.counted_out = True
         self._waiting -= 1
         self._waiting_background -= job.background
 
@@ -380,7 +380,7 @@ class GenerationWorker:
         for job in live:
             job.put(error)  # first: its stream ends with this error, not silently
             job.cancelled.set()  # leaves the batch at the next step, or is skipped while queued
-        return await asyncio.to_thread(self.close)
+        return await asyncio.to_thread(self.close, STOP_SECONDS)
 
     def view(self) -> dict[str, Any]:
         busy, share = busy_fraction(self.busy_seconds, self.busy_since, self.started)
