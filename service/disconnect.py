@@ -33,7 +33,7 @@ class DisconnectMiddleware:
         gone = asyncio.ensure_future(watch.until_gone())
         try:
             await asyncio.wait({handling, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not (_true(gone) and not watch.started and not handling.done()):
+            if not (_gone(gone) and not watch.started and not handling.done()):
                 await handling
                 return
             handling.cancel()
@@ -49,7 +49,7 @@ class DisconnectMiddleware:
             watch.close()
 
 
-def _true(task: asyncio.Future[bool]) -> bool:
+def _gone(task: asyncio.Future[bool]) -> bool:
     return task.done() and not task.cancelled() and task.exception() is None and task.result()
 
 
