@@ -10,10 +10,13 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import wait
+from typing import Any
 
 import pytest
 
 pytest.importorskip("llama_cpp")
+
+import llama_cpp
 
 from backends.base import GenerationRequest, ResponseFormat
 from backends.llamacpp.backend import LlamaCppBackend
@@ -33,8 +36,6 @@ def llama(gemma_gguf: str) -> Iterator[LlamaCppBackend]:
 
 def endless(backend: LlamaCppBackend) -> GenerationRequest:
     """Counting on for far longer than any test waits: the end-of-generation tokens are barred."""
-    import llama_cpp
-
     ends = {backend.eos, llama_cpp.llama_vocab_eot(backend.vocab)} - {-1}
     return GenerationRequest(
         prompt="1, 2, 3, 4,", max_tokens=900, temperature=0.0, logit_bias=tuple((t, -100.0) for t in ends)
@@ -62,43 +63,59 @@ def test_shutdown_cancels_a_running_generation_then_frees_the_model(llama: Llama
     llama.close()
 
 
-def test_close_waits_for_tokenizers_and_then_refuses_them(llama: LlamaCppBackend) -> None:
-    text = "The quick brown fox jumps over the lazy dog. " * 4000  # ~40k tokens: milliseconds each
-    ended_ok: list[float] = []
+class NativeCalls:
+    """Wraps a llama.cpp function to note when each call ends (inside whatever guards the caller
+    holds), holding each call `hold` seconds inside first, with the model's memory in use."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str, hold: float = 0.0) -> None:
+        self.ended: list[float] = []
+        self.inside = threading.Event()
+        real = getattr(llama_cpp, name)
+
+        def call(*args: Any) -> Any:
+            self.inside.set()
+            time.sleep(hold)  # a slow call: the close must wait for it, whatever it takes
+            result = real(*args)
+            self.ended.append(time.monotonic())
+            return result
+
+        monkeypatch.setattr(llama_cpp, name, call)
+
+
+def test_close_waits_for_tokenizers_and_then_refuses_them(
+    llama: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = NativeCalls(monkeypatch, "llama_tokenize", hold=0.05)
     refused: list[ModelUnavailableError] = []
-    running = threading.Event()
 
     def tokenize() -> None:
         while True:
             try:
-                llama.encode(text)
+                llama.encode("The quick brown fox jumps over the lazy dog. " * 100)
             except ModelUnavailableError as exc:
                 refused.append(exc)
                 return
-            ended_ok.append(time.monotonic())
-            running.set()
 
     threads = [threading.Thread(target=tokenize) for _ in range(2)]
     for thread in threads:
         thread.start()
-    assert running.wait(30)
+    assert calls.inside.wait(30)
     llama.close()
     closed = time.monotonic()
     for thread in threads:
         thread.join(30)
     assert len(refused) == 2  # after the close: a 503, not freed memory
-    assert max(ended_ok) < closed  # no tokenizer was still inside the model when it was freed
+    assert max(calls.ended) < closed  # no tokenizer was still inside the model when it was freed
 
 
-def test_close_waits_for_a_grammar_compile(llama: LlamaCppBackend) -> None:
-    # A schema of its own (compiled schemas are memoised) and big enough to take a while.
-    schema = {
-        "type": "object",
-        "properties": {f"field_{i}_{time.monotonic_ns()}": {"type": "string", "maxLength": 40} for i in range(300)},
-    }
+def test_close_waits_for_a_grammar_compile(llama: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = NativeCalls(monkeypatch, "llama_sampler_init_grammar", hold=0.3)
+    # A schema of its own: compiled schemas are memoised.
+    schema = {"type": "object", "properties": {f"field_{time.monotonic_ns()}": {"type": "string"}}}
     compiled = llama.grammars.submit(ResponseFormat("json_schema", schema))
+    assert calls.inside.wait(30)  # compiling against the model's vocabulary
     llama.close()
-    done_when_freed = compiled.done()
+    closed = time.monotonic()
     wait([compiled], timeout=60)
-    # Compiled before the model was freed, or dropped or refused (503) without touching it after.
-    assert done_when_freed or compiled.cancelled() or isinstance(compiled.exception(), ModelUnavailableError)
+    assert compiled.exception() is None
+    assert calls.ended[0] < closed  # the model was freed only after the compile
