@@ -35,6 +35,7 @@ from service.controllers.rerank import rerank
 from service.controllers.responses import ResponsesController
 from service.controllers.tokenize import TokenizeController
 from service.controllers.ws import ws
+from service.disconnect import DisconnectMiddleware
 from service.jobs.batches import BatchJobs
 from service.jobs.collections import Collections
 from service.jobs.rag import RagChat
@@ -172,7 +173,8 @@ def create_app(
             "record": Provide(_record, sync_to_thread=False),
         },
         guards=[security.guard],
-        middleware=[DefineMiddleware(TelemetryMiddleware, telemetry=telemetry)],
+        # Outermost first: telemetry sees the 499 of a request whose client went away.
+        middleware=[DefineMiddleware(TelemetryMiddleware, telemetry=telemetry), DisconnectMiddleware],
         exception_handlers={Exception: _error_response},
         lifespan=[lifespan],
         cors_config=cors_config(settings),
