@@ -151,7 +151,7 @@ def create_app(
             CollectionsController,
             DocumentsController,
             health,
-            *console_routes(),
+            *console_routes(keys_required=security.keys.required),
         ],
         dependencies={
             "registry": Provide(lambda: registry, use_cache=True, sync_to_thread=False),

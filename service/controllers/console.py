@@ -41,15 +41,19 @@ def asset_version(folder: Path = CONSOLE_DIR) -> str:
     return digest.hexdigest()[:12]
 
 
-def console_routes() -> list[Router]:
-    """`/` (the console page) and `/static/...`; the files are read once, when the app is made."""
-    page = (CONSOLE_DIR / "index.html").read_text().replace("{{version}}", asset_version()).encode()
+def console_routes(*, keys_required: bool) -> list[Router]:
+    """`/` (the console page) and `/static/...`; the files are read once, when the app is made.
+    `keys_required` (API_KEYS are set, which cannot change while the server runs) tells the page to
+    ask for a key before its first data call rather than make the browser log a 401 for each."""
+    page = (CONSOLE_DIR / "index.html").read_text()
+    page = page.replace("{{version}}", asset_version()).replace("{{keys}}", "required" if keys_required else "optional")
+    body = page.encode()
 
     @get(
         "/", include_in_schema=False, opt=_PUBLIC, sync_to_thread=False, cache_control=CacheControlHeader(no_cache=True)
     )
     def console() -> Response[bytes]:
-        return Response(page, media_type="text/html; charset=utf-8", headers=_PAGE_HEADERS)
+        return Response(body, media_type="text/html; charset=utf-8", headers=_PAGE_HEADERS)
 
     static = create_static_files_router(
         "/static",

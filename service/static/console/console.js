@@ -7,6 +7,8 @@ const params = new URLSearchParams(location.search);
 const REFRESH_MS = Math.max(250, Number(params.get("refresh") || 2) * 1000);
 const HISTORY = 150; // points per plot: five minutes at the default refresh
 const GENERATION = new Set(["light", "medium", "heavy"]);
+// The server says whether API_KEYS are set: then no data call goes out before a key is typed.
+const KEYS_REQUIRED = document.querySelector('meta[name="llmservice-keys"]').content === "required";
 
 // -- keys: typed by the user, kept for this tab only --------------------------------------------
 const store = sessionStorage;
@@ -49,10 +51,11 @@ function notice(text) {
   el.hidden = !text;
 }
 
-function keyNeeded(err) {
+// A 401 asks for a key; `focus` only after the user's own action, never from the refresh loop.
+function keyNeeded(err, focus = true) {
   if (err instanceof ApiError && err.status === 401) {
     notice(`${err.message}. This server needs an API key: type it above.`);
-    $("#api-key").focus();
+    if (focus) $("#api-key").focus();
     return true;
   }
   return false;
@@ -82,9 +85,14 @@ const fixed = (n, digits = 1) => (n == null ? "–" : Number(n).toFixed(digits))
 // -- tiers ---------------------------------------------------------------------------------------
 let models = [];
 
+// From /v1/models when the key allows it, else from the public /health.
+const fromHealth = (health) => Object.entries(health?.tiers || {}).map(([tier, h]) => ({
+  tier, id: h.model, status: h.state, engine: h.engine, device: h.device, context_length: h.context_length,
+}));
+
 function renderTiers(health, stats) {
   const tiers = stats?.tiers || {};
-  rows($("#tiers"), models, (m) => {
+  rows($("#tiers"), models.length ? models : fromHealth(health), (m) => {
     const s = tiers[m.tier] || {};
     const h = health?.tiers?.[m.tier] || {};
     const loaded = m.status === "loaded";
@@ -175,12 +183,16 @@ function plot(stats, cache) {
 // -- the refresh loop ------------------------------------------------------------------------------
 let tick = 0;
 
+const NO_KEY = new ApiError(401, "No API key given", "missing_api_key");
+
 async function refresh() {
+  const locked = KEYS_REQUIRED && !keys.api && !keys.admin;
+  const guarded = (path) => (locked ? Promise.reject(NO_KEY) : json(path));
   const [health, stats, list, cache] = await Promise.allSettled([
     json("/health").catch((err) => (err.status === 503 ? null : Promise.reject(err))),
-    json("/v1/stats"),
-    json("/v1/models"),
-    json("/v1/cache/stats"),
+    guarded("/v1/stats"),
+    guarded("/v1/models"),
+    guarded("/v1/cache/stats"),
   ]);
   const status = $("#status");
   if (health.status === "fulfilled" && health.value) {
@@ -192,7 +204,7 @@ async function refresh() {
     status.dataset.state = "unhealthy";
   }
   const refused = [stats, list, cache].find((r) => r.status === "rejected");
-  if (!(refused && keyNeeded(refused.reason))) notice(refused ? `Could not read the server: ${refused.reason.message}` : "");
+  if (!(refused && keyNeeded(refused.reason, false))) notice(refused ? `Could not read the server: ${refused.reason.message}` : "");
   if (list.status === "fulfilled") {
     const first = models.length === 0;
     models = list.value.data;
@@ -204,7 +216,7 @@ async function refresh() {
     $("#window").textContent = `(rates over the last ${s.window_seconds} s)`;
     plot(s, cache.status === "fulfilled" ? cache.value : null);
   }
-  if (tick++ % 5 === 0) listJobs();
+  if (tick++ % 5 === 0 && !locked) listJobs();
 }
 
 async function loop() {
