@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
-from litestar import Response, Router, get
+from litestar import Request, Response, Router, get
 from litestar.datastructures import CacheControlHeader
+from litestar.exceptions import NotFoundException
 from litestar.static_files import create_static_files_router
+
+from kernel.errors import NotFoundError
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 CONSOLE_DIR = STATIC_DIR / "console"
@@ -62,5 +66,11 @@ def console_routes(*, keys_required: bool) -> list[Router]:
         # Every reference to a file carries a version (the console's hash, the vendored UIs' release).
         cache_control=CacheControlHeader(public=True, max_age=31536000, immutable=True),
         include_in_schema=False,
+        exception_handlers={NotFoundException: _no_such_file},
     )
     return [Router("/", route_handlers=[console]), static]
+
+
+def _no_such_file(request: Request[Any, Any, Any], exc: NotFoundException) -> Response[dict[str, object]]:
+    """Litestar's own message names the folder on disk: not for a client."""
+    return Response(NotFoundError("Not found: no such file").envelope(), status_code=404)

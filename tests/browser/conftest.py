@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import BrowserContext, ConsoleMessage, Page, Playwright, Request, sync_playwright
+from playwright.sync_api import BrowserContext, ConsoleMessage, Page, Playwright, Request, expect, sync_playwright
 
 CHROMIUM = Path("/usr/bin/chromium")
+TIMEOUT_MS = 30_000  # a bound for a stuck page, not a speed target: the machine may be busy
 ARGS = [
     "--headless",
     "--no-sandbox",
@@ -29,6 +30,7 @@ ARGS = [
 def playwright() -> Iterator[Playwright]:
     if not CHROMIUM.exists():
         pytest.fail("tests/browser drive Debian's chromium: `apt-get install -y chromium` (tests/run.sh does it)")
+    expect.set_options(timeout=TIMEOUT_MS)
     with sync_playwright() as pw:
         yield pw
 
@@ -42,7 +44,7 @@ def launch(playwright: Playwright, profile: Path) -> BrowserContext:
         headless=True,
         viewport={"width": 1280, "height": 1000},
     )
-    context.set_default_timeout(20_000)
+    context.set_default_timeout(TIMEOUT_MS)
     return context
 
 

@@ -189,7 +189,10 @@ def test_first_paint_from_a_cold_browser(server: LiveServer, playwright: Playwri
     page = context.new_page()
     page.goto(server.url + "/")
     page.wait_for_function("() => performance.getEntriesByType('paint').length >= 2")
-    paint = {e["name"]: e["startTime"] for e in page.evaluate("() => performance.getEntriesByType('paint').map((e) => e.toJSON())")}
+    paint = {
+        e["name"]: e["startTime"]
+        for e in page.evaluate("() => performance.getEntriesByType('paint').map((e) => e.toJSON())")
+    }
     size = sum(p.stat().st_size for p in CONSOLE_DIR.iterdir())
     print(f"\nconsole: first paint {paint['first-paint']:.0f} ms, first contentful paint "
           f"{paint['first-contentful-paint']:.0f} ms, own assets {size / 1024:.1f} KiB")  # fmt: skip
