@@ -87,6 +87,7 @@ def test_a_streamed_answer_appears_in_parts(server: LiveServer, watch: Callable[
              document.querySelector('#answer').textContent)).observe(document.querySelector('#answer'),
              {childList: true, characterData: true, subtree: true}); }"""
     )
+    expect(page.locator("#send")).to_be_enabled()  # once the models are listed
     page.click("#send")
     answer = page.locator("#answer")
     expect(answer).to_have_attribute("data-state", "done")
@@ -101,19 +102,25 @@ def test_a_streamed_answer_appears_in_parts(server: LiveServer, watch: Callable[
 def test_a_plot_moves_after_traffic(server: LiveServer, http: httpx.Client, watch: Callable[..., Watched]) -> None:
     console = watch(server.url + CONSOLE)
     page = console.page
-    tokens = page.locator('figure[data-plot="tokens"]')
-    expect(tokens).to_have_attribute("data-last", re.compile(r"^[0-9.]+$"))  # the first poll is drawn
-    before = float((tokens.get_attribute("data-last") or "0").split(",")[0])
-    points = tokens.locator("polyline").get_attribute("points")
+
+    def last(plot: str) -> float:
+        figure = page.locator(f'figure[data-plot="{plot}"]')
+        expect(figure).to_have_attribute("data-last", re.compile(r"^[0-9.]+$"))  # a poll has been drawn
+        return float(figure.get_attribute("data-last") or "nan")
+
+    tokens, requests = last("tokens"), last("requests")
+    points = page.locator('figure[data-plot="tokens"] polyline').get_attribute("points")
     for i in range(3):
         chat = {"model": "light", "messages": [{"role": "user", "content": f"traffic {i}"}], "max_tokens": 20}
         assert http.post("/v1/chat/completions", json=chat).status_code == 200
+    # The console's own polling is not traffic: only these requests move the plots.
     page.wait_for_function(
-        "(before) => Number(document.querySelector('figure[data-plot=\"tokens\"]').dataset.last) > before", arg=before
+        """([tokens, requests]) => {
+             const last = (p) => Number(document.querySelector(`figure[data-plot="${p}"]`).dataset.last);
+             return last('tokens') > tokens && last('requests') > requests; }""",
+        arg=[tokens, requests],
     )
-    assert tokens.locator("polyline").get_attribute("points") != points
-    requests = page.locator('figure[data-plot="requests"]').get_attribute("data-last")
-    assert requests is not None and float(requests) > 0
+    assert page.locator('figure[data-plot="tokens"] polyline').get_attribute("points") != points
     console.assert_clean()
 
 
@@ -129,6 +136,7 @@ def test_stop_cancels_the_answer_on_the_server(
     page = console.page
     page.fill("#prompt", LONG)
     page.fill("#max-tokens", "5000")  # ~80 s of tokens at the fake's pace: only Stop ends it early
+    expect(page.locator("#send")).to_be_enabled()  # once the models are listed
     page.click("#send")
     answer = page.locator("#answer")
     page.wait_for_function("() => Number(document.querySelector('#answer').dataset.chunks) >= 5")

@@ -69,6 +69,7 @@ def test_with_the_user_key_the_console_works_and_admin_is_refused(
     assert page.evaluate("() => localStorage.length") == 0  # the key is kept for this tab only
 
     page.fill("#prompt", "keys on, still streaming")
+    expect(page.locator("#send")).to_be_enabled()  # once the models are listed
     page.click("#send")
     expect(page.locator("#answer")).to_have_attribute("data-state", "done")
     expect(page.locator("#answer")).to_have_text("keys on, still streaming")

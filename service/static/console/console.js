@@ -83,33 +83,31 @@ const when = (seconds) => (seconds ? new Date(seconds * 1000).toLocaleString() :
 const fixed = (n, digits = 1) => (n == null ? "–" : Number(n).toFixed(digits));
 
 // -- tiers ---------------------------------------------------------------------------------------
+// Rows come from the polled /health and /v1/stats (which are not counted as traffic); /v1/models
+// (which is) adds pins and sizes, read again only when a tier's state changes.
 let models = [];
-
-// From /v1/models when the key allows it, else from the public /health.
-const fromHealth = (health) => Object.entries(health?.tiers || {}).map(([tier, h]) => ({
-  tier, id: h.model, status: h.state, engine: h.engine, device: h.device, context_length: h.context_length,
-}));
+let modelsFor = null; // the tiers' states when /v1/models was last read
 
 function renderTiers(health, stats) {
-  const tiers = stats?.tiers || {};
-  rows($("#tiers"), models.length ? models : fromHealth(health), (m) => {
-    const s = tiers[m.tier] || {};
-    const h = health?.tiers?.[m.tier] || {};
-    const loaded = m.status === "loaded";
+  const byTier = new Map(models.map((m) => [m.tier, m]));
+  rows($("#tiers"), Object.entries(health?.tiers || {}), ([tier, h]) => {
+    const s = stats?.tiers?.[tier] || {};
+    const m = byTier.get(tier) || {};
+    const loaded = h.state === "loaded";
     const action = loaded ? "unload" : "load";
     const button = el("button", {
       type: "button",
-      "data-tier": m.tier,
+      "data-tier": tier,
       "data-action": action,
-      disabled: m.status === "loading" || (loaded && m.pinned),
+      disabled: h.state === "loading" || (loaded && m.pinned),
       title: m.pinned ? "pinned: never unloaded" : undefined,
       text: loaded ? "Unload" : "Load",
-      onclick: () => administer(m.tier, action),
+      onclick: () => administer(tier, action),
     });
-    const state = el("span", { class: "badge", "data-state": m.status, text: m.pinned ? `${m.status} · pinned` : m.status });
-    if (m.error) state.title = m.error;
-    return [m.tier, m.id, state, m.engine, m.device, m.context_length, s.queued ?? h.queued, m.in_flight,
-      bytes(s.memory_bytes || m.size_bytes), m.usage_count, button];
+    const state = el("span", { class: "badge", "data-state": h.state, text: m.pinned ? `${h.state} · pinned` : h.state });
+    if (h.error) state.title = h.error;
+    return [tier, h.model, state, h.engine, h.device, h.context_length, h.queued, s.in_flight,
+      bytes(s.memory_bytes || m.size_bytes), s.usage_count, button];
   });
 }
 
@@ -181,42 +179,45 @@ function plot(stats, cache) {
 }
 
 // -- the refresh loop ------------------------------------------------------------------------------
-let tick = 0;
-
 const NO_KEY = new ApiError(401, "No API key given", "missing_api_key");
 
 async function refresh() {
   const locked = KEYS_REQUIRED && !keys.api && !keys.admin;
   const guarded = (path) => (locked ? Promise.reject(NO_KEY) : json(path));
-  const [health, stats, list, cache] = await Promise.allSettled([
+  const [health, stats, cache] = await Promise.allSettled([
     json("/health").catch((err) => (err.status === 503 ? null : Promise.reject(err))),
     guarded("/v1/stats"),
-    guarded("/v1/models"),
     guarded("/v1/cache/stats"),
   ]);
   const status = $("#status");
-  if (health.status === "fulfilled" && health.value) {
-    status.textContent = health.value.status;
-    status.dataset.state = health.value.status;
-    $("#uptime").textContent = `up ${Math.round(health.value.uptime_seconds)} s`;
+  const h = health.status === "fulfilled" ? health.value : null;
+  if (h) {
+    status.textContent = h.status;
+    status.dataset.state = h.status;
+    $("#uptime").textContent = `up ${Math.round(h.uptime_seconds)} s`;
   } else {
     status.textContent = health.status === "fulfilled" ? "unhealthy" : "unreachable";
     status.dataset.state = "unhealthy";
   }
+  const states = JSON.stringify(Object.entries(h?.tiers || {}).map(([tier, t]) => [tier, t.state]));
+  let list = { status: "fulfilled" };
+  if (!locked && states !== modelsFor) {
+    [list] = await Promise.allSettled([json("/v1/models")]);
+    if (list.status === "fulfilled") {
+      models = list.value.data;
+      modelsFor = states;
+      fillPickers();
+    }
+  }
   const refused = [stats, list, cache].find((r) => r.status === "rejected");
   if (!(refused && keyNeeded(refused.reason, false))) notice(refused ? `Could not read the server: ${refused.reason.message}` : "");
-  if (list.status === "fulfilled") {
-    const first = models.length === 0;
-    models = list.value.data;
-    if (first) fillPickers();
-  }
   const s = stats.status === "fulfilled" ? stats.value : null;
-  renderTiers(health.value, s);
+  renderTiers(h, s);
   if (s) {
     $("#window").textContent = `(rates over the last ${s.window_seconds} s)`;
     plot(s, cache.status === "fulfilled" ? cache.value : null);
   }
-  if (tick++ % 5 === 0 && !locked) listJobs();
+  if (!locked && !jobsListed) listJobs();
 }
 
 async function loop() {
@@ -225,7 +226,11 @@ async function loop() {
 }
 
 // -- batch jobs and collections --------------------------------------------------------------------
+// Read once, then on the Refresh button: each read counts as a request in the plots above.
+let jobsListed = false;
+
 async function listJobs() {
+  jobsListed = true;
   const [batches, collections] = await Promise.allSettled([json("/v1/batches?limit=20"), json("/v1/collections")]);
   if (batches.status === "fulfilled") {
     rows($("#batches"), batches.value.data, (b) => [b.id, b.endpoint, b.status,
@@ -240,10 +245,18 @@ async function listJobs() {
 
 // -- playground ------------------------------------------------------------------------------------
 function fillPickers() {
-  const pick = (select, wanted) => select.replaceChildren(...models.filter((m) => wanted(m.tier)).map((m) => el("option", { value: m.id, text: `${m.tier} · ${m.id}` })));
+  const pick = (select, wanted) => {
+    const chosen = select.value;
+    select.replaceChildren(...models.filter((m) => wanted(m.tier)).map((m) => el("option", { value: m.id, text: `${m.tier} · ${m.id}` })));
+    if (chosen && [...select.options].some((o) => o.value === chosen)) select.value = chosen;
+  };
   pick($("#chat-model"), (t) => GENERATION.has(t));
   pick($("#embed-model"), (t) => t === "embedding");
   pick($("#rerank-model"), (t) => t === "reranker");
+  // Nothing to send to until a model is picked (the list comes with the key, when keys are on).
+  $("#send").disabled = running !== null || !$("#chat-model").value;
+  $("#embed").disabled = !$("#embed-model").value;
+  $("#rerank").disabled = !$("#rerank-model").value;
 }
 
 let running = null; // the AbortController of the answer being streamed
@@ -391,7 +404,8 @@ $("#keys").addEventListener("submit", (event) => {
   event.preventDefault();
   keys.set($("#api-key").value.trim(), $("#admin-key").value.trim());
   notice("");
-  models = [];
+  modelsFor = null;
+  jobsListed = false;
   refresh();
 });
 $("#forget-keys").addEventListener("click", () => {
@@ -405,5 +419,6 @@ $("#chat-form").addEventListener("submit", send);
 $("#stop").addEventListener("click", () => running?.abort());
 $("#embed").addEventListener("click", embed);
 $("#rerank").addEventListener("click", rerank);
+$("#list-jobs").addEventListener("click", listJobs);
 buildPlots();
 loop();
