@@ -5,6 +5,7 @@ from the same origin, and embeddings and rerank answer."""
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,13 +25,30 @@ ENV = {
     "LIGHT_N_CTX": "8192",
     "EMBEDDING_MODEL_PATH": "fake/minilm",
     "RERANKER_MODEL_PATH": "fake/reranker",
+    "LIGHT_REASONING_PARSER": "think",  # `<think>...</think>` in an answer is its reasoning
     "STATS_WINDOW_SECONDS": "3600",  # earlier tests' traffic stays in the rates: new traffic only adds
 }
 CONSOLE = "/?refresh=0.25"
 LONG = "count for me"  # a prompt the scripted model answers with ~4,000 tokens
+WEATHER = "weather in Paris?"  # ... and one it answers by thinking, then calling a tool
+CALL = (
+    "<think>They want the weather: ask the tool.</think>"
+    '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+)
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
 
 
 def reply(prompt: str) -> str:
+    if WEATHER in prompt:
+        return CALL
     return counting(prompt) if LONG in prompt else echo_last_line(prompt)
 
 
@@ -96,6 +114,26 @@ def test_a_streamed_answer_appears_in_parts(server: LiveServer, watch: Callable[
     assert len(seen) > 3 and all(len(a) < len(b) for a, b in itertools.pairwise(seen)), seen
     stats = page.locator("#chat-stats").text_content() or ""
     assert "TTFT" in stats and "completion tokens" in stats, stats
+    console.assert_clean()
+
+
+def test_reasoning_is_folded_and_tool_calls_are_shown_as_calls(
+    server: LiveServer, watch: Callable[..., Watched]
+) -> None:
+    console = watch(server.url + CONSOLE)
+    page = console.page
+    page.click("#tools-box summary")
+    page.fill("#tools", json.dumps(TOOLS))
+    page.fill("#prompt", WEATHER)
+    expect(page.locator("#send")).to_be_enabled()
+    page.click("#send")
+    expect(page.locator("#answer")).to_have_attribute("data-state", "done")
+    reasoning = page.locator("#reasoning")
+    expect(reasoning).to_be_visible()
+    expect(reasoning).not_to_have_attribute("open", "")  # folded until the user opens it
+    expect(reasoning.locator("pre")).to_have_text("They want the weather: ask the tool.")
+    expect(page.locator("#tool-calls li")).to_have_text(['get_weather({"city": "Paris"})'])
+    expect(page.locator("#answer")).to_have_text("")  # no <think> or <tool_call> text leaks into the answer
     console.assert_clean()
 
 

@@ -286,8 +286,16 @@ async function send(event) {
   const messages = [];
   if ($("#system").value.trim()) messages.push({ role: "system", content: $("#system").value });
   messages.push({ role: "user", content: $("#prompt").value });
+  let tools;
+  try {
+    tools = $("#tools").value.trim() ? JSON.parse($("#tools").value) : undefined;
+  } catch (err) {
+    $("#chat-stats").textContent = `Tools: not JSON (${err.message})`;
+    return;
+  }
   const body = {
     model: $("#chat-model").value,
+    tools,
     messages,
     temperature: Number($("#temperature").value),
     max_tokens: Number($("#max-tokens").value),
