@@ -46,9 +46,9 @@ async function call(path, { method = "GET", body, admin = false, signal } = {}) 
 const json = async (path, options) => (await call(path, options)).json();
 
 function notice(text) {
-  const el = $("#notice");
-  el.textContent = text || "";
-  el.hidden = !text;
+  const box = $("#notice");
+  box.textContent = text || "";
+  box.hidden = !text;
 }
 
 // A 401 asks for a key; `focus` only after the user's own action, never from the refresh loop.
@@ -326,7 +326,7 @@ async function send(event) {
   try {
     const res = await call("/v1/chat/completions", { method: "POST", body, signal: running.signal });
     for await (const chunk of events(res)) {
-      if (chunk.error) throw new ApiError(chunk.error.code, chunk.error.message, chunk.error.code);
+      if (chunk.error) throw new ApiError(undefined, chunk.error.message, chunk.error.code); // after the start
       if (chunk.usage) usage = chunk.usage;
       const delta = chunk.choices?.[0]?.delta;
       if (!delta) continue;
@@ -339,10 +339,10 @@ async function send(event) {
         answer.append(delta.content);
         answer.dataset.chunks = String(++chunks);
       }
-      for (const call of delta.tool_calls || []) {
-        const known = (toolCalls[call.index] ||= { name: "", args: "" });
-        known.name += call.function?.name || "";
-        known.args += call.function?.arguments || "";
+      for (const part of delta.tool_calls || []) {
+        const known = (toolCalls[part.index] ||= { name: "", args: "" });
+        known.name += part.function?.name || "";
+        known.args += part.function?.arguments || "";
         calls.hidden = false;
         calls.replaceChildren(...toolCalls.map((c) => el("li", {}, el("code", { text: `${c.name}(${c.args})` }))));
       }
