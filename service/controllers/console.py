@@ -21,7 +21,8 @@ from litestar.static_files import create_static_files_router
 from kernel.errors import NotFoundError
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
-CONSOLE_DIR = STATIC_DIR / "console"
+CONSOLE_DIR = STATIC_DIR / "console"  # the page's script and style
+PAGE = STATIC_DIR / "console.html"  # a template, outside the served folders: only `/` serves it, with its CSP
 _PUBLIC = {"public": True, "observe": False}  # no key to load a page; loading it is not traffic
 
 # No inline script or style anywhere, and the page talks only to this server.
@@ -49,7 +50,7 @@ def console_routes(*, keys_required: bool) -> list[Router]:
     """`/` (the console page) and `/static/...`; the files are read once, when the app is made.
     `keys_required` (API_KEYS are set, which cannot change while the server runs) tells the page to
     ask for a key before its first data call rather than make the browser log a 401 for each."""
-    page = (CONSOLE_DIR / "index.html").read_text()
+    page = PAGE.read_text()
     page = page.replace("{{version}}", asset_version()).replace("{{keys}}", "required" if keys_required else "optional")
     body = page.encode()
 
@@ -59,16 +60,20 @@ def console_routes(*, keys_required: bool) -> list[Router]:
     def console() -> Response[bytes]:
         return Response(body, media_type="text/html; charset=utf-8", headers=_PAGE_HEADERS)
 
-    static = create_static_files_router(
-        "/static",
-        directories=[STATIC_DIR],
-        opt=_PUBLIC,
-        # Every reference to a file carries a version (the console's hash, the vendored UIs' release).
-        cache_control=CacheControlHeader(public=True, max_age=31536000, immutable=True),
-        include_in_schema=False,
-        exception_handlers={NotFoundException: _no_such_file},
-    )
-    return [Router("/", route_handlers=[console]), static]
+    static = [
+        create_static_files_router(
+            f"/static/{folder}",
+            directories=[STATIC_DIR / folder],
+            name=f"static-{folder}",
+            opt=_PUBLIC,
+            # Every reference to a file carries a version (the console's hash, the vendored UIs' release).
+            cache_control=CacheControlHeader(public=True, max_age=31536000, immutable=True),
+            include_in_schema=False,
+            exception_handlers={NotFoundException: _no_such_file},
+        )
+        for folder in ("console", "openapi")
+    ]
+    return [Router("/", route_handlers=[console]), *static]
 
 
 def _no_such_file(request: Request[Any, Any, Any], exc: NotFoundException) -> Response[dict[str, object]]:

@@ -36,7 +36,9 @@ def routes(app: Litestar) -> list[tuple[str, str, bool, bool]]:
         for handler in getattr(route, "route_handlers", []):
             for method in sorted(handler.http_methods - {"OPTIONS", "HEAD"}):
                 path = re.sub(r"\{model_id[^}]*\}", "light/gemma-3-270m", route.path)
-                path = re.sub(r"\{file_path[^}]*\}", "console/console.js", path)  # the console's files
+                path = re.sub(
+                    r"\{file_path[^}]*\}", "console.js" if "console" in path else "README.md", path
+                )  # the console's files
                 path = re.sub(r"\{[^}]+\}", "kb", path)  # a collection, a document
                 if method == "POST" and "{model_id" in route.path:
                     path += "/load"
