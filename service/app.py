@@ -27,6 +27,7 @@ from service.controllers.chat import ChatController
 from service.controllers.collections import CollectionsController, DocumentsController
 from service.controllers.completions import CompletionsController
 from service.controllers.config import ConfigController
+from service.controllers.console import console_routes
 from service.controllers.embeddings import EmbeddingsController
 from service.controllers.files import FilesController
 from service.controllers.messages import MessagesController
@@ -151,6 +152,7 @@ def create_app(
             CollectionsController,
             DocumentsController,
             health,
+            *console_routes(keys_required=security.keys.required),
         ],
         dependencies={
             "registry": Provide(lambda: registry, use_cache=True, sync_to_thread=False),
