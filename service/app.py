@@ -27,6 +27,7 @@ from service.controllers.chat import ChatController
 from service.controllers.collections import CollectionsController, DocumentsController
 from service.controllers.completions import CompletionsController
 from service.controllers.config import ConfigController
+from service.controllers.console import console_routes
 from service.controllers.embeddings import EmbeddingsController
 from service.controllers.files import FilesController
 from service.controllers.messages import MessagesController
@@ -35,6 +36,7 @@ from service.controllers.rerank import rerank
 from service.controllers.responses import ResponsesController
 from service.controllers.tokenize import TokenizeController
 from service.controllers.ws import ws
+from service.disconnect import DisconnectMiddleware
 from service.jobs.batches import BatchJobs
 from service.jobs.collections import Collections
 from service.jobs.rag import RagChat
@@ -150,6 +152,7 @@ def create_app(
             CollectionsController,
             DocumentsController,
             health,
+            *console_routes(keys_required=security.keys.required),
         ],
         dependencies={
             "registry": Provide(lambda: registry, use_cache=True, sync_to_thread=False),
@@ -172,7 +175,8 @@ def create_app(
             "record": Provide(_record, sync_to_thread=False),
         },
         guards=[security.guard],
-        middleware=[DefineMiddleware(TelemetryMiddleware, telemetry=telemetry)],
+        # Outermost first: telemetry sees the 499 of a request whose client went away.
+        middleware=[DefineMiddleware(TelemetryMiddleware, telemetry=telemetry), DisconnectMiddleware],
         exception_handlers={Exception: _error_response},
         lifespan=[lifespan],
         cors_config=cors_config(settings),

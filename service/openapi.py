@@ -1,5 +1,8 @@
 """The OpenAPI document: `/schema` (Scalar), `/schema/swagger`, `/schema/openapi.json`.
 
+Both UIs load their scripts from this server (`service/static/openapi`, vendored with their
+licences), not from a CDN: on an offline machine they would otherwise be blank pages.
+
 Litestar generates the paths and operations; `describe` then amends that document in one place so
 it says what the server really does:
 - bodies and answers are the msgspec schemas of the handlers' own types (msgspec decodes them, so
@@ -30,6 +33,12 @@ from service.serving.streaming import EventStream
 from service.settings import Settings
 
 _REF = "#/components/schemas/{name}"
+_UI = "/static/openapi"
+_SCALAR = f"{_UI}/scalar-1.76.4"
+_SWAGGER = f"{_UI}/swagger-ui-5.35.0"
+_NO_FAVICON = "<link rel='icon' href='data:,'>"  # Litestar's default icon comes from a CDN
+# Scalar fetches fonts and reports telemetry to its own servers unless told not to.
+_SCALAR_OPTIONS = {"withDefaultFonts": False, "telemetry": False, "hideClientButton": True}
 _ERRORS = {
     400: "Invalid request: a body that breaks this schema, a value the model cannot serve (`context_length_exceeded`),"
     " or a `Host` header that does not name this server (`host_not_allowed`)",
@@ -83,7 +92,23 @@ def openapi_config(version: str) -> OpenAPIConfig:
         title="llmservice",
         version=version,
         description=_DESCRIPTION,
-        render_plugins=[ScalarRenderPlugin(path="/"), SwaggerRenderPlugin(path="/swagger"), _Document()],
+        render_plugins=[
+            ScalarRenderPlugin(
+                path="/",
+                js_url=f"{_SCALAR}/standalone.js",
+                css_url=f"{_UI}/scalar-page.css?v={version}",
+                favicon=_NO_FAVICON,
+                options=_SCALAR_OPTIONS,
+            ),
+            SwaggerRenderPlugin(
+                path="/swagger",
+                js_url=f"{_SWAGGER}/swagger-ui-bundle.js",
+                css_url=f"{_SWAGGER}/swagger-ui.css",
+                standalone_preset_js_url=f"{_SWAGGER}/swagger-ui-standalone-preset.js",
+                favicon=_NO_FAVICON,
+            ),
+            _Document(),
+        ],
         openapi_router=router,
     )
 

@@ -76,7 +76,7 @@ def three_streams_one_cut(server: LiveServer, cases: list[dict[str, Any]]) -> di
     with held(server):
         for t in threads:
             t.start()
-        wait_until(lambda: worker.waiting == 3)
+        wait_until(lambda: worker.waiting == 3 and not worker.preparing)
     for t in threads:
         t.join(120)
     return results
@@ -129,7 +129,7 @@ def run_concurrently(server: LiveServer, cases: list[dict[str, Any]], **kw: Any)
     with held(server) as worker:
         for t in threads:
             t.start()
-        wait_until(lambda: worker.waiting == len(cases))
+        wait_until(lambda: worker.waiting == len(cases) and not worker.preparing)
     for t in threads:
         t.join(120)
     for r in results:

@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./start_service.sh --install-only --dev
+# tests/browser drive Debian's headless Chromium through Playwright (pip, locked): never `playwright install`.
+if [ ! -x /usr/bin/chromium ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 # The openai Node SDK for tests/api/test_node_sdk.py, at the versions its package-lock.json pins.
 npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
 # The coding agents (Codex CLI, Claude Code and the Node 22 it needs) for tests/agents, pinned the same way.

@@ -20,6 +20,7 @@ from backends.llamacpp.batch import LlamaCppBatch, ModelHandle
 from backends.llamacpp.kv_layout import FLASH_ATTN, KV_TYPES, LlamaLog, default_kv_tokens, kv_bytes, model_meta
 from backends.llamacpp.kv_slots import KvSlots
 from backends.llamacpp.sampling import GrammarCompiler
+from backends.llamacpp.users import NativeUsers
 from backends.reasoning import ReasoningFormat
 from backends.tools import tool_format
 from kernel.config import TierSettings
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 _backend_lock = threading.Lock()
 _backend_ready = False
 _llama_log: LlamaLog | None = None  # installed with the backend; reports what a context allocates
+CLOSE_WAIT_SECONDS = 30.0  # how long `close` waits for a tokenizer or grammar compile to leave the model
 
 
 def _quiet_llama_log() -> None:
@@ -71,6 +73,7 @@ class LlamaCppBackend(Backend):
         self._kv_slots: KvSlots | None = None
         self._adapters: LoraAdapters | None = None
         self._grammars: GrammarCompiler | None = None
+        self._users = NativeUsers(tier.name)
         self._template: str | None = None
         self._template_source = "none"
         self._reasoning: ReasoningFormat | None = None
@@ -139,7 +142,7 @@ class LlamaCppBackend(Backend):
         swa = 0 if t.swa_full or recurrent else llama_cpp.llama_model_n_swa(model)
         self._kv_slots = KvSlots(ctx, slots, swa=swa, recurrent=recurrent)
         self._adapters = LoraAdapters(model, model_meta(model, "general.architecture") or "")
-        self._grammars = GrammarCompiler(self.vocab)
+        self._grammars = GrammarCompiler(self.vocab, self._users)
         self._load_template()
         log.info(
             "Tier %s: llama.cpp on %s, %d threads, %d sequences x %d tokens, KV %s (K %s, V %s, flash attention %s)",
@@ -169,6 +172,10 @@ class LlamaCppBackend(Backend):
         self._reasoning = self.probe_reasoning(self._template, self.tier.reasoning_parser)
 
     def close(self) -> None:
+        # Threads other than the model's own (tokenizing beside it, compiling grammars) finish first.
+        if not self._users.close(CLOSE_WAIT_SECONDS):
+            log.error("Tier %s: the model is still in use after %.0f s; not freed", self.tier.name, CLOSE_WAIT_SECONDS)
+            return
         if self._grammars is not None:
             self._grammars.close()
             self._grammars = None
@@ -240,10 +247,10 @@ class LlamaCppBackend(Backend):
     # -- prompts ---------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
-        self.context  # noqa: B018 - raises when not loaded
         add_bos = not (self._bos and text.startswith(self._bos))
         data = text.encode("utf-8")
-        with engine_errors("llama.cpp"):
+        with self._users.use(), engine_errors("llama.cpp"):
+            self.context  # noqa: B018 - raises when not loaded
             size = len(data) + 8
             buf = (llama_cpp.llama_token * size)()
             n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, size, add_bos, True)
@@ -254,15 +261,16 @@ class LlamaCppBackend(Backend):
             return list(buf[:n])
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        self.context  # noqa: B018 - raises when not loaded
         ids = (llama_cpp.llama_token * len(tokens))(*tokens)
         size = 16 * len(tokens) + 16
-        while True:  # a negative count is the buffer size needed
-            buf = ctypes.create_string_buffer(size)
-            n = llama_cpp.llama_detokenize(self.vocab, ids, len(tokens), buf, size, False, True)
-            if n >= 0:
-                return buf.raw[:n].decode("utf-8", errors="replace")
-            size = -n
+        with self._users.use():
+            self.context  # noqa: B018 - raises when not loaded
+            while True:  # a negative count is the buffer size needed
+                buf = ctypes.create_string_buffer(size)
+                n = llama_cpp.llama_detokenize(self.vocab, ids, len(tokens), buf, size, False, True)
+                if n >= 0:
+                    return buf.raw[:n].decode("utf-8", errors="replace")
+                size = -n
 
     def render_chat(
         self,

@@ -4,6 +4,11 @@ Each step puts one token of every generating sequence and then up to `N_BATCH` m
 prompt tokens of joining sequences into one `llama_decode`, so a long new prompt is prefilled in
 chunks while the running streams keep flowing. Each sequence decodes in a KV slot (`kv_slots`).
 
+A prompt is prefilled once however many sequences share it: a sequence whose prompt starts with
+what another is prefilling right now (`n` > 1 choices, one system prompt for many users) waits for
+that prefix and then shares its cells. A `response_format` grammar compiles on another thread
+while the prompt prefills: only the prompt's last token, whose logits are sampled, waits for it.
+
 LoRA adapters are set per context in llama.cpp, not per sequence, so one step decodes only the
 sequences of one adapter (or of none): the sequences sharing an adapter share a batch, and the
 groups take turns of `TURN_STEPS` steps, the group that waited longest going next.
@@ -22,7 +27,15 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from backends.base import PROMPT_SCORE_CHUNK, DecodeBatch, DecodeState, GenerationRequest, Token, TokenLogprob
+from backends.base import (
+    PROMPT_SCORE_CHUNK,
+    DecodeBatch,
+    DecodeState,
+    GenerationRequest,
+    Token,
+    TokenLogprob,
+    common_prefix,
+)
 from backends.llamacpp.adapters import LoraAdapters
 from backends.llamacpp.kv_slots import KvSlot, KvSlots
 from backends.llamacpp.sampling import GrammarCompiler, Sampler, TextStream, free_sampler, logprobs
@@ -69,14 +82,21 @@ class _Sequence:
     grammar_since: float = 0.0
     prompt_scores: list[Token] = field(default_factory=list)  # with prompt_logprobs
     thinking: ThinkingBudget | None = None  # a thinking budget to enforce
+    leader: _Sequence | None = None  # prefilling the first `shared` tokens of this prompt: wait, then share
+    shared: int = 0
 
     @property
     def adapter(self) -> str | None:
         return self.state.request.adapter
 
+    def prefill_limit(self) -> int:
+        """Prompt tokens that may go into the KV now: all but the last while the grammar compiles
+        (the last token's logits are sampled, and sampling needs the grammar)."""
+        return len(self.state.prompt) - (self.grammar is not None)
+
     def has_work(self) -> bool:
-        """A token to feed, or prompt left to evaluate (once its grammar, if any, is compiled)."""
-        return self.next_token is not None or (self.grammar is None and self.fed < len(self.state.prompt))
+        """A token to feed, or prompt left to evaluate (not while another sequence prefills it)."""
+        return self.next_token is not None or (self.leader is None and self.fed < self.prefill_limit())
 
 
 class LlamaCppBatch(DecodeBatch):
@@ -121,8 +141,32 @@ class LlamaCppBatch(DecodeBatch):
             handle.kv_slots.wipe(slot)
             seq.reused = seq.fed = 0
             seq.prompt_scores.append(Token(self.piece_text(prompt[0])))
+        else:
+            self._follow(seq)
         seq.grammar_since = time.monotonic()
         self._sequences[key] = seq
+
+    def _follow(self, seq: _Sequence) -> None:
+        """Make `seq` wait for the sequence prefilling the longest part of its prompt right now."""
+        if seq.adapter is not None:  # KV computed with an adapter is not shared (see kv_slots)
+            return
+        prompt = seq.state.prompt
+        for other in self._sequences.values():
+            if other.adapter is not None:
+                continue
+            # One token at least is left to each for its own logits; what `other` holds already,
+            # `acquire` has shared.
+            n = min(common_prefix(other.state.prompt, prompt), len(prompt) - 1, len(other.state.prompt) - 1)
+            if n > max(seq.fed, seq.shared, other.fed):
+                seq.leader, seq.shared = other, n
+
+    def _share(self, seq: _Sequence, leader: _Sequence, n: int) -> None:
+        """Stop waiting for `leader`; take the first `n` prompt tokens from its cells if that is more
+        than `seq` holds."""
+        seq.leader = None
+        if n > seq.fed:
+            self._handle.kv_slots.share(leader.slot, seq.slot, n)  # empties the slot if it fails
+            seq.fed = seq.reused = len(seq.slot.tokens)
 
     def remove(self, key: int) -> None:
         seq = self._sequences.pop(key, None)
@@ -135,6 +179,9 @@ class LlamaCppBatch(DecodeBatch):
         seq.sampler.close()
         # The slot keeps what its KV holds (prompt and output so far) for the next request.
         self._handle.kv_slots.release(seq.slot)
+        for follower in self._sequences.values():
+            if follower.leader is seq:  # it left before prefilling all that was shared: take what it did
+                self._share(follower, seq, min(seq.fed, follower.shared))
 
     def close(self) -> None:
         for seq in list(self._sequences.values()):
@@ -151,6 +198,9 @@ class LlamaCppBatch(DecodeBatch):
     def step(self) -> list[tuple[int, Token | LLMServiceError | None]]:
         out: list[tuple[int, Token | LLMServiceError | None]] = []
         self._grammars_ready(out)
+        for seq in self._sequences.values():
+            if seq.leader is not None and seq.leader.fed >= seq.shared:
+                self._share(seq, seq.leader, seq.shared)
         batch, outputs = self._batch, []
         n = 0
         # In slot order: llama.cpp puts only consecutive streams into one ubatch (split_equal).
@@ -169,12 +219,12 @@ class LlamaCppBatch(DecodeBatch):
         for seq in sequences:
             if n >= capacity:
                 break
-            prompt = seq.state.prompt
-            if seq.next_token is not None or seq.grammar is not None or seq.fed >= len(prompt):
+            prompt, limit = seq.state.prompt, seq.prefill_limit()
+            if seq.next_token is not None or seq.leader is not None or seq.fed >= limit:
                 continue
             every = seq.state.request.prompt_logprobs
             room = min(capacity - n, PROMPT_SCORE_CHUNK) if every else capacity - n
-            take = min(room, len(prompt) - seq.fed)
+            take = min(room, limit - seq.fed)
             mark = kv_slots.checkpoint_at(len(prompt))
             if mark is not None and seq.fed < mark < seq.fed + take:
                 take = mark - seq.fed  # the step ends where the prompt is checkpointed

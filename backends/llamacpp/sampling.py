@@ -47,6 +47,7 @@ import numpy as np
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from backends.base import RANDOM_SEED, GenerationRequest, ResponseFormat, TokenLogprob
+from backends.llamacpp.users import NativeUsers
 from kernel.errors import InvalidRequestError
 
 PENALTY_LAST_N = 64  # tokens the penalties look back over (llama-server's and llama-cpp-python's default)
@@ -357,8 +358,9 @@ class TextStream:
 class GrammarCompiler:
     """Compiles `response_format` into a llama.cpp grammar sampler on its own threads."""
 
-    def __init__(self, vocab: Any, workers: int = 2) -> None:
+    def __init__(self, vocab: Any, users: NativeUsers, workers: int = 2) -> None:
         self._vocab = vocab
+        self._users = users  # the model's: it is not freed while a compile reads its vocabulary
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llamacpp-grammar")
 
     def submit(self, fmt: ResponseFormat) -> Future[Any]:
@@ -370,7 +372,8 @@ class GrammarCompiler:
 
     def _compile(self, fmt: ResponseFormat) -> Any:
         text = _gbnf(json.dumps(fmt.schema, sort_keys=True)) if fmt.schema is not None else JSON_GBNF
-        grammar = llama_cpp.llama_sampler_init_grammar(self._vocab, text.encode("utf-8"), b"root")
+        with self._users.use():
+            grammar = llama_cpp.llama_sampler_init_grammar(self._vocab, text.encode("utf-8"), b"root")
         if not grammar:
             raise InvalidRequestError("The JSON schema could not be compiled to a grammar.", param="response_format")
         return grammar

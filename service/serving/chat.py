@@ -335,7 +335,11 @@ class Fanout:
             for i in range(len(self._streams)):
                 self._watch(i)
         while self._pending:
-            done, _ = await asyncio.wait(self._pending, return_when=asyncio.FIRST_COMPLETED)
+            try:
+                done, _ = await asyncio.wait(self._pending, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:  # interrupted (the client went away): every choice's job stops
+                self.cancel()
+                raise
             task = done.pop()
             index = self._pending.pop(task)
             chunk = task.result()  # a job's error ends the whole stream (cancel() stops the rest)

@@ -27,11 +27,13 @@ class Executor(Protocol):
 
     def set_queue_limit(self, limit: int) -> None: ...
 
-    async def retire(self) -> None:
-        """Refuse new work, finish what was accepted, stop."""
+    async def retire(self) -> bool:
+        """Refuse new work, finish what was accepted, stop. True once nothing runs on the engine
+        any more, so it may be freed."""
 
-    async def stop(self) -> None:
-        """Refuse new work, fail what waits, let the running step end, stop (server shutdown)."""
+    async def stop(self) -> bool:
+        """Refuse new work, fail what waits and what runs (after the running step), stop (server
+        shutdown). True as for `retire`; False: the engine may still be in use and must not be freed."""
 
     def view(self) -> dict[str, Any]: ...  # the `worker` object of /v1/stats and model details
 

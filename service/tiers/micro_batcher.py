@@ -164,11 +164,13 @@ class MicroBatcher(Generic[T, R]):
     def set_queue_limit(self, limit: int) -> None:
         self.max_queued_items = limit
 
-    async def retire(self) -> None:
+    async def retire(self) -> bool:
         await self.close(drain=True)
+        return True  # `close` waited for the running batch
 
-    async def stop(self) -> None:
+    async def stop(self) -> bool:
         await self.close()
+        return True
 
     def view(self) -> dict[str, Any]:
         busy, share = busy_fraction(self.busy_seconds, self.busy_since, self.started)

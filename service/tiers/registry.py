@@ -71,10 +71,7 @@ class Registry:
             if slot.load_task and not slot.load_task.done():
                 slot.load_task.cancel()
         for slot in self.slots.values():
-            if slot.executor is not None:
-                await slot.executor.stop()
-            if slot.engine is not None:
-                await asyncio.to_thread(slot.engine.close)
+            await _free(slot, slot.executor, slot.engine, drain=False)
             slot.worker = slot.batcher = slot.engine = None
             if slot.state is TierState.LOADED:
                 slot.state = TierState.AVAILABLE
@@ -105,13 +102,7 @@ class Registry:
     async def _retire(self, slot: TierSlot, executor: Executor | None, engine: _Closable | None) -> None:
         """Free a model taken out of `slot` once the requests it already accepted have finished."""
 
-        async def drain() -> None:
-            if executor is not None:
-                await executor.retire()
-            if engine is not None:
-                await asyncio.to_thread(engine.close)
-
-        slot.draining = asyncio.create_task(drain(), name=f"drain-{slot.name}")
+        slot.draining = asyncio.create_task(_free(slot, executor, engine, drain=True), name=f"drain-{slot.name}")
         await asyncio.shield(slot.draining)
 
     async def replace(self, slot: TierSlot, settings: TierSettings) -> str | None:
@@ -355,6 +346,21 @@ class Target:
 
 class _Closable(Protocol):
     def close(self) -> None: ...
+
+
+async def _free(slot: TierSlot, executor: Executor | None, engine: _Closable | None, *, drain: bool) -> None:
+    """Stop the executor (`drain`: after the requests it accepted, else cancelling them), then free
+    the engine, only if nothing runs on it any more: a model freed under a running step crashes
+    the process, one left allocated only costs memory."""
+    stopped = True
+    if executor is not None:
+        stopped = await (executor.retire() if drain else executor.stop())
+    if engine is None:
+        return
+    if not stopped:
+        log.error("Tier %s: the model's thread did not stop in time; its memory is not freed", slot.name)
+        return
+    await asyncio.to_thread(engine.close)
 
 
 async def _log_progress(tier: str, started: float) -> None:

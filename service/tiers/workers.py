@@ -11,6 +11,14 @@ batch can never make an interactive request see 429. For an engine that can batc
 (`Backend.max_batch_size > 1`: llama.cpp, MLX) the same thread runs a continuous batch instead:
 queued jobs join between decode steps, and each leaves on its own when it ends or its client goes
 away.
+
+Admission: a request's prompt is rendered and tokenised (`Backend.prepare`) on a small thread pool
+before it queues, never on the model's thread, so running streams do not stall while a long new
+prompt is read; the model's thread only checks again that the request's adapter is still loaded.
+Cancelling a job (its client went away: `JobStream.cancel`) takes it out of the queue's count at
+once; the thread skips it when it comes up, or drops it from the batch after the current step.
+Stopping (server shutdown) cancels every job with a 503; the engine is freed only once the thread
+has ended (see `stop`).
 """
 
 from __future__ import annotations
@@ -22,18 +30,23 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from backends.base import Backend, Chunk, DecodeBatch, DecodeState, GenerationRequest
-from kernel.errors import EngineError, LLMServiceError, RateLimitError
+from kernel.errors import EngineError, LLMServiceError, ModelUnavailableError, RateLimitError
 from service.tiers.executor import busy_fraction
 
 log = logging.getLogger(__name__)
 
 _Event = Chunk | LLMServiceError | None  # None ends the stream
 _INTERACTIVE, _BACKGROUND, _STOP = 0, 1, 2  # queue ranks: lower is served first
+# Prompts prepared at once: one long prompt does not hold up a short one behind it; more would only
+# contend with the model's thread for the GIL (templates render in Python).
+_PREPARE_THREADS = 2
+STOP_SECONDS = 5.0  # how long shutdown waits for the thread to leave its step once every job is cancelled
 
 
 @dataclass(eq=False)
@@ -45,6 +58,8 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)
     call: Callable[[], None] | None = None  # run this on the model's thread instead of generating
     background: bool = False  # a batch-job line: served after every waiting interactive job
+    state: DecodeState | None = None  # the prompt `Backend.prepare` made of the request, before it queued
+    counted_out: bool = False  # no longer counted as waiting: taken by the thread, or withdrawn (under the lock)
 
     def put(self, event: _Event) -> None:
         try:
@@ -66,8 +81,9 @@ class ChunkStream(Protocol):
 class JobStream:
     """The chunks of one job as an async iterator; leaving early cancels the generation."""
 
-    def __init__(self, job: Job) -> None:
+    def __init__(self, job: Job, withdraw: Callable[[Job], None]) -> None:
         self._job = job
+        self._withdraw = withdraw  # the worker's: a queued job stops counting as waiting
         self._done = False
 
     def __aiter__(self) -> AsyncIterator[Chunk]:
@@ -90,7 +106,9 @@ class JobStream:
         return event
 
     def cancel(self) -> None:
-        self._job.cancelled.set()
+        if not self._job.cancelled.is_set():
+            self._job.cancelled.set()
+            self._withdraw(self._job)
 
 
 class GenerationWorker:
@@ -108,8 +126,12 @@ class GenerationWorker:
         self._arrivals = itertools.count()
         self._waiting = 0
         self._waiting_background = 0
+        self._preparing = 0  # submitted jobs whose prompt is being prepared (counted in `_waiting` too)
+        self._preparer = ThreadPoolExecutor(_PREPARE_THREADS, thread_name_prefix=f"llm-prepare-{name}")
         self._running = 0  # jobs generating right now (up to max_batch_size)
         self._lock = threading.Lock()
+        self._live: set[Job] = set()  # submitted and not ended: what `stop` cancels
+        self._stopping = False
         self._batch: DecodeBatch | None = None
         self._active: dict[int, tuple[Job, DecodeState]] = {}  # the batch's jobs, by sequence key
         target = self._run_batched if backend.max_batch_size > 1 else self._run
@@ -129,6 +151,11 @@ class GenerationWorker:
         return self.busy_since is not None
 
     @property
+    def preparing(self) -> int:
+        """Submitted jobs not queued yet: their prompt is being rendered and tokenised."""
+        return self._preparing
+
+    @property
     def running(self) -> int:
         return self._running
 
@@ -137,7 +164,10 @@ class GenerationWorker:
         return self._waiting + self._running
 
     def submit(self, request: GenerationRequest, *, background: bool = False) -> JobStream:
+        job = Job(request, asyncio.get_running_loop(), background=background)
         with self._lock:
+            if self._stopping:
+                raise ModelUnavailableError(f"Tier {self.name} is shutting down", code="server_shutting_down")
             waiting = self._waiting - self._waiting_background
             if not background and waiting >= self.max_queue:
                 raise RateLimitError(
@@ -147,47 +177,92 @@ class GenerationWorker:
                 )
             self._waiting += 1
             self._waiting_background += background
-        job = Job(request, asyncio.get_running_loop(), background=background)
-        self._put(job)
-        return JobStream(job)
+            self._preparing += 1
+            self._live.add(job)
+        arrival = next(self._arrivals)  # first come, first served among the prepared
+        try:
+            self._preparer.submit(self._prepare, job, arrival)
+        except RuntimeError:  # closing: the model's thread prepares it at admission, as it once did
+            self._put(job, arrival)
+            with self._lock:
+                self._preparing -= 1
+        return JobStream(job, self._withdraw)
 
-    def _put(self, job: Job | None) -> None:
+    def _prepare(self, job: Job, arrival: int) -> None:
+        try:
+            if not job.cancelled.is_set():  # a cancelled job is dropped at admission
+                job.state = self.backend.prepare(job.request)
+        except Exception as exc:
+            self._fail(job, exc)
+            self._close_job(job)
+            with self._lock:
+                if not job.counted_out:
+                    self._count_out(job)
+                self.processed += 1
+            self.finished_at = time.time()
+        else:
+            self._put(job, arrival)
+        finally:
+            with self._lock:
+                self._preparing -= 1
+
+    def _put(self, job: Job | None, arrival: int | None = None) -> None:
         rank = _STOP if job is None else _BACKGROUND if job.background else _INTERACTIVE
-        self._jobs.put((rank, next(self._arrivals), job))
+        self._jobs.put((rank, next(self._arrivals) if arrival is None else arrival, job))
 
     def _take(self, block: bool = True) -> Job | None:
         job = self._jobs.get(block=block)[2]
         if job is not None:
             with self._lock:
-                self._waiting -= 1
-                self._waiting_background -= job.background
+                if not job.counted_out:  # else withdrawn already (cancelled while queued)
+                    self._count_out(job)
         return job
+
+    def _withdraw(self, job: Job) -> None:
+        """A cancelled job that still waits leaves the counts now, not when the thread reaches it."""
+        with self._lock:
+            if not job.counted_out:
+                self._count_out(job)
+
+    def _count_out(self, job: Job) -> None:
+        job.counted_out = True
+        self._waiting -= 1
+        self._waiting_background -= job.background
+
+    def _close_job(self, job: Job) -> None:
+        """The job's last event: nothing more comes after this."""
+        job.put(None)
+        with self._lock:
+            self._live.discard(job)
 
     async def run(self, fn: Callable[[], None]) -> None:
         """Run `fn` on this model's thread between jobs (the engine is not thread-safe)."""
-        with self._lock:
-            self._waiting += 1
         job = Job(GenerationRequest(), asyncio.get_running_loop(), call=fn)
+        with self._lock:
+            if self._stopping:
+                raise ModelUnavailableError(f"Tier {self.name} is shutting down", code="server_shutting_down")
+            self._waiting += 1
+            self._live.add(job)
         self._put(job)
-        async for _ in JobStream(job):
+        async for _ in JobStream(job, self._withdraw):
             pass
 
     def _run(self) -> None:
         while (job := self._take()) is not None:
             if job.cancelled.is_set():
-                job.put(None)
+                self._close_job(job)
                 continue
             if job.call is not None:
                 try:
                     job.call()
                 except Exception:
                     log.exception("Tier %s: maintenance call failed", self.name)
-                job.put(None)
+                self._close_job(job)
                 continue
             self.busy_since = time.monotonic()
             self._running = 1
             try:
-                chunks = self.backend.stream(job.request, job.cancelled)
+                chunks = self.backend.stream_prepared(self._prepared(job), job.cancelled)
                 with closing(chunks):  # type: ignore[type-var]
                     for chunk in chunks:
                         if job.cancelled.is_set():
@@ -196,7 +271,7 @@ class GenerationWorker:
             except Exception as exc:
                 self._fail(job, exc)
             finally:
-                job.put(None)
+                self._close_job(job)
                 self._running = 0
                 self.processed += 1
                 self.busy_seconds += time.monotonic() - self.busy_since
@@ -231,7 +306,7 @@ class GenerationWorker:
                     stopping = True
                     break
                 if job.cancelled.is_set():
-                    job.put(None)
+                    self._close_job(job)
                 elif job.call is not None:
                     held = job
                 else:
@@ -251,7 +326,7 @@ class GenerationWorker:
         if not self._active:
             self.busy_since = time.monotonic()
         try:
-            state = self.backend.prepare(job.request)
+            state = self._prepared(job)
             if not state.done:  # done already: nothing to generate (max_tokens 0)
                 if self._batch is None:
                     self._batch = self.backend.open_batch()
@@ -264,6 +339,13 @@ class GenerationWorker:
         self._running = len(self._active)
         if state.done:
             self._finish(key)
+
+    def _prepared(self, job: Job) -> DecodeState:
+        """The job's prompt, prepared before it queued, still valid now that it starts decoding."""
+        if job.state is None:
+            return self.backend.prepare(job.request)
+        self.backend.check_adapter(job.request)  # the adapter may have been unloaded since
+        return job.state
 
     def _step(self) -> None:
         assert self._batch is not None
@@ -308,7 +390,7 @@ class GenerationWorker:
         self._running = len(self._active)
 
     def _done(self, job: Job) -> None:
-        job.put(None)
+        self._close_job(job)
         self.processed += 1
         self.finished_at = time.time()
         if not self._active and self.busy_since is not None:
@@ -321,22 +403,32 @@ class GenerationWorker:
             job.call()
         except Exception:
             log.exception("Tier %s: maintenance call failed", self.name)
-        job.put(None)
+        self._close_job(job)
 
-    def close(self, timeout: float | None = 5.0) -> None:
-        """Stop the thread after the current job; the backend is closed by its owner."""
+    def close(self, timeout: float | None = STOP_SECONDS) -> bool:
+        """Stop the thread after the jobs queued so far; True once it has ended (the backend, closed
+        by its owner, may then be freed: nothing of this worker touches it any more)."""
+        self._preparer.shutdown(wait=True)  # prompts being prepared queue first, and use the engine no more
         self._put(None)
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     # -- the Executor protocol (service.tiers.slots) ---------------------------------------------
     def set_queue_limit(self, limit: int) -> None:
         self.max_queue = limit
 
-    async def retire(self) -> None:
-        await asyncio.to_thread(self.close, None)  # the stop marker ranks after every queued job
+    async def retire(self) -> bool:
+        return await asyncio.to_thread(self.close, None)  # the stop marker ranks after every queued job
 
-    async def stop(self) -> None:
-        await asyncio.to_thread(self.close)
+    async def stop(self) -> bool:
+        with self._lock:
+            self._stopping = True
+            live = list(self._live)
+        error = ModelUnavailableError(f"Tier {self.name} is shutting down", code="server_shutting_down")
+        for job in live:
+            job.put(error)  # first: its stream ends with this error, not silently
+            job.cancelled.set()  # leaves the batch at the next step, or is skipped while queued
+        return await asyncio.to_thread(self.close, STOP_SECONDS)
 
     def view(self) -> dict[str, Any]:
         busy, share = busy_fraction(self.busy_seconds, self.busy_since, self.started)

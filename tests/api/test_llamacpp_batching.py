@@ -8,9 +8,11 @@ at a time in-process (`MAX_BATCH=1`, a cold cache for each).
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 pytest.importorskip("llama_cpp")
@@ -18,7 +20,7 @@ pytest.importorskip("llama_cpp")
 from backends.base import GenerationRequest
 from backends.llamacpp.backend import LlamaCppBackend
 from kernel.config import TierSettings
-from tests.batching import Result, run_concurrently, three_streams_one_cut, wait_until, worker_of
+from tests.batching import Result, held, run_concurrently, three_streams_one_cut, wait_until, worker_of
 from tests.live import LiveServer, live_server
 
 N_CTX = 1024
@@ -108,3 +110,35 @@ def test_disconnecting_one_stream_leaves_the_others_intact(server: LiveServer, u
     assert expected[1].text.startswith(results[1].text[:12]) and results[1].finish_reason is None
     wait_until(lambda: worker.running == 0)
     assert json.dumps(results[0].text)  # a plain string
+
+
+def test_clients_that_go_away_free_their_batch_slots(server: LiveServer) -> None:
+    """Two non-streaming clients with 1,000 tokens to come hang up (as `curl -m 1` does): their slots
+    are free within a step, not when the tokens are done; a streaming client that leaves while
+    queued behind a busy model is never prefilled."""
+    worker = worker_of(server)
+    with server.client() as http:
+        ends = http.post("/tokenize", json={"model": "light", "prompt": "<end_of_turn><eos>"}).json()["tokens"][-2:]
+    body = {
+        "model": "light",
+        "prompt": "1, 2, 3, 4,",
+        "max_tokens": 1000,
+        "logit_bias": dict.fromkeys(map(str, ends), -100),  # no natural end: only the client can stop it
+    }
+
+    def gone(stream: bool) -> None:
+        with httpx.Client(base_url=server.url, timeout=1.0) as http, pytest.raises(httpx.ReadTimeout):
+            http.post("/v1/completions", json={**body, "stream": stream})
+
+    threads = [threading.Thread(target=gone, args=(False,)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    wait_until(lambda: worker.in_flight == 0, seconds=5)
+    with held(server):  # the model is busy: the stream waits in the queue
+        processed = worker.processed
+        gone(True)
+        wait_until(lambda: worker.waiting == 0, seconds=3)
+    wait_until(lambda: not worker.busy, seconds=3)
+    assert worker.processed == processed

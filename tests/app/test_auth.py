@@ -36,11 +36,14 @@ def routes(app: Litestar) -> list[tuple[str, str, bool, bool]]:
         for handler in getattr(route, "route_handlers", []):
             for method in sorted(handler.http_methods - {"OPTIONS", "HEAD"}):
                 path = re.sub(r"\{model_id[^}]*\}", "light/gemma-3-270m", route.path)
+                path = re.sub(
+                    r"\{file_path[^}]*\}", "console.js" if "console" in path else "README.md", path
+                )  # the console's files
                 path = re.sub(r"\{[^}]+\}", "kb", path)  # a collection, a document
                 if method == "POST" and "{model_id" in route.path:
                     path += "/load"
                 found.append((method, path, bool(handler.opt.get("public")), bool(handler.opt.get("admin"))))
-    assert {p for _, p, _, _ in found} >= {"/health", "/metrics", "/v1/stats", "/v1/chat/completions", "/schema"}
+    assert {p for _, p, _, _ in found} >= {"/health", "/metrics", "/v1/stats", "/v1/chat/completions", "/schema", "/"}
     return found
 
 
