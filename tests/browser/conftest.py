@@ -26,7 +26,9 @@ ARGS = [
 ]
 
 
-@pytest.fixture(scope="session")
+# Per module: the sync API runs an event loop on this thread while it is open, and a later test's
+# asyncio.run() (on the same pytest worker) would fail under it.
+@pytest.fixture(scope="module")
 def playwright() -> Iterator[Playwright]:
     if not CHROMIUM.exists():
         pytest.fail("tests/browser drive Debian's chromium: `apt-get install -y chromium` (tests/run.sh does it)")
