@@ -14,4 +14,11 @@ npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
 # The coding agents (Codex CLI, Claude Code and the Node 22 it needs) for tests/agents, pinned the same way.
 npm ci --prefix tests/agents --no-audit --no-fund --loglevel=error
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TQDM_DISABLE=1
-exec "${VENV:-.venv}/bin/python" -m pytest "$@"
+# Two test files at a time (TEST_WORKERS; 0 runs them in this process): a test file's server decodes
+# on one thread, so two keep two cores busy. A file's tests stay together on one worker (loadfile),
+# sharing its live server.
+workers=${TEST_WORKERS:-2}
+if [ "$workers" = 0 ]; then
+  exec "${VENV:-.venv}/bin/python" -m pytest "$@"
+fi
+exec "${VENV:-.venv}/bin/python" -m pytest -n "$workers" --dist loadfile "$@"

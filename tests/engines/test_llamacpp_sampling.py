@@ -9,7 +9,6 @@ must pick the same tokens: greedy, seeded draws, penalties, logit bias and gramm
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -25,7 +24,6 @@ from backends.base import Chunk, GenerationRequest, ResponseFormat
 from backends.llamacpp.backend import LlamaCppBackend
 from backends.llamacpp.sampling import Sampler, logprobs, reference_chain
 from kernel.config import TierSettings
-from service.tiers.workers import GenerationWorker
 
 PROMPT = "Numbers: 1 1 1 1 1 1"
 
@@ -217,18 +215,31 @@ def on_host(gemma_gguf: str) -> Iterator[LlamaCppBackend]:
     backend.close()
 
 
-def run_batched(backend: LlamaCppBackend, requests: Sequence[GenerationRequest]) -> list[list[Chunk]]:
+def one_batch(backend: LlamaCppBackend, requests: Sequence[GenerationRequest]) -> list[list[Chunk]]:
+    """The requests decoded together from the first step to the last, as the worker decodes them
+    but with the batch's make-up fixed (greedy near-ties flip with it: kernels are not
+    batch-invariant)."""
     backend.reset_prefix_cache()
-
-    async def main() -> list[list[Chunk]]:
-        streams = [worker.submit(r) for r in requests]
-        return [[c async for c in s] for s in streams]
-
-    worker = GenerationWorker("light", backend, max_queue=8)
+    states = [backend.prepare(r) for r in requests]
+    out: list[list[Chunk]] = [[] for _ in requests]
+    batch = backend.open_batch()
     try:
-        return asyncio.run(asyncio.wait_for(main(), 120))
+        for key, state in enumerate(states):
+            batch.add(key, state)
+        live = set(range(len(states)))
+        while live:
+            for key, token in batch.step():
+                assert not isinstance(token, Exception), token
+                state = states[key]
+                if token is not None and (chunk := state.add(token)):
+                    out[key].append(chunk)
+                if token is None or state.done:
+                    batch.remove(key)
+                    live.discard(key)
+                    out[key].extend(state.finish())
     finally:
-        worker.close()
+        batch.close()
+    return out
 
 
 def text(chunks: list[Chunk]) -> str:
@@ -255,7 +266,7 @@ def test_sampling_in_the_graph_matches_the_host(
         ),
         request(prompt="The capital of France is", max_tokens=8, temperature=0.0, logprobs=True, top_logprobs=2),
     ]
-    device, host = run_batched(on_device, requests), run_batched(on_host, requests)
+    device, host = one_batch(on_device, requests), one_batch(on_host, requests)
     assert offloaded == [True, True]  # the logprobs request was never offered
     assert [text(c) for c in device] == [text(c) for c in host]
     scores = [t.logprob.logprob for c in device[2] for t in c.scored if t.logprob]
