@@ -341,7 +341,17 @@ def _ours(key: str) -> bool:
 
 # What PATCH /v1/config may change on a running server: values read afresh by every request, or
 # pushed to the one object that uses them. Everything else shapes a loaded model or the socket.
-LIVE_TIER_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "repeat_penalty", "keep_alive", "max_queue")
+LIVE_TIER_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "max_tokens",
+    "repeat_penalty",
+    "keep_alive",
+    "max_queue",
+    "pin",
+)
 LIVE_SERVER_FIELDS = ("rate_limit_per_minute",)
 
 

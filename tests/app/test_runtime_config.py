@@ -140,6 +140,19 @@ def test_keep_alive_set_live_unloads_an_idle_tier(server: LiveServer) -> None:
             assert patch(http, {"tiers": {"light": {"keep_alive": 0}}}).status_code == 200
 
 
+def test_pin_set_live_protects_a_tier_from_unload(server: LiveServer) -> None:
+    with server.client() as http:
+        assert patch(http, {"tiers": {"light": {"pin": True}}}).status_code == 200
+        try:
+            assert http.get("/v1/models/light", headers=AS_ADMIN).json()["pinned"] is True
+            assert error_of(http.post("/v1/models/light/unload", headers=AS_ADMIN), 400)["code"] == "model_pinned"
+        finally:
+            assert patch(http, {"tiers": {"light": {"pin": False}}}).status_code == 200
+        assert http.get("/v1/models/light", headers=AS_ADMIN).json()["pinned"] is False
+        assert http.post("/v1/models/light/unload", headers=AS_ADMIN).status_code == 200
+        assert http.post("/v1/models/light/load", headers=AS_ADMIN).status_code == 200
+
+
 def test_persist_edits_only_the_changed_lines(server: LiveServer, env_file: Path) -> None:
     with server.client() as http:
         res = patch(http, {"tiers": {"light": {"temperature": 0.25, "top_p": 0.5}}, "persist": True})

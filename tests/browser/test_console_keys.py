@@ -81,8 +81,12 @@ def test_with_the_user_key_the_console_works_and_admin_is_refused(
     expect(status).to_have_attribute("data-outcome", "refused")
     expect(status).to_contain_text("admin_key_required")
     expect(page.locator("#admin-key")).to_be_focused()
+    with page.expect_response(lambda r: r.url.endswith("/v1/config") and r.request.method == "PATCH") as refusal:
+        page.locator('button[data-pin="light"]').click()
+    assert refusal.value.status == 403
+    expect(status).to_have_attribute("data-outcome", "refused")
     models = http.get("/v1/models/light", headers={"Authorization": f"Bearer {USER}"}).json()
-    assert models["status"] == "loaded"
+    assert models["status"] == "loaded" and models["pinned"] is False
     console.assert_clean(allowed=refused(403))
     assert any("status of 403" in p for p in console.problems)
 
@@ -104,6 +108,16 @@ def test_with_the_admin_key_the_admin_buttons_work(
     expect(button).to_have_text("Unload")
     card = http.get("/v1/models/light", headers={"Authorization": f"Bearer {USER}"}).json()
     assert card["status"] == "loaded"
+    # Pinned live (PATCH /v1/config): the unload button is disabled until it is unpinned.
+    pin = page.locator('button[data-pin="light"]')
+    pin.click()
+    expect(pin).to_have_text("Unpin")
+    expect(button).to_be_disabled()
+    assert http.get("/v1/models/light", headers={"Authorization": f"Bearer {USER}"}).json()["pinned"] is True
+    pin.click()
+    expect(pin).to_have_text("Pin")
+    expect(button).to_be_enabled()
+    assert http.get("/v1/models/light", headers={"Authorization": f"Bearer {USER}"}).json()["pinned"] is False
     page.click("#forget-keys")
     assert page.evaluate("() => sessionStorage.length") == 0
     console.assert_clean()

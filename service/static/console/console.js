@@ -104,26 +104,48 @@ function renderTiers(health, stats) {
       text: loaded ? "Unload" : "Load",
       onclick: () => administer(tier, action),
     });
+    const pin = el("button", {
+      type: "button",
+      "data-pin": tier,
+      "aria-pressed": m.pinned ? "true" : "false",
+      title: m.pinned ? "unpin: KEEP_ALIVE and unload apply again" : "pin: never unloaded",
+      text: m.pinned ? "Unpin" : "Pin",
+      onclick: () => setPin(tier, !m.pinned),
+    });
     const state = el("span", { class: "badge", "data-state": h.state, text: m.pinned ? `${h.state} · pinned` : h.state });
     if (h.error) state.title = h.error;
     return [tier, h.model, state, h.engine, h.device, h.context_length, h.queued, s.in_flight,
-      bytes(s.memory_bytes || m.size_bytes), s.usage_count, button];
+      bytes(s.memory_bytes || m.size_bytes), s.usage_count, el("span", { class: "actions" }, button, pin)];
   });
 }
 
+// Pins change live through PATCH /v1/config (an admin route), not kept in .env.
+async function setPin(tier, pinned) {
+  await adminAction(pinned ? `Pinning ${tier}…` : `Unpinning ${tier}…`, `${tier}: ${pinned ? "pinned" : "unpinned"}`, () =>
+    call("/v1/config", { method: "PATCH", admin: true, body: { tiers: { [tier]: { pin: pinned } } } }));
+  modelsFor = null; // pins are read from /v1/models
+  refresh();
+}
+
 async function administer(tier, action) {
+  await adminAction(`${action === "load" ? "Loading" : "Unloading"} ${tier}…`, `${tier}: ${action}ed`, () =>
+    call(`/v1/models/${encodeURIComponent(tier)}/${action}`, { method: "POST", admin: true }));
+  refresh();
+}
+
+async function adminAction(pending, done, request) {
   const status = $("#admin-status");
-  status.textContent = `${action === "load" ? "Loading" : "Unloading"} ${tier}…`;
+  status.textContent = pending;
+  delete status.dataset.outcome;
   try {
-    await call(`/v1/models/${encodeURIComponent(tier)}/${action}`, { method: "POST", admin: true });
-    status.textContent = `${tier}: ${action}ed`;
+    await request();
+    status.textContent = done;
     status.dataset.outcome = "done";
   } catch (err) {
     status.textContent = `Refused (${err.status ?? "network"}${err.code ? ` ${err.code}` : ""}): ${err.message}`;
     status.dataset.outcome = "refused";
     if (err.status === 401 || err.status === 403) $("#admin-key").focus();
   }
-  refresh();
 }
 
 // -- plots: inline SVG polylines over the last HISTORY samples ---------------------------------------
