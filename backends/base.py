@@ -10,14 +10,20 @@ once also offers a `DecodeBatch`; the worker then drives each request through th
 from __future__ import annotations
 
 import abc
+import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+import msgspec
+
 from backends.reasoning import ReasoningFormat, ThinkingBudget, reasoning_format
 from backends.tools import ToolFormat
+from kernel.config import SAMPLING_FIELDS, TierSettings
 from kernel.errors import AdapterNotFoundError, ContextLengthExceeded, InvalidRequestError, LLMServiceError
+
+log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
 # Prompt tokens scored per forward pass (`prompt_logprobs`): logits for every position of a chunk
@@ -139,6 +145,23 @@ class EngineInfo:
     vocab_size: int = 0  # 0: unknown; token-id prompts are checked against it
     tool_format: ToolFormat = "hermes"  # how this model writes tool calls (backends.tools)
     reasoning: ReasoningFormat | None = None  # how it marks its thinking (backends.reasoning)
+    # The model card's sampling defaults (`card_sampling`), by GenerationRequest field name.
+    sampling: Mapping[str, float] = field(default_factory=dict)
+
+
+def card_sampling(values: Mapping[str, object], where: str) -> dict[str, float]:
+    """The sampling defaults a model card gives, by `SAMPLING_FIELDS` name (None: not given), each
+    checked against the bounds of the tier setting of that name. A value that fails is left out
+    with a warning, as llama.cpp skips one it cannot parse: the model still serves."""
+    card: dict[str, float] = {}
+    for name in SAMPLING_FIELDS:
+        if (value := values.get(name)) is None:
+            continue
+        try:  # strict=False: GGUF metadata arrives as text ("0.6")
+            card[name] = getattr(msgspec.convert({name: value}, TierSettings, strict=False), name)
+        except msgspec.ValidationError as exc:
+            log.warning("%s: the model card's %s=%r is ignored: %s", where, name, value, exc)
+    return card
 
 
 # Names a request's template variables may not set: the render's own inputs.
@@ -319,6 +342,11 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def info(self) -> EngineInfo: ...
+
+    def read_card(self) -> Mapping[str, float] | None:
+        """The model card's sampling defaults (`info().sampling` once loaded) read from the files
+        without loading the weights, or None where this engine cannot."""
+        return None
 
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:

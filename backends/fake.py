@@ -39,10 +39,12 @@ class FakeBackend(Backend):
         load_seconds: float = 0.0,
         fails_to_load: Callable[[str], bool] | None = None,
         max_batch: int = 1,
+        sampling: Mapping[str, float] | None = None,
     ) -> None:
         """`reply`: the answer to a prompt's text; `token_seconds`: time spent on each token;
         `load_seconds`: time a load takes; `fails_to_load(model_path)`: True for a model that cannot
-        load, as a corrupt file does with a real engine; `max_batch`: requests decoded together."""
+        load, as a corrupt file does with a real engine; `max_batch`: requests decoded together;
+        `sampling`: the sampling defaults its model card gives (`EngineInfo.sampling`)."""
         self.tier = tier
         self.model_path = model_path
         self.reply = reply
@@ -51,6 +53,7 @@ class FakeBackend(Backend):
         self.fails_to_load = fails_to_load
         self.loaded = False
         self.max_batch_size = max_batch
+        self.sampling = dict(sampling or {})
 
     def load(self) -> None:
         if self.load_seconds:
@@ -60,7 +63,10 @@ class FakeBackend(Backend):
         self.loaded = True
 
     def info(self) -> EngineInfo:
-        return EngineInfo("fake", "cpu", self.tier.n_ctx, vocab_size=EOS + 1)
+        return EngineInfo("fake", "cpu", self.tier.n_ctx, vocab_size=EOS + 1, sampling=self.sampling)
+
+    def read_card(self) -> Mapping[str, float]:
+        return self.sampling
 
     def encode(self, text: str) -> list[int]:
         return [BOS, *text.encode()]

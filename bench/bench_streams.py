@@ -63,9 +63,9 @@ class Run:
 
 
 def penalties(spec: str) -> list[Penalty]:
-    from kernel.config import TierSettings
+    from kernel.config import Sampling
 
-    tier = TierSettings().repeat_penalty
+    tier = Sampling().repeat_penalty  # the built-in default: the tiny GGUF's card sets none
     out: list[Penalty] = []
     for item in spec.split(","):
         if item == "tier":

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -30,12 +32,13 @@ class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
     n_batch: Positive = 512
     n_threads: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0 = let the engine choose
     n_gpu_layers: Annotated[int, msgspec.Meta(ge=-1)] = -1
-    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] = 0.7
-    top_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.95
-    top_k: NonNeg = 40
-    min_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
+    # Sampling defaults for requests that leave them out; None (not set): the model card's, else `Sampling`'s.
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+    top_k: NonNeg | None = None
+    min_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
     max_tokens: Positive = 1000
-    repeat_penalty: Annotated[float, msgspec.Meta(gt=0.0)] = 1.0  # off, as llama-server
+    repeat_penalty: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
     use_mmap: bool = True
     use_mlock: bool = False
     embedding_dimension: Annotated[int, msgspec.Meta(ge=1)] | None = None
@@ -79,3 +82,33 @@ class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
     @property
     def configured(self) -> bool:
         return bool(self.model_path)
+
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty")
+SamplingSource = Literal["settings", "model card", "built-in"]
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """The sampling values a request that sends none gets. The field defaults are the built-in ones."""
+
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0  # off, as llama-server's
+
+    @classmethod
+    def resolve(cls, tier: TierSettings, card: Mapping[str, float]) -> tuple[Sampling, dict[str, SamplingSource]]:
+        """Per field, llama-server's order: the tier's setting (set in `.env` or the environment),
+        else the model card's (`Backend.info().sampling`), else the built-in value; and where each came from."""
+        values: dict[str, Any] = {}
+        sources: dict[str, SamplingSource] = {}
+        for name in SAMPLING_FIELDS:
+            if (value := getattr(tier, name)) is not None:
+                values[name], sources[name] = value, "settings"
+            elif name in card:
+                values[name], sources[name] = card[name], "model card"
+            else:
+                sources[name] = "built-in"
+        return cls(**values), sources

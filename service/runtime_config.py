@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from kernel.config import TierSettings
+from kernel.config import Sampling, TierSettings
 from kernel.errors import InvalidRequestError
 from service.lifecycle import Lifecycle
 from service.security import Security
@@ -110,7 +110,8 @@ class RuntimeConfig:
 
     def _variables(self, patch: ConfigPatch) -> dict[str, str]:
         changes: dict[str, str] = {}
-        server_defaults, tier_defaults = Settings(), TierSettings()  # a field's default tells its JSON type
+        # A field's default tells its JSON type; unset sampling fields (None) go by the built-in ones.
+        server_defaults, tier_defaults, sampling = Settings(), TierSettings(), Sampling()
         names = [*patch.server, *patch.tiers, *(key for fields in patch.tiers.values() for key in fields)]
         if any(len(name) > _MAX_VALUE for name in names):
             raise InvalidRequestError(f"Setting names are at most {_MAX_VALUE} characters")  # errors echo them
@@ -128,7 +129,8 @@ class RuntimeConfig:
             for key, value in fields.items():
                 param, variable = f"tiers.{tier}.{key}", f"{tier.upper()}_{key.upper()}"
                 _check_live(key, LIVE_TIER_FIELDS, TierSettings.__struct_fields__, param, variable)
-                changes[variable] = _text(value, param, getattr(tier_defaults, key))
+                default = getattr(tier_defaults, key)
+                changes[variable] = _text(value, param, getattr(sampling, key) if default is None else default)
         return changes
 
     def _writable_env_file(self) -> Path:

@@ -11,7 +11,7 @@ suites keep running the real models.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from backends.fake import FakeBackend, echo_last_line
 from embedders.fake import FakeEmbedder
@@ -25,12 +25,19 @@ def fake_engines(
     token_seconds: float = 0.0,
     load_seconds: float = 0.0,
     fails_to_load: Callable[[str], bool] | None = None,
+    sampling: Mapping[str, float] | None = None,
 ) -> EngineFactories:
     """`reply`: a generation tier's answer to a prompt's text; `token_seconds`: time per token;
     `load_seconds`: time a generation model's load takes; `fails_to_load(model_path)`: True for a
-    generation model that fails to load (the tier is then `failed`, with the path in its error)."""
+    generation model that fails to load (the tier is then `failed`, with the path in its error);
+    `sampling`: the sampling defaults the generation models' cards give."""
     backend = functools.partial(
-        FakeBackend, reply=reply, token_seconds=token_seconds, load_seconds=load_seconds, fails_to_load=fails_to_load
+        FakeBackend,
+        reply=reply,
+        token_seconds=token_seconds,
+        load_seconds=load_seconds,
+        fails_to_load=fails_to_load,
+        sampling=sampling,
     )
     return EngineFactories(backend=backend, embedder=FakeEmbedder, reranker=FakeReranker)
 

@@ -13,7 +13,16 @@ from typing import Any
 
 import llama_cpp
 
-from backends.base import AdapterInfo, Backend, DecodeBatch, DecodeState, EngineInfo, GenerationRequest, Token
+from backends.base import (
+    AdapterInfo,
+    Backend,
+    DecodeBatch,
+    DecodeState,
+    EngineInfo,
+    GenerationRequest,
+    Token,
+    card_sampling,
+)
 from backends.chat_templates import builtin_for_architecture, render, resolve_template_setting
 from backends.llamacpp.adapters import LoraAdapters
 from backends.llamacpp.batch import LlamaCppBatch, ModelHandle
@@ -23,7 +32,7 @@ from backends.llamacpp.sampling import GrammarCompiler
 from backends.llamacpp.users import NativeUsers
 from backends.reasoning import ReasoningFormat
 from backends.tools import tool_format
-from kernel.config import TierSettings
+from kernel.config import SAMPLING_FIELDS, TierSettings
 from kernel.errors import InvalidRequestError, LLMServiceError, ModelUnavailableError, engine_errors
 
 log = logging.getLogger(__name__)
@@ -32,6 +41,9 @@ _backend_lock = threading.Lock()
 _backend_ready = False
 _llama_log: LlamaLog | None = None  # installed with the backend; reports what a context allocates
 CLOSE_WAIT_SECONDS = 30.0  # how long `close` waits for a tokenizer or grammar compile to leave the model
+# The model card's sampling defaults are GGUF `general.sampling.<key>` (llama.cpp's common/ takes them
+# for whatever the user did not set); the keys whose names differ from ours:
+_CARD_KEYS = {"temperature": "temp", "repeat_penalty": "penalty_repeat"}
 
 
 def _quiet_llama_log() -> None:
@@ -82,6 +94,7 @@ class LlamaCppBackend(Backend):
         self._device = "cpu"
         self.n_ctx = tier.n_ctx  # the context window: N_CTX, or less when a sequence's KV stream is smaller
         self.kv_bytes: int | None = None  # what llama.cpp allocated for KV (and recurrent state)
+        self._sampling: dict[str, float] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -144,6 +157,7 @@ class LlamaCppBackend(Backend):
         self._adapters = LoraAdapters(model, model_meta(model, "general.architecture") or "")
         self._grammars = GrammarCompiler(self.vocab, self._users)
         self._load_template()
+        self._sampling = self._card(model)
         log.info(
             "Tier %s: llama.cpp on %s, %d threads, %d sequences x %d tokens, KV %s (K %s, V %s, flash attention %s)",
             t.name,
@@ -156,6 +170,25 @@ class LlamaCppBackend(Backend):
             t.kv_type_v,
             t.flash_attn,
         )
+
+    def read_card(self) -> dict[str, float] | None:
+        if not os.path.isfile(self.model_path):
+            return None
+        init_llama_backend()
+        with _backend_lock:
+            mp = llama_cpp.llama_model_default_params()
+            mp.vocab_only = True  # the metadata and vocabulary: no weights, no device memory
+            model = llama_cpp.llama_model_load_from_file(self.model_path.encode("utf-8"), mp)
+        if not model:
+            return None
+        try:
+            return self._card(model)
+        finally:
+            llama_cpp.llama_model_free(model)
+
+    def _card(self, model: Any) -> dict[str, float]:
+        card = {name: model_meta(model, f"general.sampling.{_CARD_KEYS.get(name, name)}") for name in SAMPLING_FIELDS}
+        return card_sampling(card, f"Tier {self.tier.name}: {self.model_path}")
 
     def _load_template(self) -> None:
         t = self.tier
@@ -242,6 +275,7 @@ class LlamaCppBackend(Backend):
             vocab_size=self.n_vocab,
             tool_format=tool_format(self._template, self.tier.tool_parser),
             reasoning=self._reasoning,
+            sampling=self._sampling,
         )
 
     # -- prompts ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@ with `generate_step` (several together go through `batch`), both around the pref
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,6 +25,7 @@ from backends.base import (
     EngineInfo,
     GenerationRequest,
     Token,
+    card_sampling,
 )
 from backends.mlx.adapters import LoraAdapters
 from backends.mlx.batch import ENGINE, MlxBatch, ModelHandle
@@ -31,6 +33,7 @@ from backends.mlx.prefix_cache import PrefixCache
 from backends.mlx.sampling import GrammarCompiler, TextStream, sampler, score_prompt, scores
 from backends.reasoning import ReasoningFormat
 from backends.tools import fold_tools, template_messages, template_takes_tools, tool_format
+from kernel.config import SAMPLING_FIELDS
 from kernel.errors import InvalidRequestError, ModelUnavailableError, engine_errors
 
 if TYPE_CHECKING:
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
     from kernel.config import TierSettings
 
 log = logging.getLogger(__name__)
+_CARD_KEYS = {"repeat_penalty": "repetition_penalty"}  # generation_config.json's names where they differ
 
 
 class MlxBackend(Backend):
@@ -57,6 +61,7 @@ class MlxBackend(Backend):
         self.prefix_cache = PrefixCache(tier.prefix_cache_entries)
         self._adapters = LoraAdapters(tier.prefix_cache_entries)
         self._local = Path(model_path)  # the model folder, once load() resolved it
+        self._sampling: dict[str, float] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -84,6 +89,7 @@ class MlxBackend(Backend):
             eos.add(int(tokenizer.eos_token_id))
         self._model, self._tokenizer, self._eos = model, tokenizer, frozenset(eos)
         self._grammars = GrammarCompiler(tokenizer, self._eos)
+        self._sampling = self._card(self._local)
         self._reasoning = self.probe_reasoning(self._template_source(), self.tier.reasoning_parser)
         # BatchGenerator merges per-sequence caches; models whose caches cannot merge (some
         # state-space layers) decode one request at a time, as mlx_lm.server does.
@@ -116,7 +122,15 @@ class MlxBackend(Backend):
             vocab_size=self._tokenizer.vocab_size if self._tokenizer is not None else 0,
             tool_format=tool_format(self._template_source(), self.tier.tool_parser),
             reasoning=self._reasoning,
+            sampling=self._sampling,
         )
+
+    def read_card(self) -> dict[str, float] | None:
+        folder = Path(self.model_path).expanduser()  # a hub id's folder is known once load() resolved it
+        return self._card(folder) if folder.is_dir() else None
+
+    def _card(self, folder: Path) -> dict[str, float]:
+        return card_sampling(_generation_config(folder), f"Tier {self.tier.name}: {folder}")
 
     def _template_source(self) -> str | None:
         template = self.tier.chat_template
@@ -306,3 +320,15 @@ def _generate(
 
 class _Cancelled(Exception):
     """Raised from the prompt-progress callback once the request's cancel event is set."""
+
+
+def _generation_config(folder: Path) -> dict[str, object]:
+    """The sampling defaults in the folder's `generation_config.json` (transformers' names), as
+    llama.cpp's converter copies them into a GGUF: `do_sample` is not read there either."""
+    try:
+        config = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict):
+        return {}
+    return {name: config.get(_CARD_KEYS.get(name, name)) for name in SAMPLING_FIELDS}

@@ -65,6 +65,7 @@ async def serve_chat(
     request = engine_request(
         data,
         target.slot.settings,
+        await generation.sampling(target, data),
         max_tokens=data.max_completion_tokens or data.max_tokens,
         messages=chat_messages(data.messages),
         tools=tools.tools,
@@ -178,6 +179,7 @@ async def serve_completion(
     request = engine_request(
         data,
         target.slot.settings,
+        await generation.sampling(target, data),
         max_tokens=data.max_tokens,
         prompt=prompt,
         logprobs=scored,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from backends.base import RANDOM_SEED, Chunk, FinishReason, GenerationRequest, ResponseFormat, Token, Usage
-from kernel.config import TierSettings
+from kernel.config import SAMPLING_FIELDS, Sampling, TierSettings
 from kernel.errors import InvalidRequestError, LLMServiceError, ModelUnavailableError
 from service.cache import CachedGeneration, ResponseCache
 from service.metrics import RequestRecord
@@ -63,6 +63,16 @@ class Generation:
     def target(self, model: str, adapter: str | None = None) -> Target:
         """The tier and adapter a request names (404 for an unknown model or adapter), without loading it."""
         return self.registry.generation_target(model, adapter)
+
+    async def sampling(self, target: Target, fields: SamplingFields) -> Sampling:
+        """The tier's sampling defaults for what `fields` leaves out. A request that would take one from
+        the model card, before the tier has loaded once, waits for the card to be read (`Registry.read_card`)."""
+        slot = target.slot
+        if slot.card is None and any(
+            getattr(fields, name) is None and getattr(slot.settings, name) is None for name in SAMPLING_FIELDS
+        ):
+            await self.registry.read_card(slot)
+        return slot.sampling()[0]
 
     async def generate(
         self,
@@ -226,6 +236,7 @@ def now() -> int:
 def engine_request(
     fields: SamplingFields,
     tier: TierSettings,
+    sampling: Sampling,
     *,
     max_tokens: int | None,
     prompt: str | list[int] = "",
@@ -238,7 +249,7 @@ def engine_request(
     adapter: str | None = None,
     thinking: ThinkingControl | None = None,
 ) -> GenerationRequest:
-    """Apply the tier's defaults to whatever the request left out."""
+    """Apply the tier's defaults to whatever the request left out (`sampling`: `Generation.sampling`'s)."""
     thinking = thinking or ThinkingControl()
     stop = (fields.stop,) if isinstance(fields.stop, str) else tuple(fields.stop or ())
     if len(stop) > 16:
@@ -248,11 +259,11 @@ def engine_request(
         messages=messages,
         tools=tools,
         max_tokens=max_tokens or tier.max_tokens,
-        temperature=tier.temperature if fields.temperature is None else fields.temperature,
-        top_p=tier.top_p if fields.top_p is None else fields.top_p,
-        top_k=tier.top_k if fields.top_k is None else fields.top_k,
-        min_p=tier.min_p if fields.min_p is None else fields.min_p,
-        repeat_penalty=tier.repeat_penalty if fields.repeat_penalty is None else fields.repeat_penalty,
+        temperature=sampling.temperature if fields.temperature is None else fields.temperature,
+        top_p=sampling.top_p if fields.top_p is None else fields.top_p,
+        top_k=sampling.top_k if fields.top_k is None else fields.top_k,
+        min_p=sampling.min_p if fields.min_p is None else fields.min_p,
+        repeat_penalty=sampling.repeat_penalty if fields.repeat_penalty is None else fields.repeat_penalty,
         presence_penalty=fields.presence_penalty or 0.0,
         frequency_penalty=fields.frequency_penalty or 0.0,
         logit_bias=_logit_bias(fields.logit_bias),

@@ -62,6 +62,7 @@ async def create_message(
     request = engine_request(
         fields,
         slot.settings,
+        await generation.sampling(target, fields),
         max_tokens=data.max_tokens,
         messages=prompt.messages,
         tools=prompt.plan.tools,
@@ -96,6 +97,7 @@ async def count_tokens(data: CountTokensRequest, generation: Generation) -> int:
     request = engine_request(
         SamplingFields(model=data.model),
         target.slot.settings,
+        target.slot.sampling()[0],  # sampling does not change the tokens: no need to wait for the card
         max_tokens=1,
         messages=prompt.messages,
         tools=prompt.plan.tools,

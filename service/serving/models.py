@@ -92,7 +92,7 @@ class Models:
 
 def _details(slot: TierSlot) -> dict[str, Any]:
     t = slot.settings
-    return {
+    details = {
         "backend": t.backend,
         "path": slot.path or t.model_path,
         "n_ctx": t.n_ctx,
@@ -101,6 +101,18 @@ def _details(slot: TierSlot) -> dict[str, Any]:
         "load_seconds": round(slot.load_seconds, 3) if slot.load_seconds is not None else None,
         "worker": slot.view().worker,
     }
+    if slot.name in GENERATION_TIERS:
+        details["sampling"] = _sampling(slot)
+    return details
+
+
+def _sampling(slot: TierSlot) -> dict[str, dict[str, Any]] | None:
+    """What a request that sets no sampling field gets, and from where (settings, model card,
+    built-in); None until a load has read the model card."""
+    if slot.card is None:
+        return None
+    values, sources = slot.sampling()
+    return {name: {"value": getattr(values, name), "source": source} for name, source in sources.items()}
 
 
 def _health(v: TierView) -> dict[str, Any]:

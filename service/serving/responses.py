@@ -112,6 +112,7 @@ async def create_response(
     request = engine_request(
         fields,
         slot.settings,
+        await generation.sampling(target, fields),
         max_tokens=data.max_output_tokens,
         messages=prompt_messages(data.instructions, prior, items, tools),
         tools=plan.tools,
@@ -123,7 +124,7 @@ async def create_response(
     )
     [stream] = await generation.generate("chat", target, request, record)  # chat's work: one cache
     answer = Answer(slot, plan, constrained=request.response_format is not None, thinking=request.thinking)
-    shell = _shell(data, await tools_echo(data, body), slot.settings.temperature, slot.settings.top_p)
+    shell = _shell(data, await tools_echo(data, body), request.temperature, request.top_p)
     out = _Output(
         tools, data.max_tool_calls, _summarise(data), logprobs, _keeper(data, generation.registry, responses, items)
     )
@@ -228,7 +229,8 @@ def _keeper(
 
 
 def _shell(data: ResponsesRequest, tools: list[dict[str, object]], temperature: float, top_p: float) -> Response:
-    """The response as it stands before any output (echoing the request as OpenAI does)."""
+    """The response as it stands before any output (echoing the request as OpenAI does; temperature
+    and top_p as sampled, the tier's defaults filled in)."""
     choice = data.tool_choice
     return Response(
         id=new_id("resp_"),
@@ -242,8 +244,8 @@ def _shell(data: ResponsesRequest, tools: list[dict[str, object]], temperature: 
         text={"format": msgspec.structs.asdict(data.text.format) if data.text else {"type": "text"}},
         instructions=data.instructions,
         max_output_tokens=data.max_output_tokens,
-        temperature=temperature if data.temperature is None else data.temperature,
-        top_p=top_p if data.top_p is None else data.top_p,
+        temperature=temperature,
+        top_p=top_p,
         metadata=data.metadata or {},
         user=data.user,
         previous_response_id=data.previous_response_id,

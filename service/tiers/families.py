@@ -99,7 +99,15 @@ class GenerationFamily(Family[Backend]):
         slot.engine, slot.engine_name, slot.device = backend, info.engine, info.device
         slot.context_length, slot.tool_format, slot.reasoning = info.context_length, info.tool_format, info.reasoning
         slot.kv_bytes = info.extras.get("kv_bytes")
+        slot.card = dict(info.sampling)
         slot.worker = GenerationWorker(slot.name, backend, slot.settings.max_queue)
+
+    @staticmethod
+    def read_card(slot: TierSlot, path: str, engines: EngineFactories) -> None:
+        """Set `slot.card` from the model's files where its engine reads them without the weights."""
+        card = engines.backend(slot.settings, path).read_card()
+        if card is not None and slot.card is None:
+            slot.card = dict(card)
 
     @staticmethod
     def generate(slot: TierSlot, request: GenerationRequest, *, background: bool = False) -> JobStream:

@@ -125,7 +125,7 @@ class Registry:
         old = (slot.executor, slot.engine)
         for name in TierSlot.LOADED_FIELDS:
             setattr(slot, name, getattr(staging, name))
-        slot.settings, slot.model, slot.error = settings, staging.model, None
+        slot.settings, slot.model, slot.error, slot.card = settings, staging.model, None, staging.card
         if old_id is not None:
             log.info("Tier %s: %s replaced by %s; retiring the old model", slot.name, old_id, slot.id)
             await self._retire(slot, *old)
@@ -172,7 +172,10 @@ class Registry:
         slot.load_seconds = time.monotonic() - started
         slot.loaded_at = time.time()
         slot.state = TierState.LOADED
-        log.info("Tier %s: %s loaded on %s in %.1f s", slot.name, slot.id, slot.engine_name, slot.load_seconds)
+        sampling = f"; sampling defaults {slot.sampling_text()}" if slot.card is not None else ""
+        log.info(
+            "Tier %s: %s loaded on %s in %.1f s%s", slot.name, slot.id, slot.engine_name, slot.load_seconds, sampling
+        )
 
     def _load_sync(self, slot: TierSlot) -> None:
         path = resolve_model_path(slot.settings.model_path or "")
@@ -198,7 +201,26 @@ class Registry:
             raise ModelUnavailableError(f"Tier {slot.name} needs tier {name}, which failed: {target.error}")
 
     async def ensure_loaded(self, slot: TierSlot) -> TierSlot:
-        """`slot` with its model loaded and an executor to take work (loading it if need be)."""
+        """`slot` with its model loaded and an executor to take work (loading it if need be), counted as used."""
+        await self.ready(slot)
+        slot.last_used = time.time()
+        slot.requests += 1
+        return slot
+
+    async def read_card(self, slot: TierSlot) -> None:
+        """Make a generation tier's `card` known: from the model's files where its engine can read them
+        without the weights (a cached answer then needs no model), else by loading the model."""
+        if slot.card is None:
+            try:
+                path = await asyncio.to_thread(resolve_model_path, slot.settings.model_path or "")
+                await asyncio.to_thread(GENERATION.read_card, slot, path, self.engines)
+            except LLMServiceError:
+                pass  # the load below reports it
+        if slot.card is None:
+            await self.ready(slot)
+
+    async def ready(self, slot: TierSlot) -> None:
+        """Load `slot`'s model if need be, or wait for a load under way (503 after LOAD_WAIT_SECONDS)."""
         while True:
             if slot.state is TierState.ABSENT:
                 raise TierNotConfiguredError(slot.name)
@@ -213,10 +235,7 @@ class Registry:
             if slot.state is TierState.FAILED:
                 raise ModelUnavailableError(f"Tier {slot.name} failed to load: {slot.error}")
             if slot.executor is not None:  # else unloaded again meanwhile: load it again
-                break
-        slot.last_used = time.time()
-        slot.requests += 1
-        return slot
+                return
 
     # -- routing ---------------------------------------------------------------------------
     def configured(self) -> list[TierSlot]:

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kernel.config import TierSettings
+from kernel.config import Sampling, SamplingSource, TierSettings
 from service.tiers.executor import Executor
 
 if TYPE_CHECKING:
@@ -105,6 +105,8 @@ class TierSlot:
     path: str | None = None  # MODEL_PATH resolved to a file or folder, once loaded
     size_bytes: int | None = None  # on disk
     # Kept across loads.
+    # Generation tiers: the model card's sampling defaults (`EngineInfo.sampling`); None until a load read them.
+    card: dict[str, float] | None = None
     last_used: float | None = None
     requests: int = 0
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)  # generation tiers: LoRA adapters
@@ -134,6 +136,15 @@ class TierSlot:
     def interactive_waiting(self) -> int:
         """Interactive work queued for the model (not yet running): batch lines hold back meanwhile."""
         return self.executor.interactive_waiting if self.executor else 0
+
+    def sampling(self) -> tuple[Sampling, dict[str, SamplingSource]]:
+        """The sampling values of a request that sets none, and where each comes from (`Sampling.resolve`)."""
+        return Sampling.resolve(self.settings, self.card or {})
+
+    def sampling_text(self) -> str:
+        """`temperature=0.6 (model card), top_p=0.95 (built-in), ...`: the load log's account of them."""
+        values, sources = self.sampling()
+        return ", ".join(f"{name}={getattr(values, name):g} ({source})" for name, source in sources.items())
 
     def cache_identity(self) -> tuple[Any, ...]:
         """Everything about the tier's model that decides its outputs: part of every cache key."""

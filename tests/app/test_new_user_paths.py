@@ -121,4 +121,4 @@ def test_config_refuses_a_string_where_a_number_belongs(
 ) -> None:
     refused = error(client.patch("/v1/config", json=body), 400)
     assert refused["param"] == param and "number" in refused["message"]
-    assert client.get("/v1/config").json()["tiers"]["light"]["temperature"] == 0.7  # nothing changed
+    assert client.get("/v1/config").json()["tiers"]["light"]["temperature"] is None  # nothing changed: unset

@@ -62,7 +62,7 @@ def test_patch_needs_an_admin_key_and_no_page(server: LiveServer) -> None:
         assert error_of(patch(http, {"tiers": {"light": {"top_k": 5}}}, user), 403)["code"] == "admin_key_required"
         page = {**AS_ADMIN, "Origin": "http://localhost:3000"}
         assert error_of(patch(http, {"tiers": {"light": {"top_k": 5}}}, page), 403)["code"] == "origin_not_allowed"
-    assert server.app.state.registry.slots["light"].settings.top_k == 40  # nothing changed
+    assert server.app.state.registry.slots["light"].settings.top_k is None  # nothing changed: still unset
 
 
 @pytest.mark.parametrize(
@@ -171,4 +171,4 @@ def test_persist_without_an_env_file_is_refused() -> None:
     with live_server(env, engines=fake_engines()) as live, live.client() as http:
         error = error_of(patch(http, {"tiers": {"light": {"top_k": 5}}, "persist": True}, {}), 400)
         assert error["param"] == "persist"
-        assert live.app.state.registry.slots["light"].settings.top_k == 40  # refused as a whole
+        assert live.app.state.registry.slots["light"].settings.top_k is None  # refused as a whole: still unset

@@ -6,7 +6,17 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from service.settings import EMBEDDED_DEFAULTS, GENERATION_TIERS, TIERS, SettingsError, load_settings, parse_settings
+from backends.base import card_sampling
+from kernel.config import SAMPLING_FIELDS, Sampling, TierSettings
+from service.settings import (
+    EMBEDDED_DEFAULTS,
+    GENERATION_TIERS,
+    TIERS,
+    SettingsError,
+    load_settings,
+    parse_settings,
+    with_variables,
+)
 
 if TYPE_CHECKING:
     from tests.conftest import StartService
@@ -243,4 +253,47 @@ def test_bad_adapters_setting(env: dict[str, str], fragment: str) -> None:
 def test_repeat_penalty_is_off_by_default() -> None:
     """llama-server's default: a penalty costs a scan per token and changes what greedy answers."""
     s = parse_settings({"LIGHT_MODEL_PATH": "/m.gguf"})
-    assert s.tier("light").repeat_penalty == 1.0
+    assert Sampling.resolve(s.tier("light"), {})[0].repeat_penalty == 1.0
+
+
+def test_sampling_defaults_come_from_settings_then_the_card_then_built_in() -> None:
+    """Only what the user set counts as set (even a value equal to the built-in one), so a model
+    card's value applies to everything else, as in llama-server."""
+    tier = parse_settings({"LIGHT_MODEL_PATH": "/m.gguf", "LIGHT_TEMPERATURE": "0.7", "LIGHT_TOP_K": "0"}).tier("light")
+    assert (tier.temperature, tier.top_k, tier.top_p, tier.min_p, tier.repeat_penalty) == (0.7, 0, None, None, None)
+    card = {"temperature": 0.1, "top_k": 20, "top_p": 0.8}
+    values, sources = Sampling.resolve(tier, card)
+    assert values == Sampling(temperature=0.7, top_p=0.8, top_k=0, min_p=0.0, repeat_penalty=1.0)
+    assert sources == {
+        "temperature": "settings",
+        "top_p": "model card",
+        "top_k": "settings",
+        "min_p": "built-in",
+        "repeat_penalty": "built-in",
+    }
+    assert Sampling.resolve(TierSettings(), {}) == (Sampling(), dict.fromkeys(SAMPLING_FIELDS, "built-in"))
+
+
+def test_a_set_sampling_value_survives_a_runtime_change() -> None:
+    """PATCH /v1/config re-parses the settings as variables: a value set equal to the built-in one
+    stays set (it would otherwise yield to the card after any change)."""
+    s = parse_settings({"LIGHT_MODEL_PATH": "/m.gguf", "LIGHT_TEMPERATURE": "0.7"})
+    changed = with_variables(s, {"LIGHT_TOP_K": "5"}).tier("light")
+    assert (changed.temperature, changed.top_k, changed.top_p) == (0.7, 5, None)
+
+
+@pytest.mark.parametrize(
+    ("raw", "card"),
+    [
+        # GGUF metadata arrives as text, as llama.cpp prints it; generation_config.json as numbers.
+        ({"temperature": "0.600000", "top_k": "20", "top_p": None}, {"temperature": 0.6, "top_k": 20}),
+        ({"temperature": 1, "top_p": 0.95, "min_p": 0, "repeat_penalty": 1.1}, {"temperature": 1.0, "top_p": 0.95,
+          "min_p": 0.0, "repeat_penalty": 1.1}),
+        # Out of the settings' bounds or not a number: left out, the rest kept.
+        ({"temperature": 5.0, "top_p": "high", "top_k": -1, "repeat_penalty": 0, "min_p": 0.05}, {"min_p": 0.05}),
+    ],
+)  # fmt: skip
+def test_a_model_cards_values_are_checked_like_the_settings(raw: dict[str, object], card: dict[str, float]) -> None:
+    checked = card_sampling(raw, "test")
+    assert checked == card
+    assert type(checked.get("top_k", 0)) is int  # a count, as the sampler takes it
