@@ -319,7 +319,8 @@ async function send(event) {
     model: $("#chat-model").value,
     tools,
     messages,
-    temperature: Number($("#temperature").value),
+    // Left empty, the tier's sampling defaults apply (its settings, else the model card's).
+    temperature: $("#temperature").value === "" ? undefined : Number($("#temperature").value),
     max_tokens: Number($("#max-tokens").value),
     stream: true,
     stream_options: { include_usage: true },
