@@ -272,11 +272,12 @@ class GenerationWorker:
                 self._fail(job, exc)
             finally:
                 self._close_job(job)
-                self._running = 0
                 self.processed += 1
                 self.busy_seconds += time.monotonic() - self.busy_since
                 self.busy_since = None
                 self.finished_at = time.time()
+                # Last, as in `_end`: whoever sees `running` drop to 0 sees the job counted as processed.
+                self._running = 0
 
     def _fail(self, job: Job, exc: Exception) -> None:
         if isinstance(exc, EngineError):
