@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -196,23 +196,23 @@ def test_logprobs_read_the_raw_logits(logits: Logits) -> None:
 # -- sampling in the decode graph (llama_set_sampler) -------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def on_device(gemma_gguf: str) -> Iterator[LlamaCppBackend]:
-    """Backend sampling works on the CPU too, so the GPU path is tested here."""
-    tier = TierSettings(name="light", n_ctx=512, n_batch=64, max_batch=3, device_sampling="on")
+def _loaded(gemma_gguf: str, device_sampling: Literal["on", "off"]) -> Iterator[LlamaCppBackend]:
+    tier = TierSettings(name="light", n_ctx=512, n_batch=64, max_batch=3, device_sampling=device_sampling)
     backend = LlamaCppBackend(tier, gemma_gguf)
     backend.load()
     yield backend
     backend.close()
+
+
+@pytest.fixture(scope="module")
+def on_device(gemma_gguf: str) -> Iterator[LlamaCppBackend]:
+    """Backend sampling works on the CPU too, so the GPU path is tested here."""
+    yield from _loaded(gemma_gguf, "on")
 
 
 @pytest.fixture(scope="module")
 def on_host(gemma_gguf: str) -> Iterator[LlamaCppBackend]:
-    tier = TierSettings(name="light", n_ctx=512, n_batch=64, max_batch=3, device_sampling="off")
-    backend = LlamaCppBackend(tier, gemma_gguf)
-    backend.load()
-    yield backend
-    backend.close()
+    yield from _loaded(gemma_gguf, "off")
 
 
 def one_batch(backend: LlamaCppBackend, requests: Sequence[GenerationRequest]) -> list[list[Chunk]]:
