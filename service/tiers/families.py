@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeGuard, TypeVar
 
 from backends.base import Backend, GenerationRequest
-from backends.factory import create_backend
+from backends.factory import create_backend, create_remote
+from backends.remote import REMOTE_REASONING, RemotePool
 from embedders.base import Embedder, EmbeddingBatch, EmbeddingJob, EmbeddingRequest
 from embedders.factory import create_embedder
 from kernel.config import TierSettings
@@ -22,7 +23,7 @@ from rerankers.factory import create_reranker
 from service.settings import GENERATION_TIERS
 from service.tiers.micro_batcher import MicroBatcher
 from service.tiers.slots import AdapterRecord, TierSlot
-from service.tiers.workers import GenerationWorker, JobStream
+from service.tiers.workers import ChunkStream, GenerationWorker
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class EngineFactories:
     backend: Callable[[TierSettings, str], Backend] = create_backend
     embedder: Callable[[TierSettings, str], Embedder] = create_embedder
     reranker: Callable[[TierSettings, str, Callable[[], Embedder]], Reranker] = create_reranker
+    remote: Callable[[TierSettings], RemotePool] = create_remote  # BACKEND=remote: a pool of upstreams
 
 
 class Family(abc.ABC, Generic[E]):
@@ -91,6 +93,9 @@ class GenerationFamily(Family[Backend]):
     engine_type = Backend
 
     def load(self, slot: TierSlot, path: str, engines: EngineFactories, slots: Mapping[str, TierSlot]) -> None:
+        if slot.settings.backend == "remote":
+            self._load_remote(slot, engines)
+            return
         backend = engines.backend(slot.settings, path)
         backend.load()
         for adapter in slot.adapters.values():
@@ -103,14 +108,28 @@ class GenerationFamily(Family[Backend]):
         slot.worker = GenerationWorker(slot.name, backend, slot.settings.max_queue)
 
     @staticmethod
+    def _load_remote(slot: TierSlot, engines: EngineFactories) -> None:
+        """A remote tier: the pool is both its engine and its executor; its upstreams apply their own
+        templates and parsers, and their structured deltas reach ours as think and Hermes text."""
+        pool = engines.remote(slot.settings)
+        context = pool.load()
+        slot.engine, slot.engine_name, slot.device = pool, "remote", ",".join(slot.settings.upstreams)
+        slot.context_length = context or slot.settings.n_ctx
+        slot.tool_format, slot.reasoning, slot.card = "hermes", REMOTE_REASONING, {}
+        slot.worker = pool
+
+    @staticmethod
     def read_card(slot: TierSlot, path: str, engines: EngineFactories) -> None:
         """Set `slot.card` from the model's files where its engine reads them without the weights."""
+        if slot.settings.backend == "remote":
+            slot.card = {}  # the upstream's model card is its own business
+            return
         card = engines.backend(slot.settings, path).read_card()
         if card is not None and slot.card is None:
             slot.card = dict(card)
 
     @staticmethod
-    def generate(slot: TierSlot, request: GenerationRequest, *, background: bool = False) -> JobStream:
+    def generate(slot: TierSlot, request: GenerationRequest, *, background: bool = False) -> ChunkStream:
         """`background`: a batch-job line, queued after every interactive request (see workers)."""
         if slot.worker is None:
             raise ModelUnavailableError(f"Tier {slot.name} is not loaded")
@@ -120,9 +139,11 @@ class GenerationFamily(Family[Backend]):
         """The prompt's tokens as generation would see them (chat template and tools applied).
 
         Tokenizers only read the vocabulary, so this runs beside generation, not queued behind it."""
+        _local(slot, "tokenize")
         return await asyncio.to_thread(self.engine(slot).tokens, request)
 
     async def detokenize(self, slot: TierSlot, tokens: list[int]) -> str:
+        _local(slot, "detokenize")
         backend = self.engine(slot)
         vocab = backend.info().vocab_size
         if vocab and any(not 0 <= t < vocab for t in tokens):
@@ -224,6 +245,12 @@ FAMILIES: Mapping[str, Family[Any]] = {
     "embedding": EMBEDDING,
     "reranker": RERANK,
 }
+
+
+def _local(slot: TierSlot, what: str) -> None:
+    """A remote tier has no tokenizer of ours: say so instead of a 503 "not loaded"."""
+    if slot.remote:
+        raise InvalidRequestError(f"Tier {slot.name} is remote: {what} needs a local model", code="remote_tier")
 
 
 def _job_cost(job: EmbeddingJob) -> int:
