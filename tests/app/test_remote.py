@@ -6,16 +6,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import http.server
 import json
-import os
-import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -23,58 +16,11 @@ import openai
 import pytest
 
 from tests.live import LiveServer, error_of, live_server
+from tests.upstreams import Upstream, bad_server, upstreams
 
 ROOT = Path(__file__).resolve().parents[2]
 LIGHT = ("light",)
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Upstream:
-    """`tests/fake_upstream.py` in a process of its own."""
-
-    def __init__(self, token_seconds: float = 0.0, mode: str = "echo") -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        env = {k: v for k, v in os.environ.items() if k.split("_", 1)[0] not in {"LIGHT", "PORT"}}
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "fake_upstream.py"), str(self.port), str(token_seconds), mode],
-            env={**env, "PYTHONPATH": str(ROOT)},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    def wait(self) -> Upstream:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "the upstream exited"
-            try:
-                if httpx.get(f"{self.url}/models", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError("upstream did not start")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-
-
-@contextmanager
-def upstreams(*specs: tuple[float, str]) -> Iterator[list[Upstream]]:
-    started = [Upstream(seconds, mode) for seconds, mode in specs]
-    try:
-        yield [u.wait() for u in started]
-    finally:
-        for u in started:
-            u.kill()
 
 
 def remote_env(*urls: str, **extra: str) -> dict[str, str]:
@@ -236,46 +182,6 @@ def test_upstream_killed_mid_load() -> None:
     assert all(not any(e.startswith('{"error"') for e in events) for _, events in results[8:])
 
 
-@contextmanager
-def bad_server(kind: str) -> Iterator[str]:
-    """`hang`: accepts and never answers; `500`: answers every request 500; `garbage`: 200 with junk SSE."""
-    if kind == "hang":
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(64)
-        try:
-            yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-        finally:
-            sock.close()
-        return
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def _answer(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            if kind == "500":
-                self.send_response(500)
-                body = b'{"error": {"message": "boom"}}'
-            else:
-                self.send_response(200)
-                body = b'{"data": [{"id": "junk"}]}' if self.path.endswith("/models") else b"data: not json\n\n"
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        do_GET = do_POST = _answer
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_hanging_upstream_is_ejected_within_its_timeout(pool: tuple[LiveServer, list[Upstream]]) -> None:
     _, ups = pool
     with bad_server("hang") as hang:
@@ -304,3 +210,18 @@ def test_failing_upstream(pool: tuple[LiveServer, list[Upstream]], kind: str) ->
         with front_for(bad, LIGHT_REMOTE_COOLDOWN="60") as front, front.client() as http:
             statuses = {http.post("/v1/chat/completions", json=_chat("q")).status_code for _ in range(4)}
             assert statuses <= {502, 503}
+
+
+def test_client_disconnect_closes_the_upstream_request() -> None:
+    with upstreams((0.05, "echo")) as ups, front_for(ups[0].url) as front:
+        body = _chat(" ".join(f"w{i}" for i in range(100)), stream=True, max_tokens=400)  # ~20 s of tokens
+        with httpx.stream("POST", f"{front.url}/v1/chat/completions", json=body, timeout=30) as res:
+            lines = res.iter_lines()  # kept: a dropped line iterator closes the response
+            while '"content":"w' not in next(lines):
+                pass
+            assert httpx.get(f"{ups[0].url}/models").json()["data"][0]["in_flight"] == 1
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{ups[0].url}/models").json()["data"][0]["in_flight"]:
+            assert time.monotonic() < deadline, "the upstream still generates for a client that left"
+            time.sleep(0.05)
+        assert httpx.get(f"{front.url}/v1/models").json()["data"][0]["upstreams"][0]["in_flight"] == 0
