@@ -199,6 +199,61 @@ class RemotePool:
         self._ensure_started()
         return RemoteStream(self, request)
 
+    async def tokenize(self, request: GenerationRequest) -> list[int]:
+        """The prompt's tokens as an upstream counts them: `POST /v1/tokenize` (llmservice), `/tokenize`
+        at the server's root (vLLM; llama-server, after `/apply-template` for a chat)."""
+        chat = request.messages is not None
+        body: dict[str, Any] = {"messages": list(request.messages or ())} if chat else {"prompt": request.prompt}
+        if request.tools:
+            body["tools"] = list(request.tools)
+        answer = await self._utility(request, "tokenize", body, "tokens")
+        if answer is None and chat:  # llama-server: its template, then its tokenizer
+            rendered = await self._utility(request, "apply-template", body, "prompt")
+            if isinstance(rendered, str):
+                answer = await self._utility(
+                    request, "tokenize", {"content": rendered, "parse_special": True}, "tokens"
+                )
+        elif answer is None and isinstance(request.prompt, str):
+            answer = await self._utility(
+                request, "tokenize", {"content": request.prompt, "add_special": True}, "tokens"
+            )
+        if not isinstance(answer, list) or not all(isinstance(t, int) for t in answer):
+            raise InvalidRequestError(
+                f"Tier {self.tier} is remote and its upstreams offer no tokenizer", code="remote_tier"
+            )
+        return answer
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        request = GenerationRequest(prompt=tokens)
+        for field in ("prompt", "content"):  # llmservice and vLLM answer `prompt`, llama-server `content`
+            text = await self._utility(request, "detokenize", {"tokens": tokens}, field)
+            if isinstance(text, str):
+                return text
+        raise InvalidRequestError(
+            f"Tier {self.tier} is remote and its upstreams offer no tokenizer", code="remote_tier"
+        )
+
+    async def _utility(self, request: GenerationRequest, name: str, body: dict[str, Any], field: str) -> Any:
+        """`field` of the first answer to `POST <base>/<name>` then `POST <root>/<name>` on the
+        request's upstream; None where neither has it."""
+        self._ensure_started()
+        assert self._client is not None
+        upstream = self._pick(_affinity_key(request), set())
+        if upstream is None:
+            raise UpstreamUnavailableError(
+                f"Tier {self.tier}: no upstream is available ({self._reasons()})", self.cooldown
+            )
+        root = upstream.url.removesuffix("/v1")
+        for url in dict.fromkeys((f"{upstream.url}/{name}", f"{root}/{name}")):
+            try:
+                res = await self._client.post(url, json={"model": upstream.model, **body})
+                value = res.json().get(field) if res.status_code == 200 else None
+            except (httpx.HTTPError, ValueError, AttributeError):
+                continue
+            if value is not None:
+                return value
+        return None
+
     # -- the pool ---------------------------------------------------------------------------------
     def _ensure_started(self) -> None:
         """The connection pool and the health checks, on the event loop the requests run on."""

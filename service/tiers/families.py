@@ -139,11 +139,13 @@ class GenerationFamily(Family[Backend]):
         """The prompt's tokens as generation would see them (chat template and tools applied).
 
         Tokenizers only read the vocabulary, so this runs beside generation, not queued behind it."""
-        _local(slot, "tokenize")
+        if isinstance(slot.engine, RemotePool):
+            return await slot.engine.tokenize(request)
         return await asyncio.to_thread(self.engine(slot).tokens, request)
 
     async def detokenize(self, slot: TierSlot, tokens: list[int]) -> str:
-        _local(slot, "detokenize")
+        if isinstance(slot.engine, RemotePool):
+            return await slot.engine.detokenize(tokens)
         backend = self.engine(slot)
         vocab = backend.info().vocab_size
         if vocab and any(not 0 <= t < vocab for t in tokens):
@@ -245,12 +247,6 @@ FAMILIES: Mapping[str, Family[Any]] = {
     "embedding": EMBEDDING,
     "reranker": RERANK,
 }
-
-
-def _local(slot: TierSlot, what: str) -> None:
-    """A remote tier has no tokenizer of ours: say so instead of a 503 "not loaded"."""
-    if slot.remote:
-        raise InvalidRequestError(f"Tier {slot.name} is remote: {what} needs a local model", code="remote_tier")
 
 
 def _job_cost(job: EmbeddingJob) -> int:

@@ -225,3 +225,15 @@ def test_client_disconnect_closes_the_upstream_request() -> None:
             assert time.monotonic() < deadline, "the upstream still generates for a client that left"
             time.sleep(0.05)
         assert httpx.get(f"{front.url}/v1/models").json()["data"][0]["upstreams"][0]["in_flight"] == 0
+
+
+def test_tokenize_and_count_tokens_ask_the_upstream(pool: tuple[LiveServer, list[Upstream]]) -> None:
+    front, ups = pool
+    body = {"model": "light", "messages": [{"role": "user", "content": "count me"}]}
+    direct = httpx.post(f"{ups[0].url}/tokenize", json=body).json()
+    pooled = httpx.post(f"{front.url}/v1/tokenize", json=body).json()
+    assert pooled["tokens"] == direct["tokens"] and pooled["count"] == len(direct["tokens"])
+    text = httpx.post(f"{front.url}/v1/detokenize", json={"model": "light", "tokens": direct["tokens"]}).json()
+    assert "count me" in text["prompt"]
+    counted = httpx.post(f"{front.url}/v1/messages/count_tokens", json=body).json()
+    assert counted["input_tokens"] == len(direct["tokens"])
