@@ -342,7 +342,7 @@ def load_settings(env_file: str | Path | None = ".env", environ: Mapping[str, st
     path = Path(env_file) if env_file else None
     if path is not None and path.is_file():
         merged.update({k: v for k, v in dotenv_values(path).items() if v is not None})
-    elif not any(k.upper().endswith("_MODEL_PATH") for k in environ):
+    elif not any(k.upper().endswith(("_MODEL_PATH", "_REMOTE_URLS")) for k in environ):  # no model named
         merged.update(EMBEDDED_DEFAULTS)
     merged = {k: v for k, v in merged.items() if not _FOREIGN.match(k.upper())}
     merged.update({k: v for k, v in environ.items() if _ours(k.upper())})
