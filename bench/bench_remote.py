@@ -162,7 +162,8 @@ def aggregate(model: str, count: int, tokens: int) -> float:
     """8 concurrent streams through a pool of `count` one-thread llama-servers: tokens/s in all."""
     with ExitStack() as stack:
         ups = [stack.enter_context(upstream(model, 8, 1)) for _ in range(count)]
-        url = f"{stack.enter_context(front([u for u, _ in ups]))}/v1/completions"
+        base = stack.enter_context(front([u for u, _ in ups]))
+        url = f"{base}/v1/completions"
         stream_completion(url, body(f"warm-{count}", tokens))
         results: list[int] = []
 
@@ -176,7 +177,8 @@ def aggregate(model: str, count: int, tokens: int) -> float:
         for t in threads:
             t.join()
         rate = sum(results) / (time.monotonic() - start)
-    print(f"scale: {count} upstream(s), 8 streams: {rate:.1f} tok/s aggregate")
+        spread = [u["requests"] for u in httpx.get(f"{base}/v1/models").json()["data"][0]["upstreams"]]
+    print(f"scale: {count} upstream(s), 8 streams: {rate:.1f} tok/s aggregate (requests per upstream: {spread})")
     return rate
 
 
