@@ -93,7 +93,9 @@ class Upstream:
 
 
 class RemotePool:
-    """A remote tier's upstreams and the requests running on them (the tier's executor)."""
+    """A remote tier's upstreams and the requests running on them (the tier's executor). Generation
+    streams through `submit`; embedding and rerank tiers send whole requests through `post`, their
+    families turning the answers into their own types (embedders/remote.py, rerankers/remote.py)."""
 
     name = "remote"
 
@@ -198,6 +200,54 @@ class RemotePool:
             raise InvalidRequestError(f"Tier {self.tier} is remote: echo with logprobs is not supported", param="echo")
         self._ensure_started()
         return RemoteStream(self, request)
+
+    async def post(self, path: str, body: dict[str, Any], key: bytes) -> Any:
+        """One whole JSON answer to `POST <upstream>/<path>` (embedding and rerank tiers), with the
+        pool's balancing, retries on another upstream and ejections; `key` for affinity."""
+        self._ensure_started()
+        assert self._client is not None
+        tried: set[int] = set()
+        while True:
+            upstream = await self._acquire(key, tried)
+            try:
+                return await self._post_once(upstream, path, body)
+            except _Retry as exc:
+                self._failed(upstream, exc)
+                tried.add(id(upstream))
+            finally:
+                self._release(upstream)
+                self.finished_at = time.time()
+
+    async def _post_once(self, upstream: Upstream, path: str, body: dict[str, Any]) -> Any:
+        assert self._client is not None
+        try:
+            response = await self._client.post(f"{upstream.url}{path}", json={"model": upstream.model, **body})
+        except httpx.TimeoutException:
+            raise _Retry(f"no answer within {self.timeout:g} s", eject=True) from None
+        except httpx.HTTPError as exc:
+            raise _Retry(_describe(exc), eject=True) from None
+        if response.status_code >= 400:
+            await _refuse(response)
+        try:
+            answer = response.json()
+        except ValueError:
+            raise _Retry("answered with something that is not JSON", eject=False) from None
+        self._succeeded(upstream)
+        self.processed += 1
+        return answer
+
+    def probe(self, path: str, body: dict[str, Any]) -> Any:
+        """The first healthy upstream's JSON answer to a small request, at load (sync, on the
+        registry's thread): what the served model is like (an embedding's dimension); None if none answers."""
+        with httpx.Client(timeout=self.timeout, headers=self._headers) as client:
+            for upstream in (u for u in self.upstreams if u.healthy):
+                try:
+                    res = client.post(f"{upstream.url}{path}", json={"model": upstream.model, **body})
+                    res.raise_for_status()
+                    return res.json()
+                except (httpx.HTTPError, ValueError) as exc:
+                    log.warning("Tier %s: %s %s failed at load: %s", self.tier, upstream.url, path, _describe(exc))
+        return None
 
     async def tokenize(self, request: GenerationRequest) -> list[int]:
         """The prompt's tokens as an upstream counts them: `POST /v1/tokenize` (llmservice), `/tokenize`

@@ -126,13 +126,6 @@ _FAMILY_ONLY: dict[str, tuple[str, ...]] = {
     "embedding_dimension": ("embedding",),
     "token_ids": ("embedding",),
     "hybrid_weights": ("reranker",),
-    # Remote embedding and rerank tiers are not built yet (issue 28): generation only.
-    "remote_urls": GENERATION_TIERS,
-    "remote_model": GENERATION_TIERS,
-    "remote_api_key": GENERATION_TIERS,
-    "remote_timeout": GENERATION_TIERS,
-    "remote_max_inflight": GENERATION_TIERS,
-    "remote_cooldown": GENERATION_TIERS,
 }
 _ENGINES = {"embedding": EMBEDDING_ENGINES, "reranker": RERANKER_ENGINES}
 # Tier options whose values are keywords: matched in lower case.
@@ -249,8 +242,6 @@ def _check_tier(tier: TierSettings, env: Mapping[str, str]) -> None:
             f" set {prefix}_FLASH_ATTN=auto or on, or {var}=f16"
         )
     remote = tier.backend == "remote"
-    if remote and tier.name not in GENERATION_TIERS:
-        raise SettingsError(f"Invalid setting {prefix}_BACKEND=remote: only generation tiers can be remote")
     if remote and not tier.upstreams:
         raise SettingsError(
             f"{prefix}_BACKEND=remote needs {prefix}_REMOTE_URLS (comma-separated base URLs ending in /v1)"

@@ -25,7 +25,13 @@ def main() -> None:
     # Decoding 16 requests together, so a slow upstream still serves a test's streams side by side.
     backend = functools.partial(FakeBackend, reply=reply, token_seconds=token_seconds, max_batch=16)
     engines = dataclasses.replace(fake_engines(), backend=backend)
-    env = {"LIGHT_MODEL_PATH": "fake/upstream", "LIGHT_MAX_QUEUE": "64", "LOG_LEVEL": "WARNING"}
+    env = {
+        "LIGHT_MODEL_PATH": "fake/upstream",
+        "LIGHT_MAX_QUEUE": "64",
+        "EMBEDDING_MODEL_PATH": "fake/embedder",
+        "RERANKER_MODEL_PATH": "fake/reranker",
+        "LOG_LEVEL": "WARNING",
+    }
     app = create_app(parse_settings(env), engines=engines)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 

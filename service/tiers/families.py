@@ -16,10 +16,12 @@ from backends.factory import create_backend, create_remote
 from backends.remote import REMOTE_REASONING, RemotePool
 from embedders.base import Embedder, EmbeddingBatch, EmbeddingJob, EmbeddingRequest
 from embedders.factory import create_embedder
+from embedders.remote import embedding_batch, embeddings_body
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError, LLMServiceError, ModelUnavailableError
 from rerankers.base import PairTokenizing, PairTokens, Reranker, RerankResult
 from rerankers.factory import create_reranker
+from rerankers.remote import rerank_body, rerank_results
 from service.settings import GENERATION_TIERS
 from service.tiers.micro_batcher import MicroBatcher
 from service.tiers.slots import AdapterRecord, TierSlot
@@ -111,12 +113,8 @@ class GenerationFamily(Family[Backend]):
     def _load_remote(slot: TierSlot, engines: EngineFactories) -> None:
         """A remote tier: the pool is both its engine and its executor; its upstreams apply their own
         templates and parsers, and their structured deltas reach ours as think and Hermes text."""
-        pool = engines.remote(slot.settings)
-        context = pool.load()
-        slot.engine, slot.engine_name, slot.device = pool, "remote", ",".join(slot.settings.upstreams)
-        slot.context_length = context or slot.settings.n_ctx
+        _load_pool(slot, engines)
         slot.tool_format, slot.reasoning, slot.card = "hermes", REMOTE_REASONING, {}
-        slot.worker = pool
 
     @staticmethod
     def read_card(slot: TierSlot, path: str, engines: EngineFactories) -> None:
@@ -180,6 +178,14 @@ class EmbeddingFamily(Family[Embedder]):
     per_input = True
 
     def load(self, slot: TierSlot, path: str, engines: EngineFactories, slots: Mapping[str, TierSlot]) -> None:
+        if slot.settings.backend == "remote":
+            pool = _load_pool(slot, engines)
+            # One small request tells the dimension (collections record it); EMBEDDING_DIMENSION if none answers.
+            probe = pool.probe("/embeddings", embeddings_body(EmbeddingRequest(["dimension"])))
+            dense = embedding_batch(probe, EmbeddingRequest(["dimension"])).outputs[0].dense if probe else None
+            slot.dimension = len(dense) if dense is not None else slot.settings.embedding_dimension
+            slot.capabilities = frozenset({"dense"})
+            return
         embedder = engines.embedder(slot.settings, path)
         embedder.load()
         info = embedder.info()
@@ -188,6 +194,9 @@ class EmbeddingFamily(Family[Embedder]):
         slot.batcher = self._batcher(slot, embedder.embed_jobs, _job_cost)
 
     async def embed(self, slot: TierSlot, request: EmbeddingRequest, *, background: bool = False) -> EmbeddingBatch:
+        if isinstance(slot.engine, RemotePool):
+            key = str(request.inputs[:1]).encode()
+            return embedding_batch(await slot.engine.post("/embeddings", embeddings_body(request), key), request)
         embedder, batcher = self.batched(slot)
         needs_tokenizer = any(not isinstance(item, str) for item in request.inputs)
         # Decoding token ids takes the model's lock: keep that off the event loop.
@@ -203,6 +212,9 @@ class RerankFamily(Family[Reranker]):
     per_input = True
 
     def load(self, slot: TierSlot, path: str, engines: EngineFactories, slots: Mapping[str, TierSlot]) -> None:
+        if slot.settings.backend == "remote":
+            _load_pool(slot, engines)
+            return
         source = path.removeprefix("tier:").strip()
 
         def embedder() -> Embedder:  # asked on every call: the embedding tier may be reloaded
@@ -225,6 +237,11 @@ class RerankFamily(Family[Reranker]):
         self, slot: TierSlot, query: str, docs: list[str], top_n: int | None, normalize: bool
     ) -> tuple[list[RerankResult], int]:
         """Results best first, and the tokens they cost."""
+        if isinstance(slot.engine, RemotePool):
+            if not docs:
+                return [], 0
+            answer = await slot.engine.post("/rerank", rerank_body(query, docs), query.encode())
+            return rerank_results(answer, len(docs), top_n)
         reranker, batcher = self.batched(slot)
         if not docs:
             return [], 0
@@ -247,6 +264,16 @@ FAMILIES: Mapping[str, Family[Any]] = {
     "embedding": EMBEDDING,
     "reranker": RERANK,
 }
+
+
+def _load_pool(slot: TierSlot, engines: EngineFactories) -> RemotePool:
+    """A remote tier of any family: the pool is both its engine and its executor."""
+    pool = engines.remote(slot.settings)
+    context = pool.load()
+    slot.engine, slot.engine_name, slot.device = pool, "remote", ",".join(slot.settings.upstreams)
+    slot.context_length = context or slot.settings.n_ctx
+    slot.worker = pool
+    return pool
 
 
 def _job_cost(job: EmbeddingJob) -> int:

@@ -34,9 +34,14 @@ def front_for(*urls: str, **extra: str) -> contextlib.AbstractContextManager[Liv
 
 @pytest.fixture(scope="module")
 def pool() -> Iterator[tuple[LiveServer, list[Upstream]]]:
-    """Two fast echo upstreams behind one remote tier."""
-    with upstreams((0.0, "echo"), (0.0, "echo")) as ups, front_for(*(u.url for u in ups)) as front:
-        yield front, ups
+    """Two fast echo upstreams behind remote light, embedding and reranker tiers."""
+    with upstreams((0.0, "echo"), (0.0, "echo")) as ups:
+        urls = ",".join(u.url for u in ups)
+        env = remote_env(*(u.url for u in ups))
+        for tier in ("EMBEDDING", "RERANKER"):
+            env |= {f"{tier}_BACKEND": "remote", f"{tier}_REMOTE_URLS": urls, f"{tier}_REMOTE_MODEL": tier.lower()}
+        with live_server(env, wait_for=("light", "embedding", "reranker")) as front:
+            yield front, ups
 
 
 def _counts(front: LiveServer) -> list[int]:
@@ -237,3 +242,26 @@ def test_tokenize_and_count_tokens_ask_the_upstream(pool: tuple[LiveServer, list
     assert "count me" in text["prompt"]
     counted = httpx.post(f"{front.url}/v1/messages/count_tokens", json=body).json()
     assert counted["input_tokens"] == len(direct["tokens"])
+
+
+def test_embeddings_and_rerank_over_remote_tiers(pool: tuple[LiveServer, list[Upstream]]) -> None:
+    front, ups = pool
+    asked = {"model": "embedding", "input": ["alpha", "beta gamma"]}
+    direct = httpx.post(f"{ups[0].url}/embeddings", json=asked).json()
+    pooled = httpx.post(f"{front.url}/v1/embeddings", json=asked).json()
+    assert "data" in pooled, pooled
+    for ours, theirs in zip(pooled["data"], direct["data"], strict=True):
+        assert ours["embedding"] == pytest.approx(theirs["embedding"])
+    assert pooled["usage"]["prompt_tokens"] == direct["usage"]["prompt_tokens"] > 0
+    cut = httpx.post(f"{front.url}/v1/embeddings", json={**asked, "dimensions": 2}).json()["data"][0]["embedding"]
+    assert len(cut) == 2 and sum(x * x for x in cut) == pytest.approx(1.0)
+    card = next(m for m in httpx.get(f"{front.url}/v1/models").json()["data"] if m["tier"] == "embedding")
+    assert card["dimension"] == len(direct["data"][0]["embedding"])  # learnt at load from the upstream
+    docs = ["the cat sat", "stock prices fell", "a cat and a dog"]
+    ranked = {"model": "reranker", "query": "cat", "documents": docs}
+    direct = httpx.post(f"{ups[0].url}/rerank", json=ranked).json()
+    pooled = httpx.post(f"{front.url}/v1/rerank", json={**ranked, "top_n": 2}).json()
+    expected = [(r["index"], r["relevance_score"]) for r in direct["results"]][:2]
+    assert [r["index"] for r in pooled["results"]] == [i for i, _ in expected]
+    assert [r["relevance_score"] for r in pooled["results"]] == pytest.approx([score for _, score in expected])
+    assert pooled["results"][0]["document"]["text"] == docs[expected[0][0]]

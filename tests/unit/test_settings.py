@@ -330,8 +330,8 @@ def test_remote_tier_settings(tmp_path: Path) -> None:
             {"LIGHT_BACKEND": "remote", "LIGHT_REMOTE_URLS": "http://x/v1", "LIGHT_MODEL_PATH": "/m.gguf"},
             "LIGHT_MODEL_PATH does not apply to a remote tier",
         ),
-        ({"EMBEDDING_BACKEND": "remote"}, "only generation tiers can be remote"),
-        ({"EMBEDDING_REMOTE_URLS": "http://x/v1"}, "does not apply to the embedding tier"),
+        ({"EMBEDDING_BACKEND": "remote"}, "EMBEDDING_BACKEND=remote needs EMBEDDING_REMOTE_URLS"),
+        ({"RERANKER_REMOTE_URLS": "http://x/v1"}, "RERANKER_REMOTE_URLS is set but RERANKER_BACKEND is auto"),
         ({"LIGHT_REMOTE_TIMEOUT": "0"}, "LIGHT_REMOTE_TIMEOUT"),
     ],
 )
