@@ -155,7 +155,9 @@ class TierSlot:
     def cache_identity(self) -> tuple[Any, ...]:
         """Everything about the tier's model that decides its outputs: part of every cache key."""
         t = self.settings
-        return (self.id, t.model_path, t.backend, t.chat_template, t.n_ctx, t.embedding_dimension)
+        identity = (self.id, t.model_path, t.backend, t.chat_template, t.n_ctx, t.embedding_dimension)
+        # A remote tier's model is whatever its upstreams serve: another pool or model, other answers.
+        return (*identity, t.remote_model, t.upstreams) if self.remote else identity
 
     def view(self) -> TierView:
         executor = self.executor
