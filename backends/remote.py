@@ -99,7 +99,7 @@ class RemotePool:
 
     name = "remote"
 
-    def __init__(self, tier: TierSettings, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, tier: TierSettings) -> None:
         self.tier = tier.name
         self.upstreams = [Upstream(url, tier.remote_model) for url in tier.upstreams]
         self.timeout = tier.remote_timeout
@@ -107,7 +107,6 @@ class RemotePool:
         self.cooldown = tier.remote_cooldown
         self.max_queue = tier.max_queue
         self._headers = {"Authorization": f"Bearer {tier.remote_api_key}"} if tier.remote_api_key else {}
-        self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._health: asyncio.Task[None] | None = None
         self._room = asyncio.Event()  # set when an upstream frees room or returns
@@ -314,9 +313,7 @@ class RemotePool:
         except RuntimeError:
             return
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=self.max_inflight * len(self.upstreams))
-        self._client = httpx.AsyncClient(
-            transport=self._transport, limits=limits, headers=self._headers, timeout=self.timeout
-        )
+        self._client = httpx.AsyncClient(limits=limits, headers=self._headers, timeout=self.timeout)
         self._health = asyncio.create_task(self._check_health(), name=f"remote-health-{self.tier}")
 
     async def _shutdown(self) -> None:

@@ -63,7 +63,10 @@ class Family(abc.ABC, Generic[E]):
         return tier.max_queue * max_batch_inputs if self.per_input else tier.max_queue
 
     def engine(self, slot: TierSlot) -> E:
-        """The slot's engine, of this family's type (a 503 once the model is unloaded)."""
+        """The slot's engine, of this family's type (a 503 once the model is unloaded; a 400 on a
+        remote tier, which has no model of ours: LoRA adapters, a prefix-cache reset)."""
+        if isinstance(slot.engine, RemotePool):
+            raise InvalidRequestError(f"Tier {slot.name} is remote: it has no model of ours to do this on")
         if not isinstance(slot.engine, self.engine_type):
             raise ModelUnavailableError(f"Tier {slot.name} is not loaded")
         return slot.engine

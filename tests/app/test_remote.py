@@ -266,3 +266,14 @@ def test_embeddings_and_rerank_over_remote_tiers(pool: tuple[LiveServer, list[Up
     assert [r["index"] for r in pooled["results"]] == [i for i, _ in expected]
     assert [r["relevance_score"] for r in pooled["results"]] == pytest.approx([score for _, score in expected])
     assert pooled["results"][0]["document"]["text"] == docs[expected[0][0]]
+
+
+def test_what_needs_a_local_model_is_a_400(pool: tuple[LiveServer, list[Upstream]]) -> None:
+    front, _ = pool
+    with front.client() as http:
+        error = error_of(http.post("/v1/chat/completions", json=_chat("x", adapter="legal")), 404)
+        assert "legal" in str(error["message"])
+        echo = {"model": "light", "prompt": "x", "echo": True, "logprobs": 1, "max_tokens": 2}
+        assert error_of(http.post("/v1/completions", json=echo), 400)["param"] == "echo"
+        # The prefix caches are the upstreams' own: clearing ours skips the remote tier.
+        assert http.post("/v1/cache/clear", json={"target": "prefix"}).json()["cleared"]["prefix"]["tiers"] == []
