@@ -446,7 +446,7 @@ class RemotePool:
         try:
             if response.status_code >= 400:
                 await _refuse(response)
-            yield _Lines(response, self.timeout)
+            yield _Lines(response)
         finally:
             await response.aclose()
 
@@ -457,7 +457,7 @@ class RemotePool:
                 if chunks := reader.feed(data):
                     return chunks
             return reader.finish()
-        except TimeoutError:
+        except httpx.TimeoutException:
             raise _Retry(f"no chunk within {self.timeout:g} s", eject=True) from None
         except httpx.HTTPError as exc:
             raise _Retry(_describe(exc), eject=True) from None
@@ -472,8 +472,9 @@ class RemotePool:
                     yield chunk
             for chunk in reader.finish():
                 yield chunk
-        except (TimeoutError, httpx.HTTPError, UpstreamError) as exc:
-            reason = f"no chunk within {self.timeout:g} s" if isinstance(exc, TimeoutError) else _describe(exc)
+        except (httpx.HTTPError, UpstreamError) as exc:
+            timeout = isinstance(exc, httpx.TimeoutException)
+            reason = f"no chunk within {self.timeout:g} s" if timeout else _describe(exc)
             upstream.errors += 1
             upstream.last_error = reason
             raise UpstreamError(f"Upstream {upstream.url} failed mid-stream: {reason}") from None
@@ -481,25 +482,24 @@ class RemotePool:
 
 
 class _Lines:
-    """An SSE response's `data:` payloads, each within the timeout; `[DONE]` ends them."""
+    """An SSE response's `data:` payloads; `[DONE]` ends them. The client's read timeout bounds the
+    wait for each (`REMOTE_TIMEOUT` between chunks): no timer of ours per line."""
 
-    def __init__(self, response: httpx.Response, timeout: float) -> None:
+    def __init__(self, response: httpx.Response) -> None:
         self._lines = response.aiter_lines()
-        self._timeout = timeout
 
     def __aiter__(self) -> _Lines:
         return self
 
     async def __anext__(self) -> str:
-        while True:
-            async with asyncio.timeout(self._timeout):
-                line = await anext(self._lines)
+        async for line in self._lines:
             if not line.startswith("data:"):
                 continue  # blank separators, comments, `event:` lines
             data = line[5:].strip()
             if data == "[DONE]":
-                raise StopAsyncIteration
+                break
             return data
+        raise StopAsyncIteration
 
 
 class RemoteStream:
