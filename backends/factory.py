@@ -10,6 +10,7 @@ from kernel.errors import ModelUnavailableError
 
 if TYPE_CHECKING:
     from backends.base import Backend
+    from backends.remote import RemotePool
     from kernel.config import TierSettings
 
 _ENGINES: EngineTable = {
@@ -45,3 +46,10 @@ def create_backend(tier: TierSettings, model_path: str) -> Backend:
         )
     backend: Backend = import_engine(tier, _ENGINES, engine, "generation")(tier, model_path)
     return backend
+
+
+def create_remote(tier: TierSettings) -> RemotePool:
+    """`BACKEND=remote`: the tier's pool of OpenAI-compatible upstreams (imports httpx only when used)."""
+    from backends.remote import RemotePool
+
+    return RemotePool(tier)

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-Backend = Literal["auto", "llamacpp", "mlx"]
+Backend = Literal["auto", "llamacpp", "mlx", "remote"]
 KvType = Literal["f16", "q8_0", "q4_0"]  # llama.cpp KV cache element types (ggml names)
 NonNeg = Annotated[int, msgspec.Meta(ge=0)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
@@ -78,10 +78,24 @@ class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
     normalize: bool = True  # sentence-transformers: L2-normalise
     pooling: Literal["mean", "cls", "last", "model"] = "mean"  # llama.cpp embedders
     hybrid_weights: tuple[Weight, Weight, Weight] = (0.4, 0.2, 0.4)  # tier:<BGE-M3>: dense, sparse, ColBERT
+    # BACKEND=remote: a pool of OpenAI-compatible servers (backends/remote.py) instead of a local model.
+    remote_urls: str = ""  # comma-separated base URLs ending in /v1
+    remote_model: str = ""  # the model name sent upstream; "" = each upstream's first in GET /v1/models
+    remote_api_key: str = ""  # sent as `Authorization: Bearer`
+    remote_timeout: Annotated[float, msgspec.Meta(gt=0)] = (
+        60.0  # seconds to an upstream's first byte (and between chunks)
+    )
+    remote_max_inflight: Positive = 64  # requests at once per upstream
+    remote_cooldown: Annotated[float, msgspec.Meta(gt=0)] = 10.0  # seconds an ejected upstream stays out
 
     @property
     def configured(self) -> bool:
-        return bool(self.model_path)
+        return bool(self.model_path) or self.backend == "remote"
+
+    @property
+    def upstreams(self) -> tuple[str, ...]:
+        """`REMOTE_URLS` as a list, without trailing slashes."""
+        return tuple(u.strip().rstrip("/") for u in self.remote_urls.split(",") if u.strip())
 
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty")

@@ -15,6 +15,8 @@
     ├── ModelUnavailableError       503 (tier failed to load, engine missing)
     │   └── ModelLoadingError       503 code=model_loading, with Retry-After
     ├── StoreUnavailableError       503 code=store_unavailable (the vector store cannot be opened or reached)
+    ├── UpstreamError               502 code=upstream_error (a remote tier's upstream failed or answered garbage)
+    │   └── UpstreamUnavailableError 503 code=upstream_unavailable, with Retry-After (no upstream to try)
     └── EngineError                 500 an engine failed; the message is generic
 
 Engines raise these too, so this module imports nothing from Litestar; `service.app` maps the
@@ -175,6 +177,24 @@ class StoreUnavailableError(LLMServiceError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, code="store_unavailable")
+
+
+class UpstreamError(LLMServiceError):
+    """A remote tier's upstream server failed, timed out, or answered what we cannot read."""
+
+    status = 502
+    type = "server_error"
+
+    def __init__(self, message: str, *, code: str = "upstream_error") -> None:
+        super().__init__(message, code=code)
+
+
+class UpstreamUnavailableError(UpstreamError):
+    status = 503
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message, code="upstream_unavailable")
+        self.retry_after = retry_after
 
 
 class EngineError(LLMServiceError):

@@ -297,8 +297,21 @@ class _LiveCollector:
         state = GaugeMetricFamily("llmservice_model_state", "1 for each tier's current state", labels=["tier", "state"])
         load = GaugeMetricFamily("llmservice_model_load_seconds", "Duration of the last model load", labels=["tier"])
         size = GaugeMetricFamily("llmservice_model_size_bytes", "Size on disk of loaded models", labels=["tier"])
+        up = GaugeMetricFamily(
+            "llmservice_upstream_healthy", "1 while a remote tier's upstream is in the pool", labels=["tier", "url"]
+        )
+        upstream_load = GaugeMetricFamily(
+            "llmservice_upstream_in_flight", "Requests running on a remote tier's upstream", labels=["tier", "url"]
+        )
+        upstream_errors = CounterMetricFamily(
+            "llmservice_upstream_errors", "Failed requests and health checks per upstream", labels=["tier", "url"]
+        )
         for v in (slot.view() for slot in t.registry.configured()):
             state.add_metric([v.tier, v.state], 1)
+            for u in (v.worker or {}).get("upstreams", ()):
+                up.add_metric([v.tier, u["url"]], 1 if u["state"] == "healthy" else 0)
+                upstream_load.add_metric([v.tier, u["url"]], u["in_flight"])
+                upstream_errors.add_metric([v.tier, u["url"]], u["errors"])
             queue.add_metric([v.tier], v.queued)
             if v.worker is not None:
                 busy.add_metric([v.tier], 1 if v.busy else 0)
@@ -307,7 +320,7 @@ class _LiveCollector:
                 load.add_metric([v.tier], v.load_seconds)
             if v.memory_bytes:
                 size.add_metric([v.tier], v.memory_bytes)
-        yield from (queue, busy, processed, state, load, size)
+        yield from (queue, busy, processed, state, load, size, up, upstream_load, upstream_errors)
 
         hits = CounterMetricFamily("llmservice_cache_hits", "Cache hits", labels=["cache", "kind"])
         misses = CounterMetricFamily("llmservice_cache_misses", "Cache misses", labels=["cache", "kind"])

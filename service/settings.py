@@ -241,6 +241,15 @@ def _check_tier(tier: TierSettings, env: Mapping[str, str]) -> None:
             f"Invalid setting {var}={env.get(var, '')!r}: a quantized V cache needs flash attention;"
             f" set {prefix}_FLASH_ATTN=auto or on, or {var}=f16"
         )
+    remote = tier.backend == "remote"
+    if remote and not tier.upstreams:
+        raise SettingsError(
+            f"{prefix}_BACKEND=remote needs {prefix}_REMOTE_URLS (comma-separated base URLs ending in /v1)"
+        )
+    if remote and tier.model_path:
+        raise SettingsError(f"{prefix}_MODEL_PATH does not apply to a remote tier: its model is {prefix}_REMOTE_MODEL")
+    if not remote and tier.remote_urls:
+        raise SettingsError(f"{prefix}_REMOTE_URLS is set but {prefix}_BACKEND is {tier.backend}; set it to remote")
     if sum(tier.hybrid_weights) <= 0:
         var = f"{prefix}_HYBRID_WEIGHTS"
         raise SettingsError(f"Invalid setting {var}={env.get(var, '')!r}: the weights must not all be zero")
@@ -324,7 +333,7 @@ def load_settings(env_file: str | Path | None = ".env", environ: Mapping[str, st
     path = Path(env_file) if env_file else None
     if path is not None and path.is_file():
         merged.update({k: v for k, v in dotenv_values(path).items() if v is not None})
-    elif not any(k.upper().endswith("_MODEL_PATH") for k in environ):
+    elif not any(k.upper().endswith(("_MODEL_PATH", "_REMOTE_URLS")) for k in environ):  # no model named
         merged.update(EMBEDDED_DEFAULTS)
     merged = {k: v for k, v in merged.items() if not _FOREIGN.match(k.upper())}
     merged.update({k: v for k, v in environ.items() if _ours(k.upper())})

@@ -30,7 +30,8 @@ class Caches:
         if target in ("prefix", "all"):
             tiers = []
             for slot in self._registry.configured():
-                if FAMILIES[slot.name] is GENERATION and slot.state is TierState.LOADED:
+                # A remote tier's prefix caches are its upstreams' own.
+                if FAMILIES[slot.name] is GENERATION and slot.state is TierState.LOADED and not slot.remote:
                     await GENERATION.on_model_thread(slot, lambda engine: engine.reset_prefix_cache())
                     tiers.append(slot.name)
             cleared["prefix"] = {"tiers": tiers}

@@ -39,7 +39,7 @@ from service.serving.thinking import ThinkingControl
 from service.settings import Settings
 from service.tiers.families import GENERATION
 from service.tiers.registry import Registry, Target
-from service.tiers.workers import ChunkStream, JobStream
+from service.tiers.workers import ChunkStream
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +188,7 @@ class _Recording:
     """A live job's chunks, noting time to first token and usage, and storing the result."""
 
     def __init__(
-        self, stream: JobStream, record: RequestRecord, store: Callable[[CachedGeneration], None] | None
+        self, stream: ChunkStream, record: RequestRecord, store: Callable[[CachedGeneration], None] | None
     ) -> None:
         self._stream = stream
         self._record = record

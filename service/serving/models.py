@@ -75,6 +75,7 @@ class Models:
             keep_alive=slot.settings.keep_alive,
             pinned=slot.settings.pin,
             aliases=[pattern for pattern, tier in registry.aliases if tier == slot.name] or None,
+            upstreams=_upstreams(v),
             details=details,
         )
 
@@ -115,8 +116,15 @@ def _sampling(slot: TierSlot) -> dict[str, dict[str, Any]] | None:
     return {name: {"value": getattr(values, name), "source": source} for name, source in sources.items()}
 
 
+def _upstreams(v: TierView) -> list[dict[str, Any]] | None:
+    """A remote tier's upstreams as its pool sees them (None for a local tier)."""
+    return v.worker.get("upstreams") if v.worker is not None else None
+
+
 def _health(v: TierView) -> dict[str, Any]:
+    upstreams = _upstreams(v)
     return {
+        **({"upstreams": upstreams} if upstreams is not None else {}),
         "state": v.state,
         "model": v.model,
         "engine": v.engine,

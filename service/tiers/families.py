@@ -12,17 +12,20 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeGuard, TypeVar
 
 from backends.base import Backend, GenerationRequest
-from backends.factory import create_backend
+from backends.factory import create_backend, create_remote
+from backends.remote import REMOTE_REASONING, RemotePool
 from embedders.base import Embedder, EmbeddingBatch, EmbeddingJob, EmbeddingRequest
 from embedders.factory import create_embedder
+from embedders.remote import embedding_batch, embeddings_body
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError, LLMServiceError, ModelUnavailableError
 from rerankers.base import PairTokenizing, PairTokens, Reranker, RerankResult
 from rerankers.factory import create_reranker
+from rerankers.remote import rerank_body, rerank_results
 from service.settings import GENERATION_TIERS
 from service.tiers.micro_batcher import MicroBatcher
 from service.tiers.slots import AdapterRecord, TierSlot
-from service.tiers.workers import GenerationWorker, JobStream
+from service.tiers.workers import ChunkStream, GenerationWorker
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ class EngineFactories:
     backend: Callable[[TierSettings, str], Backend] = create_backend
     embedder: Callable[[TierSettings, str], Embedder] = create_embedder
     reranker: Callable[[TierSettings, str, Callable[[], Embedder]], Reranker] = create_reranker
+    remote: Callable[[TierSettings], RemotePool] = create_remote  # BACKEND=remote: a pool of upstreams
 
 
 class Family(abc.ABC, Generic[E]):
@@ -59,7 +63,10 @@ class Family(abc.ABC, Generic[E]):
         return tier.max_queue * max_batch_inputs if self.per_input else tier.max_queue
 
     def engine(self, slot: TierSlot) -> E:
-        """The slot's engine, of this family's type (a 503 once the model is unloaded)."""
+        """The slot's engine, of this family's type (a 503 once the model is unloaded; a 400 on a
+        remote tier, which has no model of ours: LoRA adapters, a prefix-cache reset)."""
+        if isinstance(slot.engine, RemotePool):
+            raise InvalidRequestError(f"Tier {slot.name} is remote: it has no model of ours to do this on")
         if not isinstance(slot.engine, self.engine_type):
             raise ModelUnavailableError(f"Tier {slot.name} is not loaded")
         return slot.engine
@@ -91,6 +98,9 @@ class GenerationFamily(Family[Backend]):
     engine_type = Backend
 
     def load(self, slot: TierSlot, path: str, engines: EngineFactories, slots: Mapping[str, TierSlot]) -> None:
+        if slot.settings.backend == "remote":
+            self._load_remote(slot, engines)
+            return
         backend = engines.backend(slot.settings, path)
         backend.load()
         for adapter in slot.adapters.values():
@@ -103,14 +113,24 @@ class GenerationFamily(Family[Backend]):
         slot.worker = GenerationWorker(slot.name, backend, slot.settings.max_queue)
 
     @staticmethod
+    def _load_remote(slot: TierSlot, engines: EngineFactories) -> None:
+        """A remote tier: the pool is both its engine and its executor; its upstreams apply their own
+        templates and parsers, and their structured deltas reach ours as think and Hermes text."""
+        _load_pool(slot, engines)
+        slot.tool_format, slot.reasoning, slot.card = "hermes", REMOTE_REASONING, {}
+
+    @staticmethod
     def read_card(slot: TierSlot, path: str, engines: EngineFactories) -> None:
         """Set `slot.card` from the model's files where its engine reads them without the weights."""
+        if slot.settings.backend == "remote":
+            slot.card = {}  # the upstream's model card is its own business
+            return
         card = engines.backend(slot.settings, path).read_card()
         if card is not None and slot.card is None:
             slot.card = dict(card)
 
     @staticmethod
-    def generate(slot: TierSlot, request: GenerationRequest, *, background: bool = False) -> JobStream:
+    def generate(slot: TierSlot, request: GenerationRequest, *, background: bool = False) -> ChunkStream:
         """`background`: a batch-job line, queued after every interactive request (see workers)."""
         if slot.worker is None:
             raise ModelUnavailableError(f"Tier {slot.name} is not loaded")
@@ -120,9 +140,13 @@ class GenerationFamily(Family[Backend]):
         """The prompt's tokens as generation would see them (chat template and tools applied).
 
         Tokenizers only read the vocabulary, so this runs beside generation, not queued behind it."""
+        if isinstance(slot.engine, RemotePool):
+            return await slot.engine.tokenize(request)
         return await asyncio.to_thread(self.engine(slot).tokens, request)
 
     async def detokenize(self, slot: TierSlot, tokens: list[int]) -> str:
+        if isinstance(slot.engine, RemotePool):
+            return await slot.engine.detokenize(tokens)
         backend = self.engine(slot)
         vocab = backend.info().vocab_size
         if vocab and any(not 0 <= t < vocab for t in tokens):
@@ -157,6 +181,14 @@ class EmbeddingFamily(Family[Embedder]):
     per_input = True
 
     def load(self, slot: TierSlot, path: str, engines: EngineFactories, slots: Mapping[str, TierSlot]) -> None:
+        if slot.settings.backend == "remote":
+            pool = _load_pool(slot, engines)
+            # One small request tells the dimension (collections record it); EMBEDDING_DIMENSION if none answers.
+            probe = pool.probe("/embeddings", embeddings_body(EmbeddingRequest(["dimension"])))
+            dense = embedding_batch(probe, EmbeddingRequest(["dimension"])).outputs[0].dense if probe else None
+            slot.dimension = len(dense) if dense is not None else slot.settings.embedding_dimension
+            slot.capabilities = frozenset({"dense"})
+            return
         embedder = engines.embedder(slot.settings, path)
         embedder.load()
         info = embedder.info()
@@ -165,6 +197,9 @@ class EmbeddingFamily(Family[Embedder]):
         slot.batcher = self._batcher(slot, embedder.embed_jobs, _job_cost)
 
     async def embed(self, slot: TierSlot, request: EmbeddingRequest, *, background: bool = False) -> EmbeddingBatch:
+        if isinstance(slot.engine, RemotePool):
+            key = str(request.inputs[:1]).encode()
+            return embedding_batch(await slot.engine.post("/embeddings", embeddings_body(request), key), request)
         embedder, batcher = self.batched(slot)
         needs_tokenizer = any(not isinstance(item, str) for item in request.inputs)
         # Decoding token ids takes the model's lock: keep that off the event loop.
@@ -180,6 +215,9 @@ class RerankFamily(Family[Reranker]):
     per_input = True
 
     def load(self, slot: TierSlot, path: str, engines: EngineFactories, slots: Mapping[str, TierSlot]) -> None:
+        if slot.settings.backend == "remote":
+            _load_pool(slot, engines)
+            return
         source = path.removeprefix("tier:").strip()
 
         def embedder() -> Embedder:  # asked on every call: the embedding tier may be reloaded
@@ -202,6 +240,11 @@ class RerankFamily(Family[Reranker]):
         self, slot: TierSlot, query: str, docs: list[str], top_n: int | None, normalize: bool
     ) -> tuple[list[RerankResult], int]:
         """Results best first, and the tokens they cost."""
+        if isinstance(slot.engine, RemotePool):
+            if not docs:
+                return [], 0
+            answer = await slot.engine.post("/rerank", rerank_body(query, docs), query.encode())
+            return rerank_results(answer, len(docs), top_n)
         reranker, batcher = self.batched(slot)
         if not docs:
             return [], 0
@@ -224,6 +267,16 @@ FAMILIES: Mapping[str, Family[Any]] = {
     "embedding": EMBEDDING,
     "reranker": RERANK,
 }
+
+
+def _load_pool(slot: TierSlot, engines: EngineFactories) -> RemotePool:
+    """A remote tier of any family: the pool is both its engine and its executor."""
+    pool = engines.remote(slot.settings)
+    context = pool.load()
+    slot.engine, slot.engine_name, slot.device = pool, "remote", ",".join(slot.settings.upstreams)
+    slot.context_length = context or slot.settings.n_ctx
+    slot.worker = pool
+    return pool
 
 
 def _job_cost(job: EmbeddingJob) -> int:

@@ -178,8 +178,9 @@ class Registry:
         )
 
     def _load_sync(self, slot: TierSlot) -> None:
-        path = resolve_model_path(slot.settings.model_path or "")
-        slot.path, slot.size_bytes = path, disk_size(path)
+        remote = slot.settings.backend == "remote"  # no files: its upstreams hold the model
+        path = "" if remote else resolve_model_path(slot.settings.model_path or "")
+        slot.path, slot.size_bytes = path or None, None if remote else disk_size(path)
         if slot.size_bytes is not None:
             log.info("Tier %s: reading %s (%.0f MiB)", slot.name, path, slot.size_bytes / 2**20)
         FAMILIES[slot.name].load(slot, path, self.engines, self.slots)

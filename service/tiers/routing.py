@@ -20,6 +20,8 @@ def model_name(tier: TierSettings) -> str:
     """A readable model name from the setting: `gemma-3-270m-q4_k_m.gguf` → `gemma-3-270m`."""
     if tier.model_name:
         return tier.model_name
+    if tier.backend == "remote":
+        return tier.remote_model or "remote"
     name = model_file_name(tier.model_path or "").lower()
     while (stripped := _QUANT_SUFFIX.sub("", name)) != name:
         name = stripped

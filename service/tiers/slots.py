@@ -15,6 +15,7 @@ from service.tiers.executor import Executor
 if TYPE_CHECKING:
     from backends.base import Backend
     from backends.reasoning import ReasoningFormat
+    from backends.remote import RemotePool
     from backends.tools import ToolFormat
     from embedders.base import Embedder
     from rerankers.base import Reranker
@@ -89,8 +90,8 @@ class TierSlot:
     # engine's type is the tier's family's (service.tiers.families): generation tiers hold a Backend
     # run by a GenerationWorker, embedding and reranker tiers an Embedder or Reranker run by a
     # MicroBatcher.
-    engine: Backend | Embedder | Reranker | None = None
-    worker: GenerationWorker | None = None
+    engine: Backend | Embedder | Reranker | RemotePool | None = None
+    worker: GenerationWorker | RemotePool | None = None  # a remote tier's pool is its own executor
     batcher: MicroBatcher[Any, Any] | None = None  # items and results are the family's
     engine_name: str | None = None
     tool_format: ToolFormat | None = None  # generation tiers: how the model writes tool calls
@@ -123,6 +124,11 @@ class TierSlot:
         return f"{self.name}/{self.model}"
 
     @property
+    def remote(self) -> bool:
+        """Served by a pool of upstream servers (`BACKEND=remote`): no model, tokenizer or thread of ours."""
+        return self.settings.backend == "remote"
+
+    @property
     def executor(self) -> Executor | None:
         return self.worker if self.worker is not None else self.batcher
 
@@ -149,7 +155,9 @@ class TierSlot:
     def cache_identity(self) -> tuple[Any, ...]:
         """Everything about the tier's model that decides its outputs: part of every cache key."""
         t = self.settings
-        return (self.id, t.model_path, t.backend, t.chat_template, t.n_ctx, t.embedding_dimension)
+        identity = (self.id, t.model_path, t.backend, t.chat_template, t.n_ctx, t.embedding_dimension)
+        # A remote tier's model is whatever its upstreams serve: another pool or model, other answers.
+        return (*identity, t.remote_model, t.upstreams) if self.remote else identity
 
     def view(self) -> TierView:
         executor = self.executor

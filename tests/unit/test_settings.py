@@ -297,3 +297,44 @@ def test_a_model_cards_values_are_checked_like_the_settings(raw: dict[str, objec
     checked = card_sampling(raw, "test")
     assert checked == card
     assert type(checked.get("top_k", 0)) is int  # a count, as the sampler takes it
+
+
+def test_remote_tier_settings(tmp_path: Path) -> None:
+    env = {
+        "HEAVY_BACKEND": "remote",
+        "HEAVY_REMOTE_URLS": "http://gpu-1:8000/v1/, http://gpu-2:8000/v1",
+        "HEAVY_REMOTE_MODEL": "Qwen/Qwen3-32B",
+        "HEAVY_REMOTE_TIMEOUT": "30",
+        "HEAVY_REMOTE_MAX_INFLIGHT": "128",
+        "HEAVY_REMOTE_COOLDOWN": "5",
+    }
+    heavy = parse_settings(env).tier("heavy")
+    assert heavy.configured and heavy.upstreams == ("http://gpu-1:8000/v1", "http://gpu-2:8000/v1")
+    assert (heavy.remote_model, heavy.remote_timeout, heavy.remote_max_inflight, heavy.remote_cooldown) == (
+        "Qwen/Qwen3-32B",
+        30,
+        128,
+        5,
+    )
+    # A remote tier names a model: the embedded defaults stay out, as for a MODEL_PATH.
+    s = load_settings(tmp_path / "missing.env", env)
+    assert not s.tier("light").configured and s.tier("heavy").configured
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"LIGHT_BACKEND": "remote"}, "LIGHT_BACKEND=remote needs LIGHT_REMOTE_URLS"),
+        ({"LIGHT_REMOTE_URLS": "http://x/v1"}, "LIGHT_REMOTE_URLS is set but LIGHT_BACKEND is auto"),
+        (
+            {"LIGHT_BACKEND": "remote", "LIGHT_REMOTE_URLS": "http://x/v1", "LIGHT_MODEL_PATH": "/m.gguf"},
+            "LIGHT_MODEL_PATH does not apply to a remote tier",
+        ),
+        ({"EMBEDDING_BACKEND": "remote"}, "EMBEDDING_BACKEND=remote needs EMBEDDING_REMOTE_URLS"),
+        ({"RERANKER_REMOTE_URLS": "http://x/v1"}, "RERANKER_REMOTE_URLS is set but RERANKER_BACKEND is auto"),
+        ({"LIGHT_REMOTE_TIMEOUT": "0"}, "LIGHT_REMOTE_TIMEOUT"),
+    ],
+)
+def test_bad_remote_settings(env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(SettingsError, match=re.escape(fragment)):
+        parse_settings(env)
