@@ -73,6 +73,9 @@ class GenerationRequest:
     thinking: bool | None = None
     thinking_budget: int | None = None
     template_kwargs: tuple[tuple[str, Any], ...] = ()
+    # Who the request is for (`prompt_cache_key`, else `user`): a remote tier sends one key's requests
+    # to one upstream so its prefix cache hits. It cannot change the answer: not in the cache key.
+    affinity: str | None = None
 
     @property
     def fixed_seed(self) -> int | None:

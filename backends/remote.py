@@ -736,8 +736,11 @@ def _completion_scores(logprobs: Any) -> tuple[Token, ...]:
 
 
 def _affinity_key(request: GenerationRequest) -> bytes:
-    """What decides an upstream's prefix cache hit and stays put while a conversation grows: its
-    messages up to the first user turn (system prompt included), or the prompt's first 2,000 characters."""
+    """The client's key (`prompt_cache_key`, `user`) when it sent one; else what decides an upstream's
+    prefix cache hit and stays put while a conversation grows: its messages up to the first user turn
+    (system prompt included), or the prompt's first 2,000 characters."""
+    if request.affinity is not None:
+        return b"key:" + request.affinity.encode()
     head: Any = request.prompt[:2000]
     if request.messages is not None:
         first_user = next((i for i, m in enumerate(request.messages) if m.get("role") == "user"), 0)

@@ -59,7 +59,8 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormatSpec | None = None
-    user: str | None = None
+    user: Annotated[str, msgspec.Meta(max_length=1024)] | None = None
+    prompt_cache_key: Annotated[str, msgspec.Meta(max_length=1024)] | None = None  # remote tiers: affinity
     adapter: AdapterName | None = None  # a LoRA adapter of the tier (or `model: "<tier>:<adapter>"`)
 
 

@@ -129,6 +129,10 @@ class OutputConfig(msgspec.Struct, kw_only=True):
     format: OutputFormat | None = None
 
 
+class MessageMetadata(msgspec.Struct, kw_only=True):
+    user_id: Annotated[str, msgspec.Meta(max_length=1024)] | None = None
+
+
 class PromptFields(msgspec.Struct, kw_only=True):
     """What makes the prompt: shared by `/v1/messages` and `/v1/messages/count_tokens`."""
 
@@ -141,6 +145,7 @@ class PromptFields(msgspec.Struct, kw_only=True):
     output_config: OutputConfig | None = None
     output_format: OutputFormat | None = None  # the structured-outputs beta's name for output_config.format
     mcp_servers: list[dict[str, Any]] | None = None  # refused when not empty: we call no MCP server
+    metadata: MessageMetadata | None = None  # `user_id`: a remote tier's affinity; nothing stored
 
 
 class CountTokensRequest(PromptFields, kw_only=True):

@@ -123,7 +123,8 @@ class Generation:
         """One choice: replayed from the cache, or a job on the tier's worker."""
         slot, adapter = target.slot, target.adapter
         # A new file under the adapter's name gives new answers: its fingerprint is part of the key.
-        payload: Any = request if adapter is None else (request, adapter.fingerprint or adapter.path)
+        keyed = replace(request, affinity=None)  # who asks does not change the answer
+        payload: Any = keyed if adapter is None else (keyed, adapter.fingerprint or adapter.path)
         key, hit = (
             lookup(self.cache, kind, slot, payload, CachedGeneration, record)
             if _is_deterministic(request)
@@ -277,6 +278,7 @@ def engine_request(
         thinking=thinking.enabled,
         thinking_budget=thinking.budget,
         template_kwargs=thinking.template_kwargs,
+        affinity=fields.prompt_cache_key or fields.user,
     )
 
 

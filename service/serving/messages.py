@@ -57,7 +57,12 @@ async def create_message(
     slot = target.slot
     prompt = message_prompt(data)
     fields = SamplingFields(
-        model=data.model, temperature=data.temperature, top_p=data.top_p, top_k=data.top_k, stop=data.stop_sequences
+        model=data.model,
+        temperature=data.temperature,
+        top_p=data.top_p,
+        top_k=data.top_k,
+        stop=data.stop_sequences,
+        user=data.metadata.user_id if data.metadata is not None else None,
     )
     request = engine_request(
         fields,

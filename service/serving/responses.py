@@ -106,6 +106,8 @@ async def create_response(
         top_p=data.top_p,
         seed=data.seed,
         response_format=response_format(data),
+        user=data.user,
+        prompt_cache_key=data.prompt_cache_key,
     )
     # top_logprobs alone asks for them too: scores computed and not returned would be a silent drop.
     logprobs = "message.output_text.logprobs" in (data.include or ()) or bool(data.top_logprobs)

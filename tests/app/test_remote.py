@@ -67,6 +67,13 @@ def test_balancing_and_affinity(pool: tuple[LiveServer, list[Upstream]]) -> None
             messages = [{"role": "user", "content": "same"}, *[{"role": "assistant", "content": "x"}] * i]
             assert http.post("/v1/chat/completions", json={"model": "light", "messages": messages}).status_code == 200
         assert sorted(b - a for a, b in zip(before, _counts(front), strict=True)) == [0, 4]
+        for key, extra in (("prompt_cache_key", {}), ("user", {}), ("metadata", {"max_tokens": 8})):
+            before = _counts(front)  # the client's key wins over the conversation: other texts, one upstream
+            for i in range(4):
+                value: object = {"user_id": "u-7"} if key == "metadata" else "session-7"
+                path = "/v1/messages" if key == "metadata" else "/v1/chat/completions"
+                assert http.post(path, json=_chat(f"topic {i}", **{key: value}, **extra)).status_code == 200
+            assert sorted(b - a for a, b in zip(before, _counts(front), strict=True)) == [0, 4], key
     health = httpx.get(f"{front.url}/health").json()["tiers"]["light"]
     assert [u["state"] for u in health["upstreams"]] == ["healthy", "healthy"]
     metrics = httpx.get(f"{front.url}/metrics").text
