@@ -55,6 +55,8 @@ class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
     # Generation tiers: LoRA adapters by name -> path (`<TIER>_ADAPTERS=legal-qa=/a.gguf,chat=/b`).
     adapters: dict[AdapterName, str] = {}
     pin: bool = False  # never unloaded, neither when idle nor by POST /v1/models/{id}/unload
+    # Generation tiers: the tier (a remote one, say) that takes the requests this one's full queue would refuse.
+    overflow: str | None = None
     # Engine-specific options; service.settings refuses each one on tiers it does not apply to.
     prefix_cache_entries: NonNeg = 4  # MLX: KV caches of recent conversations kept for reuse
     # llama.cpp: the KV pool's total tokens, split evenly between the MAX_BATCH sequences;

@@ -204,6 +204,7 @@ class Telemetry:
                 "model": v.model,
                 "state": v.state,
                 "requests": self.tier_totals.get(v.tier, _Totals()).view(),
+                "overflowed": v.overflowed,
                 **self._rates(mine),
                 "in_flight": v.in_flight,
                 "queued": v.queued,
@@ -291,6 +292,9 @@ class _LiveCollector:
             "llmservice_queue_depth", "Requests (generation) or inputs waiting for a tier's model", labels=["tier"]
         )
         busy = GaugeMetricFamily("llmservice_worker_busy", "1 while a tier's model runs", labels=["tier"])
+        overflowed = CounterMetricFamily(
+            "llmservice_overflowed", "Requests a full queue passed on to the tier's OVERFLOW tier", labels=["tier"]
+        )
         processed = CounterMetricFamily(
             "llmservice_worker_processed", "Jobs (generation) or batches (embedding, rerank) finished", labels=["tier"]
         )
@@ -313,6 +317,8 @@ class _LiveCollector:
                 upstream_load.add_metric([v.tier, u["url"]], u["in_flight"])
                 upstream_errors.add_metric([v.tier, u["url"]], u["errors"])
             queue.add_metric([v.tier], v.queued)
+            if v.overflowed:
+                overflowed.add_metric([v.tier], v.overflowed)
             if v.worker is not None:
                 busy.add_metric([v.tier], 1 if v.busy else 0)
                 processed.add_metric([v.tier], v.processed)
@@ -320,7 +326,7 @@ class _LiveCollector:
                 load.add_metric([v.tier], v.load_seconds)
             if v.memory_bytes:
                 size.add_metric([v.tier], v.memory_bytes)
-        yield from (queue, busy, processed, state, load, size, up, upstream_load, upstream_errors)
+        yield from (queue, busy, processed, overflowed, state, load, size, up, upstream_load, upstream_errors)
 
         hits = CounterMetricFamily("llmservice_cache_hits", "Cache hits", labels=["cache", "kind"])
         misses = CounterMetricFamily("llmservice_cache_misses", "Cache misses", labels=["cache", "kind"])
@@ -363,6 +369,8 @@ class TelemetryMiddleware:
                 headers["X-Process-Time"] = f"{(time.monotonic() - record.started) * 1000:.3f}"
                 if record.cache is not None:
                     headers["X-Cache"] = record.cache.upper()
+                if record.tier is not None:  # which tier answered: OVERFLOW may pass a request on
+                    headers["X-LLMService-Tier"] = record.tier
                 if (rl := record.rate_limit) is not None:
                     headers["X-RateLimit-Limit"] = str(rl.limit)
                     headers["X-RateLimit-Remaining"] = str(rl.remaining)

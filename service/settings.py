@@ -97,6 +97,7 @@ _SERVER_FIELDS = {f for f in Settings.__struct_fields__ if f != "tiers"}
 # Options that mean something only to some families: set elsewhere they would be silently ignored.
 _FAMILY_ONLY: dict[str, tuple[str, ...]] = {
     "chat_template": GENERATION_TIERS,
+    "overflow": GENERATION_TIERS,
     "adapters": GENERATION_TIERS,
     "max_batch": GENERATION_TIERS,
     "prefix_cache_entries": GENERATION_TIERS,
@@ -302,6 +303,18 @@ def _check_aliases(server: Settings, tiers: Mapping[str, TierSettings]) -> None:
             )
 
 
+def _check_overflow(tiers: Mapping[str, TierSettings]) -> None:
+    for name, tier in tiers.items():
+        if tier.overflow is None:
+            continue
+        var, target = f"{name.upper()}_OVERFLOW", tier.overflow
+        if target not in GENERATION_TIERS or target == name:
+            others = ", ".join(t for t in GENERATION_TIERS if t != name)
+            raise SettingsError(f"Invalid setting {var}={target!r}: another generation tier ({others})")
+        if target not in tiers or not tiers[target].configured:
+            raise SettingsError(f"Invalid setting {var}={target!r}: tier {target} is not configured")
+
+
 def parse_settings(env: Mapping[str, str]) -> Settings:
     """Build `Settings` from a flat mapping of variables; raise `SettingsError` naming a bad one."""
     env = {k.upper(): v for k, v in env.items() if v is not None}
@@ -314,6 +327,7 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
             f" ({server.chunk_size // 2})"
         )
     _check_aliases(server, tiers)
+    _check_overflow(tiers)
     for name, tier in tiers.items():
         _check_tier(tier, env)
         var = f"{name.upper()}_MAX_TOKENS"

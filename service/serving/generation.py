@@ -19,7 +19,7 @@ from typing import Any
 
 from backends.base import RANDOM_SEED, Chunk, FinishReason, GenerationRequest, ResponseFormat, Token, Usage
 from kernel.config import SAMPLING_FIELDS, Sampling, TierSettings
-from kernel.errors import InvalidRequestError, LLMServiceError, ModelUnavailableError
+from kernel.errors import InvalidRequestError, LLMServiceError, ModelUnavailableError, RateLimitError
 from service.cache import CachedGeneration, ResponseCache
 from service.metrics import RequestRecord
 from service.schemas.chat import ChoiceLogprobs
@@ -39,6 +39,7 @@ from service.serving.thinking import ThinkingControl
 from service.settings import Settings
 from service.tiers.families import GENERATION
 from service.tiers.registry import Registry, Target
+from service.tiers.slots import TierSlot
 from service.tiers.workers import ChunkStream
 
 
@@ -139,8 +140,22 @@ class Generation:
                     f"Adapter {adapter.name} of tier {slot.name} failed to load: {adapter.error}"
                 )
             adapter.requests += 1
-        stream = GENERATION.generate(slot, request, background=background)
+        try:
+            stream = GENERATION.generate(slot, request, background=background)
+        except RateLimitError as exc:
+            spare = self._overflow(slot, target, exc)
+            stream = GENERATION.generate(await self.registry.ensure_loaded(spare), request, background=background)
+            slot.overflowed += 1
+            record.tier, key = spare.name, None  # another model's answer: not stored under this tier's key
         return _Recording(stream, record, None if key is None else functools.partial(self.cache.put, key))
+
+    def _overflow(self, slot: TierSlot, target: Target, full: RateLimitError) -> TierSlot:
+        """The tier that takes what `slot`'s full queue refused (`<TIER>_OVERFLOW`), one hop only;
+        else `full` again. An adapter's request stays: the other tier lacks the adapter."""
+        spare = self.registry.slots.get(slot.settings.overflow or "")
+        if full.code != "queue_full" or spare is None or target.adapter is not None:
+            raise full
+        return spare
 
     async def tokens(self, target: Target, request: GenerationRequest) -> Tokens:
         """The prompt's tokens as generation would see them (chat template and tools applied),

@@ -69,6 +69,7 @@ class TierView:
     loaded_at: float | None  # only while loaded
     last_used: float | None
     requests: int
+    overflowed: int  # requests passed on to the OVERFLOW tier because the queue was full
     in_flight: int
     queued: int
     busy: bool
@@ -110,6 +111,7 @@ class TierSlot:
     card: dict[str, float] | None = None
     last_used: float | None = None
     requests: int = 0
+    overflowed: int = 0
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)  # generation tiers: LoRA adapters
     load_task: asyncio.Task[None] | None = field(default=None, repr=False)
     draining: asyncio.Task[None] | None = field(default=None, repr=False)  # an unload finishing its requests
@@ -174,6 +176,7 @@ class TierSlot:
             loaded_at=self.loaded_at if loaded else None,
             last_used=self.last_used,
             requests=self.requests,
+            overflowed=self.overflowed,
             in_flight=executor.in_flight if executor else 0,
             queued=executor.waiting if executor else 0,
             busy=bool(executor and executor.busy),

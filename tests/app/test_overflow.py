@@ -1,0 +1,98 @@
+"""`<TIER>_OVERFLOW`: what a tier's full queue would refuse goes to another tier, one hop only."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+
+from service.settings import SettingsError, parse_settings
+from service.testing import counting, fake_engines
+from tests.live import LiveServer, error_of, live_server
+
+# One running and one waiting request fill a tier; light passes the rest on to medium.
+ENV = {
+    "LIGHT_MODEL_PATH": "fake/light",
+    "MEDIUM_MODEL_PATH": "fake/medium",
+    "LIGHT_OVERFLOW": "medium",
+    **{f"{tier}_{key}": "1" for tier in ("LIGHT", "MEDIUM") for key in ("MAX_BATCH", "MAX_QUEUE")},
+}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LiveServer]:
+    engines = fake_engines(reply=counting, token_seconds=0.02)  # ~20 s an answer: they hold their tier
+    with live_server(ENV, wait_for=("light", "medium"), engines=engines) as live:
+        yield live
+
+
+def _chat(**extra: object) -> dict[str, object]:
+    return {"model": "light", "messages": [{"role": "user", "content": "count"}], **extra}
+
+
+async def _queued(http: httpx.AsyncClient, tier: str, running: int, queued: int) -> None:
+    """Until /v1/stats shows the tier with that many requests running and waiting."""
+    while True:
+        stats = (await http.get("/v1/stats")).json()["tiers"][tier]
+        if (stats["in_flight"] - stats["queued"], stats["queued"]) == (running, queued):
+            return
+        await asyncio.sleep(0.02)
+
+
+async def _holding(http: httpx.AsyncClient, release: asyncio.Event, tiers: list[str]) -> None:
+    """A long streamed answer, held open (its tier busy) until `release`; notes the tier that took it."""
+    async with http.stream("POST", "/v1/chat/completions", json=_chat(stream=True)) as res:
+        assert res.status_code == 200
+        tiers.append(res.headers["x-llmservice-tier"])
+        lines: AsyncIterator[str] = res.aiter_lines()
+        await anext(lines)
+        await release.wait()
+
+
+def test_a_full_queue_passes_requests_to_the_overflow_tier(server: LiveServer) -> None:
+    async def scenario() -> None:
+        release, tiers = asyncio.Event(), list[str]()
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+            held = [asyncio.create_task(_holding(http, release, tiers))]
+            await _queued(http, "light", 1, 0)
+            held.append(asyncio.create_task(_holding(http, release, tiers)))  # waits on light: it is full
+            await _queued(http, "light", 1, 1)
+
+            res = await http.post("/v1/chat/completions", json=_chat(max_tokens=3))
+            assert res.status_code == 200, res.text
+            assert res.headers["x-llmservice-tier"] == "medium"
+            assert res.json()["choices"][0]["message"]["content"].startswith("4,5")
+            assert res.json()["model"] == "light"  # the name the client asked for
+
+            held.append(asyncio.create_task(_holding(http, release, tiers)))  # streamed: medium runs it
+            await _queued(http, "medium", 1, 0)
+            held.append(asyncio.create_task(_holding(http, release, tiers)))  # and then holds it waiting
+            await _queued(http, "medium", 1, 1)
+            # Both full: a 429 from light, never a second hop.
+            error = error_of(await http.post("/v1/chat/completions", json=_chat(max_tokens=3)), 429)
+            assert error["code"] == "queue_full"
+
+            stats = (await http.get("/v1/stats")).json()["tiers"]
+            assert (stats["light"]["overflowed"], stats["medium"]["overflowed"]) == (3, 0)
+            assert 'llmservice_overflowed_total{tier="light"} 3.0' in (await http.get("/metrics")).text
+            release.set()
+            await asyncio.gather(*held)
+            assert sorted(tiers) == ["light", "light", "medium", "medium"]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [("light", "another generation tier"), ("embedding", "another generation tier"), ("heavy", "not configured")],
+)
+def test_an_overflow_must_name_another_configured_generation_tier(value: str, why: str) -> None:
+    with pytest.raises(SettingsError, match=f"LIGHT_OVERFLOW='{value}': .*{why}"):
+        parse_settings({"LIGHT_MODEL_PATH": "fake/light", "MEDIUM_MODEL_PATH": "fake/m", "LIGHT_OVERFLOW": value})
+
+
+def test_only_generation_tiers_overflow() -> None:
+    with pytest.raises(SettingsError, match="EMBEDDING_OVERFLOW does not apply"):
+        parse_settings({"EMBEDDING_MODEL_PATH": "fake/e", "EMBEDDING_OVERFLOW": "light"})
