@@ -84,6 +84,29 @@ def test_a_full_queue_passes_requests_to_the_overflow_tier(server: LiveServer) -
     asyncio.run(scenario())
 
 
+def test_messages_and_responses_overflow_too(server: LiveServer) -> None:
+    async def scenario() -> None:
+        release, tiers = asyncio.Event(), list[str]()
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+            held = [asyncio.create_task(_holding(http, release, tiers))]
+            await _queued(http, "light", 1, 0)
+            held.append(asyncio.create_task(_holding(http, release, tiers)))
+            await _queued(http, "light", 1, 1)
+            user = [{"role": "user", "content": "count"}]
+            messages = await http.post("/v1/messages", json={"model": "light", "max_tokens": 3, "messages": user})
+            responses = await http.post(
+                "/v1/responses", json={"model": "light", "max_output_tokens": 3, "input": "count"}
+            )
+            for res in (messages, responses):
+                assert res.status_code == 200, res.text
+                assert res.headers["x-llmservice-tier"] == "medium"
+                assert res.json()["model"] == "light"
+            release.set()
+            await asyncio.gather(*held)
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize(
     ("value", "why"),
     [("light", "another generation tier"), ("embedding", "another generation tier"), ("heavy", "not configured")],
