@@ -116,14 +116,6 @@ def test_an_overflow_must_name_another_configured_generation_tier(value: str, wh
         parse_settings({"LIGHT_MODEL_PATH": "fake/light", "MEDIUM_MODEL_PATH": "fake/m", "LIGHT_OVERFLOW": value})
 
 
-def test_overflow_tiers_must_not_form_a_cycle() -> None:
-    env = {f"{t}_MODEL_PATH": f"fake/{t}" for t in ("LIGHT", "MEDIUM", "HEAVY")}
-    parse_settings({**env, "LIGHT_OVERFLOW": "medium", "MEDIUM_OVERFLOW": "heavy"})  # a chain is fine
-    cycle = {**env, "LIGHT_OVERFLOW": "medium", "MEDIUM_OVERFLOW": "heavy", "HEAVY_OVERFLOW": "light"}
-    with pytest.raises(SettingsError, match=r"LIGHT_OVERFLOW='medium': .*cycle \(light -> medium -> heavy -> light\)"):
-        parse_settings(cycle)
-
-
 def test_only_generation_tiers_overflow() -> None:
     with pytest.raises(SettingsError, match="EMBEDDING_OVERFLOW does not apply"):
         parse_settings({"EMBEDDING_MODEL_PATH": "fake/e", "EMBEDDING_OVERFLOW": "light"})
