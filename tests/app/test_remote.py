@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from websockets.sync.client import connect
 
 from tests.live import LiveServer, error_of, live_server
 from tests.upstreams import Upstream, bad_server, upstreams
@@ -284,3 +285,23 @@ def test_what_needs_a_local_model_is_a_400(pool: tuple[LiveServer, list[Upstream
         assert error_of(http.post("/v1/completions", json=echo), 400)["param"] == "echo"
         # The prefix caches are the upstreams' own: clearing ours skips the remote tier.
         assert http.post("/v1/cache/clear", json={"target": "prefix"}).json()["cleared"]["prefix"]["tiers"] == []
+
+
+def test_websocket_and_rag_over_remote_tiers(pool: tuple[LiveServer, list[Upstream]]) -> None:
+    front, _ = pool
+    with connect(front.url.replace("http://", "ws://") + "/v1/ws") as ws:
+        ws.send(json.dumps({"type": "chat.completions", "id": "w", "body": {**_chat("over the socket"), "stream": True}}))
+        messages = []
+        while not messages or messages[-1]["type"] != "done":
+            messages.append(json.loads(ws.recv(timeout=60)))
+    text = "".join(c["delta"].get("content") or "" for m in messages[:-1] for c in m["data"]["choices"])
+    assert text == "over the socket"
+
+    with front.client() as http:  # a collection embedded upstream, answered by the remote light tier
+        assert http.post("/v1/collections", json={"name": "remote-kb"}).status_code == 200
+        docs = [{"id": "mascot", "text": "The mascot is a quill."}, {"id": "dough", "text": "Let dough rise."}]
+        assert http.post("/v1/collections/remote-kb/documents", json={"documents": docs}).status_code == 200
+        ask = {**_chat("What is the mascot?"), "rag": {"top_k": 2}}
+        res = http.post("/v1/collections/remote-kb/chat/completions", json=ask)
+        assert res.status_code == 200, res.text
+        assert res.json()["documents_retrieved"] == 2 and res.json()["choices"][0]["message"]["content"]
