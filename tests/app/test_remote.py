@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -290,8 +291,9 @@ def test_what_needs_a_local_model_is_a_400(pool: tuple[LiveServer, list[Upstream
 def test_websocket_and_rag_over_remote_tiers(pool: tuple[LiveServer, list[Upstream]]) -> None:
     front, _ = pool
     with connect(front.url.replace("http://", "ws://") + "/v1/ws") as ws:
-        ws.send(json.dumps({"type": "chat.completions", "id": "w", "body": {**_chat("over the socket"), "stream": True}}))
-        messages = []
+        body = {**_chat("over the socket"), "stream": True}
+        ws.send(json.dumps({"type": "chat.completions", "id": "w", "body": body}))
+        messages: list[dict[str, Any]] = []
         while not messages or messages[-1]["type"] != "done":
             messages.append(json.loads(ws.recv(timeout=60)))
     text = "".join(c["delta"].get("content") or "" for m in messages[:-1] for c in m["data"]["choices"])
