@@ -23,6 +23,7 @@ from kernel.errors import (
 )
 from service.settings import TIERS, Settings, model_aliases
 from service.tiers import routing
+from service.tiers.budget import Holding, MemoryBudget, MemoryBudgetExceeded, default_budget
 from service.tiers.executor import Executor
 from service.tiers.families import FAMILIES, GENERATION, EngineFactories
 from service.tiers.model_paths import disk_size, resolve_model_path
@@ -42,6 +43,7 @@ class Registry:
         # One model load at a time, in tier order at start-up: two libraries initialising a GPU
         # runtime at once (torch and llama.cpp's CUDA build) is what a load must never race into.
         self._loading = asyncio.Lock()
+        self.budget = MemoryBudget(settings.memory_budget if settings.memory_budget is not None else default_budget())
         self.slots: dict[str, TierSlot] = {}
         for name in TIERS:
             tier = settings.tier(name)
@@ -88,16 +90,23 @@ class Registry:
             await asyncio.shield(slot.load_task)
         if slot.state is not TierState.LOADED:
             return 0
+        pending, executor, engine = self._withdraw(slot)
+        await self._retire(slot, executor, engine)
+        log.info("Tier %s: unloaded", slot.name)
+        return pending
+
+    def _withdraw(self, slot: TierSlot) -> tuple[int, Executor | None, _Closable | None]:
+        """Take a loaded model out of service at once (no await: nothing can pick it meanwhile);
+        what it holds is freed by `_retire`."""
         pending, executor, engine = slot.in_flight, slot.executor, slot.engine
         slot.worker = slot.engine = slot.batcher = None
         slot.state = TierState.AVAILABLE
+        self.budget.release(slot.name)
         for adapter in slot.adapters.values():
             if adapter.status == "loaded":
                 adapter.status = "available"  # loads again with the model
         log.info("Tier %s: unloading %s (%d requests in flight finish first)", slot.name, slot.id, pending)
-        await self._retire(slot, executor, engine)
-        log.info("Tier %s: unloaded", slot.name)
-        return pending
+        return pending, executor, engine
 
     async def _retire(self, slot: TierSlot, executor: Executor | None, engine: _Closable | None) -> None:
         """Free a model taken out of `slot` once the requests it already accepted have finished."""
@@ -157,25 +166,67 @@ class Registry:
         progress = asyncio.create_task(_log_progress(slot.name, started))
         try:
             await self._load_dependency(slot)
-            async with self._loading:
+            async with self._loading:  # room is made in load order: the start-up order holds
+                await self._make_room(slot)
                 await asyncio.to_thread(self._load_sync, slot)
+        except MemoryBudgetExceeded as exc:  # not a broken model: the next request tries again
+            slot.state, slot.error = TierState.AVAILABLE, exc.message
+            log.warning("Tier %s: not loaded: %s", slot.name, exc.message)
+            raise
         except LLMServiceError as exc:
+            self.budget.release(slot.name)
             slot.state, slot.error = TierState.FAILED, exc.message
             log.error("Tier %s: failed to load: %s", slot.name, exc.message)
             return
         except Exception as exc:
+            self.budget.release(slot.name)
             slot.state, slot.error = TierState.FAILED, f"{type(exc).__name__}: {exc}"
             log.exception("Tier %s: failed to load", slot.name)
             return
         finally:
             progress.cancel()
         slot.load_seconds = time.monotonic() - started
+        self.budget.settle(slot.name, self._held_bytes(slot))
         slot.loaded_at = time.time()
         slot.state = TierState.LOADED
         sampling = f"; sampling defaults {slot.sampling_text()}" if slot.card is not None else ""
         log.info(
             "Tier %s: %s loaded on %s in %.1f s%s", slot.name, slot.id, slot.engine_name, slot.load_seconds, sampling
         )
+
+    async def _make_room(self, slot: TierSlot) -> None:
+        """Reserve the load's estimate within MEMORY_BUDGET, first unloading the least recently used
+        idle models it needs gone (a 503 naming what holds the memory if that is not enough)."""
+        if slot.remote:
+            return
+        path = await asyncio.to_thread(resolve_model_path, slot.settings.model_path or "")
+        estimate = await asyncio.to_thread(self.engines.estimate, slot.settings, path) or 0
+        slot.estimate_bytes = estimate
+        admission = self.budget.admit(slot.name, estimate, self._holdings())
+        victims = [self.slots[name] for name in admission.victims]
+        withdrawn = [(v, *self._withdraw(v)[1:]) for v in victims]  # all at once: none serves again meanwhile
+        for victim, executor, engine in withdrawn:
+            log.info("Tier %s: unloaded to make room for %s (MEMORY_BUDGET)", victim.name, slot.name)
+            await self._retire(victim, executor, engine)
+
+    def _holdings(self) -> list[Holding]:
+        return [
+            Holding(
+                s.name,
+                s.last_used or s.loaded_at or 0.0,
+                pinned=s.settings.pin,
+                busy=bool(s.in_flight or (s.executor and s.executor.waiting)),
+                loading=s.state is TierState.LOADING or (s.draining is not None and not s.draining.done()),
+            )
+            for s in self.slots.values()
+        ]
+
+    @staticmethod
+    def _held_bytes(slot: TierSlot) -> int:
+        """What a loaded model holds: its files plus the KV its engine reports, else the estimate."""
+        if slot.size_bytes is None:
+            return slot.estimate_bytes or 0
+        return slot.size_bytes + (slot.kv_bytes or 0)
 
     def _load_sync(self, slot: TierSlot) -> None:
         remote = slot.settings.backend == "remote"  # no files: its upstreams hold the model

@@ -105,6 +105,7 @@ class TierSlot:
     loaded_at: float | None = None
     path: str | None = None  # MODEL_PATH resolved to a file or folder, once loaded
     size_bytes: int | None = None  # on disk
+    estimate_bytes: int | None = None  # what the memory budget reserved for the load
     # Kept across loads.
     # Generation tiers: the model card's sampling defaults (`EngineInfo.sampling`); None until a load read them.
     card: dict[str, float] | None = None
