@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from kernel.config import TierSettings
 from kernel.errors import ModelUnavailableError
@@ -108,6 +109,10 @@ class MemoryBudget:
         """Replace a loaded model's estimate with what its engine reports."""
         if name in self._held:
             self._held[name] = actual
+
+    def view(self) -> dict[str, Any]:
+        """/health's `memory`: the budget (null: unlimited), what is held and by which model."""
+        return {"budget_bytes": self.total, "used_bytes": self.used, "models": self.holdings()}
 
     def release(self, name: str) -> None:
         self._held.pop(name, None)

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Mapping
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from backends.base import GenerationRequest
 from backends.fake import FakeBackend
@@ -21,6 +22,7 @@ from service.testing import counting, fake_engines
 from service.tiers.families import GENERATION, EngineFactories
 from service.tiers.registry import Registry
 from service.tiers.slots import TierState
+from tests.live import fake_app
 
 GiB = 2**30
 SIZES = {"fake/light": 4 * GiB, "fake/medium": 5 * GiB, "fake/heavy": 6 * GiB}
@@ -202,3 +204,29 @@ def test_settings_without_a_budget_default_to_the_device_memory_less_a_margin() 
     reg = Registry(parse_settings({}), EngineFactories())
     assert reg.budget.total == default_budget()
     assert TierSettings().n_ctx  # the estimate reads the tier's settings
+
+
+def test_http_shows_the_budget_and_answers_503_naming_the_holder() -> None:
+    env = {
+        "MEMORY_BUDGET": "8GiB",
+        "LIGHT_MODEL_PATH": "fake/light",
+        "LIGHT_PIN": "true",
+        "HEAVY_MODEL_PATH": "fake/heavy",
+        "HEAVY_PRELOAD": "false",
+    }
+    with fake_app(env, engines=fake_engines(sizes=SIZES)) as http:
+        memory = http.get("/health").json()["memory"]
+        assert memory == {"budget_bytes": 8 * GiB, "used_bytes": 4 * GiB, "models": {"light": 4 * GiB}}
+        res = http.post(
+            "/v1/chat/completions", json={"model": "heavy", "messages": [{"role": "user", "content": "hi"}]}
+        )
+        assert res.status_code == 503
+        error = res.json()["error"]
+        assert error["code"] == "memory_budget_exceeded" and "light 4.00 GiB (pinned)" in error["message"]
+        samples = {
+            (m.name, tuple(m.labels.items())): m.value
+            for family in text_string_to_metric_families(http.get("/metrics").text)
+            for m in family.samples
+        }
+        assert samples[("llmservice_memory_budget_bytes", ())] == 8 * GiB
+        assert samples[("llmservice_memory_held_bytes", (("tier", "light"),))] == 4 * GiB
