@@ -24,6 +24,7 @@ from kernel.errors import (
 from service.settings import TIERS, Settings, model_aliases
 from service.tiers import routing
 from service.tiers.budget import Holding, MemoryBudget, MemoryBudgetExceeded, default_budget
+from service.tiers.catalogue import Catalogue, CatalogueEntry
 from service.tiers.executor import Executor
 from service.tiers.families import FAMILIES, GENERATION, EngineFactories
 from service.tiers.model_paths import disk_size, resolve_model_path
@@ -31,6 +32,9 @@ from service.tiers.routing import model_name, shown
 from service.tiers.slots import AdapterRecord, TierSlot, TierState
 
 log = logging.getLogger(__name__)
+
+# The tier whose family (engine, executor, requests) a catalogue model of each kind belongs to.
+_CATALOGUE_FAMILY = {"generation": "light", "embedding": "embedding", "reranker": "reranker"}
 
 
 class Registry:
@@ -43,6 +47,7 @@ class Registry:
         # One model load at a time, in tier order at start-up: two libraries initialising a GPU
         # runtime at once (torch and llama.cpp's CUDA build) is what a load must never race into.
         self._loading = asyncio.Lock()
+        self.catalogue = Catalogue(settings.models_dir)
         self.budget = MemoryBudget(settings.memory_budget if settings.memory_budget is not None else default_budget())
         self.slots: dict[str, TierSlot] = {}
         for name in TIERS:
@@ -148,7 +153,7 @@ class Registry:
 
     def _bound(self, slot: TierSlot) -> None:
         if slot.executor is not None:
-            limit = FAMILIES[slot.name].queue_limit(slot.settings, self.settings.max_batch_inputs)
+            limit = FAMILIES[slot.family_key].queue_limit(slot.settings, self.settings.max_batch_inputs)
             slot.executor.set_queue_limit(limit)
 
     def _begin_load(self, slot: TierSlot) -> asyncio.Task[None]:
@@ -223,10 +228,10 @@ class Registry:
 
     @staticmethod
     def _held_bytes(slot: TierSlot) -> int:
-        """What a loaded model holds: its files plus the KV its engine reports, else the estimate."""
-        if slot.size_bytes is None:
+        """What a loaded model holds: its files plus the KV its engine reports (llama.cpp), else the estimate."""
+        if slot.size_bytes is None or slot.kv_bytes is None:
             return slot.estimate_bytes or 0
-        return slot.size_bytes + (slot.kv_bytes or 0)
+        return slot.size_bytes + slot.kv_bytes
 
     def _load_sync(self, slot: TierSlot) -> None:
         remote = slot.settings.backend == "remote"  # no files: its upstreams hold the model
@@ -234,7 +239,7 @@ class Registry:
         slot.path, slot.size_bytes = path or None, None if remote else disk_size(path)
         if slot.size_bytes is not None:
             log.info("Tier %s: reading %s (%.0f MiB)", slot.name, path, slot.size_bytes / 2**20)
-        FAMILIES[slot.name].load(slot, path, self.engines, self.slots)
+        FAMILIES[slot.family_key].load(slot, path, self.engines, self.slots)
         self._bound(slot)
 
     async def _load_dependency(self, slot: TierSlot) -> None:
@@ -294,12 +299,31 @@ class Registry:
         return routing.configured(self.slots)
 
     def resolve(self, model: str) -> TierSlot:
+        """A tier's exact name first, then a catalogue id (a model in MODELS_DIR, given a slot of its
+        own on first use), then aliases and the tiers' name patterns."""
+        key = model.strip()
+        if routing.exact(key.lower(), self.slots) is None and (entry := self.catalogue.get(key)) is not None:
+            return self._catalogue_slot(entry)
         return routing.resolve(model, self.slots, self.aliases)
+
+    def _catalogue_slot(self, entry: CatalogueEntry) -> TierSlot:
+        """The slot of a catalogue model: loaded on first use with its family's defaults, then kept,
+        unloaded and evicted like any tier (KEEP_ALIVE, unload, the memory budget)."""
+        slot = self.slots.get(entry.id)
+        if slot is None or slot.settings.model_path != entry.path:
+            limit = self.settings.max_tokens_limit
+            settings = TierSettings(
+                name=entry.id, model_path=entry.path, preload=False, max_tokens=min(TierSettings().max_tokens, limit)
+            )
+            family = _CATALOGUE_FAMILY[entry.kind]
+            slot = TierSlot(entry.id, settings, TierState.AVAILABLE, model=entry.id, family=family)
+            self.slots[entry.id] = slot
+        return slot
 
     def generation_slot(self, model: str) -> TierSlot:
         """The generation tier for `model`, without loading it (a cached answer needs no model)."""
         slot = self._configured(model)
-        if FAMILIES[slot.name] is not GENERATION:
+        if FAMILIES[slot.family_key] is not GENERATION:
             raise ModelNotFoundError(
                 f"Model {shown(model)} is served by the {slot.name} tier, which does not generate text"
             )
@@ -337,7 +361,7 @@ class Registry:
                 param="adapter" if adapter is not None else "model",
             )
         slot = self._configured(model)
-        if slot.name != tier:
+        if slot.family_key != tier:
             raise InvalidRequestError(
                 f"Model {shown(model)} is served by the {slot.name} tier; this endpoint needs the {tier} tier",
                 param="model",
@@ -366,7 +390,7 @@ class Registry:
     async def load_adapter(self, slot: TierSlot, name: str, path: str) -> AdapterRecord:
         """Load an adapter into the tier's model now (loading the model first if need be); it is
         kept for the tier from then on, across model reloads, until unloaded."""
-        if FAMILIES[slot.name] is not GENERATION:
+        if FAMILIES[slot.family_key] is not GENERATION:
             raise InvalidRequestError(f"Tier {slot.name} does not generate text: no adapters", param="model")
         existing = slot.adapters.get(name)
         if existing is not None:

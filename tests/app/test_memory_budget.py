@@ -9,7 +9,9 @@ import functools
 import random
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -230,3 +232,28 @@ def test_http_shows_the_budget_and_answers_503_naming_the_holder() -> None:
         }
         assert samples[("llmservice_memory_budget_bytes", ())] == 8 * GiB
         assert samples[("llmservice_memory_held_bytes", (("tier", "light"),))] == 4 * GiB
+
+
+def test_a_catalogue_model_loads_on_first_use_within_the_budget(tmp_path: Path) -> None:
+    from tests.unit.test_catalogue import write_gguf
+
+    for name in ("alpha-q4", "beta-q4"):
+        write_gguf(tmp_path / f"{name}.gguf")
+    sizes = {str(tmp_path / "alpha-q4.gguf"): 3 * GiB, str(tmp_path / "beta-q4.gguf"): 3 * GiB, **SIZES}
+    env = {"MODELS_DIR": str(tmp_path), "MEMORY_BUDGET": "8GiB", "LIGHT_MODEL_PATH": "fake/light"}
+    with fake_app(env, engines=fake_engines(sizes=sizes)) as http:
+
+        def ask(model: str) -> httpx.Response:
+            return http.post(
+                "/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "hi"}]}
+            )
+
+        res = ask("alpha-q4")
+        assert res.status_code == 200 and res.json()["choices"][0]["message"]["content"] == "hi"
+        assert http.get("/health").json()["memory"]["models"] == {"light": 4 * GiB, "alpha-q4": 3 * GiB}
+        assert ask("light").status_code == 200
+        assert ask("beta-q4").status_code == 200  # alpha (idle, least recently used) makes room
+        assert http.get("/health").json()["memory"]["models"] == {"light": 4 * GiB, "beta-q4": 3 * GiB}
+        models = {m["id"]: m["status"] for m in http.get("/v1/models").json()["data"]}
+        assert models["alpha-q4/alpha-q4"] == "available" and models["beta-q4/beta-q4"] == "loaded"
+        assert ask("gamma").status_code == 404
