@@ -338,6 +338,13 @@ class _LiveCollector:
             misses.add_metric(["prefix", tier], prefix.requests - prefix.hits)
         yield hits
         yield misses
+        budget = t.registry.budget
+        if budget.total is not None:
+            yield GaugeMetricFamily("llmservice_memory_budget_bytes", "MEMORY_BUDGET models load within", budget.total)
+        held = GaugeMetricFamily("llmservice_memory_held_bytes", "Memory budget held by each model", labels=["tier"])
+        for name, held_bytes in budget.holdings().items():
+            held.add_metric([name], held_bytes)
+        yield held
         stats = t.cache.stats()
         yield GaugeMetricFamily("llmservice_response_cache_entries", "Entries in the response cache", stats["entries"])
         yield GaugeMetricFamily("llmservice_response_cache_bytes", "Bytes held by the response cache", stats["bytes"])

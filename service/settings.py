@@ -61,6 +61,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     models_dir: str = ""  # POST /v1/models/{id}/load accepts model_path only under this folder
     # A request for a tier that is loading waits this long, then gets 503 with Retry-After.
     load_wait_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0
+    # Bytes models may hold together (MEMORY_BUDGET=12GiB); None: the device's memory less a margin.
+    memory_budget: NonNeg | None = None
     stats_window_seconds: Positive = 60  # the recent window of /v1/stats rates and percentiles
     # RAG collections: Qdrant embedded in this folder, or the Qdrant server at COLLECTIONS_URL.
     collections_dir: str = ".data/collections"
@@ -318,6 +320,12 @@ def _check_overflow(tiers: Mapping[str, TierSettings]) -> None:
 def parse_settings(env: Mapping[str, str]) -> Settings:
     """Build `Settings` from a flat mapping of variables; raise `SettingsError` naming a bad one."""
     env = {k.upper(): v for k, v in env.items() if v is not None}
+    if "MEMORY_BUDGET" in env:  # a size with a unit (12GiB), parsed here once
+        budget = env["MEMORY_BUDGET"].strip()
+        try:
+            env = {**env, "MEMORY_BUDGET": str(parse_size(budget))} if budget else _without(env, "MEMORY_BUDGET")
+        except ValueError as exc:
+            raise SettingsError(f"Invalid setting MEMORY_BUDGET={budget!r}: {exc}") from None
     raw = _collect(env)
     tiers = {name: _convert(fields, TierSettings, f"{name.upper()}_", env) for name, fields in raw.pop("tiers").items()}
     server: Settings = _convert(raw, Settings, "", env)
@@ -338,6 +346,25 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
             continue
         raise SettingsError(f"Invalid setting {var}={env[var]!r}: above MAX_TOKENS_LIMIT={server.max_tokens_limit}")
     return msgspec.structs.replace(server, tiers=tiers)
+
+
+def _without(env: Mapping[str, str], key: str) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k != key}
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_SIZE_UNITS |= {u.removesuffix("b"): m for u, m in _SIZE_UNITS.items() if u.endswith("b") and len(u) == 2}
+_SIZE_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """`12GiB`, `500MB`, `1.5G` or a plain number of bytes."""
+    m = _SIZE.match(text)
+    unit = m[2].lower() if m else ""
+    if m is None or unit not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {text!r} (bytes, or a number with KB/MB/GB/TB or KiB/MiB/GiB/TiB)")
+    return int(float(m[1]) * _SIZE_UNITS[unit])
 
 
 def load_settings(env_file: str | Path | None = ".env", environ: Mapping[str, str] | None = None) -> Settings:

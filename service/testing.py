@@ -26,11 +26,13 @@ def fake_engines(
     load_seconds: float = 0.0,
     fails_to_load: Callable[[str], bool] | None = None,
     sampling: Mapping[str, float] | None = None,
+    sizes: Mapping[str, int] | None = None,
 ) -> EngineFactories:
     """`reply`: a generation tier's answer to a prompt's text; `token_seconds`: time per token;
     `load_seconds`: time a generation model's load takes; `fails_to_load(model_path)`: True for a
     generation model that fails to load (the tier is then `failed`, with the path in its error);
-    `sampling`: the sampling defaults the generation models' cards give."""
+    `sampling`: the sampling defaults the generation models' cards give; `sizes`: the bytes each
+    model (by MODEL_PATH) declares it holds, for the memory budget (others hold none)."""
     backend = functools.partial(
         FakeBackend,
         reply=reply,
@@ -39,7 +41,13 @@ def fake_engines(
         fails_to_load=fails_to_load,
         sampling=sampling,
     )
-    return EngineFactories(backend=backend, embedder=FakeEmbedder, reranker=FakeReranker)
+    declared = dict(sizes or {})
+    return EngineFactories(
+        backend=backend,
+        embedder=FakeEmbedder,
+        reranker=FakeReranker,
+        estimate=lambda tier, path: declared.get(path, 0),
+    )
 
 
 def counting(prompt: str) -> str:

@@ -31,7 +31,7 @@ class Caches:
             tiers = []
             for slot in self._registry.configured():
                 # A remote tier's prefix caches are its upstreams' own.
-                if FAMILIES[slot.name] is GENERATION and slot.state is TierState.LOADED and not slot.remote:
+                if FAMILIES[slot.family_key] is GENERATION and slot.state is TierState.LOADED and not slot.remote:
                     await GENERATION.on_model_thread(slot, lambda engine: engine.reset_prefix_cache())
                     tiers.append(slot.name)
             cleared["prefix"] = {"tiers": tiers}

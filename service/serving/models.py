@@ -49,6 +49,7 @@ class Models:
             "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
             "uptime_seconds": round(self._registry.uptime(), 1),
             "tiers": tiers,
+            "memory": self._registry.budget.view(),
         }
 
     def _card(self, slot: TierSlot, details: dict[str, Any] | None = None) -> ModelCard:

@@ -23,6 +23,7 @@ from rerankers.base import PairTokenizing, PairTokens, Reranker, RerankResult
 from rerankers.factory import create_reranker
 from rerankers.remote import rerank_body, rerank_results
 from service.settings import GENERATION_TIERS
+from service.tiers.budget import estimate_bytes
 from service.tiers.micro_batcher import MicroBatcher
 from service.tiers.slots import AdapterRecord, TierSlot
 from service.tiers.workers import ChunkStream, GenerationWorker
@@ -47,6 +48,8 @@ class EngineFactories:
     embedder: Callable[[TierSettings, str], Embedder] = create_embedder
     reranker: Callable[[TierSettings, str, Callable[[], Embedder]], Reranker] = create_reranker
     remote: Callable[[TierSettings], RemotePool] = create_remote  # BACKEND=remote: a pool of upstreams
+    # The bytes a load will hold, for the memory budget (None: unknown, counted as 0 until loaded).
+    estimate: Callable[[TierSettings, str], int | None] = estimate_bytes
 
 
 class Family(abc.ABC, Generic[E]):

@@ -23,6 +23,8 @@ from kernel.errors import (
 )
 from service.settings import TIERS, Settings, model_aliases
 from service.tiers import routing
+from service.tiers.budget import Holding, MemoryBudget, MemoryBudgetExceeded, default_budget
+from service.tiers.catalogue import Catalogue, CatalogueEntry
 from service.tiers.executor import Executor
 from service.tiers.families import FAMILIES, GENERATION, EngineFactories
 from service.tiers.model_paths import disk_size, resolve_model_path
@@ -30,6 +32,9 @@ from service.tiers.routing import model_name, shown
 from service.tiers.slots import AdapterRecord, TierSlot, TierState
 
 log = logging.getLogger(__name__)
+
+# The tier whose family (engine, executor, requests) a catalogue model of each kind belongs to.
+_CATALOGUE_FAMILY = {"generation": "light", "embedding": "embedding", "reranker": "reranker"}
 
 
 class Registry:
@@ -42,6 +47,8 @@ class Registry:
         # One model load at a time, in tier order at start-up: two libraries initialising a GPU
         # runtime at once (torch and llama.cpp's CUDA build) is what a load must never race into.
         self._loading = asyncio.Lock()
+        self.catalogue = Catalogue(settings.models_dir)
+        self.budget = MemoryBudget(settings.memory_budget if settings.memory_budget is not None else default_budget())
         self.slots: dict[str, TierSlot] = {}
         for name in TIERS:
             tier = settings.tier(name)
@@ -88,16 +95,23 @@ class Registry:
             await asyncio.shield(slot.load_task)
         if slot.state is not TierState.LOADED:
             return 0
+        pending, executor, engine = self._withdraw(slot)
+        await self._retire(slot, executor, engine)
+        log.info("Tier %s: unloaded", slot.name)
+        return pending
+
+    def _withdraw(self, slot: TierSlot) -> tuple[int, Executor | None, _Closable | None]:
+        """Take a loaded model out of service at once (no await: nothing can pick it meanwhile);
+        what it holds is freed by `_retire`."""
         pending, executor, engine = slot.in_flight, slot.executor, slot.engine
         slot.worker = slot.engine = slot.batcher = None
         slot.state = TierState.AVAILABLE
+        self.budget.release(slot.name)
         for adapter in slot.adapters.values():
             if adapter.status == "loaded":
                 adapter.status = "available"  # loads again with the model
         log.info("Tier %s: unloading %s (%d requests in flight finish first)", slot.name, slot.id, pending)
-        await self._retire(slot, executor, engine)
-        log.info("Tier %s: unloaded", slot.name)
-        return pending
+        return pending, executor, engine
 
     async def _retire(self, slot: TierSlot, executor: Executor | None, engine: _Closable | None) -> None:
         """Free a model taken out of `slot` once the requests it already accepted have finished."""
@@ -139,7 +153,7 @@ class Registry:
 
     def _bound(self, slot: TierSlot) -> None:
         if slot.executor is not None:
-            limit = FAMILIES[slot.name].queue_limit(slot.settings, self.settings.max_batch_inputs)
+            limit = FAMILIES[slot.family_key].queue_limit(slot.settings, self.settings.max_batch_inputs)
             slot.executor.set_queue_limit(limit)
 
     def _begin_load(self, slot: TierSlot) -> asyncio.Task[None]:
@@ -157,19 +171,27 @@ class Registry:
         progress = asyncio.create_task(_log_progress(slot.name, started))
         try:
             await self._load_dependency(slot)
-            async with self._loading:
+            async with self._loading:  # room is made in load order: the start-up order holds
+                await self._make_room(slot)
                 await asyncio.to_thread(self._load_sync, slot)
+        except MemoryBudgetExceeded as exc:  # not a broken model: the next request tries again
+            slot.state, slot.error = TierState.AVAILABLE, exc.message
+            log.warning("Tier %s: not loaded: %s", slot.name, exc.message)
+            raise
         except LLMServiceError as exc:
+            self.budget.release(slot.name)
             slot.state, slot.error = TierState.FAILED, exc.message
             log.error("Tier %s: failed to load: %s", slot.name, exc.message)
             return
         except Exception as exc:
+            self.budget.release(slot.name)
             slot.state, slot.error = TierState.FAILED, f"{type(exc).__name__}: {exc}"
             log.exception("Tier %s: failed to load", slot.name)
             return
         finally:
             progress.cancel()
         slot.load_seconds = time.monotonic() - started
+        self.budget.settle(slot.name, self._held_bytes(slot))
         slot.loaded_at = time.time()
         slot.state = TierState.LOADED
         sampling = f"; sampling defaults {slot.sampling_text()}" if slot.card is not None else ""
@@ -177,13 +199,47 @@ class Registry:
             "Tier %s: %s loaded on %s in %.1f s%s", slot.name, slot.id, slot.engine_name, slot.load_seconds, sampling
         )
 
+    async def _make_room(self, slot: TierSlot) -> None:
+        """Reserve the load's estimate within MEMORY_BUDGET, first unloading the least recently used
+        idle models it needs gone (a 503 naming what holds the memory if that is not enough)."""
+        if slot.remote:
+            return
+        path = await asyncio.to_thread(resolve_model_path, slot.settings.model_path or "")
+        estimate = await asyncio.to_thread(self.engines.estimate, slot.settings, path) or 0
+        slot.estimate_bytes = estimate
+        admission = self.budget.admit(slot.name, estimate, self._holdings())
+        victims = [self.slots[name] for name in admission.victims]
+        withdrawn = [(v, *self._withdraw(v)[1:]) for v in victims]  # all at once: none serves again meanwhile
+        for victim, executor, engine in withdrawn:
+            log.info("Tier %s: unloaded to make room for %s (MEMORY_BUDGET)", victim.name, slot.name)
+            await self._retire(victim, executor, engine)
+
+    def _holdings(self) -> list[Holding]:
+        return [
+            Holding(
+                s.name,
+                s.last_used or s.loaded_at or 0.0,
+                pinned=s.settings.pin,
+                busy=bool(s.in_flight or (s.executor and s.executor.waiting)),
+                loading=s.state is TierState.LOADING or (s.draining is not None and not s.draining.done()),
+            )
+            for s in self.slots.values()
+        ]
+
+    @staticmethod
+    def _held_bytes(slot: TierSlot) -> int:
+        """What a loaded model holds: its files plus the KV its engine reports (llama.cpp), else the estimate."""
+        if slot.size_bytes is None or slot.kv_bytes is None:
+            return slot.estimate_bytes or 0
+        return slot.size_bytes + slot.kv_bytes
+
     def _load_sync(self, slot: TierSlot) -> None:
         remote = slot.settings.backend == "remote"  # no files: its upstreams hold the model
         path = "" if remote else resolve_model_path(slot.settings.model_path or "")
         slot.path, slot.size_bytes = path or None, None if remote else disk_size(path)
         if slot.size_bytes is not None:
             log.info("Tier %s: reading %s (%.0f MiB)", slot.name, path, slot.size_bytes / 2**20)
-        FAMILIES[slot.name].load(slot, path, self.engines, self.slots)
+        FAMILIES[slot.family_key].load(slot, path, self.engines, self.slots)
         self._bound(slot)
 
     async def _load_dependency(self, slot: TierSlot) -> None:
@@ -243,12 +299,31 @@ class Registry:
         return routing.configured(self.slots)
 
     def resolve(self, model: str) -> TierSlot:
+        """A tier's exact name first, then a catalogue id (a model in MODELS_DIR, given a slot of its
+        own on first use), then aliases and the tiers' name patterns."""
+        key = model.strip()
+        if routing.exact(key.lower(), self.slots) is None and (entry := self.catalogue.get(key)) is not None:
+            return self._catalogue_slot(entry)
         return routing.resolve(model, self.slots, self.aliases)
+
+    def _catalogue_slot(self, entry: CatalogueEntry) -> TierSlot:
+        """The slot of a catalogue model: loaded on first use with its family's defaults, then kept,
+        unloaded and evicted like any tier (KEEP_ALIVE, unload, the memory budget)."""
+        slot = self.slots.get(entry.id)
+        if slot is None or slot.settings.model_path != entry.path:
+            limit = self.settings.max_tokens_limit
+            settings = TierSettings(
+                name=entry.id, model_path=entry.path, preload=False, max_tokens=min(TierSettings().max_tokens, limit)
+            )
+            family = _CATALOGUE_FAMILY[entry.kind]
+            slot = TierSlot(entry.id, settings, TierState.AVAILABLE, model=entry.id, family=family)
+            self.slots[entry.id] = slot
+        return slot
 
     def generation_slot(self, model: str) -> TierSlot:
         """The generation tier for `model`, without loading it (a cached answer needs no model)."""
         slot = self._configured(model)
-        if FAMILIES[slot.name] is not GENERATION:
+        if FAMILIES[slot.family_key] is not GENERATION:
             raise ModelNotFoundError(
                 f"Model {shown(model)} is served by the {slot.name} tier, which does not generate text"
             )
@@ -286,7 +361,7 @@ class Registry:
                 param="adapter" if adapter is not None else "model",
             )
         slot = self._configured(model)
-        if slot.name != tier:
+        if slot.family_key != tier:
             raise InvalidRequestError(
                 f"Model {shown(model)} is served by the {slot.name} tier; this endpoint needs the {tier} tier",
                 param="model",
@@ -315,7 +390,7 @@ class Registry:
     async def load_adapter(self, slot: TierSlot, name: str, path: str) -> AdapterRecord:
         """Load an adapter into the tier's model now (loading the model first if need be); it is
         kept for the tier from then on, across model reloads, until unloaded."""
-        if FAMILIES[slot.name] is not GENERATION:
+        if FAMILIES[slot.family_key] is not GENERATION:
             raise InvalidRequestError(f"Tier {slot.name} does not generate text: no adapters", param="model")
         existing = slot.adapters.get(name)
         if existing is not None:

@@ -87,6 +87,7 @@ class TierSlot:
     state: TierState
     model: str = ""
     error: str | None = None
+    family: str = ""  # a catalogue model's slot: the tier whose family it belongs to ("" = its own name)
     # What a load sets (moved from a staging slot to the live one by `Registry.replace`). The
     # engine's type is the tier's family's (service.tiers.families): generation tiers hold a Backend
     # run by a GenerationWorker, embedding and reranker tiers an Embedder or Reranker run by a
@@ -106,6 +107,7 @@ class TierSlot:
     loaded_at: float | None = None
     path: str | None = None  # MODEL_PATH resolved to a file or folder, once loaded
     size_bytes: int | None = None  # on disk
+    estimate_bytes: int | None = None  # what the memory budget reserved for the load
     # Kept across loads.
     # Generation tiers: the model card's sampling defaults (`EngineInfo.sampling`); None until a load read them.
     card: dict[str, float] | None = None
@@ -120,6 +122,11 @@ class TierSlot:
         "engine", "worker", "batcher", "engine_name", "tool_format", "reasoning", "device", "context_length",
         "kv_bytes", "dimension", "capabilities", "load_seconds", "loaded_at", "path", "size_bytes", "state",
     )  # fmt: skip
+
+    @property
+    def family_key(self) -> str:
+        """The key of `service.tiers.families.FAMILIES` that says what this slot's engine is."""
+        return self.family or self.name
 
     @property
     def id(self) -> str:
