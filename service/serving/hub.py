@@ -122,7 +122,7 @@ def _list(repo: str, revision: str) -> list[RemoteFile]:
     ]
 
 
-def _gguf_id(name: str) -> str:
+def catalogue_id(name: str) -> str:
     return _SPLIT.sub("", name) if _SPLIT.search(name) else name[: -len(".gguf")]
 
 
@@ -141,11 +141,11 @@ def plan(spec: str, revision: str | None = None) -> Plan:
             raise NotFoundError(f"{repo} has no file {selector}", param="model")
         name = Path(chosen[0].path).name
         if _SPLIT.search(name):  # a named part of a split set brings the whole set
-            chosen = [f for f in ggufs if _gguf_id(Path(f.path).name) == _gguf_id(name)]
+            chosen = [f for f in ggufs if catalogue_id(Path(f.path).name) == catalogue_id(name)]
     elif ggufs:
         groups: dict[str, list[RemoteFile]] = {}
         for f in ggufs:
-            groups.setdefault(_gguf_id(Path(f.path).name), []).append(f)
+            groups.setdefault(catalogue_id(Path(f.path).name), []).append(f)
         if selector:
             keys = [k for k in groups if _quant_matches(k + ".gguf", selector)]
         else:
@@ -162,7 +162,7 @@ def plan(spec: str, revision: str | None = None) -> Plan:
     else:
         name = safe_name(repo.split("/")[1])
         return Plan(repo, revision, files, name, folder=True)
-    return Plan(repo, revision, chosen, safe_name(_gguf_id(Path(chosen[0].path).name)), folder=False)
+    return Plan(repo, revision, chosen, safe_name(catalogue_id(Path(chosen[0].path).name)), folder=False)
 
 
 def _free_bytes(root: Path) -> int:
@@ -266,7 +266,7 @@ def model_files(models_dir: str, model_id: str) -> list[Path]:
     root = root_dir(models_dir)
     name = safe_name(model_id)
     found = [root / f"{name}.gguf"] if (root / f"{name}.gguf").is_file() else []
-    found += sorted(p for p in root.glob(f"{glob_escape(name)}-*-of-*.gguf") if _gguf_id(p.name) == name)
+    found += sorted(p for p in root.glob(f"{glob_escape(name)}-*-of-*.gguf") if catalogue_id(p.name) == name)
     if (root / name).is_dir():
         found.append(root / name)
     for path in found:
