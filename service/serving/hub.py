@@ -50,8 +50,9 @@ class Plan:
     id: str  # the catalogue id: GGUF name without .gguf (split suffix dropped), or the repo's name
     folder: bool  # a whole repo into MODELS_DIR/<id>/
 
-    def target(self, root: Path, file: RemoteFile) -> Path:
-        return root / self.id / file.path if self.folder else root / Path(file.path).name
+    def target(self, base: Path, file: RemoteFile) -> Path:
+        """Where `file` goes: under `base`, the folder being filled, or MODELS_DIR for a GGUF."""
+        return base / file.path if self.folder else base / Path(file.path).name
 
 
 def endpoint() -> str:
@@ -184,8 +185,10 @@ def _hasher(file: RemoteFile) -> Any:
 def pull(plan: Plan, models_dir: str, progress: Progress) -> str:
     """Download `plan` into MODELS_DIR (blocking: run it in a thread); returns the catalogue id."""
     root = root_dir(models_dir)
-    _inside(root, root / plan.id if plan.folder else plan.target(root, plan.files[0]))
-    targets = [(f, _inside(root, plan.target(root, f))) for f in plan.files]
+    final, staging, base = root / plan.id, root / f".{plan.id}{_PARTIAL}", root
+    if plan.folder:  # a new folder is filled under a hidden name and renamed whole: never half a repo
+        base = _inside(root, final) if final.exists() else _inside(root, staging)
+    targets = [(f, _inside(root, plan.target(base, f))) for f in plan.files]
     missing = sum(f.size - (_partial(t).stat().st_size if _partial(t).exists() else 0) for f, t in targets)
     missing -= sum(f.size for f, t in targets if t.exists() and t.stat().st_size == f.size)
     free = _free_bytes(root)
@@ -203,6 +206,8 @@ def pull(plan: Plan, models_dir: str, progress: Progress) -> str:
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             _download(client, plan, file, target, progress)
+    if plan.folder and base == staging:
+        os.replace(staging, final)
     return plan.id
 
 

@@ -112,6 +112,7 @@ def test_a_repo_without_ggufs_is_pulled_into_a_folder(hub: FakeHub, client: Test
     assert response.json() == {"status": "success", "id": "Tiny-MLX"}
     assert (models / "Tiny-MLX" / "model.safetensors").read_bytes() == b"weights" * 100
     assert (models / "Tiny-MLX" / "config.json").read_bytes() == b'{"model_type": "tiny"}'
+    assert sorted(os.listdir(models)) == ["Tiny-MLX"]  # filled under a hidden name, then renamed whole
 
 
 def test_a_cut_download_resumes_with_a_range_request(
