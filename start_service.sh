@@ -132,4 +132,4 @@ PY
 fi
 
 [ "$install_only" = 1 ] && exit 0
-exec "$VENV/bin/python" -m service
+exec "$VENV/bin/python" -m service.cli serve

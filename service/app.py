@@ -32,6 +32,7 @@ from service.controllers.embeddings import EmbeddingsController
 from service.controllers.files import FilesController
 from service.controllers.messages import MessagesController
 from service.controllers.models import ModelsController, health
+from service.controllers.pull import PullController
 from service.controllers.rerank import rerank
 from service.controllers.responses import ResponsesController
 from service.controllers.tokenize import TokenizeController
@@ -139,6 +140,7 @@ def create_app(
             CompletionsController,
             EmbeddingsController,
             rerank,
+            PullController,
             ModelsController,
             TokenizeController,
             MessagesController,

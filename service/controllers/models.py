@@ -2,12 +2,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Controller, Response, get, post
+from litestar import Controller, Response, delete, get, post
 from litestar.exceptions import NotFoundException
 from litestar.openapi import ResponseSpec
 
+from service.lifecycle import Lifecycle
 from service.schemas.models import LoadRequest, ModelCard, ModelList
+from service.schemas.pull import DeleteResult
 from service.serving.models import Models
+from service.serving.pulls import Pulls
 
 
 class ModelsController(Controller):
@@ -30,6 +33,10 @@ class ModelsController(Controller):
         if action == "unload" and target:
             return await models.unload(target)
         raise NotFoundException()
+
+    @delete("/{model_id:path}", status_code=200, summary="Delete a pulled model from MODELS_DIR", opt={"admin": True})
+    async def delete_model(self, model_id: str, lifecycle: Lifecycle) -> DeleteResult:
+        return DeleteResult(Pulls(lifecycle).delete(model_id.strip("/")))
 
 
 @get(

@@ -1,0 +1,135 @@
+"""The `llmservice` command through its entry point (`service.cli:main`, in a subprocess): pull, ls, rm
+on MODELS_DIR alone, and pull/ls/ps/rm/run against a live server on the fake engines, with the
+stand-in hub of tests/fake_hub.py behind HF_ENDPOINT."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import uvicorn
+
+from service.app import create_app
+from service.settings import parse_settings
+from service.testing import fake_engines
+from tests.fake_hub import FakeHub
+from tests.fixtures.tiny_mamba import build_tiny_mamba
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
+    gguf = build_tiny_mamba(tmp_path_factory.mktemp("gguf") / "tiny.gguf").read_bytes()
+    fake = FakeHub(repos={"test/Tiny-GGUF": {"tiny-Q4_K_M.gguf": gguf, "tiny-Q8_0.gguf": gguf + b"\0" * 8}})
+    yield fake
+    fake.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder with its own .env, as a user's checkout: MODELS_DIR inside, a port nothing answers on;
+    the hub is the stand-in (conftest keeps huggingface_hub offline; this one is on 127.0.0.1)."""
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    (tmp_path / ".env").write_text(
+        f"MODELS_DIR={tmp_path / 'models'}\nPORT={_free_port()}\nPORT_FILE={tmp_path / '.port'}\n"
+        "LIGHT_MODEL_PATH=fake/light\n"
+    )
+    return tmp_path
+
+
+def cli(workdir: Path, *args: str, url: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSERVICE_")} | {"PYTHONPATH": str(ROOT)}
+    if url:
+        env["LLMSERVICE_URL"] = url
+    command = [sys.executable, "-m", "service.cli", *args]
+    return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_pull_ls_rm_on_models_dir_without_a_server(workdir: Path) -> None:
+    pulled = cli(workdir, "pull", "test/Tiny-GGUF:Q8_0")
+    assert pulled.returncode == 0, pulled.stderr
+    assert pulled.stdout.strip() == "tiny-Q8_0"
+    assert "pulled tiny-Q8_0.gguf" in pulled.stderr  # not a TTY: plain lines, no bar
+    assert (workdir / "models" / "tiny-Q8_0.gguf").is_file()
+    listed = cli(workdir, "ls")
+    assert listed.returncode == 0
+    assert listed.stdout.splitlines()[0].split() == ["ID", "TIER", "STATUS", "SIZE"]
+    assert any(line.split()[:3] == ["tiny-Q8_0", "on", "disk"] for line in listed.stdout.splitlines())
+    assert cli(workdir, "rm", "tiny-Q8_0").returncode == 0
+    assert list((workdir / "models").iterdir()) == []
+    missing = cli(workdir, "rm", "tiny-Q8_0")
+    assert missing.returncode == 1
+    assert missing.stderr.count("\n") == 1 and missing.stderr.startswith("llmservice: ")
+    assert cli(workdir, "ps").returncode == 1  # no server
+    assert cli(workdir, "pull").returncode == 2  # usage
+    assert cli(workdir, "nonsense").returncode == 2
+
+
+def test_config_masks_secrets(workdir: Path) -> None:
+    with (workdir / ".env").open("a") as env:
+        env.write("API_KEYS=sk-very-secret\n")
+    shown = cli(workdir, "config")
+    assert shown.returncode == 0
+    assert "sk-very-secret" not in shown.stdout and '"api_keys": "********"' in shown.stdout
+    assert '"models_dir": "' + str(workdir / "models") + '"' in shown.stdout
+
+
+@pytest.fixture
+def server(workdir: Path) -> Iterator[str]:
+    """llmservice on the fake engines in a thread of the test, pulling from the stand-in hub."""
+    settings = parse_settings({"LIGHT_MODEL_PATH": "fake/light", "MODELS_DIR": str(workdir / "models")})
+    port = _free_port()
+    live = uvicorn.Server(uvicorn.Config(create_app(settings, engines=fake_engines()), port=port, log_config=None))
+    thread = threading.Thread(target=live.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not live.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    live.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_pull_ls_ps_rm_run_against_a_running_server(workdir: Path, server: str) -> None:
+    pulled = cli(workdir, "pull", "test/Tiny-GGUF", url=server)
+    assert pulled.returncode == 0, pulled.stderr
+    assert pulled.stdout.strip() == "tiny-Q4_K_M"  # no quant named: Q4_K_M
+    assert (workdir / "models" / "tiny-Q4_K_M.gguf").is_file()
+    answer = cli(workdir, "run", "light", "say hello", url=server)
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.strip() == "say hello"  # the fake engine echoes the prompt's last line
+    loaded = cli(workdir, "ps", url=server)
+    assert loaded.returncode == 0 and "light" in loaded.stdout
+    listed = cli(workdir, "ls", url=server).stdout
+    assert "tiny-Q4_K_M" in listed and "light" in listed
+    unknown = cli(workdir, "run", "no-such-model", "hi", url=server)
+    assert unknown.returncode == 1 and unknown.stderr.startswith("llmservice: ")
+    assert cli(workdir, "rm", "tiny-Q4_K_M", url=server).returncode == 0
+    assert list((workdir / "models").iterdir()) == []
+
+
+def test_run_a_freshly_pulled_model_by_its_catalogue_id(workdir: Path, server: str) -> None:
+    """Needs MODELS_DIR's catalogue (issue 27 items 1-2, branch h4-catalogue): a pulled id is a `model`."""
+    assert cli(workdir, "pull", "test/Tiny-GGUF:Q4_K_M", url=server).returncode == 0
+    answer = cli(workdir, "run", "tiny-Q4_K_M", "say hello", url=server)
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.strip() == "say hello"
