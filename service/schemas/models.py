@@ -5,6 +5,17 @@ from typing import Any, Literal
 import msgspec
 
 
+class CatalogueInfo(msgspec.Struct, omit_defaults=True):
+    """What a MODELS_DIR entry's files say about it (GGUF header, config.json)."""
+
+    kind: str  # generation, embedding or reranker
+    format: str  # gguf, mlx or hf
+    quantisation: str | None = None
+    architecture: str | None = None
+    capabilities: list[str] | None = None
+    projector: bool | None = None  # a GGUF with an mmproj file beside it
+
+
 class ModelCard(msgspec.Struct, omit_defaults=True, tag_field="object", tag="model"):
     """`object` is msgspec's tag, so `omit_defaults` (which drops unset details) keeps it."""
 
@@ -27,6 +38,7 @@ class ModelCard(msgspec.Struct, omit_defaults=True, tag_field="object", tag="mod
     pinned: bool | None = None
     aliases: list[str] | None = None  # MODEL_ALIASES globs that name this tier
     upstreams: list[dict[str, Any]] | None = None  # a remote tier's servers: state, in flight, errors
+    catalogue: CatalogueInfo | None = None  # the MODELS_DIR entry this model is (any model there is listed)
     details: dict[str, Any] | None = None
 
 

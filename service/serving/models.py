@@ -9,8 +9,9 @@ from typing import Any
 
 from service.lifecycle import Lifecycle
 from service.schemas.adapters import AdapterCard, AdapterList, AdapterLoadRequest, AdapterUnloadRequest
-from service.schemas.models import ModelCard, ModelList
+from service.schemas.models import CatalogueInfo, ModelCard, ModelList
 from service.settings import GENERATION_TIERS
+from service.tiers.catalogue import CatalogueEntry
 from service.tiers.model_paths import disk_size
 from service.tiers.registry import Registry
 from service.tiers.slots import AdapterRecord, TierSlot, TierState, TierView
@@ -23,7 +24,25 @@ class Models:
 
     # -- models ------------------------------------------------------------------------------
     def all(self) -> ModelList:
-        return ModelList([self._card(s) for s in self._registry.configured()])
+        """The tiers and every model in MODELS_DIR: loaded ones as their slots show them, the others
+        `available` (a request naming one loads it)."""
+        slots = self._registry.configured()
+        cards = [self._card(s) for s in slots]
+        held = {s.name for s in slots}
+        entries = self._registry.catalogue.entries().values()
+        return ModelList(cards + [self._entry_card(e) for e in entries if e.id not in held])
+
+    def _entry_card(self, entry: CatalogueEntry) -> ModelCard:
+        return ModelCard(
+            id=entry.id,
+            created=int(self._registry.started),
+            owned_by="llmservice-catalogue",
+            tier=entry.id,
+            status=TierState.AVAILABLE.value,
+            context_length=entry.context_length,
+            size_bytes=entry.size_bytes,
+            catalogue=_catalogue_info(entry),
+        )
 
     def get(self, model_id: str) -> ModelCard:
         slot = self._registry.resolve(model_id)
@@ -77,6 +96,7 @@ class Models:
             pinned=slot.settings.pin,
             aliases=[pattern for pattern, tier in registry.aliases if tier == slot.name] or None,
             upstreams=_upstreams(v),
+            catalogue=_catalogue_info(entry) if (entry := self._registry.catalogue_entry(slot)) else None,
             details=details,
         )
 
@@ -90,6 +110,17 @@ class Models:
 
     async def unload_adapter(self, data: AdapterUnloadRequest) -> AdapterCard:
         return _adapter_card(*await self._lifecycle.unload_adapter(data.model, data.adapter))
+
+
+def _catalogue_info(entry: CatalogueEntry) -> CatalogueInfo:
+    return CatalogueInfo(
+        kind=entry.kind,
+        format=entry.format,
+        quantisation=entry.quantisation,
+        architecture=entry.architecture,
+        capabilities=list(entry.capabilities) or None,
+        projector=True if entry.projector else None,
+    )
 
 
 def _details(slot: TierSlot) -> dict[str, Any]:

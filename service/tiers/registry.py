@@ -423,6 +423,14 @@ class Registry:
         return record
 
     # -- views -----------------------------------------------------------------------------
+    def catalogue_entry(self, slot: TierSlot) -> CatalogueEntry | None:
+        """The MODELS_DIR entry a tier's MODEL_PATH (or a catalogue model's slot) points at, if any."""
+        path = slot.settings.model_path
+        if not path or not self.catalogue.models_dir:
+            return None
+        wanted = os.path.abspath(os.path.expanduser(path))
+        return next((e for e in self.catalogue.entries().values() if os.path.abspath(e.path) == wanted), None)
+
     def uptime(self) -> float:
         return time.time() - self.started
 

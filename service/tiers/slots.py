@@ -130,7 +130,7 @@ class TierSlot:
 
     @property
     def id(self) -> str:
-        return f"{self.name}/{self.model}"
+        return self.model if self.family else f"{self.name}/{self.model}"  # a catalogue model: its own name
 
     @property
     def remote(self) -> bool:
