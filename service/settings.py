@@ -169,10 +169,9 @@ _WORDS = {
     "runtime",
     "kv_type_k",
     "kv_type_v",
-    "speculative",
 }
 # auto/on/off settings: on and off arrive as true and false (see _value).
-_SWITCHES = {"flash_attn", "device_sampling"}
+_SWITCHES = {"flash_attn", "device_sampling", "speculative"}
 
 
 def _tier_value(field: str, value: str) -> Any:
