@@ -70,6 +70,10 @@ class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
     reasoning_parser: Literal["auto", "none", "think"] = "auto"  # where its thinking is (backends.reasoning)
     # llama.cpp: sample in the decode graph (llama_set_sampler); auto = when the model runs on a GPU.
     device_sampling: Literal["auto", "on", "off"] = "auto"
+    # Speculative decoding: drafts verified in the batch's decode step (greedy output unchanged).
+    speculative: Literal["off", "ngram", "draft"] = "off"
+    draft_model_path: str | None = None  # `draft`: a small GGUF (llama.cpp) / MLX folder sharing the tokenizer
+    draft_tokens: Positive = 8  # most tokens drafted per step; acceptance adapts it per sequence
     engine: str = ""  # embedding/reranker engine; "" = chosen from the model's files
     device: str = "auto"  # torch engines: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps
     batch_size: Positive = 32  # torch engines: inputs per forward pass

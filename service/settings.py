@@ -111,6 +111,9 @@ _FAMILY_ONLY: dict[str, tuple[str, ...]] = {
     "tool_parser": GENERATION_TIERS,
     "reasoning_parser": GENERATION_TIERS,
     "device_sampling": GENERATION_TIERS,
+    "speculative": GENERATION_TIERS,
+    "draft_model_path": GENERATION_TIERS,
+    "draft_tokens": GENERATION_TIERS,
     "temperature": GENERATION_TIERS,
     "top_p": GENERATION_TIERS,
     "top_k": GENERATION_TIERS,
@@ -171,7 +174,7 @@ _WORDS = {
     "kv_type_v",
 }
 # auto/on/off settings: on and off arrive as true and false (see _value).
-_SWITCHES = {"flash_attn", "device_sampling"}
+_SWITCHES = {"flash_attn", "device_sampling", "speculative"}
 
 
 def _tier_value(field: str, value: str) -> Any:

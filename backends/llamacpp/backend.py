@@ -29,6 +29,7 @@ from backends.llamacpp.batch import LlamaCppBatch, ModelHandle
 from backends.llamacpp.kv_layout import FLASH_ATTN, KV_TYPES, LlamaLog, default_kv_tokens, kv_bytes, model_meta
 from backends.llamacpp.kv_slots import KvSlots
 from backends.llamacpp.sampling import GrammarCompiler
+from backends.llamacpp.speculative import SpeculativeStats
 from backends.llamacpp.users import NativeUsers
 from backends.reasoning import ReasoningFormat
 from backends.tools import tool_format
@@ -95,11 +96,16 @@ class LlamaCppBackend(Backend):
         self.n_ctx = tier.n_ctx  # the context window: N_CTX, or less when a sequence's KV stream is smaller
         self.kv_bytes: int | None = None  # what llama.cpp allocated for KV (and recurrent state)
         self._sampling: dict[str, float] = {}
+        self.speculative_stats = SpeculativeStats()  # drafted / accepted tokens, over the tier's life
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def load(self) -> None:
         t = self.tier
+        if t.speculative == "draft":  # (a draft model: MLX only for now)
+            raise ModelUnavailableError(
+                f"Tier {t.name}: SPECULATIVE=draft is not supported by the llama.cpp engine yet; use ngram or off"
+            )
         if not os.path.isfile(self.model_path):
             raise ModelUnavailableError(f"Tier {t.name}: GGUF file not found: {self.model_path}")
         init_llama_backend()
@@ -271,6 +277,7 @@ class LlamaCppBackend(Backend):
                 "chat_template": self._template_source,
                 "max_batch": self.max_batch_size,
                 "kv_bytes": self.kv_bytes,
+                "speculative": {"mode": self.tier.speculative, **self.speculative_stats.view()},
             },
             vocab_size=self.n_vocab,
             tool_format=tool_format(self._template, self.tier.tool_parser),
@@ -337,6 +344,9 @@ class LlamaCppBackend(Backend):
             self.grammars,
             self.thinking_budget,
             device_sampling=self._device_sampling(),
+            speculative=self.tier.speculative,
+            draft_tokens=self.tier.draft_tokens,
+            speculative_stats=self.speculative_stats,
         )
 
     def _device_sampling(self) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -39,6 +40,7 @@ from backends.base import (
 from backends.llamacpp.adapters import LoraAdapters
 from backends.llamacpp.kv_slots import KvSlot, KvSlots
 from backends.llamacpp.sampling import GrammarCompiler, Sampler, TextStream, free_sampler, logprobs
+from backends.llamacpp.speculative import DraftLength, SpeculativeStats, ngram_draft
 from backends.reasoning import ThinkingBudget
 from kernel.errors import EngineError, InvalidRequestError, LLMServiceError
 
@@ -46,6 +48,8 @@ TURN_STEPS = 4  # steps an adapter group keeps the context while others wait (a 
 GRAMMAR_TIMEOUT = 10.0  # seconds a response_format may take to compile before the request is a 400
 _GRAMMAR_POLL = 0.05  # how long an otherwise idle step waits for a grammar to compile
 PIECE_BUFFER = 256  # bytes for a token's piece; a longer piece grows it
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,9 @@ class ModelHandle:
     grammars: GrammarCompiler
     thinking_budget: Callable[[Sequence[int], GenerationRequest], ThinkingBudget | None]
     device_sampling: bool = False  # sample in the decode graph the requests that allow it
+    speculative: str = "off"  # "ngram": draft by prompt lookup (`speculative`)
+    draft_tokens: int = 8  # most tokens one sequence drafts per step
+    speculative_stats: SpeculativeStats | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -84,6 +91,8 @@ class _Sequence:
     thinking: ThinkingBudget | None = None  # a thinking budget to enforce
     leader: _Sequence | None = None  # prefilling the first `shared` tokens of this prompt: wait, then share
     shared: int = 0
+    draft_length: DraftLength | None = None  # speculating (see `speculative`)
+    drafts: list[int] = field(default_factory=list)  # drafted tokens in this step's batch, after next_token
 
     @property
     def adapter(self) -> str | None:
@@ -134,8 +143,15 @@ class LlamaCppBatch(DecodeBatch):
         seq.thinking = handle.thinking_budget(prompt, request)
         # Logprobs, grammars and forced tokens need the logits row on the host.
         host = request.logprobs or request.prompt_logprobs or grammar is not None or seq.thinking is not None
-        if handle.device_sampling and not host:
-            sampler.offload(self._ctx, slot.seq)
+        offloaded = handle.device_sampling and not host and sampler.offload(self._ctx, slot.seq)
+        if handle.speculative == "ngram":
+            # A sampler in the decode graph draws one token per sequence: no drafts to verify.
+            if offloaded:
+                log.debug("Sequence %d decodes without speculation: it samples on the device", key)
+                if handle.speculative_stats is not None:
+                    handle.speculative_stats.fallback()
+            else:
+                seq.draft_length = DraftLength(handle.draft_tokens)
         if request.prompt_logprobs:
             # Every prompt token is scored from its own logits: nothing comes from the KV cache.
             handle.kv_slots.wipe(slot)
@@ -205,11 +221,18 @@ class LlamaCppBatch(DecodeBatch):
         n = 0
         # In slot order: llama.cpp puts only consecutive streams into one ubatch (split_equal).
         sequences = sorted(self._turn_sequences(), key=lambda s: s.slot.seq)
+        spare_rows = self._capacity - sum(s.next_token is not None for s in sequences)
         for seq in sequences:
             if seq.next_token is not None:
-                batch.set(n, seq.next_token, len(seq.slot.tokens), seq.slot.seq, True)
+                pos = len(seq.slot.tokens)
+                batch.set(n, seq.next_token, pos, seq.slot.seq, True)
                 outputs.append((n, seq))
                 n += 1
+                seq.drafts = self._draft(seq, spare_rows)
+                if seq.drafts:  # verified in this decode: logits on each
+                    batch.set_run(n, seq.drafts, pos + 1, seq.slot.seq, True, every=True)
+                    n += len(seq.drafts)
+                    spare_rows -= len(seq.drafts)
         decoding = n
         chunks: list[tuple[_Sequence, int, int]] = []  # (sequence, first batch index, tokens)
         kv_slots = self._handle.kv_slots
@@ -261,8 +284,43 @@ class LlamaCppBatch(DecodeBatch):
             if seq.fed == kv_slots.checkpoint_at(len(seq.state.prompt)):
                 kv_slots.checkpoint(seq.slot)
         for index, seq in outputs:
-            out.append((seq.key, self._sample(seq, index)))
+            if seq.drafts:
+                self._verify(seq, index, out)
+            else:
+                out.append((seq.key, self._sample(seq, index)))
         return out
+
+    def _draft(self, seq: _Sequence, room: int) -> list[int]:
+        """Tokens to verify after `seq`'s next token this step: none unless it speculates."""
+        if seq.draft_length is None or seq.next_token is None:
+            return []
+        # No more than the batch has room for, nor than could still be output (k accepted drafts
+        # yield k + 1 tokens), which also keeps them inside the sequence's context.
+        k = min(seq.draft_length.next(), room, seq.state.max_tokens - seq.count - 1)
+        if k <= 0:
+            return []
+        return ngram_draft([*seq.slot.tokens, seq.next_token], k)
+
+    def _verify(self, seq: _Sequence, index: int, out: list[tuple[int, Token | LLMServiceError | None]]) -> None:
+        """Sample `seq` at its next token's logits and then at each draft's while the draft equals
+        what was sampled before it (exact: see `speculative`); drop the KV of the drafts rejected."""
+        drafts, seq.drafts = seq.drafts, []
+        accepted = 0
+        out.append((seq.key, self._sample(seq, index)))
+        for token in drafts:
+            if self._sequences.get(seq.key) is not seq or seq.next_token != token:
+                break  # it ended, or sampled something else: the rest of the draft is wrong
+            seq.slot.tokens.append(token)
+            accepted += 1
+            out.append((seq.key, self._sample(seq, index + accepted)))
+        if accepted < len(drafts):
+            mem = llama_cpp.llama_get_memory(self._ctx)
+            if not llama_cpp.llama_memory_seq_rm(mem, seq.slot.seq, len(seq.slot.tokens), -1):
+                raise EngineError("llama.cpp could not remove the KV of rejected draft tokens")
+        if seq.draft_length is not None:
+            seq.draft_length.update(len(drafts), accepted)
+        if self._handle.speculative_stats is not None:
+            self._handle.speculative_stats.add(len(drafts), accepted)
 
     def _order(
         self,

@@ -352,6 +352,8 @@ class GenerationWorker:
         assert self._batch is not None
         try:
             for key, token in self._batch.step():
+                if key not in self._active:  # a later token of a speculative run that ended (a stop string)
+                    continue
                 job, state = self._active[key]
                 if isinstance(token, LLMServiceError):  # this sequence alone failed; it has left
                     self._fail(job, token)
