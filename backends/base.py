@@ -401,6 +401,11 @@ class Backend(abc.ABC):
     def reset_prefix_cache(self) -> None:  # noqa: B027 - optional hook
         """Forget reusable prompt state (KV/prefix cache); called on the model's worker thread."""
 
+    def prompt_cache_stats(self) -> dict[str, Any] | None:
+        """The prompt cache's `misses` and, per tier (`ram`, `disk`), hits, evictions, entries and
+        bytes (`backends.prompt_cache`); None without one. Safe from any thread."""
+        return None
+
     def probe_reasoning(self, template: str | None, setting: str) -> ReasoningFormat | None:
         """The model's thinking markers, and whether its generation prompt opens them (rendered for
         a one-message chat with the template's default, and with its thinking switch on and off; a

@@ -59,6 +59,11 @@ class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
     overflow: str | None = None
     # Engine-specific options; service.settings refuses each one on tiers it does not apply to.
     prefix_cache_entries: NonNeg = 4  # MLX: KV caches of recent conversations kept for reuse
+    # The prompt cache (backends.prompt_cache): server settings PROMPT_CACHE_*, copied into each
+    # generation tier by service.settings (not settable per tier).
+    prompt_cache_ram_bytes: NonNeg = 0
+    prompt_cache_dir: str = ""
+    prompt_cache_disk_bytes: NonNeg = 0
     # llama.cpp: the KV pool's total tokens, split evenly between the MAX_BATCH sequences;
     # 0 = N_CTX x MAX_BATCH, lowered to what fits the device's free memory
     kv_tokens: NonNeg = 0

@@ -27,6 +27,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from backends.base import Backend
 from service.cache import ResponseCache
 from service.settings import GENERATION_TIERS, Settings
 from service.tiers.registry import Registry
@@ -230,6 +231,16 @@ class Telemetry:
             },
         }
 
+    def prompt_cache_stats(self) -> dict[str, dict[str, Any]]:
+        """Per loaded generation tier with a prompt cache: its tiers' counts (`Backend.prompt_cache_stats`)."""
+        out: dict[str, dict[str, Any]] = {}
+        for slot in self.registry.configured():
+            engine = slot.engine
+            loaded = slot.state is TierState.LOADED and isinstance(engine, Backend)
+            if loaded and (found := engine.prompt_cache_stats()) is not None:  # type: ignore[union-attr]
+                out[slot.name] = found
+        return out
+
     def prefix_stats(self) -> dict[str, Any]:
         total = PrefixCounts()
         for p in self.prefix.values():
@@ -336,6 +347,11 @@ class _LiveCollector:
         for tier, prefix in t.prefix.items():
             hits.add_metric(["prefix", tier], prefix.hits)
             misses.add_metric(["prefix", tier], prefix.requests - prefix.hits)
+        prompt = t.prompt_cache_stats()
+        for tier, tier_stats in prompt.items():
+            for kind in ("ram", "disk"):
+                hits.add_metric([f"prompt_{kind}", tier], tier_stats[kind]["hits"])
+            misses.add_metric(["prompt", tier], tier_stats["misses"])
         yield hits
         yield misses
         budget = t.registry.budget
@@ -345,6 +361,18 @@ class _LiveCollector:
         for name, held_bytes in budget.holdings().items():
             held.add_metric([name], held_bytes)
         yield held
+        labels = ["tier", "kind"]
+        entries = GaugeMetricFamily("llmservice_prompt_cache_entries", "Prompt cache entries per tier", labels=labels)
+        held = GaugeMetricFamily("llmservice_prompt_cache_bytes", "Bytes held by the prompt cache", labels=labels)
+        evicted = CounterMetricFamily(
+            "llmservice_prompt_cache_evictions", "Prompt cache entries evicted by its budget", labels=labels
+        )
+        for tier, tier_stats in prompt.items():
+            for kind in ("ram", "disk"):
+                entries.add_metric([tier, kind], tier_stats[kind]["entries"])
+                held.add_metric([tier, kind], tier_stats[kind]["bytes"])
+                evicted.add_metric([tier, kind], tier_stats[kind]["evictions"])
+        yield from (entries, held, evicted)
         stats = t.cache.stats()
         yield GaugeMetricFamily("llmservice_response_cache_entries", "Entries in the response cache", stats["entries"])
         yield GaugeMetricFamily("llmservice_response_cache_bytes", "Bytes held by the response cache", stats["bytes"])

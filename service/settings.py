@@ -86,6 +86,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     responses_store_default: bool = True  # what a request without `store` does
     responses_max_stored: Positive = 1000  # kept responses; the oldest are evicted past it
     responses_max_bytes: Positive = 64 * 1024 * 1024  # their total size (on disk, and held in memory)
+    # Prompt cache (llama.cpp): KV states of conversations that left their slot, per generation tier.
+    prompt_cache_ram_bytes: NonNeg = 2 * 2**30  # RAM tier budget; 0 = off
+    prompt_cache_dir: str = ""  # disk tier folder (a subfolder per tier); empty = no disk tier
+    prompt_cache_disk_bytes: NonNeg = 8 * 2**30  # disk tier budget
     tiers: dict[str, TierSettings] = {}
 
     def tier(self, name: str) -> TierSettings:
@@ -94,7 +98,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         )
 
 
-_TIER_FIELDS = {f for f in TierSettings.__struct_fields__ if f != "name"}
+_PROMPT_CACHE_FIELDS = ("prompt_cache_ram_bytes", "prompt_cache_dir", "prompt_cache_disk_bytes")
+# Server-wide, copied into every tier by parse_settings: no <TIER>_ variable.
+_TIER_FIELDS = {f for f in TierSettings.__struct_fields__ if f != "name" and f not in _PROMPT_CACHE_FIELDS}
 _SERVER_FIELDS = {f for f in Settings.__struct_fields__ if f != "tiers"}
 # Options that mean something only to some families: set elsewhere they would be silently ignored.
 _FAMILY_ONLY: dict[str, tuple[str, ...]] = {
@@ -339,6 +345,8 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
         )
     _check_aliases(server, tiers)
     _check_overflow(tiers)
+    cache = {f: getattr(server, f) for f in _PROMPT_CACHE_FIELDS}
+    tiers = {name: msgspec.structs.replace(tier, **cache) for name, tier in tiers.items()}
     for name, tier in tiers.items():
         _check_tier(tier, env)
         var = f"{name.upper()}_MAX_TOKENS"

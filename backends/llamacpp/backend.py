@@ -4,6 +4,7 @@ through the batch loop (`batch`), one request at a time when it is alone."""
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import os
 import threading
@@ -31,6 +32,7 @@ from backends.llamacpp.kv_slots import KvSlots
 from backends.llamacpp.sampling import GrammarCompiler
 from backends.llamacpp.speculative import SpeculativeStats
 from backends.llamacpp.users import NativeUsers
+from backends.prompt_cache import PromptCache
 from backends.reasoning import ReasoningFormat
 from backends.tools import tool_format
 from kernel.config import SAMPLING_FIELDS, TierSettings
@@ -159,10 +161,10 @@ class LlamaCppBackend(Backend):
         recurrent = bool(llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model))
         # A recurrent state is checkpointed whole, with any window beside it: no window test then.
         swa = 0 if t.swa_full or recurrent else llama_cpp.llama_model_n_swa(model)
-        self._kv_slots = KvSlots(ctx, slots, swa=swa, recurrent=recurrent)
         self._adapters = LoraAdapters(model, model_meta(model, "general.architecture") or "")
         self._grammars = GrammarCompiler(self.vocab, self._users)
         self._load_template()
+        self._kv_slots = KvSlots(ctx, slots, swa=swa, recurrent=recurrent, cache=self._prompt_cache(model))
         self._sampling = self._card(model)
         log.info(
             "Tier %s: llama.cpp on %s, %d threads, %d sequences x %d tokens, KV %s (K %s, V %s, flash attention %s)",
@@ -176,6 +178,29 @@ class LlamaCppBackend(Backend):
             t.kv_type_v,
             t.flash_attn,
         )
+
+    def _prompt_cache(self, model: Any) -> PromptCache:
+        """The prompt cache, its states marked with what makes them unusable anywhere else: the
+        model file, the KV layout and types, and the chat template (a state holds rendered tokens)."""
+        t = self.tier
+        desc = ctypes.create_string_buffer(256)
+        llama_cpp.llama_model_desc(model, desc, len(desc))
+        identity = "|".join(
+            str(part)
+            for part in (
+                os.path.basename(self.model_path),
+                os.path.getsize(self.model_path),
+                desc.value.decode("utf-8", "replace"),
+                llama_cpp.llama_model_n_params(model),
+                llama_cpp.llama_n_ctx_seq(self._ctx),
+                t.kv_type_k,
+                t.kv_type_v,
+                t.swa_full,
+                hashlib.sha256((self._template or "").encode()).hexdigest()[:16],
+            )
+        )
+        folder = os.path.join(t.prompt_cache_dir, t.name) if t.prompt_cache_dir else ""
+        return PromptCache(identity, t.prompt_cache_ram_bytes, folder, t.prompt_cache_disk_bytes)
 
     def read_card(self) -> dict[str, float] | None:
         if not os.path.isfile(self.model_path):
@@ -218,6 +243,10 @@ class LlamaCppBackend(Backend):
         if self._grammars is not None:
             self._grammars.close()
             self._grammars = None
+        if self._kv_slots is not None and self._kv_slots.cache is not None:
+            if self._kv_slots.cache.disk_budget:  # what the slots hold survives a restart
+                self._kv_slots.save_all()
+            self._kv_slots.cache.close()
         self._kv_slots = None
         if self._adapters is not None:
             self._adapters.forget()  # freed with the model
@@ -232,6 +261,10 @@ class LlamaCppBackend(Backend):
     def reset_prefix_cache(self) -> None:
         if self._kv_slots is not None:
             self._kv_slots.clear()
+
+    def prompt_cache_stats(self) -> dict[str, Any] | None:
+        cache = self._kv_slots.cache if self._kv_slots is not None else None
+        return cache.stats() if cache is not None else None
 
     @property
     def context(self) -> Any:
@@ -278,6 +311,7 @@ class LlamaCppBackend(Backend):
                 "max_batch": self.max_batch_size,
                 "kv_bytes": self.kv_bytes,
                 "speculative": {"mode": self.tier.speculative, **self.speculative_stats.view()},
+                "prompt_cache": self.prompt_cache_stats(),
             },
             vocab_size=self.n_vocab,
             tool_format=tool_format(self._template, self.tier.tool_parser),

@@ -11,6 +11,10 @@ Some memory cannot be cut back to any position: a sliding-window layer (Gemma 3,
 last state. For those a slot keeps context checkpoints, as llama-server does: that part of its
 state saved a few tokens before the end of each prompt, restored when a later prompt shares
 the prefix up to there.
+
+With a `PromptCache`, a slot's state is saved there before another conversation takes the slot
+(and at close), and a prompt that shares more with a cached state than with any slot has it
+restored into the slot it takes (`backends.prompt_cache`).
 """
 
 from __future__ import annotations
@@ -23,12 +27,16 @@ from typing import Any
 import llama_cpp
 
 from backends.base import common_prefix
+from backends.prompt_cache import PromptCache
 
 # A checkpoint is taken this many tokens before a prompt's end, so that the same prompt again
 # (or one whose template ends differently, e.g. a thinking switch) still finds one before it.
 CHECKPOINT_TAIL = 4
 CHECKPOINTS_PER_SLOT = 2  # each holds one sequence's window or recurrent state in host memory
 _PARTIAL = llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+# A slot taken by another request is saved to the prompt cache when it would lose this many
+# tokens or more: a few lost at the end are a turn's template re-rendered, not a conversation.
+SAVE_MIN_TOKENS = 64
 
 
 @dataclass(slots=True, eq=False)
@@ -57,8 +65,11 @@ class KvSlots:
     `swa`: the model's sliding window when its SWA layers keep only the window (0: none or
     `swa_full`); `recurrent`: it has recurrent layers. Either way prompts are checkpointed."""
 
-    def __init__(self, context: Any, count: int, swa: int = 0, recurrent: bool = False) -> None:
+    def __init__(
+        self, context: Any, count: int, swa: int = 0, recurrent: bool = False, cache: PromptCache | None = None
+    ) -> None:
         self._ctx = context
+        self.cache = cache if cache is not None and cache.enabled else None
         self._memory = llama_cpp.llama_get_memory(context)
         self._swa = swa
         self.checkpointing = swa > 0 or recurrent
@@ -88,11 +99,60 @@ class KvSlots:
         if n == 0 or (n < len(prompt) - 1 and len(slot.tokens) - n > n):
             slot = min(free, key=lambda s: (len(s.tokens) - usable[s.seq], s.used))
         source = max(self.slots, key=lambda s: usable[s.seq])
+        cached, n_cached = None, 0
+        if self.cache is not None and adapter is None:
+            cached, n_cached = self.cache.longest(prompt, len(prompt) - 1)
+            if n_cached <= usable[source.seq]:
+                cached = None
+            if cached is None:
+                self.cache.miss()  # a live slot's prefix, if any, serves it
+        if cached is not None:  # the cache holds more than any slot: the slot that loses least takes it
+            slot = min(free, key=lambda s: (len(s.tokens) - usable[s.seq], s.used))
+        self.save(slot, 0 if cached is not None or usable[source.seq] > usable[slot.seq] else usable[slot.seq])
         slot.busy, slot.used = True, next(self._clock)
         slot.adapter = adapter
+        if cached is not None and self._load(slot, cached):
+            return slot, self._keep(slot, n_cached)
         if usable[source.seq] > usable[slot.seq] and self.share(source, slot, usable[source.seq]):
             return slot, len(slot.tokens)
         return slot, self._keep(slot, usable[slot.seq])
+
+    def save(self, slot: KvSlot, keep: int) -> None:
+        """Put `slot`'s state in the prompt cache if it is about to lose all but `keep` tokens."""
+        cache = self.cache
+        tokens = tuple(slot.tokens)
+        if cache is None or slot.adapter is not None or len(tokens) - keep < SAVE_MIN_TOKENS or cache.holds(tokens):
+            return
+        size = llama_cpp.llama_state_seq_get_size(self._ctx, slot.seq)
+        data = (ctypes.c_uint8 * size)()
+        if not size or llama_cpp.llama_state_seq_get_data(self._ctx, data, size, slot.seq) != size:
+            return
+        blobs = [bytes(data), *(bytes(c.data) for c in slot.checkpoints)]
+        cache.put(tokens, blobs, [c.n_tokens for c in slot.checkpoints])
+
+    def save_all(self) -> None:
+        """Save every idle slot's state (before the context is freed)."""
+        for slot in self.slots:
+            if not slot.busy:
+                self.save(slot, 0)
+
+    def _load(self, slot: KvSlot, cached: Any) -> bool:
+        """Restore a cached state into `slot` (emptied first); False if it could not be."""
+        assert self.cache is not None
+        self.wipe(slot)
+        blobs = self.cache.take(cached)
+        if not blobs:
+            return False
+        state = (ctypes.c_uint8 * len(blobs[0])).from_buffer_copy(blobs[0])
+        if not llama_cpp.llama_state_seq_set_data(self._ctx, state, len(blobs[0]), slot.seq):
+            self.wipe(slot)
+            return False
+        slot.tokens = list(cached.tokens)
+        slot.checkpoints = [
+            Checkpoint(n, (ctypes.c_uint8 * len(b)).from_buffer_copy(b))
+            for n, b in zip(cached.meta, blobs[1:], strict=True)
+        ]
+        return True
 
     def share(self, source: KvSlot, slot: KvSlot, n: int) -> bool:
         """Put `source`'s first `n` tokens of KV into `slot` (emptied first); False if none came.
@@ -209,3 +269,5 @@ class KvSlots:
         llama_cpp.llama_memory_clear(self._memory, True)
         for slot in self.slots:
             slot.tokens, slot.checkpoints = [], []
+        if self.cache is not None:
+            self.cache.clear()

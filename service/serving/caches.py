@@ -18,7 +18,11 @@ class Caches:
         self._telemetry = telemetry
 
     def stats(self) -> dict[str, Any]:
-        return {"response": self._cache.stats(), "prefix": self._telemetry.prefix_stats()}
+        return {
+            "response": self._cache.stats(),
+            "prefix": self._telemetry.prefix_stats(),
+            "prompt": self._telemetry.prompt_cache_stats(),  # the prompt cache tiers, per generation tier
+        }
 
     async def clear(self, target: Literal["response", "prefix", "all"]) -> dict[str, Any]:
         """What was cleared: the response cache's entries (flushed to disk too), and the loaded

