@@ -5,7 +5,9 @@ tier answers a 400 naming the part and the tier; bad images are 400s, never 500s
 from __future__ import annotations
 
 import base64
+import http.server
 import io
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -111,3 +113,47 @@ def test_text_spelling_the_marker_is_refused_on_a_vision_tier(client: TestClient
     body = {"model": "light", "max_tokens": 8, "messages": [{"role": "user", "content": "<__media__>"}]}
     assert client.post("/v1/chat/completions", json=body).status_code == 400
     assert client.post("/v1/chat/completions", json={**body, "model": "medium"}).status_code == 200
+
+
+class _Images(http.server.BaseHTTPRequestHandler):
+    """A local image host: /red.png, /big (past MAX_IMAGE_BYTES), /loop (redirects forever), else 404."""
+
+    def do_GET(self) -> None:
+        if self.path == "/loop":
+            self.send_response(302)
+            self.send_header("Location", "/loop")
+            self.end_headers()
+            return
+        body = {"/red.png": base64.b64decode(RED.split(",", 1)[1]), "/big": b"x" * 4096}.get(self.path)
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def remote() -> Iterator[tuple[TestClient, str]]:  # type: ignore[type-arg]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {"LIGHT_MODEL_PATH": "fake/vlm", "LIGHT_MMPROJ_PATH": "fake/mmproj.gguf"}
+    try:
+        with fake_app({**env, "ALLOW_REMOTE_IMAGES": "true", "MAX_IMAGE_BYTES": "1024"}) as http_client:
+            yield http_client, f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+
+
+def test_remote_images_are_fetched_when_allowed_within_bounds(remote: tuple[TestClient, str]) -> None:  # type: ignore[type-arg]
+    client, base = remote
+    fetched = chat(client, f"{base}/red.png")
+    assert fetched.status_code == 200, fetched.text
+    assert (
+        fetched.json()["choices"][0]["message"]["content"]
+        == chat(client, RED).json()["choices"][0]["message"]["content"]
+    )
+    for path, said in (("/big", "larger than 1024 bytes"), ("/missing", "HTTP 404"), ("/loop", "could not be fetched")):
+        res = chat(client, base + path)
+        assert res.status_code == 400 and said in res.json()["error"]["message"], res.text
