@@ -44,6 +44,22 @@ class ResponseFormat:
 RANDOM_SEED = 2**32 - 1
 
 
+# Where an image goes in a rendered prompt: the serving layer writes it into a message's text in
+# place of each image part, in order; an engine that takes images (mtmd) splits the prompt there.
+# llama.cpp's own `mtmd_default_marker()`, so templates and llama-server see the same text.
+IMAGE_MARKER = "<__media__>"
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInput:
+    """A decoded image: RGB pixels, row by row, 3 bytes each, and their digest (the prefix-cache key)."""
+
+    width: int
+    height: int
+    rgb: bytes
+    digest: str  # sha256 of the pixels and size: equal images share KV across requests
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """`messages` (rendered with the model's chat template) or `prompt` (text or token ids)."""
@@ -51,6 +67,7 @@ class GenerationRequest:
     prompt: str | list[int] = ""
     messages: tuple[dict[str, Any], ...] | None = None  # OpenAI-shaped: tool calls and results too
     tools: tuple[dict[str, Any], ...] | None = None  # OpenAI tool definitions, rendered into the prompt
+    images: tuple[ImageInput, ...] = ()  # one per IMAGE_MARKER in the messages' text, in order
     max_tokens: int = 256
     temperature: float = 0.7
     top_p: float = 1.0
@@ -337,6 +354,7 @@ class Backend(abc.ABC):
     """A loaded generation model. Not thread-safe: the registry gives each one a single worker."""
 
     name: str = "backend"
+    reads_images = False  # an engine that takes `GenerationRequest.images` (one per IMAGE_MARKER) says so
     max_batch_size: int = 1  # > 1: `open_batch()` decodes that many requests together
 
     @abc.abstractmethod
@@ -429,7 +447,12 @@ class Backend(abc.ABC):
         )
 
     def tokens(self, request: GenerationRequest) -> list[int]:
-        """The request's prompt as token ids: chat template and tools applied, BOS added once."""
+        """The request's prompt as token ids: chat template and tools applied, BOS added once.
+        Images need an engine that reads them (`reads_images`): never a prompt that left them out."""
+        if request.images and not self.reads_images:
+            raise InvalidRequestError(
+                f"This model's {self.name} engine cannot read images yet; send text only", param="messages"
+            )
         if request.messages is not None:
             return self.encode(self.render_chat(request.messages, request.tools, template_variables(request)))
         if isinstance(request.prompt, list):

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from backends.base import Backend, DecodeBatch, DecodeState, EngineInfo, GenerationRequest, Token
+from backends.base import IMAGE_MARKER, Backend, DecodeBatch, DecodeState, EngineInfo, GenerationRequest, Token
 from kernel.config import TierSettings
 from kernel.errors import LLMServiceError, ModelUnavailableError
 
@@ -28,6 +28,7 @@ def echo_last_line(prompt: str) -> str:
 
 class FakeBackend(Backend):
     name = "fake"
+    reads_images = True
 
     def __init__(
         self,
@@ -82,6 +83,15 @@ class FakeBackend(Backend):
     ) -> str:
         lines = [f"{m['role']}: {m.get('content') or ''}" for m in messages]
         return "\n".join(lines) + "\n"
+
+    def tokens(self, request: GenerationRequest) -> list[int]:
+        """An image is read as its size and digest in place of its marker: the echo shows which."""
+        prompt = super().tokens(request)
+        if not request.images:
+            return prompt
+        parts = self.detokenize(prompt).split(IMAGE_MARKER)
+        seen = [f"[image {i.width}x{i.height} {i.digest[:8]}]" for i in request.images]
+        return self.encode("".join(p + (seen[k] if k < len(seen) else "") for k, p in enumerate(parts)))
 
     def decode(
         self, prompt: list[int], request: GenerationRequest, max_tokens: int, cancel: threading.Event | None = None

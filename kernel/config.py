@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -43,6 +44,9 @@ class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
     use_mlock: bool = False
     embedding_dimension: Annotated[int, msgspec.Meta(ge=1)] | None = None
     chat_template: str | None = None
+    # llama.cpp: the multimodal projector GGUF that lets the model read images; unset: an
+    # mmproj*.gguf beside the model file, as llama-server finds it
+    mmproj_path: str | None = None
     max_queue: Positive = 16
     max_batch: Positive = 4  # requests an engine that can batch (MLX) decodes together
     preload: bool = True  # load at start (requests meanwhile get 503 + Retry-After); false: on first use
@@ -102,6 +106,17 @@ class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
     @property
     def configured(self) -> bool:
         return bool(self.model_path) or self.backend == "remote"
+
+    @property
+    def projector(self) -> str | None:
+        """The projector GGUF this tier's model reads images through, if it has one: MMPROJ_PATH,
+        else the first mmproj*.gguf beside a .gguf model file (llama-server's lookup)."""
+        if self.mmproj_path:
+            return self.mmproj_path
+        if self.backend == "remote" or not self.model_path or not self.model_path.endswith(".gguf"):
+            return None
+        found = sorted(Path(self.model_path).parent.glob("mmproj*.gguf"))
+        return str(found[0]) if found else None
 
     @property
     def upstreams(self) -> tuple[str, ...]:

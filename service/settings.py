@@ -46,6 +46,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     forwarded_allow_ips: str = ""  # proxies whose X-Forwarded-For/-Proto are trusted; empty = none
     allow_insecure_bind: bool = False  # serve a non-loopback HOST without API_KEYS
     max_body_bytes: Positive = 10 * 1024 * 1024  # also the largest WebSocket message
+    # Images in requests (service/serving/images.py): http(s) image URLs are fetched only when allowed
+    # (off: a server that fetches any URL a page hands it is an SSRF hole); every image is bounded
+    # in encoded bytes and in decoded pixels (3 bytes each in memory while it is encoded).
+    allow_remote_images: bool = False
+    max_image_bytes: Positive = 20 * 1024 * 1024
+    max_image_pixels: Positive = 4096 * 4096
     ws_max_requests: Positive = 8  # requests one /v1/ws connection may run at once
     enable_cache: bool = False
     cache_max_size: NonNeg = 1000
@@ -105,6 +111,7 @@ _SERVER_FIELDS = {f for f in Settings.__struct_fields__ if f != "tiers"}
 # Options that mean something only to some families: set elsewhere they would be silently ignored.
 _FAMILY_ONLY: dict[str, tuple[str, ...]] = {
     "chat_template": GENERATION_TIERS,
+    "mmproj_path": GENERATION_TIERS,
     "overflow": GENERATION_TIERS,
     "adapters": GENERATION_TIERS,
     "max_batch": GENERATION_TIERS,

@@ -9,14 +9,22 @@ from service.schemas.common import MaxTokens, SamplingFields, TokenLogprob, Usag
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 
-# Content parts a text-only model reads; images, audio and files are refused, never dropped.
+# Content parts a model reads: text, and images where the tier has a projector (service.serving.images);
+# audio and files are refused, never dropped.
 TEXT_PARTS = ("text", "refusal")
+READ_PARTS = (*TEXT_PARTS, "image_url")
+
+
+class ImageUrl(msgspec.Struct, kw_only=True):
+    url: str  # a data URL, or http(s) with ALLOW_REMOTE_IMAGES
+    detail: str | None = None  # low/high/auto: a hint (the projector decides the resolution)
 
 
 class ContentPart(msgspec.Struct, kw_only=True):
     type: str
     text: str | None = None
     refusal: str | None = None  # an assistant turn's refusal part, sent back in history
+    image_url: ImageUrl | str | None = None  # a bare string is the older form
 
 
 class FunctionCall(msgspec.Struct, kw_only=True):
@@ -67,9 +75,9 @@ class ChatMessage(msgspec.Struct, kw_only=True):
         return "".join((p.text if p.type == "text" else p.refusal) or "" for p in self.content if p.type in TEXT_PARTS)
 
     def unreadable_part(self) -> int | None:
-        """The index of the first content part that is not text (an image, audio, a file)."""
+        """The index of the first content part that is neither text nor an image (audio, a file)."""
         if isinstance(self.content, list):
-            return next((j for j, p in enumerate(self.content) if p.type not in TEXT_PARTS), None)
+            return next((j for j, p in enumerate(self.content) if p.type not in READ_PARTS), None)
         return None
 
 

@@ -37,6 +37,7 @@ class ModelCard(msgspec.Struct, omit_defaults=True, tag_field="object", tag="mod
     keep_alive: int | None = None
     pinned: bool | None = None
     aliases: list[str] | None = None  # MODEL_ALIASES globs that name this tier
+    capabilities: list[str] | None = None  # ["vision"]: the tier takes images (as Ollama and LM Studio say)
     upstreams: list[dict[str, Any]] | None = None  # a remote tier's servers: state, in flight, errors
     catalogue: CatalogueInfo | None = None  # the MODELS_DIR entry this model is (any model there is listed)
     details: dict[str, Any] | None = None

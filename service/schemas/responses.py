@@ -13,8 +13,10 @@ from service.schemas.common import MaxTokens, Seed, Temperature, TopP
 
 
 class ContentPart(msgspec.Struct, kw_only=True):
-    type: str  # input_text and output_text are read; images and files are refused by name
+    type: str  # input_text, output_text and input_image are read; files are refused by name
     text: str | None = None
+    image_url: str | None = None  # input_image: a data URL, or http(s) with ALLOW_REMOTE_IMAGES
+    detail: str | None = None  # input_image: a hint (the projector decides the resolution)
 
 
 class InputItem(msgspec.Struct, kw_only=True, omit_defaults=True):

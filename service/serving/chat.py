@@ -14,8 +14,9 @@ from typing import Any
 
 import msgspec
 
-from backends.base import Chunk, GenerationRequest, Token, Usage
+from backends.base import IMAGE_MARKER, Chunk, GenerationRequest, Token, Usage
 from backends.tools import ToolCall
+from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError
 from service.ids import new_id
 from service.metrics import RequestRecord
@@ -29,6 +30,7 @@ from service.schemas.chat import (
     ChoiceLogprobs,
     ChunkChoice,
     Delta,
+    ImageUrl,
     NamedFunction,
     NamedToolChoice,
     ToolSpec,
@@ -45,6 +47,7 @@ from service.serving.generation import (
     first_chunk,
     now,
 )
+from service.serving.images import ImagePart, check_images, load_images
 from service.serving.streaming import Streamed
 from service.serving.thinking import ThinkingControl, thinking_control
 from service.serving.tool_calls import call_deltas, plan_tools, tool_dicts, wire_calls
@@ -62,12 +65,14 @@ async def serve_chat(
     legacy = data.functions is not None or data.function_call is not None  # answered as `function_call`
     data = legacy_functions(data)
     tools = plan_tools(data)
+    messages, images = chat_messages(data.messages, target.slot.settings)
     request = engine_request(
         data,
         target.slot.settings,
         await generation.sampling(target, data),
         max_tokens=data.max_completion_tokens or data.max_tokens,
-        messages=chat_messages(data.messages),
+        messages=messages,
+        images=await load_images(images, generation.settings),
         tools=tools.tools,
         constraint=tools.forced,
         logprobs=data.logprobs,
@@ -267,9 +272,11 @@ async def serve_tokenize(data: TokenizeRequest, generation: Generation) -> Token
     if (data.prompt is None) == (data.messages is None):
         raise InvalidRequestError("Send either prompt or messages", param="prompt")
     target = generation.target(data.model)
+    messages, images = chat_messages(data.messages, target.slot.settings) if data.messages is not None else (None, [])
     request = GenerationRequest(
         prompt=data.prompt or "",
-        messages=chat_messages(data.messages) if data.messages is not None else None,
+        messages=messages,
+        images=await load_images(images, generation.settings),
         tools=tool_dicts(data.tools) if data.tools else None,
     )
     tokens = await generation.tokens(target, request)
@@ -373,17 +380,31 @@ class Fanout:
             stream.cancel()
 
 
-def chat_messages(messages: list[ChatMessage]) -> tuple[dict[str, Any], ...]:
-    """Wire messages as engines take them (OpenAI-shaped dicts, tool calls and results included).
-    Our models read text only: an image, audio or file part is a 400 naming it, never dropped."""
+def chat_messages(
+    messages: list[ChatMessage], tier: TierSettings
+) -> tuple[tuple[dict[str, Any], ...], list[ImagePart]]:
+    """Wire messages as engines take them (OpenAI-shaped dicts, tool calls and results included),
+    and their images in order, each an IMAGE_MARKER in its message's text. An image to a text-only
+    tier, or an audio or file part, is a 400 naming it, never dropped."""
+    images: list[ImagePart] = []
     for i, message in enumerate(messages):
         if (j := message.unreadable_part()) is not None:
             kind = message.content[j].type if isinstance(message.content, list) else "?"
             raise InvalidRequestError(
-                f"messages[{i}].content[{j}]: this model reads text only and cannot take a {kind!r} part",
+                f"messages[{i}].content[{j}]: this model reads text and images only and cannot take a {kind!r} part",
                 param=f"messages[{i}].content[{j}]",
             )
-    return tuple(_message(m) for m in messages)
+        for j, part in enumerate(message.content if isinstance(message.content, list) else ()):
+            if part.type == "image_url":
+                url = part.image_url.url if isinstance(part.image_url, ImageUrl) else part.image_url
+                if not url:
+                    raise InvalidRequestError(
+                        f"messages[{i}].content[{j}].image_url.url is required", param=f"messages[{i}].content[{j}]"
+                    )
+                images.append(ImagePart(url, f"messages[{i}].content[{j}]"))
+    out = tuple(_message(m) for m in messages)
+    check_images(out, images, tier)
+    return out, images
 
 
 def legacy_functions(data: ChatCompletionRequest) -> ChatCompletionRequest:
@@ -416,7 +437,13 @@ def chat_thinking(data: ChatCompletionRequest) -> ThinkingControl:
 
 def _message(message: ChatMessage) -> dict[str, Any]:
     # OpenAI's newer "developer" role is the system role for every chat template we know.
-    out: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role, "content": message.text()}
+    text = message.text()
+    if isinstance(message.content, list) and any(p.type == "image_url" for p in message.content):
+        text = "".join(
+            IMAGE_MARKER if p.type == "image_url" else (p.text if p.type == "text" else p.refusal) or ""
+            for p in message.content
+        )
+    out: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role, "content": text}
     if message.tool_calls:
         out["tool_calls"] = [
             msgspec.structs.asdict(c) | {"function": msgspec.structs.asdict(c.function)} for c in message.tool_calls

@@ -17,7 +17,16 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from backends.base import RANDOM_SEED, Chunk, FinishReason, GenerationRequest, ResponseFormat, Token, Usage
+from backends.base import (
+    RANDOM_SEED,
+    Chunk,
+    FinishReason,
+    GenerationRequest,
+    ImageInput,
+    ResponseFormat,
+    Token,
+    Usage,
+)
 from kernel.config import SAMPLING_FIELDS, Sampling, TierSettings
 from kernel.errors import InvalidRequestError, LLMServiceError, ModelUnavailableError, RateLimitError
 from service.cache import CachedGeneration, ResponseCache
@@ -58,6 +67,7 @@ class Generation:
     def __init__(self, registry: Registry, cache: ResponseCache, settings: Settings) -> None:
         self.registry = registry
         self.cache = cache
+        self.settings = settings
         self.max_tokens_limit = settings.max_tokens_limit
         self.drain = Drain()  # begun by the server when it starts shutting down
 
@@ -257,6 +267,7 @@ def engine_request(
     max_tokens: int | None,
     prompt: str | list[int] = "",
     messages: tuple[dict[str, Any], ...] | None = None,
+    images: tuple[ImageInput, ...] = (),
     tools: tuple[dict[str, Any], ...] | None = None,
     constraint: ResponseFormat | None = None,
     logprobs: bool = False,
@@ -273,6 +284,7 @@ def engine_request(
     return GenerationRequest(
         prompt=prompt,
         messages=messages,
+        images=images,
         tools=tools,
         max_tokens=max_tokens or tier.max_tokens,
         temperature=sampling.temperature if fields.temperature is None else fields.temperature,

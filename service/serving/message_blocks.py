@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from backends.base import ResponseFormat
+from backends.base import IMAGE_MARKER, ResponseFormat
+from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError
 from service.schemas.messages import (
     Block,
@@ -33,6 +34,7 @@ from service.schemas.messages import (
     ToolUseBlock,
     content_block,
 )
+from service.serving.images import ImagePart, check_images
 from service.serving.schema_limits import check_schema
 from service.serving.thinking import ThinkingControl, thinking_control
 from service.serving.tool_calls import ToolMode, ToolPlan, make_plan
@@ -57,29 +59,40 @@ _LEFT_OUT = frozenset(
 )
 
 
+@dataclass(slots=True)
+class _Found:
+    """What the blocks brought besides text: tools a tool_reference loaded, and the images in order."""
+
+    tools: set[str] = field(default_factory=set)
+    images: list[ImagePart] = field(default_factory=list)
+
+
 @dataclass(frozen=True, slots=True)
 class MessagePrompt:
     messages: tuple[dict[str, Any], ...]
+    images: list[ImagePart]  # one per IMAGE_MARKER in the messages' text
     plan: ToolPlan
     thinking: ThinkingControl
     format: ResponseFormat | None  # output_config.format's grammar
 
 
-def message_prompt(data: PromptFields) -> MessagePrompt:
-    """Everything of a request that shapes the prompt, as the engine request takes it."""
+def message_prompt(data: PromptFields, tier: TierSettings) -> MessagePrompt:
+    """Everything of a request that shapes the prompt, as the engine request takes it; an image
+    block to a text-only tier is a 400 naming it."""
     if data.mcp_servers:
         raise InvalidRequestError(
             "mcp_servers is not supported: this server cannot call MCP servers (offer their tools as custom tools)",
             param="mcp_servers",
         )
-    messages, loaded = _messages(data.system, data.messages)
+    messages, found = _messages(data.system, data.messages)
+    check_images(messages, found.images, tier)
     spec = (data.output_config.format if data.output_config else None) or data.output_format
     fmt = None
     if spec is not None:
         param = "output_config.format" if data.output_config and data.output_config.format else "output_format"
         check_schema(spec.schema, f"{param}.schema")
         fmt = ResponseFormat("json_schema", spec.schema)
-    return MessagePrompt(messages, _plan(data.tools, data.tool_choice, loaded), _thinking(data), fmt)
+    return MessagePrompt(messages, found.images, _plan(data.tools, data.tool_choice, found.tools), _thinking(data), fmt)
 
 
 def _thinking(data: PromptFields) -> ThinkingControl:
@@ -120,7 +133,7 @@ def _described(description: str | None) -> dict[str, str]:
 
 def _messages(
     system: str | list[TextBlock] | None, messages: list[MessageParam]
-) -> tuple[tuple[dict[str, Any], ...], set[str]]:
+) -> tuple[tuple[dict[str, Any], ...], _Found]:
     """Content blocks as the OpenAI-shaped messages engines take, and the tools that tool_reference
     blocks loaded. Consecutive turns of one role become one turn, as Anthropic combines them; a
     system turn inside the conversation joins the user turn it sits beside (most chat templates
@@ -129,7 +142,7 @@ def _messages(
         raise InvalidRequestError("messages must contain at least one message", param="messages")
     out: list[dict[str, Any]] = []
     leading = [system if isinstance(system, str) else _text(system, "system")] if system else []
-    loaded: set[str] = set()
+    found = _Found()
     for i, message in enumerate(messages):
         param = f"messages[{i}].content"
         if message.role == "system":
@@ -144,10 +157,10 @@ def _messages(
         if isinstance(message.content, str):
             _add(out, {"role": message.role, "content": message.content})
         else:
-            _turn(out, message.role, message.content, param, loaded)
+            _turn(out, message.role, message.content, param, found)
     if leading:
         out.insert(0, {"role": "system", "content": "\n\n".join(leading)})
-    return tuple(out), loaded
+    return tuple(out), found
 
 
 def _turn(
@@ -155,7 +168,7 @@ def _turn(
     role: Literal["user", "assistant"],
     blocks: list[dict[str, Any]],
     param: str,
-    loaded: set[str],
+    found: _Found,
 ) -> None:
     """A user or assistant turn's blocks: its text, an assistant's tool calls, a user's tool results
     (each its own tool message, before the turn's text)."""
@@ -168,7 +181,7 @@ def _turn(
             arguments = json.dumps(block.input, ensure_ascii=False)
             calls.append({"id": block.id, "type": "function", "function": {"name": block.name, "arguments": arguments}})
         elif isinstance(block, ToolResultBlock) and role == "user":
-            content = block.content if isinstance(block.content, str) else _result(block.content or [], where, loaded)
+            content = block.content if isinstance(block.content, str) else _result(block.content or [], where, found)
             if block.is_error:  # templates have no field for it: say so in the text
                 content = f"Error: {content}"
             _add(out, {"role": "tool", "tool_call_id": block.tool_use_id, "content": content})
@@ -176,7 +189,7 @@ def _turn(
             raise InvalidRequestError(
                 f"{where}: a {block.__struct_config__.tag} block in a {role} message", param=where
             )
-        elif (text := _rendered(block, raw, where, loaded)) is not None:
+        elif (text := _rendered(block, raw, where, found)) is not None:
             texts.append(text)
     if role == "assistant":
         _add(out, {"role": "assistant", "content": "\n\n".join(texts)} | ({"tool_calls": calls} if calls else {}))
@@ -199,19 +212,20 @@ def _blocks(raw: list[dict[str, Any]], param: str) -> list[Block | str]:
     return [content_block(b, f"{param}[{j}]") for j, b in enumerate(raw)]
 
 
-def _rendered(block: Block | str, raw: dict[str, Any], where: str, loaded: set[str]) -> str | None:
-    """A block's text in the prompt; None for a block left out. Images and documents we cannot
-    read are refused: an answer that never saw them would mislead."""
+def _rendered(block: Block | str, raw: dict[str, Any], where: str, found: _Found) -> str | None:
+    """A block's text in the prompt (an image's: its marker); None for a block left out. Documents
+    we cannot read are refused: an answer that never saw them would mislead."""
     if isinstance(block, TextBlock):
         return block.text
     if isinstance(block, ImageBlock):
-        raise InvalidRequestError(f"{where} is an image block: this server's models read text only", param=where)
+        found.images.append(ImagePart(_image_url(block, where), where))
+        return IMAGE_MARKER
     if isinstance(block, DocumentBlock):
         return _document(block, where)
     if isinstance(block, SearchResultBlock):
         return "\n".join([f"{block.title} ({block.source})", *(b.text for b in block.content)])
     if isinstance(block, ToolReferenceBlock):
-        loaded.add(block.tool_name)
+        found.tools.add(block.tool_name)
         return f"Tool loaded: {block.tool_name}"
     if isinstance(block, ThinkingBlock) or (isinstance(block, str) and block in _LEFT_OUT):
         return None
@@ -238,12 +252,24 @@ def _document(block: DocumentBlock, where: str) -> str:
     return "\n\n".join([*head, body])
 
 
-def _result(content: list[dict[str, Any]], where: str, loaded: set[str]) -> str:
+def _image_url(block: ImageBlock, where: str) -> str:
+    """An image block's source as a URL: base64 as a data URL, a `url` source as it is."""
+    source = block.source
+    if source.get("type") == "base64" and isinstance(source.get("data"), str):
+        return f"data:{source.get('media_type') or 'image/png'};base64,{source['data']}"
+    if source.get("type") == "url" and isinstance(source.get("url"), str):
+        return str(source["url"])
+    raise InvalidRequestError(
+        f"{where}: an image needs a base64 or url source, not {source.get('type')!r}", param=where
+    )
+
+
+def _result(content: list[dict[str, Any]], where: str, found: _Found) -> str:
     """A tool result's blocks as one text."""
     texts = []
     for k, raw in enumerate(content):
         inner = f"{where}.content[{k}]"
-        if (text := _rendered(content_block(raw, inner), raw, inner, loaded)) is not None:
+        if (text := _rendered(content_block(raw, inner), raw, inner, found)) is not None:
             texts.append(text)
     return "\n\n".join(texts)
 

@@ -44,6 +44,7 @@ from service.schemas.stream_events import (
 )
 from service.serving.answer import Answer
 from service.serving.generation import Generation, collect, engine_request, first_chunk
+from service.serving.images import load_images
 from service.serving.message_blocks import message_prompt
 from service.serving.streaming import event_stream
 
@@ -55,7 +56,7 @@ async def create_message(
     a plain error)."""
     target = generation.target(data.model, data.adapter)
     slot = target.slot
-    prompt = message_prompt(data)
+    prompt = message_prompt(data, slot.settings)
     fields = SamplingFields(
         model=data.model,
         temperature=data.temperature,
@@ -70,6 +71,7 @@ async def create_message(
         await generation.sampling(target, fields),
         max_tokens=data.max_tokens,
         messages=prompt.messages,
+        images=await load_images(prompt.images, generation.settings),
         tools=prompt.plan.tools,
         constraint=prompt.plan.forced or prompt.format,
         adapter=target.adapter_name,
@@ -98,13 +100,14 @@ async def create_message(
 async def count_tokens(data: CountTokensRequest, generation: Generation) -> int:
     """The prompt's tokens as `create_message` would feed them, under the same bound as /tokenize."""
     target = generation.target(data.model)  # an adapter does not change tokens
-    prompt = message_prompt(data)
+    prompt = message_prompt(data, target.slot.settings)
     request = engine_request(
         SamplingFields(model=data.model),
         target.slot.settings,
         target.slot.sampling()[0],  # sampling does not change the tokens: no need to wait for the card
         max_tokens=1,
         messages=prompt.messages,
+        images=await load_images(prompt.images, generation.settings),
         tools=prompt.plan.tools,
         thinking=prompt.thinking,
     )

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from backends.base import IMAGE_MARKER
 from backends.tools import ToolCall
 from kernel.errors import InvalidRequestError
 from service.ids import new_id
@@ -27,6 +28,7 @@ from service.schemas.responses import (
     ShellAction,
     ToolDef,
 )
+from service.serving.images import ImagePart
 from service.serving.tool_calls import ToolMode, ToolPlan, make_plan, tool_dicts
 
 _Kind = Literal["function", "custom", "local_shell"]  # how a call comes back
@@ -163,17 +165,24 @@ def response_format(data: ResponsesRequest) -> ResponseFormatSpec | None:
     return ResponseFormatSpec(type="json_schema", json_schema=spec)
 
 
-def _text(content: str | list[ContentPart] | None, param: str) -> str:
+def _text(content: str | list[ContentPart] | None, param: str, images: list[ImagePart]) -> str:
+    """A message's text, an IMAGE_MARKER for each image (added to `images`, in order)."""
     if content is None or isinstance(content, str):
         return content or ""
     for j, part in enumerate(content):
-        if part.type not in ("input_text", "output_text", "text", "summary_text", "reasoning_text"):
+        if part.type == "input_image":
+            if not part.image_url:
+                raise InvalidRequestError(
+                    "input_image needs image_url (file_id is not supported)", param=f"{param}[{j}]"
+                )
+            images.append(ImagePart(part.image_url, f"{param}[{j}]"))
+        elif part.type not in ("input_text", "output_text", "text", "summary_text", "reasoning_text"):
             raise InvalidRequestError(
                 f"{part.type} content is not supported: this model reads text only, and answering without"
                 " it would mislead",
                 param=f"{param}[{j}]",
             )
-    return "".join(p.text or "" for p in content)
+    return "".join(IMAGE_MARKER if p.type == "input_image" else p.text or "" for p in content)
 
 
 # Items that stay out of the prompt: earlier thinking (as reasoning models' templates do) and the
@@ -199,9 +208,11 @@ def _call_arguments(item: InputItem, param: str) -> tuple[str, str]:
 
 def prompt_messages(
     instructions: str | None, prior: list[InputItem], items: list[InputItem], tools: ResponseTools
-) -> tuple[dict[str, Any], ...]:
+) -> tuple[tuple[dict[str, Any], ...], list[ImagePart]]:
     """Instructions, a stored conversation and the input items as the OpenAI-shaped chat messages
-    engines take (a previous response's instructions are not carried over, as on OpenAI)."""
+    engines take (a previous response's instructions are not carried over, as on OpenAI), and
+    their images in order."""
+    images: list[ImagePart] = []
     out: list[dict[str, Any]] = [{"role": "system", "content": instructions}] if instructions else []
     numbered = [("previous_response_id", item) for item in prior]
     numbered += [(f"input[{i}]", item) for i, item in enumerate(items)]
@@ -210,7 +221,7 @@ def prompt_messages(
             if item.role is None:
                 raise InvalidRequestError("A message item needs a role", param=f"{param}.role")
             role = "system" if item.role == "developer" else item.role
-            out.append({"role": role, "content": _text(item.content, f"{param}.content")})
+            out.append({"role": role, "content": _text(item.content, f"{param}.content", images)})
         elif item.type in _CALLS:
             if not item.call_id:
                 raise InvalidRequestError(f"A {item.type} item needs call_id", param=f"{param}.call_id")
@@ -224,7 +235,9 @@ def prompt_messages(
         elif item.type in _OUTPUTS:
             if not item.call_id:
                 raise InvalidRequestError(f"A {item.type} item needs call_id", param=f"{param}.call_id")
-            out.append({"role": "tool", "tool_call_id": item.call_id, "content": _text(item.output, f"{param}.output")})
+            out.append(
+                {"role": "tool", "tool_call_id": item.call_id, "content": _text(item.output, f"{param}.output", images)}
+            )
         elif item.type == "item_reference":
             raise InvalidRequestError(
                 "item_reference is not supported: continue a stored response with previous_response_id, or send"
@@ -235,7 +248,7 @@ def prompt_messages(
             raise InvalidRequestError(f"Input item type {item.type[:60]!r} is not supported", param=f"{param}.type")
     if not any(m["role"] != "system" for m in out):
         raise InvalidRequestError("input must contain at least one message", param="input")
-    return tuple(out)
+    return tuple(out), images
 
 
 def stored_input(items: list[InputItem]) -> list[dict[str, Any]]:

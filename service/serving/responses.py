@@ -63,6 +63,7 @@ from service.schemas.stream_events import (
 )
 from service.serving.answer import Answer
 from service.serving.generation import Generation, chat_logprobs, collect, engine_request, first_chunk, now, usage_info
+from service.serving.images import check_images, load_images
 from service.serving.response_items import (
     ResponseTools,
     prompt_messages,
@@ -111,12 +112,15 @@ async def create_response(
     )
     # top_logprobs alone asks for them too: scores computed and not returned would be a silent drop.
     logprobs = "message.output_text.logprobs" in (data.include or ()) or bool(data.top_logprobs)
+    messages, images = prompt_messages(data.instructions, prior, items, tools)
+    check_images(messages, images, slot.settings)
     request = engine_request(
         fields,
         slot.settings,
         await generation.sampling(target, fields),
         max_tokens=data.max_output_tokens,
-        messages=prompt_messages(data.instructions, prior, items, tools),
+        messages=messages,
+        images=await load_images(images, generation.settings),
         tools=plan.tools,
         constraint=plan.forced,
         logprobs=logprobs,
