@@ -59,6 +59,9 @@ class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
     overflow: str | None = None
     # Engine-specific options; service.settings refuses each one on tiers it does not apply to.
     prefix_cache_entries: NonNeg = 4  # MLX: KV caches of recent conversations kept for reuse
+    speculative: Literal["off", "ngram", "draft"] = "off"
+    draft_model_path: str | None = None  # `draft`: a small GGUF (llama.cpp) / MLX folder sharing the tokenizer
+    draft_tokens: Positive = 8  # most tokens drafted per step; acceptance adapts it per sequence
     # llama.cpp: the KV pool's total tokens, split evenly between the MAX_BATCH sequences;
     # 0 = N_CTX x MAX_BATCH, lowered to what fits the device's free memory
     kv_tokens: NonNeg = 0
