@@ -31,6 +31,7 @@ from backends.mlx.adapters import LoraAdapters
 from backends.mlx.batch import ENGINE, MlxBatch, ModelHandle
 from backends.mlx.prefix_cache import PrefixCache
 from backends.mlx.sampling import GrammarCompiler, TextStream, sampler, score_prompt, scores
+from backends.mlx.speculative import SpecStats
 from backends.reasoning import ReasoningFormat
 from backends.tools import fold_tools, template_messages, template_takes_tools, tool_format
 from kernel.config import SAMPLING_FIELDS
@@ -62,6 +63,7 @@ class MlxBackend(Backend):
         self._adapters = LoraAdapters(tier.prefix_cache_entries)
         self._local = Path(model_path)  # the model folder, once load() resolved it
         self._sampling: dict[str, float] = {}
+        self.spec_stats = SpecStats()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -69,6 +71,8 @@ class MlxBackend(Backend):
         if self._model is not None:
             return
         where = f"Tier {self.tier.name or '?'}: cannot load MLX model {self.model_path!r}"
+        if self.tier.speculative == "draft":
+            raise ModelUnavailableError(f"{where}: SPECULATIVE=draft is not available on MLX yet; use ngram or off")
         source = self.model_path
         if source.startswith(("/", ".", "~")) or source.count("/") > 1:
             # A local path: say so plainly instead of letting it be tried as a hub repo id.
@@ -118,6 +122,9 @@ class MlxBackend(Backend):
                 "prefix_cache_entries": self.prefix_cache.capacity,
                 "structured_output": "llguidance",
                 "max_batch": self.max_batch_size,
+                "speculative": self.tier.speculative,
+                "drafted_tokens": self.spec_stats.drafted,
+                "accepted_tokens": self.spec_stats.accepted,
             },
             vocab_size=self._tokenizer.vocab_size if self._tokenizer is not None else 0,
             tool_format=tool_format(self._template_source(), self.tier.tool_parser),
@@ -232,6 +239,9 @@ class MlxBackend(Backend):
             self.max_batch_size,
             self.tier.n_batch,
             self.thinking_budget,
+            self.tier.speculative,
+            self.tier.draft_tokens,
+            self.spec_stats,
         )
 
     def _require(self) -> tuple[Any, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mlx_lm.generate import BatchGenerator
@@ -21,6 +21,7 @@ from backends.mlx.sampling import (
     score_prompt,
     scores,
 )
+from backends.mlx.speculative import SpecDecoder, SpecStats, eligible
 from backends.reasoning import ThinkingBudget
 from kernel.errors import AdapterNotFoundError, LLMServiceError, engine_errors
 
@@ -46,6 +47,9 @@ class ModelHandle:
     max_batch: int
     prefill_step: int  # prompt tokens per forward pass (N_BATCH)
     thinking_budget: Callable[[Sequence[int], GenerationRequest], ThinkingBudget | None]
+    speculative: str = "off"  # the tier's SPECULATIVE: `ngram` drafts by prompt lookup
+    draft_tokens: int = 8  # most tokens drafted per forward
+    spec_stats: SpecStats = field(default_factory=SpecStats)  # the backend's, so counts outlive a batch
 
     def model_for(self, adapter: str | None) -> tuple[Any, PrefixCache]:
         """The modules a request runs on and the prefix cache of KV they computed (an adapter
@@ -78,6 +82,7 @@ class _Sequence:
     request: GenerationRequest
     count: int = 0
     prompt: tuple[Token, ...] = ()  # the prompt's scores, with prompt_logprobs
+    spec: SpecDecoder | None = None  # decoding speculatively, outside the BatchGenerator
 
 
 class MlxBatch(DecodeBatch):
@@ -98,6 +103,7 @@ class MlxBatch(DecodeBatch):
         self._gens: dict[str | None, Any] = {}
         self._sequences: dict[tuple[str | None, int], _Sequence] = {}  # by (adapter, generator uid)
         self._uids: dict[int, tuple[str | None, int]] = {}  # our key -> (adapter, uid)
+        self._specs: dict[int, _Sequence] = {}  # speculating sequences, by our key
 
     def _gen(self, adapter: str | None) -> Any:
         gen = self._gens.get(adapter)
@@ -117,6 +123,24 @@ class MlxBatch(DecodeBatch):
         model, prefix_cache = handle.model_for(request.adapter)
         matcher = handle.grammars.matcher(request.response_format) if request.response_format else None
         cache, reused = prefix_cache.fetch(prompt)
+        processors = handle.processors([], request, prompt, matcher)
+        seq = _Sequence(key, reused, TextStream(self._tokenizer, prompt), matcher, request)
+        if request.prompt_logprobs:
+            seq.prompt = score_prompt(model, handle.grammars.piece, prompt, request)
+        if handle.speculative == "ngram" and eligible(request, processors, matcher is not None):
+            seq.spec = SpecDecoder(
+                model,
+                prompt,
+                cache,
+                reused,
+                handle.draft_tokens,
+                handle.eos,
+                state.max_tokens,
+                handle.prefill_step,
+                handle.spec_stats,
+            )
+            self._specs[key] = seq
+            return
         with engine_errors(ENGINE):
             (uid,) = self._gen(request.adapter).insert(
                 [prompt[reused:]],
@@ -124,11 +148,8 @@ class MlxBatch(DecodeBatch):
                 caches=[cache],  # None: BatchGenerator makes a fresh one
                 all_tokens=[prompt[:reused]],
                 samplers=[sampler(request)],
-                logits_processors=[handle.processors([], request, prompt, matcher)],
+                logits_processors=[processors],
             )
-        seq = _Sequence(key, reused, TextStream(self._tokenizer, prompt), matcher, request)
-        if request.prompt_logprobs:
-            seq.prompt = score_prompt(model, handle.grammars.piece, prompt, request)
         self._sequences[request.adapter, uid] = seq
         self._uids[key] = (request.adapter, uid)
 
@@ -141,26 +162,42 @@ class MlxBatch(DecodeBatch):
                 seq = self._sequences.get((adapter, r.uid))
                 if seq is None:
                     continue
-                out.append((seq.key, self._token(seq, r)))
+                out.append((seq.key, self._token(seq, int(r.token), r.finish_reason, r.logprobs)))
                 if r.finish_reason is not None:
                     # Like generate_step, the batch fed this token to the model before returning it:
                     # the cache holds the prompt and every token returned, EOS included.
                     self._forget(adapter, r.uid, r.all_tokens, r.prompt_cache)
+        for key, seq in list(self._specs.items()):
+            spec = seq.spec
+            assert spec is not None
+            with engine_errors(ENGINE):
+                token = spec.next()
+            if token is None:  # a prompt chunk went in
+                continue
+            finish = None
+            if spec.ended and not spec.ready:
+                finish = "stop" if token in self._handle.eos else "length"
+            out.append((key, self._token(seq, token, finish, None)))
+            if finish is not None:
+                self._forget_spec(key)
         return out
 
-    def _token(self, seq: _Sequence, r: Any) -> Token | None:
-        if r.finish_reason == "stop":  # an end-of-generation token: neither shown nor counted
+    def _token(self, seq: _Sequence, token: int, finish: str | None, logprobs: Any) -> Token | None:
+        if finish == "stop":  # an end-of-generation token: neither shown nor counted
             return None
         seq.count += 1
         final = seq.matcher is not None and seq.matcher.is_stopped()
-        text = seq.text.add(int(r.token), final=final or r.finish_reason == "length")
+        text = seq.text.add(token, final=final or finish == "length")
         request = seq.request
         piece = self._handle.grammars.piece
-        scored = scores(piece, r.logprobs, int(r.token), request) if request.logprobs else (None, ())
+        scored = scores(piece, logprobs, token, request) if request.logprobs else (None, ())
         first = seq.count == 1
         return Token(text, seq.reused if first else 0, final, scored[0], scored[1], seq.prompt if first else ())
 
     def remove(self, key: int) -> None:
+        if key in self._specs:
+            self._forget_spec(key)
+            return
         found = self._uids.get(key)
         if found is None:
             return
@@ -176,7 +213,15 @@ class MlxBatch(DecodeBatch):
         if tokens and cache is not None and (adapter is None or adapter in self._handle.adapters.names()):
             self._handle.model_for(adapter)[1].store(list(tokens), cache)
 
+    def _forget_spec(self, key: int) -> None:
+        seq = self._specs.pop(key)
+        spec, adapter = seq.spec, seq.request.adapter
+        assert spec is not None and spec.cache is not None
+        if spec.fed and (adapter is None or adapter in self._handle.adapters.names()):
+            self._handle.model_for(adapter)[1].store(spec.cached_tokens, spec.cache)
+
     def close(self) -> None:
+        self._specs.clear()
         self._sequences.clear()
         self._uids.clear()
         for gen in self._gens.values():
