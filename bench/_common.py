@@ -103,6 +103,7 @@ class StreamTiming:
     tokens: int
     decode_seconds: float  # first content to last content
     end: float  # monotonic time the stream finished
+    text: str = ""  # the streamed answer (stream_completion only)
 
     @property
     def decode_tps(self) -> float:
@@ -127,6 +128,7 @@ def stream_completion(url: str, body: dict[str, object]) -> StreamTiming:
     first = last = 0.0
     tokens = 0
     usage_tokens = None
+    pieces: list[str] = []
     with _client().stream("POST", url, json={**body, "stream": True}) as res:
         res.raise_for_status()
         for line in res.iter_lines():
@@ -136,12 +138,13 @@ def stream_completion(url: str, body: dict[str, object]) -> StreamTiming:
             if event.get("usage"):
                 usage_tokens = event["usage"]["completion_tokens"]
             for choice in event.get("choices") or []:
-                if choice.get("text") or (choice.get("delta") or {}).get("content"):
+                if piece := choice.get("text") or (choice.get("delta") or {}).get("content"):
                     now = time.monotonic()
                     first = first or now
                     last = now
                     tokens += 1
-    return StreamTiming(first - start, usage_tokens or tokens, last - first, time.monotonic())
+                    pieces.append(piece)
+    return StreamTiming(first - start, usage_tokens or tokens, last - first, time.monotonic(), "".join(pieces))
 
 
 def time_pieces(pieces: Iterable[str], start: float) -> StreamTiming:

@@ -18,19 +18,15 @@ Targets (issue 25): ngram >= 1.5x plain decoding's tok/s, >= 1.0x llama-server's
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import free_port, llmservice, median, process
+from bench._common import free_port, llmservice, median, process, stream_completion
 
 LLAMA_SERVER = os.environ.get("LLAMA_SERVER", "/work/llama-build/build/bin/llama-server")
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
@@ -105,30 +101,9 @@ def llama_server(model: str, spec: bool, draft: int) -> Iterator[tuple[str, str]
 
 def run(url: str, model: str, max_tokens: int) -> tuple[float, str, int]:
     """One greedy streamed completion: (decode tok/s, text, completion tokens)."""
-    body = {
-        "model": model,
-        "prompt": prompt(),
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    first = last = 0.0
-    text, tokens = [], 0
-    with httpx.Client(timeout=900) as client, client.stream("POST", f"{url}/v1/completions", json=body) as res:
-        res.raise_for_status()
-        for line in res.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-            for choice in event.get("choices") or []:
-                if choice.get("text"):
-                    last = time.monotonic()
-                    first = first or last
-                    text.append(choice["text"])
-    return (tokens - 1) / (last - first) if last > first else 0.0, "".join(text), tokens
+    body = {"model": model, "prompt": prompt(), "max_tokens": max_tokens, "temperature": 0}
+    timing = stream_completion(f"{url}/v1/completions", {**body, "stream_options": {"include_usage": True}})
+    return timing.decode_tps, timing.text, timing.tokens
 
 
 def main() -> None:
