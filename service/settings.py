@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 import shutil
+import tomllib
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -96,7 +98,18 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     prompt_cache_ram_bytes: NonNeg = 2 * 2**30  # RAM tier budget; 0 = off
     prompt_cache_dir: str = ""  # disk tier folder (a subfolder per tier); empty = no disk tier
     prompt_cache_disk_bytes: NonNeg = 8 * 2**30  # disk tier budget
+    # A JSON or TOML file: catalogue model id -> its settings, named as a tier's without the prefix
+    # ({"qwen3-8b-q4_k_m": {"N_CTX": 16384, "MAX_BATCH": 2}}); read once, at start.
+    model_settings: str = ""
     tiers: dict[str, TierSettings] = {}
+    catalogue: dict[str, TierSettings] = {}  # MODEL_SETTINGS, parsed
+
+    def catalogue_model(self, model_id: str, path: str) -> TierSettings:
+        """A catalogue model's settings: MODEL_SETTINGS's for it, else a tier's defaults; loaded on first use."""
+        cache = {f: getattr(self, f) for f in _PROMPT_CACHE_FIELDS}
+        base = self.catalogue.get(model_id) or TierSettings(**cache)
+        limit = min(base.max_tokens, self.max_tokens_limit)
+        return msgspec.structs.replace(base, name=model_id, model_path=path, preload=False, max_tokens=limit)
 
     def tier(self, name: str) -> TierSettings:
         return self.tiers.get(name) or TierSettings(
@@ -107,7 +120,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
 _PROMPT_CACHE_FIELDS = ("prompt_cache_ram_bytes", "prompt_cache_dir", "prompt_cache_disk_bytes")
 # Server-wide, copied into every tier by parse_settings: no <TIER>_ variable.
 _TIER_FIELDS = {f for f in TierSettings.__struct_fields__ if f != "name" and f not in _PROMPT_CACHE_FIELDS}
-_SERVER_FIELDS = {f for f in Settings.__struct_fields__ if f != "tiers"}
+_SERVER_FIELDS = {f for f in Settings.__struct_fields__ if f not in ("tiers", "catalogue")}
 # Options that mean something only to some families: set elsewhere they would be silently ignored.
 _FAMILY_ONLY: dict[str, tuple[str, ...]] = {
     "chat_template": GENERATION_TIERS,
@@ -363,7 +376,36 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
             tiers[name] = msgspec.structs.replace(tier, max_tokens=server.max_tokens_limit)
             continue
         raise SettingsError(f"Invalid setting {var}={env[var]!r}: above MAX_TOKENS_LIMIT={server.max_tokens_limit}")
-    return msgspec.structs.replace(server, tiers=tiers)
+    catalogue = {i: msgspec.structs.replace(t, **cache) for i, t in _model_settings(server.model_settings).items()}
+    return msgspec.structs.replace(server, tiers=tiers, catalogue=catalogue)
+
+
+def _model_settings(path: str) -> dict[str, TierSettings]:
+    """MODEL_SETTINGS: per catalogue model, tier settings by their names without the tier's prefix,
+    parsed as `.env` values are; the id and where the model lies are the catalogue's."""
+    if not path:
+        return {}
+    where = f"MODEL_SETTINGS={path!r}"
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+        table = tomllib.loads(text) if path.endswith(".toml") else json.loads(text)
+    except (OSError, ValueError) as exc:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise SettingsError(f"Invalid setting {where}: {exc}") from None
+    if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        raise SettingsError(f"Invalid setting {where}: expected {{model id: {{SETTING: value}}}}")
+    out: dict[str, TierSettings] = {}
+    for model_id, values in table.items():
+        raw: dict[str, Any] = {"name": model_id}
+        for key, value in values.items():
+            field = str(key).lower()
+            if field not in _TIER_FIELDS:
+                raise SettingsError(f"Invalid setting {where}: {model_id}.{key} is not a tier setting")
+            text_value = _variable_text(value) if not isinstance(value, str) else value
+            raw[field] = _adapters(key, text_value) if field == "adapters" else _tier_value(field, _value(text_value))
+        if "model_path" in raw:
+            raise SettingsError(f"Invalid setting {where}: {model_id}.model_path: the catalogue says where it lies")
+        out[model_id] = _convert(raw, TierSettings, f"{model_id}.", {})
+    return out
 
 
 def _without(env: Mapping[str, str], key: str) -> dict[str, str]:

@@ -307,14 +307,11 @@ class Registry:
         return routing.resolve(model, self.slots, self.aliases)
 
     def _catalogue_slot(self, entry: CatalogueEntry) -> TierSlot:
-        """The slot of a catalogue model: loaded on first use with its family's defaults, then kept,
-        unloaded and evicted like any tier (KEEP_ALIVE, unload, the memory budget)."""
+        """The slot of a catalogue model: loaded on first use with its MODEL_SETTINGS (else a tier's
+        defaults), then kept, unloaded and evicted like any tier (KEEP_ALIVE, unload, the memory budget)."""
         slot = self.slots.get(entry.id)
         if slot is None or slot.settings.model_path != entry.path:
-            limit = self.settings.max_tokens_limit
-            settings = TierSettings(
-                name=entry.id, model_path=entry.path, preload=False, max_tokens=min(TierSettings().max_tokens, limit)
-            )
+            settings = self.settings.catalogue_model(entry.id, entry.path)
             family = _CATALOGUE_FAMILY[entry.kind]
             slot = TierSlot(entry.id, settings, TierState.AVAILABLE, model=entry.id, family=family)
             self.slots[entry.id] = slot

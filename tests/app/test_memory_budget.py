@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
+import re
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +20,7 @@ from backends.base import GenerationRequest
 from backends.fake import FakeBackend
 from kernel.config import TierSettings
 from kernel.errors import ModelUnavailableError
-from service.settings import parse_settings
+from service.settings import SettingsError, parse_settings
 from service.testing import counting, fake_engines
 from service.tiers.families import GENERATION, EngineFactories
 from service.tiers.registry import Registry
@@ -270,3 +271,29 @@ def test_a_catalogue_model_loads_on_first_use_within_the_budget(tmp_path: Path) 
         models = {m["id"]: m["status"] for m in http.get("/v1/models").json()["data"]}
         assert models["alpha-q4"] == "available" and models["beta-q4"] == "loaded" and models["unused"] == "available"
         assert ask("gamma").status_code == 404
+
+
+def test_model_settings_give_a_catalogue_model_its_own_settings(tmp_path: Path) -> None:
+    from tests.unit.test_catalogue import write_gguf
+
+    models = tmp_path / "models"
+    models.mkdir()
+    write_gguf(models / "alpha-q4.gguf")
+    table = tmp_path / "models.toml"
+    table.write_text('[alpha-q4]\nN_CTX = 1234\nmax_batch = 2\nSPECULATIVE = "ngram"\nKEEP_ALIVE = "60"\n')
+    env = {"MODELS_DIR": str(models), "MODEL_SETTINGS": str(table), "LIGHT_MODEL_PATH": "fake/light"}
+    with fake_app(env) as http:
+        assert http.post("/v1/completions", json={"model": "alpha-q4", "prompt": "hi"}).status_code == 200
+        settings = http.app.state.registry.slots["alpha-q4"].settings
+        assert (settings.n_ctx, settings.max_batch, settings.speculative, settings.keep_alive) == (1234, 2, "ngram", 60)
+        assert settings.model_path == str(models / "alpha-q4.gguf") and not settings.preload
+
+    for text, why in [
+        ("[alpha-q4]\nN_CTXX = 1", "alpha-q4.N_CTXX is not a tier setting"),
+        ('[alpha-q4]\nMODEL_PATH = "/etc"', "the catalogue says where it lies"),
+        ("[alpha-q4]\nN_CTX = -5", "alpha-q4.N_CTX"),
+        ("not toml [", "MODEL_SETTINGS="),
+    ]:
+        table.write_text(text)
+        with pytest.raises(SettingsError, match=re.escape(why)):
+            parse_settings(env)
