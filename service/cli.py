@@ -80,13 +80,23 @@ class Client:
             raise CliError(_message(response.read()) or f"{method} {path}: HTTP {response.status_code}")
         return response.json()
 
-    def events(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        with self.http.stream("POST", path, json=body) as response:
-            if response.is_error:
-                raise CliError(_message(response.read()) or f"POST {path}: HTTP {response.status_code}")
-            for line in response.iter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    yield json.loads(line[6:])
+    def events(self, path: str, body: dict[str, Any], *, wait_load: float = 0.0) -> Iterator[dict[str, Any]]:
+        """The SSE events of a POST; while the model is still loading (503 with Retry-After), asked
+        again for up to `wait_load` seconds, as `ollama run` waits for its model."""
+        deadline = time.monotonic() + wait_load
+        while True:
+            with self.http.stream("POST", path, json=body) as response:
+                retry = response.headers.get("retry-after", "")
+                if response.status_code == 503 and retry.isdigit() and time.monotonic() < deadline:
+                    response.read()
+                    time.sleep(min(float(retry), 1.0, max(0.0, deadline - time.monotonic())))
+                    continue
+                if response.is_error:
+                    raise CliError(_message(response.read()) or f"POST {path}: HTTP {response.status_code}")
+                for line in response.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        yield json.loads(line[6:])
+                return
 
 
 def _message(body: bytes) -> str:
@@ -256,7 +266,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         client = _start_server(args, settings)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     body = {"model": args.model, "stream": True, "messages": [{"role": "user", "content": prompt}]}
-    for chunk in client.events("/v1/chat/completions", body):
+    for chunk in client.events("/v1/chat/completions", body, wait_load=_START_WAIT):
         if "error" in chunk:
             raise CliError(_message(json.dumps(chunk).encode()))
         for choice in chunk.get("choices", []):

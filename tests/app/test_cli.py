@@ -133,3 +133,21 @@ def test_run_a_freshly_pulled_model_by_its_catalogue_id(workdir: Path, server: s
     answer = cli(workdir, "run", "tiny-Q4_K_M", "say hello", url=server)
     assert answer.returncode == 0, answer.stderr
     assert answer.stdout.strip() == "say hello"
+
+
+def test_run_starts_a_server_when_none_answers(workdir: Path, gemma_gguf: str) -> None:
+    """`run` with nothing on the port starts `python -m service` in the background (here on the real
+    Gemma GGUF), waits for /health and streams the answer; the server then keeps running."""
+    (workdir / ".env").write_text(
+        f"PORT={_free_port()}\nPORT_FILE={workdir / '.port'}\nLIGHT_MODEL_PATH={gemma_gguf}\nLIGHT_MAX_TOKENS=4\n"
+    )
+    done = cli(workdir, "run", "light", "The capital of France is")
+    started = [line for line in done.stderr.splitlines() if "started llmservice in the background" in line]
+    pid = int(started[0].split("pid ")[1].split(",")[0]) if started else None
+    try:
+        assert done.returncode == 0, done.stderr
+        assert pid is not None and done.stdout.strip()
+        assert cli(workdir, "ps").returncode == 0  # the server it started still answers
+    finally:
+        if pid is not None:
+            os.kill(pid, 15)
