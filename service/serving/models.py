@@ -24,11 +24,11 @@ class Models:
 
     # -- models ------------------------------------------------------------------------------
     def all(self) -> ModelList:
-        """The tiers and every model in MODELS_DIR: loaded ones as their slots show them, the others
-        `available` (a request naming one loads it)."""
+        """The tiers and every model in MODELS_DIR: those a tier serves or that were used as their
+        slots show them (with `catalogue`), the others `available` (a request naming one loads it)."""
         slots = self._registry.configured()
         cards = [self._card(s) for s in slots]
-        held = {s.name for s in slots}
+        held = {s.name for s in slots} | {e.id for s in slots if (e := self._registry.catalogue_entry(s))}
         entries = self._registry.catalogue.entries().values()
         return ModelList(cards + [self._entry_card(e) for e in entries if e.id not in held])
 
