@@ -25,7 +25,7 @@ from backends.base import (
     card_sampling,
 )
 from backends.chat_templates import builtin_for_architecture, render, resolve_template_setting
-from backends.llamacpp.adapters import LoraAdapters
+from backends.llamacpp.adapters import LoraAdapters, read_gguf_header
 from backends.llamacpp.batch import LlamaCppBatch, ModelHandle
 from backends.llamacpp.kv_layout import FLASH_ATTN, KV_TYPES, LlamaLog, default_kv_tokens, kv_bytes, model_meta
 from backends.llamacpp.kv_slots import KvSlots
@@ -205,17 +205,15 @@ class LlamaCppBackend(Backend):
     def read_card(self) -> dict[str, float] | None:
         if not os.path.isfile(self.model_path):
             return None
-        init_llama_backend()
-        with _backend_lock:
-            mp = llama_cpp.llama_model_default_params()
-            mp.vocab_only = True  # the metadata and vocabulary: no weights, no device memory
-            model = llama_cpp.llama_model_load_from_file(self.model_path.encode("utf-8"), mp)
-        if not model:
-            return None
-        try:
-            return self._card(model)
-        finally:
-            llama_cpp.llama_model_free(model)
+        try:  # the header alone: ~0.15 s on Gemma 3, where llama.cpp's vocab_only load took ~0.6 s
+            meta = read_gguf_header(self.model_path).meta
+        except InvalidRequestError:
+            return None  # the registry then loads the model and reads the card from it
+        card = {name: meta.get(f"general.sampling.{_CARD_KEYS.get(name, name)}") for name in SAMPLING_FIELDS}
+        # As llama.cpp prints a float32 (std::to_string, 6 decimals): the same card as `_card`'s once
+        # loaded, so an answer cached before the load keeps its key.
+        card = {name: f"{v:.6f}" if isinstance(v, float) else v for name, v in card.items()}
+        return card_sampling(card, f"Tier {self.tier.name}: {self.model_path}")
 
     def _card(self, model: Any) -> dict[str, float]:
         card = {name: model_meta(model, f"general.sampling.{_CARD_KEYS.get(name, name)}") for name in SAMPLING_FIELDS}
