@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from backends.base import Backend, GenerationRequest
+from backends.base import Backend, GenerationRequest, Token
 from service.tiers.workers import GenerationWorker
 from tests.live import LiveServer
 
@@ -157,3 +157,31 @@ def together(backend: Backend, requests: Sequence[GenerationRequest]) -> list[st
         return asyncio.run(asyncio.wait_for(main(), 120))
     finally:
         worker.close()
+
+
+def batched(backend: Backend, requests: Sequence[GenerationRequest]) -> list[list[Token]]:
+    """Every request joins one engine batch at once (cold prefix cache); each runs to its end or its
+    `max_tokens`, and no sequence yields a token after it ended."""
+    backend.reset_prefix_cache()
+    batch = backend.open_batch()
+    out: list[list[Token]] = [[] for _ in requests]
+    try:
+        for key, request in enumerate(requests):
+            batch.add(key, backend.prepare(request))
+        live = set(range(len(requests)))
+        for _ in range(10 * max(r.max_tokens for r in requests) * len(requests)):
+            if not live:
+                break
+            for key, token in batch.step():
+                assert key in live, "a sequence produced a token after it ended"
+                assert not isinstance(token, Exception), token
+                if token is None:
+                    live.discard(key)
+                    continue
+                out[key].append(token)
+                if len(out[key]) == requests[key].max_tokens:
+                    live.discard(key)
+        assert not live
+    finally:
+        batch.close()
+    return out

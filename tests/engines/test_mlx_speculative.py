@@ -19,6 +19,7 @@ from backends.mlx.backend import MlxBackend
 from backends.mlx.speculative import NgramIndex
 from kernel.config import TierSettings
 from kernel.errors import ModelUnavailableError
+from tests.batching import batched
 
 MAX = 48
 # An edit task in miniature: the answer is meant to copy the text, so prompt lookup has drafts.
@@ -50,33 +51,6 @@ def _greedy(prompt: str, **kw: Any) -> GenerationRequest:
     return GenerationRequest(prompt=prompt, **{"max_tokens": MAX, "temperature": 0.0, **kw})
 
 
-def _batched(backend: MlxBackend, requests: list[GenerationRequest]) -> list[list[Token]]:
-    """Every request joins one batch at once; each runs to its end or `max_tokens`."""
-    backend.reset_prefix_cache()
-    batch = backend.open_batch()
-    out: list[list[Token]] = [[] for _ in requests]
-    try:
-        for key, request in enumerate(requests):
-            batch.add(key, backend.prepare(request))
-        live = set(range(len(requests)))
-        for _ in range(10 * MAX * len(requests)):
-            if not live:
-                break
-            for key, token in batch.step():
-                assert key in live, "a sequence produced a token after it ended"
-                assert not isinstance(token, Exception), token
-                if token is None:
-                    live.discard(key)
-                    continue
-                out[key].append(token)
-                if len(out[key]) == requests[key].max_tokens:
-                    live.discard(key)
-        assert not live
-    finally:
-        batch.close()
-    return out
-
-
 def _texts(runs: list[list[Token]]) -> list[str]:
     return ["".join(t.text for t in tokens) for tokens in runs]
 
@@ -93,7 +67,7 @@ def test_ngram_index_drafts_what_followed_the_latest_match() -> None:
 def test_greedy_identical_and_drafts_accepted(plain: MlxBackend, ngram: MlxBackend) -> None:
     requests = [_greedy(EDIT), _greedy("Once upon a time"), _greedy(EDIT, max_tokens=7)]
     before = ngram.spec_stats.accepted
-    expected, got = _batched(plain, requests), _batched(ngram, requests)
+    expected, got = batched(plain, requests), batched(ngram, requests)
     assert _texts(got) == _texts(expected)
     assert [len(t) for t in got] == [len(t) for t in expected]
     assert ngram.spec_stats.accepted > before, "the edit prompt's drafts were all rejected"
@@ -111,7 +85,7 @@ def test_speculating_and_plain_sequences_share_a_batch(plain: MlxBackend, ngram:
         _greedy(EDIT, repeat_penalty=1.3),
         GenerationRequest(prompt=EDIT, max_tokens=MAX, temperature=0.9, seed=7),
     ]
-    expected, got = _batched(plain, requests), _batched(ngram, requests)
+    expected, got = batched(plain, requests), batched(ngram, requests)
     assert _texts(got) == _texts(expected)
     assert [[t.logprob for t in run] for run in got] == [[t.logprob for t in run] for run in expected]
 
@@ -120,7 +94,7 @@ def test_removed_mid_chunk_leaves_the_others_and_the_prefix_cache_sound(plain: M
     """A stop string ends a sequence between the tokens one forward accepted; what the cache
     holds then goes to the prefix cache, and a later request reusing it answers as before."""
     request = _greedy(EDIT)
-    expected = _texts(_batched(plain, [request]))[0]
+    expected = _texts(batched(plain, [request]))[0]
     ngram.reset_prefix_cache()
     batch = ngram.open_batch()
     try:

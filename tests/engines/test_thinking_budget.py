@@ -15,6 +15,7 @@ import pytest
 
 from backends.base import Backend, GenerationRequest, Token
 from kernel.config import TierSettings
+from tests.batching import batched
 
 # Gemma's turn markers (both models know them); the generation prompt opens a thinking block
 # unless the thinking switch is off, in which case it writes an empty one, as Qwen3's does.
@@ -71,31 +72,6 @@ def _alone(backend: Backend, request: GenerationRequest) -> list[Token]:
     return list(backend.decode(completion.prompt, request, completion.max_tokens))
 
 
-def _batched(backend: Backend, requests: list[GenerationRequest]) -> list[list[Token]]:
-    """Every request joins one batch at once; each runs to its `max_tokens`."""
-    backend.reset_prefix_cache()
-    batch = backend.open_batch()
-    out: list[list[Token]] = [[] for _ in requests]
-    try:
-        for key, request in enumerate(requests):
-            batch.add(key, backend.prepare(request))
-        live = set(range(len(requests)))
-        for _ in range(10 * MAX * len(requests)):
-            if not live:
-                break
-            for key, token in batch.step():
-                assert not isinstance(token, Exception), token
-                if token is None:
-                    live.discard(key)
-                    continue
-                out[key].append(token)
-                if len(out[key]) == MAX:
-                    live.discard(key)
-    finally:
-        batch.close()
-    return out
-
-
 def _text(tokens: list[Token]) -> str:
     return "".join(t.text for t in tokens)
 
@@ -127,7 +103,7 @@ def test_budget_zero_closes_at_once(engine: Backend) -> None:
 
 def test_budget_in_a_batch(engine: Backend) -> None:
     free = _alone(engine, _request(engine, None))
-    capped, other = _batched(engine, [_request(engine, 5), _request(engine, None)])
+    capped, other = batched(engine, [_request(engine, 5), _request(engine, None)])
     _check_closed_at(capped, 5, free)
     assert CLOSE not in _text(other), "a neighbour without a budget keeps thinking"
     assert _text(other[:5]) == _text(free[:5])
