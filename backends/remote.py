@@ -125,12 +125,9 @@ class RemotePool:
         with httpx.Client(timeout=min(self.timeout, _HEALTH_TIMEOUT), headers=self._headers) as client:
             for upstream in self.upstreams:
                 try:
-                    res = client.get(f"{upstream.url}/models")
-                    res.raise_for_status()
-                    models = res.json()["data"]
-                except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-                    upstream.errors += 1
-                    self._eject(upstream, f"GET /models failed at start: {_describe(exc)}")
+                    models = _models(client.get(f"{upstream.url}/models"))
+                except _CHECK_ERRORS as exc:
+                    self._check_failed(upstream, "GET /models failed at start", exc)
                     continue
                 upstream.model = upstream.model or _first_model(models)
                 context = context or _context_length(models, upstream.model)
@@ -389,15 +386,17 @@ class RemotePool:
             due = [u for u in self.upstreams if u.ejected_until is None or u.ejected_until <= now]
             await asyncio.gather(*(self._probe(u) for u in due))
 
+    def _check_failed(self, upstream: Upstream, what: str, exc: BaseException) -> None:
+        upstream.errors += 1
+        self._eject(upstream, f"{what}: {_describe(exc)}")
+
     async def _probe(self, upstream: Upstream) -> None:
         assert self._client is not None
         try:
-            res = await self._client.get(f"{upstream.url}/models", timeout=min(self.timeout, _HEALTH_TIMEOUT))
-            res.raise_for_status()
-            models = res.json()["data"]
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-            upstream.errors += 1
-            self._eject(upstream, f"health check: {_describe(exc)}")
+            timeout = min(self.timeout, _HEALTH_TIMEOUT)
+            models = _models(await self._client.get(f"{upstream.url}/models", timeout=timeout))
+        except _CHECK_ERRORS as exc:
+            self._check_failed(upstream, "health check", exc)
             return
         upstream.model = upstream.model or _first_model(models)
         if not upstream.healthy:
@@ -746,6 +745,16 @@ def _affinity_key(request: GenerationRequest) -> bytes:
         first_user = next((i for i, m in enumerate(request.messages) if m.get("role") == "user"), 0)
         head = request.messages[: first_user + 1]
     return json.dumps(head, sort_keys=True, default=str).encode()
+
+
+# What a GET /models can fail with: the connection, an error status, a body that is no model list.
+_CHECK_ERRORS = (httpx.HTTPError, ValueError, KeyError, TypeError)
+
+
+def _models(res: httpx.Response) -> Any:
+    """The `data` of a GET /models answer (an error status raises)."""
+    res.raise_for_status()
+    return res.json()["data"]
 
 
 def _first_model(models: Any) -> str:
