@@ -51,14 +51,22 @@ async def _holding(http: httpx.AsyncClient, release: asyncio.Event, tiers: list[
         await release.wait()
 
 
+async def _fill(
+    http: httpx.AsyncClient, tier: str, release: asyncio.Event, tiers: list[str]
+) -> list[asyncio.Task[None]]:
+    """Two held answers that `tier` takes: one running, then one waiting (its queue is then full)."""
+    held = [asyncio.create_task(_holding(http, release, tiers))]
+    await _queued(http, tier, 1, 0)
+    held.append(asyncio.create_task(_holding(http, release, tiers)))
+    await _queued(http, tier, 1, 1)
+    return held
+
+
 def test_a_full_queue_passes_requests_to_the_overflow_tier(server: LiveServer) -> None:
     async def scenario() -> None:
         release, tiers = asyncio.Event(), list[str]()
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
-            held = [asyncio.create_task(_holding(http, release, tiers))]
-            await _queued(http, "light", 1, 0)
-            held.append(asyncio.create_task(_holding(http, release, tiers)))  # waits on light: it is full
-            await _queued(http, "light", 1, 1)
+            held = await _fill(http, "light", release, tiers)
 
             res = await http.post("/v1/chat/completions", json=_chat(max_tokens=3))
             assert res.status_code == 200, res.text
@@ -66,10 +74,7 @@ def test_a_full_queue_passes_requests_to_the_overflow_tier(server: LiveServer) -
             assert res.json()["choices"][0]["message"]["content"].startswith("4,5")
             assert res.json()["model"] == "light"  # the name the client asked for
 
-            held.append(asyncio.create_task(_holding(http, release, tiers)))  # streamed: medium runs it
-            await _queued(http, "medium", 1, 0)
-            held.append(asyncio.create_task(_holding(http, release, tiers)))  # and then holds it waiting
-            await _queued(http, "medium", 1, 1)
+            held += await _fill(http, "medium", release, tiers)  # streamed to light, which passes them on
             # Both full: a 429 from light, never a second hop.
             error = error_of(await http.post("/v1/chat/completions", json=_chat(max_tokens=3)), 429)
             assert error["code"] == "queue_full"
@@ -88,10 +93,7 @@ def test_messages_and_responses_overflow_too(server: LiveServer) -> None:
     async def scenario() -> None:
         release, tiers = asyncio.Event(), list[str]()
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
-            held = [asyncio.create_task(_holding(http, release, tiers))]
-            await _queued(http, "light", 1, 0)
-            held.append(asyncio.create_task(_holding(http, release, tiers)))
-            await _queued(http, "light", 1, 1)
+            held = await _fill(http, "light", release, tiers)
             user = [{"role": "user", "content": "count"}]
             messages = await http.post("/v1/messages", json={"model": "light", "max_tokens": 3, "messages": user})
             responses = await http.post(
