@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,7 +144,7 @@ def test_batch_jobs_spread_over_the_pool(pool: tuple[LiveServer, list[Upstream]]
     lines = "".join(
         json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": _chat(f"line {i}")})
         + "\n"
-        for i in range(6)
+        for i in range(16)  # lines go by their conversation's hash: 16 all on one of two upstreams is 2**-15
     )
     with front.client() as http:
         before = _counts(front)
@@ -156,22 +157,26 @@ def test_batch_jobs_spread_over_the_pool(pool: tuple[LiveServer, list[Upstream]]
         while (state := http.get(f"/v1/batches/{batch['id']}").json())["status"] not in ("completed", "failed"):
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        assert state["request_counts"]["completed"] == 6, state
+        assert state["request_counts"]["completed"] == 16, state
         out = http.get(f"/v1/files/{state['output_file_id']}/content").text.splitlines()
         answers = {json.loads(line)["custom_id"]: json.loads(line)["response"]["body"] for line in out}
         assert answers["r3"]["choices"][0]["message"]["content"] == "line 3"
         assert all(b > a for a, b in zip(before, _counts(front), strict=True))
 
 
-def _stream(url: str, text: str) -> tuple[bool, list[str]]:
-    """(whether any content arrived, the SSE data payloads)."""
+def _stream(url: str, text: str, started: threading.Semaphore | None = None) -> tuple[bool, list[str]]:
+    """(whether any content arrived, the SSE data payloads); `started` is released at the first event."""
     events: list[str] = []
     body = _chat(text, stream=True, max_tokens=400)
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as res:
         if res.status_code != 200:
             res.read()
             return False, [res.text]
-        events = [line[6:] for line in res.iter_lines() if line.startswith("data: ")]
+        for line in res.iter_lines():
+            if line.startswith("data: "):
+                if started is not None and not events:
+                    started.release()
+                events.append(line[6:])
     content = any("content" in e and '"content":""' not in e for e in events[:-1])
     return content, events
 
@@ -182,8 +187,10 @@ def test_upstream_killed_mid_load() -> None:
         # ~40 one-character tokens at 20 ms per token per sequence (the fake decodes its batch in turn): ~2 s
         long_text = " ".join(f"w{i}" for i in range(12))
         with concurrent.futures.ThreadPoolExecutor(16) as workers:
-            first = [workers.submit(_stream, front.url, f"{long_text} {i}") for i in range(8)]
-            time.sleep(0.5)
+            started = threading.Semaphore(0)
+            first = [workers.submit(_stream, front.url, f"{long_text} {i}", started) for i in range(8)]
+            for _ in first:  # every first stream has its first byte (a loaded machine may take seconds)
+                assert started.acquire(timeout=30)
             ups[0].kill()  # the pool learns it from the next request sent there, which goes elsewhere
             later = [workers.submit(_stream, front.url, f"after {i}") for i in range(8)]
             results = [f.result() for f in first + later]
