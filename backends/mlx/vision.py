@@ -57,6 +57,11 @@ class VisionLanguageModel:
         """The prompt's tokens, each IMAGE_MARKER expanded into the image's tokens by the processor."""
         if text.count(IMAGE_MARKER) != len(images):
             raise InvalidRequestError("The prompt's image markers do not match its images.", param="messages")
+        if self._image_token in text:  # the processor would expand it into an image that was never sent
+            raise InvalidRequestError(
+                f"messages: the text contains {self._image_token!r}, which marks an image on this model",
+                param="messages",
+            )
         out = self._processor(text=[text.replace(IMAGE_MARKER, self._image_token)], images=_pil(images) or None)
         ids = [int(t) for t in np.asarray(out["input_ids"])[0]]
         bos_id = self._processor.tokenizer.bos_token_id

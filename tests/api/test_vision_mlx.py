@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import pytest
 
 pytest.importorskip("mlx_vlm")
@@ -93,10 +94,60 @@ def test_the_image_steers_the_answer_and_its_tokens_are_counted(client: OpenAI) 
     assert blue.usage.prompt_tokens_details.cached_tokens < red.usage.prompt_tokens - IMAGE_TOKENS
 
 
+def test_a_second_turn_reuses_the_images_kv(client: OpenAI) -> None:
+    first = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(BLUE)}}]}]
+    one = client.chat.completions.create(model="light", messages=first, max_tokens=6, temperature=0)  # type: ignore[arg-type]
+    history = [*first, {"role": "assistant", "content": one.choices[0].message.content}]
+    two = client.chat.completions.create(
+        model="light",
+        messages=[*history, {"role": "user", "content": "And the colour?"}],  # type: ignore[list-item]
+        max_tokens=6,
+        temperature=0,
+    )
+    assert two.usage.prompt_tokens_details.cached_tokens >= one.usage.prompt_tokens
+
+
+def test_messages_and_responses_read_the_images_too(client: OpenAI, server: LiveServer) -> None:
+    said: dict[str, list[str]] = {"messages": [], "responses": []}
+    with anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0) as sdk:
+        for image in (RED, BLUE):
+            source = {"type": "base64", "media_type": "image/png", "data": base64.b64encode(image).decode()}
+            content = [{"type": "text", "text": QUESTION}, {"type": "image", "source": source}]
+            message = sdk.messages.create(
+                model="light",
+                max_tokens=12,  # greedy: the tier's TEMPERATURE is 0
+                messages=[{"role": "user", "content": content}],  # type: ignore[list-item]
+            )
+            usage = message.usage  # Anthropic's input_tokens leaves out those read from the cache
+            assert usage.input_tokens + (usage.cache_read_input_tokens or 0) > IMAGE_TOKENS
+            said["messages"].append(message.content[0].text)  # type: ignore[union-attr]
+    for image in (RED, BLUE):
+        response = client.responses.create(
+            model="light",
+            max_output_tokens=12,
+            temperature=0,
+            input=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "input_text", "text": QUESTION},
+                        {"type": "input_image", "image_url": data_url(image), "detail": "auto"},
+                    ],
+                }
+            ],
+        )
+        assert response.usage is not None and response.usage.input_tokens > IMAGE_TOKENS
+        said["responses"].append(response.output_text)
+    assert all(red and red != blue for red, blue in said.values()), said
+
+
 def test_bad_images_are_400s_and_the_tier_says_it_reads_images(client: OpenAI) -> None:
     with pytest.raises(BadRequestError) as raised:
         ask(client, b"not an image at all")
     assert raised.value.status_code == 400
+    with pytest.raises(BadRequestError) as raised:  # the model's own image token spelled in the text
+        ask(client, RED, text="What is <image> here?")
+    assert "<image>" in raised.value.message
     cards = [m.model_dump() for m in client.models.list().data]
     assert [c.get("capabilities") for c in cards if c.get("tier") == "light"] == [["vision"]]
 
