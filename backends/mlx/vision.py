@@ -10,6 +10,8 @@ different ones never do.
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,10 @@ class VisionLanguageModel:
         config = self._model.config
         self.image_token_id = int(getattr(config, "image_token_index", None) or config.image_token_id)
         self._image_token = self._processor.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        # The processor's pixels from tokenizing a request (off the model's thread), by the images'
+        # digests, so decoding does not resize and normalise the same images again.
+        self._pixels: OrderedDict[tuple[str, ...], dict[str, mx.array]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def tokens(self, text: str, images: Sequence[ImageInput], bos: str | None) -> list[int]:
         """The prompt's tokens, each IMAGE_MARKER expanded into the image's tokens by the processor."""
@@ -64,6 +70,11 @@ class VisionLanguageModel:
             )
         out = self._processor(text=[text.replace(IMAGE_MARKER, self._image_token)], images=_pil(images) or None)
         ids = [int(t) for t in np.asarray(out["input_ids"])[0]]
+        pixels = {k: mx.array(np.asarray(v)) for k, v in out.items() if k not in _TEXT_KEYS}
+        with self._lock:
+            self._pixels[_digests(images)] = pixels
+            while len(self._pixels) > _PIXELS_KEPT:
+                self._pixels.popitem(last=False)
         bos_id = self._processor.tokenizer.bos_token_id
         if bos is not None and text.startswith(bos) and ids[:2] == [bos_id, bos_id]:
             ids = ids[1:]  # the template wrote BOS and the tokenizer added another
@@ -72,9 +83,12 @@ class VisionLanguageModel:
     def embeddings(self, prompt: Sequence[int], images: Sequence[ImageInput]) -> mx.array:
         """The language model's input embeddings for the whole prompt (length, hidden), the images'
         features at their tokens."""
-        pixels = self._processor.image_processor(images=_pil(images), return_tensors="np")
-        extra = {k: mx.array(np.asarray(v)) for k, v in pixels.items()}
-        features = self._model.get_input_embeddings(mx.array([list(prompt)]), **extra)
+        with self._lock:
+            pixels = self._pixels.pop(_digests(images), None)
+        if pixels is None:
+            out = self._processor.image_processor(images=_pil(images), return_tensors="np")
+            pixels = {k: mx.array(np.asarray(v)) for k, v in out.items()}
+        features = self._model.get_input_embeddings(mx.array([list(prompt)]), **pixels)
         embeds: mx.array = features.inputs_embeds[0]
         return embeds
 
@@ -113,6 +127,14 @@ class VisionLanguageModel:
             model(mx.array([list(prompt[at:upto])]), cache=cache, input_embeddings=embeds[None, at:upto])
             mx.eval([c.state for c in cache])
         return end
+
+
+_TEXT_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids"})
+_PIXELS_KEPT = 16  # requests tokenized and not yet decoded (a full queue sees misses: it recomputes)
+
+
+def _digests(images: Sequence[ImageInput]) -> tuple[str, ...]:
+    return tuple(im.digest for im in images)
 
 
 def _pil(images: Sequence[ImageInput]) -> list[Image.Image]:
