@@ -13,6 +13,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from mlx_vlm import load as vlm_load
 from PIL import Image
 
 from backends.base import IMAGE_MARKER, ImageInput
-from kernel.errors import InvalidRequestError
+from kernel.errors import InvalidRequestError, ModelUnavailableError
 
 
 class TextModel(nn.Module):  # type: ignore[name-defined,misc]  # mlx.nn ships no types
@@ -50,6 +51,14 @@ class VisionLanguageModel:
 
     def __init__(self, folder: Path) -> None:
         self._model, self._processor = vlm_load(str(folder))
+        self.model_type = str(getattr(self._model.config, "model_type", "?"))
+        if hasattr(self._model.language_model, "get_rope_index"):
+            # Qwen-VL-style positions come from the image grid and live in the model between calls:
+            # neither a prefix cache nor a batch of several images could share it.
+            raise ModelUnavailableError(
+                f"{folder}: {self.model_type} places image tokens by their grid (multimodal RoPE), which the "
+                "MLX engine does not do yet; LLaVA-style models (an image's embeddings at its tokens) work"
+            )
         self.text = TextModel(self._model.language_model)
         config = self._model.config
         self.image_token_id = int(getattr(config, "image_token_index", None) or config.image_token_id)
@@ -89,6 +98,17 @@ class VisionLanguageModel:
             out = self._processor.image_processor(images=_pil(images), return_tensors="np")
             pixels = {k: mx.array(np.asarray(v)) for k, v in out.items()}
         features = self._model.get_input_embeddings(mx.array([list(prompt)]), **pixels)
+        # Anything beyond the embeddings (Gemma 3's attention mask, where image tokens see each other
+        # both ways; positions; cross-attention states) changes how the language model must run.
+        extra = [
+            f.name for f in fields(features) if f.name != "inputs_embeds" and getattr(features, f.name) is not None
+        ]
+        if extra:
+            raise InvalidRequestError(
+                f"This {self.model_type} model reads images with {', '.join(extra)}, which the MLX engine "
+                "does not apply yet; send text only",
+                param="messages",
+            )
         embeds: mx.array = features.inputs_embeds[0]
         return embeds
 
