@@ -72,6 +72,14 @@ class VisionLanguageModel:
         """The prompt's tokens, each IMAGE_MARKER expanded into the image's tokens by the processor."""
         if text.count(IMAGE_MARKER) != len(images):
             raise InvalidRequestError("The prompt's image markers do not match its images.", param="messages")
+        for n, im in enumerate(images):
+            # Processors that scale the short side up to their size (CLIP's) would make a 1 x 16M
+            # image billions of pixels: bounded here, before any resizing.
+            if max(im.width, im.height) > MAX_ASPECT * min(im.width, im.height):
+                raise InvalidRequestError(
+                    f"Image {n + 1} is {im.width}x{im.height}: this model takes images at most {MAX_ASPECT}:1",
+                    param="messages",
+                )
         if self._image_token in text:  # the processor would expand it into an image that was never sent
             raise InvalidRequestError(
                 f"messages: the text contains {self._image_token!r}, which marks an image on this model",
@@ -149,6 +157,7 @@ class VisionLanguageModel:
         return end
 
 
+MAX_ASPECT = 20  # longest side over shortest
 _TEXT_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids"})
 _PIXELS_KEPT = 16  # requests tokenized and not yet decoded (a full queue sees misses: it recomputes)
 

@@ -145,6 +145,11 @@ def test_bad_images_are_400s_and_the_tier_says_it_reads_images(client: OpenAI) -
     with pytest.raises(BadRequestError) as raised:
         ask(client, b"not an image at all")
     assert raised.value.status_code == 400
+    sliver = io.BytesIO()
+    Image.new("RGB", (1, 2000), (9, 9, 9)).save(sliver, format="PNG")
+    with pytest.raises(BadRequestError) as raised:  # its short side scaled up would be 56 x 112,000
+        ask(client, sliver.getvalue())
+    assert "1x2000" in raised.value.message
     with pytest.raises(BadRequestError) as raised:  # the model's own image token spelled in the text
         ask(client, RED, text="What is <image> here?")
     assert "<image>" in raised.value.message
