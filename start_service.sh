@@ -42,7 +42,7 @@ config=.env
 # embedding or reranker tier is configured.
 extras="llamacpp,models"
 if [ "$dev" = 1 ]; then
-  extras="llamacpp,models,mlx,embeddings,rag,dev"
+  extras="llamacpp,models,mlx,mlx-vlm,embeddings,rag,dev"
 else
   if { [ "$os" = Darwin ] && [ "$arch" = arm64 ]; } || grep -Eqi '^[A-Z]+_BACKEND=mlx' "$config"; then
     extras="$extras,mlx"

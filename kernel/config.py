@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,16 @@ class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
         return str(found[0]) if found else None
 
     @property
+    def reads_images(self) -> bool:
+        """Whether this tier's model takes images: a GGUF with a projector, or an MLX model folder
+        whose config.json has a vision tower (a VLM, which the MLX engine runs through mlx-vlm)."""
+        if self.projector is not None:
+            return True
+        if self.backend not in ("auto", "mlx") or not self.model_path:
+            return False
+        return vision_folder(Path(self.model_path).expanduser())
+
+    @property
     def upstreams(self) -> tuple[str, ...]:
         """`REMOTE_URLS` as a list, without trailing slashes."""
         return tuple(u.strip().rstrip("/") for u in self.remote_urls.split(",") if u.strip())
@@ -152,3 +163,12 @@ class Sampling:
             else:
                 sources[name] = "built-in"
         return cls(**values), sources
+
+
+def vision_folder(folder: Path) -> bool:
+    """A Hugging Face model folder of a vision-language model (its config names a vision tower)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("vision_config"))

@@ -15,7 +15,7 @@ from jinja2 import TemplateError
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import generate_step, wired_limit
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.utils import _download
+from mlx_lm.utils import _download, load_tokenizer
 
 from backends.base import (
     RESERVED_TEMPLATE_NAMES,
@@ -26,6 +26,7 @@ from backends.base import (
     GenerationRequest,
     Token,
     card_sampling,
+    template_variables,
 )
 from backends.mlx.adapters import LoraAdapters
 from backends.mlx.batch import ENGINE, MlxBatch, ModelHandle
@@ -34,12 +35,13 @@ from backends.mlx.sampling import GrammarCompiler, TextStream, sampler, score_pr
 from backends.mlx.speculative import SpecStats
 from backends.reasoning import ReasoningFormat
 from backends.tools import fold_tools, template_messages, template_takes_tools, tool_format
-from kernel.config import SAMPLING_FIELDS
+from kernel.config import SAMPLING_FIELDS, vision_folder
 from kernel.errors import InvalidRequestError, ModelUnavailableError, engine_errors
 
 if TYPE_CHECKING:
     from llguidance import LLMatcher
 
+    from backends.mlx.vision import VisionLanguageModel
     from kernel.config import TierSettings
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class MlxBackend(Backend):
         self._local = Path(model_path)  # the model folder, once load() resolved it
         self._sampling: dict[str, float] = {}
         self.spec_stats = SpecStats()
+        self._vision: VisionLanguageModel | None = None  # a VLM folder's images side (mlx-vlm)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -82,7 +85,12 @@ class MlxBackend(Backend):
             source = str(local)
         try:
             self._local = _download(source)  # the folder (a hub id resolves to its cached copy)
-            model, tokenizer = mlx_load(str(self._local))[:2]
+            if vision_folder(self._local):
+                model, tokenizer = self._load_vision(self._local)
+            else:
+                model, tokenizer = mlx_load(str(self._local))[:2]
+        except ModelUnavailableError:
+            raise
         except Exception as exc:
             # Loading fails in many library-specific ways (missing files, hub errors, unknown
             # architectures); to a client they all mean "this model cannot be served".
@@ -102,7 +110,22 @@ class MlxBackend(Backend):
         if not batchable and self.tier.max_batch > 1:
             log.info("Tier %s: this model's KV cache cannot be batched; one request at a time", self.tier.name)
 
+    def _load_vision(self, folder: Path) -> tuple[Any, Any]:
+        """A vision-language model: mlx-vlm loads it, and its language model decodes as mlx-lm's do."""
+        try:
+            from backends.mlx.vision import VisionLanguageModel
+        except ImportError as exc:
+            raise ModelUnavailableError(
+                f"Tier {self.tier.name or '?'}: {folder} is a vision-language model, which needs mlx-vlm: "
+                "pip install 'llmservice[mlx-vlm]'"
+            ) from exc
+        self._vision = VisionLanguageModel(folder)
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        self.reads_images = True
+        return self._vision.text, load_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))  # type: ignore[no-untyped-call]
+
     def close(self) -> None:
+        self._vision = None
         self.prefix_cache.clear()
         self._adapters.clear()
         self._model = self._tokenizer = self._grammars = None
@@ -149,6 +172,13 @@ class MlxBackend(Backend):
         return self._eos
 
     # -- prompts ---------------------------------------------------------------------------
+
+    def tokens(self, request: GenerationRequest) -> list[int]:
+        if not request.images or self._vision is None or request.messages is None:
+            return super().tokens(request)
+        text = self.render_chat(request.messages, request.tools, template_variables(request))
+        with engine_errors(ENGINE):
+            return self._vision.tokens(text, request.images, self._require()[1].bos_token)
 
     def encode(self, text: str) -> list[int]:
         tokenizer = self._require()[1]
@@ -242,6 +272,7 @@ class MlxBackend(Backend):
             self.tier.speculative,
             self.tier.draft_tokens,
             self.spec_stats,
+            self._vision,
         )
 
     def _require(self) -> tuple[Any, Any]:
@@ -264,16 +295,18 @@ def _generate(
     if max_tokens <= 0:
         return
     tokenizer = handle.tokenizer
-    cache, reused = prefix_cache.fetch(prompt)
+    with engine_errors(ENGINE):
+        begin = handle.fetch(model, prefix_cache, prompt, request)
+    cache, reused, start = begin.cache, begin.reused, begin.start
     if cache is None:
         cache = make_prompt_cache(model)
-    processors = handle.processors(prompt[:reused], request, prompt, matcher)
+    processors = handle.processors(prompt[:start], request, prompt, matcher)
     piece = handle.grammars.piece
     scored_prompt = score_prompt(model, piece, prompt, request) if request.prompt_logprobs else ()
     text = TextStream(tokenizer, prompt)
     generated: list[int] = []
     eos: list[int] = []  # the end-of-generation token, once the model emits it
-    prefilled = [0]  # prompt tokens after the reused ones that are in the cache so far
+    prefilled = [0]  # prompt tokens after `start` that are in the cache so far
     kept: list[int] | None = None  # the tokens the cache holds, when it is worth keeping
 
     def on_prefill(done: int, total: int) -> None:
@@ -284,7 +317,7 @@ def _generate(
 
     with engine_errors(ENGINE), wired_limit(model):
         steps = generate_step(
-            mx.array(prompt[reused:]),
+            mx.array(prompt[start:]),
             model,
             max_tokens=max_tokens,
             sampler=sampler(request),
@@ -321,11 +354,11 @@ def _generate(
             kept = prompt + generated + eos  # the client went away; the cache is consistent
             raise
         except _Cancelled:
-            kept = prompt[: reused + prefilled[0]]  # cancelled mid-prompt: a retry resumes here
+            kept = prompt[: start + prefilled[0]]  # cancelled mid-prompt: a retry resumes here
         finally:
             steps.close()
             if kept is not None:
-                prefix_cache.store(kept, cache)
+                prefix_cache.store(begin.key(kept), cache)
 
 
 class _Cancelled(Exception):

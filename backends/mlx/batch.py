@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import make_prompt_cache
 
 from backends.base import DecodeBatch, DecodeState, GenerationRequest, Token
 from backends.mlx.adapters import LoraAdapters
@@ -27,6 +28,8 @@ from kernel.errors import AdapterNotFoundError, LLMServiceError, engine_errors
 
 if TYPE_CHECKING:
     from llguidance import LLMatcher
+
+    from backends.mlx.vision import VisionLanguageModel
 
 ENGINE = "mlx"  # how engine_errors names the library
 
@@ -50,6 +53,7 @@ class ModelHandle:
     speculative: str = "off"  # the tier's SPECULATIVE: `ngram` drafts by prompt lookup
     draft_tokens: int = 8  # most tokens drafted per forward
     spec_stats: SpecStats = field(default_factory=SpecStats)  # the backend's, so counts outlive a batch
+    vision: VisionLanguageModel | None = None  # a vision-language model's images side (mlx-vlm)
 
     def model_for(self, adapter: str | None) -> tuple[Any, PrefixCache]:
         """The modules a request runs on and the prefix cache of KV they computed (an adapter
@@ -61,6 +65,19 @@ class ModelHandle:
             raise AdapterNotFoundError(adapter, "this model", self.adapters.names())
         return found
 
+    def fetch(self, model: Any, prefix_cache: PrefixCache, prompt: list[int], request: GenerationRequest) -> _Start:
+        """The prefix cache's best entry for the prompt, then the prompt's images run into it: decoding
+        goes on from `start` with plain tokens. An image prompt is keyed by its images' digests."""
+        if self.vision is None or not request.images:
+            cache, reused = prefix_cache.fetch(prompt)
+            return _Start(cache, reused, reused, None)
+        keyed = self.vision.cache_key(prompt, request.images)
+        cache, reused = prefix_cache.fetch(keyed)
+        if cache is None:
+            cache = make_prompt_cache(model)
+        start = self.vision.prefill(model, prompt, request.images, cache, reused, self.prefill_step)
+        return _Start(cache, reused, start, keyed)
+
     def processors(
         self, history: list[int], request: GenerationRequest, prompt: list[int], matcher: LLMatcher | None
     ) -> list[LogitsProcessor]:
@@ -69,6 +86,30 @@ class ModelHandle:
         processors = logits_processors(history, request, self.grammars.mask(matcher) if matcher is not None else None)
         budget = self.thinking_budget(prompt, request)
         return processors if budget is None else [*processors, ThinkingForce(budget, self.tokenizer)]
+
+
+@dataclass(frozen=True, slots=True)
+class _Start:
+    """Where a sequence starts decoding: its cache, the prompt tokens the prefix cache gave (`reused`,
+    reported as cached), those the cache holds now (`start`), and its cache key if images change it."""
+
+    cache: list[Any] | None
+    reused: int
+    start: int
+    keyed: list[int] | None
+
+    def key(self, tokens: Sequence[int]) -> list[int]:
+        """The prefix-cache key of `tokens` (the prompt, then what followed it)."""
+        return cache_key(self.keyed, tokens)
+
+
+def cache_key(keyed: list[int] | None, tokens: Sequence[int]) -> list[int]:
+    """`tokens` (a prompt, then what followed it) as the prefix cache keys them: the prompt's part as
+    `keyed` where images changed it."""
+    if keyed is None:
+        return list(tokens)
+    n = min(len(keyed), len(tokens))
+    return [*keyed[:n], *tokens[n:]]
 
 
 @dataclass(slots=True)
@@ -80,6 +121,7 @@ class _Sequence:
     text: TextStream
     matcher: LLMatcher | None
     request: GenerationRequest
+    keyed: list[int] | None  # the prompt's prefix-cache key where images change it (never the cache: it is the batch's)
     count: int = 0
     prompt: tuple[Token, ...] = ()  # the prompt's scores, with prompt_logprobs
     spec: SpecDecoder | None = None  # decoding speculatively, outside the BatchGenerator
@@ -122,9 +164,11 @@ class MlxBatch(DecodeBatch):
         handle, prompt, request = self._handle, state.prompt, state.request
         model, prefix_cache = handle.model_for(request.adapter)
         matcher = handle.grammars.matcher(request.response_format) if request.response_format else None
-        cache, reused = prefix_cache.fetch(prompt)
+        with engine_errors(ENGINE):
+            begin = handle.fetch(model, prefix_cache, prompt, request)
+        cache, reused, start = begin.cache, begin.reused, begin.start
         processors = handle.processors([], request, prompt, matcher)
-        seq = _Sequence(key, reused, TextStream(self._tokenizer, prompt), matcher, request)
+        seq = _Sequence(key, reused, TextStream(self._tokenizer, prompt), matcher, request, begin.keyed)
         if request.prompt_logprobs:
             seq.prompt = score_prompt(model, handle.grammars.piece, prompt, request)
         if handle.speculative == "ngram" and eligible(request, processors, matcher is not None):
@@ -132,7 +176,7 @@ class MlxBatch(DecodeBatch):
                 model,
                 prompt,
                 cache,
-                reused,
+                start,
                 handle.draft_tokens,
                 handle.eos,
                 state.max_tokens,
@@ -143,10 +187,10 @@ class MlxBatch(DecodeBatch):
             return
         with engine_errors(ENGINE):
             (uid,) = self._gen(request.adapter).insert(
-                [prompt[reused:]],
+                [prompt[start:]],
                 max_tokens=[state.max_tokens],
                 caches=[cache],  # None: BatchGenerator makes a fresh one
-                all_tokens=[prompt[:reused]],
+                all_tokens=[prompt[:start]],
                 samplers=[sampler(request)],
                 logits_processors=[processors],
             )
@@ -211,14 +255,14 @@ class MlxBatch(DecodeBatch):
         seq = self._sequences.pop((adapter, uid))
         del self._uids[seq.key]
         if tokens and cache is not None and (adapter is None or adapter in self._handle.adapters.names()):
-            self._handle.model_for(adapter)[1].store(list(tokens), cache)
+            self._handle.model_for(adapter)[1].store(cache_key(seq.keyed, tokens), cache)
 
     def _forget_spec(self, key: int) -> None:
         seq = self._specs.pop(key)
         spec, adapter = seq.spec, seq.request.adapter
         assert spec is not None and spec.cache is not None
         if spec.fed and (adapter is None or adapter in self._handle.adapters.names()):
-            self._handle.model_for(adapter)[1].store(spec.cached_tokens, spec.cache)
+            self._handle.model_for(adapter)[1].store(cache_key(seq.keyed, spec.cached_tokens), spec.cache)
 
     def close(self) -> None:
         self._specs.clear()

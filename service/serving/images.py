@@ -44,14 +44,15 @@ def check_images(messages: Sequence[dict[str, Any]], parts: list[ImagePart], tie
     """A text-only tier answers an image with a 400 naming the part and the tier, never a reply that
     never saw it. On a tier that reads images, a text that spells the marker itself would pass for
     an image that was never sent: a 400 too."""
-    if parts and tier.projector is None:
+    if parts and not tier.reads_images:
         model = tier.model_name or tier.model_path or tier.name
         raise InvalidRequestError(
             f"{parts[0].param} is an image, and tier {tier.name} ({model}) reads text only "
-            f"(a llama.cpp tier takes images with its projector: {tier.name.upper()}_MMPROJ_PATH)",
+            f"(a llama.cpp tier takes images with its projector: {tier.name.upper()}_MMPROJ_PATH; "
+            "an MLX tier with a vision-language model folder)",
             param=parts[0].param,
         )
-    if tier.projector is not None:
+    if tier.reads_images:
         markers = sum(str(m.get("content") or "").count(IMAGE_MARKER) for m in messages)
         if markers != len(parts):
             raise InvalidRequestError(

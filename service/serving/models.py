@@ -95,7 +95,7 @@ class Models:
             keep_alive=slot.settings.keep_alive,
             pinned=slot.settings.pin,
             aliases=[pattern for pattern, tier in registry.aliases if tier == slot.name] or None,
-            capabilities=["vision"] if slot.settings.projector else None,
+            capabilities=["vision"] if slot.settings.reads_images else None,
             upstreams=_upstreams(v),
             catalogue=_catalogue_info(entry) if (entry := self._registry.catalogue_entry(slot)) else None,
             details=details,

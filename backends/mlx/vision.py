@@ -1,0 +1,170 @@
+"""Vision-language models on MLX through mlx-vlm: the model's processor turns images into pixels and
+the prompt's image tokens, its vision tower and projector into embeddings at those tokens; the
+language model then decodes like any mlx-lm model (the same batch, prefix cache and samplers).
+
+The prefix cache keys a prompt by its tokens, and every image's tokens are the same placeholder id,
+so each image position is keyed by the image's digest instead (`cache_key`): equal images share KV,
+different ones never do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_vlm import load as vlm_load
+from PIL import Image
+
+from backends.base import IMAGE_MARKER, ImageInput
+from kernel.errors import InvalidRequestError, ModelUnavailableError
+
+
+class TextModel(nn.Module):  # type: ignore[name-defined,misc]  # mlx.nn ships no types
+    """An mlx-vlm language model with mlx-lm's calling convention (logits out, `input_embeddings`
+    in), so `generate_step`, `BatchGenerator` and `make_prompt_cache` take it as they are."""
+
+    def __init__(self, language_model: Any) -> None:
+        super().__init__()
+        self.language_model = language_model
+        if hasattr(language_model, "make_cache"):
+            self.make_cache = language_model.make_cache
+
+    @property
+    def layers(self) -> list[Any]:
+        return list(self.language_model.layers)
+
+    def __call__(self, inputs: mx.array, cache: Any = None, input_embeddings: mx.array | None = None) -> mx.array:
+        out = self.language_model(inputs, inputs_embeds=input_embeddings, cache=cache)
+        return out.logits  # type: ignore[no-any-return]
+
+
+class VisionLanguageModel:
+    """A loaded mlx-vlm model: its processor, its vision side, and its language model as `text`."""
+
+    def __init__(self, folder: Path) -> None:
+        self._model, self._processor = vlm_load(str(folder))
+        self.model_type = str(getattr(self._model.config, "model_type", "?"))
+        if hasattr(self._model.language_model, "get_rope_index"):
+            # Qwen-VL-style positions come from the image grid and live in the model between calls:
+            # neither a prefix cache nor a batch of several images could share it.
+            raise ModelUnavailableError(
+                f"{folder}: {self.model_type} places image tokens by their grid (multimodal RoPE), which the "
+                "MLX engine does not do yet; LLaVA-style models (an image's embeddings at its tokens) work"
+            )
+        self.text = TextModel(self._model.language_model)
+        config = self._model.config
+        self.image_token_id = int(getattr(config, "image_token_index", None) or config.image_token_id)
+        self._image_token = self._processor.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        # The processor's pixels from tokenizing a request (off the model's thread), by the images'
+        # digests, so decoding does not resize and normalise the same images again.
+        self._pixels: OrderedDict[tuple[str, ...], dict[str, mx.array]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def tokens(self, text: str, images: Sequence[ImageInput], bos: str | None) -> list[int]:
+        """The prompt's tokens, each IMAGE_MARKER expanded into the image's tokens by the processor."""
+        if text.count(IMAGE_MARKER) != len(images):
+            raise InvalidRequestError("The prompt's image markers do not match its images.", param="messages")
+        for n, im in enumerate(images):
+            # Processors that scale the short side up to their size (CLIP's) would make a 1 x 16M
+            # image billions of pixels: bounded here, before any resizing.
+            if max(im.width, im.height) > MAX_ASPECT * min(im.width, im.height):
+                raise InvalidRequestError(
+                    f"Image {n + 1} is {im.width}x{im.height}: this model takes images at most {MAX_ASPECT}:1",
+                    param="messages",
+                )
+        if self._image_token in text:  # the processor would expand it into an image that was never sent
+            raise InvalidRequestError(
+                f"messages: the text contains {self._image_token!r}, which marks an image on this model",
+                param="messages",
+            )
+        out = self._processor(text=[text.replace(IMAGE_MARKER, self._image_token)], images=_pil(images) or None)
+        ids = [int(t) for t in np.asarray(out["input_ids"])[0]]
+        pixels = {k: mx.array(np.asarray(v)) for k, v in out.items() if k not in _TEXT_KEYS}
+        with self._lock:
+            self._pixels[_digests(images)] = pixels
+            while len(self._pixels) > _PIXELS_KEPT:
+                self._pixels.popitem(last=False)
+        bos_id = self._processor.tokenizer.bos_token_id
+        if bos is not None and text.startswith(bos) and ids[:2] == [bos_id, bos_id]:
+            ids = ids[1:]  # the template wrote BOS and the tokenizer added another
+        return ids
+
+    def embeddings(self, prompt: Sequence[int], images: Sequence[ImageInput]) -> mx.array:
+        """The language model's input embeddings for the whole prompt (length, hidden), the images'
+        features at their tokens."""
+        with self._lock:
+            pixels = self._pixels.pop(_digests(images), None)
+        if pixels is None:
+            out = self._processor.image_processor(images=_pil(images), return_tensors="np")
+            pixels = {k: mx.array(np.asarray(v)) for k, v in out.items()}
+        features = self._model.get_input_embeddings(mx.array([list(prompt)]), **pixels)
+        # Anything beyond the embeddings (Gemma 3's attention mask, where image tokens see each other
+        # both ways; positions; cross-attention states) changes how the language model must run.
+        extra = [
+            f.name for f in fields(features) if f.name != "inputs_embeds" and getattr(features, f.name) is not None
+        ]
+        if extra:
+            raise InvalidRequestError(
+                f"This {self.model_type} model reads images with {', '.join(extra)}, which the MLX engine "
+                "does not apply yet; send text only",
+                param="messages",
+            )
+        embeds: mx.array = features.inputs_embeds[0]
+        return embeds
+
+    def cache_key(self, prompt: Sequence[int], images: Sequence[ImageInput]) -> list[int]:
+        """`prompt` with each image's tokens replaced by negative ids drawn from its digest (no token
+        is negative), so the prefix cache tells images apart. Each run of image tokens is one image;
+        where the runs do not match the images one to one, every image's digest keys every run."""
+        key = list(prompt)
+        runs: list[list[int]] = []
+        for i, token in enumerate(key):
+            if token == self.image_token_id:
+                if runs and runs[-1][-1] == i - 1:
+                    runs[-1].append(i)
+                else:
+                    runs.append([i])
+        every = "".join(im.digest for im in images)
+        for n, run in enumerate(runs):
+            digest = images[n].digest if len(runs) == len(images) else every
+            for j, i in enumerate(run):
+                key[i] = -1 - int.from_bytes(hashlib.sha256(f"{digest}:{j}".encode()).digest()[:4], "little")
+        return key
+
+    def prefill(
+        self, model: Any, prompt: Sequence[int], images: Sequence[ImageInput], cache: list[Any], start: int, step: int
+    ) -> int:
+        """Run the prompt from `start` through its last image token into `cache`, with the images'
+        embeddings; return how many prompt tokens the cache now holds. The text after the images is
+        left to the decoder (at least one token, which gives the first logits)."""
+        last = max((i for i, t in enumerate(prompt) if t == self.image_token_id), default=-1)
+        end = min(last + 1, len(prompt) - 1)
+        if end <= start:
+            return start
+        embeds = self.embeddings(prompt, images)
+        for at in range(start, end, step):
+            upto = min(at + step, end)
+            model(mx.array([list(prompt[at:upto])]), cache=cache, input_embeddings=embeds[None, at:upto])
+            mx.eval([c.state for c in cache])
+        return end
+
+
+MAX_ASPECT = 20  # longest side over shortest
+_TEXT_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids"})
+_PIXELS_KEPT = 16  # requests tokenized and not yet decoded (a full queue sees misses: it recomputes)
+
+
+def _digests(images: Sequence[ImageInput]) -> tuple[str, ...]:
+    return tuple(im.digest for im in images)
+
+
+def _pil(images: Sequence[ImageInput]) -> list[Image.Image]:
+    return [Image.frombytes("RGB", (im.width, im.height), im.rgb) for im in images]
