@@ -16,9 +16,6 @@ from typing import Any
 
 import anthropic
 import pytest
-
-pytest.importorskip("mlx_vlm")
-
 from openai import BadRequestError, OpenAI
 from PIL import Image
 
