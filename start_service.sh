@@ -45,7 +45,7 @@ if [ "$dev" = 1 ]; then
   extras="llamacpp,models,mlx,mlx-vlm,embeddings,rag,dev"
 else
   if { [ "$os" = Darwin ] && [ "$arch" = arm64 ]; } || grep -Eqi '^[A-Z]+_BACKEND=mlx' "$config"; then
-    extras="$extras,mlx"
+    extras="$extras,mlx,mlx-vlm"  # mlx-vlm: vision-language model folders on MLX tiers
   fi
   if grep -Eq '^(EMBEDDING|RERANKER)_MODEL_PATH=.+' "$config"; then
     extras="$extras,embeddings,rag"
