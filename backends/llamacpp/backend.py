@@ -25,7 +25,7 @@ from backends.base import (
     card_sampling,
 )
 from backends.chat_templates import builtin_for_architecture, render, resolve_template_setting
-from backends.llamacpp.adapters import LoraAdapters, read_gguf_header
+from backends.llamacpp.adapters import LoraAdapters
 from backends.llamacpp.batch import LlamaCppBatch, ModelHandle
 from backends.llamacpp.kv_layout import FLASH_ATTN, KV_TYPES, LlamaLog, default_kv_tokens, kv_bytes, model_meta
 from backends.llamacpp.kv_slots import KvSlots
@@ -37,6 +37,7 @@ from backends.reasoning import ReasoningFormat
 from backends.tools import tool_format
 from kernel.config import SAMPLING_FIELDS, TierSettings
 from kernel.errors import InvalidRequestError, LLMServiceError, ModelUnavailableError, engine_errors
+from kernel.gguf import GgufHeaderError, read_gguf_header
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ class LlamaCppBackend(Backend):
             return None
         try:  # the header alone: ~0.15 s on Gemma 3, where llama.cpp's vocab_only load took ~0.6 s
             meta = read_gguf_header(self.model_path).meta
-        except InvalidRequestError:
+        except (OSError, GgufHeaderError):
             return None  # the registry then loads the model and reads the card from it
         card = {name: meta.get(f"general.sampling.{_CARD_KEYS.get(name, name)}") for name in SAMPLING_FIELDS}
         # As llama.cpp prints a float32 (std::to_string, 6 decimals): the same card as `_card`'s once
