@@ -9,6 +9,7 @@ truncated download or a hostile file costs at most a short read and a `GgufHeade
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from dataclasses import dataclass, field
@@ -61,6 +62,20 @@ def read_gguf_header(path: str | Path, *, tensors: bool = False) -> GgufHeader:
             return reader.header(tensors)
         except GgufHeaderError as exc:
             raise GgufHeaderError(f"{path}: {exc}") from None
+
+
+def cached_gguf_header(path: str | Path) -> GgufHeader:
+    """`read_gguf_header` (metadata only), remembered while the file is the same (inode, size,
+    mtime): a first use's catalogue scan, model card and memory estimate read the header once.
+    The result is shared: read it, never change it."""
+    st = os.stat(path)
+    return _remembered(os.path.realpath(path), (st.st_ino, st.st_size, st.st_mtime_ns))
+
+
+# Keyed by the file's identity, so a changed file is read afresh; a handful of models at most.
+@functools.lru_cache(maxsize=64)
+def _remembered(path: str, identity: tuple[int, int, int]) -> GgufHeader:
+    return read_gguf_header(path)
 
 
 class _Reader:

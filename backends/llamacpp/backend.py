@@ -37,7 +37,7 @@ from backends.reasoning import ReasoningFormat
 from backends.tools import tool_format
 from kernel.config import SAMPLING_FIELDS, TierSettings
 from kernel.errors import InvalidRequestError, LLMServiceError, ModelUnavailableError, engine_errors
-from kernel.gguf import GgufHeaderError, read_gguf_header
+from kernel.gguf import GgufHeaderError, cached_gguf_header
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class LlamaCppBackend(Backend):
         if not os.path.isfile(self.model_path):
             return None
         try:  # the header alone: ~0.15 s on Gemma 3, where llama.cpp's vocab_only load took ~0.6 s
-            meta = read_gguf_header(self.model_path).meta
+            meta = cached_gguf_header(self.model_path).meta
         except (OSError, GgufHeaderError):
             return None  # the registry then loads the model and reads the card from it
         card = {name: meta.get(f"general.sampling.{_CARD_KEYS.get(name, name)}") for name in SAMPLING_FIELDS}

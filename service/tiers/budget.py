@@ -18,7 +18,7 @@ from typing import Any
 
 from kernel.config import TierSettings
 from kernel.errors import ModelUnavailableError
-from kernel.gguf import GgufHeaderError, read_gguf_header
+from kernel.gguf import GgufHeaderError, cached_gguf_header
 from service.tiers.model_paths import disk_size
 
 # Left to the OS, the server itself and the caches beside the models when the budget is not set.
@@ -157,7 +157,7 @@ def gguf_kv_bytes(tier: TierSettings, path: str) -> int:
     """An upper bound of the KV cache llama.cpp allocates for this tier (every layer full-size;
     sliding-window layers hold less), the same bound `backends.llamacpp.kv_layout` sizes with."""
     try:
-        kv = read_gguf_header(path).meta
+        kv = cached_gguf_header(path).meta
     except (OSError, GgufHeaderError):
         return 0
     arch = str(kv.get("general.architecture", ""))

@@ -23,7 +23,7 @@ from typing import Literal
 
 from gguf import LlamaFileType
 
-from kernel.gguf import GgufHeaderError, read_gguf_header
+from kernel.gguf import GgufHeaderError, cached_gguf_header
 
 Kind = Literal["generation", "embedding", "reranker"]
 Format = Literal["gguf", "mlx", "hf"]
@@ -53,7 +53,7 @@ class CatalogueEntry:
 
 def _gguf_entry(model_id: str, parts: list[Path], projector: Path | None) -> CatalogueEntry | None:
     try:
-        kv = read_gguf_header(parts[0]).meta
+        kv = cached_gguf_header(parts[0]).meta
     except (OSError, GgufHeaderError):
         return None  # a partial download or a foreign file: not listed
     arch = str(kv.get("general.architecture", "")) or None

@@ -50,6 +50,7 @@ class Registry:
         self.catalogue = Catalogue(settings.models_dir)
         self.budget = MemoryBudget(settings.memory_budget if settings.memory_budget is not None else default_budget())
         self.slots: dict[str, TierSlot] = {}
+        self._startup: set[asyncio.Task[None]] = set()  # the preloads: requests wait LOAD_WAIT_SECONDS for these
         for name in TIERS:
             tier = settings.tier(name)
             state = TierState.AVAILABLE if tier.configured else TierState.ABSENT
@@ -65,7 +66,7 @@ class Registry:
     async def start(self) -> None:
         for slot in self.configured():
             if slot.settings.preload:
-                self._begin_load(slot)
+                self._startup.add(self._begin_load(slot))
 
     async def preloaded(self) -> None:
         """Wait until every load started by `start()` has finished (loaded or failed)."""
@@ -190,6 +191,7 @@ class Registry:
             return
         finally:
             progress.cancel()
+            slot.resolved = None  # the next load resolves MODEL_PATH afresh
         slot.load_seconds = time.monotonic() - started
         self.budget.settle(slot.name, self._held_bytes(slot))
         slot.loaded_at = time.time()
@@ -204,8 +206,7 @@ class Registry:
         idle models it needs gone (a 503 naming what holds the memory if that is not enough)."""
         if slot.remote:
             return
-        path = await asyncio.to_thread(resolve_model_path, slot.settings.model_path or "")
-        estimate = await asyncio.to_thread(self.engines.estimate, slot.settings, path) or 0
+        estimate = await asyncio.to_thread(self._estimate, slot) or 0
         slot.estimate_bytes = estimate
         admission = self.budget.admit(slot.name, estimate, self._holdings())
         victims = [self.slots[name] for name in admission.victims]
@@ -233,9 +234,20 @@ class Registry:
             return slot.estimate_bytes or 0
         return slot.size_bytes + slot.kv_bytes
 
+    def _estimate(self, slot: TierSlot) -> int | None:
+        return self.engines.estimate(slot.settings, self._model_path(slot))
+
+    @staticmethod
+    def _model_path(slot: TierSlot) -> str:
+        """The slot's MODEL_PATH resolved, once per load (see `TierSlot.resolved`)."""
+        spec = slot.settings.model_path or ""
+        if slot.resolved is None or slot.resolved[0] != spec:
+            slot.resolved = (spec, resolve_model_path(spec))
+        return slot.resolved[1]
+
     def _load_sync(self, slot: TierSlot) -> None:
         remote = slot.settings.backend == "remote"  # no files: its upstreams hold the model
-        path = "" if remote else resolve_model_path(slot.settings.model_path or "")
+        path = "" if remote else self._model_path(slot)
         slot.path, slot.size_bytes = path or None, None if remote else disk_size(path)
         if slot.size_bytes is not None:
             log.info("Tier %s: reading %s (%.0f MiB)", slot.name, path, slot.size_bytes / 2**20)
@@ -269,7 +281,7 @@ class Registry:
         without the weights (a cached answer then needs no model), else by loading the model."""
         if slot.card is None:
             try:
-                path = await asyncio.to_thread(resolve_model_path, slot.settings.model_path or "")
+                path = await asyncio.to_thread(self._model_path, slot)
                 await asyncio.to_thread(GENERATION.read_card, slot, path, self.engines)
             except LLMServiceError:
                 pass  # the load below reports it
@@ -277,16 +289,20 @@ class Registry:
             await self.ready(slot)
 
     async def ready(self, slot: TierSlot) -> None:
-        """Load `slot`'s model if need be, or wait for a load under way (503 after LOAD_WAIT_SECONDS)."""
+        """Load `slot`'s model if need be, or wait for the load under way (a start-up load: 503 after
+        LOAD_WAIT_SECONDS)."""
         while True:
             if slot.state is TierState.ABSENT:
                 raise TierNotConfiguredError(slot.name)
-            if slot.state is TierState.LOADING and slot.load_task is not None:
-                # Someone else's load (start-up or another request): wait LOAD_WAIT_SECONDS, then 503.
+            if slot.state is TierState.LOADING and slot.load_task in self._startup:
+                # A start-up load: wait LOAD_WAIT_SECONDS, then 503 + Retry-After (the server is starting).
                 try:
                     await asyncio.wait_for(asyncio.shield(slot.load_task), self.settings.load_wait_seconds)
                 except TimeoutError:
                     raise ModelLoadingError(slot.name) from None
+            elif slot.state is TierState.LOADING and slot.load_task is not None:
+                # A load on demand (a first use, an admin load): wait for that one load, as its first request does.
+                await asyncio.shield(slot.load_task)
             elif slot.state is TierState.AVAILABLE:  # not loaded yet (lazy tier, or unloaded): this request loads it
                 await asyncio.shield(self._begin_load(slot))
             if slot.state is TierState.FAILED:

@@ -10,6 +10,7 @@ import random
 import re
 import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -19,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from backends.base import GenerationRequest
 from backends.fake import FakeBackend
 from kernel.config import TierSettings
-from kernel.errors import ModelUnavailableError
+from kernel.errors import ModelLoadingError, ModelUnavailableError
 from service.settings import SettingsError, parse_settings
 from service.testing import counting, fake_engines
 from service.tiers.families import GENERATION, EngineFactories
@@ -159,10 +160,49 @@ def test_a_model_larger_than_the_budget_is_refused_saying_so() -> None:
 def test_concurrent_first_requests_load_once() -> None:
     async def run() -> None:
         ledger = Ledger()
-        reg = registry(10 * GiB, ledger.engines(load_seconds=0.2), LOAD_WAIT_SECONDS="30")
+        reg = registry(10 * GiB, ledger.engines(load_seconds=0.2))  # LOAD_WAIT_SECONDS left at its default, 0
         answers = await asyncio.gather(*(use(reg, "light", f"q{i}") for i in range(8)))
         assert answers == [f"q{i}" for i in range(8)]
         assert ledger.loads == ["fake/light"]
+        await reg.close()
+
+    asyncio.run(asyncio.wait_for(run(), 30))
+
+
+def test_concurrent_first_requests_over_http_wait_for_one_load(tmp_path: Path) -> None:
+    """A lazy tier and a catalogue id, each asked by 6 clients at once while its slow load runs:
+    one load each, every answer a 200 (not a 503 model_loading for all but the first)."""
+    from tests.unit.test_catalogue import write_gguf
+
+    write_gguf(tmp_path / "alpha-q4.gguf")
+    loads: list[str] = []
+
+    class Counted(FakeBackend):
+        def load(self) -> None:
+            loads.append(self.model_path)
+            super().load()
+
+    engines = EngineFactories(backend=functools.partial(Counted, load_seconds=0.5))  # type: ignore[arg-type]
+    env = {"MODELS_DIR": str(tmp_path), "LIGHT_MODEL_PATH": "fake/light", "LIGHT_PRELOAD": "false"}
+    with fake_app(env, engines=engines) as http, ThreadPoolExecutor(12) as pool:
+
+        def ask(model: str) -> int:
+            body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+            return http.post("/v1/chat/completions", json=body).status_code
+
+        codes = list(pool.map(ask, ["light", "alpha-q4"] * 6))
+    assert codes == [200] * 12
+    assert sorted(loads) == sorted(["fake/light", str(tmp_path / "alpha-q4.gguf")])
+
+
+def test_a_request_during_a_start_up_load_gets_503_after_load_wait_seconds() -> None:
+    async def run() -> None:
+        reg = registry(10 * GiB, Ledger().engines(load_seconds=0.3), LIGHT_PRELOAD="true")
+        await reg.start()
+        with pytest.raises(ModelLoadingError):  # the server is starting: Retry-After, as before
+            await reg.ready(reg.slots["light"])
+        await reg.preloaded()
+        assert await use(reg, "light") == "hi"
         await reg.close()
 
     asyncio.run(asyncio.wait_for(run(), 30))
@@ -297,3 +337,26 @@ def test_model_settings_give_a_catalogue_model_its_own_settings(tmp_path: Path) 
         table.write_text(text)
         with pytest.raises(SettingsError, match=re.escape(why)):
             parse_settings(env)
+
+
+def test_a_first_use_resolves_model_path_once_per_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `package:` MODEL_PATH locates (or assembles) its files: the card, the estimate and the load
+    of one first use share one resolution; a later load resolves afresh."""
+    (tmp_path / "counted_model_pkg.py").write_text(
+        "CALLS = []\ndef get_model_path():\n    CALLS.append(1)\n    return 'fake/light'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import counted_model_pkg  # type: ignore[import-not-found]
+
+    async def run() -> None:
+        reg = registry(10 * GiB, Ledger().engines(), LIGHT_MODEL_PATH="package:counted_model_pkg")
+        slot = reg.slots["light"]
+        await reg.read_card(slot)  # what a request does first (a cached answer needs only the card)
+        assert await use(reg, "light") == "hi"
+        assert len(counted_model_pkg.CALLS) == 1 and slot.path == "fake/light"
+        await reg.unload(slot)
+        await use(reg, "light")
+        assert len(counted_model_pkg.CALLS) == 2
+        await reg.close()
+
+    asyncio.run(asyncio.wait_for(run(), 30))

@@ -89,3 +89,30 @@ def test_the_catalogue_lists_what_is_sound_beside_hostile_files(tmp_path: Path) 
     for i, data in enumerate(HOSTILE.values()):
         (tmp_path / f"hostile-{i}.gguf").write_bytes(data)
     assert list(scan(tmp_path)) == ["good"]
+
+
+def test_a_first_use_reads_the_header_once_until_the_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The catalogue scan, the memory estimate (and a llama.cpp card) of one model share one read."""
+    import kernel.gguf
+    from kernel.config import TierSettings
+    from service.tiers.budget import estimate_bytes
+
+    reads: list[str] = []
+    real = kernel.gguf.read_gguf_header
+
+    def counted(path: str | Path, *, tensors: bool = False) -> kernel.gguf.GgufHeader:
+        reads.append(str(path))
+        return real(path, tensors=tensors)
+
+    monkeypatch.setattr(kernel.gguf, "read_gguf_header", counted)
+    model = tmp_path / "m.gguf"
+    write_gguf(model, ctx=1024)
+    assert list(scan(tmp_path)) == ["m"]
+    assert estimate_bytes(TierSettings(), str(model)) is not None
+    assert kernel.gguf.cached_gguf_header(model).meta["llama.context_length"] == 1024
+    assert len(reads) == 1
+    write_gguf(model, ctx=2048)  # a new file (size or mtime): read again
+    assert kernel.gguf.cached_gguf_header(model).meta["llama.context_length"] == 2048
+    assert len(reads) == 2
