@@ -455,6 +455,22 @@ def _device(n_gpu_layers: int) -> str:
 
 def _gpu_free() -> int | None:
     """Free bytes on the first GPU in ggml's device registry (where the KV goes), None if unknown."""
+    memory = _gpu_memory()
+    return memory[0][0] if memory else None
+
+
+def gpu_memory_total() -> int | None:
+    """Total bytes of the GPUs in ggml's device registry (the memory budget's default on CUDA);
+    0 where llama.cpp offloads to none, None where this llama-cpp-python cannot say."""
+    init_llama_backend()  # ggml's device registry is filled by the backend's initialisation
+    if not llama_cpp.llama_supports_gpu_offload():
+        return 0
+    memory = _gpu_memory()
+    return None if memory is None else sum(total for _free, total in memory)
+
+
+def _gpu_memory() -> list[tuple[int, int]] | None:
+    """(free, total) bytes of each GPU in ggml's device registry; None without the ggml handle."""
     try:
         from llama_cpp._ggml import libggml as g
     except (ImportError, OSError, AttributeError):
@@ -464,11 +480,12 @@ def _gpu_free() -> int | None:
         None,
         [ctypes.c_void_p, ctypes.POINTER(size), ctypes.POINTER(size)],
     )
+    found = []
     for dev in _gpu_handles(g):
         free, total = size(0), size(0)
         g.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-        return int(free.value)
-    return None
+        found.append((int(free.value), int(total.value)))
+    return found
 
 
 def _gpu_devices() -> list[tuple[str, str]]:

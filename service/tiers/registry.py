@@ -23,7 +23,7 @@ from kernel.errors import (
 )
 from service.settings import TIERS, Settings, model_aliases
 from service.tiers import routing
-from service.tiers.budget import Holding, MemoryBudget, MemoryBudgetExceeded, default_budget
+from service.tiers.budget import Holding, MemoryBudget, MemoryBudgetExceeded, budget_total
 from service.tiers.catalogue import Catalogue, CatalogueEntry
 from service.tiers.executor import Executor
 from service.tiers.families import FAMILIES, GENERATION, EngineFactories
@@ -48,9 +48,9 @@ class Registry:
         # runtime at once (torch and llama.cpp's CUDA build) is what a load must never race into.
         self._loading = asyncio.Lock()
         self.catalogue = Catalogue(settings.models_dir)
-        self.budget = MemoryBudget(settings.memory_budget if settings.memory_budget is not None else default_budget())
         self.slots: dict[str, TierSlot] = {}
         self._startup: set[asyncio.Task[None]] = set()  # the preloads: requests wait LOAD_WAIT_SECONDS for these
+        self._scan: asyncio.Task[None] | None = None
         for name in TIERS:
             tier = settings.tier(name)
             state = TierState.AVAILABLE if tier.configured else TierState.ABSENT
@@ -61,12 +61,27 @@ class Registry:
             source = (slot.settings.model_path or "").strip().removeprefix("tier:")
             if slot.settings.model_path != source and source in self.slots and not slot.settings.model_name:
                 slot.model = self.slots[source].model
+        self.budget = MemoryBudget(budget_total(settings.memory_budget, self._offloads(), self.engines.gpu_memory))
+
+    def _offloads(self) -> bool:
+        """Whether a model may load into a GPU: a local tier with N_GPU_LAYERS != 0, or MODELS_DIR
+        (its models load with a tier's defaults, which offload every layer)."""
+        local = [s.settings for s in self.configured() if not s.remote]
+        return any(t.n_gpu_layers != 0 for t in local) or bool(self.settings.models_dir)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         for slot in self.configured():
             if slot.settings.preload:
                 self._startup.add(self._begin_load(slot))
+        if self.settings.models_dir:  # read now, so a catalogue model's first use finds its entry and header read
+            self._scan = asyncio.create_task(asyncio.to_thread(self._scan_catalogue), name="catalogue-scan")
+
+    def _scan_catalogue(self) -> None:
+        try:
+            self.catalogue.entries()
+        except OSError as exc:  # a request scans again, and says so
+            log.warning("MODELS_DIR %s could not be read: %s", self.settings.models_dir, exc)
 
     async def preloaded(self) -> None:
         """Wait until every load started by `start()` has finished (loaded or failed)."""

@@ -63,6 +63,7 @@ class Ledger:
             embedder=base.embedder,
             reranker=base.reranker,
             estimate=base.estimate,
+            gpu_memory=base.gpu_memory,
         )
 
 
@@ -182,7 +183,7 @@ def test_concurrent_first_requests_over_http_wait_for_one_load(tmp_path: Path) -
             loads.append(self.model_path)
             super().load()
 
-    engines = EngineFactories(backend=functools.partial(Counted, load_seconds=0.5))  # type: ignore[arg-type]
+    engines = EngineFactories(backend=functools.partial(Counted, load_seconds=0.5), gpu_memory=lambda: None)  # type: ignore[arg-type]
     env = {"MODELS_DIR": str(tmp_path), "LIGHT_MODEL_PATH": "fake/light", "LIGHT_PRELOAD": "false"}
     with fake_app(env, engines=engines) as http, ThreadPoolExecutor(12) as pool:
 
