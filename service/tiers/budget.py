@@ -160,7 +160,8 @@ class MemoryBudget:
         victims: list[Holding] = []
         if estimate > free:
             candidates = sorted(
-                (h for h in holdings if h.name in self._held and not (h.pinned or h.busy or h.loading)),
+                # One holding nothing (a reranker on `tier:embedding`) frees nothing by leaving.
+                (h for h in holdings if self._held.get(h.name) and not (h.pinned or h.busy or h.loading)),
                 key=lambda h: h.last_used,
             )
             for h in candidates:
@@ -186,6 +187,11 @@ class MemoryBudget:
 
     def release(self, name: str) -> None:
         self._held.pop(name, None)
+
+    def rename(self, old: str, new: str) -> None:
+        """`new` now holds what `old` reserved (a replacement swapped in); `new`'s own reservation goes."""
+        if old in self._held:
+            self._held[new] = self._held.pop(old)
 
     def _refusal(self, name: str, estimate: int, holdings: list[Holding]) -> str:
         if self.total is not None and estimate > self.total:

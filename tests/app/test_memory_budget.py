@@ -5,7 +5,10 @@ concurrent first requests load once, and requests in random order never overrun 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
+import gc
+import logging
 import random
 import re
 import threading
@@ -361,3 +364,78 @@ def test_a_first_use_resolves_model_path_once_per_load(tmp_path: Path, monkeypat
         await reg.close()
 
     asyncio.run(asyncio.wait_for(run(), 30))
+
+
+def test_an_admin_replace_is_admitted_beside_the_model_it_replaces() -> None:
+    """Both models are in memory until the swap: one that does not fit beside the old one (and the
+    pinned one) is a 503 before anything loads, and the old model keeps serving."""
+    import msgspec
+
+    loads: list[str] = []
+
+    class Counted(FakeBackend):
+        def load(self) -> None:
+            loads.append(self.model_path)
+            super().load()
+
+    sizes = {**SIZES, "fake/big": 2 * GiB}
+    engines = dataclasses.replace(fake_engines(sizes=sizes), backend=Counted)  # type: ignore[arg-type]
+
+    async def run() -> None:
+        reg = registry(11 * GiB, engines, MEDIUM_PIN="true")
+        await use(reg, "light")
+        await use(reg, "medium")  # 4 + 5 of 11 GiB held
+        slot = reg.slots["light"]
+        heavy = msgspec.structs.replace(slot.settings, model_path="fake/heavy")  # 6 GiB: no room beside light
+        with pytest.raises(ModelUnavailableError, match="memory budget") as refused:
+            await reg.replace(slot, heavy)
+        assert refused.value.code == "memory_budget_exceeded"
+        assert loads == ["fake/light", "fake/medium"] and reg.budget.holdings() == {"light": 4 * GiB, "medium": 5 * GiB}
+        assert await use(reg, "light") == "hi"  # the old model keeps serving
+        assert await reg.replace(slot, msgspec.structs.replace(slot.settings, model_path="fake/big")) == "light/light"
+        assert reg.budget.holdings() == {"light": 2 * GiB, "medium": 5 * GiB}  # the new model's bytes
+        await reg.close()
+
+    asyncio.run(asyncio.wait_for(run(), 30))
+
+
+def test_a_reranker_keeps_the_embedding_tier_it_scores_with() -> None:
+    sizes = {**SIZES, "fake/embed": 4 * GiB}
+    extra = {
+        "EMBEDDING_MODEL_PATH": "fake/embed",
+        "EMBEDDING_PRELOAD": "false",
+        "RERANKER_MODEL_PATH": "tier:embedding",
+        "RERANKER_PRELOAD": "false",
+    }
+
+    async def run() -> None:
+        reg = registry(10 * GiB, fake_engines(sizes=sizes), **extra)
+        await reg.ensure_loaded(reg.slots["reranker"])  # loads the embedding tier first (4 GiB)
+        await use(reg, "light")  # 8 of 10 GiB; the embedding tier is the least recently used
+        await use(reg, "medium")  # 5 GiB: light goes, not the embedding tier the reranker needs
+        assert loaded(reg) == ["embedding", "medium", "reranker"]
+        await reg.unload(reg.slots["reranker"])
+        await use(reg, "light")  # with the reranker gone, the embedding tier may leave
+        assert loaded(reg) == ["light", "medium"]
+        await reg.close()
+
+    asyncio.run(asyncio.wait_for(run(), 30))
+
+
+def test_a_preload_refused_by_the_budget_logs_one_error(caplog: pytest.LogCaptureFixture) -> None:
+    async def run() -> None:
+        reg = registry(3 * GiB, Ledger().engines(), LIGHT_PRELOAD="true")
+        await reg.start()
+        await reg.preloaded()
+        assert reg.slots["light"].state is TierState.AVAILABLE  # a request later tries (and says why)
+        # Drop every reference to the start-up load: an exception never retrieved is printed then.
+        reg.slots["light"].load_task = None
+        vars(reg).get("_startup", set()).clear()
+        gc.collect()
+        await reg.close()
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(asyncio.wait_for(run(), 30))
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "MEMORY_BUDGET" in errors[0].getMessage(), [r.getMessage() for r in errors]
+    assert "never retrieved" not in caplog.text
