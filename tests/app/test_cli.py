@@ -70,10 +70,16 @@ def test_pull_ls_rm_on_models_dir_without_a_server(workdir: Path) -> None:
     assert pulled.stdout.strip() == "tiny-Q8_0"
     assert "pulled tiny-Q8_0.gguf" in pulled.stderr  # not a TTY: plain lines, no bar
     assert (workdir / "models" / "tiny-Q8_0.gguf").is_file()
+    # What the catalogue would not serve is not listed: a file that is no GGUF, half a split set.
+    (workdir / "models" / "broken.gguf").write_bytes(b"<html>rate limited</html>")
+    (workdir / "models" / "half-00001-of-00002.gguf").write_bytes((workdir / "models" / "tiny-Q8_0.gguf").read_bytes())
     listed = cli(workdir, "ls")
     assert listed.returncode == 0
     assert listed.stdout.splitlines()[0].split() == ["ID", "TIER", "STATUS", "SIZE"]
-    assert any(line.split()[:3] == ["tiny-Q8_0", "on", "disk"] for line in listed.stdout.splitlines())
+    on_disk = [line.split()[0] for line in listed.stdout.splitlines() if line.split()[1:3] == ["on", "disk"]]
+    assert on_disk == ["tiny-Q8_0"]
+    (workdir / "models" / "broken.gguf").unlink()
+    (workdir / "models" / "half-00001-of-00002.gguf").unlink()
     assert cli(workdir, "rm", "tiny-Q8_0").returncode == 0
     assert list((workdir / "models").iterdir()) == []
     missing = cli(workdir, "rm", "tiny-Q8_0")
