@@ -183,37 +183,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
             if tier.model_path:
                 rows.append((f"{name}/{Path(tier.model_path).name}", name, "stopped", ""))
     listed = {row[0] for row in rows}
-    for model_id, path in _catalogue(settings.models_dir):
+    from service.tiers.catalogue import scan  # what the server would list: sound models only, split sets once
+
+    for model_id, entry in sorted(scan(os.path.expanduser(settings.models_dir)).items() if settings.models_dir else []):
         if model_id not in listed:
-            rows.append((model_id, "", "on disk", _size(_disk_size(path))))
+            rows.append((model_id, "", "on disk", _size(entry.size_bytes)))
     _table(("ID", "TIER", "STATUS", "SIZE"), rows)
     return 0
-
-
-def _catalogue(models_dir: str) -> list[tuple[str, Path]]:
-    """MODELS_DIR's models by catalogue id: a GGUF's name (a split set once), or a folder's name."""
-    if not models_dir or not Path(models_dir).expanduser().is_dir():
-        return []
-    from service.serving.hub import catalogue_id
-
-    found: dict[str, Path] = {}
-    for path in sorted(Path(models_dir).expanduser().iterdir()):
-        if path.name.startswith("."):
-            continue
-        if path.is_dir():
-            found.setdefault(path.name, path)
-        elif path.name.lower().endswith(".gguf") and "mmproj" not in path.name.lower():
-            found.setdefault(catalogue_id(path.name), path)
-    return sorted(found.items())
-
-
-def _disk_size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    from service.serving.hub import catalogue_id
-
-    parts = [p for p in path.parent.glob("*.gguf") if catalogue_id(p.name) == catalogue_id(path.name)]
-    return sum(p.stat().st_size for p in parts)
 
 
 def _size(size: int | None) -> str:

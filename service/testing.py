@@ -47,6 +47,7 @@ def fake_engines(
         embedder=FakeEmbedder,
         reranker=FakeReranker,
         estimate=lambda tier, path: declared.get(path, 0),
+        gpu_memory=lambda: None,  # no GPU: MEMORY_BUDGET defaults to the RAM
     )
 
 

@@ -1,11 +1,12 @@
 """A stand-in Hugging Face hub for the pull tests, served by the test itself on a free port (pointed at
 with HF_ENDPOINT): the tree listing huggingface_hub's `list_repo_tree` reads, and `resolve/<rev>/<file>`
 with the headers a download needs (ETag, X-Linked-Etag/-Size, X-Repo-Commit, Content-Length,
-Range -> 206). `cut_once` drops the connection half-way through one download; `corrupt` serves
-bytes other than the listed sha256."""
+Range -> 206). `cut_once` drops the connection half-way through one download; `held` pauses one
+half-way until the test lets it go on; `corrupt` serves bytes other than the listed sha256."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -21,6 +22,8 @@ class FakeHub:
     repos: dict[str, dict[str, bytes]] = field(default_factory=dict)  # repo -> path -> content
     cut_once: set[str] = field(default_factory=set)  # file paths whose next GET is cut mid-way
     corrupt: set[str] = field(default_factory=set)  # file paths served with one byte flipped
+    # file paths whose GET sends half its body, then waits for the event before the rest
+    held: dict[str, threading.Event] = field(default_factory=dict)
     lfs: bool = True  # GGUF/safetensors files listed as LFS (sha256); the rest by git blob id
     ranges: list[str] = field(default_factory=list)  # Range headers received, in order
     url: str = ""
@@ -99,6 +102,13 @@ class FakeHub:
             request.wfile.flush()
             request.close_connection = True
             request.connection.shutdown(2)  # the peer sees the body end short: a cut download
+            return
+        if (hold := self.held.get(path)) is not None and request.command == "GET":
+            request.wfile.write(piece[: len(piece) // 2])
+            request.wfile.flush()
+            hold.wait(30)
+            with contextlib.suppress(ConnectionError):  # the puller stopped and went away: the test's point
+                request.wfile.write(piece[len(piece) // 2 :])
             return
         request.wfile.write(piece)
 

@@ -10,22 +10,14 @@ from __future__ import annotations
 
 import ctypes
 import os
-import struct
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 import llama_cpp
 
 from backends.base import AdapterInfo
 from kernel.errors import InvalidRequestError, ModelUnavailableError
-
-# A header is small; these bounds keep a hostile file from making us read or allocate much.
-_MAX_STRING = 1 << 20
-_MAX_ITEMS = 1 << 20
-_MAX_DIMS = 8
-# GGUF value types: fixed sizes by type id (8 = string, 9 = array).
-_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_SCALAR = {4: "<I", 5: "<i", 6: "<f", 10: "<Q", 11: "<q", 12: "<d"}
+from kernel.gguf import GgufHeaderError, read_gguf_header
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,23 +31,11 @@ class LoraHeader:
     alpha: float | None
 
 
-@dataclass(frozen=True, slots=True)
-class GgufHeader:
-    meta: dict[str, str | float | int]  # scalar and string metadata (arrays skipped)
-    tensors: dict[str, tuple[int, ...]]  # every tensor's shape, in ggml order
-
-
-def read_gguf_header(path: str) -> GgufHeader:
-    """Parse a GGUF file's header (metadata and tensor shapes, not the weights)."""
-    try:
-        with open(path, "rb") as f:
-            return _parse(f)
-    except (OSError, struct.error, UnicodeDecodeError, ValueError) as exc:
-        raise InvalidRequestError(f"Not a readable GGUF file: {exc}", param="path", code="invalid_adapter") from exc
-
-
 def read_lora_header(path: str) -> LoraHeader:
-    header = read_gguf_header(path)
+    try:
+        header = read_gguf_header(path, tensors=True)
+    except (OSError, GgufHeaderError) as exc:
+        raise InvalidRequestError(f"Not a readable GGUF file: {exc}", param="path", code="invalid_adapter") from exc
     meta = header.meta
     # The rank is the second ggml dimension, (inputs, rank), of the first `*.lora_a` tensor.
     rank = next((dims[1] for name, dims in header.tensors.items() if name.endswith(".lora_a") and len(dims) >= 2), None)
@@ -67,76 +47,6 @@ def read_lora_header(path: str) -> LoraHeader:
         rank=rank,
         alpha=float(alpha) if isinstance(alpha, int | float) else None,
     )
-
-
-def _parse(f: BinaryIO) -> GgufHeader:
-    if f.read(4) != b"GGUF":
-        raise ValueError("no GGUF magic number")
-    (version,) = _unpack(f, "<I")
-    if version < 2:
-        raise ValueError(f"GGUF version {version} is too old")
-    n_tensors, n_kv = _unpack(f, "<QQ")
-    if n_tensors > _MAX_ITEMS or n_kv > _MAX_ITEMS:
-        raise ValueError("implausible tensor or metadata count")
-    meta: dict[str, str | float | int] = {}
-    for _ in range(n_kv):
-        key = _string(f)
-        (kind,) = _unpack(f, "<I")
-        value = _value(f, kind)
-        if value is not None:
-            meta[key] = value
-    tensors: dict[str, tuple[int, ...]] = {}
-    for _ in range(n_tensors):
-        name = _string(f)
-        (n_dims,) = _unpack(f, "<I")
-        if n_dims > _MAX_DIMS:
-            raise ValueError(f"tensor {name!r} has {n_dims} dimensions")
-        tensors[name] = tuple(int(d) for d in _unpack(f, f"<{n_dims}Q"))
-        _unpack(f, "<IQ")  # type and data offset
-    return GgufHeader(meta, tensors)
-
-
-def _unpack(f: BinaryIO, fmt: str) -> tuple[Any, ...]:
-    size = struct.calcsize(fmt)
-    data = f.read(size)
-    if len(data) != size:
-        raise ValueError("the file ends inside its header")
-    return struct.unpack(fmt, data)
-
-
-def _string(f: BinaryIO) -> str:
-    (n,) = _unpack(f, "<Q")
-    if n > _MAX_STRING:
-        raise ValueError("a header string is implausibly long")
-    data = f.read(n)
-    if len(data) != n:
-        raise ValueError("the file ends inside its header")
-    return data.decode("utf-8")
-
-
-def _value(f: BinaryIO, kind: int) -> str | float | int | None:
-    """A scalar or string value; arrays are skipped (None)."""
-    if kind == 8:
-        return _string(f)
-    if kind in _SCALAR:
-        value: float | int = _unpack(f, _SCALAR[kind])[0]
-        return value
-    if kind in _FIXED:
-        f.read(_FIXED[kind])
-        return None
-    if kind != 9:
-        raise ValueError(f"unknown metadata type {kind}")
-    item, n = _unpack(f, "<IQ")
-    if n > _MAX_ITEMS * 64:
-        raise ValueError("a metadata array is implausibly long")
-    if item in _FIXED:
-        f.seek(_FIXED[item] * n, os.SEEK_CUR)
-        return None
-    if item == 9:
-        raise ValueError("nested metadata arrays")
-    for _ in range(n):
-        _value(f, item)
-    return None
 
 
 @dataclass(slots=True)

@@ -25,7 +25,7 @@ from backends.base import (
     card_sampling,
 )
 from backends.chat_templates import builtin_for_architecture, render, resolve_template_setting
-from backends.llamacpp.adapters import LoraAdapters, read_gguf_header
+from backends.llamacpp.adapters import LoraAdapters
 from backends.llamacpp.batch import LlamaCppBatch, ModelHandle
 from backends.llamacpp.kv_layout import FLASH_ATTN, KV_TYPES, LlamaLog, default_kv_tokens, kv_bytes, model_meta
 from backends.llamacpp.kv_slots import KvSlots
@@ -37,6 +37,7 @@ from backends.reasoning import ReasoningFormat
 from backends.tools import tool_format
 from kernel.config import SAMPLING_FIELDS, TierSettings
 from kernel.errors import InvalidRequestError, LLMServiceError, ModelUnavailableError, engine_errors
+from kernel.gguf import GgufHeaderError, cached_gguf_header
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +207,8 @@ class LlamaCppBackend(Backend):
         if not os.path.isfile(self.model_path):
             return None
         try:  # the header alone: ~0.15 s on Gemma 3, where llama.cpp's vocab_only load took ~0.6 s
-            meta = read_gguf_header(self.model_path).meta
-        except InvalidRequestError:
+            meta = cached_gguf_header(self.model_path).meta
+        except (OSError, GgufHeaderError):
             return None  # the registry then loads the model and reads the card from it
         card = {name: meta.get(f"general.sampling.{_CARD_KEYS.get(name, name)}") for name in SAMPLING_FIELDS}
         # As llama.cpp prints a float32 (std::to_string, 6 decimals): the same card as `_card`'s once
@@ -454,6 +455,22 @@ def _device(n_gpu_layers: int) -> str:
 
 def _gpu_free() -> int | None:
     """Free bytes on the first GPU in ggml's device registry (where the KV goes), None if unknown."""
+    memory = _gpu_memory()
+    return memory[0][0] if memory else None
+
+
+def gpu_memory_total() -> int | None:
+    """Total bytes of the GPUs in ggml's device registry (the memory budget's default on CUDA);
+    0 where llama.cpp offloads to none, None where this llama-cpp-python cannot say."""
+    init_llama_backend()  # ggml's device registry is filled by the backend's initialisation
+    if not llama_cpp.llama_supports_gpu_offload():
+        return 0
+    memory = _gpu_memory()
+    return None if memory is None else sum(total for _free, total in memory)
+
+
+def _gpu_memory() -> list[tuple[int, int]] | None:
+    """(free, total) bytes of each GPU in ggml's device registry; None without the ggml handle."""
     try:
         from llama_cpp._ggml import libggml as g
     except (ImportError, OSError, AttributeError):
@@ -463,11 +480,12 @@ def _gpu_free() -> int | None:
         None,
         [ctypes.c_void_p, ctypes.POINTER(size), ctypes.POINTER(size)],
     )
+    found = []
     for dev in _gpu_handles(g):
         free, total = size(0), size(0)
         g.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-        return int(free.value)
-    return None
+        found.append((int(free.value), int(total.value)))
+    return found
 
 
 def _gpu_devices() -> list[tuple[str, str]]:

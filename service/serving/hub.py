@@ -14,6 +14,7 @@ import hashlib
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -182,8 +183,13 @@ def _hasher(file: RemoteFile) -> Any:
     return blob
 
 
-def pull(plan: Plan, models_dir: str, progress: Progress) -> str:
-    """Download `plan` into MODELS_DIR (blocking: run it in a thread); returns the catalogue id."""
+class PullStopped(Exception):
+    """The pull was stopped (its client went away); what was downloaded stays, to be resumed."""
+
+
+def pull(plan: Plan, models_dir: str, progress: Progress, stop: threading.Event | None = None) -> str:
+    """Download `plan` into MODELS_DIR (blocking: run it in a thread); returns the catalogue id.
+    `stop` set: the download ends at its next chunk, raising PullStopped (the `.partial` file stays)."""
     root = root_dir(models_dir)
     final, staging, base = root / plan.id, root / f".{plan.id}{_PARTIAL}", root
     if plan.folder:  # a new folder is filled under a hidden name and renamed whole: never half a repo
@@ -205,13 +211,15 @@ def pull(plan: Plan, models_dir: str, progress: Progress) -> str:
                 progress({"status": "downloading", "file": file.path, "completed": file.size, "total": file.size})
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            _download(client, plan, file, target, progress)
+            _download(client, plan, file, target, progress, stop)
     if plan.folder and base == staging:
         os.replace(staging, final)
     return plan.id
 
 
-def _download(client: httpx.Client, plan: Plan, file: RemoteFile, target: Path, progress: Progress) -> None:
+def _download(
+    client: httpx.Client, plan: Plan, file: RemoteFile, target: Path, progress: Progress, stop: threading.Event | None
+) -> None:
     url = f"{endpoint()}/{plan.repo}/resolve/{quote(plan.revision, safe='')}/{quote(file.path)}"
     partial = _partial(target)
     digest = _hasher(file)
@@ -238,6 +246,8 @@ def _download(client: httpx.Client, plan: Plan, file: RemoteFile, target: Path, 
                     done, digest = 0, _hasher(file)
                 with partial.open("ab" if done else "wb") as out:
                     for chunk in response.iter_bytes():
+                        if stop is not None and stop.is_set():
+                            raise PullStopped(f"Pull of {plan.repo} stopped at {done} bytes of {file.path}")
                         out.write(chunk)
                         digest.update(chunk)
                         done += len(chunk)

@@ -4,7 +4,9 @@ and `DELETE /v1/models/{id}` (the downloads themselves are in `hub`)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from service.serving import hub
 from service.tiers.slots import TierState
 
 _encode = msgspec.json.Encoder().encode
+log = logging.getLogger(__name__)
 
 
 class Pulls:
@@ -44,20 +47,30 @@ class Pulls:
             last.update(at=now, file=event["file"])
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
+        stop = threading.Event()
+
         def work() -> str:
-            return hub.pull(hub.plan(spec, revision), self.models_dir, progress)
+            return hub.pull(hub.plan(spec, revision), self.models_dir, progress, stop)
 
         task = asyncio.ensure_future(asyncio.to_thread(work))
-        while True:
-            getter = asyncio.ensure_future(queue.get())
-            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                yield b"data: " + _encode(getter.result()) + b"\n\n"
-                continue
-            getter.cancel()
-            while not queue.empty():
-                yield b"data: " + _encode(queue.get_nowait()) + b"\n\n"
-            break
+        task.add_done_callback(_retrieved)  # a stopped pull ends with PullStopped that no one awaits
+        try:
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                try:
+                    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    getter.cancel()
+                if not getter.cancelled() and getter.done():
+                    yield b"data: " + _encode(getter.result()) + b"\n\n"
+                    continue
+                while not queue.empty():
+                    yield b"data: " + _encode(queue.get_nowait()) + b"\n\n"
+                break
+        finally:  # the client went away (or the pull ended): a download still running stops, resumable
+            if not task.done():
+                stop.set()
+                log.info("Pull of %s: the client disconnected; stopping (a later pull resumes)", spec)
         try:
             yield b"data: " + _encode({"status": "success", "id": task.result()}) + b"\n\n"
         except LLMServiceError as exc:
@@ -79,3 +92,8 @@ class Pulls:
                 )
         hub.remove(paths)
         return model_id
+
+
+def _retrieved(task: asyncio.Future[str]) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -11,24 +11,31 @@ in one synchronous step, so concurrent loads never both count the same free byte
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterable
+import platform
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from kernel.config import TierSettings
 from kernel.errors import ModelUnavailableError
-from service.tiers.catalogue import GGUFHeaderError, read_gguf_header
+from kernel.gguf import GgufHeaderError, cached_gguf_header
 from service.tiers.model_paths import disk_size
+
+log = logging.getLogger(__name__)
 
 # Left to the OS, the server itself and the caches beside the models when the budget is not set.
 _MARGIN_FRACTION = 0.1
 _MIN_MARGIN = 1 << 30
+_NVIDIA_SMI = ("nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits")
 
 
 def device_memory() -> int | None:
-    """The memory models load into: physical RAM (on Apple Silicon that is the unified memory the
-    GPU uses too). None where the platform does not say."""
+    """Physical RAM (on Apple Silicon that is the unified memory the GPU uses too). None where the
+    platform does not say."""
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -40,6 +47,69 @@ def default_budget(total: int | None = None) -> int | None:
     if total is None:
         return None
     return max(0, total - max(_MIN_MARGIN, int(total * _MARGIN_FRACTION)))
+
+
+def budget_total(
+    setting: int | None,
+    uses_gpu: bool,
+    gpu_memory: Callable[[], int | None],
+    *,
+    unified: bool | None = None,
+    ram: int | None = None,
+) -> int | None:
+    """MEMORY_BUDGET, or by default the memory models load into, less a margin: on CUDA (a tier that
+    offloads to a GPU, not on Apple Silicon) the GPUs' memory, else the RAM (the unified memory on
+    Apple Silicon). A GPU that cannot be read falls back to the RAM, saying so once."""
+    if setting is not None:
+        return setting
+    unified = _unified_memory() if unified is None else unified
+    if uses_gpu and not unified:
+        try:
+            vram = gpu_memory()
+        except Exception as exc:  # a probe of a driver: whatever it raises, the RAM is the answer
+            log.warning("MEMORY_BUDGET: reading the GPU memory failed (%s); the budget is the RAM's", exc)
+            vram = None
+        if vram:
+            budget = default_budget(vram)
+            log.info("MEMORY_BUDGET: %s of GPU memory less a margin = %s", _gib(vram), _gib(budget or 0))
+            return budget
+        log.debug("MEMORY_BUDGET: no GPU found for the tiers that offload to one; the budget is the RAM's")
+    return default_budget(ram)
+
+
+def _unified_memory() -> bool:
+    return sys.platform == "darwin" and platform.machine() == "arm64"
+
+
+def probe_gpu_memory() -> int | None:
+    """Total memory of the GPUs llama.cpp offloads to (it splits layers over all of them): ggml's
+    device registry where llama-cpp-python exposes it, else `nvidia-smi`. None: no GPU found."""
+    try:
+        from backends.llamacpp.backend import gpu_memory_total
+    except ImportError:  # llama.cpp is not installed: a CUDA machine may still say what it has
+        total = None
+    else:
+        total = gpu_memory_total()
+    return total if total is not None else nvidia_smi_memory()
+
+
+def nvidia_smi_memory() -> int | None:
+    """The summed `memory.total` of every GPU nvidia-smi lists; None where it is missing or fails."""
+    try:
+        done = subprocess.run(_NVIDIA_SMI, capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.debug("MEMORY_BUDGET: nvidia-smi gave no GPU memory (%s)", exc)
+        return None
+    return parse_nvidia_smi(done.stdout)
+
+
+def parse_nvidia_smi(text: str) -> int | None:
+    """`nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits`: one MiB count per GPU."""
+    try:
+        mib = [int(line.strip()) for line in text.splitlines() if line.strip()]
+    except ValueError:
+        return None  # "[N/A]" or an error text: unknown
+    return sum(mib) * 2**20 if mib else None
 
 
 class MemoryBudgetExceeded(ModelUnavailableError):
@@ -90,7 +160,8 @@ class MemoryBudget:
         victims: list[Holding] = []
         if estimate > free:
             candidates = sorted(
-                (h for h in holdings if h.name in self._held and not (h.pinned or h.busy or h.loading)),
+                # One holding nothing (a reranker on `tier:embedding`) frees nothing by leaving.
+                (h for h in holdings if self._held.get(h.name) and not (h.pinned or h.busy or h.loading)),
                 key=lambda h: h.last_used,
             )
             for h in candidates:
@@ -116,6 +187,11 @@ class MemoryBudget:
 
     def release(self, name: str) -> None:
         self._held.pop(name, None)
+
+    def rename(self, old: str, new: str) -> None:
+        """`new` now holds what `old` reserved (a replacement swapped in); `new`'s own reservation goes."""
+        if old in self._held:
+            self._held[new] = self._held.pop(old)
 
     def _refusal(self, name: str, estimate: int, holdings: list[Holding]) -> str:
         if self.total is not None and estimate > self.total:
@@ -157,8 +233,8 @@ def gguf_kv_bytes(tier: TierSettings, path: str) -> int:
     """An upper bound of the KV cache llama.cpp allocates for this tier (every layer full-size;
     sliding-window layers hold less), the same bound `backends.llamacpp.kv_layout` sizes with."""
     try:
-        kv = read_gguf_header(path)
-    except (OSError, GGUFHeaderError):
+        kv = cached_gguf_header(path).meta
+    except (OSError, GgufHeaderError):
         return 0
     arch = str(kv.get("general.architecture", ""))
 

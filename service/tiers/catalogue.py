@@ -7,8 +7,8 @@ factories do: `config.json` with a `*ForSequenceClassification` architecture is 
 sentence-transformers or BGE-M3 folder is an embedder; a `quantization` section in `config.json`
 marks MLX weights, anything else with a `config.json` is a Hugging Face folder.
 
-GGUF metadata is read from the header's key/value section only: tensor data is never touched, and
-arrays (the tokenizer's vocabulary) are skipped, not decoded, so a scan stays cheap on big files.
+GGUF metadata is read from the header's key/value section only (kernel.gguf): tensor data is never
+touched, and arrays (the tokenizer's vocabulary) are skipped, not decoded, so a scan stays cheap.
 `Catalogue.entries()` rescans only when MODELS_DIR's mtime changed (no watcher thread).
 """
 
@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Literal
 
-from gguf import GGUFValueType, LlamaFileType
+from gguf import LlamaFileType
+
+from kernel.gguf import GgufHeaderError, cached_gguf_header
 
 Kind = Literal["generation", "embedding", "reranker"]
 Format = Literal["gguf", "mlx", "hf"]
@@ -30,19 +31,6 @@ Format = Literal["gguf", "mlx", "hf"]
 _SPLIT = re.compile(r"^(?P<base>.+)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$", re.IGNORECASE)
 _MMPROJ_PREFIX = re.compile(r"^mmproj(?:[-_.]|$)", re.IGNORECASE)
 _DTYPE_SUFFIX = re.compile(r"[-_.](?:f16|f32|bf16|q\d\w*)$", re.IGNORECASE)
-_SCALARS: dict[int, str] = {
-    GGUFValueType.UINT8: "<B",
-    GGUFValueType.INT8: "<b",
-    GGUFValueType.UINT16: "<H",
-    GGUFValueType.INT16: "<h",
-    GGUFValueType.UINT32: "<I",
-    GGUFValueType.INT32: "<i",
-    GGUFValueType.FLOAT32: "<f",
-    GGUFValueType.BOOL: "<?",
-    GGUFValueType.UINT64: "<Q",
-    GGUFValueType.INT64: "<q",
-    GGUFValueType.FLOAT64: "<d",
-}
 _EMBEDDING_FILES = ("modules.json", "config_sentence_transformers.json", "colbert_linear.pt", "sparse_linear.pt")
 # GGUF architectures that only embed (llama.cpp's encoder-only models).
 _EMBEDDING_ARCHS = ("bert", "nomic-bert", "jina-bert-v2", "modern-bert", "t5encoder")
@@ -63,75 +51,10 @@ class CatalogueEntry:
     files: tuple[str, ...] = field(default=(), repr=False)
 
 
-class GGUFHeaderError(ValueError):
-    pass
-
-
-def read_gguf_header(path: str | Path) -> dict[str, Any]:
-    """The GGUF header's key/values; array values are skipped (recorded as their length)."""
-    with open(path, "rb", buffering=1 << 20) as f:
-        if f.read(4) != b"GGUF":
-            raise GGUFHeaderError(f"{path}: not a GGUF file")
-        version = _unpack(f, "<I")
-        if version < 2:
-            raise GGUFHeaderError(f"{path}: GGUF version {version} is not supported")
-        _tensors, kv_count = _unpack(f, "<Q"), _unpack(f, "<Q")
-        out: dict[str, Any] = {}
-        for _ in range(kv_count):
-            key = _string(f)
-            vtype = _unpack(f, "<I")
-            if vtype == GGUFValueType.ARRAY:
-                out[key] = _skip_array(f)
-            else:
-                out[key] = _value(f, vtype)
-        return out
-
-
-def _unpack(f: IO[bytes], fmt: str) -> Any:
-    size = struct.calcsize(fmt)
-    data = f.read(size)
-    if len(data) != size:
-        raise GGUFHeaderError("truncated GGUF header")
-    return struct.unpack(fmt, data)[0]
-
-
-def _string(f: IO[bytes]) -> str:
-    n = _unpack(f, "<Q")
-    data = f.read(n)
-    if len(data) != n:
-        raise GGUFHeaderError("truncated GGUF header")
-    return data.decode("utf-8", errors="replace")
-
-
-def _value(f: IO[bytes], vtype: int) -> Any:
-    if vtype == GGUFValueType.STRING:
-        return _string(f)
-    fmt = _SCALARS.get(vtype)
-    if fmt is None:
-        raise GGUFHeaderError(f"unknown GGUF value type {vtype}")
-    return _unpack(f, fmt)
-
-
-def _skip_array(f: IO[bytes]) -> int:
-    itype, count = _unpack(f, "<I"), _unpack(f, "<Q")
-    if itype == GGUFValueType.STRING:
-        for _ in range(count):
-            f.seek(_unpack(f, "<Q"), 1)
-    elif itype == GGUFValueType.ARRAY:
-        for _ in range(count):
-            _skip_array(f)
-    else:
-        fmt = _SCALARS.get(itype)
-        if fmt is None:
-            raise GGUFHeaderError(f"unknown GGUF array type {itype}")
-        f.seek(struct.calcsize(fmt) * count, 1)
-    return int(count)
-
-
 def _gguf_entry(model_id: str, parts: list[Path], projector: Path | None) -> CatalogueEntry | None:
     try:
-        kv = read_gguf_header(parts[0])
-    except (OSError, GGUFHeaderError):
+        kv = cached_gguf_header(parts[0]).meta
+    except (OSError, GgufHeaderError):
         return None  # a partial download or a foreign file: not listed
     arch = str(kv.get("general.architecture", "")) or None
     ctx = kv.get(f"{arch}.context_length") if arch else None

@@ -23,7 +23,7 @@ from rerankers.base import PairTokenizing, PairTokens, Reranker, RerankResult
 from rerankers.factory import create_reranker
 from rerankers.remote import rerank_body, rerank_results
 from service.settings import GENERATION_TIERS
-from service.tiers.budget import estimate_bytes
+from service.tiers.budget import estimate_bytes, probe_gpu_memory
 from service.tiers.micro_batcher import MicroBatcher
 from service.tiers.slots import AdapterRecord, TierSlot
 from service.tiers.workers import ChunkStream, GenerationWorker
@@ -50,6 +50,8 @@ class EngineFactories:
     remote: Callable[[TierSettings], RemotePool] = create_remote  # BACKEND=remote: a pool of upstreams
     # The bytes a load will hold, for the memory budget (None: unknown, counted as 0 until loaded).
     estimate: Callable[[TierSettings, str], int | None] = estimate_bytes
+    # The GPUs' total memory, MEMORY_BUDGET's default where a tier offloads to one (None: no GPU).
+    gpu_memory: Callable[[], int | None] = probe_gpu_memory
 
 
 class Family(abc.ABC, Generic[E]):

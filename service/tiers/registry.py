@@ -23,7 +23,7 @@ from kernel.errors import (
 )
 from service.settings import TIERS, Settings, model_aliases
 from service.tiers import routing
-from service.tiers.budget import Holding, MemoryBudget, MemoryBudgetExceeded, default_budget
+from service.tiers.budget import Holding, MemoryBudget, MemoryBudgetExceeded, budget_total
 from service.tiers.catalogue import Catalogue, CatalogueEntry
 from service.tiers.executor import Executor
 from service.tiers.families import FAMILIES, GENERATION, EngineFactories
@@ -48,8 +48,9 @@ class Registry:
         # runtime at once (torch and llama.cpp's CUDA build) is what a load must never race into.
         self._loading = asyncio.Lock()
         self.catalogue = Catalogue(settings.models_dir)
-        self.budget = MemoryBudget(settings.memory_budget if settings.memory_budget is not None else default_budget())
         self.slots: dict[str, TierSlot] = {}
+        self._startup: set[asyncio.Task[None]] = set()  # the preloads: requests wait LOAD_WAIT_SECONDS for these
+        self._scan: asyncio.Task[None] | None = None
         for name in TIERS:
             tier = settings.tier(name)
             state = TierState.AVAILABLE if tier.configured else TierState.ABSENT
@@ -60,12 +61,29 @@ class Registry:
             source = (slot.settings.model_path or "").strip().removeprefix("tier:")
             if slot.settings.model_path != source and source in self.slots and not slot.settings.model_name:
                 slot.model = self.slots[source].model
+        self.budget = MemoryBudget(budget_total(settings.memory_budget, self._offloads(), self.engines.gpu_memory))
+
+    def _offloads(self) -> bool:
+        """Whether a model may load into a GPU: a local tier with N_GPU_LAYERS != 0, or MODELS_DIR
+        (its models load with a tier's defaults, which offload every layer)."""
+        local = [s.settings for s in self.configured() if not s.remote]
+        return any(t.n_gpu_layers != 0 for t in local) or bool(self.settings.models_dir)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         for slot in self.configured():
             if slot.settings.preload:
-                self._begin_load(slot)
+                task = self._begin_load(slot)
+                task.add_done_callback(_retrieved)  # its failure is logged by `_load`, and kept in the slot
+                self._startup.add(task)
+        if self.settings.models_dir:  # read now, so a catalogue model's first use finds its entry and header read
+            self._scan = asyncio.create_task(asyncio.to_thread(self._scan_catalogue), name="catalogue-scan")
+
+    def _scan_catalogue(self) -> None:
+        try:
+            self.catalogue.entries()
+        except OSError as exc:  # a request scans again, and says so
+            log.warning("MODELS_DIR %s could not be read: %s", self.settings.models_dir, exc)
 
     async def preloaded(self) -> None:
         """Wait until every load started by `start()` has finished (loaded or failed)."""
@@ -127,7 +145,10 @@ class Registry:
             await asyncio.shield(slot.load_task)
         staging = TierSlot(slot.name, settings, TierState.LOADING, model=model_name(settings))
         staging.adapters = slot.adapters  # the tier's adapters, loaded into the new model (or failing there)
-        await asyncio.shield(self._load(staging))
+        # Both models are in memory until the swap: the new one is admitted beside the old one (which
+        # is never evicted for it), like any load; a 503 if it does not fit.
+        beside = f"{slot.name} (replacement)" if slot.state is TierState.LOADED else None
+        await asyncio.shield(self._load(staging, key=beside, keep=slot.name))
         if staging.state is not TierState.LOADED:
             kept = f"{slot.id} keeps serving" if slot.state is TierState.LOADED else f"tier {slot.name} is unchanged"
             raise InvalidRequestError(
@@ -140,6 +161,9 @@ class Registry:
         for name in TierSlot.LOADED_FIELDS:
             setattr(slot, name, getattr(staging, name))
         slot.settings, slot.model, slot.error, slot.card = settings, staging.model, None, staging.card
+        slot.estimate_bytes = staging.estimate_bytes
+        if beside is not None:  # the old model's reservation goes with it; the new one's takes the tier's name
+            self.budget.rename(beside, slot.name)
         if old_id is not None:
             log.info("Tier %s: %s replaced by %s; retiring the old model", slot.name, old_id, slot.id)
             await self._retire(slot, *old)
@@ -163,7 +187,10 @@ class Registry:
             slot.load_task = asyncio.create_task(self._load(slot), name=f"load-{slot.name}")
         return slot.load_task
 
-    async def _load(self, slot: TierSlot) -> None:
+    async def _load(self, slot: TierSlot, *, key: str | None = None, keep: str | None = None) -> None:
+        """`key`: the name the load's reservation is held under (a replacement's, beside the tier's
+        own); `keep`: a model never unloaded to make room for this one."""
+        key = key or slot.name
         if slot.draining is not None:  # never two copies in memory: the old one finishes first
             await asyncio.shield(slot.draining)
         log.info("Tier %s: loading %s", slot.name, slot.settings.model_path)
@@ -172,26 +199,30 @@ class Registry:
         try:
             await self._load_dependency(slot)
             async with self._loading:  # room is made in load order: the start-up order holds
-                await self._make_room(slot)
+                await self._make_room(slot, key=key, keep=keep)
                 await asyncio.to_thread(self._load_sync, slot)
         except MemoryBudgetExceeded as exc:  # not a broken model: the next request tries again
             slot.state, slot.error = TierState.AVAILABLE, exc.message
-            log.warning("Tier %s: not loaded: %s", slot.name, exc.message)
+            if asyncio.current_task() in self._startup:  # no request waits for it: nothing else will say so
+                log.error("Tier %s: not preloaded: %s", slot.name, exc.message)
+            else:
+                log.warning("Tier %s: not loaded: %s", slot.name, exc.message)
             raise
         except LLMServiceError as exc:
-            self.budget.release(slot.name)
+            self.budget.release(key)
             slot.state, slot.error = TierState.FAILED, exc.message
             log.error("Tier %s: failed to load: %s", slot.name, exc.message)
             return
         except Exception as exc:
-            self.budget.release(slot.name)
+            self.budget.release(key)
             slot.state, slot.error = TierState.FAILED, f"{type(exc).__name__}: {exc}"
             log.exception("Tier %s: failed to load", slot.name)
             return
         finally:
             progress.cancel()
+            slot.resolved = None  # the next load resolves MODEL_PATH afresh
         slot.load_seconds = time.monotonic() - started
-        self.budget.settle(slot.name, self._held_bytes(slot))
+        self.budget.settle(key, self._held_bytes(slot))
         slot.loaded_at = time.time()
         slot.state = TierState.LOADED
         sampling = f"; sampling defaults {slot.sampling_text()}" if slot.card is not None else ""
@@ -199,27 +230,34 @@ class Registry:
             "Tier %s: %s loaded on %s in %.1f s%s", slot.name, slot.id, slot.engine_name, slot.load_seconds, sampling
         )
 
-    async def _make_room(self, slot: TierSlot) -> None:
-        """Reserve the load's estimate within MEMORY_BUDGET, first unloading the least recently used
-        idle models it needs gone (a 503 naming what holds the memory if that is not enough)."""
+    async def _make_room(self, slot: TierSlot, *, key: str, keep: str | None) -> None:
+        """Reserve the load's estimate within MEMORY_BUDGET under `key`, first unloading the least
+        recently used idle models it needs gone, never `keep` (a 503 naming what holds the memory if
+        that is not enough)."""
         if slot.remote:
             return
-        path = await asyncio.to_thread(resolve_model_path, slot.settings.model_path or "")
-        estimate = await asyncio.to_thread(self.engines.estimate, slot.settings, path) or 0
+        estimate = await asyncio.to_thread(self._estimate, slot) or 0
         slot.estimate_bytes = estimate
-        admission = self.budget.admit(slot.name, estimate, self._holdings())
+        admission = self.budget.admit(key, estimate, self._holdings(keep))
         victims = [self.slots[name] for name in admission.victims]
         withdrawn = [(v, *self._withdraw(v)[1:]) for v in victims]  # all at once: none serves again meanwhile
         for victim, executor, engine in withdrawn:
             log.info("Tier %s: unloaded to make room for %s (MEMORY_BUDGET)", victim.name, slot.name)
             await self._retire(victim, executor, engine)
 
-    def _holdings(self) -> list[Holding]:
+    def _holdings(self, keep: str | None = None) -> list[Holding]:
+        # A reranker scoring with `tier:<name>` needs that tier loaded: it stays while the reranker is in memory.
+        needed = {
+            spec.removeprefix("tier:").strip()
+            for s in self.slots.values()
+            if s.state in (TierState.LOADED, TierState.LOADING)
+            and (spec := (s.settings.model_path or "").strip()).startswith("tier:")
+        }
         return [
             Holding(
                 s.name,
                 s.last_used or s.loaded_at or 0.0,
-                pinned=s.settings.pin,
+                pinned=s.settings.pin or s.name in needed or s.name == keep,
                 busy=bool(s.in_flight or (s.executor and s.executor.waiting)),
                 loading=s.state is TierState.LOADING or (s.draining is not None and not s.draining.done()),
             )
@@ -233,9 +271,20 @@ class Registry:
             return slot.estimate_bytes or 0
         return slot.size_bytes + slot.kv_bytes
 
+    def _estimate(self, slot: TierSlot) -> int | None:
+        return self.engines.estimate(slot.settings, self._model_path(slot))
+
+    @staticmethod
+    def _model_path(slot: TierSlot) -> str:
+        """The slot's MODEL_PATH resolved, once per load (see `TierSlot.resolved`)."""
+        spec = slot.settings.model_path or ""
+        if slot.resolved is None or slot.resolved[0] != spec:
+            slot.resolved = (spec, resolve_model_path(spec))
+        return slot.resolved[1]
+
     def _load_sync(self, slot: TierSlot) -> None:
         remote = slot.settings.backend == "remote"  # no files: its upstreams hold the model
-        path = "" if remote else resolve_model_path(slot.settings.model_path or "")
+        path = "" if remote else self._model_path(slot)
         slot.path, slot.size_bytes = path or None, None if remote else disk_size(path)
         if slot.size_bytes is not None:
             log.info("Tier %s: reading %s (%.0f MiB)", slot.name, path, slot.size_bytes / 2**20)
@@ -269,7 +318,7 @@ class Registry:
         without the weights (a cached answer then needs no model), else by loading the model."""
         if slot.card is None:
             try:
-                path = await asyncio.to_thread(resolve_model_path, slot.settings.model_path or "")
+                path = await asyncio.to_thread(self._model_path, slot)
                 await asyncio.to_thread(GENERATION.read_card, slot, path, self.engines)
             except LLMServiceError:
                 pass  # the load below reports it
@@ -277,16 +326,20 @@ class Registry:
             await self.ready(slot)
 
     async def ready(self, slot: TierSlot) -> None:
-        """Load `slot`'s model if need be, or wait for a load under way (503 after LOAD_WAIT_SECONDS)."""
+        """Load `slot`'s model if need be, or wait for the load under way (a start-up load: 503 after
+        LOAD_WAIT_SECONDS)."""
         while True:
             if slot.state is TierState.ABSENT:
                 raise TierNotConfiguredError(slot.name)
-            if slot.state is TierState.LOADING and slot.load_task is not None:
-                # Someone else's load (start-up or another request): wait LOAD_WAIT_SECONDS, then 503.
+            if slot.state is TierState.LOADING and slot.load_task in self._startup:
+                # A start-up load: wait LOAD_WAIT_SECONDS, then 503 + Retry-After (the server is starting).
                 try:
                     await asyncio.wait_for(asyncio.shield(slot.load_task), self.settings.load_wait_seconds)
                 except TimeoutError:
                     raise ModelLoadingError(slot.name) from None
+            elif slot.state is TierState.LOADING and slot.load_task is not None:
+                # A load on demand (a first use, an admin load): wait for that one load, as its first request does.
+                await asyncio.shield(slot.load_task)
             elif slot.state is TierState.AVAILABLE:  # not loaded yet (lazy tier, or unloaded): this request loads it
                 await asyncio.shield(self._begin_load(slot))
             if slot.state is TierState.FAILED:
@@ -461,6 +514,12 @@ async def _free(slot: TierSlot, executor: Executor | None, engine: _Closable | N
         log.error("Tier %s: the model's thread did not stop in time; its memory is not freed", slot.name)
         return
     await asyncio.to_thread(engine.close)
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """Mark a start-up load's exception as seen (asyncio would print it again with a traceback)."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _log_progress(tier: str, started: float) -> None:

@@ -108,6 +108,9 @@ class TierSlot:
     path: str | None = None  # MODEL_PATH resolved to a file or folder, once loaded
     size_bytes: int | None = None  # on disk
     estimate_bytes: int | None = None  # what the memory budget reserved for the load
+    # (MODEL_PATH, what it resolved to) for the coming load: its card, estimate and load share one
+    # resolution (a `package:` spec locates or assembles files); forgotten when the load ends.
+    resolved: tuple[str, str] | None = None
     # Kept across loads.
     # Generation tiers: the model card's sampling defaults (`EngineInfo.sampling`); None until a load read them.
     card: dict[str, float] | None = None

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
-    gguf = build_tiny_mamba(tmp_path_factory.mktemp("gguf") / "tiny.gguf").read_bytes()
+    template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"  # `run` chats: a model from the hub has one
+    gguf = build_tiny_mamba(tmp_path_factory.mktemp("gguf") / "tiny.gguf", chat_template=template).read_bytes()
     fake = FakeHub(repos={"test/Tiny-GGUF": {"tiny-Q4_K_M.gguf": gguf, "tiny-Q8_0.gguf": gguf + b"\0" * 8}})
     yield fake
     fake.close()
@@ -70,10 +71,16 @@ def test_pull_ls_rm_on_models_dir_without_a_server(workdir: Path) -> None:
     assert pulled.stdout.strip() == "tiny-Q8_0"
     assert "pulled tiny-Q8_0.gguf" in pulled.stderr  # not a TTY: plain lines, no bar
     assert (workdir / "models" / "tiny-Q8_0.gguf").is_file()
+    # What the catalogue would not serve is not listed: a file that is no GGUF, half a split set.
+    (workdir / "models" / "broken.gguf").write_bytes(b"<html>rate limited</html>")
+    (workdir / "models" / "half-00001-of-00002.gguf").write_bytes((workdir / "models" / "tiny-Q8_0.gguf").read_bytes())
     listed = cli(workdir, "ls")
     assert listed.returncode == 0
     assert listed.stdout.splitlines()[0].split() == ["ID", "TIER", "STATUS", "SIZE"]
-    assert any(line.split()[:3] == ["tiny-Q8_0", "on", "disk"] for line in listed.stdout.splitlines())
+    on_disk = [line.split()[0] for line in listed.stdout.splitlines() if line.split()[1:3] == ["on", "disk"]]
+    assert on_disk == ["tiny-Q8_0"]
+    (workdir / "models" / "broken.gguf").unlink()
+    (workdir / "models" / "half-00001-of-00002.gguf").unlink()
     assert cli(workdir, "rm", "tiny-Q8_0").returncode == 0
     assert list((workdir / "models").iterdir()) == []
     missing = cli(workdir, "rm", "tiny-Q8_0")
@@ -148,6 +155,36 @@ def test_run_starts_a_server_when_none_answers(workdir: Path, gemma_gguf: str) -
         assert done.returncode == 0, done.stderr
         assert pid is not None and done.stdout.strip()
         assert cli(workdir, "ps").returncode == 0  # the server it started still answers
+    finally:
+        if pid is not None:
+            os.kill(pid, 15)
+
+
+def test_pull_then_run_from_a_fresh_install(tmp_path: Path, hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The issue's target, through the entry point: the `.env` a fresh install has (a copy of
+    .env.example, not edited), `llmservice pull <repo>` from the stand-in hub, then `llmservice run
+    <id> "hi"`, which starts a server (real llama.cpp) that loads the pulled GGUF on first use. The
+    environment only points at the stand-in hub and a free port, and leaves the default tiers unloaded."""
+    (tmp_path / ".env").write_text((ROOT / ".env.example").read_text())
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for name, value in {"PORT": str(_free_port()), "MODELS_DIR": None, "LIGHT_MAX_TOKENS": "4"}.items():
+        monkeypatch.delenv(name, raising=False) if value is None else monkeypatch.setenv(name, value)
+    for tier in ("LIGHT", "EMBEDDING", "RERANKER"):
+        monkeypatch.setenv(f"{tier}_PRELOAD", "false")
+    pulled = cli(tmp_path, "pull", "test/Tiny-GGUF:Q4_K_M")
+    assert pulled.returncode == 0, pulled.stderr
+    assert pulled.stdout.strip() == "tiny-Q4_K_M" and (tmp_path / "models" / "tiny-Q4_K_M.gguf").is_file()
+    done = cli(tmp_path, "run", "tiny-Q4_K_M", "hi")
+    started = [line for line in done.stderr.splitlines() if "started llmservice in the background" in line]
+    pid = int(started[0].split("pid ")[1].split(",")[0]) if started else None
+    try:
+        assert done.returncode == 0, done.stderr + (tmp_path / "llmservice.log").read_text(errors="replace")[-3000:]
+        assert pid is not None
+        listed = cli(tmp_path, "ls").stdout
+        assert any(line.split()[:1] == ["tiny-Q4_K_M"] and "loaded" in line for line in listed.splitlines()), listed
     finally:
         if pid is not None:
             os.kill(pid, 15)

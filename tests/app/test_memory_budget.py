@@ -5,11 +5,15 @@ concurrent first requests load once, and requests in random order never overrun 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
+import gc
+import logging
 import random
 import re
 import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -19,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from backends.base import GenerationRequest
 from backends.fake import FakeBackend
 from kernel.config import TierSettings
-from kernel.errors import ModelUnavailableError
+from kernel.errors import ModelLoadingError, ModelUnavailableError
 from service.settings import SettingsError, parse_settings
 from service.testing import counting, fake_engines
 from service.tiers.families import GENERATION, EngineFactories
@@ -62,6 +66,7 @@ class Ledger:
             embedder=base.embedder,
             reranker=base.reranker,
             estimate=base.estimate,
+            gpu_memory=base.gpu_memory,
         )
 
 
@@ -159,10 +164,49 @@ def test_a_model_larger_than_the_budget_is_refused_saying_so() -> None:
 def test_concurrent_first_requests_load_once() -> None:
     async def run() -> None:
         ledger = Ledger()
-        reg = registry(10 * GiB, ledger.engines(load_seconds=0.2), LOAD_WAIT_SECONDS="30")
+        reg = registry(10 * GiB, ledger.engines(load_seconds=0.2))  # LOAD_WAIT_SECONDS left at its default, 0
         answers = await asyncio.gather(*(use(reg, "light", f"q{i}") for i in range(8)))
         assert answers == [f"q{i}" for i in range(8)]
         assert ledger.loads == ["fake/light"]
+        await reg.close()
+
+    asyncio.run(asyncio.wait_for(run(), 30))
+
+
+def test_concurrent_first_requests_over_http_wait_for_one_load(tmp_path: Path) -> None:
+    """A lazy tier and a catalogue id, each asked by 6 clients at once while its slow load runs:
+    one load each, every answer a 200 (not a 503 model_loading for all but the first)."""
+    from tests.unit.test_catalogue import write_gguf
+
+    write_gguf(tmp_path / "alpha-q4.gguf")
+    loads: list[str] = []
+
+    class Counted(FakeBackend):
+        def load(self) -> None:
+            loads.append(self.model_path)
+            super().load()
+
+    engines = EngineFactories(backend=functools.partial(Counted, load_seconds=0.5), gpu_memory=lambda: None)  # type: ignore[arg-type]
+    env = {"MODELS_DIR": str(tmp_path), "LIGHT_MODEL_PATH": "fake/light", "LIGHT_PRELOAD": "false"}
+    with fake_app(env, engines=engines) as http, ThreadPoolExecutor(12) as pool:
+
+        def ask(model: str) -> int:
+            body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+            return http.post("/v1/chat/completions", json=body).status_code
+
+        codes = list(pool.map(ask, ["light", "alpha-q4"] * 6))
+    assert codes == [200] * 12
+    assert sorted(loads) == sorted(["fake/light", str(tmp_path / "alpha-q4.gguf")])
+
+
+def test_a_request_during_a_start_up_load_gets_503_after_load_wait_seconds() -> None:
+    async def run() -> None:
+        reg = registry(10 * GiB, Ledger().engines(load_seconds=0.3), LIGHT_PRELOAD="true")
+        await reg.start()
+        with pytest.raises(ModelLoadingError):  # the server is starting: Retry-After, as before
+            await reg.ready(reg.slots["light"])
+        await reg.preloaded()
+        assert await use(reg, "light") == "hi"
         await reg.close()
 
     asyncio.run(asyncio.wait_for(run(), 30))
@@ -297,3 +341,101 @@ def test_model_settings_give_a_catalogue_model_its_own_settings(tmp_path: Path) 
         table.write_text(text)
         with pytest.raises(SettingsError, match=re.escape(why)):
             parse_settings(env)
+
+
+def test_a_first_use_resolves_model_path_once_per_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `package:` MODEL_PATH locates (or assembles) its files: the card, the estimate and the load
+    of one first use share one resolution; a later load resolves afresh."""
+    (tmp_path / "counted_model_pkg.py").write_text(
+        "CALLS = []\ndef get_model_path():\n    CALLS.append(1)\n    return 'fake/light'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import counted_model_pkg  # type: ignore[import-not-found]
+
+    async def run() -> None:
+        reg = registry(10 * GiB, Ledger().engines(), LIGHT_MODEL_PATH="package:counted_model_pkg")
+        slot = reg.slots["light"]
+        await reg.read_card(slot)  # what a request does first (a cached answer needs only the card)
+        assert await use(reg, "light") == "hi"
+        assert len(counted_model_pkg.CALLS) == 1 and slot.path == "fake/light"
+        await reg.unload(slot)
+        await use(reg, "light")
+        assert len(counted_model_pkg.CALLS) == 2
+        await reg.close()
+
+    asyncio.run(asyncio.wait_for(run(), 30))
+
+
+def test_an_admin_replace_is_admitted_beside_the_model_it_replaces() -> None:
+    """Both models are in memory until the swap: one that does not fit beside the old one (and the
+    pinned one) is a 503 before anything loads, and the old model keeps serving."""
+    import msgspec
+
+    loads: list[str] = []
+
+    class Counted(FakeBackend):
+        def load(self) -> None:
+            loads.append(self.model_path)
+            super().load()
+
+    sizes = {**SIZES, "fake/big": 2 * GiB}
+    engines = dataclasses.replace(fake_engines(sizes=sizes), backend=Counted)  # type: ignore[arg-type]
+
+    async def run() -> None:
+        reg = registry(11 * GiB, engines, MEDIUM_PIN="true")
+        await use(reg, "light")
+        await use(reg, "medium")  # 4 + 5 of 11 GiB held
+        slot = reg.slots["light"]
+        heavy = msgspec.structs.replace(slot.settings, model_path="fake/heavy")  # 6 GiB: no room beside light
+        with pytest.raises(ModelUnavailableError, match="memory budget") as refused:
+            await reg.replace(slot, heavy)
+        assert refused.value.code == "memory_budget_exceeded"
+        assert loads == ["fake/light", "fake/medium"] and reg.budget.holdings() == {"light": 4 * GiB, "medium": 5 * GiB}
+        assert await use(reg, "light") == "hi"  # the old model keeps serving
+        assert await reg.replace(slot, msgspec.structs.replace(slot.settings, model_path="fake/big")) == "light/light"
+        assert reg.budget.holdings() == {"light": 2 * GiB, "medium": 5 * GiB}  # the new model's bytes
+        await reg.close()
+
+    asyncio.run(asyncio.wait_for(run(), 30))
+
+
+def test_a_reranker_keeps_the_embedding_tier_it_scores_with() -> None:
+    sizes = {**SIZES, "fake/embed": 4 * GiB}
+    extra = {
+        "EMBEDDING_MODEL_PATH": "fake/embed",
+        "EMBEDDING_PRELOAD": "false",
+        "RERANKER_MODEL_PATH": "tier:embedding",
+        "RERANKER_PRELOAD": "false",
+    }
+
+    async def run() -> None:
+        reg = registry(10 * GiB, fake_engines(sizes=sizes), **extra)
+        await reg.ensure_loaded(reg.slots["reranker"])  # loads the embedding tier first (4 GiB)
+        await use(reg, "light")  # 8 of 10 GiB; the embedding tier is the least recently used
+        await use(reg, "medium")  # 5 GiB: light goes, not the embedding tier the reranker needs
+        assert loaded(reg) == ["embedding", "medium", "reranker"]
+        await reg.unload(reg.slots["reranker"])
+        await use(reg, "light")  # with the reranker gone, the embedding tier may leave
+        assert loaded(reg) == ["light", "medium"]
+        await reg.close()
+
+    asyncio.run(asyncio.wait_for(run(), 30))
+
+
+def test_a_preload_refused_by_the_budget_logs_one_error(caplog: pytest.LogCaptureFixture) -> None:
+    async def run() -> None:
+        reg = registry(3 * GiB, Ledger().engines(), LIGHT_PRELOAD="true")
+        await reg.start()
+        await reg.preloaded()
+        assert reg.slots["light"].state is TierState.AVAILABLE  # a request later tries (and says why)
+        # Drop every reference to the start-up load: an exception never retrieved is printed then.
+        reg.slots["light"].load_task = None
+        vars(reg).get("_startup", set()).clear()
+        gc.collect()
+        await reg.close()
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(asyncio.wait_for(run(), 30))
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "MEMORY_BUDGET" in errors[0].getMessage(), [r.getMessage() for r in errors]
+    assert "never retrieved" not in caplog.text

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import huggingface_hub.constants
 import pytest
 from litestar.testing import TestClient
@@ -19,6 +21,7 @@ from service.settings import parse_settings
 from service.testing import fake_engines
 from tests.fake_hub import FakeHub
 from tests.fixtures.tiny_mamba import build_tiny_mamba
+from tests.live import live_server
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +193,49 @@ def test_delete_removes_a_pulled_model_unless_a_tier_has_it_loaded(
         assert client.post("/v1/models/light/unload").status_code == 200
         assert client.delete("/v1/models/tiny-Q4_K_M").status_code == 200
         assert list(models.iterdir()) == []
+
+
+def test_a_streamed_pull_stops_when_its_client_disconnects(
+    hub: FakeHub, models: Path, gguf: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over a real server (a disconnect is a socket closing): the download stops at its next chunk,
+    the `.partial` file stays, and the next pull resumes it with a Range request."""
+    started: list[threading.Event | None] = []
+    ended = threading.Event()
+    outcome: list[BaseException | str] = []
+    real_pull = hub_module.pull
+
+    def watched(*args: Any, **kwargs: Any) -> str:
+        started.append(args[3] if len(args) > 3 else kwargs.get("stop"))
+        try:
+            result = real_pull(*args, **kwargs)
+            outcome.append(result)
+            return result
+        except BaseException as exc:
+            outcome.append(exc)
+            raise
+        finally:
+            ended.set()
+
+    monkeypatch.setattr(hub_module, "pull", watched)
+    hub.held["tiny-Q4_K_M.gguf"] = release = threading.Event()
+    env = {"LIGHT_MODEL_PATH": "fake/light", "MODELS_DIR": str(models)}
+    with live_server(env, engines=fake_engines()) as server:
+        with httpx.stream("POST", f"{server.url}/v1/models/pull", json={"model": "test/Tiny-GGUF:Q4_K_M"}) as res:
+            for line in res.iter_lines():
+                if '"downloading"' in line:
+                    break  # half the file is in; the client goes away
+        stop = started[0]
+        assert stop is not None and stop.wait(10), "the disconnect did not reach the pull"
+        release.set()  # the hub sends the rest: the pull must not take it
+        assert ended.wait(10)
+        assert isinstance(outcome[0], hub_module.PullStopped)
+        assert not (models / "tiny-Q4_K_M.gguf").exists()
+        assert leftovers(models) == ["tiny-Q4_K_M.gguf.partial"]
+        kept = (models / "tiny-Q4_K_M.gguf.partial").stat().st_size
+        assert 0 < kept <= len(gguf) // 2  # what arrived before the disconnect, to the chunk
+        del hub.held["tiny-Q4_K_M.gguf"]
+        again = httpx.post(f"{server.url}/v1/models/pull", json={"model": "test/Tiny-GGUF:Q4_K_M", "stream": False})
+        assert again.json() == {"status": "success", "id": "tiny-Q4_K_M"}
+    assert hub.ranges == [f"bytes={kept}-"]
+    assert (models / "tiny-Q4_K_M.gguf").read_bytes() == gguf and leftovers(models) == []

@@ -9,7 +9,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from service.tiers.catalogue import Catalogue, read_gguf_header, scan
+from kernel.gguf import read_gguf_header
+from service.tiers.catalogue import Catalogue, scan
 
 
 def write_gguf(path: Path, arch: str = "llama", ctx: int = 2048, file_type: int = 15, pooling: bool = False) -> None:
@@ -36,10 +37,12 @@ def write_folder(path: Path, config: dict[str, object], *extra: str) -> None:
 
 def test_gguf_header_is_read_without_tensors(tmp_path: Path) -> None:
     write_gguf(tmp_path / "m.gguf", arch="qwen2", ctx=32768)
-    kv = read_gguf_header(tmp_path / "m.gguf")
-    assert kv["general.architecture"] == "qwen2"
-    assert kv["qwen2.context_length"] == 32768
-    assert kv["tokenizer.ggml.tokens"] == 3  # arrays are skipped: their length only
+    header = read_gguf_header(tmp_path / "m.gguf")
+    assert header.meta["general.architecture"] == "qwen2"
+    assert header.meta["qwen2.context_length"] == 32768
+    assert header.arrays["tokenizer.ggml.tokens"] == 3  # arrays are skipped: their length only
+    assert header.tensors == {}  # not asked for
+    assert read_gguf_header(tmp_path / "m.gguf", tensors=True).tensors == {"t": (4,)}
 
 
 def test_scan_tells_models_apart(tmp_path: Path) -> None:
