@@ -20,7 +20,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_vlm import load as vlm_load
+from mlx_vlm.utils import load as vlm_load
 from PIL import Image
 
 from backends.base import IMAGE_MARKER, ImageInput
