@@ -117,6 +117,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         )
 
 
+# Byte sizes that take a unit (8GiB, 1.5GB) as well as a number of bytes.
+_SIZE_SETTINGS = ("MEMORY_BUDGET", "PROMPT_CACHE_RAM_BYTES", "PROMPT_CACHE_DISK_BYTES")
 _PROMPT_CACHE_FIELDS = ("prompt_cache_ram_bytes", "prompt_cache_dir", "prompt_cache_disk_bytes")
 # Server-wide, copied into every tier by parse_settings: no <TIER>_ variable.
 _TIER_FIELDS = {f for f in TierSettings.__struct_fields__ if f != "name" and f not in _PROMPT_CACHE_FIELDS}
@@ -349,12 +351,14 @@ def _check_overflow(tiers: Mapping[str, TierSettings]) -> None:
 def parse_settings(env: Mapping[str, str]) -> Settings:
     """Build `Settings` from a flat mapping of variables; raise `SettingsError` naming a bad one."""
     env = {k.upper(): v for k, v in env.items() if v is not None}
-    if "MEMORY_BUDGET" in env:  # a size with a unit (12GiB), parsed here once
-        budget = env["MEMORY_BUDGET"].strip()
+    for var in _SIZE_SETTINGS:  # a size with a unit (12GiB), parsed here once
+        if var not in env:
+            continue
+        size = env[var].strip()
         try:
-            env = {**env, "MEMORY_BUDGET": str(parse_size(budget))} if budget else _without(env, "MEMORY_BUDGET")
+            env = {**env, var: str(parse_size(size))} if size else _without(env, var)
         except ValueError as exc:
-            raise SettingsError(f"Invalid setting MEMORY_BUDGET={budget!r}: {exc}") from None
+            raise SettingsError(f"Invalid setting {var}={size!r}: {exc}") from None
     raw = _collect(env)
     tiers = {name: _convert(fields, TierSettings, f"{name.upper()}_", env) for name, fields in raw.pop("tiers").items()}
     server: Settings = _convert(raw, Settings, "", env)
