@@ -94,7 +94,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     responses_store_default: bool = True  # what a request without `store` does
     responses_max_stored: Positive = 1000  # kept responses; the oldest are evicted past it
     responses_max_bytes: Positive = 64 * 1024 * 1024  # their total size (on disk, and held in memory)
-    # Prompt cache (llama.cpp): KV states of conversations that left their slot, per generation tier.
+    # Prompt cache (llama.cpp, MLX): KV states of conversations that left their slot, per generation tier.
     prompt_cache_ram_bytes: NonNeg = 2 * 2**30  # RAM tier budget; 0 = off
     prompt_cache_dir: str = ""  # disk tier folder (a subfolder per tier); empty = no disk tier
     prompt_cache_disk_bytes: NonNeg = 8 * 2**30  # disk tier budget
