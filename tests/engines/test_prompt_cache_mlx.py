@@ -161,7 +161,7 @@ def test_both_budgets_are_respected(model_dir: Path, tmp_path: Path) -> None:
         backend.close()
 
 
-def test_the_codec_keeps_bfloat16_exact_and_skips_a_wrapped_sliding_window() -> None:
+def test_the_codec_keeps_bfloat16_exact_and_a_sliding_window_and_skips_a_wrapped_one() -> None:
     layer = KVCache()
     keys = mx.random.normal((1, 2, 5, 4)).astype(mx.bfloat16)
     layer.update_and_fetch(keys, keys * 2)
@@ -173,7 +173,15 @@ def test_the_codec_keeps_bfloat16_exact_and_skips_a_wrapped_sliding_window() -> 
     assert mx.array_equal(back[0].keys, keys).item() and mx.array_equal(back[0].values, keys * 2).item()
     assert state.nbytes == 2 * keys.nbytes  # cut to the 5 tokens held, not the 256 allocated
 
-    window = RotatingKVCache(max_size=4)
-    for _ in range(6):  # past its window: it cannot be trimmed back to a prefix
-        window.update_and_fetch(keys[..., :1, :], keys[..., :1, :])
+    window = RotatingKVCache(max_size=8)  # Gemma 3's sliding layers, within the window
+    for i in range(5):
+        window.update_and_fetch(keys[..., i : i + 1, :], keys[..., i : i + 1, :])
+    state = snapshot([window])
+    assert state is not None
+    [back] = restore(codec.load(codec.dump(state)))
+    assert (back.offset, back.max_size, back.is_trimmable()) == (5, 8, True)
+    assert mx.array_equal(back.state[0][..., :5, :], keys).item()
+
+    for i in range(4):  # past its window: it cannot be trimmed back to a prefix
+        window.update_and_fetch(keys[..., i : i + 1, :], keys[..., i : i + 1, :])
     assert snapshot([window]) is None
