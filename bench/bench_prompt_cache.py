@@ -55,19 +55,19 @@ def engine(kind: str, tier: TierSettings, model: str) -> Backend:
 
 
 def replay(
-    kind: str, model: str, tier: TierSettings, prefix: str, conversations: int, turns: int
+    which: str, model: str, tier: TierSettings, prefix: str, conversations: int, turns: int
 ) -> dict[str, list[float]]:
     history: list[list[dict[str, str]]] = [
         [{"role": "system", "content": prefix}, {"role": "user", "content": f"Conversation {c}: what now?"}]
         for c in range(conversations)
     ]
     ttft: dict[str, list[float]] = {"cold": [], "ram": [], "disk": []}
-    backend = engine(kind, tier, model)
+    backend = engine(which, tier, model)
     try:
         for turn in range(turns):
             if turn == turns // 2:  # the restart
                 backend.close()
-                backend = engine(kind, tier, model)
+                backend = engine(which, tier, model)
             for c in range(conversations):
                 request = GenerationRequest(messages=history[c], max_tokens=4, temperature=0.0)
                 start = time.perf_counter()
