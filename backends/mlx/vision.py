@@ -136,7 +136,9 @@ class VisionLanguageModel:
         for n, run in enumerate(runs):
             digest = images[n].digest if len(runs) == len(images) else every
             for j, i in enumerate(run):
-                key[i] = -1 - int.from_bytes(hashlib.sha256(f"{digest}:{j}".encode()).digest()[:4], "little")
+                # 31 bits: keys are stored as int32 (the prompt cache tiers' files)
+                bits = int.from_bytes(hashlib.sha256(f"{digest}:{j}".encode()).digest()[:4], "little") & 0x7FFFFFFF
+                key[i] = -1 - bits
         return key
 
     def prefill(
