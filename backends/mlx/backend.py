@@ -31,7 +31,7 @@ from backends.mlx.adapters import LoraAdapters
 from backends.mlx.batch import ENGINE, MlxBatch, ModelHandle
 from backends.mlx.prefix_cache import PrefixCache
 from backends.mlx.sampling import GrammarCompiler, TextStream, sampler, score_prompt, scores
-from backends.mlx.speculative import SpecStats
+from backends.mlx.speculative import SpecStats, vocabulary_mismatch
 from backends.reasoning import ReasoningFormat
 from backends.tools import fold_tools, template_messages, template_takes_tools, tool_format
 from kernel.config import SAMPLING_FIELDS
@@ -64,30 +64,32 @@ class MlxBackend(Backend):
         self._local = Path(model_path)  # the model folder, once load() resolved it
         self._sampling: dict[str, float] = {}
         self.spec_stats = SpecStats()
+        self._draft_model: Any = None  # SPECULATIVE=draft: the draft model's modules
+
+    def _load_draft(self, tokenizer: Any) -> Any:
+        """The draft model, refused unless its vocabulary is the model's (its drafts are token ids)."""
+        tier, path = self.tier.name or "?", self.tier.draft_model_path
+        if not path:
+            raise ModelUnavailableError(
+                f"Tier {tier}: SPECULATIVE=draft needs {tier.upper()}_DRAFT_MODEL_PATH"
+                " (a small MLX model sharing the model's tokenizer)"
+            )
+        model, draft_tokenizer = _load_folder(path, f"Tier {tier}: cannot load MLX draft model")[1:]
+        mismatch = vocabulary_mismatch(tokenizer, draft_tokenizer)
+        if mismatch is not None:
+            message = f"the draft model {path!r} does not share the vocabulary of {self.model_path!r}: {mismatch}"
+            raise ModelUnavailableError(f"Tier {tier}: {message}")
+        return model
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def load(self) -> None:
         if self._model is not None:
             return
-        where = f"Tier {self.tier.name or '?'}: cannot load MLX model {self.model_path!r}"
+        tier = self.tier.name or "?"
+        self._local, model, tokenizer = _load_folder(self.model_path, f"Tier {tier}: cannot load MLX model")
         if self.tier.speculative == "draft":
-            raise ModelUnavailableError(f"{where}: SPECULATIVE=draft is not available on MLX yet; use ngram or off")
-        source = self.model_path
-        if source.startswith(("/", ".", "~")) or source.count("/") > 1:
-            # A local path: say so plainly instead of letting it be tried as a hub repo id.
-            local = Path(source).expanduser()
-            if not local.is_dir():
-                raise ModelUnavailableError(f"{where}: no such folder")
-            source = str(local)
-        try:
-            self._local = _download(source)  # the folder (a hub id resolves to its cached copy)
-            model, tokenizer = mlx_load(str(self._local))[:2]
-        except Exception as exc:
-            # Loading fails in many library-specific ways (missing files, hub errors, unknown
-            # architectures); to a client they all mean "this model cannot be served".
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelUnavailableError(f"{where}: {reason}") from exc
+            self._draft_model = self._load_draft(tokenizer)
         eos = set(tokenizer.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(int(tokenizer.eos_token_id))
@@ -105,7 +107,7 @@ class MlxBackend(Backend):
     def close(self) -> None:
         self.prefix_cache.clear()
         self._adapters.clear()
-        self._model = self._tokenizer = self._grammars = None
+        self._model = self._tokenizer = self._grammars = self._draft_model = None
         mx.clear_cache()
 
     def reset_prefix_cache(self) -> None:
@@ -242,12 +244,34 @@ class MlxBackend(Backend):
             self.tier.speculative,
             self.tier.draft_tokens,
             self.spec_stats,
+            self._draft_model,
         )
 
     def _require(self) -> tuple[Any, Any]:
         if self._model is None:
             raise ModelUnavailableError(f"The MLX model {self.model_path!r} is not loaded.")
         return self._model, self._tokenizer
+
+
+def _load_folder(path: str, where: str) -> tuple[Path, Any, Any]:
+    """An mlx-lm model folder or hub repo id: (its folder, the model, its tokenizer)."""
+    where = f"{where} {path!r}"
+    source = path
+    if source.startswith(("/", ".", "~")) or source.count("/") > 1:
+        # A local path: say so plainly instead of letting it be tried as a hub repo id.
+        local = Path(source).expanduser()
+        if not local.is_dir():
+            raise ModelUnavailableError(f"{where}: no such folder")
+        source = str(local)
+    try:
+        folder = _download(source)  # the folder (a hub id resolves to its cached copy)
+        model, tokenizer = mlx_load(str(folder))[:2]
+    except Exception as exc:
+        # Loading fails in many library-specific ways (missing files, hub errors, unknown
+        # architectures); to a client they all mean "this model cannot be served".
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelUnavailableError(f"{where}: {reason}") from exc
+    return folder, model, tokenizer
 
 
 def _generate(
