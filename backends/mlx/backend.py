@@ -22,6 +22,7 @@ from backends.base import (
     AdapterInfo,
     Backend,
     DecodeBatch,
+    DecodeState,
     EngineInfo,
     GenerationRequest,
     Token,
@@ -35,7 +36,7 @@ from backends.mlx.speculative import SpecStats, vocabulary_mismatch
 from backends.reasoning import ReasoningFormat
 from backends.tools import fold_tools, template_messages, template_takes_tools, tool_format
 from kernel.config import SAMPLING_FIELDS
-from kernel.errors import InvalidRequestError, ModelUnavailableError, engine_errors
+from kernel.errors import InvalidRequestError, LLMServiceError, ModelUnavailableError, engine_errors
 
 if TYPE_CHECKING:
     from llguidance import LLMatcher
@@ -65,6 +66,7 @@ class MlxBackend(Backend):
         self._sampling: dict[str, float] = {}
         self.spec_stats = SpecStats()
         self._draft_model: Any = None  # SPECULATIVE=draft: the draft model's modules
+        self._batchable = False  # the model's caches merge (BatchGenerator), known at load
 
     def _load_draft(self, tokenizer: Any) -> Any:
         """The draft model, refused unless its vocabulary is the model's (its drafts are token ids)."""
@@ -99,7 +101,7 @@ class MlxBackend(Backend):
         self._reasoning = self.probe_reasoning(self._template_source(), self.tier.reasoning_parser)
         # BatchGenerator merges per-sequence caches; models whose caches cannot merge (some
         # state-space layers) decode one request at a time, as mlx_lm.server does.
-        batchable = all(hasattr(c, "merge") for c in make_prompt_cache(model))
+        batchable = self._batchable = all(hasattr(c, "merge") for c in make_prompt_cache(model))
         self.max_batch_size = self.tier.max_batch if batchable else 1
         if not batchable and self.tier.max_batch > 1:
             log.info("Tier %s: this model's KV cache cannot be batched; one request at a time", self.tier.name)
@@ -220,6 +222,9 @@ class MlxBackend(Backend):
         self, prompt: list[int], request: GenerationRequest, max_tokens: int, cancel: threading.Event | None = None
     ) -> Iterator[Token]:
         handle = self._handle()
+        if handle.speculative != "off" and self._batchable:
+            # One request at a time (MAX_BATCH=1, `stream`) speculates too: a batch of one.
+            return _speculate(MlxBatch(handle), DecodeState(list(prompt), request, max_tokens), cancel)
         model, prefix_cache = handle.model_for(request.adapter)
         # Checked before the first token, so a bad schema is a 400 and not a broken stream.
         matcher = handle.grammars.matcher(request.response_format) if request.response_format else None
@@ -272,6 +277,21 @@ def _load_folder(path: str, where: str) -> tuple[Path, Any, Any]:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelUnavailableError(f"{where}: {reason}") from exc
     return folder, model, tokenizer
+
+
+def _speculate(batch: MlxBatch, state: DecodeState, cancel: threading.Event | None) -> Iterator[Token]:
+    """A request's tokens from a batch of its own (so it speculates as in a shared one)."""
+    try:
+        batch.add(0, state)
+        while batch.live and not (cancel is not None and cancel.is_set()):
+            for _, token in batch.step():
+                if isinstance(token, LLMServiceError):
+                    raise token
+                if token is not None:
+                    yield token
+    finally:
+        batch.remove(0)  # its cache goes to the prefix cache, as on the plain path
+        batch.close()
 
 
 def _generate(

@@ -106,6 +106,11 @@ class MlxBatch(DecodeBatch):
         self._uids: dict[int, tuple[str | None, int]] = {}  # our key -> (adapter, uid)
         self._specs: dict[int, _Sequence] = {}  # speculating sequences, by our key
 
+    @property
+    def live(self) -> int:
+        """Sequences still decoding."""
+        return len(self._specs) + len(self._uids)
+
     def _gen(self, adapter: str | None) -> Any:
         gen = self._gens.get(adapter)
         if gen is None:

@@ -213,3 +213,30 @@ def test_draft_mode_needs_a_draft_model(tiny_mlx_model: Path) -> None:
     )
     with pytest.raises(ModelUnavailableError, match="draft model '/no/such/draft': no such folder"):
         missing.load()
+
+
+def test_one_request_at_a_time_speculates_too(plain: MlxBackend, tiny_mlx_model: Path) -> None:
+    """MAX_BATCH=1 (and `stream`) decode without a shared batch: speculation still runs, with the
+    answer, the finish reason and the usage of plain decoding, and leaves its cache for the next turn."""
+    backend = MlxBackend(
+        TierSettings(
+            name="light", n_ctx=2048, max_batch=1, n_batch=64, speculative="draft", draft_model_path=str(tiny_mlx_model)
+        ),
+        str(tiny_mlx_model),
+    )
+    backend.load()
+    try:
+        for request in (_greedy(EDIT), _greedy(EDIT, stop=["wolf", "fox"]), _greedy("Once upon a time", max_tokens=9)):
+            plain.reset_prefix_cache()
+            expected = list(plain.stream(request))
+            backend.reset_prefix_cache()
+            got = list(backend.stream(request))
+            assert "".join(c.text for c in got) == "".join(c.text for c in expected)
+            assert (got[-1].finish_reason, got[-1].usage) == (expected[-1].finish_reason, expected[-1].usage)
+        assert backend.spec_stats.accepted > 0
+        assert len(backend.prefix_cache) > 0
+        again = list(backend.stream(_greedy(EDIT)))  # from the stored cache
+        assert again[-1].usage is not None and again[-1].usage.cached_tokens > 0
+        assert "".join(c.text for c in again) == "".join(c.text for c in plain.stream(_greedy(EDIT)))
+    finally:
+        backend.close()
