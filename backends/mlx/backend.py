@@ -127,6 +127,7 @@ class MlxBackend(Backend):
                 "structured_output": "llguidance",
                 "max_batch": self.max_batch_size,
                 "speculative": self.tier.speculative,
+                "draft_model_path": self.tier.draft_model_path if self._draft_model is not None else None,
                 "drafted_tokens": self.spec_stats.drafted,
                 "accepted_tokens": self.spec_stats.accepted,
             },

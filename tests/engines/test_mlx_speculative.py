@@ -7,6 +7,8 @@ same requests decoded plainly (`speculative=off`), token for token, with batchin
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -96,8 +98,8 @@ def test_greedy_identical_and_drafts_accepted(plain: MlxBackend, ngram: MlxBacke
 
 
 def test_speculating_and_plain_sequences_share_a_batch(plain: MlxBackend, ngram: MlxBackend) -> None:
-    """Requests speculation cannot serve exactly (logprobs, penalties, sampling, a grammar) decode
-    plainly next to speculating ones, each with the answer it gets without speculation."""
+    """Requests speculation cannot serve exactly (logprobs, penalties, a grammar) decode plainly next
+    to speculating ones (greedy, and sampled with a seed), each with the answer it gets without."""
     requests = [
         _greedy(EDIT),
         _greedy(EDIT, logprobs=True, top_logprobs=2),
@@ -202,6 +204,22 @@ def test_draft_vocabulary_mismatch_refused(tiny_mlx_model: Path, tmp_path: Path)
         backend.load()
     assert str(other) in str(refused.value) and str(tiny_mlx_model) in str(refused.value)
     assert "400 tokens, the model has 512" in str(refused.value)
+
+
+def test_draft_with_the_same_size_but_other_tokens_refused(tiny_mlx_model: Path, tmp_path: Path) -> None:
+    """Two ids swapped: the sizes and special tokens agree, the token strings do not."""
+    swapped = tmp_path / "swapped"
+    shutil.copytree(tiny_mlx_model, swapped)
+    data = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    a, b = (token for token, i in vocab.items() if i in (300, 301))
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (swapped / "tokenizer.json").write_text(json.dumps(data))
+    backend = MlxBackend(
+        TierSettings(name="light", speculative="draft", draft_model_path=str(swapped)), str(tiny_mlx_model)
+    )
+    with pytest.raises(ModelUnavailableError, match="token 300 is"):
+        backend.load()
 
 
 def test_draft_mode_needs_a_draft_model(tiny_mlx_model: Path) -> None:
