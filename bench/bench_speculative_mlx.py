@@ -21,6 +21,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -72,6 +73,39 @@ def run(backend: MlxBackend, prompt: str, streams: int, tokens: int) -> tuple[fl
     return (produced - 1) / elapsed, texts
 
 
+def forward_costs(backend: MlxBackend, rounds: int = 3) -> str:
+    """Seconds of a 1-token and a 9-token forward and of 8 chained 1-token ones (a draft's k = 8),
+    on a 90-token cache: what verifying and drafting cost against a plain step on this machine."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+    model = backend._handle().model
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([list(range(100, 190))]), cache=cache))
+
+    def forward(n: int) -> None:
+        mx.eval(model(mx.array([[5] * n]), cache=cache))
+        trim_prompt_cache(cache, n)
+
+    def chained() -> None:
+        y = mx.array(5)
+        for _ in range(8):
+            y = mx.argmax(model(y.reshape(1, 1), cache=cache)[0, -1])
+        mx.eval(y)
+        trim_prompt_cache(cache, 8)
+
+    def best(run: Any) -> float:
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    one, nine, eight = best(lambda: forward(1)), best(lambda: forward(9)), best(chained)
+    return f"forward: 1 token {one:.3f} s, 9 tokens {nine:.3f} s, 8 chained 1-token {eight:.3f} s"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=None)
@@ -81,6 +115,7 @@ def main() -> None:
     parser.add_argument("--draft-tokens", type=int, default=8)
     parser.add_argument("--streams", default="1,4", help="batch sizes, comma-separated")
     parser.add_argument("--modes", default="off,ngram,draft", help="SPECULATIVE values (off first: the baseline)")
+    parser.add_argument("--forward-costs", action="store_true", help="also time 1-, 9- and 8x1-token forwards")
     args = parser.parse_args()
     model = args.model or default_model()
     modes = args.modes.split(",")
@@ -96,6 +131,8 @@ def main() -> None:
     prompt = first.render_chat([{"role": "user", "content": ASK}])
     print(f"model {model}; draft {spec['draft_model_path']}; prompt {len(first.encode(prompt))} tokens;")
     print(f"{args.tokens} tokens per stream; DRAFT_TOKENS={args.draft_tokens}")
+    if args.forward_costs:
+        print(forward_costs(first), flush=True)
     for streams in (int(n) for n in args.streams.split(",")):
         best = dict.fromkeys(modes, 0.0)
         texts: dict[str, list[str]] = {}
