@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ from backends.base import (
     AdapterInfo,
     Backend,
     DecodeBatch,
+    DecodeState,
     EngineInfo,
     GenerationRequest,
     Token,
@@ -35,11 +36,11 @@ from backends.mlx.batch import ENGINE, MlxBatch, ModelHandle
 from backends.mlx.cache_state import MlxStateCodec
 from backends.mlx.prefix_cache import MlxPromptCache, PrefixCache
 from backends.mlx.sampling import GrammarCompiler, TextStream, sampler, score_prompt, scores
-from backends.mlx.speculative import SpecStats
+from backends.mlx.speculative import SpecStats, vocabulary_mismatch
 from backends.reasoning import ReasoningFormat
 from backends.tools import fold_tools, template_messages, template_takes_tools, tool_format
 from kernel.config import SAMPLING_FIELDS, vision_folder
-from kernel.errors import InvalidRequestError, ModelUnavailableError, engine_errors
+from kernel.errors import InvalidRequestError, LLMServiceError, ModelUnavailableError, engine_errors
 
 if TYPE_CHECKING:
     from llguidance import LLMatcher
@@ -70,35 +71,34 @@ class MlxBackend(Backend):
         self._sampling: dict[str, float] = {}
         self.spec_stats = SpecStats()
         self._vision: VisionLanguageModel | None = None  # a VLM folder's images side (mlx-vlm)
+        self._draft_model: Any = None  # SPECULATIVE=draft: the draft model's modules
+        self._batchable = False  # the model's caches merge (BatchGenerator), known at load
+
+    def _load_draft(self, tokenizer: Any) -> Any:
+        """The draft model, refused unless its vocabulary is the model's (its drafts are token ids)."""
+        tier, path = self.tier.name or "?", self.tier.draft_model_path
+        if not path:
+            raise ModelUnavailableError(
+                f"Tier {tier}: SPECULATIVE=draft needs {tier.upper()}_DRAFT_MODEL_PATH"
+                " (a small MLX model sharing the model's tokenizer)"
+            )
+        model, draft_tokenizer = _load_folder(path, f"Tier {tier}: cannot load MLX draft model", _mlx_load)[1:]
+        mismatch = vocabulary_mismatch(tokenizer, draft_tokenizer)
+        if mismatch is not None:
+            message = f"the draft model {path!r} does not share the vocabulary of {self.model_path!r}: {mismatch}"
+            raise ModelUnavailableError(f"Tier {tier}: {message}")
+        return model
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def load(self) -> None:
         if self._model is not None:
             return
-        where = f"Tier {self.tier.name or '?'}: cannot load MLX model {self.model_path!r}"
+        tier = self.tier.name or "?"
+        where = f"Tier {tier}: cannot load MLX model"
+        self._local, model, tokenizer = _load_folder(self.model_path, where, self._load_model)
         if self.tier.speculative == "draft":
-            raise ModelUnavailableError(f"{where}: SPECULATIVE=draft is not available on MLX yet; use ngram or off")
-        source = self.model_path
-        if source.startswith(("/", ".", "~")) or source.count("/") > 1:
-            # A local path: say so plainly instead of letting it be tried as a hub repo id.
-            local = Path(source).expanduser()
-            if not local.is_dir():
-                raise ModelUnavailableError(f"{where}: no such folder")
-            source = str(local)
-        try:
-            self._local = _download(source)  # the folder (a hub id resolves to its cached copy)
-            if vision_folder(self._local):
-                model, tokenizer = self._load_vision(self._local)
-            else:
-                model, tokenizer = mlx_load(str(self._local))[:2]
-        except ModelUnavailableError:
-            raise
-        except Exception as exc:
-            # Loading fails in many library-specific ways (missing files, hub errors, unknown
-            # architectures); to a client they all mean "this model cannot be served".
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelUnavailableError(f"{where}: {reason}") from exc
+            self._draft_model = self._load_draft(tokenizer)
         eos = set(tokenizer.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(int(tokenizer.eos_token_id))
@@ -109,10 +109,13 @@ class MlxBackend(Backend):
         self.prefix_cache = PrefixCache(self.tier.prefix_cache_entries, self._prompt_cache())
         # BatchGenerator merges per-sequence caches; models whose caches cannot merge (some
         # state-space layers) decode one request at a time, as mlx_lm.server does.
-        batchable = all(hasattr(c, "merge") for c in make_prompt_cache(model))
+        batchable = self._batchable = all(hasattr(c, "merge") for c in make_prompt_cache(model))
         self.max_batch_size = self.tier.max_batch if batchable else 1
         if not batchable and self.tier.max_batch > 1:
             log.info("Tier %s: this model's KV cache cannot be batched; one request at a time", self.tier.name)
+
+    def _load_model(self, folder: Path) -> tuple[Any, Any]:
+        return self._load_vision(folder) if vision_folder(folder) else _mlx_load(folder)
 
     def _load_vision(self, folder: Path) -> tuple[Any, Any]:
         """A vision-language model: mlx-vlm loads it, and its language model decodes as mlx-lm's do."""
@@ -154,7 +157,7 @@ class MlxBackend(Backend):
         self._vision = None
         self.prefix_cache.close()  # with a disk tier, what it holds survives a restart
         self._adapters.clear()
-        self._model = self._tokenizer = self._grammars = None
+        self._model = self._tokenizer = self._grammars = self._draft_model = None
         mx.clear_cache()
 
     def reset_prefix_cache(self) -> None:
@@ -177,6 +180,7 @@ class MlxBackend(Backend):
                 "structured_output": "llguidance",
                 "max_batch": self.max_batch_size,
                 "speculative": self.tier.speculative,
+                "draft_model_path": self.tier.draft_model_path if self._draft_model is not None else None,
                 "drafted_tokens": self.spec_stats.drafted,
                 "accepted_tokens": self.spec_stats.accepted,
             },
@@ -279,6 +283,9 @@ class MlxBackend(Backend):
         self, prompt: list[int], request: GenerationRequest, max_tokens: int, cancel: threading.Event | None = None
     ) -> Iterator[Token]:
         handle = self._handle()
+        if handle.speculative != "off" and self._batchable:
+            # One request at a time (MAX_BATCH=1, `stream`) speculates too: a batch of one.
+            return _speculate(MlxBatch(handle), DecodeState(list(prompt), request, max_tokens), cancel)
         model, prefix_cache = handle.model_for(request.adapter)
         # Checked before the first token, so a bad schema is a 400 and not a broken stream.
         matcher = handle.grammars.matcher(request.response_format) if request.response_format else None
@@ -304,12 +311,56 @@ class MlxBackend(Backend):
             self.tier.draft_tokens,
             self.spec_stats,
             self._vision,
+            self._draft_model,
         )
 
     def _require(self) -> tuple[Any, Any]:
         if self._model is None:
             raise ModelUnavailableError(f"The MLX model {self.model_path!r} is not loaded.")
         return self._model, self._tokenizer
+
+
+def _mlx_load(folder: Path) -> tuple[Any, Any]:
+    model, tokenizer = mlx_load(str(folder))[:2]
+    return model, tokenizer
+
+
+def _load_folder(path: str, where: str, loader: Callable[[Path], tuple[Any, Any]]) -> tuple[Path, Any, Any]:
+    """A model folder or hub repo id, loaded by `loader`: (its folder, the model, its tokenizer)."""
+    where = f"{where} {path!r}"
+    source = path
+    if source.startswith(("/", ".", "~")) or source.count("/") > 1:
+        # A local path: say so plainly instead of letting it be tried as a hub repo id.
+        local = Path(source).expanduser()
+        if not local.is_dir():
+            raise ModelUnavailableError(f"{where}: no such folder")
+        source = str(local)
+    try:
+        folder = _download(source)  # the folder (a hub id resolves to its cached copy)
+        model, tokenizer = loader(folder)
+    except ModelUnavailableError:
+        raise
+    except Exception as exc:
+        # Loading fails in many library-specific ways (missing files, hub errors, unknown
+        # architectures); to a client they all mean "this model cannot be served".
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelUnavailableError(f"{where}: {reason}") from exc
+    return folder, model, tokenizer
+
+
+def _speculate(batch: MlxBatch, state: DecodeState, cancel: threading.Event | None) -> Iterator[Token]:
+    """A request's tokens from a batch of its own (so it speculates as in a shared one)."""
+    try:
+        batch.add(0, state)
+        while batch.live and not (cancel is not None and cancel.is_set()):
+            for _, token in batch.step():
+                if isinstance(token, LLMServiceError):
+                    raise token
+                if token is not None:
+                    yield token
+    finally:
+        batch.remove(0)  # its cache goes to the prefix cache, as on the plain path
+        batch.close()
 
 
 def _generate(

@@ -22,7 +22,7 @@ from backends.mlx.sampling import (
     score_prompt,
     scores,
 )
-from backends.mlx.speculative import SpecDecoder, SpecStats, eligible
+from backends.mlx.speculative import ModelDrafter, SpecDecoder, SpecStats, eligible
 from backends.reasoning import ThinkingBudget
 from kernel.errors import AdapterNotFoundError, LLMServiceError, engine_errors
 
@@ -50,10 +50,11 @@ class ModelHandle:
     max_batch: int
     prefill_step: int  # prompt tokens per forward pass (N_BATCH)
     thinking_budget: Callable[[Sequence[int], GenerationRequest], ThinkingBudget | None]
-    speculative: str = "off"  # the tier's SPECULATIVE: `ngram` drafts by prompt lookup
+    speculative: str = "off"  # the tier's SPECULATIVE: `ngram` drafts by prompt lookup, `draft` with draft_model
     draft_tokens: int = 8  # most tokens drafted per forward
     spec_stats: SpecStats = field(default_factory=SpecStats)  # the backend's, so counts outlive a batch
     vision: VisionLanguageModel | None = None  # a vision-language model's images side (mlx-vlm)
+    draft_model: Any = None  # SPECULATIVE=draft: the draft model's modules (its vocabulary checked at load)
 
     def model_for(self, adapter: str | None) -> tuple[Any, PrefixCache]:
         """The modules a request runs on and the prefix cache of KV they computed (an adapter
@@ -147,6 +148,11 @@ class MlxBatch(DecodeBatch):
         self._uids: dict[int, tuple[str | None, int]] = {}  # our key -> (adapter, uid)
         self._specs: dict[int, _Sequence] = {}  # speculating sequences, by our key
 
+    @property
+    def live(self) -> int:
+        """Sequences still decoding."""
+        return len(self._specs) + len(self._uids)
+
     def _gen(self, adapter: str | None) -> Any:
         gen = self._gens.get(adapter)
         if gen is None:
@@ -171,7 +177,8 @@ class MlxBatch(DecodeBatch):
         seq = _Sequence(key, reused, TextStream(self._tokenizer, prompt), matcher, request, begin.keyed)
         if request.prompt_logprobs:
             seq.prompt = score_prompt(model, handle.grammars.piece, prompt, request)
-        if handle.speculative == "ngram" and eligible(request, processors, matcher is not None):
+        if handle.speculative != "off" and eligible(request, processors, matcher is not None):
+            drafter = None if handle.draft_model is None else ModelDrafter(handle.draft_model, handle.prefill_step)
             seq.spec = SpecDecoder(
                 model,
                 prompt,
@@ -182,6 +189,8 @@ class MlxBatch(DecodeBatch):
                 state.max_tokens,
                 handle.prefill_step,
                 handle.spec_stats,
+                None if request.temperature == 0 else sampler(request),  # greedy: one argmax for all positions
+                drafter,
             )
             self._specs[key] = seq
             return
