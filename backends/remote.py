@@ -195,6 +195,8 @@ class RemotePool:
         if request.prompt_logprobs:
             raise InvalidRequestError(f"Tier {self.tier} is remote: echo with logprobs is not supported", param="echo")
         self._ensure_started()
+        if not self._usable():  # refused before the answer starts: an overflow keeps its own tier's 429
+            raise UpstreamUnavailableError(self._no_upstream(), retry_after=self.cooldown)
         return RemoteStream(self, request)
 
     async def post(self, path: str, body: dict[str, Any], key: bytes) -> Any:
@@ -286,9 +288,7 @@ class RemotePool:
         assert self._client is not None
         upstream = self._pick(_affinity_key(request), set())
         if upstream is None:
-            raise UpstreamUnavailableError(
-                f"Tier {self.tier}: no upstream is available ({self._reasons()})", self.cooldown
-            )
+            raise UpstreamUnavailableError(self._no_upstream(), self.cooldown)
         root = upstream.url.removesuffix("/v1")
         for url in dict.fromkeys((f"{upstream.url}/{name}", f"{root}/{name}")):
             try:
@@ -319,6 +319,14 @@ class RemotePool:
         if self._client is not None:
             await self._client.aclose()
 
+    def _usable(self) -> bool:
+        """Whether some upstream is healthy, or ejected with its cool-down over (worth a try)."""
+        now = time.monotonic()
+        return any(u.ejected_until is None or u.ejected_until <= now for u in self.upstreams)
+
+    def _no_upstream(self) -> str:
+        return f"Tier {self.tier}: no upstream is available ({self._reasons()})"
+
     def _pick(self, key: bytes, tried: set[int]) -> Upstream | None:
         """The affinity target if it is healthy, has room and is not much busier than the least busy
         upstream; else the least busy. Ejected ones past their cool-down are a last resort."""
@@ -337,9 +345,7 @@ class RemotePool:
         to the queue's bound); a 503 once every upstream is tried or ejected."""
         while (upstream := self._pick(key, tried)) is None:
             if all(id(u) in tried or not u.healthy for u in self.upstreams):
-                raise UpstreamUnavailableError(
-                    f"Tier {self.tier}: no upstream is available ({self._reasons()})", retry_after=self.cooldown
-                )
+                raise UpstreamUnavailableError(self._no_upstream(), retry_after=self.cooldown)
             if self._waiting >= self.max_queue:
                 raise RateLimitError(f"Tier {self.tier}: every upstream is busy and the queue is full", retry_after=1)
             self._room.clear()

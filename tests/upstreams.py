@@ -20,7 +20,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -31,7 +31,7 @@ class Upstream:
     that environment: a real model's server."""
 
     def __init__(self, token_seconds: float = 0.0, mode: str = "echo", env: dict[str, str] | None = None) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         base = {k: v for k, v in os.environ.items() if k.split("_", 1)[0] not in {"LIGHT", "PORT"}}
         if env is None:
