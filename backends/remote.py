@@ -420,7 +420,7 @@ class RemotePool:
             try:
                 async with contextlib.AsyncExitStack() as stack:
                     lines = await stack.enter_async_context(self._open(upstream, path, request))
-                    reader = _ChunkReader(request.messages is not None)
+                    reader = _ChunkReader(request.messages is not None, request.stop)
                     first = await self._first(upstream, lines, reader)
                     self._succeeded(upstream)
                     for chunk in first:
@@ -555,10 +555,14 @@ class RemoteStream:
 
 class _ChunkReader:
     """Upstream SSE payloads → our chunks: text (reasoning and tool calls in the parsers' text
-    forms), logprobs, then one final chunk with the finish reason and usage."""
+    forms), logprobs, then one final chunk with the finish reason, usage and the stop string that
+    ended the answer where the upstream names it (vLLM's `stop_reason`, SGLang's `matched_stop`;
+    llama-server's OpenAI chunks do not say, so its answers end with no stop string named)."""
 
-    def __init__(self, chat: bool) -> None:
+    def __init__(self, chat: bool, stops: tuple[str, ...] = ()) -> None:
         self._chat = chat
+        self._stops = stops
+        self._stop: str | None = None
         self._thinking = False
         self._calls: dict[int, dict[str, str]] = {}
         self._finish: FinishReason | None = None
@@ -594,6 +598,9 @@ class _ChunkReader:
                 chunks.append(Chunk(text, scored=scored))
             if reason := choice.get("finish_reason"):
                 self._finish = "length" if reason == "length" else "stop"
+            matched = choice.get("stop_reason", choice.get("matched_stop"))
+            if isinstance(matched, str) and matched in self._stops:  # not a stop token's id
+                self._stop = matched
         return chunks
 
     def _choice(self, choice: dict[str, Any]) -> tuple[str, tuple[Token, ...]]:
@@ -632,7 +639,7 @@ class _ChunkReader:
         self._calls.clear()
         chunks = [Chunk(text)] if text else []
         usage = self._usage or Usage(0, max(1, self._chars // 4) if self._chars else 0)
-        chunks.append(Chunk("", self._finish or "stop", usage))
+        chunks.append(Chunk("", self._finish or "stop", usage, self._stop))
         return chunks
 
 
@@ -653,6 +660,8 @@ def request_body(request: GenerationRequest, model: str, *, chat: bool) -> dict[
             body["tools"] = list(request.tools)
         if variables := template_variables(request):
             body["chat_template_kwargs"] = variables
+        if request.thinking_budget is not None:  # llama-server's field; an upstream without it bounds by max_tokens
+            body["thinking_budget_tokens"] = request.thinking_budget
         if request.logprobs:
             body["logprobs"] = True
             body["top_logprobs"] = request.top_logprobs

@@ -227,6 +227,29 @@ def test_failing_upstream(pool: tuple[LiveServer, list[Upstream]], kind: str) ->
             assert statuses <= {502, 503}
 
 
+def test_stop_sequence_and_thinking_budget_reach_across() -> None:
+    """The stop string a vLLM-style upstream names becomes Messages' `stop_sequence`; a thinking
+    budget goes to the upstream as llama-server's `thinking_budget_tokens`, with the template's switch."""
+    with bad_server("vllm") as vllm, front_for(vllm) as front, front.client() as http:
+        body = {
+            "model": "light",
+            "max_tokens": 4000,
+            "stop_sequences": ["END", "STOP"],
+            "thinking": {"type": "enabled", "budget_tokens": 2048},
+            "messages": [{"role": "user", "content": "think, then stop"}],
+        }
+        res = http.post("/v1/messages", json=body)
+        assert res.status_code == 200, res.text
+        answer = res.json()
+        assert (answer["stop_reason"], answer["stop_sequence"]) == ("stop_sequence", "STOP")
+        sent = json.loads(answer["content"][-1]["text"])  # what the upstream was asked
+        assert sent["thinking_budget_tokens"] == 2048
+        assert sent["chat_template_kwargs"]["enable_thinking"] is True
+        with http.stream("POST", "/v1/messages", json={**body, "stream": True}) as streamed:
+            deltas = [json.loads(line[6:]) for line in streamed.iter_lines() if '"message_delta"' in line]
+        assert [(d["delta"]["stop_reason"], d["delta"]["stop_sequence"]) for d in deltas] == [("stop_sequence", "STOP")]
+
+
 def test_client_disconnect_closes_the_upstream_request() -> None:
     with upstreams((0.05, "echo")) as ups, front_for(ups[0].url) as front:
         body = _chat(" ".join(f"w{i}" for i in range(100)), stream=True, max_tokens=400)  # ~20 s of tokens
