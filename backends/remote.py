@@ -574,7 +574,7 @@ class _ChunkReader:
     """Upstream SSE payloads → our chunks: text (reasoning and tool calls in the parsers' text
     forms), logprobs, then one final chunk with the finish reason, usage and the stop string that
     ended the answer where the upstream names it (vLLM's `stop_reason`, SGLang's `matched_stop`;
-    llama-server's OpenAI chunks do not say, so its answers end with no stop string named)."""
+    llama-server's and llmservice's OpenAI chunks do not say: their answers name no stop string)."""
 
     def __init__(self, chat: bool, stops: tuple[str, ...] = ()) -> None:
         self._chat = chat
