@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -74,6 +75,13 @@ class Upstream:
     ejected_until: float | None = None  # monotonic time; None: healthy
     ejections: int = 0
     last_error: str | None = None
+    _endpoints: dict[str, httpx.URL] = dataclasses.field(default_factory=dict)
+
+    def endpoint(self, path: str) -> httpx.URL:
+        """`url` + `path`, parsed once: httpx's URL parser cost ~0.1 ms a request on the hot path."""
+        if (parsed := self._endpoints.get(path)) is None:
+            parsed = self._endpoints[path] = httpx.URL(f"{self.url}{path}")
+        return parsed
 
     @property
     def healthy(self) -> bool:
@@ -195,6 +203,8 @@ class RemotePool:
         if request.prompt_logprobs:
             raise InvalidRequestError(f"Tier {self.tier} is remote: echo with logprobs is not supported", param="echo")
         self._ensure_started()
+        if not self._usable():  # refused before the answer starts: an overflow keeps its own tier's 429
+            raise UpstreamUnavailableError(self._no_upstream(), retry_after=self.cooldown)
         return RemoteStream(self, request)
 
     async def post(self, path: str, body: dict[str, Any], key: bytes) -> Any:
@@ -286,9 +296,7 @@ class RemotePool:
         assert self._client is not None
         upstream = self._pick(_affinity_key(request), set())
         if upstream is None:
-            raise UpstreamUnavailableError(
-                f"Tier {self.tier}: no upstream is available ({self._reasons()})", self.cooldown
-            )
+            raise UpstreamUnavailableError(self._no_upstream(), self.cooldown)
         root = upstream.url.removesuffix("/v1")
         for url in dict.fromkeys((f"{upstream.url}/{name}", f"{root}/{name}")):
             try:
@@ -319,6 +327,14 @@ class RemotePool:
         if self._client is not None:
             await self._client.aclose()
 
+    def _usable(self) -> bool:
+        """Whether some upstream is healthy, or ejected with its cool-down over (worth a try)."""
+        now = time.monotonic()
+        return any(u.ejected_until is None or u.ejected_until <= now for u in self.upstreams)
+
+    def _no_upstream(self) -> str:
+        return f"Tier {self.tier}: no upstream is available ({self._reasons()})"
+
     def _pick(self, key: bytes, tried: set[int]) -> Upstream | None:
         """The affinity target if it is healthy, has room and is not much busier than the least busy
         upstream; else the least busy. Ejected ones past their cool-down are a last resort."""
@@ -337,9 +353,7 @@ class RemotePool:
         to the queue's bound); a 503 once every upstream is tried or ejected."""
         while (upstream := self._pick(key, tried)) is None:
             if all(id(u) in tried or not u.healthy for u in self.upstreams):
-                raise UpstreamUnavailableError(
-                    f"Tier {self.tier}: no upstream is available ({self._reasons()})", retry_after=self.cooldown
-                )
+                raise UpstreamUnavailableError(self._no_upstream(), retry_after=self.cooldown)
             if self._waiting >= self.max_queue:
                 raise RateLimitError(f"Tier {self.tier}: every upstream is busy and the queue is full", retry_after=1)
             self._room.clear()
@@ -414,7 +428,7 @@ class RemotePool:
             try:
                 async with contextlib.AsyncExitStack() as stack:
                     lines = await stack.enter_async_context(self._open(upstream, path, request))
-                    reader = _ChunkReader(request.messages is not None)
+                    reader = _ChunkReader(request.messages is not None, request.stop)
                     first = await self._first(upstream, lines, reader)
                     self._succeeded(upstream)
                     for chunk in first:
@@ -436,8 +450,13 @@ class RemotePool:
         body = request_body(request, upstream.model, chat=request.messages is not None)
         try:
             async with asyncio.timeout(self.timeout):
-                req = self._client.build_request("POST", f"{upstream.url}{path}", json=body)
-                response = await self._client.send(req, stream=True)
+                req = self._client.build_request("POST", upstream.endpoint(path), json=body)
+                try:
+                    response = await self._client.send(req, stream=True)
+                except httpx.RemoteProtocolError:
+                    # A kept-alive connection the upstream closed as we reused it (llama-server drops
+                    # one idle for 5 s): nothing was answered, so once more on a fresh one, no ejection.
+                    response = await self._client.send(req, stream=True)
         except TimeoutError:
             raise _Retry(f"no answer within {self.timeout:g} s", eject=True) from None
         except httpx.HTTPError as exc:
@@ -496,6 +515,10 @@ class _Lines:
                 continue  # blank separators, comments, `event:` lines
             data = line[5:].strip()
             if data == "[DONE]":
+                # Read to the body's end: a response closed unread loses its keep-alive connection,
+                # and the next request paid a new TCP connection (~1 ms) before its first byte.
+                async for _ in self._lines:
+                    pass
                 break
             return data
         raise StopAsyncIteration
@@ -549,10 +572,14 @@ class RemoteStream:
 
 class _ChunkReader:
     """Upstream SSE payloads → our chunks: text (reasoning and tool calls in the parsers' text
-    forms), logprobs, then one final chunk with the finish reason and usage."""
+    forms), logprobs, then one final chunk with the finish reason, usage and the stop string that
+    ended the answer where the upstream names it (vLLM's `stop_reason`, SGLang's `matched_stop`;
+    llama-server's and llmservice's OpenAI chunks do not say: their answers name no stop string)."""
 
-    def __init__(self, chat: bool) -> None:
+    def __init__(self, chat: bool, stops: tuple[str, ...] = ()) -> None:
         self._chat = chat
+        self._stops = stops
+        self._stop: str | None = None
         self._thinking = False
         self._calls: dict[int, dict[str, str]] = {}
         self._finish: FinishReason | None = None
@@ -588,6 +615,9 @@ class _ChunkReader:
                 chunks.append(Chunk(text, scored=scored))
             if reason := choice.get("finish_reason"):
                 self._finish = "length" if reason == "length" else "stop"
+            matched = choice.get("stop_reason", choice.get("matched_stop"))
+            if isinstance(matched, str) and matched in self._stops:  # not a stop token's id
+                self._stop = matched
         return chunks
 
     def _choice(self, choice: dict[str, Any]) -> tuple[str, tuple[Token, ...]]:
@@ -626,7 +656,7 @@ class _ChunkReader:
         self._calls.clear()
         chunks = [Chunk(text)] if text else []
         usage = self._usage or Usage(0, max(1, self._chars // 4) if self._chars else 0)
-        chunks.append(Chunk("", self._finish or "stop", usage))
+        chunks.append(Chunk("", self._finish or "stop", usage, self._stop))
         return chunks
 
 
@@ -647,6 +677,8 @@ def request_body(request: GenerationRequest, model: str, *, chat: bool) -> dict[
             body["tools"] = list(request.tools)
         if variables := template_variables(request):
             body["chat_template_kwargs"] = variables
+        if request.thinking_budget is not None:  # llama-server's field; an upstream without it bounds by max_tokens
+            body["thinking_budget_tokens"] = request.thinking_budget
         if request.logprobs:
             body["logprobs"] = True
             body["top_logprobs"] = request.top_logprobs

@@ -1,9 +1,11 @@
 """Upstream servers for the remote-tier tests (issue 28): llmservice processes (on the fake
-engines, or a real model), a socket that never answers, a server answering 500 or garbage."""
+engines, or a real model), a socket that never answers, a server answering 500 or garbage, a
+stand-in for vLLM's stream that echoes the request it got."""
 
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import socket
 import subprocess
@@ -14,13 +16,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -31,7 +34,7 @@ class Upstream:
     that environment: a real model's server."""
 
     def __init__(self, token_seconds: float = 0.0, mode: str = "echo", env: dict[str, str] | None = None) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         base = {k: v for k, v in os.environ.items() if k.split("_", 1)[0] not in {"LIGHT", "PORT"}}
         if env is None:
@@ -78,7 +81,9 @@ def upstreams(*specs: tuple[float, str]) -> Iterator[list[Upstream]]:
 
 @contextmanager
 def bad_server(kind: str) -> Iterator[str]:
-    """`hang`: accepts and never answers; `500`: answers every request 500; `garbage`: 200 with junk SSE."""
+    """`hang`: accepts and never answers; `500`: answers every request 500; `garbage`: 200 with junk SSE;
+    `vllm`: streams back the request it was sent, as its answer's text, ended (as vLLM does) with
+    `stop_reason` naming the request's last stop string."""
     if kind == "hang":
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
@@ -91,8 +96,11 @@ def bad_server(kind: str) -> Iterator[str]:
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def _answer(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            if kind == "500":
+            sent = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if kind == "vllm" and not self.path.endswith("/models"):
+                self.send_response(200)
+                body = _vllm_stream(json.loads(sent))
+            elif kind == "500":
                 self.send_response(500)
                 body = b'{"error": {"message": "boom"}}'
             else:
@@ -114,3 +122,13 @@ def bad_server(kind: str) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _vllm_stream(request: dict[str, Any]) -> bytes:
+    stops = request.get("stop") or [None]
+    events: list[dict[str, Any]] = [
+        {"choices": [{"index": 0, "delta": {"content": json.dumps(request)}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "stop_reason": stops[-1]}]},
+        {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}},
+    ]
+    return b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events) + b"data: [DONE]\n\n"

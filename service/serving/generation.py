@@ -28,7 +28,13 @@ from backends.base import (
     Usage,
 )
 from kernel.config import SAMPLING_FIELDS, Sampling, TierSettings
-from kernel.errors import InvalidRequestError, LLMServiceError, ModelUnavailableError, RateLimitError
+from kernel.errors import (
+    InvalidRequestError,
+    LLMServiceError,
+    ModelUnavailableError,
+    RateLimitError,
+    UpstreamUnavailableError,
+)
 from service.cache import CachedGeneration, ResponseCache
 from service.metrics import RequestRecord
 from service.schemas.chat import ChoiceLogprobs
@@ -154,7 +160,10 @@ class Generation:
             stream = GENERATION.generate(slot, request, background=background)
         except RateLimitError as exc:
             spare = self._overflow(slot, target, exc)
-            stream = GENERATION.generate(await self.registry.ensure_loaded(spare), request, background=background)
+            try:
+                stream = GENERATION.generate(await self.registry.ensure_loaded(spare), request, background=background)
+            except UpstreamUnavailableError:  # a remote spare with every upstream ejected: the full queue's 429
+                raise exc from None
             slot.overflowed += 1
             record.tier, key = spare.name, None  # another model's answer: not stored under this tier's key
         return _Recording(stream, record, None if key is None else functools.partial(self.cache.put, key))

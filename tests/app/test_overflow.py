@@ -11,12 +11,18 @@ import pytest
 from service.settings import SettingsError, parse_settings
 from service.testing import counting, fake_engines
 from tests.live import LiveServer, error_of, live_server
+from tests.upstreams import free_port
 
-# One running and one waiting request fill a tier; light passes the rest on to medium.
+# One running and one waiting request fill a tier; light passes the rest on to medium, medium to
+# heavy: a remote tier whose one upstream never answers (nothing listens on its port).
 ENV = {
     "LIGHT_MODEL_PATH": "fake/light",
     "MEDIUM_MODEL_PATH": "fake/medium",
     "LIGHT_OVERFLOW": "medium",
+    "MEDIUM_OVERFLOW": "heavy",
+    "HEAVY_BACKEND": "remote",
+    "HEAVY_REMOTE_URLS": f"http://127.0.0.1:{free_port()}/v1",
+    "HEAVY_REMOTE_COOLDOWN": "3600",
     **{f"{tier}_{key}": "1" for tier in ("LIGHT", "MEDIUM") for key in ("MAX_BATCH", "MAX_QUEUE")},
 }
 
@@ -24,7 +30,7 @@ ENV = {
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
     engines = fake_engines(reply=counting, token_seconds=0.02)  # ~20 s an answer: they hold their tier
-    with live_server(ENV, wait_for=("light", "medium"), engines=engines) as live:
+    with live_server(ENV, wait_for=("light", "medium", "heavy"), engines=engines) as live:
         yield live
 
 
@@ -103,6 +109,23 @@ def test_messages_and_responses_overflow_too(server: LiveServer) -> None:
                 assert res.status_code == 200, res.text
                 assert res.headers["x-llmservice-tier"] == "medium"
                 assert res.json()["model"] == "light"
+            release.set()
+            await asyncio.gather(*held)
+
+    asyncio.run(scenario())
+
+
+def test_a_remote_overflow_with_every_upstream_ejected_keeps_the_full_queues_429(server: LiveServer) -> None:
+    async def scenario() -> None:
+        release, tiers = asyncio.Event(), list[str]()
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+            held = await _fill(http, "light", release, tiers)
+            held += await _fill(http, "medium", release, tiers)  # through light, which passes them on
+            for stream in (False, True):
+                res = await http.post("/v1/chat/completions", json=_chat(model="medium", stream=stream, max_tokens=3))
+                error = error_of(res, 429)  # the client may retry here soon, not a 503 from a tier it never named
+                assert error["code"] == "queue_full"
+            assert (await http.get("/v1/stats")).json()["tiers"]["medium"]["overflowed"] == 0
             release.set()
             await asyncio.gather(*held)
 

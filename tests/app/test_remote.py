@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -232,6 +233,71 @@ def test_failing_upstream(pool: tuple[LiveServer, list[Upstream]], kind: str) ->
         with front_for(bad, LIGHT_REMOTE_COOLDOWN="60") as front, front.client() as http:
             statuses = {http.post("/v1/chat/completions", json=_chat("q")).status_code for _ in range(4)}
             assert statuses <= {502, 503}
+
+
+def test_stop_sequence_and_thinking_budget_reach_across() -> None:
+    """The stop string a vLLM-style upstream names becomes Messages' `stop_sequence`; a thinking
+    budget goes to the upstream as llama-server's `thinking_budget_tokens`, with the template's switch."""
+    with bad_server("vllm") as vllm, front_for(vllm) as front, front.client() as http:
+        body = {
+            "model": "light",
+            "max_tokens": 4000,
+            "stop_sequences": ["END", "STOP"],
+            "thinking": {"type": "enabled", "budget_tokens": 2048},
+            "messages": [{"role": "user", "content": "think, then stop"}],
+        }
+        res = http.post("/v1/messages", json=body)
+        assert res.status_code == 200, res.text
+        answer = res.json()
+        assert (answer["stop_reason"], answer["stop_sequence"]) == ("stop_sequence", "STOP")
+        sent = json.loads(answer["content"][-1]["text"])  # what the upstream was asked
+        assert sent["thinking_budget_tokens"] == 2048
+        assert sent["chat_template_kwargs"]["enable_thinking"] is True
+        with http.stream("POST", "/v1/messages", json={**body, "stream": True}) as streamed:
+            deltas = [json.loads(line[6:]) for line in streamed.iter_lines() if '"message_delta"' in line]
+        assert [(d["delta"]["stop_reason"], d["delta"]["stop_sequence"]) for d in deltas] == [("stop_sequence", "STOP")]
+
+
+@contextlib.contextmanager
+def counting_proxy(port: int) -> Iterator[tuple[str, list[int]]]:
+    """A TCP relay to 127.0.0.1:`port`: its base URL, and how many connections it accepted."""
+    accepted = [0]
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def serve() -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            accepted[0] += 1
+            upstream = socket.create_connection(("127.0.0.1", port))
+            for ends in ((client, upstream), (upstream, client)):
+                threading.Thread(target=pipe, args=ends, daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1", accepted
+    finally:
+        listener.close()
+
+
+def test_requests_reuse_the_upstream_connection(pool: tuple[LiveServer, list[Upstream]]) -> None:
+    """A finished stream hands its connection back to the pool: no new TCP connection (and its
+    round trip before the first byte) per request."""
+    _, ups = pool
+    with counting_proxy(ups[0].port) as (url, accepted), front_for(url) as front, front.client() as http:
+        for stream in (False, True) * 3:
+            res = http.post("/v1/chat/completions", json=_chat("again", stream=stream))
+            assert res.status_code == 200, res.text
+        assert accepted[0] <= 2  # the start-up listing's own client, then one kept alive
 
 
 def test_client_disconnect_closes_the_upstream_request() -> None:
