@@ -15,7 +15,7 @@ pytest.importorskip("llama_cpp")
 
 from backends.base import IMAGE_MARKER, Chunk, GenerationRequest, ImageInput
 from backends.llamacpp.backend import LlamaCppBackend
-from backends.llamacpp.vision import image_id
+from backends.llamacpp.vision import image_id, image_start
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError
 from tests.batching import batched
@@ -119,6 +119,24 @@ def test_two_images_in_one_prompt(vlm: LlamaCppBackend) -> None:
     # The random model's greedy text hardly depends on the order; its scores do.
     assert first_logprob(RED, BLUE) != first_logprob(BLUE, RED)
     assert vlm.tokens(ask(RED, BLUE)).count(image_id(BLUE.digest)) == IMAGE_TOKENS
+
+
+def test_a_prefix_never_ends_inside_an_image(vlm: LlamaCppBackend) -> None:
+    x, y = image_id(RED.digest), image_id(BLUE.digest)
+    tokens = [1, 7, x, x, x, y, y, 8]
+    assert [image_start(tokens, n) for n in range(9)] == [0, 1, 2, 2, 2, 5, 5, 7, 8]
+    # A slot cut back to the middle of its image keeps only what comes before the image.
+    slots = vlm.kv_slots
+    run(vlm, ask(RED))
+    slot = max(slots.slots, key=lambda s: len(s.tokens))
+    start = slot.tokens.index(image_id(RED.digest))
+    assert start > 0
+    slot.busy = True
+    try:
+        assert slots._keep(slot, start + IMAGE_TOKENS // 2) == start
+        assert len(slot.tokens) == start
+    finally:
+        slots.release(slot)
 
 
 def test_bad_requests_are_refused(vlm: LlamaCppBackend) -> None:
