@@ -9,7 +9,7 @@ C clients send `--requests` requests each; images/s is requests over the wall ti
 run with C sequences (llmservice `MAX_BATCH=C`, llama-server `-np C`), the same threads
 (`BENCH_THREADS`) and context per sequence; the contenders alternate round by round and each
 figure is the best of `--rounds`. Default model: the tiny random VLM of the tests
-(tests/fixtures/tiny_vlm.py, a LLaVA "mlp" projector on 32x32 images), which shows the serving
+(tests/fixtures/tiny_vlm_gguf.py, a LLaVA "mlp" projector on 32x32 images), which shows the serving
 cost around the encoder; a real VLM's encoder dominates on a CPU.
 """
 
@@ -123,9 +123,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if not args.model:
-        from tests.fixtures.tiny_vlm import build_tiny_vlm
+        from tests.fixtures.tiny_vlm_gguf import build_tiny_vlm_gguf
 
-        model, mmproj = build_tiny_vlm(Path("/tmp/bench-tiny-vlm"))
+        model, mmproj = build_tiny_vlm_gguf(Path("/tmp/bench-tiny-vlm"))
         args.model, args.mmproj = str(model), str(mmproj)
     print(f"model {Path(args.model).name} + {Path(args.mmproj).name}, {THREADS} threads")
     print("| concurrency | contender | images/s | TTFT median (ms) |")

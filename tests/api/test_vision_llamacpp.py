@@ -1,5 +1,5 @@
 """Images through the three SDKs on a live server, on llama.cpp with a projector: the tiny random
-VLM built at test time (a llama GGUF and a LLaVA "mlp" mmproj beside it, tests/fixtures/tiny_vlm.py).
+VLM built at test time (a llama GGUF and a LLaVA "mlp" mmproj beside it, tests/fixtures/tiny_vlm_gguf.py).
 Greedy: two images give two answers and the same image the same one, whichever API it came
 through; its embeddings count as prompt tokens; a second turn reuses the image's KV; a bad image
 is a 400."""
@@ -18,7 +18,7 @@ from langchain_core.messages import HumanMessage
 from langchain_openai import ChatOpenAI
 from PIL import Image
 
-from tests.fixtures.tiny_vlm import IMAGE_TOKENS, build_tiny_vlm, require_mtmd
+from tests.fixtures.tiny_vlm_gguf import IMAGE_TOKENS, build_tiny_vlm_gguf, require_mtmd
 from tests.live import LiveServer, live_server
 
 require_mtmd()
@@ -37,7 +37,7 @@ RED, BLUE = png(1), png(2)
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    model, _ = build_tiny_vlm(tmp_path_factory.mktemp("vlm"))
+    model, _ = build_tiny_vlm_gguf(tmp_path_factory.mktemp("vlm"))
     env = {
         "LIGHT_MODEL_PATH": str(model),
         "LIGHT_BACKEND": "llamacpp",

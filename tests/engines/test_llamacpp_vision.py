@@ -1,5 +1,5 @@
 """Images on the llama.cpp engine, through mtmd and a projector: a tiny random VLM built at test
-time (a llama GGUF and a LLaVA "mlp" projector, tests/fixtures/tiny_vlm.py). The image changes the
+time (a llama GGUF and a LLaVA "mlp" projector, tests/fixtures/tiny_vlm_gguf.py). The image changes the
 greedy answer; its places count as prompt tokens; a later turn with the same image reuses its KV
 and answers as a cold prompt would; images batch with each other and with text."""
 
@@ -19,7 +19,7 @@ from backends.llamacpp.vision import image_id, image_start
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError
 from tests.batching import batched
-from tests.fixtures.tiny_vlm import IMAGE_TOKENS, build_tiny_vlm, require_mtmd
+from tests.fixtures.tiny_vlm_gguf import IMAGE_TOKENS, build_tiny_vlm_gguf, require_mtmd
 
 require_mtmd()
 
@@ -36,7 +36,7 @@ RED, BLUE = image(1), image(2)
 
 @pytest.fixture(scope="module")
 def vlm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaCppBackend]:
-    model, _ = build_tiny_vlm(tmp_path_factory.mktemp("vlm"))
+    model, _ = build_tiny_vlm_gguf(tmp_path_factory.mktemp("vlm"))
     # The projector is found beside the model (mmproj*.gguf), as llama-server finds it.
     tier = TierSettings(name="light", model_path=str(model), n_ctx=512, n_batch=64, max_batch=2)
     backend = LlamaCppBackend(tier, str(model))
@@ -148,7 +148,7 @@ def test_bad_requests_are_refused(vlm: LlamaCppBackend) -> None:
 
 
 def test_text_only_model_path_without_projector(tmp_path: Path) -> None:
-    model, projector = build_tiny_vlm(tmp_path)
+    model, projector = build_tiny_vlm_gguf(tmp_path)
     projector.unlink()
     backend = LlamaCppBackend(TierSettings(name="light", model_path=str(model), n_ctx=256), str(model))
     backend.load()
