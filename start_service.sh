@@ -56,9 +56,9 @@ extras=${LLMSERVICE_EXTRAS:-$extras}
 # llama-cpp-python compiles from source: Metal is its default on macOS; CUDA needs asking for.
 if [ -z "${CMAKE_ARGS:-}" ]; then
   if [ "$has_cuda" = 1 ]; then
-    export CMAKE_ARGS="-DGGML_CUDA=on -DLLAVA_BUILD=OFF"
+    export CMAKE_ARGS="-DGGML_CUDA=on -DLLAVA_BUILD=ON"
   else
-    export CMAKE_ARGS="-DLLAVA_BUILD=OFF"
+    export CMAKE_ARGS="-DLLAVA_BUILD=ON"
   fi
 fi
 

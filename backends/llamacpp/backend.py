@@ -23,6 +23,7 @@ from backends.base import (
     GenerationRequest,
     Token,
     card_sampling,
+    template_variables,
 )
 from backends.chat_templates import builtin_for_architecture, render, resolve_template_setting
 from backends.llamacpp.adapters import LoraAdapters
@@ -32,6 +33,7 @@ from backends.llamacpp.kv_slots import KvSlots
 from backends.llamacpp.sampling import GrammarCompiler
 from backends.llamacpp.speculative import SpeculativeStats
 from backends.llamacpp.users import NativeUsers
+from backends.llamacpp.vision import Vision, load_vision
 from backends.prompt_cache import PromptCache
 from backends.reasoning import ReasoningFormat
 from backends.tools import tool_format
@@ -89,6 +91,7 @@ class LlamaCppBackend(Backend):
         self._kv_slots: KvSlots | None = None
         self._adapters: LoraAdapters | None = None
         self._grammars: GrammarCompiler | None = None
+        self._vision: Vision | None = None  # the projector (`{TIER}_MMPROJ_PATH`), when the tier has one
         self._users = NativeUsers(tier.name)
         self._template: str | None = None
         self._template_source = "none"
@@ -145,6 +148,8 @@ class LlamaCppBackend(Backend):
                 f" {t.name.upper()}_KV_TOKENS, _KV_TYPE_K and _KV_TYPE_V set its size)"
             )
         self._model, self._ctx = model, ctx
+        if t.projector is not None:
+            self._load_projector(t.projector, threads)
         self.kv_bytes = kv_bytes(lines)
         self.n_ctx = min(t.n_ctx, llama_cpp.llama_n_ctx_seq(ctx))
         if self.n_ctx < t.n_ctx:
@@ -180,12 +185,28 @@ class LlamaCppBackend(Backend):
             t.flash_attn,
         )
 
+    def _load_projector(self, path: str, threads: int) -> None:
+        """The projector beside the model; a missing or unreadable one fails the load."""
+        try:
+            if not os.path.isfile(path):
+                raise ModelUnavailableError(f"Tier {self.tier.name}: projector GGUF not found: {path}")
+            gpu, ubatch = self._device != "cpu", llama_cpp.llama_n_ubatch(self._ctx)
+            self._vision = load_vision(self._model, path, threads, gpu, ubatch, f"Tier {self.tier.name}")
+        except BaseException:
+            llama_cpp.llama_free(self._ctx)
+            llama_cpp.llama_model_free(self._model)
+            self._model = self._ctx = None
+            raise
+        self.reads_images = self._vision is not None and self._vision.supported
+
     def _prompt_cache(self, model: Any) -> PromptCache:
         """The prompt cache, its states marked with what makes them unusable anywhere else: the
-        model file, the KV layout and types, and the chat template (a state holds rendered tokens)."""
+        model file and projector, the KV layout and types, and the chat template (a state holds rendered tokens)."""
         t = self.tier
         desc = ctypes.create_string_buffer(256)
         llama_cpp.llama_model_desc(model, desc, len(desc))
+        vision = self._vision
+        projector = (os.path.basename(vision.path), os.path.getsize(vision.path)) if vision is not None else ()
         identity = "|".join(
             str(part)
             for part in (
@@ -198,6 +219,7 @@ class LlamaCppBackend(Backend):
                 t.kv_type_v,
                 t.swa_full,
                 hashlib.sha256((self._template or "").encode()).hexdigest()[:16],
+                *projector,  # an image's KV comes from the projector
             )
         )
         folder = os.path.join(t.prompt_cache_dir, t.name) if t.prompt_cache_dir else ""
@@ -247,6 +269,10 @@ class LlamaCppBackend(Backend):
                 self._kv_slots.save_all()
             self._kv_slots.cache.close()
         self._kv_slots = None
+        if self._vision is not None:
+            self._vision.close()
+            self._vision = None
+            self.reads_images = False
         if self._adapters is not None:
             self._adapters.forget()  # freed with the model
             self._adapters = None
@@ -334,7 +360,23 @@ class LlamaCppBackend(Backend):
                 n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, size, add_bos, True)
             return list(buf[:n])
 
+    def tokens(self, request: GenerationRequest) -> list[int]:
+        """With images, mtmd splits the rendered prompt at their markers (`vision`)."""
+        vision = self._vision
+        if not request.images or vision is None or not self.reads_images:
+            return super().tokens(request)  # (images without a projector: a 400 there)
+        if request.messages is None:
+            raise InvalidRequestError("images come in messages, not in a prompt", param="prompt")
+        text = self.render_chat(request.messages, request.tools, template_variables(request))
+        with self._users.use(), engine_errors("llama.cpp"):
+            self.context  # noqa: B018 - raises when not loaded
+            prompt = vision.tokenize(text, request.images, add_special=not (self._bos and text.startswith(self._bos)))
+        if prompt and prompt[-1] < 0:  # nothing after the image to read its answer from
+            raise InvalidRequestError("messages: the prompt ends with an image; add text after it", param="messages")
+        return prompt
+
     def detokenize(self, tokens: Sequence[int]) -> str:
+        tokens = [t for t in tokens if t >= 0]  # an image's places (`vision`) have no text
         ids = (llama_cpp.llama_token * len(tokens))(*tokens)
         size = 16 * len(tokens) + 16
         with self._users.use():
@@ -380,6 +422,7 @@ class LlamaCppBackend(Backend):
             speculative=self.tier.speculative,
             draft_tokens=self.tier.draft_tokens,
             speculative_stats=self.speculative_stats,
+            vision=self._vision,
         )
 
     def _device_sampling(self) -> bool:

@@ -41,6 +41,7 @@ from backends.llamacpp.adapters import LoraAdapters
 from backends.llamacpp.kv_slots import KvSlot, KvSlots
 from backends.llamacpp.sampling import GrammarCompiler, Sampler, TextStream, free_sampler, logprobs
 from backends.llamacpp.speculative import DraftLength, SpeculativeStats, ngram_draft
+from backends.llamacpp.vision import Vision, VisionPrompt
 from backends.reasoning import ThinkingBudget
 from kernel.errors import EngineError, InvalidRequestError, LLMServiceError
 
@@ -72,6 +73,7 @@ class ModelHandle:
     speculative: str = "off"  # "ngram": draft by prompt lookup (`speculative`)
     draft_tokens: int = 8  # most tokens one sequence drafts per step
     speculative_stats: SpeculativeStats | None = None
+    vision: Vision | None = None  # the projector, for prompts with images (`vision`)
 
 
 @dataclass(slots=True, eq=False)
@@ -130,7 +132,11 @@ class LlamaCppBatch(DecodeBatch):
     def add(self, key: int, state: DecodeState) -> None:
         request, prompt = state.request, state.prompt
         handle = self._handle
-        sampler = Sampler(self._vocab, self._n_vocab, request, prompt)
+        images = isinstance(prompt, VisionPrompt)
+        if images and request.prompt_logprobs:
+            raise InvalidRequestError("prompt_logprobs cannot score a prompt with images", param="logprobs")
+        # An image's places are no tokens: the penalties count the text around them.
+        sampler = Sampler(self._vocab, self._n_vocab, request, [t for t in prompt if t >= 0] if images else prompt)
         grammar = None
         if request.response_format is not None:
             try:
@@ -142,7 +148,8 @@ class LlamaCppBatch(DecodeBatch):
         seq = _Sequence(key, state, slot, reused, sampler, fed=reused, grammar=grammar)
         seq.thinking = handle.thinking_budget(prompt, request)
         # Logprobs, grammars and forced tokens need the logits row on the host.
-        host = request.logprobs or request.prompt_logprobs or grammar is not None or seq.thinking is not None
+        # (An image's embeddings go in a decode of their own, not the graph a device sampler joins.)
+        host = request.logprobs or request.prompt_logprobs or grammar is not None or seq.thinking is not None or images
         offloaded = handle.device_sampling and not host and sampler.offload(self._ctx, slot.seq)
         if handle.speculative == "ngram":
             # A sampler in the decode graph draws one token per sequence: no drafts to verify.
@@ -236,6 +243,8 @@ class LlamaCppBatch(DecodeBatch):
         decoding = n
         chunks: list[tuple[_Sequence, int, int]] = []  # (sequence, first batch index, tokens)
         kv_slots = self._handle.kv_slots
+        for seq in sequences:
+            self._image(seq)
         # Room for the filler tokens of idle streams between these (see `_order`), if prompts leave it.
         longest = max((len(s.slot.tokens) for s in sequences), default=0) + self._capacity
         spare = len(kv_slots.fillers({s.slot.seq for s in sequences}, self._capacity, longest))
@@ -249,6 +258,10 @@ class LlamaCppBatch(DecodeBatch):
             every = seq.state.request.prompt_logprobs
             room = min(capacity - n, PROMPT_SCORE_CHUNK) if every else capacity - n
             take = min(room, limit - seq.fed)
+            if isinstance(prompt, VisionPrompt):  # text up to the next image, evaluated on its own
+                take = min(take, min((i for i in prompt.images if i >= seq.fed), default=limit) - seq.fed)
+                if take <= 0:
+                    continue
             mark = kv_slots.checkpoint_at(len(prompt))
             if mark is not None and seq.fed < mark < seq.fed + take:
                 take = mark - seq.fed  # the step ends where the prompt is checkpointed
@@ -290,6 +303,29 @@ class LlamaCppBatch(DecodeBatch):
                 out.append((seq.key, self._sample(seq, index)))
         return out
 
+    def _image(self, seq: _Sequence) -> None:
+        """Evaluate the image `seq`'s prefill has reached, if it has: the projector encodes it and
+        its embeddings go into the sequence's KV, in a decode of their own (a `llama_batch` takes
+        tokens or embeddings, not both)."""
+        prompt = seq.state.prompt
+        if (
+            not isinstance(prompt, VisionPrompt)
+            or seq.next_token is not None
+            or seq.leader is not None
+            or seq.fed >= seq.prefill_limit()
+            or (chunk := prompt.images.get(seq.fed)) is None
+        ):
+            return
+        vision = self._handle.vision
+        if vision is None:
+            raise EngineError("a prompt with images reached a model without its projector")
+        end = vision.evaluate(self._ctx, chunk, seq.fed, seq.slot.seq, self._capacity)
+        seq.slot.tokens.extend(prompt[seq.fed : end])
+        seq.fed = end
+        kv_slots = self._handle.kv_slots
+        if seq.fed == kv_slots.checkpoint_at(len(prompt)):
+            kv_slots.checkpoint(seq.slot)
+
     def _draft(self, seq: _Sequence, room: int) -> list[int]:
         """Tokens to verify after `seq`'s next token this step: none unless it speculates."""
         if seq.draft_length is None or seq.next_token is None:
@@ -299,7 +335,9 @@ class LlamaCppBatch(DecodeBatch):
         k = min(seq.draft_length.next(), room, seq.state.max_tokens - seq.count - 1)
         if k <= 0:
             return []
-        return ngram_draft([*seq.slot.tokens, seq.next_token], k)
+        draft = ngram_draft([*seq.slot.tokens, seq.next_token], k)
+        # A match before an image would propose its places, which are no tokens.
+        return next((draft[:i] for i, t in enumerate(draft) if t < 0), draft)
 
     def _verify(self, seq: _Sequence, index: int, out: list[tuple[int, Token | LLMServiceError | None]]) -> None:
         """Sample `seq` at its next token's logits and then at each draft's while the draft equals

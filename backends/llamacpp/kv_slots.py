@@ -27,6 +27,7 @@ from typing import Any
 import llama_cpp
 
 from backends.base import common_prefix
+from backends.llamacpp.vision import image_start
 from backends.prompt_cache import PromptCache
 
 # A checkpoint is taken this many tokens before a prompt's end, so that the same prompt again
@@ -179,6 +180,7 @@ class KvSlots:
     def _keep(self, slot: KvSlot, n: int) -> int:
         """Cut `slot` back to its first `n` tokens (fewer when its memory cannot); returns how many stay."""
         mem = self._memory
+        n = image_start(slot.tokens, n)  # an image's KV stays whole or goes
         if n and self._cut(slot, n):
             return n
         # The live state cannot serve position n: go back to the latest checkpoint at or before it.
@@ -239,7 +241,7 @@ class KvSlots:
         gaps = [s for s in self.slots[min(present) : max(present) + 1] if s.seq not in present]
         if len(gaps) > room or any(len(s.tokens) >= min(self._stream, longest) for s in gaps):
             return []
-        return [(s.seq, len(s.tokens), s.tokens[-1] if s.tokens else 0) for s in gaps]
+        return [(s.seq, len(s.tokens), max(s.tokens[-1], 0) if s.tokens else 0) for s in gaps]  # (not an image place)
 
     def unfill(self, fillers: list[tuple[int, int, int]]) -> None:
         for seq, pos, _ in fillers:
