@@ -16,10 +16,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from kernel.config import TierSettings
 from kernel.errors import ModelUnavailableError
 from service.tiers.catalogue import GGUFHeaderError, read_gguf_header
-from service.tiers.model_paths import disk_size
+from service.tiers.model_paths import disk_size, resolve_draft_path
 
 # Left to the OS, the server itself and the caches beside the models when the budget is not set.
 _MARGIN_FRACTION = 0.1
@@ -150,7 +152,14 @@ def estimate_bytes(tier: TierSettings, path: str) -> int | None:
     weights = disk_size(path)
     if weights is None:
         return None
-    return weights + (gguf_kv_bytes(tier, path) if path.lower().endswith(".gguf") else 0)
+    held = weights + (gguf_kv_bytes(tier, path) if path.lower().endswith(".gguf") else 0)
+    if tier.speculative == "draft" and tier.draft_model_path:  # a second model and its KV
+        try:
+            draft = resolve_draft_path(tier).draft_model_path or ""
+        except ModelUnavailableError:
+            return held  # the load reports it
+        held += estimate_bytes(msgspec.structs.replace(tier, speculative="off"), draft) or 0
+    return held
 
 
 def gguf_kv_bytes(tier: TierSettings, path: str) -> int:

@@ -25,6 +25,7 @@ from rerankers.remote import rerank_body, rerank_results
 from service.settings import GENERATION_TIERS
 from service.tiers.budget import estimate_bytes
 from service.tiers.micro_batcher import MicroBatcher
+from service.tiers.model_paths import resolve_draft_path
 from service.tiers.slots import AdapterRecord, TierSlot
 from service.tiers.workers import ChunkStream, GenerationWorker
 
@@ -104,7 +105,7 @@ class GenerationFamily(Family[Backend]):
         if slot.settings.backend == "remote":
             self._load_remote(slot, engines)
             return
-        backend = engines.backend(slot.settings, path)
+        backend = engines.backend(resolve_draft_path(slot.settings), path)
         backend.load()
         for adapter in slot.adapters.values():
             _load_adapter(slot, backend, adapter)
