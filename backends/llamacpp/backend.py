@@ -99,7 +99,7 @@ class LlamaCppBackend(Backend):
         self.n_ctx = tier.n_ctx  # the context window: N_CTX, or less when a sequence's KV stream is smaller
         self.kv_bytes: int | None = None  # what llama.cpp allocated for KV (and recurrent state)
         self._sampling: dict[str, float] = {}
-        self.speculative_stats = SpeculativeStats()  # drafted / accepted tokens, over the tier's life
+        self._speculative = SpeculativeStats()  # drafted / accepted tokens, over the tier's life
         self._draft: DraftModel | None = None  # SPECULATIVE=draft
         self.draft_kv_bytes: int | None = None
 
@@ -306,6 +306,9 @@ class LlamaCppBackend(Backend):
         if self._kv_slots is not None:
             self._kv_slots.clear()
 
+    def speculative_stats(self) -> dict[str, int] | None:
+        return self._speculative.view() if self.tier.speculative != "off" else None
+
     def prompt_cache_stats(self) -> dict[str, Any] | None:
         cache = self._kv_slots.cache if self._kv_slots is not None else None
         return cache.stats() if cache is not None else None
@@ -354,7 +357,7 @@ class LlamaCppBackend(Backend):
                 "chat_template": self._template_source,
                 "max_batch": self.max_batch_size,
                 "kv_bytes": self.kv_bytes,
-                "speculative": {"mode": self.tier.speculative, **self.speculative_stats.view()},
+                "speculative": {"mode": self.tier.speculative, **self._speculative.view()},
                 "prompt_cache": self.prompt_cache_stats(),
             },
             vocab_size=self.n_vocab,
@@ -424,7 +427,7 @@ class LlamaCppBackend(Backend):
             device_sampling=self._device_sampling(),
             speculative=self.tier.speculative,
             draft_tokens=self.tier.draft_tokens,
-            speculative_stats=self.speculative_stats,
+            speculative_stats=self._speculative,
             draft=self._draft,
         )
 
