@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import free_port, llmservice, median, process, stream_completion
@@ -109,7 +111,11 @@ def llama_server(model: str, mode: str, draft: int, draft_model: str) -> Iterato
 def run(url: str, model: str, max_tokens: int) -> tuple[float, str, int]:
     """One greedy streamed completion: (decode tok/s, text, completion tokens)."""
     body = {"model": model, "prompt": prompt(), "max_tokens": max_tokens, "temperature": 0}
-    timing = stream_completion(f"{url}/v1/completions", {**body, "stream_options": {"include_usage": True}})
+    body = {**body, "stream_options": {"include_usage": True}}
+    try:
+        timing = stream_completion(f"{url}/v1/completions", body)
+    except httpx.RemoteProtocolError:  # llama-server closed the pooled connection after the warm-up: once more
+        timing = stream_completion(f"{url}/v1/completions", body)
     return timing.decode_tps, timing.text, timing.tokens
 
 
