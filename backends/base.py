@@ -419,6 +419,11 @@ class Backend(abc.ABC):
     def reset_prefix_cache(self) -> None:  # noqa: B027 - optional hook
         """Forget reusable prompt state (KV/prefix cache); called on the model's worker thread."""
 
+    def speculative_stats(self) -> dict[str, int] | None:
+        """Speculative decoding's counts since load: `drafted` and `accepted` tokens, and `fallbacks`
+        (sequences decoded plainly although the tier speculates); None when it does not. Safe from any thread."""
+        return None
+
     def prompt_cache_stats(self) -> dict[str, Any] | None:
         """The prompt cache's `misses` and, per tier (`ram`, `disk`), hits, evictions, entries and
         bytes (`backends.prompt_cache`); None without one. Safe from any thread."""

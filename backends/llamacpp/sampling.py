@@ -105,7 +105,7 @@ class Sampler:
         """Draw the next token from the logits at batch output `index`, and record it."""
         if self._device is not None:  # drawn in the graph: llama.cpp hands it over (and records it)
             return int(llama_cpp.llama_sampler_sample(self._device[2], ctx, index))
-        logits = _row(ctx, index, self._n_vocab)
+        logits = logits_row(ctx, index, self._n_vocab)
         saved = self._adjust(logits)
         try:
             token, accepted = self._pick(ctx, index, logits)
@@ -244,7 +244,7 @@ def _bind_set_sampler() -> Any:
 _set_sampler = _bind_set_sampler()
 
 
-def _row(ctx: Any, index: int, n_vocab: int) -> np.ndarray[Any, Any]:
+def logits_row(ctx: Any, index: int, n_vocab: int) -> np.ndarray[Any, Any]:
     """The logits at batch output `index`, as a writable view of llama.cpp's buffer (no copy)."""
     pointer = llama_cpp.llama_get_logits_ith(ctx, index)
     # (np.ctypeslib.as_array costs ~3x this, once per token.)

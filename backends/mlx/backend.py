@@ -190,6 +190,11 @@ class MlxBackend(Backend):
             sampling=self._sampling,
         )
 
+    def speculative_stats(self) -> dict[str, int] | None:
+        if self.tier.speculative == "off":
+            return None
+        return {"drafted": self.spec_stats.drafted, "accepted": self.spec_stats.accepted}
+
     def read_card(self) -> dict[str, float] | None:
         folder = Path(self.model_path).expanduser()  # a hub id's folder is known once load() resolved it
         return self._card(folder) if folder.is_dir() else None

@@ -20,10 +20,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from kernel.config import TierSettings
 from kernel.errors import ModelUnavailableError
 from kernel.gguf import GgufHeaderError, cached_gguf_header
-from service.tiers.model_paths import disk_size
+from service.tiers.model_paths import disk_size, resolve_draft_path
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +228,14 @@ def estimate_bytes(tier: TierSettings, path: str) -> int | None:
     weights = disk_size(path)
     if weights is None:
         return None
-    return weights + (gguf_kv_bytes(tier, path) if path.lower().endswith(".gguf") else 0)
+    held = weights + (gguf_kv_bytes(tier, path) if path.lower().endswith(".gguf") else 0)
+    if tier.speculative == "draft" and tier.draft_model_path:  # a second model and its KV
+        try:
+            draft = resolve_draft_path(tier).draft_model_path or ""
+        except ModelUnavailableError:
+            return held  # the load reports it
+        held += estimate_bytes(msgspec.structs.replace(tier, speculative="off"), draft) or 0
+    return held
 
 
 def gguf_kv_bytes(tier: TierSettings, path: str) -> int:

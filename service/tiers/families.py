@@ -11,8 +11,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeGuard, TypeVar
 
-import msgspec
-
 from backends.base import Backend, GenerationRequest
 from backends.factory import create_backend, create_remote
 from backends.remote import REMOTE_REASONING, RemotePool
@@ -27,7 +25,7 @@ from rerankers.remote import rerank_body, rerank_results
 from service.settings import GENERATION_TIERS
 from service.tiers.budget import estimate_bytes, probe_gpu_memory
 from service.tiers.micro_batcher import MicroBatcher
-from service.tiers.model_paths import resolve_model_path
+from service.tiers.model_paths import resolve_draft_path
 from service.tiers.slots import AdapterRecord, TierSlot
 from service.tiers.workers import ChunkStream, GenerationWorker
 
@@ -109,10 +107,7 @@ class GenerationFamily(Family[Backend]):
         if slot.settings.backend == "remote":
             self._load_remote(slot, engines)
             return
-        settings = slot.settings
-        if settings.draft_model_path:  # the same forms as MODEL_PATH (package:, ~, a hub id)
-            settings = msgspec.structs.replace(settings, draft_model_path=resolve_model_path(settings.draft_model_path))
-        backend = engines.backend(settings, path)
+        backend = engines.backend(resolve_draft_path(slot.settings), path)
         backend.load()
         for adapter in slot.adapters.values():
             _load_adapter(slot, backend, adapter)

@@ -15,6 +15,9 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+import msgspec
+
+from kernel.config import TierSettings
 from kernel.errors import ModelUnavailableError
 
 
@@ -30,6 +33,17 @@ def resolve_model_path(spec: str) -> str:
     if looks_like_repo_id(spec):
         return spec
     raise ModelUnavailableError(f"Model path does not exist: {spec}")
+
+
+def resolve_draft_path(tier: TierSettings) -> TierSettings:
+    """`tier` with its DRAFT_MODEL_PATH (`SPECULATIVE=draft`) resolved as MODEL_PATH is, for the engine."""
+    if tier.speculative != "draft" or not tier.draft_model_path:
+        return tier
+    try:
+        path = resolve_model_path(tier.draft_model_path)
+    except ModelUnavailableError as exc:
+        raise ModelUnavailableError(f"{tier.name.upper()}_DRAFT_MODEL_PATH: {exc.message}") from None
+    return msgspec.structs.replace(tier, draft_model_path=path)
 
 
 def model_file_name(spec: str) -> str:
