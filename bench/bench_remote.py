@@ -38,7 +38,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import PROMPT, SAMPLING, StreamTiming, free_port, llmservice, process, stream_completion
+from bench._common import PROMPT, SAMPLING, free_port, llmservice, process, stream_completion
 from bench.bench_generation import LLAMA_SERVER, N_CTX
 from bench.bench_streams import TINY32K, ensure_model
 
@@ -85,7 +85,7 @@ def hop(model: str, rounds: int, tokens: int) -> None:
         for i in range(rounds):  # alternate, flipping who goes first, so noise hits both alike
             pair = [("d", direct_url, direct), ("o", ours_url, through)]
             for tag, url, out in pair if i % 2 == 0 else pair[::-1]:
-                out.append(_timed(url, body(f"hop-{tag}{i}", tokens)))
+                out.append(stream_completion(url, body(f"hop-{tag}{i}", tokens)))
     d_ttft = statistics.median(r.ttft for r in direct) * 1000
     o_ttft = statistics.median(r.ttft for r in through) * 1000
     d_tps = statistics.median(r.decode_tps for r in direct)
@@ -98,15 +98,6 @@ def hop(model: str, rounds: int, tokens: int) -> None:
     o_all = statistics.median(r.ttft + r.decode_seconds for r in through) * 1000
     print(f"  hop cost: TTFT {o_ttft - d_ttft:+.2f} ms, decode {o_tps / d_tps:.3f}x")
     print(f"  whole stream (request to last token): {d_all:.1f} -> {o_all:.1f} ms ({d_all / o_all:.3f}x the speed)")
-
-
-def _timed(url: str, payload: dict[str, object]) -> StreamTiming:
-    """One timed stream, sent again if the server closed the keep-alive connection as it was
-    reused (llama-server drops one idle for 5 s, which a loaded machine's other stream can take)."""
-    try:
-        return stream_completion(url, payload)
-    except httpx.RemoteProtocolError:
-        return stream_completion(url, payload)
 
 
 @dataclass

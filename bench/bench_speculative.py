@@ -26,8 +26,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import free_port, llmservice, median, process, stream_completion
@@ -112,10 +110,7 @@ def run(url: str, model: str, max_tokens: int) -> tuple[float, str, int]:
     """One greedy streamed completion: (decode tok/s, text, completion tokens)."""
     body = {"model": model, "prompt": prompt(), "max_tokens": max_tokens, "temperature": 0}
     body = {**body, "stream_options": {"include_usage": True}}
-    try:
-        timing = stream_completion(f"{url}/v1/completions", body)
-    except httpx.RemoteProtocolError:  # llama-server closed the pooled connection after the warm-up: once more
-        timing = stream_completion(f"{url}/v1/completions", body)
+    timing = stream_completion(f"{url}/v1/completions", body)
     return timing.decode_tps, timing.text, timing.tokens
 
 
