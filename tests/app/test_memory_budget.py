@@ -235,10 +235,10 @@ def test_random_requests_never_overrun_the_budget(seed: int) -> None:
         await asyncio.gather(*(one(t, rng.random() * 0.2) for t in tiers))
         assert refused < len(tiers)
         # A worker counts a job as finished just after its last chunk reached the caller: until then
-        # the model is busy, and a load that needs its room gets the 503.
-        while any(s.in_flight or (s.executor and s.executor.waiting) for s in reg.slots.values()):  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+        # the model is busy, and a load that needs its room gets the 503 (so wait before each use).
         for tier in ("light", "medium", "heavy"):  # once idle, each one loads in turn, evicting others
+            while any(s.in_flight or (s.executor and s.executor.waiting) for s in reg.slots.values()):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
             await use(reg, tier)
             assert reg.budget.used <= budget
         assert ledger.peak <= budget and set(ledger.loads) == set(SIZES) and len(ledger.loads) > 3
