@@ -119,6 +119,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -c 'import llama_cpp' 2>/dev/null \
     || say "llama-cpp-python is built from source on a first install: ~10 min on two cores (seconds from pip's cache)"
   pip_install ${constraints[@]+"${constraints[@]}"} --only-binary=langchain-core -e ".[$extras]"
+  # pip keeps an installed llama-cpp-python, and reuses a cached build of it, whatever CMAKE_ARGS
+  # were then: one built without mtmd (images) before LLAVA_BUILD=ON was asked for is rebuilt.
+  if [[ "$CMAKE_ARGS" == *LLAVA_BUILD=ON* ]] && ! "$VENV/bin/python" -c 'import llama_cpp.mtmd_cpp' >/dev/null 2>&1; then
+    say "rebuilding llama-cpp-python with mtmd (image input): ~10 min on two cores"
+    version=$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')
+    pip_install --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==$version"
+  fi
   if [ -n "$torch_spec" ]; then
     "$VENV/bin/python" - "$torch_spec" <<'PY'
 import sys, torch
