@@ -44,10 +44,11 @@ from bench.bench_streams import TINY32K, ensure_model
 
 
 @contextmanager
-def upstream(model: str, parallel: int, threads: int) -> Iterator[tuple[str, int]]:
-    """A llama-server: its base URL (ending /v1) and its pid."""
+def upstream(model: str, parallel: int, threads: int, cpu: int | None = None) -> Iterator[tuple[str, int]]:
+    """A llama-server (pinned to core `cpu` when given): its base URL (ending /v1) and its pid."""
     port = free_port()
-    cmd = [LLAMA_SERVER, "-m", model, "-c", str(N_CTX * parallel), "-np", str(parallel), "-ngl", "0"]
+    cmd = ["taskset", "-c", str(cpu)] if cpu is not None else []
+    cmd += [LLAMA_SERVER, "-m", model, "-c", str(N_CTX * parallel), "-np", str(parallel), "-ngl", "0"]
     cmd += ["-t", str(threads), "-tb", str(threads), "--host", "127.0.0.1", "--port", str(port)]
     with process(cmd, f"http://127.0.0.1:{port}/health") as proc:
         yield f"http://127.0.0.1:{port}/v1", proc.pid
@@ -168,7 +169,8 @@ def scale(model: str, tokens: int) -> None:
 def aggregate(model: str, count: int, tokens: int) -> float:
     """8 concurrent streams through a pool of `count` one-thread llama-servers: tokens/s in all."""
     with ExitStack() as stack:
-        ups = [stack.enter_context(upstream(model, 8, 1)) for _ in range(count)]
+        # Each upstream on a core of its own, as the target says; the front and the client float.
+        ups = [stack.enter_context(upstream(model, 8, 1, i % (os.cpu_count() or 1))) for i in range(count)]
         base = stack.enter_context(front([u for u, _ in ups]))
         url = f"{base}/v1/completions"
         stream_completion(url, body(f"warm-{count}", tokens))
