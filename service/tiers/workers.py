@@ -194,12 +194,12 @@ class GenerationWorker:
                 job.state = self.backend.prepare(job.request)
         except Exception as exc:
             self._fail(job, exc)
-            self._close_job(job)
             with self._lock:
                 if not job.counted_out:
                     self._count_out(job)
                 self.processed += 1
             self.finished_at = time.time()
+            self._close_job(job)  # last: see `_end`
         else:
             self._put(job, arrival)
         finally:
@@ -271,13 +271,9 @@ class GenerationWorker:
             except Exception as exc:
                 self._fail(job, exc)
             finally:
-                self._close_job(job)
-                self.processed += 1
-                self.busy_seconds += time.monotonic() - self.busy_since
-                self.busy_since = None
-                self.finished_at = time.time()
-                # Last, as in `_end`: whoever sees `running` drop to 0 sees the job counted as processed.
+                self._count_done()
                 self._running = 0
+                self._close_job(job)  # last: see `_end`
 
     def _fail(self, job: Job, exc: Exception) -> None:
         if isinstance(exc, EngineError):
@@ -334,7 +330,8 @@ class GenerationWorker:
                 self._batch.add(key, state)
         except Exception as exc:
             self._fail(job, exc)
-            self._done(job)
+            self._count_done()
+            self._close_job(job)
             return
         self._active[key] = (job, state)
         self._running = len(self._active)
@@ -388,13 +385,17 @@ class GenerationWorker:
 
     def _end(self, key: int) -> None:
         job, _ = self._active.pop(key)
-        self._done(job)
-        # Only then: whoever sees `running` drop to 0 also sees the worker idle (busy cleared).
+        self._count_done()
         self._running = len(self._active)
-
-    def _done(self, job: Job) -> None:
+        # Last: a client that has read its whole answer and asks at once for another model (which needs
+        # this one's memory) must find this job counted finished, not the model still busy.
         self._close_job(job)
-        self.processed += 1
+
+    def _count_done(self) -> None:
+        """A job has ended: counted as processed (under the lock: `_prepare`'s threads count too),
+        and the worker's busy time closed when nothing else runs. Before `running` drops."""
+        with self._lock:
+            self.processed += 1
         self.finished_at = time.time()
         if not self._active and self.busy_since is not None:
             self.busy_seconds += time.monotonic() - self.busy_since

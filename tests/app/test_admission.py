@@ -17,7 +17,7 @@ from backends.fake import FakeBackend
 from kernel.config import TierSettings
 from kernel.errors import AdapterNotFoundError
 from service.testing import counting
-from service.tiers.workers import GenerationWorker
+from service.tiers.workers import GenerationWorker, Job
 
 
 class RecordingBackend(FakeBackend):
@@ -141,3 +141,31 @@ def test_an_adapter_unloaded_after_the_prompt_was_prepared_is_a_404() -> None:
         release.set()
         worker.close()
     assert backend.prepared_on and not backend.decoded_on
+
+
+@pytest.mark.parametrize("max_batch", [1, 3])
+def test_a_stream_ends_only_once_its_job_is_counted_finished(max_batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that has read its whole answer and at once asks for a model needing this one's memory
+    must find this model idle: seen busy, the load was refused with a 503 (MEMORY_BUDGET)."""
+    backend = RecordingBackend(max_batch)
+    worker = GenerationWorker("light", backend, max_queue=8)
+    seen: list[tuple[int, int]] = []  # (in flight, processed) as each stream's end is handed over
+    put = Job.put
+
+    def recording_put(job: Job, event: Any) -> None:
+        if event is None:
+            seen.append((worker.in_flight, worker.processed))
+        put(job, event)
+
+    monkeypatch.setattr(Job, "put", recording_put)
+
+    async def main() -> None:
+        assert await text(worker.submit(chat("Hi"))) == "4,5"
+        with pytest.raises(AdapterNotFoundError):  # fails while its prompt is prepared
+            await text(worker.submit(chat("Hi", adapter="absent")))
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        worker.close()
+    assert seen == [(0, 1), (0, 2)]
