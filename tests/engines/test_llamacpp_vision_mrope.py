@@ -84,7 +84,9 @@ def answer(backend: LlamaCppBackend, request: GenerationRequest) -> tuple[list[b
     return pieces, usage.prompt_tokens, usage.cached_tokens
 
 
-def reference(files: tuple[Path, Path], backend: LlamaCppBackend, request: GenerationRequest) -> list[bytes]:
+def reference(
+    files: tuple[Path, Path], backend: LlamaCppBackend, request: GenerationRequest, max_tokens: int = MAX_TOKENS
+) -> list[bytes]:
     """The same prompt evaluated by llama.cpp's own single-sequence path: mtmd tokenizes it and
     `mtmd_helper_eval_chunks` decodes text and images at the positions it assigns; then greedy
     decoding from the position it returns."""
@@ -121,7 +123,7 @@ def reference(files: tuple[Path, Path], backend: LlamaCppBackend, request: Gener
         pos, pieces = int(n_past.value), []
         # The text after the images sits below its index in the prompt: what the engine must match.
         assert pos < mtmd.mtmd_helper_get_n_tokens(chunks)
-        for _ in range(MAX_TOKENS):
+        for _ in range(max_tokens):
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
             token = int(np.argmax(logits))
             if llama_cpp.llama_vocab_is_eog(vocab, token):
@@ -232,3 +234,17 @@ def test_a_restored_prompt_cache_entry_keeps_the_image_positions(files: tuple[Pa
 
 def vlm_start(backend: LlamaCppBackend, request: GenerationRequest) -> int:
     return backend.tokens(request).index(image_id(request.images[0].digest))
+
+
+def test_ngram_drafts_after_an_image_go_at_its_positions(files: tuple[Path, Path]) -> None:
+    backend = loaded(files[0], speculative="ngram", max_batch=1)
+    try:
+        # A prompt whose text repeats, for the n-gram lookup to draft from, after two images.
+        request = ask(RED, BLUE, text="abc abc abc abc abc abc abc abc")
+        request = dataclasses.replace(request, max_tokens=24)
+        pieces, _, _ = answer(backend, request)
+        stats = backend.speculative_stats()
+        assert stats is not None and stats["drafted"] > 0
+        assert pieces == reference(files, backend, request, max_tokens=24)
+    finally:
+        backend.close()
