@@ -195,16 +195,14 @@ def test_a_later_turn_reuses_the_image_kv_at_its_positions(vlm: LlamaCppBackend,
     assert answer(vlm, turn)[0] == cold
 
 
-def test_images_batch_with_each_other_and_with_text(vlm: LlamaCppBackend) -> None:
+def test_images_batch_with_each_other_and_with_text(vlm: LlamaCppBackend, files: tuple[Path, Path]) -> None:
     text = GenerationRequest(messages=({"role": "user", "content": "hello there"},), max_tokens=MAX_TOKENS)
-    requests = [ask(RED), ask(BLUE), dataclasses.replace(text, temperature=0.0)]
-    alone = []
-    for request in requests:
-        vlm.reset_prefix_cache()
-        alone.append("".join(c.text for c in vlm.stream(request)))
+    requests = [ask(RED), ask(BLUE, text="and this"), dataclasses.replace(text, temperature=0.0)]
     vlm.reset_prefix_cache()
-    together = ["".join(t.text for t in tokens) for tokens in batched(vlm, requests)]
-    assert together == alone
+    expected = [reference(files, vlm, requests[0]), reference(files, vlm, requests[1]), answer(vlm, requests[2])[0]]
+    scored = [dataclasses.replace(r, logprobs=True) for r in requests]
+    together = [[t.logprob.raw for t in tokens if t.logprob is not None] for tokens in batched(vlm, scored)]
+    assert together == expected
 
 
 def test_a_restored_prompt_cache_entry_keeps_the_image_positions(files: tuple[Path, Path], tmp_path: Path) -> None:
