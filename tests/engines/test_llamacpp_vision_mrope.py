@@ -224,14 +224,10 @@ def test_a_restored_prompt_cache_entry_keeps_the_image_positions(files: tuple[Pa
         warm, _, cached = answer(backend, turn)
         stats = backend.prompt_cache_stats()
         assert stats is not None and stats["ram"]["hits"] == 1
-        assert cached > vlm_start(backend, turn) + PLACES
+        assert cached > backend.tokens(turn).index(image_id(RED.digest)) + PLACES
         assert warm == reference(files, backend, turn)
     finally:
         backend.close()
-
-
-def vlm_start(backend: LlamaCppBackend, request: GenerationRequest) -> int:
-    return backend.tokens(request).index(image_id(request.images[0].digest))
 
 
 def test_ngram_drafts_after_an_image_go_at_its_positions(files: tuple[Path, Path]) -> None:
