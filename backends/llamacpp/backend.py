@@ -193,7 +193,7 @@ class LlamaCppBackend(Backend):
             llama_cpp.llama_model_free(self._model)
             self._model = self._ctx = None
             raise
-        self.reads_images = self._vision is not None and self._vision.supported
+        self.reads_images = self._vision is not None
 
     def _context_params(self, slots: int, kv_tokens: int, threads: int) -> Any:
         t = self.tier

@@ -43,7 +43,7 @@ from backends.llamacpp.kv_slots import KvSlot, KvSlots
 from backends.llamacpp.native_batch import TokenBatch
 from backends.llamacpp.sampling import GrammarCompiler, Sampler, TextStream, free_sampler, logprobs
 from backends.llamacpp.speculative import DraftLength, SpeculativeStats, ngram_draft
-from backends.llamacpp.vision import Vision, VisionPrompt
+from backends.llamacpp.vision import Vision, VisionPrompt, image_places
 from backends.reasoning import ThinkingBudget
 from kernel.errors import EngineError, InvalidRequestError, LLMServiceError
 
@@ -239,7 +239,7 @@ class LlamaCppBatch(DecodeBatch):
         self._draft([s for s in sequences if s.next_token is not None])
         for seq in sequences:
             if seq.next_token is not None:
-                pos = len(seq.slot.tokens)
+                pos = seq.slot.position(len(seq.slot.tokens))
                 batch.set(n, seq.next_token, pos, seq.slot.seq, True)
                 outputs.append((n, seq))
                 n += 1
@@ -272,7 +272,8 @@ class LlamaCppBatch(DecodeBatch):
             if mark is not None and seq.fed < mark < seq.fed + take:
                 take = mark - seq.fed  # the step ends where the prompt is checkpointed
             last = seq.fed + take == len(prompt)
-            batch.set_run(n, prompt[seq.fed : seq.fed + take], seq.fed, seq.slot.seq, last, every=every)
+            start = seq.slot.position(seq.fed)
+            batch.set_run(n, prompt[seq.fed : seq.fed + take], start, seq.slot.seq, last, every=every)
             if last:
                 outputs.append((n + take - 1, seq))
             chunks.append((seq, n, take))
@@ -325,8 +326,10 @@ class LlamaCppBatch(DecodeBatch):
         vision = self._handle.vision
         if vision is None:
             raise EngineError("a prompt with images reached a model without its projector")
-        end = vision.evaluate(self._ctx, chunk, seq.fed, seq.slot.seq, self._capacity)
+        after = vision.evaluate(self._ctx, chunk, seq.slot.position(seq.fed), seq.slot.seq, self._capacity)
+        end = seq.fed + image_places(chunk)
         seq.slot.tokens.extend(prompt[seq.fed : end])
+        seq.slot.shift_after_image(end, after)  # M-RoPE: fewer positions than places
         seq.fed = end
         kv_slots = self._handle.kv_slots
         if seq.fed == kv_slots.checkpoint_at(len(prompt)):
@@ -373,7 +376,7 @@ class LlamaCppBatch(DecodeBatch):
             out.append((seq.key, self._sample(seq, index + accepted)))
         if accepted < len(drafts):
             mem = llama_cpp.llama_get_memory(self._ctx)
-            if not llama_cpp.llama_memory_seq_rm(mem, seq.slot.seq, len(seq.slot.tokens), -1):
+            if not llama_cpp.llama_memory_seq_rm(mem, seq.slot.seq, seq.slot.position(len(seq.slot.tokens)), -1):
                 raise EngineError("llama.cpp could not remove the KV of rejected draft tokens")
         if seq.draft_length is not None:
             seq.draft_length.update(len(drafts), accepted)

@@ -15,6 +15,10 @@ the prefix up to there.
 With a `PromptCache`, a slot's state is saved there before another conversation takes the slot
 (and at close), and a prompt that shares more with a cached state than with any slot has it
 restored into the slot it takes (`backends.prompt_cache`).
+
+A token's index in `KvSlot.tokens` is its position in the KV but after an image on an M-RoPE model
+(`vision`), which takes fewer positions than places: the slot keeps where such shifts start
+(`KvSlot.shifts`), and whatever names KV cells to llama.cpp (cutting, fillers) names positions.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ _PARTIAL = llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
 # A slot taken by another request is saved to the prompt cache when it would lose this many
 # tokens or more: a few lost at the end are a turn's template re-rendered, not a conversation.
 SAVE_MIN_TOKENS = 64
+_SHIFTS = -1  # in a cached prompt's meta: the checkpoints' lengths, then this, then the shifts' pairs
 
 
 @dataclass(slots=True, eq=False)
@@ -50,7 +55,7 @@ class Checkpoint:
 
 @dataclass(slots=True)
 class KvSlot:
-    """A KV sequence id and the tokens its cells hold, positions 0..len-1."""
+    """A KV sequence id and the tokens its cells hold, at positions 0.. (`position`)."""
 
     seq: int
     tokens: list[int] = field(default_factory=list)
@@ -58,6 +63,23 @@ class KvSlot:
     used: int = 0  # LRU clock
     adapter: str | None = None  # the LoRA adapter the KV was computed with
     checkpoints: list[Checkpoint] = field(default_factory=list)  # oldest first
+    # (index, shift): from tokens[index] on, positions are index - shift (after M-RoPE images)
+    shifts: list[tuple[int, int]] = field(default_factory=list)
+
+    def position(self, index: int) -> int:
+        """The position of `tokens[index]` (or of the token appended there); inside an image, that
+        of its first place plus the index within it (only its start is ever cut at)."""
+        shift = 0
+        for at, s in self.shifts:
+            if at > index:
+                break
+            shift = s
+        return index - shift
+
+    def shift_after_image(self, index: int, position: int) -> None:
+        """The image just evaluated ends before `tokens[index]`, which goes at `position`."""
+        if position != self.position(index):
+            self.shifts.append((index, index - position))
 
 
 class KvSlots:
@@ -129,7 +151,10 @@ class KvSlots:
         if not size or llama_cpp.llama_state_seq_get_data(self._ctx, data, size, slot.seq) != size:
             return
         blobs = [bytes(data), *(bytes(c.data) for c in slot.checkpoints)]
-        cache.put(tokens, blobs, [c.n_tokens for c in slot.checkpoints])
+        meta = [c.n_tokens for c in slot.checkpoints]
+        if slot.shifts:  # (entries without them, as older ones, have none)
+            meta += [_SHIFTS, *(n for shift in slot.shifts for n in shift)]
+        cache.put(tokens, blobs, meta)
 
     def save_all(self) -> None:
         """Save every idle slot's state (before the context is freed)."""
@@ -149,9 +174,13 @@ class KvSlots:
             self.wipe(slot)
             return False
         slot.tokens = list(cached.tokens)
+        meta, shifts = list(cached.meta), []
+        if _SHIFTS in meta:
+            at = meta.index(_SHIFTS)
+            meta, shifts = meta[:at], meta[at + 1 :]
+        slot.shifts = list(zip(shifts[::2], shifts[1::2], strict=True))
         slot.checkpoints = [
-            Checkpoint(n, (ctypes.c_uint8 * len(b)).from_buffer_copy(b))
-            for n, b in zip(cached.meta, blobs[1:], strict=True)
+            Checkpoint(n, (ctypes.c_uint8 * len(b)).from_buffer_copy(b)) for n, b in zip(meta, blobs[1:], strict=True)
         ]
         return True
 
@@ -173,7 +202,7 @@ class KvSlots:
                 return False
         else:
             llama_cpp.llama_memory_seq_cp(self._memory, source.seq, slot.seq, -1, -1)
-        slot.tokens = list(source.tokens)
+        slot.tokens, slot.shifts = list(source.tokens), list(source.shifts)
         slot.checkpoints = list(source.checkpoints)  # read-only state: shared, never changed in place
         return self._keep(slot, n) > 0
 
@@ -192,23 +221,25 @@ class KvSlots:
             ):
                 return checkpoint.n_tokens
         llama_cpp.llama_memory_seq_rm(mem, slot.seq, -1, -1)
-        slot.tokens, slot.checkpoints = [], []
+        slot.tokens, slot.checkpoints, slot.shifts = [], [], []
         return 0
 
     def _cut(self, slot: KvSlot, n: int) -> bool:
-        """Drop positions n.. of `slot`: whether what stays can continue at position n."""
+        """Drop tokens n.. of `slot`: whether what stays can continue at token n."""
         mem = self._memory
         if n > len(slot.tokens):
             return False
-        # A sliding window must still hold every position that position n attends to: those after
-        # n - window (llama.cpp masks p0 where n - p0 >= window; a chunked window needs fewer).
+        pos = slot.position(n)
+        # A sliding window must still hold every position that position `pos` attends to: those
+        # after pos - window (llama.cpp masks p0 where pos - p0 >= window; a chunked window needs fewer).
         pos_min = llama_cpp.llama_memory_seq_pos_min(mem, slot.seq)
-        if self._swa and pos_min > max(0, n - self._swa + 1):
+        if self._swa and pos_min > max(0, pos - self._swa + 1):
             return False
-        if not llama_cpp.llama_memory_seq_rm(mem, slot.seq, n, -1):
+        if not llama_cpp.llama_memory_seq_rm(mem, slot.seq, pos, -1):
             return False  # a recurrent state cannot be cut back (it is left as it was)
         del slot.tokens[n:]
         slot.checkpoints = [c for c in slot.checkpoints if c.n_tokens <= n]
+        slot.shifts = [s for s in slot.shifts if s[0] <= n]
         return True
 
     def _restore(self, slot: KvSlot, checkpoint: Checkpoint) -> bool:
@@ -241,7 +272,8 @@ class KvSlots:
         gaps = [s for s in self.slots[min(present) : max(present) + 1] if s.seq not in present]
         if len(gaps) > room or any(len(s.tokens) >= min(self._stream, longest) for s in gaps):
             return []
-        return [(s.seq, len(s.tokens), max(s.tokens[-1], 0) if s.tokens else 0) for s in gaps]  # (not an image place)
+        # (a filler goes at the slot's next position; an image place is no token)
+        return [(s.seq, s.position(len(s.tokens)), max(s.tokens[-1], 0) if s.tokens else 0) for s in gaps]
 
     def unfill(self, fillers: list[tuple[int, int, int]]) -> None:
         for seq, pos, _ in fillers:
@@ -250,7 +282,7 @@ class KvSlots:
     def wipe(self, slot: KvSlot) -> None:
         """Empty an acquired slot's KV, to evaluate a prompt from its first token."""
         llama_cpp.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
-        slot.tokens, slot.checkpoints = [], []
+        slot.tokens, slot.checkpoints, slot.shifts = [], [], []
 
     def release(self, slot: KvSlot) -> None:
         slot.busy, slot.used = False, next(self._clock)
@@ -270,6 +302,6 @@ class KvSlots:
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self._memory, True)
         for slot in self.slots:
-            slot.tokens, slot.checkpoints = [], []
+            slot.tokens, slot.checkpoints, slot.shifts = [], [], []
         if self.cache is not None:
             self.cache.clear()

@@ -8,6 +8,10 @@ chunks by their hash too), and a different image stops the match where it starts
 evaluates an image whole when a sequence's prefill reaches it (`Vision.evaluate`): encoded by the
 projector, its embeddings decoded into the sequence's KV; a prefix is never cut inside one
 (`image_start`).
+
+On M-RoPE models (Qwen2-VL and later) an image's embeddings take fewer positions than places
+(`mtmd_input_chunk_get_n_pos`: max(nx, ny) of its nx x ny grid), and the text after it goes on
+from the position after the image: a slot maps a place to its position (`KvSlot.position`).
 """
 
 from __future__ import annotations
@@ -70,11 +74,6 @@ class Vision:
         if not mtmd.mtmd_support_vision(self._ctx):
             self.close()
             raise ModelUnavailableError(f"{where}: the projector {path} reads no images (audio only)")
-        # M-RoPE models (Qwen2-VL and later) place an image's embeddings on fewer positions than
-        # there are embeddings; the token list here gives each one its own position.
-        self.supported = not mtmd.mtmd_decode_use_mrope(self._ctx)
-        if not self.supported:
-            log.warning("%s: images on M-RoPE models (Qwen-VL) are not supported yet; they get a 400", where)
 
     def close(self) -> None:
         if self._ctx:
@@ -130,7 +129,7 @@ class Vision:
 
     def evaluate(self, context: Any, chunk: Any, position: int, seq: int, n_batch: int) -> int:
         """Encode an image chunk and decode its embeddings into sequence `seq` from `position`;
-        returns the position after it."""
+        returns the position after it (on an M-RoPE model, fewer than its places after `position`)."""
         mtmd = _mtmd()
         after = llama_cpp.llama_pos(0)
         rc = mtmd.mtmd_helper_eval_chunk_single(
@@ -139,6 +138,11 @@ class Vision:
         if rc != 0:
             raise EngineError(f"llama.cpp could not evaluate an image (status {rc})")
         return int(after.value)
+
+
+def image_places(chunk: Any) -> int:
+    """The places (embeddings) an image chunk takes in a prompt's token list."""
+    return int(_mtmd().mtmd_input_chunk_get_n_tokens(chunk))
 
 
 def _bitmap(mtmd: Any, image: ImageInput) -> Any:
