@@ -1,0 +1,299 @@
+"""Gemma 3 images on the llama.cpp engine: a tiny random Gemma 3 (a sliding window of 16 tokens)
+with a `gemma3` projector, built at test time (tests/fixtures/tiny_gemma3_vlm_gguf.py). mtmd wraps
+each image in `<start_of_image>`/`<end_of_image>` and decodes it with causal attention off, in
+one ubatch. The reference of correctness is mtmd's own evaluation of the same prompt on a plain
+single-sequence context (`mtmd_helper_eval_chunks`, as llama-mtmd-cli runs it): our batched
+engine, cold or reusing a slot's KV, answers what it answers, greedy."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("llama_cpp")
+
+import llama_cpp
+
+from backends.base import IMAGE_MARKER, Chunk, GenerationRequest, ImageInput
+from backends.llamacpp.backend import LlamaCppBackend
+from backends.llamacpp.vision import image_id
+from kernel.config import TierSettings
+from kernel.errors import InvalidRequestError
+from tests.batching import batched
+from tests.fixtures.tiny_gemma3_vlm_gguf import BEGIN, END, IMAGE_TOKENS, WINDOW, build_tiny_gemma3_vlm_gguf
+from tests.fixtures.tiny_vlm_gguf import require_mtmd
+
+require_mtmd()
+
+MAX_TOKENS = 8
+# Enough text after the image that the sliding window has moved past it when the answer starts.
+LONG = "tell me more about this picture, its colours and its shapes, and what it shows"
+
+
+def image(seed: int, size: int = 12) -> ImageInput:
+    """A size x size image of pseudo-random pixels; its digest as the serving layer computes it."""
+    pixels = hashlib.sha256(str(seed).encode()).digest() * (3 * size * size // 32 + 1)
+    rgb = pixels[: 3 * size * size]
+    return ImageInput(size, size, rgb, hashlib.sha256(f"{size}x{size}:".encode() + rgb).hexdigest())
+
+
+RED, BLUE = image(1), image(2)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return build_tiny_gemma3_vlm_gguf(tmp_path_factory.mktemp("gemma3"))
+
+
+@pytest.fixture(scope="module")
+def vlm(files: tuple[Path, Path]) -> Iterator[LlamaCppBackend]:
+    model, _ = files
+    tier = TierSettings(name="light", model_path=str(model), n_ctx=512, n_batch=64, max_batch=3)
+    backend = LlamaCppBackend(tier, str(model))
+    backend.load()
+    yield backend
+    backend.close()
+
+
+class Reference:
+    """mtmd's own single-sequence evaluation: the prompt's chunks through `mtmd_helper_eval_chunks`
+    on a plain context, then greedy decoding one token at a time."""
+
+    def __init__(self, model_path: Path, projector: Path) -> None:
+        import llama_cpp.mtmd_cpp as mtmd
+
+        self._mtmd = mtmd
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = 0
+        self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), params)
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        mp = mtmd.mtmd_context_params_default()
+        mp.use_gpu, mp.print_timings, mp.media_marker = False, False, IMAGE_MARKER.encode()
+        self.ctx = mtmd.mtmd_init_from_file(str(projector).encode(), self.model, mp)
+        assert self.ctx
+
+    def close(self) -> None:
+        self._mtmd.mtmd_free(self.ctx)
+        llama_cpp.llama_model_free(self.model)
+
+    def answer(self, text: str, images: tuple[ImageInput, ...], n_batch: int = 64) -> tuple[str, float]:
+        """The greedy answer, and its first token's log-probability. `n_batch`: how many of an
+        image's embeddings go in one decode (mtmd splits a larger image, which a causal model
+        allows and Gemma 3 does not)."""
+        mtmd = self._mtmd
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = 512, 64, 64, 1
+        lctx = llama_cpp.llama_init_from_model(self.model, cp)
+        chunks = mtmd.mtmd_input_chunks_init()
+        sampler = llama_cpp.llama_sampler_init_greedy()
+        try:
+            bitmaps = []
+            for im in images:
+                pixels = (ctypes.c_uint8 * len(im.rgb)).from_buffer_copy(im.rgb)
+                bitmaps.append(mtmd.mtmd_bitmap_init(im.width, im.height, pixels))
+            data = text.encode()
+            source = mtmd.mtmd_input_text(data, len(data), False, True)  # the template wrote BOS
+            array = (mtmd.mtmd_bitmap_p_ctypes * len(bitmaps))(*bitmaps)
+            assert mtmd.mtmd_tokenize(self.ctx, chunks, ctypes.byref(source), array, len(bitmaps)) == 0
+            for bitmap in bitmaps:
+                mtmd.mtmd_bitmap_free(bitmap)
+            n_past = llama_cpp.llama_pos(0)
+            rc = mtmd.mtmd_helper_eval_chunks(self.ctx, lctx, chunks, 0, 0, n_batch, True, ctypes.byref(n_past))
+            assert rc == 0
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(lctx, -1), shape=(self.n_vocab,))
+            first = float(logits.max() - logits.max() - np.log(np.exp(logits - logits.max()).sum()))
+            out = b""
+            for _ in range(MAX_TOKENS):
+                token = llama_cpp.llama_sampler_sample(sampler, lctx, -1)
+                if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+                    break
+                buf = ctypes.create_string_buffer(64)
+                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+                out += buf.raw[:n]
+                one = (llama_cpp.llama_token * 1)(token)
+                assert llama_cpp.llama_decode(lctx, llama_cpp.llama_batch_get_one(one, 1)) == 0
+            return out.decode("utf-8", errors="replace"), first
+        finally:
+            llama_cpp.llama_sampler_free(sampler)
+            mtmd.mtmd_input_chunks_free(chunks)
+            llama_cpp.llama_free(lctx)
+
+
+@pytest.fixture(scope="module")
+def reference(files: tuple[Path, Path]) -> Iterator[Reference]:
+    ref = Reference(*files)
+    yield ref
+    ref.close()
+
+
+def ask(*images: ImageInput, text: str = "what is it", history: tuple[dict[str, Any], ...] = ()) -> GenerationRequest:
+    content = " ".join([IMAGE_MARKER] * len(images)) + " " + text if images else text
+    return GenerationRequest(
+        messages=(*history, {"role": "user", "content": content}),
+        images=images,
+        max_tokens=MAX_TOKENS,
+        temperature=0.0,
+    )
+
+
+def run(backend: LlamaCppBackend, request: GenerationRequest) -> tuple[str, Chunk]:
+    chunks = list(backend.stream(request))
+    return "".join(c.text for c in chunks), chunks[-1]
+
+
+def expected(vlm: LlamaCppBackend, reference: Reference, request: GenerationRequest, n_batch: int = 64) -> Answer:
+    assert request.messages is not None
+    return Answer(*reference.answer(vlm.render_chat(request.messages), request.images, n_batch))
+
+
+@dataclass(frozen=True, eq=False)
+class Answer:
+    """A greedy answer and its first token's log-probability: the text alone hardly depends on how
+    the random model read the image, the score does."""
+
+    text: str
+    first: float
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Answer):
+            return NotImplemented
+        return self.text == other.text and abs(self.first - other.first) < 1e-4
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+
+def scored(backend: LlamaCppBackend, request: GenerationRequest) -> Answer:
+    return scored_run(backend, request)[0]
+
+
+def scored_run(backend: LlamaCppBackend, request: GenerationRequest) -> tuple[Answer, Chunk]:
+    chunks = list(backend.stream(replace(request, logprobs=True)))
+    first = chunks[0].scored[0].logprob
+    assert first is not None
+    return Answer("".join(c.text for c in chunks), first.logprob), chunks[-1]
+
+
+def test_mtmd_wraps_the_image_and_counts_its_places(vlm: LlamaCppBackend) -> None:
+    assert vlm.reads_images
+    prompt = vlm.tokens(ask(RED))
+    start = prompt.index(image_id(RED.digest))
+    begin, end = vlm.encode(BEGIN)[-1], vlm.encode(END)[-1]  # single control tokens
+    assert prompt[start - 1] == begin
+    assert prompt[start : start + IMAGE_TOKENS] == [image_id(RED.digest)] * IMAGE_TOKENS
+    assert prompt[start + IMAGE_TOKENS] == end
+    _, last = run(vlm, ask(RED))
+    assert last.usage is not None and last.usage.prompt_tokens == len(prompt)
+
+
+def test_two_images_two_answers_as_mtmd_gives_them(vlm: LlamaCppBackend, reference: Reference) -> None:
+    answers = []
+    for im in (RED, BLUE):
+        vlm.reset_prefix_cache()
+        answer = scored(vlm, ask(im))
+        assert answer == expected(vlm, reference, ask(im))
+        answers.append(answer)
+    assert answers[0].text != answers[1].text
+    # The comparison sees how the image was read: mtmd splitting it over decodes (each part attending
+    # only to the parts before it, as a causal model reads) scores otherwise.
+    assert expected(vlm, reference, ask(RED), n_batch=IMAGE_TOKENS // 2) != answers[0]
+
+
+def test_an_image_past_the_sliding_window(vlm: LlamaCppBackend, reference: Reference) -> None:
+    request = ask(RED, text=LONG)
+    prompt = vlm.tokens(request)
+    after = len(prompt) - prompt.index(image_id(RED.digest)) - IMAGE_TOKENS
+    assert after > WINDOW  # the sliding layer no longer sees the image; the global one does
+    vlm.reset_prefix_cache()
+    cold = scored(vlm, request)
+    assert cold == expected(vlm, reference, request)
+    assert cold != scored(vlm, ask(BLUE, text=LONG))
+
+
+def test_a_second_turn_reuses_the_image_and_answers_as_a_cold_slot(vlm: LlamaCppBackend, reference: Reference) -> None:
+    for text in ("what is it", LONG):  # the image inside the window, then past it
+        vlm.reset_prefix_cache()
+        first, _ = run(vlm, ask(BLUE, text=text))
+        history = ({"role": "user", "content": f"{IMAGE_MARKER} {text}"}, {"role": "assistant", "content": first})
+        turn = replace(ask(text="and now", history=history), images=(BLUE,))
+        warm, warm_end = scored_run(vlm, turn)
+        start = vlm.tokens(turn).index(image_id(BLUE.digest))
+        # The window's checkpoint lies after the image: its KV is reused, not encoded again.
+        assert warm_end.usage is not None and warm_end.usage.cached_tokens >= start + IMAGE_TOKENS
+        vlm.reset_prefix_cache()
+        cold, cold_end = scored_run(vlm, turn)
+        assert cold_end.usage is not None and cold_end.usage.cached_tokens == 0
+        assert warm == cold == expected(vlm, reference, turn)
+
+
+def test_a_slot_is_never_cut_back_inside_an_image(vlm: LlamaCppBackend, reference: Reference) -> None:
+    """Past the window a sliding layer cannot be cut back to any position: the slot goes back to a
+    checkpoint or to nothing, never into the image; what it answers next is still mtmd's answer."""
+    slots = vlm.kv_slots
+    vlm.reset_prefix_cache()
+    run(vlm, ask(RED, text=LONG))
+    slot = max(slots.slots, key=lambda s: len(s.tokens))
+    start = slot.tokens.index(image_id(RED.digest))
+    slot.busy = True
+    try:
+        kept = slots._keep(slot, start + IMAGE_TOKENS // 2)
+        assert kept <= start
+        assert len(slot.tokens) == kept
+    finally:
+        slots.release(slot)
+    # The same image with other text after it: reuses what is left, answers as mtmd does.
+    request = ask(RED, text="and what colour")
+    assert scored(vlm, request) == expected(vlm, reference, request)
+
+
+def test_images_batch_with_text(vlm: LlamaCppBackend) -> None:
+    text = ask(text="hello there, what is new")
+    requests = [ask(RED), ask(BLUE, text=LONG), text]
+    alone = []
+    for request in requests:
+        vlm.reset_prefix_cache()
+        alone.append(run(vlm, request)[0])
+    vlm.reset_prefix_cache()
+    together = ["".join(t.text for t in tokens) for tokens in batched(vlm, requests)]
+    assert together == alone
+
+
+def test_an_image_larger_than_n_batch_is_refused(files: tuple[Path, Path]) -> None:
+    """Gemma 3 reads an image in one ubatch (its tokens attend both ways): one that does not fit
+    is a 400 naming N_BATCH, not a split image."""
+    model, _ = files
+    small = TierSettings(name="light", model_path=str(model), n_ctx=256, n_batch=IMAGE_TOKENS - 1)
+    backend = LlamaCppBackend(small, str(model))
+    backend.load()
+    try:
+        with pytest.raises(InvalidRequestError, match="N_BATCH"):
+            backend.tokens(ask(RED))
+    finally:
+        backend.close()
+
+
+def test_two_images_in_one_prompt_as_mtmd_reads_them(vlm: LlamaCppBackend, reference: Reference) -> None:
+    vlm.reset_prefix_cache()
+    request = ask(RED, BLUE, text=LONG)
+    assert vlm.tokens(request).count(image_id(BLUE.digest)) == IMAGE_TOKENS
+    assert scored(vlm, request) == expected(vlm, reference, request)
+
+
+def test_sequences_sharing_an_image_in_one_batch(vlm: LlamaCppBackend, reference: Reference) -> None:
+    """Two prompts with the same image join one batch: the second waits for the first's prefill of
+    the shared prefix and takes its KV where the window allows; either way both answer as mtmd does."""
+    requests = [replace(ask(RED, text=LONG), logprobs=True), replace(ask(RED, text="and what colour"), logprobs=True)]
+    together = []
+    for tokens in batched(vlm, requests):
+        first = tokens[0].logprob
+        assert first is not None
+        together.append(Answer("".join(t.text for t in tokens), first.logprob))
+    assert together == [expected(vlm, reference, r) for r in requests]
