@@ -23,7 +23,7 @@ import llama_cpp
 
 from backends.base import IMAGE_MARKER, Chunk, GenerationRequest, ImageInput
 from backends.llamacpp.backend import LlamaCppBackend
-from backends.llamacpp.vision import image_id
+from backends.llamacpp.vision import image_id, image_spans
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError
 from tests.batching import batched
@@ -297,3 +297,14 @@ def test_sequences_sharing_an_image_in_one_batch(vlm: LlamaCppBackend, reference
         assert first is not None
         together.append(Answer("".join(t.text for t in tokens), first.logprob))
     assert together == [expected(vlm, reference, r) for r in requests]
+
+
+def test_image_spans_name_each_image() -> None:
+    """/tokenize's `images`: each run of places matched to the request's image it shows, in order;
+    a tiled image's runs (its id again, no other image between) keep its index."""
+    x, y = image_id(RED.digest), image_id(BLUE.digest)
+    spans = image_spans([1, x, x, 2, y, y, y, 3, x, x, 4], (RED, BLUE, RED))
+    assert [(s.index, s.start, s.length) for s in spans] == [(0, 1, 2), (1, 4, 3), (2, 8, 2)]
+    tiles = image_spans([x, x, 4, x, x, 5, y], (RED, BLUE))
+    assert [s.index for s in tiles] == [0, 0, 1]
+    assert [s.index for s in image_spans([1, y, 2], (RED,))] == [None]
