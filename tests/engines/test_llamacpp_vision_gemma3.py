@@ -7,43 +7,28 @@ engine, cold or reusing a slot's KV, answers what it answers, greedy."""
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 
 pytest.importorskip("llama_cpp")
 
-import llama_cpp
-
-from backends.base import IMAGE_MARKER, Chunk, GenerationRequest, ImageInput
+from backends.base import IMAGE_MARKER
 from backends.llamacpp.backend import LlamaCppBackend
 from backends.llamacpp.vision import image_id, image_spans
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError
 from tests.batching import batched
+from tests.fixtures.mtmd_reference import Answer, Reference, ask, expected, image, run, scored, scored_run
 from tests.fixtures.tiny_gemma3_vlm_gguf import BEGIN, END, IMAGE_TOKENS, WINDOW, build_tiny_gemma3_vlm_gguf
 from tests.fixtures.tiny_vlm_gguf import require_mtmd
 
 require_mtmd()
 
-MAX_TOKENS = 8
 # Enough text after the image that the sliding window has moved past it when the answer starts.
 LONG = "tell me more about this picture, its colours and its shapes, and what it shows"
-
-
-def image(seed: int, size: int = 12) -> ImageInput:
-    """A size x size image of pseudo-random pixels; its digest as the serving layer computes it."""
-    pixels = hashlib.sha256(str(seed).encode()).digest() * (3 * size * size // 32 + 1)
-    rgb = pixels[: 3 * size * size]
-    return ImageInput(size, size, rgb, hashlib.sha256(f"{size}x{size}:".encode() + rgb).hexdigest())
-
-
 RED, BLUE = image(1), image(2)
 
 
@@ -62,124 +47,11 @@ def vlm(files: tuple[Path, Path]) -> Iterator[LlamaCppBackend]:
     backend.close()
 
 
-class Reference:
-    """mtmd's own single-sequence evaluation: the prompt's chunks through `mtmd_helper_eval_chunks`
-    on a plain context, then greedy decoding one token at a time."""
-
-    def __init__(self, model_path: Path, projector: Path) -> None:
-        import llama_cpp.mtmd_cpp as mtmd
-
-        self._mtmd = mtmd
-        params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = 0
-        self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), params)
-        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        mp = mtmd.mtmd_context_params_default()
-        mp.use_gpu, mp.print_timings, mp.media_marker = False, False, IMAGE_MARKER.encode()
-        self.ctx = mtmd.mtmd_init_from_file(str(projector).encode(), self.model, mp)
-        assert self.ctx
-
-    def close(self) -> None:
-        self._mtmd.mtmd_free(self.ctx)
-        llama_cpp.llama_model_free(self.model)
-
-    def answer(self, text: str, images: tuple[ImageInput, ...], n_batch: int = 64) -> tuple[str, float]:
-        """The greedy answer, and its first token's log-probability. `n_batch`: how many of an
-        image's embeddings go in one decode (mtmd splits a larger image, which a causal model
-        allows and Gemma 3 does not)."""
-        mtmd = self._mtmd
-        cp = llama_cpp.llama_context_default_params()
-        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = 512, 64, 64, 1
-        lctx = llama_cpp.llama_init_from_model(self.model, cp)
-        chunks = mtmd.mtmd_input_chunks_init()
-        sampler = llama_cpp.llama_sampler_init_greedy()
-        try:
-            bitmaps = []
-            for im in images:
-                pixels = (ctypes.c_uint8 * len(im.rgb)).from_buffer_copy(im.rgb)
-                bitmaps.append(mtmd.mtmd_bitmap_init(im.width, im.height, pixels))
-            data = text.encode()
-            source = mtmd.mtmd_input_text(data, len(data), False, True)  # the template wrote BOS
-            array = (mtmd.mtmd_bitmap_p_ctypes * len(bitmaps))(*bitmaps)
-            assert mtmd.mtmd_tokenize(self.ctx, chunks, ctypes.byref(source), array, len(bitmaps)) == 0
-            for bitmap in bitmaps:
-                mtmd.mtmd_bitmap_free(bitmap)
-            n_past = llama_cpp.llama_pos(0)
-            rc = mtmd.mtmd_helper_eval_chunks(self.ctx, lctx, chunks, 0, 0, n_batch, True, ctypes.byref(n_past))
-            assert rc == 0
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(lctx, -1), shape=(self.n_vocab,))
-            first = float(logits.max() - logits.max() - np.log(np.exp(logits - logits.max()).sum()))
-            out = b""
-            for _ in range(MAX_TOKENS):
-                token = llama_cpp.llama_sampler_sample(sampler, lctx, -1)
-                if llama_cpp.llama_vocab_is_eog(self.vocab, token):
-                    break
-                buf = ctypes.create_string_buffer(64)
-                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
-                out += buf.raw[:n]
-                one = (llama_cpp.llama_token * 1)(token)
-                assert llama_cpp.llama_decode(lctx, llama_cpp.llama_batch_get_one(one, 1)) == 0
-            return out.decode("utf-8", errors="replace"), first
-        finally:
-            llama_cpp.llama_sampler_free(sampler)
-            mtmd.mtmd_input_chunks_free(chunks)
-            llama_cpp.llama_free(lctx)
-
-
 @pytest.fixture(scope="module")
 def reference(files: tuple[Path, Path]) -> Iterator[Reference]:
     ref = Reference(*files)
     yield ref
     ref.close()
-
-
-def ask(*images: ImageInput, text: str = "what is it", history: tuple[dict[str, Any], ...] = ()) -> GenerationRequest:
-    content = " ".join([IMAGE_MARKER] * len(images)) + " " + text if images else text
-    return GenerationRequest(
-        messages=(*history, {"role": "user", "content": content}),
-        images=images,
-        max_tokens=MAX_TOKENS,
-        temperature=0.0,
-    )
-
-
-def run(backend: LlamaCppBackend, request: GenerationRequest) -> tuple[str, Chunk]:
-    chunks = list(backend.stream(request))
-    return "".join(c.text for c in chunks), chunks[-1]
-
-
-def expected(vlm: LlamaCppBackend, reference: Reference, request: GenerationRequest, n_batch: int = 64) -> Answer:
-    assert request.messages is not None
-    return Answer(*reference.answer(vlm.render_chat(request.messages), request.images, n_batch))
-
-
-@dataclass(frozen=True, eq=False)
-class Answer:
-    """A greedy answer and its first token's log-probability: the text alone hardly depends on how
-    the random model read the image, the score does."""
-
-    text: str
-    first: float
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Answer):
-            return NotImplemented
-        return self.text == other.text and abs(self.first - other.first) < 1e-4
-
-    def __hash__(self) -> int:
-        return hash(self.text)
-
-
-def scored(backend: LlamaCppBackend, request: GenerationRequest) -> Answer:
-    return scored_run(backend, request)[0]
-
-
-def scored_run(backend: LlamaCppBackend, request: GenerationRequest) -> tuple[Answer, Chunk]:
-    chunks = list(backend.stream(replace(request, logprobs=True)))
-    first = chunks[0].scored[0].logprob
-    assert first is not None
-    return Answer("".join(c.text for c in chunks), first.logprob), chunks[-1]
 
 
 def test_mtmd_wraps_the_image_and_counts_its_places(vlm: LlamaCppBackend) -> None:
