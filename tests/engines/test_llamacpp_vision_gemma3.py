@@ -160,15 +160,20 @@ def test_two_images_in_one_prompt_as_mtmd_reads_them(vlm: LlamaCppBackend, refer
 
 
 def test_sequences_sharing_an_image_in_one_batch(vlm: LlamaCppBackend, reference: Reference) -> None:
-    """Two prompts with the same image join one batch: the second waits for the first's prefill of
-    the shared prefix and takes its KV where the window allows; either way both answer as mtmd does."""
-    requests = [replace(ask(RED, text=LONG), logprobs=True), replace(ask(RED, text="and what colour"), logprobs=True)]
-    together = []
-    for tokens in batched(vlm, requests):
-        first = tokens[0].logprob
-        assert first is not None
-        together.append(Answer("".join(t.text for t in tokens), first.logprob))
-    assert together == [expected(vlm, reference, r) for r in requests]
+    """Two prompts with the same image join one batch: the second waits while the first prefills
+    the shared prefix, which stops there (further on, the sliding window would have left the start
+    of what the second needs), and takes its KV, image included, instead of encoding it again."""
+    for second in ("and what colour", LONG + " again"):
+        requests = [replace(ask(RED, text=LONG), logprobs=True), replace(ask(RED, text=second), logprobs=True)]
+        leader, follower = batched(vlm, requests)
+        start = vlm.tokens(requests[0]).index(image_id(RED.digest))
+        assert follower[0].cached_tokens > start + IMAGE_TOKENS
+        together = []
+        for tokens in (leader, follower):
+            first = tokens[0].logprob
+            assert first is not None
+            together.append(Answer("".join(t.text for t in tokens), first.logprob))
+        assert together == [expected(vlm, reference, r) for r in requests]
 
 
 def test_image_spans_name_each_image() -> None:
