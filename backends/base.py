@@ -61,6 +61,17 @@ class ImageInput:
 
 
 @dataclass(frozen=True, slots=True)
+class ImageSpan:
+    """Where a prompt from `Backend.tokens` holds an image's places: one per embedding the image
+    decodes into, holding no vocabulary id of meaning (llama.cpp: a negative id; MLX: the model's
+    image placeholder). A tiled image may take several spans."""
+
+    index: int | None  # which of the request's images, in order; None where the engine cannot tell
+    start: int  # the first place, an index into the prompt's token list
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """`messages` (rendered with the model's chat template) or `prompt` (text or token ids)."""
 
@@ -463,6 +474,10 @@ class Backend(abc.ABC):
         if isinstance(request.prompt, list):
             return request.prompt
         return self.encode(request.prompt)
+
+    def image_spans(self, prompt: Sequence[int], images: Sequence[ImageInput]) -> list[ImageSpan]:
+        """Where `prompt` (from `tokens`, for a request with these `images`) holds the images, in order."""
+        return []
 
     def thinking_budget(self, prompt: Sequence[int], request: GenerationRequest) -> ThinkingBudget | None:
         """The request's thinking budget as a decoder enforces it; None where there is nothing to

@@ -21,6 +21,8 @@ from backends.base import (
     DecodeState,
     EngineInfo,
     GenerationRequest,
+    ImageInput,
+    ImageSpan,
     Token,
     card_sampling,
     template_variables,
@@ -34,7 +36,7 @@ from backends.llamacpp.kv_slots import KvSlots
 from backends.llamacpp.sampling import GrammarCompiler
 from backends.llamacpp.speculative import SpeculativeStats
 from backends.llamacpp.users import NativeUsers
-from backends.llamacpp.vision import Vision, load_vision
+from backends.llamacpp.vision import Vision, image_spans, load_vision
 from backends.prompt_cache import PromptCache
 from backends.reasoning import ReasoningFormat
 from backends.tools import tool_format
@@ -423,6 +425,9 @@ class LlamaCppBackend(Backend):
         if prompt and prompt[-1] < 0:  # nothing after the image to read its answer from
             raise InvalidRequestError("messages: the prompt ends with an image; add text after it", param="messages")
         return prompt
+
+    def image_spans(self, prompt: Sequence[int], images: Sequence[ImageInput]) -> list[ImageSpan]:
+        return image_spans(prompt, images)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         tokens = [t for t in tokens if t >= 0]  # an image's places (`vision`) have no text

@@ -268,6 +268,9 @@ class LlamaCppBatch(DecodeBatch):
                 take = min(take, min((i for i in prompt.images if i >= seq.fed), default=limit) - seq.fed)
                 if take <= 0:
                     continue
+            if kv_slots.checkpointing:  # a window moves past what a follower shares: stop there for it
+                waiting = [f.shared for f in self._sequences.values() if f.leader is seq and f.shared > seq.fed]
+                take = min(take, min(waiting, default=seq.fed + take) - seq.fed)
             mark = kv_slots.checkpoint_at(len(prompt))
             if mark is not None and seq.fed < mark < seq.fed + take:
                 take = mark - seq.fed  # the step ends where the prompt is checkpointed

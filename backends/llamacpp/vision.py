@@ -24,7 +24,7 @@ from typing import Any
 
 import llama_cpp
 
-from backends.base import IMAGE_MARKER, ImageInput
+from backends.base import IMAGE_MARKER, ImageInput, ImageSpan
 from kernel.errors import EngineError, InvalidRequestError, ModelUnavailableError
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,28 @@ _ID_SPAN = 2**31 - 3  # image ids lie in -2 .. -(2**31 - 2): never a token, neve
 def image_id(digest: str) -> int:
     """The id each place of an image holds in a prompt's token list."""
     return -2 - int(digest[:16], 16) % _ID_SPAN
+
+
+def image_spans(prompt: Sequence[int], images: Sequence[ImageInput]) -> list[ImageSpan]:
+    """The runs of image places in `prompt`, each matched to the first image after the previous
+    run's that it shows (a tiled image's runs repeat its id)."""
+    ids = [image_id(im.digest) for im in images]
+    starts = prompt.images if isinstance(prompt, VisionPrompt) else {}
+    spans: list[ImageSpan] = []
+    k, i = -1, 0
+    while i < len(prompt):
+        place = prompt[i]
+        if place >= 0:
+            i += 1
+            continue
+        j = i + 1
+        while j < len(prompt) and prompt[j] == place and j not in starts:  # the same image twice in a row
+            j += 1
+        if k + 1 < len(ids) and ids[k + 1] == place:
+            k += 1
+        spans.append(ImageSpan(k if k >= 0 and ids[k] == place else None, i, j - i))
+        i = j
+    return spans
 
 
 def image_start(tokens: Sequence[int], n: int) -> int:

@@ -27,6 +27,8 @@ from backends.base import (
     DecodeState,
     EngineInfo,
     GenerationRequest,
+    ImageInput,
+    ImageSpan,
     Token,
     card_sampling,
     template_variables,
@@ -219,6 +221,9 @@ class MlxBackend(Backend):
         text = self.render_chat(request.messages, request.tools, template_variables(request))
         with engine_errors(ENGINE):
             return self._vision.tokens(text, request.images, self._require()[1].bos_token)
+
+    def image_spans(self, prompt: Sequence[int], images: Sequence[ImageInput]) -> list[ImageSpan]:
+        return self._vision.spans(prompt, len(images)) if self._vision is not None else []
 
     def encode(self, text: str) -> list[int]:
         tokenizer = self._require()[1]

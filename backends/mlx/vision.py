@@ -23,7 +23,7 @@ import numpy as np
 from mlx_vlm.utils import load as vlm_load
 from PIL import Image
 
-from backends.base import IMAGE_MARKER, ImageInput
+from backends.base import IMAGE_MARKER, ImageInput, ImageSpan
 from kernel.errors import InvalidRequestError, ModelUnavailableError
 
 
@@ -125,13 +125,7 @@ class VisionLanguageModel:
         is negative), so the prefix cache tells images apart. Each run of image tokens is one image;
         where the runs do not match the images one to one, every image's digest keys every run."""
         key = list(prompt)
-        runs: list[list[int]] = []
-        for i, token in enumerate(key):
-            if token == self.image_token_id:
-                if runs and runs[-1][-1] == i - 1:
-                    runs[-1].append(i)
-                else:
-                    runs.append([i])
+        runs = self._runs(prompt)
         every = "".join(im.digest for im in images)
         for n, run in enumerate(runs):
             digest = images[n].digest if len(runs) == len(images) else every
@@ -140,6 +134,22 @@ class VisionLanguageModel:
                 bits = int.from_bytes(hashlib.sha256(f"{digest}:{j}".encode()).digest()[:4], "little") & 0x7FFFFFFF
                 key[i] = -1 - bits
         return key
+
+    def _runs(self, prompt: Sequence[int]) -> list[list[int]]:
+        """The indices of each run of image tokens in `prompt`."""
+        runs: list[list[int]] = []
+        for i, token in enumerate(prompt):
+            if token == self.image_token_id:
+                if runs and runs[-1][-1] == i - 1:
+                    runs[-1].append(i)
+                else:
+                    runs.append([i])
+        return runs
+
+    def spans(self, prompt: Sequence[int], count: int) -> list[ImageSpan]:
+        """Each run of image tokens, the n-th image's when runs and images match one to one."""
+        runs = self._runs(prompt)
+        return [ImageSpan(n if len(runs) == count else None, run[0], len(run)) for n, run in enumerate(runs)]
 
     def prefill(
         self, model: Any, prompt: Sequence[int], images: Sequence[ImageInput], cache: list[Any], start: int, step: int

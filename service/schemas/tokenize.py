@@ -18,10 +18,20 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
     tools: Annotated[list[ToolSpec], msgspec.Meta(max_length=128)] | None = None
 
 
+class TokenizedImage(msgspec.Struct):
+    """An image's places in a tokenized prompt: `tokens` places (one per embedding the model reads)
+    before `tokens[offset]` of the response's ids."""
+
+    index: int | None  # which image of the request, in order; null where the engine cannot tell
+    offset: int
+    tokens: int
+
+
 class TokenizeResponse(msgspec.Struct):
-    tokens: list[int]
-    count: int
+    tokens: list[int]  # vocabulary ids only: the images' places are in `images`
+    count: int  # every place the prompt takes, images' included (`usage.prompt_tokens`)
     max_model_len: int  # the tier's context window, for checking that a prompt fits
+    images: list[TokenizedImage] = msgspec.field(default_factory=list)
 
 
 class DetokenizeRequest(msgspec.Struct, kw_only=True):

@@ -37,7 +37,13 @@ from service.schemas.chat import (
 )
 from service.schemas.common import UsageInfo
 from service.schemas.completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
-from service.schemas.tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from service.schemas.tokenize import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizedImage,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from service.serving.answer import Answer
 from service.serving.generation import (
     Generation,
@@ -280,7 +286,17 @@ async def serve_tokenize(data: TokenizeRequest, generation: Generation) -> Token
         tools=tool_dicts(data.tools) if data.tools else None,
     )
     tokens = await generation.tokens(target, request)
-    return TokenizeResponse(tokens.ids, len(tokens.ids), tokens.context)
+    # An image's places hold no vocabulary id (llama.cpp's are negative keys, MLX's a placeholder):
+    # `tokens` lists the ids around them, `images` where each image goes and how many places it takes.
+    ids: list[int] = []
+    places: list[TokenizedImage] = []
+    at = 0
+    for span in tokens.images:
+        ids.extend(tokens.ids[at : span.start])
+        places.append(TokenizedImage(span.index, len(ids), span.length))
+        at = span.start + span.length
+    ids.extend(tokens.ids[at:])
+    return TokenizeResponse(ids, len(tokens.ids), tokens.context, places)
 
 
 async def serve_detokenize(data: DetokenizeRequest, generation: Generation) -> DetokenizeResponse:

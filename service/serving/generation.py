@@ -23,6 +23,7 @@ from backends.base import (
     FinishReason,
     GenerationRequest,
     ImageInput,
+    ImageSpan,
     ResponseFormat,
     Token,
     Usage,
@@ -60,10 +61,12 @@ from service.tiers.workers import ChunkStream
 
 @dataclass(frozen=True, slots=True)
 class Tokens:
-    """A prompt's token ids, and the context (in tokens) of the model that read them."""
+    """A prompt's token ids, the context (in tokens) of the model that read them, and where the
+    ids hold images' places (`ImageSpan`)."""
 
     ids: list[int]
     context: int
+    images: tuple[ImageSpan, ...] = ()
 
 
 class Generation:
@@ -182,7 +185,8 @@ class Generation:
         slot = await self.registry.ensure_loaded(target.slot)
         context = slot.context_length or slot.settings.n_ctx
         check_prompt_length(request, context)
-        return Tokens(await GENERATION.tokenize(slot, request), context)
+        ids = await GENERATION.tokenize(slot, request)
+        return Tokens(ids, context, tuple(GENERATION.image_spans(slot, ids, request)))
 
     async def detokenize(self, model: str, ids: list[int]) -> str:
         slot = await self.registry.ensure_loaded(self.target(model).slot)

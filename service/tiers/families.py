@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeGuard, TypeVar
 
-from backends.base import Backend, GenerationRequest
+from backends.base import Backend, GenerationRequest, ImageSpan
 from backends.factory import create_backend, create_remote
 from backends.remote import REMOTE_REASONING, RemotePool
 from embedders.base import Embedder, EmbeddingBatch, EmbeddingJob, EmbeddingRequest
@@ -149,6 +149,12 @@ class GenerationFamily(Family[Backend]):
         if isinstance(slot.engine, RemotePool):
             return await slot.engine.tokenize(request)
         return await asyncio.to_thread(self.engine(slot).tokens, request)
+
+    def image_spans(self, slot: TierSlot, prompt: list[int], request: GenerationRequest) -> list[ImageSpan]:
+        """Where `prompt` (from `tokenize`) holds the request's images; none from a remote tier."""
+        if not request.images or isinstance(slot.engine, RemotePool):
+            return []
+        return self.engine(slot).image_spans(prompt, request.images)
 
     async def detokenize(self, slot: TierSlot, tokens: list[int]) -> str:
         if isinstance(slot.engine, RemotePool):

@@ -175,3 +175,15 @@ def test_a_batch_gives_the_answers_one_request_at_a_time_gives(model: Path) -> N
         assert together == alone and alone[0] != alone[1], (together, alone)
     finally:
         backend.close()
+
+
+def test_tokenize_lists_the_image_apart(server: LiveServer) -> None:
+    """The shape llama.cpp answers too: the vocabulary ids around the image, its places in `images`."""
+    content = [{"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": data_url(RED)}}]
+    with server.client() as http:
+        body = http.post("/tokenize", json={"model": "light", "messages": [{"role": "user", "content": content}]})
+    tokenized = body.json()
+    [image] = tokenized["images"]
+    assert image["index"] == 0 and image["tokens"] == IMAGE_TOKENS
+    assert 0 < image["offset"] <= len(tokenized["tokens"])
+    assert tokenized["count"] == len(tokenized["tokens"]) + IMAGE_TOKENS
