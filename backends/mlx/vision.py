@@ -63,6 +63,9 @@ class VisionLanguageModel:
         config = self._model.config
         self.image_token_id = int(getattr(config, "image_token_index", None) or config.image_token_id)
         self._image_token = self._processor.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        # What a prompt writes where an image goes, for the processor to expand into its tokens:
+        # Gemma 3's processor expands `<start_of_image>`, LLaVA's the image token itself.
+        self._placeholder = str(getattr(self._processor, "boi_token", None) or self._image_token)
         # The processor's pixels from tokenizing a request (off the model's thread), by the images'
         # digests, so decoding does not resize and normalise the same images again.
         self._pixels: OrderedDict[tuple[str, ...], dict[str, mx.array]] = OrderedDict()
@@ -80,12 +83,12 @@ class VisionLanguageModel:
                     f"Image {n + 1} is {im.width}x{im.height}: this model takes images at most {MAX_ASPECT}:1",
                     param="messages",
                 )
-        if self._image_token in text:  # the processor would expand it into an image that was never sent
-            raise InvalidRequestError(
-                f"messages: the text contains {self._image_token!r}, which marks an image on this model",
-                param="messages",
-            )
-        out = self._processor(text=[text.replace(IMAGE_MARKER, self._image_token)], images=_pil(images) or None)
+        for mark in dict.fromkeys((self._placeholder, self._image_token)):
+            if mark in text:  # the processor would expand it into an image that was never sent
+                raise InvalidRequestError(
+                    f"messages: the text contains {mark!r}, which marks an image on this model", param="messages"
+                )
+        out = self._processor(text=[text.replace(IMAGE_MARKER, self._placeholder)], images=_pil(images) or None)
         ids = [int(t) for t in np.asarray(out["input_ids"])[0]]
         pixels = {k: mx.array(np.asarray(v)) for k, v in out.items() if k not in _TEXT_KEYS}
         with self._lock:
@@ -105,12 +108,12 @@ class VisionLanguageModel:
         if pixels is None:
             out = self._processor.image_processor(images=_pil(images), return_tensors="np")
             pixels = {k: mx.array(np.asarray(v)) for k, v in out.items()}
-        features = self._model.get_input_embeddings(mx.array([list(prompt)]), **pixels)
-        # Anything beyond the embeddings (Gemma 3's attention mask, where image tokens see each other
-        # both ways; positions; cross-attention states) changes how the language model must run.
-        extra = [
-            f.name for f in fields(features) if f.name != "inputs_embeds" and getattr(features, f.name) is not None
-        ]
+        ids = mx.array([list(prompt)])
+        features = self._model.get_input_embeddings(ids, mask=mx.ones_like(ids), **pixels)
+        # Anything beyond the embeddings (positions, cross-attention states) changes how the language
+        # model must run. Gemma 3's `attention_mask_4d` does not: mlx-vlm's own generate hands it to a
+        # language model that never reads it (causal attention throughout), and we match its answers.
+        extra = [f.name for f in fields(features) if f.name not in _IGNORED and getattr(features, f.name) is not None]
         if extra:
             raise InvalidRequestError(
                 f"This {self.model_type} model reads images with {', '.join(extra)}, which the MLX engine "
@@ -161,6 +164,7 @@ class VisionLanguageModel:
 
 MAX_ASPECT = 20  # longest side over shortest
 _TEXT_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids"})
+_IGNORED = frozenset({"inputs_embeds", "attention_mask_4d"})  # see `embeddings`
 _PIXELS_KEPT = 16  # requests tokenized and not yet decoded (a full queue sees misses: it recomputes)
 
 
