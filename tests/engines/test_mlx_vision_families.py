@@ -3,6 +3,9 @@ batching): tiny random models built at test time through mlx-vlm's loading code
 (tests/fixtures/tiny_vlm_families.py), each answer checked against mlx-vlm's own `generate` on the
 same model, prompt and image.
 
+Qwen2-VL: positions come from the image's grid (multimodal RoPE), so the text after an image sits
+before its index; the tiny model's answers change when that shift is ignored.
+
 Gemma 3: mlx-vlm 0.7.10's generate computes Gemma 3's image attention mask and never applies it (its
 language model reads `mask`, the mask arrives as `attention_mask_4d`), so attention is causal
 throughout there, as it is here.
@@ -21,14 +24,17 @@ from backends.base import IMAGE_MARKER, GenerationRequest, ImageInput
 from backends.mlx.backend import MlxBackend
 from kernel.config import TierSettings
 from tests.batching import batched
-from tests.fixtures.tiny_vlm_families import GEMMA3_TOKENS, build_tiny_gemma3
+from tests.fixtures.tiny_vlm_families import GEMMA3_TOKENS, QWEN2_VL_TOKENS, build_tiny_gemma3, build_tiny_qwen2_vl
 
 N_CTX = 1024
 MAX_TOKENS = 10
 QUESTION = "What is in this picture?"
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
-FAMILIES: dict[str, tuple[Callable[[Path], Path], int]] = {"gemma3": (build_tiny_gemma3, GEMMA3_TOKENS)}
+FAMILIES: dict[str, tuple[Callable[[Path], Path], int]] = {
+    "gemma3": (build_tiny_gemma3, GEMMA3_TOKENS),
+    "qwen2_vl": (build_tiny_qwen2_vl, QWEN2_VL_TOKENS),
+}
 
 
 def image(color: tuple[int, int, int]) -> ImageInput:
