@@ -3,7 +3,7 @@ batching): tiny random models built at test time through mlx-vlm's loading code
 (tests/fixtures/tiny_vlm_families.py), each answer checked against mlx-vlm's own `generate` on the
 same model, prompt and image.
 
-Qwen2-VL: positions come from the image's grid (multimodal RoPE), so the text after an image sits
+Qwen2-VL, Qwen2.5-VL: positions come from the image's grid (multimodal RoPE), so the text after an image sits
 before its index; the tiny model's answers change when that shift is ignored.
 
 Gemma 3: mlx-vlm 0.7.10's generate computes Gemma 3's image attention mask and never applies it (its
@@ -24,7 +24,13 @@ from backends.base import IMAGE_MARKER, GenerationRequest, ImageInput
 from backends.mlx.backend import MlxBackend
 from kernel.config import TierSettings
 from tests.batching import batched
-from tests.fixtures.tiny_vlm_families import GEMMA3_TOKENS, QWEN2_VL_TOKENS, build_tiny_gemma3, build_tiny_qwen2_vl
+from tests.fixtures.tiny_vlm_families import (
+    GEMMA3_TOKENS,
+    QWEN2_VL_TOKENS,
+    build_tiny_gemma3,
+    build_tiny_qwen2_5_vl,
+    build_tiny_qwen2_vl,
+)
 
 N_CTX = 1024
 MAX_TOKENS = 10
@@ -34,6 +40,7 @@ RED, BLUE = (255, 0, 0), (0, 0, 255)
 FAMILIES: dict[str, tuple[Callable[[Path], Path], int]] = {
     "gemma3": (build_tiny_gemma3, GEMMA3_TOKENS),
     "qwen2_vl": (build_tiny_qwen2_vl, QWEN2_VL_TOKENS),
+    "qwen2_5_vl": (build_tiny_qwen2_5_vl, QWEN2_VL_TOKENS),
 }
 
 
