@@ -112,6 +112,11 @@ def test_two_images_two_answers_each_as_mlx_vlm_generates(family: tuple[MlxBacke
     assert red[0] and red[0] != blue[0], (red, blue)
     assert red[1] - plain[1] >= image_tokens  # the image's tokens (and any markers around them) are counted
     assert [red[0], blue[0]] == [reference(backend, ask(RED)), reference(backend, ask(BLUE))]
+    # The text-only prompt took the text before an image from an image sequence's cache: it answers
+    # as from a cold start (no position shift carried over from that image).
+    assert plain[2] > 0
+    backend.reset_prefix_cache()
+    assert run(backend, ask(None))[0] == plain[0]
 
 
 def test_a_second_turn_with_the_image_reuses_its_kv(family: tuple[MlxBackend, int]) -> None:
