@@ -71,6 +71,8 @@ class ModelHandle:
         goes on from `start` with plain tokens. An image prompt is keyed by its images' digests."""
         if self.vision is None or not request.images:
             cache, reused = prefix_cache.fetch(prompt)
+            if self.vision is not None:
+                self.vision.text_only(cache)
             return _Start(cache, reused, reused, None)
         keyed = self.vision.cache_key(prompt, request.images)
         cache, reused = prefix_cache.fetch(keyed)

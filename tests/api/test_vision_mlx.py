@@ -1,5 +1,5 @@
 """A vision-language model on an MLX tier, through mlx-vlm: a tiny random LLaVA built at test time
-(tests/fixtures/tiny_vlm.py) on a live server, driven with the openai SDK.
+(tests/fixtures/tiny_vlm.py) on a live server, driven with the openai, anthropic and LangChain clients.
 
 The server runs one request at a time (MAX_BATCH=1: mlx-lm's `generate_step`); in-process, the same
 images in one engine batch (`BatchGenerator`) must give the answers they give one at a time.
@@ -16,6 +16,8 @@ from typing import Any
 
 import anthropic
 import pytest
+from langchain_core.messages import HumanMessage
+from langchain_openai import ChatOpenAI
 from openai import BadRequestError, OpenAI
 from PIL import Image
 
@@ -136,6 +138,24 @@ def test_messages_and_responses_read_the_images_too(client: OpenAI, server: Live
         assert response.usage is not None and response.usage.input_tokens > IMAGE_TOKENS
         said["responses"].append(response.output_text)
     assert all(red and red != blue for red, blue in said.values()), said
+
+
+def test_langchain_sends_images_as_the_openai_sdk_does(client: OpenAI, server: LiveServer) -> None:
+    llm = ChatOpenAI(
+        base_url=f"{server.url}/v1", api_key="x", model="light", max_tokens=12, temperature=0, max_retries=0
+    )  # type: ignore[arg-type]
+
+    def said(image: bytes) -> Any:
+        parts: list[Any] = [
+            {"type": "text", "text": QUESTION},
+            {"type": "image_url", "image_url": {"url": data_url(image)}},
+        ]
+        message = llm.invoke([HumanMessage(content=parts)])
+        assert message.usage_metadata is not None and message.usage_metadata["input_tokens"] > IMAGE_TOKENS
+        return message.content
+
+    red, blue = said(RED), said(BLUE)
+    assert red == ask(client, RED).choices[0].message.content and red != blue
 
 
 def test_bad_images_are_400s_and_the_tier_says_it_reads_images(client: OpenAI) -> None:
