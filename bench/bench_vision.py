@@ -90,8 +90,31 @@ main()
 """
 
 
+# The tiny LLaVA's template renders string content (our engine's); mlx-vlm's server renders the
+# OpenAI parts through it, so its copy of the folder gets a template that writes `<image>` for them.
+_PARTS_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}<start_of_turn>{{ role }}\n"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] in ('image', 'image_url') %}<image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def peer_folder(model: Path) -> Path:
+    import shutil
+
+    peer = model.with_name(model.name + "-parts")
+    shutil.copytree(model, peer, dirs_exist_ok=True)
+    (peer / "chat_template.jinja").write_text(_PARTS_TEMPLATE)
+    return peer
+
+
 @contextmanager
-def mlx_vlm_server(model: str, mmproj: str, parallel: int) -> Iterator[Server]:
+def mlx_vlm_server(model: str, mmproj: str, parallel: int, folder: str = "") -> Iterator[Server]:
+    """`folder`: the model to serve instead of `model` (the tiny one's copy, see `peer_folder`)."""
+    model = folder or model
     port = free_port()
     cmd = [sys.executable, "-c", _MLX_VLM_SERVER, "--model", model, "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--max-num-seqs", str(parallel), "--log-level", "WARNING"]
@@ -163,8 +186,11 @@ def main() -> None:
         if not args.model:
             from tests.fixtures.tiny_vlm import build_tiny_vlm
 
-            args.model = str(build_tiny_vlm(Path("/tmp/bench-tiny-vlm-mlx")))
-        peer_name, peer = "mlx_vlm.server", mlx_vlm_server
+            model = build_tiny_vlm(Path("/tmp/bench-tiny-vlm-mlx"))
+            args.model = str(model)
+            peer_name, peer = "mlx_vlm.server", functools.partial(mlx_vlm_server, folder=str(peer_folder(model)))
+        else:
+            peer_name, peer = "mlx_vlm.server", mlx_vlm_server
         print(f"model {Path(args.model).name} (MLX)")
     else:
         if not args.model:
