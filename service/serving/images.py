@@ -85,7 +85,7 @@ class ImageLoader:
             return ()
         sources = [await self._source(part) for part in parts]
         if sum(len(source) for source in sources) > INLINE_SOURCE_BYTES:  # its base64 too, off the loop
-            return await asyncio.to_thread(self._decode, parts, self._lookup(parts, sources))
+            return await asyncio.to_thread(lambda: self._decode(parts, self._lookup(parts, sources)))
         found = self._lookup(parts, sources)
         images = [item for item in found if isinstance(item, ImageInput)]
         if len(images) == len(found):  # all decoded before: no thread hop
