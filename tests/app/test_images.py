@@ -16,6 +16,7 @@ import pytest
 from litestar.testing import TestClient
 from PIL import Image
 
+from service.serving import images
 from tests.live import fake_app
 
 
@@ -123,6 +124,9 @@ def test_an_image_sent_again_is_not_decoded_again(
     opened = []
     real_open = Image.open
     monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    where = set()  # the threads that decoded the base64: a large one never blocks the event loop
+    real_base64 = images._base64
+    monkeypatch.setattr(images, "_base64", lambda *a: where.add(threading.current_thread().name) or real_base64(*a))
     first, again = chat(client, "data:image/png;base64," + b64), chat(client, "data:image/jpeg;base64," + b64)
     block = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64}}
     body = {"model": "light", "max_tokens": 64, "messages": [{"role": "user", "content": [block, block]}]}
@@ -132,6 +136,8 @@ def test_an_image_sent_again_is_not_decoded_again(
     assert f"[image {size}x{size} " in seen and seen == again.json()["choices"][0]["message"]["content"]
     assert seen.removeprefix("what is ") in twice.json()["content"][0]["text"]
     assert len(opened) == 1  # once for the four: the same file, whatever its media type or API
+    loop_thread = client.blocking_portal.call(lambda: threading.current_thread().name)
+    assert (loop_thread in where) == (size == 3) and where
 
 
 def test_text_spelling_the_marker_is_refused_on_a_vision_tier(client: TestClient) -> None:  # type: ignore[type-arg]
