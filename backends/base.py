@@ -57,7 +57,7 @@ class ImageInput:
     width: int
     height: int
     rgb: bytes
-    digest: str  # sha256 of the pixels and size: equal images share KV across requests
+    digest: str  # sha256 of the image file: equal images share KV across requests
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,6 +54,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     allow_remote_images: bool = False
     max_image_bytes: Positive = 20 * 1024 * 1024
     max_image_pixels: Positive = 4096 * 4096
+    image_cache_bytes: NonNeg = 128 * 2**20  # recently decoded images' pixels, kept 5 minutes; 0 = off
     ws_max_requests: Positive = 8  # requests one /v1/ws connection may run at once
     enable_cache: bool = False
     cache_max_size: NonNeg = 1000
@@ -118,7 +119,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
 
 
 # Byte sizes that take a unit (8GiB, 1.5GB) as well as a number of bytes.
-_SIZE_SETTINGS = ("MEMORY_BUDGET", "PROMPT_CACHE_RAM_BYTES", "PROMPT_CACHE_DISK_BYTES")
+_SIZE_SETTINGS = ("MEMORY_BUDGET", "PROMPT_CACHE_RAM_BYTES", "PROMPT_CACHE_DISK_BYTES", "IMAGE_CACHE_BYTES")
 _PROMPT_CACHE_FIELDS = ("prompt_cache_ram_bytes", "prompt_cache_dir", "prompt_cache_disk_bytes")
 # Server-wide, copied into every tier by parse_settings: no <TIER>_ variable.
 _TIER_FIELDS = {f for f in TierSettings.__struct_fields__ if f != "name" and f not in _PROMPT_CACHE_FIELDS}

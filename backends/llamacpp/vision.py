@@ -168,8 +168,9 @@ def image_places(chunk: Any) -> int:
 
 
 def _bitmap(mtmd: Any, image: ImageInput) -> Any:
-    pixels = (ctypes.c_uint8 * len(image.rgb)).from_buffer_copy(image.rgb)
-    bitmap = mtmd.mtmd_bitmap_init(image.width, image.height, pixels)  # copies the pixels
+    # mtmd copies the pixels: it reads them straight from the bytes object, with no copy of ours first.
+    pixels = ctypes.cast(ctypes.c_char_p(image.rgb), ctypes.POINTER(ctypes.c_uint8))
+    bitmap = mtmd.mtmd_bitmap_init(image.width, image.height, pixels)
     if not bitmap:
         raise InvalidRequestError("messages: llama.cpp could not take an image", param="messages")
     mtmd.mtmd_bitmap_set_id(bitmap, image.digest.encode())

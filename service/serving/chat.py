@@ -53,7 +53,7 @@ from service.serving.generation import (
     first_chunk,
     now,
 )
-from service.serving.images import ImagePart, check_images, load_images
+from service.serving.images import ImagePart, check_images
 from service.serving.streaming import Streamed
 from service.serving.thinking import ThinkingControl, thinking_control
 from service.serving.tool_calls import call_deltas, plan_tools, tool_dicts, wire_calls
@@ -78,7 +78,7 @@ async def serve_chat(
         await generation.sampling(target, data),
         max_tokens=data.max_completion_tokens or data.max_tokens,
         messages=messages,
-        images=await load_images(images, generation.settings),
+        images=await generation.images.load(images),
         tools=tools.tools,
         constraint=tools.forced,
         logprobs=data.logprobs,
@@ -282,7 +282,7 @@ async def serve_tokenize(data: TokenizeRequest, generation: Generation) -> Token
     request = GenerationRequest(
         prompt=data.prompt or "",
         messages=messages,
-        images=await load_images(images, generation.settings),
+        images=await generation.images.load(images),
         tools=tool_dicts(data.tools) if data.tools else None,
     )
     tokens = await generation.tokens(target, request)

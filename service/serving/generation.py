@@ -49,6 +49,7 @@ from service.schemas.common import (
 )
 from service.serving.cached import lookup
 from service.serving.drain import Drain
+from service.serving.images import ImageLoader
 from service.serving.input_limits import check_prompt_length
 from service.serving.schema_limits import check_schema
 from service.serving.thinking import ThinkingControl
@@ -77,6 +78,7 @@ class Generation:
         self.registry = registry
         self.cache = cache
         self.settings = settings
+        self.images = ImageLoader(settings)  # decodes requests' images, keeping recent ones (IMAGE_CACHE_BYTES)
         self.max_tokens_limit = settings.max_tokens_limit
         self.drain = Drain()  # begun by the server when it starts shutting down
 

@@ -44,7 +44,6 @@ from service.schemas.stream_events import (
 )
 from service.serving.answer import Answer
 from service.serving.generation import Generation, collect, engine_request, first_chunk
-from service.serving.images import load_images
 from service.serving.message_blocks import message_prompt
 from service.serving.streaming import event_stream
 
@@ -71,7 +70,7 @@ async def create_message(
         await generation.sampling(target, fields),
         max_tokens=data.max_tokens,
         messages=prompt.messages,
-        images=await load_images(prompt.images, generation.settings),
+        images=await generation.images.load(prompt.images),
         tools=prompt.plan.tools,
         constraint=prompt.plan.forced or prompt.format,
         adapter=target.adapter_name,
@@ -107,7 +106,7 @@ async def count_tokens(data: CountTokensRequest, generation: Generation) -> int:
         target.slot.sampling()[0],  # sampling does not change the tokens: no need to wait for the card
         max_tokens=1,
         messages=prompt.messages,
-        images=await load_images(prompt.images, generation.settings),
+        images=await generation.images.load(prompt.images),
         tools=prompt.plan.tools,
         thinking=prompt.thinking,
     )

@@ -63,7 +63,7 @@ from service.schemas.stream_events import (
 )
 from service.serving.answer import Answer
 from service.serving.generation import Generation, chat_logprobs, collect, engine_request, first_chunk, now, usage_info
-from service.serving.images import check_images, load_images
+from service.serving.images import check_images
 from service.serving.response_items import (
     ResponseTools,
     prompt_messages,
@@ -120,7 +120,7 @@ async def create_response(
         await generation.sampling(target, fields),
         max_tokens=data.max_output_tokens,
         messages=messages,
-        images=await load_images(images, generation.settings),
+        images=await generation.images.load(images),
         tools=plan.tools,
         constraint=plan.forced,
         logprobs=logprobs,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import http.server
 import io
+import random
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 from litestar.testing import TestClient
 from PIL import Image
 
+from service.serving import images
 from tests.live import fake_app
 
 
@@ -107,6 +109,35 @@ def test_bad_images_are_400s(client: TestClient, url: str, said: str) -> None:  
     res = chat(client, url)
     assert res.status_code == 400, res.text
     assert said in res.json()["error"]["message"] and res.json()["error"]["param"] == "messages[0].content[1]"
+
+
+@pytest.mark.parametrize("size", [3, 320])  # a small image read on the loop; a 300 KB one, off it
+def test_an_image_sent_again_is_not_decoded_again(
+    client: TestClient,  # type: ignore[type-arg]
+    monkeypatch: pytest.MonkeyPatch,
+    size: int,
+) -> None:
+    noise = random.Random(size).randbytes(size * size * 3)
+    out = io.BytesIO()
+    Image.frombytes("RGB", (size, size), noise).save(out, format="PNG")
+    b64 = base64.b64encode(out.getvalue()).decode()
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    where = set()  # the threads that decoded the base64: a large one never blocks the event loop
+    real_base64 = images._base64
+    monkeypatch.setattr(images, "_base64", lambda *a: where.add(threading.current_thread().name) or real_base64(*a))
+    first, again = chat(client, "data:image/png;base64," + b64), chat(client, "data:image/jpeg;base64," + b64)
+    block = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64}}
+    body = {"model": "light", "max_tokens": 64, "messages": [{"role": "user", "content": [block, block]}]}
+    twice = client.post("/v1/messages", json=body)
+    assert first.status_code == again.status_code == twice.status_code == 200, twice.text
+    seen = first.json()["choices"][0]["message"]["content"]
+    assert f"[image {size}x{size} " in seen and seen == again.json()["choices"][0]["message"]["content"]
+    assert seen.removeprefix("what is ") in twice.json()["content"][0]["text"]
+    assert len(opened) == 1  # once for the four: the same file, whatever its media type or API
+    loop_thread = client.blocking_portal.call(lambda: threading.current_thread().name)
+    assert (loop_thread in where) == (size == 3) and where
 
 
 def test_text_spelling_the_marker_is_refused_on_a_vision_tier(client: TestClient) -> None:  # type: ignore[type-arg]

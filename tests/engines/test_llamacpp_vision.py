@@ -92,6 +92,25 @@ def test_a_later_turn_reuses_the_image_kv(vlm: LlamaCppBackend) -> None:
     assert other_end.usage is not None and other_end.usage.cached_tokens <= start
 
 
+def test_an_image_in_the_reused_prefix_is_not_encoded_again(
+    vlm: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vision = vlm._vision
+    assert vision is not None
+    encoded: list[int] = []
+    evaluate = vision.evaluate
+    monkeypatch.setattr(vision, "evaluate", lambda *a: encoded.append(1) or evaluate(*a))
+    vlm.reset_prefix_cache()
+    first, _ = run(vlm, ask(BLUE))
+    assert encoded == [1]
+    history = ({"role": "user", "content": f"{IMAGE_MARKER} what is it"}, {"role": "assistant", "content": first})
+    turn = GenerationRequest(
+        messages=(*history, {"role": "user", "content": "and now"}), images=(BLUE,), max_tokens=8, temperature=0.0
+    )
+    run(vlm, turn)
+    assert encoded == [1]  # the projector never ran for the second turn: its KV came from the first
+
+
 def test_images_batch_with_each_other_and_with_text(vlm: LlamaCppBackend) -> None:
     text = GenerationRequest(messages=({"role": "user", "content": "hello there"},), max_tokens=8, temperature=0.0)
     requests = [ask(RED), ask(BLUE), text]
