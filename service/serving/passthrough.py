@@ -44,9 +44,9 @@ async def relay(
         raise InvalidRequestError("The request body is not JSON") from None
     slot = await generation.registry.ensure_loaded(target.slot)
     record.tier = slot.name
-    record.generated = True
     relayed = await GENERATION.relay(slot, api, body, str(body.get("model", "")), headers)
-    record.ttft = time.monotonic() - record.started
+    if relayed.status < 400:  # an upstream generated (its 4xx did not)
+        record.generated, record.ttft = True, time.monotonic() - record.started
     if relayed.events is None:
         _note(record, relayed.usage)
         return HttpResponse(relayed.body, status_code=relayed.status, media_type=relayed.content_type)
