@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -51,6 +51,12 @@ _AFFINITY_SLACK = 2  # requests more than the least busy upstream that an affini
 _HEALTH_TIMEOUT = 5.0  # seconds a health check may take
 # The answer parsers read thinking between these markers (no generation prompt opens them here).
 REMOTE_REASONING = ReasoningFormat(THINK_OPEN, THINK_CLOSE, False, opened_if_on=False, opened_if_off=False)
+
+
+class _Running(Protocol):
+    """A request answering from an upstream, which `stop` cancels."""
+
+    def cancel(self) -> None: ...
 
 
 class _Retry(Exception):
@@ -114,12 +120,13 @@ class RemotePool:
         self.max_inflight = tier.remote_max_inflight
         self.cooldown = tier.remote_cooldown
         self.max_queue = tier.max_queue
+        self.api_key = tier.remote_api_key
         self._headers = {"Authorization": f"Bearer {tier.remote_api_key}"} if tier.remote_api_key else {}
         self._client: httpx.AsyncClient | None = None
         self._health: asyncio.Task[None] | None = None
         self._room = asyncio.Event()  # set when an upstream frees room or returns
         self._waiting = 0
-        self._streams: set[RemoteStream] = set()
+        self._streams: set[_Running] = set()  # translated streams and relayed ones (backends.remote_relay)
         self._stopping = False
         self.processed = 0
         self.started = time.monotonic()

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 Backend = Literal["auto", "llamacpp", "mlx", "remote"]
+PassthroughApi = Literal["responses", "messages"]  # <TIER>_REMOTE_PASSTHROUGH values
 KvType = Literal["f16", "q8_0", "q4_0"]  # llama.cpp KV cache element types (ggml names)
 NonNeg = Annotated[int, msgspec.Meta(ge=0)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
@@ -103,6 +104,9 @@ class TierSettings(msgspec.Struct, kw_only=True, frozen=True):
     )
     remote_max_inflight: Positive = 64  # requests at once per upstream
     remote_cooldown: Annotated[float, msgspec.Meta(gt=0)] = 10.0  # seconds an ejected upstream stays out
+    # The APIs whose requests go to the upstreams' own /v1/responses or /v1/messages as they are
+    # (backends/remote_relay.py); () = every request translated onto the upstreams' chat completions.
+    remote_passthrough: tuple[PassthroughApi, ...] = ()
 
     @property
     def configured(self) -> bool:

@@ -22,14 +22,13 @@ import typing
 from typing import Any
 
 import msgspec
-from litestar import Litestar, Request, Router
+from litestar import Litestar, Request, Response, Router
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.routes import HTTPRoute
 
 from service.schemas.common import ErrorResponse
-from service.serving.streaming import EventStream
 from service.settings import Settings
 
 _REF = "#/components/schemas/{name}"
@@ -167,7 +166,7 @@ def _amend(operation: dict[str, Any], handler: HTTPRouteHandler, settings: Setti
     success = responses[str(handler.status_code)]
     returned = handler.parsed_fn_signature.return_type.annotation
     if (events := handler.opt.get("stream_events")) is not None:
-        returned = _without(returned, EventStream)
+        returned = _without(returned, Response)  # the stream, and a remote tier's relayed answer (passthrough)
         described = (  # a route with other framing (Anthropic's named events) describes it itself
             events
             if isinstance(events, str)
@@ -274,9 +273,16 @@ def _is_union(annotation: Any) -> bool:
 
 
 def _without(annotation: Any, drop: type) -> Any:
+    """`annotation` without `drop`, its subclasses and its parametrised forms (`Response[Any]`)."""
     if not _is_union(annotation):
         return annotation
-    return functools.reduce(operator.or_, [a for a in typing.get_args(annotation) if a is not drop])
+    kept = [a for a in typing.get_args(annotation) if not _is_a(a, drop)]
+    return functools.reduce(operator.or_, kept)
+
+
+def _is_a(annotation: Any, cls: type) -> bool:
+    origin = typing.get_origin(annotation) or annotation
+    return isinstance(origin, type) and issubclass(origin, cls)
 
 
 def _structs(annotation: Any) -> set[type[msgspec.Struct]]:

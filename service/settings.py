@@ -129,6 +129,7 @@ _FAMILY_ONLY: dict[str, tuple[str, ...]] = {
     "chat_template": GENERATION_TIERS,
     "mmproj_path": GENERATION_TIERS,
     "overflow": GENERATION_TIERS,
+    "remote_passthrough": GENERATION_TIERS,
     "adapters": GENERATION_TIERS,
     "max_batch": GENERATION_TIERS,
     "prefix_cache_entries": GENERATION_TIERS,
@@ -214,6 +215,8 @@ def _tier_value(field: str, value: str) -> Any:
         return value.strip().lower().replace("-", "_") if field == "engine" else value.strip().lower()
     if field == "hybrid_weights":
         return [part.strip() for part in value.split(",")]
+    if field == "remote_passthrough":
+        return [part.strip().lower() for part in value.split(",") if part.strip()]
     return value
 
 
@@ -283,6 +286,8 @@ def _check_tier(tier: TierSettings, env: Mapping[str, str]) -> None:
         )
     if remote and tier.model_path:
         raise SettingsError(f"{prefix}_MODEL_PATH does not apply to a remote tier: its model is {prefix}_REMOTE_MODEL")
+    if not remote and tier.remote_passthrough:
+        raise SettingsError(f"{prefix}_REMOTE_PASSTHROUGH applies to a remote tier only; set {prefix}_BACKEND=remote")
     if not remote and tier.remote_urls:
         raise SettingsError(f"{prefix}_REMOTE_URLS is set but {prefix}_BACKEND is {tier.backend}; set it to remote")
     if sum(tier.hybrid_weights) <= 0:
@@ -305,6 +310,8 @@ def _convert(raw: dict[str, Any], cls: type[Any], prefix: str, env: Mapping[str,
 def _choices(cls: type[Any], field: str) -> tuple[str, ...]:
     """The allowed values of a Literal field (for the error message), else ()."""
     hint = typing.get_type_hints(cls).get(field)
+    if typing.get_origin(hint) is tuple and (args := typing.get_args(hint)) and args[-1] is Ellipsis:
+        hint = args[0]  # a list of words (REMOTE_PASSTHROUGH)
     return tuple(str(v) for v in typing.get_args(hint)) if typing.get_origin(hint) is Literal else ()
 
 

@@ -1,10 +1,13 @@
 """Anthropic's Messages API (`POST /v1/messages`, `/v1/messages/count_tokens`), served by
 service.serving.messages. `?beta=true` and the `anthropic-beta` / `anthropic-version` headers
-change nothing."""
+change nothing (a remote tier relaying Messages passes the headers on)."""
 
 from __future__ import annotations
 
-from litestar import Controller, post
+from typing import Any
+
+from litestar import Controller, Request, post
+from litestar import Response as HttpResponse
 
 from service.metrics import RequestRecord
 from service.schemas.messages import CountTokensRequest, CountTokensResponse, Message, MessagesRequest
@@ -24,10 +27,10 @@ class MessagesController(Controller):
 
     @post(status_code=200, summary="Create a message (Anthropic Messages API)", opt={"stream_events": _STREAMED})
     async def create(
-        self, data: MessagesRequest, generation: Generation, record: RequestRecord
-    ) -> Message | EventStream:
-        answer = await create_message(data, generation, record)
-        return answer if isinstance(answer, Message) else EventStream(answer)
+        self, data: MessagesRequest, request: Request[Any, Any, Any], generation: Generation, record: RequestRecord
+    ) -> Message | EventStream | HttpResponse[Any]:
+        answer = await create_message(data, generation, record, request.body, request.headers)
+        return answer if isinstance(answer, Message | HttpResponse) else EventStream(answer)
 
     @post("/count_tokens", status_code=200, summary="Count a message's input tokens (Anthropic)")
     async def count_tokens(self, data: CountTokensRequest, generation: Generation) -> CountTokensResponse:

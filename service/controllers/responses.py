@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from litestar import Controller, Request, delete, get, post
+from litestar import Response as HttpResponse
 from litestar.params import Parameter
 
 from service.metrics import RequestRecord
@@ -36,9 +37,9 @@ class ResponsesController(Controller):
         generation: Generation,
         record: RequestRecord,
         responses: ResponseStore,
-    ) -> Response | EventStream:
+    ) -> Response | EventStream | HttpResponse[Any]:
         answer = await create_response(data, request.body, generation, record, responses)
-        return answer if isinstance(answer, Response) else EventStream(answer)
+        return answer if isinstance(answer, Response | HttpResponse) else EventStream(answer)
 
     @get("/{response_id:str}", summary="A stored response", opt=_STORED)
     async def retrieve(self, response_id: str, responses: ResponseStore) -> dict[str, Any]:

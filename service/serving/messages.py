@@ -6,9 +6,11 @@ tool_use), streamed with Anthropic's event types."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+from litestar import Response as HttpResponse
 
 from backends.base import Chunk
 from kernel.errors import LLMServiceError
@@ -45,15 +47,23 @@ from service.schemas.stream_events import (
 from service.serving.answer import Answer
 from service.serving.generation import Generation, collect, engine_request, first_chunk
 from service.serving.message_blocks import message_prompt
+from service.serving.passthrough import relay, relays
 from service.serving.streaming import event_stream
 
 
 async def create_message(
-    data: MessagesRequest, generation: Generation, record: RequestRecord
-) -> Message | AsyncGenerator[bytes, None]:
+    data: MessagesRequest,
+    generation: Generation,
+    record: RequestRecord,
+    body: Callable[[], Awaitable[bytes]],
+    headers: Mapping[str, str],
+) -> Message | AsyncGenerator[bytes, None] | HttpResponse[Any]:
     """The whole message, or its SSE events once the job has started (so a prompt error is still
-    a plain error)."""
+    a plain error); the upstream's own answer where the tier relays Messages (REMOTE_PASSTHROUGH,
+    with the request's `anthropic-*` headers). `body`: the request as sent, read only to relay it."""
     target = generation.target(data.model, data.adapter)
+    if relays(target, "messages"):
+        return await relay("messages", target, await body(), headers, generation, record)
     slot = target.slot
     prompt = message_prompt(data, slot.settings)
     fields = SamplingFields(

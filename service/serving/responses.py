@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
+from litestar import Response as HttpResponse
 
 from backends.base import Chunk
 from backends.tools import ToolCall
@@ -64,6 +65,7 @@ from service.schemas.stream_events import (
 from service.serving.answer import Answer
 from service.serving.generation import Generation, chat_logprobs, collect, engine_request, first_chunk, now, usage_info
 from service.serving.images import check_images
+from service.serving.passthrough import relay, relays
 from service.serving.response_items import (
     ResponseTools,
     prompt_messages,
@@ -91,11 +93,14 @@ async def create_response(
     generation: Generation,
     record: RequestRecord,
     responses: ResponseStore,
-) -> Response | AsyncGenerator[bytes, None]:
+) -> Response | AsyncGenerator[bytes, None] | HttpResponse[Any]:
     """The whole response, or its SSE events once the job has started (so a prompt error is still
-    a plain error). `body`: the request as sent, read only to echo hosted tools' own fields."""
-    _check_supported(data)
+    a plain error); the upstream's own answer where the tier relays Responses (REMOTE_PASSTHROUGH).
+    `body`: the request as sent, read to relay it or to echo hosted tools' own fields."""
     target = generation.target(data.model, data.adapter)
+    if relays(target, "responses"):
+        return await relay("responses", target, await body(), {}, generation, record)
+    _check_supported(data)
     slot = target.slot
     tools = ResponseTools(data.tools or ())
     plan = tool_plan(data, tools)

@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeGuard, TypeVar
 from backends.base import Backend, GenerationRequest, ImageSpan
 from backends.factory import create_backend, create_remote
 from backends.remote import REMOTE_REASONING, RemotePool
+from backends.remote_relay import Api, Relayed, relay
 from embedders.base import Embedder, EmbeddingBatch, EmbeddingJob, EmbeddingRequest
 from embedders.factory import create_embedder
 from embedders.remote import embedding_batch, embeddings_body
@@ -141,6 +142,18 @@ class GenerationFamily(Family[Backend]):
         if slot.worker is None:
             raise ModelUnavailableError(f"Tier {slot.name} is not loaded")
         return slot.worker.submit(request, background=background)
+
+    @staticmethod
+    def relays(slot: TierSlot, api: Api) -> bool:
+        """Whether the tier passes `api`'s requests to its upstreams as they are (REMOTE_PASSTHROUGH)."""
+        return slot.settings.backend == "remote" and api in slot.settings.remote_passthrough
+
+    @staticmethod
+    async def relay(slot: TierSlot, api: Api, body: dict[str, Any], model: str, headers: Mapping[str, str]) -> Relayed:
+        """`body` to an upstream's own `api` endpoint; `model`: the name the client used."""
+        if not isinstance(slot.engine, RemotePool):
+            raise ModelUnavailableError(f"Tier {slot.name} is not loaded")
+        return await relay(slot.engine, api, body, model, headers)
 
     async def tokenize(self, slot: TierSlot, request: GenerationRequest) -> list[int]:
         """The prompt's tokens as generation would see them (chat template and tools applied).
