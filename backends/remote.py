@@ -9,9 +9,11 @@ Structured deltas are written in the text forms the answer parsers already read,
 Responses, Messages and the WebSocket work over any chat upstream unchanged: reasoning as
 `<think>…</think>` (the tier's reasoning format) and tool calls as Hermes `<tool_call>{json}</tool_call>`.
 
-The pool: least outstanding requests with affinity (rendezvous hashing of the conversation's
-first messages, so one conversation keeps hitting the upstream whose prefix cache holds it, while
-that upstream is healthy and not far busier than the least busy one); a request is retried on
+The pool: least outstanding requests with affinity. A conversation seen before (its first
+messages, or the client's key) goes back to the upstream that answered it, whose prefix cache holds
+it, while that upstream is healthy and not far busier than the least busy one; a new one has no
+cache to lose, so it goes to the least busy (ties broken by rendezvous hashing, so fronts agree),
+and 8 new conversations split 4/4 over two upstreams, not 5/3. A request is retried on
 another upstream only until its first chunk reached us, never after; an upstream that refuses
 connections or times out is ejected at once, one answering 5xx or garbage after `_MAX_FAILURES`
 in a row; it returns after `REMOTE_COOLDOWN` seconds once a health check (`GET /models`) passes.
@@ -26,11 +28,13 @@ import hashlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
+import msgspec
 
 from backends.base import Chunk, FinishReason, GenerationRequest, Token, TokenLogprob, Usage, template_variables
 from backends.reasoning import THINK_CLOSE, THINK_OPEN, ReasoningFormat
@@ -48,6 +52,7 @@ log = logging.getLogger(__name__)
 
 _MAX_FAILURES = 3  # 5xx or garbage answers in a row that eject an upstream
 _AFFINITY_SLACK = 2  # requests more than the least busy upstream that an affinity target may have
+_HOMES = 16384  # conversations whose upstream the pool remembers (~100 bytes each)
 _HEALTH_TIMEOUT = 5.0  # seconds a health check may take
 # The answer parsers read thinking between these markers (no generation prompt opens them here).
 REMOTE_REASONING = ReasoningFormat(THINK_OPEN, THINK_CLOSE, False, opened_if_on=False, opened_if_off=False)
@@ -127,6 +132,7 @@ class RemotePool:
         self._room = asyncio.Event()  # set when an upstream frees room or returns
         self._waiting = 0
         self._streams: set[_Running] = set()  # translated streams and relayed ones (backends.remote_relay)
+        self._homes: OrderedDict[bytes, Upstream] = OrderedDict()  # conversation → the upstream that has its prefix
         self._stopping = False
         self.processed = 0
         self.started = time.monotonic()
@@ -343,17 +349,29 @@ class RemotePool:
         return f"Tier {self.tier}: no upstream is available ({self._reasons()})"
 
     def _pick(self, key: bytes, tried: set[int]) -> Upstream | None:
-        """The affinity target if it is healthy, has room and is not much busier than the least busy
-        upstream; else the least busy. Ejected ones past their cool-down are a last resort."""
+        """The conversation's home (the upstream that answered it before) if it is healthy, has room
+        and is not much busier than the least busy upstream; else the least busy, ties broken by
+        rendezvous hashing. Ejected ones past their cool-down are a last resort."""
         now = time.monotonic()
         room = [u for u in self.upstreams if id(u) not in tried and u.in_flight < self.max_inflight]
         healthy = [u for u in room if u.healthy]
         pool = healthy or [u for u in room if u.ejected_until is not None and u.ejected_until <= now]
         if not pool:
             return None
-        least = min(pool, key=lambda u: u.in_flight)
-        preferred = max(pool, key=lambda u: hashlib.blake2b(key + u.url.encode(), digest_size=8).digest())
-        return preferred if preferred.in_flight <= least.in_flight + _AFFINITY_SLACK else least
+        fewest = min(u.in_flight for u in pool)
+        home = self._homes.get(_digest(key))
+        if home is not None and home in pool and home.in_flight <= fewest + _AFFINITY_SLACK:
+            return home
+        least = [u for u in pool if u.in_flight == fewest]
+        return max(least, key=lambda u: hashlib.blake2b(key + u.url.encode(), digest_size=8).digest())
+
+    def _settle(self, key: bytes, upstream: Upstream) -> None:
+        """`upstream` answered the conversation: its next turns go there while it is not much busier."""
+        digest = _digest(key)
+        self._homes[digest] = upstream
+        self._homes.move_to_end(digest)
+        if len(self._homes) > _HOMES:
+            self._homes.popitem(last=False)
 
     async def _acquire(self, key: bytes, tried: set[int]) -> Upstream:
         """An upstream with room, counted as in flight: waiting while every healthy one is full (up
@@ -438,6 +456,7 @@ class RemotePool:
                     reader = _ChunkReader(request.messages is not None, request.stop)
                     first = await self._first(upstream, lines, reader)
                     self._succeeded(upstream)
+                    self._settle(key, upstream)
                     for chunk in first:
                         yield chunk
                     async for chunk in self._rest(upstream, lines, reader):
@@ -577,6 +596,18 @@ class RemoteStream:
                 asyncio.get_running_loop().create_task(self._events.aclose())
 
 
+_decode = msgspec.json.Decoder().decode
+
+
+def _decode_event(data: str) -> Any:
+    """One upstream event, per token: msgspec's decoder is ~4x the standard library's, which stays
+    the fallback for what Python servers may send and msgspec refuses (`NaN`, `-Infinity`)."""
+    try:
+        return _decode(data)
+    except msgspec.DecodeError:
+        return json.loads(data)
+
+
 class _ChunkReader:
     """Upstream SSE payloads → our chunks: text (reasoning and tool calls in the parsers' text
     forms), logprobs, then one final chunk with the finish reason, usage and the stop string that
@@ -595,7 +626,7 @@ class _ChunkReader:
 
     def feed(self, data: str) -> list[Chunk]:
         try:
-            event = json.loads(data)
+            event = _decode_event(data)
         except ValueError:
             raise UpstreamError(f"the upstream sent an event that is not JSON: {data[:80]!r}") from None
         if not isinstance(event, dict):
@@ -771,6 +802,10 @@ def _completion_scores(logprobs: Any) -> tuple[Token, ...]:
         )
         for token, value, top in zip(tokens, values, tops, strict=False)
     )
+
+
+def _digest(key: bytes) -> bytes:
+    return hashlib.blake2b(key, digest_size=16).digest()
 
 
 def _affinity_key(request: GenerationRequest) -> bytes:

@@ -100,6 +100,7 @@ async def relay(
             response = await _send(pool, upstream, PATHS[api], sent, headers)
             answer, stream = await _answer(pool, upstream, response, model, bool(body.get("stream")))
             pool._succeeded(upstream)
+            pool._settle(key, upstream)  # its next turns go where its prefix is cached
             return answer
         except _Retry as exc:
             pool._failed(upstream, exc)

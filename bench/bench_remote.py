@@ -10,7 +10,9 @@ kill:  two llama-servers behind one pool; 16 streams staggered 50 ms, the first 
        (SIGKILL) 1 s in, 16 more streams after it. Counts streams that failed before their first
        byte (target 0) and streams cut after it (each must end with an error event, then [DONE]).
 scale: 8 concurrent streams through a pool of one llama-server, then of two, each server on one
-       thread (`-t 1`): aggregate tokens/s, two over one (target >= 1.8x; needs two idle cores).
+       thread (`-t 1`) and pinned to a core: aggregate tokens/s, two over one (target >= 1.8x; needs
+       two idle cores), beside the same 8 streams straight to the servers (`direct`, split evenly):
+       ours/direct says what the front costs, direct two-over-one what the box can give.
 stack: what one llmservice request costs on its own, to read the hop's TTFT against: time to first
        token straight to llmservice on the fake engine (tests/fake_upstream.py), and through a
        remote tier in front of it (medians of 25, after 5 to warm up).
@@ -163,32 +165,46 @@ def kill(model: str, tokens: int) -> None:
 
 def scale(model: str, tokens: int) -> None:
     rates = [aggregate(model, count, tokens) for count in (1, 2)]
-    print(f"  two over one: {rates[1] / rates[0]:.2f}x")
+    (d1, o1), (d2, o2) = rates
+    print(f"  two over one: through llmservice {o2 / o1:.2f}x, direct {d2 / d1:.2f}x")
+    print(f"  ours/direct: one upstream {o1 / d1:.3f}, two {o2 / d2:.3f}")
 
 
-def aggregate(model: str, count: int, tokens: int) -> float:
-    """8 concurrent streams through a pool of `count` one-thread llama-servers: tokens/s in all."""
+def eight_streams(urls: list[str], tag: str, tokens: int) -> tuple[float, list[int]]:
+    """8 concurrent streams, the i-th to `urls[i % len(urls)]`: tokens/s in all, and each stream's tokens."""
+    results: list[int] = [0] * 8
+
+    def run(i: int) -> None:
+        results[i] = stream_completion(urls[i % len(urls)], body(f"{tag}-{i}", tokens)).tokens
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(results) / (time.monotonic() - start), results
+
+
+def aggregate(model: str, count: int, tokens: int) -> tuple[float, float]:
+    """8 concurrent streams to `count` one-thread llama-servers: tokens/s in all straight to them
+    (`direct`: the streams split evenly, no front) and through a pool of them (ours)."""
     with ExitStack() as stack:
         # Each upstream on a core of its own, as the target says; the front and the client float.
         ups = [stack.enter_context(upstream(model, 8, 1, i % (os.cpu_count() or 1))) for i in range(count)]
         base = stack.enter_context(front([u for u, _ in ups]))
-        url = f"{base}/v1/completions"
-        stream_completion(url, body(f"warm-{count}", tokens))
-        results: list[int] = []
-
-        def run(i: int) -> None:
-            results.append(stream_completion(url, body(f"s{count}-{i}", tokens)).tokens)
-
-        start = time.monotonic()
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        rate = sum(results) / (time.monotonic() - start)
+        direct_urls = [f"{u}/completions" for u, _ in ups]
+        for url in direct_urls:
+            stream_completion(url, body(f"warm-d{count}-{url}", 16))
+        stream_completion(f"{base}/v1/completions", body(f"warm-{count}", tokens))
+        direct, _ = eight_streams(direct_urls, f"d{count}", tokens)
+        ours, _ = eight_streams([f"{base}/v1/completions"], f"s{count}", tokens)
         spread = [u["requests"] for u in httpx.get(f"{base}/v1/models").json()["data"][0]["upstreams"]]
-    print(f"scale: {count} upstream(s), 8 streams: {rate:.1f} tok/s aggregate (requests per upstream: {spread})")
-    return rate
+    print(
+        f"scale: {count} upstream(s), 8 streams: direct {direct:.1f} tok/s, through llmservice {ours:.1f} tok/s"
+        f" ({ours / direct:.3f}x; requests per upstream, warm-up included: {spread})"
+    )
+    return direct, ours
 
 
 def stack() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.metadata
 import logging
 import time
@@ -150,7 +151,8 @@ def create_app(
             ConfigController,
             files,
             BatchesController,
-            ws,
+            # The handshake's Host/Origin check: `before_request` (below) is for HTTP routes only.
+            Router("/", route_handlers=[ws], guards=[security.guard]),
             CollectionsController,
             DocumentsController,
             health,
@@ -176,7 +178,6 @@ def create_app(
             "sessions": Provide(lambda: sessions, use_cache=True, sync_to_thread=False),
             "record": Provide(_record, sync_to_thread=False),
         },
-        guards=[security.guard],
         # Outermost first: telemetry sees the 499 of a request whose client went away.
         middleware=[DefineMiddleware(TelemetryMiddleware, telemetry=telemetry), DisconnectMiddleware],
         exception_handlers={Exception: _error_response},
@@ -187,7 +188,7 @@ def create_app(
         state=State(
             {"registry": registry, "settings": settings, "drain": generation.drain, "last_activity": time.monotonic()}
         ),
-        before_request=_touch,
+        before_request=functools.partial(_before_request, security),
         openapi_config=openapi_config(_version()),
         logging_config=None,
     )
@@ -216,8 +217,12 @@ def _record(request: Request[Any, Any, Any]) -> RequestRecord:
     return request_record(request.scope)
 
 
-async def _touch(request: Request[Any, Any, Any]) -> None:
+async def _before_request(security: Security, request: Request[Any, Any, Any]) -> None:
+    """Every HTTP request, before its body is read: note the activity (idle shutdown), then the
+    security checks. Not an app-wide Litestar guard: Litestar copies the route handler for every
+    guard call, ~0.1-0.2 ms a request."""
     request.app.state.last_activity = time.monotonic()
+    await security.guard(request, request.route_handler)
 
 
 def to_service_error(exc: Exception, body_type: Any = None) -> LLMServiceError:

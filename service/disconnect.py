@@ -28,23 +28,26 @@ class DisconnectMiddleware:
         if scope["type"] != ScopeType.HTTP or handler is None or "stream_events" not in handler.opt:
             await self.app(scope, receive, send)
             return
+        # The handler runs in this task (a task of its own would cost a loop turn before every
+        # request); the watch, in a task, cancels this one if the client leaves first.
+        task = asyncio.current_task()
+        assert task is not None
         watch = _Watch(receive, send)
-        handling = asyncio.ensure_future(self.app(scope, watch.receive, watch.send))
         gone = asyncio.ensure_future(watch.until_gone())
+        gone.add_done_callback(lambda done: watch.interrupt(task) if _gone(done) else None)
         try:
-            await asyncio.wait({handling, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not (_gone(gone) and not watch.started and not handling.done()):
-                await handling
-                return
-            handling.cancel()
-            await asyncio.wait({handling})
-            if not handling.cancelled():
-                handling.exception()  # retrieved: whatever it was, nobody is left to tell
+            await self.app(scope, watch.receive, watch.send)
+        except asyncio.CancelledError:
+            if not watch.interrupted or task.uncancel() > 0:  # the server's cancellation, not the watch's
+                raise
             # Nobody reads this (the server drops it): it tells the metrics who ended the request.
             await send({"type": "http.response.start", "status": CLIENT_CLOSED, "headers": []})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+        else:
+            if watch.interrupted:  # the handler swallowed the cancellation: it must not hit a later await
+                task.uncancel()
         finally:
-            handling.cancel()  # a no-op once it has ended; else the server is cancelling us
+            watch.ended = True  # a disconnect heard from now on interrupts nothing
             gone.cancel()
             watch.close()
 
@@ -64,6 +67,15 @@ class _Watch:
         self._listening: asyncio.Future[ReceiveMessage] | None = None  # the watch's receive, while it waits
         self._heard: ReceiveMessage | None = None  # what the watch received
         self.started = False
+        self.ended = False  # the handler has returned or raised
+        self.interrupted = False  # the watch cancelled the handler's task
+
+    def interrupt(self, task: asyncio.Task[object]) -> None:
+        """The client left: stop the handler, unless its response has started (the response listens
+        itself from then on) or it has ended."""
+        if not (self.started or self.ended or self.interrupted):
+            self.interrupted = True
+            task.cancel()
 
     async def until_gone(self) -> bool:
         """True once the client disconnects; cancelled, or False, if the response starts first."""

@@ -6,11 +6,11 @@ name this server (DNS rebinding sends the attacker's name), a page from another 
 act (`Origin` outside CORS_ORIGINS: 403; admin routes refuse every page), and request bodies must
 be `Content-Type: application/json`, which a page cannot send without a CORS preflight.
 
-`Security.guard` is an app-wide Litestar guard, so a rejected request never reaches a handler or
-parses its body. Route handlers mark themselves with `opt={"public": True}` (no key, no limit:
-/health) or `opt={"admin": True}` (needs an `ADMIN_API_KEYS` key whenever keys are on). Keys are
-compared as SHA-256 digests with `hmac.compare_digest` against every configured key, and never
-logged or echoed.
+`Security.guard` runs before every HTTP request's handler (the app's `before_request`) and at
+every WebSocket handshake (a guard), so a rejected request never reaches a handler or parses its
+body. Route handlers mark themselves with `opt={"public": True}` (no key, no limit: /health) or
+`opt={"admin": True}` (needs an `ADMIN_API_KEYS` key whenever keys are on). Keys are compared as
+SHA-256 digests with `hmac.compare_digest` against every configured key, and never logged or echoed.
 """
 
 from __future__ import annotations

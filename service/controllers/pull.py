@@ -28,5 +28,5 @@ class PullController(Controller):
     async def pull(self, data: PullRequest, lifecycle: Lifecycle) -> PullResult | EventStream:
         pulls = Pulls(lifecycle)
         if data.stream:
-            return EventStream(pulls.events(data.model, data.revision))
+            return EventStream(pulls.events(data.model, data.revision), first_ready=False)
         return PullResult("success", await pulls.pull(data.model, data.revision))

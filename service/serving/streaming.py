@@ -10,6 +10,8 @@ from typing import Any
 
 import msgspec
 from litestar.response import Stream
+from litestar.response.streaming import ASGIStreamingResponse
+from litestar.types import Receive, Send
 
 from backends.base import Chunk
 from kernel.errors import LLMServiceError, ModelUnavailableError
@@ -25,19 +27,42 @@ _DRAIN_POLL = 0.25  # seconds between checks, while waiting for a token, of whet
 
 class EventStream(Stream):
     """An SSE response. Litestar lets the handler's default media type (JSON, for handlers that
-    may also return a completion object) override a Stream's own; this keeps text/event-stream."""
+    may also return a completion object) override a Stream's own; this keeps text/event-stream.
+    `first_ready`: the first event comes at once (a generation's: its first chunk is in), so it is
+    sent before the disconnect listener starts; False where it may wait (a pull's progress)."""
 
-    def __init__(self, events: AsyncIterator[bytes]) -> None:
+    def __init__(self, events: AsyncIterator[bytes], *, first_ready: bool = True) -> None:
         # no-cache and X-Accel-Buffering keep proxies from buffering a token stream.
         super().__init__(
             events,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+        self.first_ready = first_ready
 
     def to_asgi_response(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["media_type"] = self.media_type
-        return super().to_asgi_response(*args, **kwargs)
+        response = super().to_asgi_response(*args, **kwargs)
+        if self.first_ready:
+            response.__class__ = _FirstEventInline  # same slots: only `send_body` differs
+        return response
+
+
+class _FirstEventInline(ASGIStreamingResponse):
+    """Sends the first event from the handler's own task, right after the headers; only then does
+    Litestar start its task group (a task for the rest of the events and a disconnect listener),
+    whose setup (~0.15 ms) would otherwise come before the first token."""
+
+    __slots__ = ()
+
+    async def send_body(self, send: Send, receive: Receive) -> None:
+        events = aiter(self.iterator)
+        self.iterator = events
+        first = await anext(events, None)
+        if first is not None:
+            body = first if isinstance(first, bytes) else first.encode(self.encoding)
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+        await super().send_body(send, receive)
 
 
 @dataclass(slots=True)
