@@ -163,8 +163,8 @@ def kill(model: str, tokens: int) -> None:
     print(f"  completed: {sum(1 for r in results if r.content and not r.error_event and r.done)}")
 
 
-def scale(model: str, tokens: int) -> None:
-    rates = [aggregate(model, count, tokens) for count in (1, 2)]
+def scale(model: str, tokens: int, rounds: int) -> None:
+    rates = [aggregate(model, count, tokens, rounds) for count in (1, 2)]
     (d1, o1), (d2, o2) = rates
     print(f"  two over one: through llmservice {o2 / o1:.2f}x, direct {d2 / d1:.2f}x")
     print(f"  ours/direct: one upstream {o1 / d1:.3f}, two {o2 / d2:.3f}")
@@ -186,9 +186,10 @@ def eight_streams(urls: list[str], tag: str, tokens: int) -> tuple[float, list[i
     return sum(results) / (time.monotonic() - start), results
 
 
-def aggregate(model: str, count: int, tokens: int) -> tuple[float, float]:
+def aggregate(model: str, count: int, tokens: int, rounds: int) -> tuple[float, float]:
     """8 concurrent streams to `count` one-thread llama-servers: tokens/s in all straight to them
-    (`direct`: the streams split evenly, no front) and through a pool of them (ours)."""
+    (`direct`: the streams split evenly, no front) and through a pool of them (ours), medians of
+    `rounds`."""
     with ExitStack() as stack:
         # Each upstream on a core of its own, as the target says; the front and the client float.
         ups = [stack.enter_context(upstream(model, 8, 1, i % (os.cpu_count() or 1))) for i in range(count)]
@@ -197,8 +198,14 @@ def aggregate(model: str, count: int, tokens: int) -> tuple[float, float]:
         for url in direct_urls:
             stream_completion(url, body(f"warm-d{count}-{url}", 16))
         stream_completion(f"{base}/v1/completions", body(f"warm-{count}", tokens))
-        direct, _ = eight_streams(direct_urls, f"d{count}", tokens)
-        ours, _ = eight_streams([f"{base}/v1/completions"], f"s{count}", tokens)
+        # This box's speed drifts by tens of percent within a minute: rounds alternate who goes first,
+        # and each side's median counts.
+        rates: dict[str, list[float]] = {"direct": [], "ours": []}
+        for r in range(rounds):
+            sides = [("direct", direct_urls), ("ours", [f"{base}/v1/completions"])]
+            for side, urls in sides if r % 2 == 0 else sides[::-1]:
+                rates[side].append(eight_streams(urls, f"{side}{count}-{r}", tokens)[0])
+        direct, ours = statistics.median(rates["direct"]), statistics.median(rates["ours"])
         spread = [u["requests"] for u in httpx.get(f"{base}/v1/models").json()["data"][0]["upstreams"]]
     print(
         f"scale: {count} upstream(s), 8 streams: direct {direct:.1f} tok/s, through llmservice {ours:.1f} tok/s"
@@ -237,7 +244,7 @@ def main() -> None:
     if "kill" in parts:
         kill(model, 4 * args.tokens)
     if "scale" in parts:
-        scale(model, args.tokens)
+        scale(model, args.tokens, min(args.rounds, 5))
     if "stack" in parts:
         stack()
 
