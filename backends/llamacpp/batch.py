@@ -250,7 +250,11 @@ class LlamaCppBatch(DecodeBatch):
         chunks: list[tuple[_Sequence, int, int]] = []  # (sequence, first batch index, tokens)
         kv_slots = self._handle.kv_slots
         for seq in sequences:
-            self._image(seq)
+            if self._image(seq):
+                # One image a step: each sequence's first token comes once its own image is read, and
+                # the streams already decoding get a token between encodes, instead of all waiting
+                # for every image that joined at once (llama-server reads them one at a time too).
+                break
         # Room for the filler tokens of idle streams between these (see `_order`), if prompts leave it.
         longest = max((len(s.slot.tokens) for s in sequences), default=0) + self._capacity
         spare = len(kv_slots.fillers({s.slot.seq for s in sequences}, self._capacity, longest))
@@ -313,9 +317,9 @@ class LlamaCppBatch(DecodeBatch):
                 out.append((seq.key, self._sample(seq, index)))
         return out
 
-    def _image(self, seq: _Sequence) -> None:
-        """Evaluate the image `seq`'s prefill has reached, if it has: the projector encodes it and
-        its embeddings go into the sequence's KV, in a decode of their own (a `llama_batch` takes
+    def _image(self, seq: _Sequence) -> bool:
+        """Evaluate the image `seq`'s prefill has reached, if it has (True): the projector encodes it
+        and its embeddings go into the sequence's KV, in a decode of their own (a `llama_batch` takes
         tokens or embeddings, not both)."""
         prompt = seq.state.prompt
         if (
@@ -325,7 +329,7 @@ class LlamaCppBatch(DecodeBatch):
             or seq.fed >= seq.prefill_limit()
             or (chunk := prompt.images.get(seq.fed)) is None
         ):
-            return
+            return False
         vision = self._handle.vision
         if vision is None:
             raise EngineError("a prompt with images reached a model without its projector")
@@ -337,6 +341,7 @@ class LlamaCppBatch(DecodeBatch):
         kv_slots = self._handle.kv_slots
         if seq.fed == kv_slots.checkpoint_at(len(prompt)):
             kv_slots.checkpoint(seq.slot)
+        return True
 
     def _draft(self, decoding: list[_Sequence]) -> None:
         """Set the tokens each speculating sequence verifies after its next token this step."""

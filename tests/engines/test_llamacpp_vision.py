@@ -124,6 +124,25 @@ def test_images_batch_with_each_other_and_with_text(vlm: LlamaCppBackend) -> Non
     assert mixed == [alone[0], alone[2]]
 
 
+def test_images_that_join_together_are_read_one_a_step(vlm: LlamaCppBackend) -> None:
+    """Each image's first token comes once that image is read, not after every image that joined in
+    the same step (and a decoding stream gets a token between encodes)."""
+    vlm.reset_prefix_cache()
+    batch = vlm.open_batch()
+    try:
+        for key, request in enumerate([ask(RED), ask(BLUE)]):
+            batch.add(key, vlm.prepare(request))
+        firsts: list[set[int]] = []
+        seen: set[int] = set()
+        while len(seen) < 2:
+            new = {key for key, token in batch.step() if token is not None} - seen
+            firsts.append(new)
+            seen |= new
+        assert [f for f in firsts if f] == [{0}, {1}], firsts  # one a step, in slot order
+    finally:
+        batch.close()
+
+
 def test_two_images_in_one_prompt(vlm: LlamaCppBackend) -> None:
     def first_logprob(*images: ImageInput) -> float:
         request = ask(*images)
