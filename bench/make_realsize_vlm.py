@@ -7,10 +7,11 @@ on weight values, and no real VLM can be downloaded here (issue 26, item 6).
 The projector is LLaVA-1.5's at its real size, in f16 (~0.6 GB): CLIP ViT-L/14 at 336 px (24 layers,
 hidden 1024, 16 heads, intermediate 4096, patches of 14, 577 positions with the class token, a
 pre-layernorm; llama.cpp runs 23 of the 24 layers, LLaVA's second-to-last feature layer), then the
-`mlp` projector 1024 -> 2048 -> 2048: an image is 576 tokens. The LLM is a small llama whose width
-matches (TinyLlama's hidden 2048 and intermediate 5632, 16 heads, 4 layers instead of 22, the byte
-vocabulary of the tests, f16): a 7B LLM (n_embd 4096) would be far too slow on this CPU, and only
-its prefill of the 576 image tokens would grow, the same work for both servers. Written with the
+`mlp` projector 1024 -> 1024 -> 1024: an image is 576 tokens. The LLM is a small llama whose width
+matches (hidden 1024, intermediate 2816, 16 heads, 4 layers, the byte vocabulary of the tests, f16;
+~60 GFLOP for the image's prefill against the encoder's ~350): a 7B LLM (n_embd 4096) would be far
+too slow on this CPU, and only its prefill of the 576 image tokens would grow, the same work for
+both servers (a 2048-wide 4-layer llama took 17-26 s per image at 2 threads here). Written with the
 tests' writer (tests/fixtures/tiny_vlm_gguf.py), never into the repository."""
 
 from __future__ import annotations
@@ -25,15 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.fixtures.tiny_vlm_gguf import VlmShape, build_tiny_vlm_gguf
 
 LLAVA_15_CLIP_L = VlmShape(
-    embd=2048,
-    ffn=5632,
+    embd=1024,
+    ffn=2816,
     heads=16,
     layers=4,
     v_embd=1024,
     v_ffn=4096,
     v_heads=16,
     v_layers=24,
-    v_hidden=2048,
+    v_hidden=1024,
     image_size=336,
     patch=14,
     class_token=True,
