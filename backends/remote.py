@@ -29,7 +29,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -470,23 +470,30 @@ class RemotePool:
                 self._release(upstream)
                 self.finished_at = time.time()
 
-    @contextlib.asynccontextmanager
-    async def _open(self, upstream: Upstream, path: str, request: GenerationRequest) -> AsyncIterator[_Lines]:
+    async def _send(
+        self, upstream: Upstream, path: str, body: dict[str, Any], headers: Mapping[str, str] | None = None
+    ) -> httpx.Response:
+        """POST `body` to `upstream`, its answer streamed (translated requests and relayed ones)."""
         assert self._client is not None
-        body = request_body(request, upstream.model, chat=request.messages is not None)
         try:
             async with asyncio.timeout(self.timeout):
-                req = self._client.build_request("POST", upstream.endpoint(path), json=body)
+                request = self._client.build_request("POST", upstream.endpoint(path), json=body, headers=headers)
                 try:
-                    response = await self._client.send(req, stream=True)
+                    return await self._client.send(request, stream=True)
                 except httpx.RemoteProtocolError:
                     # A kept-alive connection the upstream closed as we reused it (llama-server drops
                     # one idle for 5 s): nothing was answered, so once more on a fresh one, no ejection.
-                    response = await self._client.send(req, stream=True)
+                    return await self._client.send(request, stream=True)
         except TimeoutError:
             raise _Retry(f"no answer within {self.timeout:g} s", eject=True) from None
         except httpx.HTTPError as exc:
             raise _Retry(_describe(exc), eject=True) from None
+
+    @contextlib.asynccontextmanager
+    async def _open(self, upstream: Upstream, path: str, request: GenerationRequest) -> AsyncIterator[_Lines]:
+        response = await self._send(
+            upstream, path, request_body(request, upstream.model, chat=request.messages is not None)
+        )
         try:
             if response.status_code >= 400:
                 await _refuse(response)

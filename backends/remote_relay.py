@@ -97,7 +97,7 @@ async def relay(
         stream: RelayStream | None = None
         try:
             sent = {**body, "model": upstream.model} if upstream.model else body
-            response = await _send(pool, upstream, PATHS[api], sent, headers)
+            response = await pool._send(upstream, PATHS[api], sent, headers)
             answer, stream = await _answer(pool, upstream, response, model, bool(body.get("stream")))
             pool._succeeded(upstream)
             pool._settle(key, upstream)  # its next turns go where its prefix is cached
@@ -109,23 +109,6 @@ async def relay(
             if stream is None:  # else the stream releases it when it ends
                 pool._release(upstream)
                 pool.finished_at = time.time()
-
-
-async def _send(
-    pool: RemotePool, upstream: Upstream, path: str, body: dict[str, Any], headers: Mapping[str, str]
-) -> httpx.Response:
-    assert pool._client is not None
-    try:
-        async with asyncio.timeout(pool.timeout):
-            request = pool._client.build_request("POST", upstream.endpoint(path), json=body, headers=headers)
-            try:
-                return await pool._client.send(request, stream=True)
-            except httpx.RemoteProtocolError:  # a kept-alive connection closed as we reused it: nothing sent
-                return await pool._client.send(request, stream=True)
-    except TimeoutError:
-        raise _Retry(f"no answer within {pool.timeout:g} s", eject=True) from None
-    except httpx.HTTPError as exc:
-        raise _Retry(_describe(exc), eject=True) from None
 
 
 async def _answer(
