@@ -5,7 +5,6 @@ and answers as a cold prompt would; images batch with each other and with text."
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,22 +12,16 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from backends.base import IMAGE_MARKER, Chunk, GenerationRequest, ImageInput
+from backends.base import IMAGE_MARKER, GenerationRequest, ImageInput
 from backends.llamacpp.backend import LlamaCppBackend
 from backends.llamacpp.vision import image_id, image_start
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError
 from tests.batching import batched
+from tests.fixtures.mtmd_reference import ask, image, load_vlm, run
 from tests.fixtures.tiny_vlm_gguf import IMAGE_TOKENS, build_tiny_vlm_gguf, require_mtmd
 
 require_mtmd()
-
-
-def image(seed: int, size: int = 12) -> ImageInput:
-    """A size x size image of pseudo-random pixels; its digest as the serving layer computes it."""
-    pixels = hashlib.sha256(str(seed).encode()).digest() * (3 * size * size // 32 + 1)
-    rgb = pixels[: 3 * size * size]
-    return ImageInput(size, size, rgb, hashlib.sha256(f"{size}x{size}:".encode() + rgb).hexdigest())
 
 
 RED, BLUE = image(1), image(2)
@@ -36,25 +29,9 @@ RED, BLUE = image(1), image(2)
 
 @pytest.fixture(scope="module")
 def vlm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaCppBackend]:
-    model, _ = build_tiny_vlm_gguf(tmp_path_factory.mktemp("vlm"))
-    # The projector is found beside the model (mmproj*.gguf), as llama-server finds it.
-    tier = TierSettings(name="light", model_path=str(model), n_ctx=512, n_batch=64, max_batch=2)
-    backend = LlamaCppBackend(tier, str(model))
-    backend.load()
+    backend = load_vlm(build_tiny_vlm_gguf(tmp_path_factory.mktemp("vlm"))[0])
     yield backend
     backend.close()
-
-
-def ask(*images: ImageInput, text: str = "what is it") -> GenerationRequest:
-    content = " ".join([IMAGE_MARKER] * len(images)) + " " + text
-    return GenerationRequest(
-        messages=({"role": "user", "content": content},), images=images, max_tokens=8, temperature=0.0
-    )
-
-
-def run(backend: LlamaCppBackend, request: GenerationRequest) -> tuple[str, Chunk]:
-    chunks = list(backend.stream(request))
-    return "".join(c.text for c in chunks), chunks[-1]
 
 
 def test_the_image_changes_the_answer_and_counts(vlm: LlamaCppBackend) -> None:

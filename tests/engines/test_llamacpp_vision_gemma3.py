@@ -21,7 +21,7 @@ from backends.llamacpp.vision import image_id, image_spans
 from kernel.config import TierSettings
 from kernel.errors import InvalidRequestError
 from tests.batching import batched
-from tests.fixtures.mtmd_reference import Answer, Reference, ask, expected, image, run, scored, scored_run
+from tests.fixtures.mtmd_reference import Answer, Reference, ask, expected, image, load_vlm, run, scored, scored_run
 from tests.fixtures.tiny_gemma3_vlm_gguf import BEGIN, END, IMAGE_TOKENS, WINDOW, build_tiny_gemma3_vlm_gguf
 from tests.fixtures.tiny_vlm_gguf import require_mtmd
 
@@ -39,10 +39,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def vlm(files: tuple[Path, Path]) -> Iterator[LlamaCppBackend]:
-    model, _ = files
-    tier = TierSettings(name="light", model_path=str(model), n_ctx=512, n_batch=64, max_batch=3)
-    backend = LlamaCppBackend(tier, str(model))
-    backend.load()
+    backend = load_vlm(files[0], max_batch=3)
     yield backend
     backend.close()
 

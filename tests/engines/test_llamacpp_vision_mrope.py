@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
-import msgspec
 import numpy as np
 import pytest
 
@@ -23,8 +21,9 @@ import llama_cpp
 from backends.base import IMAGE_MARKER, GenerationRequest, ImageInput, template_variables
 from backends.llamacpp.backend import LlamaCppBackend
 from backends.llamacpp.vision import image_id
-from kernel.config import TierSettings
 from tests.batching import batched
+from tests.fixtures.mtmd_reference import MAX_TOKENS, ask, load_vlm
+from tests.fixtures.mtmd_reference import image as reference_image
 from tests.fixtures.tiny_qwen_vlm_gguf import build_tiny_qwen_vlm_gguf, image_grid
 from tests.fixtures.tiny_vlm_gguf import require_mtmd
 
@@ -35,15 +34,10 @@ import llama_cpp.mtmd_cpp as mtmd  # noqa: E402 - after the check that names the
 WIDTH, HEIGHT = 96, 64  # 6 x 4 merged patches: 24 places on 6 positions
 NX, NY = image_grid(WIDTH, HEIGHT)
 PLACES = NX * NY
-TIER = TierSettings(name="light", n_ctx=512, n_batch=64, max_batch=3)
-MAX_TOKENS = 8
 
 
 def image(seed: int) -> ImageInput:
-    """An image of pseudo-random pixels; its digest as the serving layer computes it."""
-    size = 3 * WIDTH * HEIGHT
-    rgb = (hashlib.sha256(str(seed).encode()).digest() * (size // 32 + 1))[:size]
-    return ImageInput(WIDTH, HEIGHT, rgb, hashlib.sha256(f"{WIDTH}x{HEIGHT}:".encode() + rgb).hexdigest())
+    return reference_image(seed, WIDTH, HEIGHT)
 
 
 RED, BLUE = image(1), image(2)
@@ -55,9 +49,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def loaded(model: Path, **settings: object) -> LlamaCppBackend:
-    backend = LlamaCppBackend(msgspec.structs.replace(TIER, model_path=str(model), **settings), str(model))
-    backend.load()
-    return backend
+    return load_vlm(model, **{"max_batch": 3, **settings})
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +57,6 @@ def vlm(files: tuple[Path, Path]) -> Iterator[LlamaCppBackend]:
     backend = loaded(files[0])  # the projector is found beside the model (mmproj*.gguf)
     yield backend
     backend.close()
-
-
-def ask(*images: ImageInput, text: str = "what is it") -> GenerationRequest:
-    content = " ".join([IMAGE_MARKER] * len(images)) + " " + text
-    return GenerationRequest(
-        messages=({"role": "user", "content": content},), images=images, max_tokens=MAX_TOKENS, temperature=0.0
-    )
 
 
 def answer(backend: LlamaCppBackend, request: GenerationRequest) -> tuple[list[bytes], int, int]:

@@ -17,9 +17,8 @@ pytest.importorskip("llama_cpp")
 from backends.base import IMAGE_MARKER
 from backends.llamacpp.backend import LlamaCppBackend
 from backends.llamacpp.vision import image_id
-from kernel.config import TierSettings
 from tests.batching import batched
-from tests.fixtures.mtmd_reference import Reference, ask, expected, image, run, scored, scored_run
+from tests.fixtures.mtmd_reference import Reference, ask, expected, image, load_vlm, run, scored, scored_run
 from tests.fixtures.tiny_pixtral_gguf import END, MERGE, PATCH, build_tiny_pixtral_gguf
 from tests.fixtures.tiny_vlm_gguf import require_mtmd
 
@@ -36,10 +35,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def vlm(files: tuple[Path, Path]) -> Iterator[LlamaCppBackend]:
-    model, _ = files
-    tier = TierSettings(name="light", model_path=str(model), n_ctx=512, n_batch=64, max_batch=2)
-    backend = LlamaCppBackend(tier, str(model))
-    backend.load()
+    backend = load_vlm(files[0])
     yield backend
     backend.close()
 
