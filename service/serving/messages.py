@@ -63,7 +63,7 @@ async def create_message(
     with the request's `anthropic-*` headers). `body`: the request as sent, read only to relay it."""
     target = generation.target(data.model, data.adapter)
     if relays(target, "messages"):
-        return await relay("messages", target, await body(), headers, generation, record)
+        return await relay("messages", target, await body(), headers, generation, record, lambda _, exc: _error(exc))
     slot = target.slot
     prompt = message_prompt(data, slot.settings)
     fields = SamplingFields(

@@ -16,7 +16,7 @@ from backends.base import Usage
 from backends.remote_relay import Api, Relayed
 from kernel.errors import InvalidRequestError, LLMServiceError
 from service.metrics import RequestRecord
-from service.schemas.stream_events import ErrorDetail, MessageError, ResponseError, named_frame
+from service.schemas.stream_events import NamedEvent, named_frame
 from service.serving.generation import Generation
 from service.serving.streaming import EventStream
 from service.tiers.families import GENERATION
@@ -35,9 +35,11 @@ async def relay(
     headers: Mapping[str, str],
     generation: Generation,
     record: RequestRecord,
+    error: Callable[[int, LLMServiceError], NamedEvent],
 ) -> HttpResponse[Any]:
     """The upstream's answer to the request's body (`raw`, as the client sent it): its status and
-    body, or its events streamed (an error after the first one as one `error` event of `api`'s form)."""
+    body, or its events streamed (an error after the first one as one `error` event of `api`'s form,
+    `error(events sent, exc)`: the upstream numbers its events from 0, so that is the next number)."""
     try:
         body = json.loads(raw)
     except ValueError:
@@ -50,11 +52,11 @@ async def relay(
     if relayed.events is None:
         _note(record, relayed.usage)
         return HttpResponse(relayed.body, status_code=relayed.status, media_type=relayed.content_type)
-    return EventStream(_events(relayed, record, _ERRORS[api]))
+    return EventStream(_events(relayed, record, error))
 
 
 async def _events(
-    relayed: Relayed, record: RequestRecord, error: Callable[[int, LLMServiceError], bytes]
+    relayed: Relayed, record: RequestRecord, error: Callable[[int, LLMServiceError], NamedEvent]
 ) -> AsyncGenerator[bytes, None]:
     assert relayed.events is not None
     sent = 0
@@ -64,7 +66,7 @@ async def _events(
             sent += 1
     except LLMServiceError as exc:  # after the first event: the client already has part of the answer
         record.failed = True
-        yield error(sent, exc)
+        yield named_frame(error(sent, exc))
     finally:
         await relayed.events.aclose()  # a client gone mid-stream: closes the upstream request
         _note(record, relayed.usage)
@@ -74,19 +76,3 @@ def _note(record: RequestRecord, usage: Usage | None) -> None:
     if usage is not None:
         record.prompt_tokens, record.completion_tokens = usage.prompt_tokens, usage.completion_tokens
         record.cached_tokens = usage.cached_tokens
-
-
-def _response_error(sent: int, exc: LLMServiceError) -> bytes:
-    # The upstream numbers its events from 0: the error takes the next number.
-    return named_frame(ResponseError(sent, exc.code or exc.type, exc.message, exc.param))
-
-
-def _message_error(sent: int, exc: LLMServiceError) -> bytes:
-    kind = "overloaded_error" if exc.status in (429, 503) else exc.type  # as service.serving.messages'
-    return named_frame(MessageError(ErrorDetail(kind, exc.message)))
-
-
-_ERRORS: dict[Api, Callable[[int, LLMServiceError], bytes]] = {
-    "responses": _response_error,
-    "messages": _message_error,
-}

@@ -99,7 +99,7 @@ async def create_response(
     `body`: the request as sent, read to relay it or to echo hosted tools' own fields."""
     target = generation.target(data.model, data.adapter)
     if relays(target, "responses"):
-        return await relay("responses", target, await body(), {}, generation, record)
+        return await relay("responses", target, await body(), {}, generation, record, response_error)
     _check_supported(data)
     slot = target.slot
     tools = ResponseTools(data.tools or ())
@@ -356,7 +356,7 @@ class _ResponseStream:
         return [ResponseCreated(self._next(), self.shell), ResponseInProgress(self._next(), self.shell)]
 
     def error(self, exc: LLMServiceError) -> ResponseError:
-        return ResponseError(self._next(), exc.code or exc.type, exc.message, exc.param)
+        return response_error(self._next(), exc)
 
     def piece(self, part: Chunk) -> list[ResponseEvent]:
         parts = self.answer.feed(part.text)
@@ -461,3 +461,7 @@ class _ResponseStream:
         else:
             opened, body = OutputItemAdded(self._next(), index, msgspec.structs.replace(item, status="in_progress")), []
         return [opened, *body, OutputItemDone(self._next(), index, item)]
+
+
+def response_error(sequence: int, exc: LLMServiceError) -> ResponseError:
+    return ResponseError(sequence, exc.code or exc.type, exc.message, exc.param)
