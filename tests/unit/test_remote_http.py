@@ -38,17 +38,19 @@ class Upstream:
 
     def __init__(self, answers: list[list[bytes] | None]) -> None:
         self.answers = answers
-        self.connections = 0
+        self.served: list[int] = []  # requests read on each connection, in the order they opened
         self.requests: list[bytes] = []
         self.port = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
+        index = len(self.served)
+        self.served.append(0)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = next((int(v) for k, _, v in _fields(head) if k == b"content-length"), 0)
                 self.requests.append(head + await reader.readexactly(length))
+                self.served[index] += 1
                 answer = self.answers.pop(0) if self.answers else []
                 if answer is None:
                     break
@@ -112,7 +114,7 @@ async def test_chunked_events_split_anywhere_arrive_whole_and_the_connection_is_
         assert first.status_code == 200 and first.headers["content-type"] == "text/event-stream"
         assert await lines(first) == ['data: {"a": 1}', "data: [DONE]"]
         assert await lines(await post(upstream, transport)) == ['data: {"a": 1}', "data: [DONE]"]
-        assert upstream.connections == 1
+        assert upstream.served[0] == 2
         request = upstream.requests[0]
         assert request.startswith(b"POST /v1/completions HTTP/1.1\r\n")
         assert b"Host: 127.0.0.1:%d\r\n" % upstream.port in request and request.endswith(b'{"prompt":"hi"}')
@@ -128,7 +130,7 @@ async def test_content_length_bodies_keep_the_connection_and_trailers_are_read_p
         await answer.aclose()
         assert await lines(await post(upstream, transport)) == ["data: 1"]
         assert (await post(upstream, transport)).status_code == 400
-        assert upstream.connections == 1
+        assert upstream.served[0] == 3
 
 
 @pytest.mark.parametrize(
@@ -149,7 +151,7 @@ async def test_answers_that_end_the_connection_are_not_reused(answer: list[bytes
         await response.aclose()
         response = await post(upstream, transport)
         assert (await response.aread()).startswith(b"body")
-        assert upstream.connections == 2
+        assert sorted(upstream.served, reverse=True)[:2] == [1, 1]  # none served both
 
 
 @synchronous
@@ -162,7 +164,7 @@ async def test_an_idle_connection_the_upstream_closed_is_not_sent_on() -> None:
         await answer.aclose()
         await asyncio.sleep(0.1)
         assert (await (await post(upstream, transport)).aread()) == b"ok"
-        assert upstream.connections == 2
+        assert sorted(upstream.served, reverse=True)[:2] == [1, 1]
 
 
 @synchronous
@@ -175,7 +177,18 @@ async def test_a_stream_closed_before_its_end_takes_its_connection_with_it() -> 
             break
         await response.aclose()
         assert await lines(await post(upstream, transport)) == ["data: 1", "data: 2"]
-        assert upstream.connections == 2
+        assert sorted(upstream.served, reverse=True)[:2] == [1, 1]
+
+
+@synchronous
+async def test_the_next_connection_is_ready_when_the_upstream_closes_each_one() -> None:
+    events = [SSE_HEAD + chunk(b"data: 1\n\n") + b"0\r\n\r\n", CLOSE]  # as llama-server streams
+    async with serving([events, events]) as (upstream, transport):
+        assert await lines(await post(upstream, transport)) == ["data: 1"]
+        while len(upstream.served) < 2:  # connected while the first was answered
+            await asyncio.sleep(0.01)
+        assert await lines(await post(upstream, transport)) == ["data: 1"]
+        assert upstream.served[:2] == [1, 1]
 
 
 @synchronous
