@@ -133,7 +133,8 @@ class RemotePool:
         self._headers = {"Authorization": f"Bearer {tier.remote_api_key}"} if tier.remote_api_key else {}
         self._client: httpx.AsyncClient | None = None
         self._plain: PlainTransport | None = None  # the client's transport for http:// upstreams
-        self._post_headers = {"Content-Type": "application/json", **self._headers}
+        # What httpx's client would add that a gateway may want; not Accept-Encoding: SSE comes plain.
+        self._post_headers = {"Content-Type": "application/json", "User-Agent": "llmservice", **self._headers}
         self._timeouts = httpx.Timeout(tier.remote_timeout).as_dict()
         self._health: asyncio.Task[None] | None = None
         self._room = asyncio.Event()  # set when an upstream frees room or returns
