@@ -12,7 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
+from backends.remote import RemotePool
 from backends.remote_http import PlainTransport
+from kernel.config import TierSettings
 
 
 def synchronous(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
@@ -41,10 +43,17 @@ class Upstream:
         self.served: list[int] = []  # requests read on each connection, in the order they opened
         self.requests: list[bytes] = []
         self.port = 0
+        self.changed = asyncio.Condition()
+
+    async def connected(self, count: int) -> None:
+        async with self.changed:
+            await self.changed.wait_for(lambda: len(self.served) >= count)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        index = len(self.served)
-        self.served.append(0)
+        async with self.changed:
+            index = len(self.served)
+            self.served.append(0)
+            self.changed.notify_all()
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -185,8 +194,7 @@ async def test_the_next_connection_is_ready_when_the_upstream_closes_each_one() 
     events = [SSE_HEAD + chunk(b"data: 1\n\n") + b"0\r\n\r\n", CLOSE]  # as llama-server streams
     async with serving([events, events]) as (upstream, transport):
         assert await lines(await post(upstream, transport)) == ["data: 1"]
-        while len(upstream.served) < 2:  # connected while the first was answered
-            await asyncio.sleep(0.01)
+        await upstream.connected(2)  # while the first was answered
         assert await lines(await post(upstream, transport)) == ["data: 1"]
         assert upstream.served[:2] == [1, 1]
 
@@ -285,3 +293,22 @@ async def test_https_is_not_its_job() -> None:
     transport = PlainTransport(max_idle=1)
     with pytest.raises(httpx.UnsupportedProtocol):
         await transport.handle_async_request(httpx.Request("GET", "https://127.0.0.1:1/"))
+
+
+@pytest.mark.parametrize(("proxy", "plain"), [(None, True), ("http://proxy.internal:3128", False)])
+def test_the_pool_leaves_proxied_upstreams_to_httpx(
+    monkeypatch: pytest.MonkeyPatch, proxy: str | None, plain: bool
+) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    if proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy)
+
+    async def started() -> RemotePool:
+        pool = RemotePool(TierSettings(name="heavy", remote_urls="http://10.0.0.1:8000/v1"))
+        pool._ensure_started()
+        await pool.stop()
+        return pool
+
+    pool = asyncio.run(started())
+    assert (pool._plain is not None) is plain
