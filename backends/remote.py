@@ -24,10 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import time
+import urllib.request
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ import msgspec
 
 from backends.base import Chunk, FinishReason, GenerationRequest, Token, TokenLogprob, Usage, template_variables
 from backends.reasoning import THINK_CLOSE, THINK_OPEN, ReasoningFormat
+from backends.remote_http import PlainTransport
 from kernel.config import TierSettings
 from kernel.errors import (
     InvalidRequestError,
@@ -53,6 +56,7 @@ log = logging.getLogger(__name__)
 _MAX_FAILURES = 3  # 5xx or garbage answers in a row that eject an upstream
 _AFFINITY_SLACK = 2  # requests more than the least busy upstream that an affinity target may have
 _HOMES = 16384  # conversations whose upstream the pool remembers (~100 bytes each)
+_JSON = msgspec.json.Encoder()
 _HEALTH_TIMEOUT = 5.0  # seconds a health check may take
 # The answer parsers read thinking between these markers (no generation prompt opens them here).
 REMOTE_REASONING = ReasoningFormat(THINK_OPEN, THINK_CLOSE, False, opened_if_on=False, opened_if_off=False)
@@ -128,6 +132,10 @@ class RemotePool:
         self.api_key = tier.remote_api_key
         self._headers = {"Authorization": f"Bearer {tier.remote_api_key}"} if tier.remote_api_key else {}
         self._client: httpx.AsyncClient | None = None
+        self._plain: PlainTransport | None = None  # the client's transport for http:// upstreams
+        # What httpx's client would add that a gateway may want; not Accept-Encoding: SSE comes plain.
+        self._post_headers = {"Content-Type": "application/json", "User-Agent": "llmservice", **self._headers}
+        self._timeouts = httpx.Timeout(tier.remote_timeout).as_dict()
         self._health: asyncio.Task[None] | None = None
         self._room = asyncio.Event()  # set when an upstream frees room or returns
         self._waiting = 0
@@ -330,8 +338,13 @@ class RemotePool:
             asyncio.get_running_loop()
         except RuntimeError:
             return
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=self.max_inflight * len(self.upstreams))
-        self._client = httpx.AsyncClient(limits=limits, headers=self._headers, timeout=self.timeout)
+        idle = self.max_inflight * len(self.upstreams)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=idle)
+        # Plain-http upstreams on our own transport (~1.5 ms a request less); with a proxy in the
+        # environment every request stays on httpx's, which honours it.
+        self._plain = None if urllib.request.getproxies() else PlainTransport(self.max_inflight)
+        mounts = {"http://": self._plain} if self._plain else {}
+        self._client = httpx.AsyncClient(limits=limits, headers=self._headers, timeout=self.timeout, mounts=mounts)
         self._health = asyncio.create_task(self._check_health(), name=f"remote-health-{self.tier}")
 
     async def _shutdown(self) -> None:
@@ -475,15 +488,24 @@ class RemotePool:
     ) -> httpx.Response:
         """POST `body` to `upstream`, its answer streamed (translated requests and relayed ones)."""
         assert self._client is not None
+        url = upstream.endpoint(path)
+        sent = {**self._post_headers, **headers} if headers else self._post_headers
+        extensions = {"timeout": self._timeouts}
+        request = httpx.Request("POST", url, headers=sent, content=_JSON.encode(body), extensions=extensions)
+        # The hot path: plain-http upstreams straight to our transport, past httpx's client layer
+        # (its auth, cookies, redirects and hooks, none of which a relay uses: ~0.7 ms a request).
+        if self._plain is not None and url.scheme == "http":
+            send = self._plain.handle_async_request
+        else:
+            send = functools.partial(self._client.send, stream=True)
         try:
             async with asyncio.timeout(self.timeout):
-                request = self._client.build_request("POST", upstream.endpoint(path), json=body, headers=headers)
                 try:
-                    return await self._client.send(request, stream=True)
+                    return await send(request)
                 except httpx.RemoteProtocolError:
                     # A kept-alive connection the upstream closed as we reused it (llama-server drops
                     # one idle for 5 s): nothing was answered, so once more on a fresh one, no ejection.
-                    return await self._client.send(request, stream=True)
+                    return await send(request)
         except TimeoutError:
             raise _Retry(f"no answer within {self.timeout:g} s", eject=True) from None
         except httpx.HTTPError as exc:

@@ -57,15 +57,23 @@ def upstream(model: str, parallel: int, threads: int, cpu: int | None = None) ->
 
 
 @contextmanager
-def front(urls: list[str]) -> Iterator[str]:
-    """llmservice with a remote light tier over `urls`: its base URL."""
+def front(urls: list[str], pids: list[int] | None = None) -> Iterator[str]:
+    """llmservice with a remote light tier over `urls`: its base URL (its pid appended to `pids`)."""
     port = free_port()
     cmd, env = llmservice(
         {"PORT": str(port), "LIGHT_BACKEND": "remote", "LIGHT_REMOTE_URLS": ",".join(urls), "LIGHT_MAX_QUEUE": "64"}
     )
     url = f"http://127.0.0.1:{port}"
-    with process(cmd, f"{url}/health", env, ready='"loaded"') as _:
+    with process(cmd, f"{url}/health", env, ready='"loaded"') as proc:
+        if pids is not None:
+            pids.append(proc.pid)
         yield url
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def body(tag: str, tokens: int) -> dict[str, object]:
@@ -193,7 +201,8 @@ def aggregate(model: str, count: int, tokens: int, rounds: int) -> tuple[float, 
     with ExitStack() as stack:
         # Each upstream on a core of its own, as the target says; the front and the client float.
         ups = [stack.enter_context(upstream(model, 8, 1, i % (os.cpu_count() or 1))) for i in range(count)]
-        base = stack.enter_context(front([u for u, _ in ups]))
+        pids: list[int] = []
+        base = stack.enter_context(front([u for u, _ in ups], pids))
         direct_urls = [f"{u}/completions" for u, _ in ups]
         for url in direct_urls:
             stream_completion(url, body(f"warm-d{count}-{url}", 16))
@@ -201,15 +210,23 @@ def aggregate(model: str, count: int, tokens: int, rounds: int) -> tuple[float, 
         # This box's speed drifts by tens of percent within a minute: rounds alternate who goes first,
         # and each side's median counts.
         rates: dict[str, list[float]] = {"direct": [], "ours": []}
+        front_cpu: list[float] = []  # the front's CPU seconds per 1000 tokens relayed, each round
         for r in range(rounds):
             sides = [("direct", direct_urls), ("ours", [f"{base}/v1/completions"])]
             for side, urls in sides if r % 2 == 0 else sides[::-1]:
-                rates[side].append(eight_streams(urls, f"{side}{count}-{r}", tokens)[0])
+                before = cpu_seconds(pids[0])
+                rate, streamed = eight_streams(urls, f"{side}{count}-{r}", tokens)
+                rates[side].append(rate)
+                if side == "ours":
+                    front_cpu.append((cpu_seconds(pids[0]) - before) * 1000 / max(1, sum(streamed)))
         direct, ours = statistics.median(rates["direct"]), statistics.median(rates["ours"])
+        per_token = statistics.median(front_cpu)
         spread = [u["requests"] for u in httpx.get(f"{base}/v1/models").json()["data"][0]["upstreams"]]
+    # On a box with no core to spare the front's CPU comes out of the upstreams' cores: say how much.
     print(
         f"scale: {count} upstream(s), 8 streams: direct {direct:.1f} tok/s, through llmservice {ours:.1f} tok/s"
-        f" ({ours / direct:.3f}x; requests per upstream, warm-up included: {spread})"
+        f" ({ours / direct:.3f}x; requests per upstream, warm-up included: {spread});"
+        f" the front used {per_token:.3f} CPU s per 1000 tokens ({per_token * ours / 1000:.2f} of a core)"
     )
     return direct, ours
 
