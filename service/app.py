@@ -17,6 +17,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.middleware import DefineMiddleware
+from litestar.routes import HTTPRoute
 from litestar.types import Empty
 
 from kernel.errors import InvalidRequestError, LLMServiceError
@@ -192,7 +193,18 @@ def create_app(
         openapi_config=openapi_config(_version()),
         logging_config=None,
     )
+    _dependencies_in_turn(app)
     return app
+
+
+def _dependencies_in_turn(app: Litestar) -> None:
+    """Litestar resolves a handler's independent dependencies side by side, in an anyio task group
+    with a task each (~0.2 ms before every handler that takes two); ours hand over objects made
+    once, so they are resolved one after another in the request's own task."""
+    for route in app.routes:
+        if isinstance(route, HTTPRoute):
+            for _, kwargs in route.route_handler_map.values():
+                kwargs.dependency_batches = [{each} for batch in kwargs.dependency_batches for each in batch]
 
 
 def _version() -> str:
