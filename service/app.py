@@ -74,13 +74,16 @@ _HTTP_TYPES = {
 class JsonRequest(Request[Any, Any, Any]):
     """Request bodies decoded where they enter: strictly against the handler's type (Litestar
     converts leniently: `"stream": 1` would pass as a boolean, `"max_tokens": "5"` as a number),
-    and bytes msgspec cannot read (invalid UTF-8, nesting past the recursion limit) become 400s."""
+    and bytes msgspec cannot read (invalid UTF-8, nesting past the recursion limit) become 400s.
+    Decoded once: the typed value is what the handler gets (Litestar's signature model passes a
+    Struct of its own type through), not decoded again to dicts and converted (~0.4 ms of an
+    agent's 130 KB chat request)."""
 
     async def json(self) -> Any:
         if self._json is Empty and self._connection_state.json is Empty:
             body = await self.body()
             field = self.route_handler.parsed_data_field
-            decode_strict(body, field.annotation if field else Any)
+            self._json = self._connection_state.json = decode_strict(body, field.annotation if field else Any)
         return await super().json()
 
 

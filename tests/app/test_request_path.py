@@ -15,6 +15,7 @@ from litestar import Litestar
 from tests.live import fake_app
 
 BODY = b'{"model": "light", "prompt": "Say: hello", "max_tokens": 4, "stream": true, "temperature": 0.5}'
+CHAT = BODY.replace(b'"prompt": "Say: hello"', b'"messages": [{"role": "user", "content": "hi"}]')
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +83,7 @@ def test_a_streamed_request_makes_no_thread_pool_submission(app: Litestar) -> No
         mock.patch.object(asyncio.BaseEventLoop, "run_in_executor", autospec=True) as executor,
         mock.patch.object(anyio.to_thread, "run_sync", autospec=True) as run_sync,
     ):
-        log = asyncio.run(
-            _streamed(
-                app,
-                "/v1/chat/completions",
-                BODY.replace(b'"prompt": "Say: hello"', b'"messages": [{"role": "user", "content": "hi"}]'),
-            )
-        )
+        log = asyncio.run(_streamed(app, "/v1/chat/completions", CHAT))
     assert "start" in log and log[-1] == "body:b''"
     assert executor.call_count == 0 and run_sync.call_count == 0
 
@@ -112,3 +107,12 @@ def test_no_task_starts_before_the_response_but_the_disconnect_watch(app: Litest
     log = asyncio.run(run())
     tasks = [note.removeprefix("task:") for note in log[: log.index("start")] if note.startswith("task:")]
     assert tasks == ["Litestar.__call__", "_Watch.until_gone", "_streamed.<locals>.receive"], log
+
+
+def test_a_request_body_is_decoded_once(app: Litestar) -> None:
+    """Strictly, into the handler's type; that value is what the handler gets, not decoded a second
+    time to dicts (Litestar's `decode_json`) and converted (~0.4 ms of an agent's 130 KB request)."""
+    with mock.patch("litestar.connection.request.decode_json", autospec=True) as again:
+        log = asyncio.run(_streamed(app, "/v1/chat/completions", CHAT))
+    assert log[log.index("start") + 1].startswith("body:b'data: {"), log
+    assert again.call_count == 0
