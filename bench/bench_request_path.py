@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import PROMPT, free_port, llmservice, process, stream_completion
 from bench.bench_remote import upstream
-from bench.bench_request_stages import agent_conversation
+from bench.bench_request_stages import agent_conversation, raw_upstream
 from bench.bench_streams import TINY32K, ensure_model
 
 HERE = Path(__file__).resolve().parents[1]
@@ -51,14 +51,6 @@ def front(root: Path, urls: list[str]) -> Iterator[str]:
     cmd, full = llmservice({**env, "PYTHONPATH": str(root)})
     with process(cmd, f"http://127.0.0.1:{port}/health", full, ready='"loaded"'):
         yield f"http://127.0.0.1:{port}/v1"
-
-
-@contextmanager
-def raw_upstream() -> Iterator[str]:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}/v1"
-    with process([sys.executable, str(HERE / "bench" / "raw_upstream.py"), str(port)], f"{base}/models"):
-        yield base
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
 """Where one streamed request spends its time inside llmservice, stage by stage (issue 28).
 
-    python bench/bench_request_stages.py [--rounds 300] [--agent] [--root CHECKOUT]
+    python bench/bench_request_stages.py [--rounds 300] [--agent] [--upstream llama|raw] [--root CHECKOUT]
 
-Starts a llama-server (the tiny32k GGUF, `-t 1`) and, in a child process, a front with a remote
+Starts a llama-server (the tiny32k GGUF, `-t 1`; `--upstream raw`: bench/raw_upstream.py, no model,
+which `--agent` needs: 130 KB is past the tiny model's context) and, in a child process, a front with a remote
 light tier over it whose stages are stamped: the ASGI app is wrapped, and so are the middleware,
 the security checks, Litestar's kwargs/DI/signature steps, the serving functions, the pool's
 acquire/send/first-event steps and the ASGI sends (wall clock, `perf_counter`, ms from the app's
@@ -23,17 +24,28 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import free_port
+from bench._common import free_port, process
 from bench.bench_remote import upstream
 from bench.bench_streams import TINY32K, ensure_model
 
 HERE = Path(__file__).resolve().parents[1]
 STAMPS = "/__stamps"
+
+
+@contextmanager
+def raw_upstream() -> Iterator[str]:
+    """bench/raw_upstream.py on a free port: its base URL (ending /v1)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/v1"
+    with process([sys.executable, str(HERE / "bench" / "raw_upstream.py"), str(port)], f"{base}/models"):
+        yield base
 
 
 def agent_conversation() -> list[dict[str, Any]]:
@@ -194,7 +206,8 @@ async def _client(port: int, rounds: int, agent: bool) -> dict[str, float]:
         started = time.perf_counter()
         writer.write(f"{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
         first = None
-        await reader.readuntil(b"\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert b" 200 " in head.split(b"\r\n")[0], head
         while True:  # chunked transfer encoding
             size = int((await reader.readline()).strip(), 16)
             chunk = await reader.readexactly(size + 2)
@@ -222,14 +235,19 @@ def main() -> None:
     parser.add_argument("--agent", action="store_true", help="chat requests carry a 130 KB agent conversation")
     parser.add_argument("--root", default=str(HERE), help="the checkout whose app is stamped")
     parser.add_argument("--model", default=str(TINY32K))
+    parser.add_argument("--upstream", choices=["llama", "raw"], default="llama")
     parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)  # the child: root port upstream-url
     args = parser.parse_args()
     if args.serve:
         serve(args.serve[0], int(args.serve[1]), args.serve[2])
         return
-    with upstream(ensure_model(args.model), 2, 1) as (llama, _):
+    with ExitStack() as stack:
+        if args.upstream == "raw":
+            url = stack.enter_context(raw_upstream())
+        else:
+            url = stack.enter_context(upstream(ensure_model(args.model), 2, 1))[0]
         port = free_port()
-        child = subprocess.Popen([sys.executable, __file__, "--serve", args.root, str(port), llama])
+        child = subprocess.Popen([sys.executable, __file__, "--serve", args.root, str(port), url])
         try:
             for _ in range(300):
                 try:
@@ -242,7 +260,8 @@ def main() -> None:
                 table = json.load(answer)
         finally:
             child.kill()
-    print(f"{args.rounds} rounds, load average {os.getloadavg()[0]:.1f}; median ms from the app's ASGI entry")
+    load = os.getloadavg()[0]
+    print(f"{args.upstream} upstream, {args.rounds} rounds, load average {load:.1f}; medians, ms from the ASGI entry")
     for kind, rows in table.items():
         print(f"\n{kind} (client's time to first token {client[kind]:.2f} ms)")
         for name, value in rows:
