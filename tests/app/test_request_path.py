@@ -91,8 +91,8 @@ def test_a_streamed_request_makes_no_thread_pool_submission(app: Litestar) -> No
 def test_no_task_starts_before_the_response_but_the_disconnect_watch(app: Litestar) -> None:
     """A generating handler's dependencies (the serving object and the request's record) are resolved
     in the request's own task: Litestar's task group for them (a task each) cost ~0.2 ms before every
-    handler. The tasks before the answer starts: this test's own (`wait_for`'s), and the watch for a
-    client that leaves, with its receive."""
+    handler. The tasks before the answer starts: the watch for a client that leaves, and its receive
+    (and this test's own: Python 3.11's `wait_for` runs the app in a task)."""
 
     async def run() -> list[str]:
         log: list[str] = []
@@ -106,7 +106,7 @@ def test_no_task_starts_before_the_response_but_the_disconnect_watch(app: Litest
 
     log = asyncio.run(run())
     tasks = [note.removeprefix("task:") for note in log[: log.index("start")] if note.startswith("task:")]
-    assert tasks == ["Litestar.__call__", "_Watch.until_gone", "_streamed.<locals>.receive"], log
+    assert [t for t in tasks if t != "Litestar.__call__"] == ["_Watch.until_gone", "_streamed.<locals>.receive"], log
 
 
 def test_a_request_body_is_decoded_once(app: Litestar) -> None:
