@@ -17,6 +17,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.middleware import DefineMiddleware
+from litestar.routes import HTTPRoute
 from litestar.types import Empty
 
 from kernel.errors import InvalidRequestError, LLMServiceError
@@ -73,13 +74,16 @@ _HTTP_TYPES = {
 class JsonRequest(Request[Any, Any, Any]):
     """Request bodies decoded where they enter: strictly against the handler's type (Litestar
     converts leniently: `"stream": 1` would pass as a boolean, `"max_tokens": "5"` as a number),
-    and bytes msgspec cannot read (invalid UTF-8, nesting past the recursion limit) become 400s."""
+    and bytes msgspec cannot read (invalid UTF-8, nesting past the recursion limit) become 400s.
+    Decoded once: the typed value is what the handler gets (Litestar's signature model passes a
+    Struct of its own type through), not decoded again to dicts and converted (~0.4 ms of an
+    agent's 130 KB chat request)."""
 
     async def json(self) -> Any:
         if self._json is Empty and self._connection_state.json is Empty:
             body = await self.body()
             field = self.route_handler.parsed_data_field
-            decode_strict(body, field.annotation if field else Any)
+            self._json = self._connection_state.json = decode_strict(body, field.annotation if field else Any)
         return await super().json()
 
 
@@ -192,7 +196,18 @@ def create_app(
         openapi_config=openapi_config(_version()),
         logging_config=None,
     )
+    _dependencies_in_turn(app)
     return app
+
+
+def _dependencies_in_turn(app: Litestar) -> None:
+    """Litestar resolves a handler's independent dependencies side by side, in an anyio task group
+    with a task each (~0.2 ms before every handler that takes two); ours hand over objects made
+    once, so they are resolved one after another in the request's own task."""
+    for route in app.routes:
+        if isinstance(route, HTTPRoute):
+            for _, kwargs in route.route_handler_map.values():
+                kwargs.dependency_batches = [{each} for batch in kwargs.dependency_batches for each in batch]
 
 
 def _version() -> str:

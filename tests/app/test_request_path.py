@@ -15,6 +15,7 @@ from litestar import Litestar
 from tests.live import fake_app
 
 BODY = b'{"model": "light", "prompt": "Say: hello", "max_tokens": 4, "stream": true, "temperature": 0.5}'
+CHAT = BODY.replace(b'"prompt": "Say: hello"', b'"messages": [{"role": "user", "content": "hi"}]')
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +24,11 @@ def app() -> Iterator[Litestar]:
         yield http.app  # type: ignore[misc]
 
 
-async def _streamed(app: Litestar, path: str, body: bytes) -> list[str]:
-    """The app's ASGI sends and receives for one request, in order; the client stays connected until
-    the response ends (then a receive says `http.disconnect`, as uvicorn's does)."""
-    log: list[str] = []
+async def _streamed(app: Litestar, path: str, body: bytes, log: list[str] | None = None) -> list[str]:
+    """The app's ASGI sends and receives for one request, in order (into `log`, where other notes may
+    go too); the client stays connected until the response ends (then a receive says
+    `http.disconnect`, as uvicorn's does)."""
+    log = [] if log is None else log
     ended = asyncio.Event()
     first = True
 
@@ -81,12 +83,36 @@ def test_a_streamed_request_makes_no_thread_pool_submission(app: Litestar) -> No
         mock.patch.object(asyncio.BaseEventLoop, "run_in_executor", autospec=True) as executor,
         mock.patch.object(anyio.to_thread, "run_sync", autospec=True) as run_sync,
     ):
-        log = asyncio.run(
-            _streamed(
-                app,
-                "/v1/chat/completions",
-                BODY.replace(b'"prompt": "Say: hello"', b'"messages": [{"role": "user", "content": "hi"}]'),
-            )
-        )
+        log = asyncio.run(_streamed(app, "/v1/chat/completions", CHAT))
     assert "start" in log and log[-1] == "body:b''"
     assert executor.call_count == 0 and run_sync.call_count == 0
+
+
+def test_no_task_starts_before_the_response_but_the_disconnect_watch(app: Litestar) -> None:
+    """A generating handler's dependencies (the serving object and the request's record) are resolved
+    in the request's own task: Litestar's task group for them (a task each) cost ~0.2 ms before every
+    handler. The tasks before the answer starts: the watch for a client that leaves, and its receive
+    (and this test's own: Python 3.11's `wait_for` runs the app in a task)."""
+
+    async def run() -> list[str]:
+        log: list[str] = []
+
+        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+            log.append(f"task:{coro.__qualname__}")
+            return asyncio.Task(coro, loop=loop, **kwargs)
+
+        asyncio.get_running_loop().set_task_factory(factory)  # type: ignore[arg-type]
+        return await _streamed(app, "/v1/completions", BODY, log)
+
+    log = asyncio.run(run())
+    tasks = [note.removeprefix("task:") for note in log[: log.index("start")] if note.startswith("task:")]
+    assert [t for t in tasks if t != "Litestar.__call__"] == ["_Watch.until_gone", "_streamed.<locals>.receive"], log
+
+
+def test_a_request_body_is_decoded_once(app: Litestar) -> None:
+    """Strictly, into the handler's type; that value is what the handler gets, not decoded a second
+    time to dicts (Litestar's `decode_json`) and converted (~0.4 ms of an agent's 130 KB request)."""
+    with mock.patch("litestar.connection.request.decode_json", autospec=True) as again:
+        log = asyncio.run(_streamed(app, "/v1/chat/completions", CHAT))
+    assert log[log.index("start") + 1].startswith("body:b'data: {"), log
+    assert again.call_count == 0
