@@ -4,8 +4,9 @@ httptools parses a request in a fraction of h11's time, and is stricter about mo
 (obsolete line folding, control bytes in values, Content-Length lists, Content-Length beside
 Transfer-Encoding, bare LF). Where it is looser than h11 this class restores h11's answer, a 400
 that closes the connection:
-- a request head still incomplete after `h11_max_incomplete_event_size` bytes (httptools has no
-  limit, and copies a growing header value on every read);
+- a request head, chunk size line or trailer section that does not end within
+  `h11_max_incomplete_event_size` bytes (twice that at most; httptools has no limit, and copies a
+  growing header value on every read);
 - HTTP/1.1 without a `Host`, or two of them (the security layer reads the first: DNS rebinding);
 - a `Transfer-Encoding` other than plain `chunked` (`gzip, chunked`);
 - any version but HTTP/1.0 and 1.1 (HTTP/0.9's bare request line).
@@ -34,9 +35,9 @@ class _Refused(Exception):
 class CheckedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._max_head = self.config.h11_max_incomplete_event_size or 16 * 1024
-        self._in_head = True  # reading a request head (from the end of the last message to its headers' end)
-        self._head_bytes = 0
+        self._max_stall = self.config.h11_max_incomplete_event_size or 16 * 1024
+        self._stalled = 0  # bytes received since the parser last finished something (see _progress)
+        self._in_head = True  # reading a request head, not a chunked body's trailers
         self._hosts = 0
         self._to_h11: bytes | None = None  # the head of a request h11 will take over, once rebuilt
 
@@ -44,26 +45,38 @@ class CheckedHttpToolsProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         if self._to_h11 is not None:  # waiting to hand over: h11 parses whatever follows
             self._to_h11 += data
+            self.flow.pause_reading()
             return
-        if self._in_head:
-            self._head_bytes += len(data)
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            self._refuse()
-            return
-        except httptools.HttpParserUpgrade as upgrade:
-            if self._to_h11 is None:
-                self.handle_websocket_upgrade()
-            else:
-                self._to_h11 += data[upgrade.args[0] :]
-                if self.cycle is None or self.cycle.response_complete:
-                    self._switch_to_h11()
-                else:  # pipelined behind a response still being written: after it
-                    self.flow.pause_reading()
-            return
-        if self._in_head and self._head_bytes > self._max_head:
-            self._refuse()
+        # Fed in slices of at most the limit: the bytes after the last progress in a slice go
+        # uncounted, so what stalls is refused within twice the limit, however the reads fall.
+        view = memoryview(data)
+        for start in range(0, len(data), self._max_stall):
+            piece = view[start : start + self._max_stall]
+            self._stalled += len(piece)
+            try:
+                self.parser.feed_data(piece)
+            except httptools.HttpParserError:
+                self._refuse()
+                return
+            except httptools.HttpParserUpgrade as upgrade:
+                if self._to_h11 is None:
+                    self.handle_websocket_upgrade()
+                else:
+                    self._to_h11 += data[start + upgrade.args[0] :]
+                    if self.cycle is None or self.cycle.response_complete:
+                        self._switch_to_h11()
+                    else:  # pipelined behind a response still being written: after it
+                        self.flow.pause_reading()
+                return
+            if self._stalled > self._max_stall:
+                self._refuse()
+                return
+
+    def _progress(self) -> None:
+        """A head, a chunk's size line, body bytes or a message finished: what came before is parsed.
+        Bytes that finish nothing (an endless header, chunk extension or trailer) are refused past
+        the limit, as h11 refuses an event it cannot complete within it."""
+        self._stalled = 0
 
     def _refuse(self) -> None:
         self.logger.warning(_INVALID)
@@ -86,7 +99,8 @@ class CheckedHttpToolsProtocol(HttpToolsProtocol):
             raise _Refused("a Transfer-Encoding other than chunked")
 
     def on_headers_complete(self) -> None:
-        self._in_head, self._head_bytes = False, 0
+        self._in_head = False
+        self._progress()
         version = self.parser.get_http_version()
         if version not in ("1.0", "1.1") or (version == "1.1" and not self._hosts):
             raise _Refused(f"HTTP/{version} without one Host header")
@@ -98,12 +112,17 @@ class CheckedHttpToolsProtocol(HttpToolsProtocol):
             return
         super().on_headers_complete()
 
+    def on_chunk_header(self) -> None:
+        self._progress()
+
     def on_body(self, body: bytes) -> None:
+        self._progress()
         if self._to_h11 is None:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._in_head = True
+        self._progress()
         if self._to_h11 is None:
             super().on_message_complete()
 

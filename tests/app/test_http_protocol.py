@@ -5,6 +5,7 @@ right. The same checks run on h11, uvicorn's other parser, which the expectation
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -27,6 +28,7 @@ class EchoApp:
 
     def __init__(self) -> None:
         self.paths: list[str] = []
+        self.arrived = threading.Event()  # set as each request reaches the app
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -35,6 +37,7 @@ class EchoApp:
             await send({"type": "lifespan.shutdown.complete"})
             return
         self.paths.append(scope["path"])
+        self.arrived.set()
         size, more = 0, True
         while more:
             message = await receive()
@@ -73,14 +76,19 @@ def server(request: pytest.FixtureRequest) -> Iterator[tuple[int, EchoApp]]:
         sock.close()
 
 
-def exchange(port: int, data: bytes) -> list[tuple[int, bytes]]:
-    """Sends `data` on one connection and reads until the server closes it: each response's status
-    and body, in order."""
+def exchange(port: int, data: bytes, then: tuple[threading.Event, bytes] | None = None) -> list[tuple[int, bytes]]:
+    """Sends `data` on one connection (and, once the event is set, `then`'s bytes) and reads until the
+    server closes it: each response's status and body, in order."""
+    raw = b""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
         conn.sendall(data)
-        raw = b""
-        while chunk := conn.recv(65536):
-            raw += chunk
+        if then is not None:
+            assert then[0].wait(30)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # refused while sending
+                conn.sendall(then[1])
+        with contextlib.suppress(ConnectionResetError):  # closed with bytes of ours unread: a reset
+            while chunk := conn.recv(65536):
+                raw += chunk
     answers = []
     while raw:
         head, _, raw = raw.partition(b"\r\n\r\n")
@@ -134,6 +142,18 @@ def test_hostile_requests_are_refused_before_the_app(server: tuple[int, EchoApp]
     answers = exchange(port, request_bytes)  # the server closes the connection after its answer
     assert [status for status, _ in answers] == [400]
     assert app.paths[before:] == []  # nothing reached the app, nor a request smuggled behind it
+
+
+@pytest.mark.parametrize(
+    "endless", [b"3;ext=" + b"e" * 100_000, b"0\r\nX-Trailer: " + b"t" * 100_000], ids=["chunk extension", "trailer"]
+)
+def test_an_endless_chunk_line_or_trailer_is_refused(server: tuple[int, EchoApp], endless: bytes) -> None:
+    """Never ends: the server stops reading it and closes the connection (with a 400 unless the
+    close reset it first), as for an endless head. Sent once the request has reached the app."""
+    port, app = server
+    app.arrived.clear()
+    answers = exchange(port, POST + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n", then=(app.arrived, endless))
+    assert [status for status, _ in answers] in ([400], [])
 
 
 def test_a_malformed_chunk_ends_the_connection(server: tuple[int, EchoApp]) -> None:
