@@ -103,7 +103,7 @@ class CheckedHttpToolsProtocol(HttpToolsProtocol):
         self._progress()
         version = self.parser.get_http_version()
         if version not in ("1.0", "1.1") or (version == "1.1" and not self._hosts):
-            raise _Refused(f"HTTP/{version} without one Host header")
+            raise _Refused(f"HTTP/{version} with {self._hosts} Host headers")
         if self.parser.should_upgrade() and not self._should_upgrade():
             method = self.parser.get_method()
             lines = [b"%s %s HTTP/%s\r\n" % (method, self.url, version.encode())]
