@@ -17,6 +17,7 @@ from typing import Any
 import uvicorn
 
 from service.app import create_app
+from service.http_protocol import CheckedHttpToolsProtocol
 from service.serving.drain import Drain
 from service.settings import Settings, SettingsError, load_settings
 
@@ -83,6 +84,11 @@ def server_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Con
         "forwarded_allow_ips": settings.forwarded_allow_ips or "127.0.0.1",
         # The WebSocket protocol layer refuses larger frames before buffering them (close 1009).
         "ws_max_size": settings.max_body_bytes,
+        # httptools' parser with h11's refusals (service/http_protocol.py); the loop stays uvicorn's
+        # "auto": uvloop where it is installed (not on Windows), else asyncio.
+        "http": CheckedHttpToolsProtocol,
+        # A request head still incomplete past this is refused (h11's default; both parsers read it).
+        "h11_max_incomplete_event_size": 16 * 1024,
     }
     return uvicorn.Config(app, **{**options, **overrides})
 

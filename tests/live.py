@@ -63,7 +63,9 @@ class LiveServer:
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def _run(self) -> None:
-        asyncio.run(self._serve())
+        # The event loop `python -m service` runs on (uvloop where it is installed).
+        with asyncio.Runner(loop_factory=self._server.config.get_loop_factory()) as runner:
+            runner.run(self._serve())
 
     async def _serve(self) -> None:
         self.loop = asyncio.get_running_loop()  # for tests that schedule work on the app's loop
