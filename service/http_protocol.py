@@ -15,11 +15,13 @@ already checked). A request asking to upgrade to anything but a WebSocket (`Upgr
 by `curl --http2` and every JDK HttpClient) loses its body in httptools, which stops at the head
 (uvicorn issue 2722): the server may ignore an Upgrade (RFC 9110 7.8), so the connection carries
 on with uvicorn's h11 protocol from that request's head on.
+A response's head is held until its body's first bytes (`_HeadHeld`): one write for both.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, cast
 
 import httptools
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -32,6 +34,42 @@ class _Refused(Exception):
     """Raised inside a parser callback: httptools turns it into an HttpParserError, so a 400."""
 
 
+class _HeadHeld:
+    """The connection's transport, holding a response's head (uvicorn writes it the moment the app
+    starts its answer) until the body's first bytes or the end of this step of the loop, so that
+    both leave in one write: one segment and one wake-up of the client, ~0.1-0.3 ms sooner to a
+    streamed answer's first token (docs/benchmarks.md). Everything else passes straight through."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._head = b""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._head:
+            data, self._head = self._head + data, b""
+        elif bytes(data[:7]) == b"HTTP/1.":
+            self._head = bytes(data)
+            self._loop.call_soon(self._flush)
+            return
+        self._transport.write(data)
+
+    def _flush(self) -> None:
+        head, self._head = self._head, b""
+        if head and not self._transport.is_closing():
+            self._transport.write(head)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + len(self._head)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class CheckedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -40,6 +78,9 @@ class CheckedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True  # reading a request head, not a chunked body's trailers
         self._hosts = 0
         self._to_h11: bytes | None = None  # the head of a request h11 will take over, once rebuilt
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(cast(asyncio.Transport, _HeadHeld(transport, self.loop)))
 
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()

@@ -16,6 +16,7 @@ import pytest
 import uvicorn
 
 from service.__main__ import server_config
+from service.http_protocol import _HeadHeld
 from service.settings import parse_settings
 
 HOST = b"Host: 127.0.0.1\r\n"
@@ -202,3 +203,49 @@ def test_an_upgrade_pipelined_behind_a_response_waits_for_it(server: tuple[int, 
     answers = exchange(port, first + POST + UPGRADE + chunked(b"abcd") + LAST)
     assert [echoed(a)["path"] for a in answers] == ["/first", "/echo", "/last"]
     assert echoed(answers[1])["body"] == 4
+
+
+class _Recorded:
+    """A transport that keeps what is written to it, each write apart."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def test_a_response_head_leaves_with_the_first_body_bytes() -> None:
+    async def run() -> list[list[bytes]]:
+        loop = asyncio.get_running_loop()
+        seen = []
+        for writes in ([b"HTTP/1.1 200 OK\r\n\r\n", b"5\r\ndata:\r\n"], [b"HTTP/1.1 200 OK\r\n\r\n"]):
+            real = _Recorded()
+            held = _HeadHeld(real, loop)  # type: ignore[arg-type]
+            for data in writes:
+                held.write(data)
+            assert held.get_write_buffer_size() == (0 if len(writes) > 1 else len(writes[0]))
+            await asyncio.sleep(0)  # the end of this step of the loop: a head alone goes out then
+            held.write(b"0\r\n\r\n")
+            seen.append(real.writes)
+        real = _Recorded()
+        held = _HeadHeld(real, loop)  # type: ignore[arg-type]
+        held.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        held.close()  # a refusal: written, then closed
+        seen.append([*real.writes, b"closed" if real.closed else b""])
+        return seen
+
+    together, alone, refused = asyncio.run(run())
+    assert together == [b"HTTP/1.1 200 OK\r\n\r\n5\r\ndata:\r\n", b"0\r\n\r\n"]
+    assert alone == [b"HTTP/1.1 200 OK\r\n\r\n", b"0\r\n\r\n"]
+    assert refused == [b"HTTP/1.1 400 Bad Request\r\n\r\n", b"closed"]
