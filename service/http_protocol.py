@@ -45,11 +45,11 @@ class _HeadHeld:
         self._loop = loop
         self._head = b""
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
+    def write(self, data: bytes) -> None:
         if self._head:
             data, self._head = self._head + data, b""
-        elif bytes(data[:7]) == b"HTTP/1.":
-            self._head = bytes(data)
+        elif data.startswith(b"HTTP/1."):
+            self._head = data
             self._loop.call_soon(self._flush)
             return
         self._transport.write(data)
