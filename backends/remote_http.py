@@ -23,6 +23,10 @@ _NO_BODY = frozenset({204, 304})
 _FORBIDDEN = (b"\r", b"\n", b"\0")  # in a header we send: a request split in two
 
 
+class _Stale(Exception):
+    """The connection ended before any byte of the answer: the upstream never read the request."""
+
+
 class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
@@ -58,13 +62,37 @@ class PlainTransport(httpx.AsyncBaseTransport):
         timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
         origin = (url.host, url.port or 80)
         head = _request_head(request, await request.aread())
-        connection = self._take(origin) or await _connect(origin, timeouts.get("connect"))
+        reused = self._take(origin)
+        if reused is not None:
+            try:
+                return await self._exchange(reused, request, head, origin, timeouts)
+            except _Stale:
+                pass  # a kept-alive connection the upstream closed as it was reused: nothing was answered
+        connection = await _connect(origin, timeouts.get("connect"))
+        try:
+            return await self._exchange(connection, request, head, origin, timeouts)
+        except _Stale as exc:
+            raise httpx.RemoteProtocolError(str(exc), request=request) from None
+
+    async def _exchange(
+        self,
+        connection: _Connection,
+        request: httpx.Request,
+        head: bytes,
+        origin: tuple[str, int],
+        timeouts: dict[str, float | None],
+    ) -> httpx.Response:
+        """Send the request on `connection` and read the answer's head; `_Stale` when the connection
+        ended before a byte of the answer came (the request may be sent again on another one)."""
         if not self._idle.get(origin) and origin not in self._connecting:
             self._connecting[origin] = asyncio.create_task(self._spare(origin, timeouts.get("connect")))
         try:
-            async with _errors(request, timeouts.get("write"), httpx.WriteTimeout, httpx.WriteError):
+            try:
                 connection.writer.write(head)
-                await connection.writer.drain()
+                async with _errors(request, timeouts.get("write"), httpx.WriteTimeout, httpx.WriteError):
+                    await connection.writer.drain()
+            except httpx.WriteError as exc:
+                raise _Stale(str(exc)) from None
             async with _errors(request, timeouts.get("read"), httpx.ReadTimeout, httpx.ReadError):
                 status, reason, headers = await _read_head(connection.reader, request)
         except BaseException:
@@ -221,12 +249,18 @@ async def _read_head(
     reader: asyncio.StreamReader, request: httpx.Request
 ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
     """Status, reason and headers of the final answer (interim 1xx answers skipped)."""
+    interim = False
     while True:
         try:
             block = await reader.readuntil(b"\r\n\r\n")
         except asyncio.IncompleteReadError as exc:
-            what = "Server disconnected without sending a response." if not exc.partial else "a cut header block"
-            raise httpx.RemoteProtocolError(what, request=request) from None
+            if not exc.partial and not interim:
+                raise _Stale("Server disconnected without sending a response.") from None
+            raise httpx.RemoteProtocolError("a cut answer head", request=request) from None
+        except ConnectionResetError:
+            if interim:
+                raise
+            raise _Stale("Server reset the connection without sending a response.") from None
         except asyncio.LimitOverrunError:
             raise httpx.RemoteProtocolError("a header block over 64 KiB", request=request) from None
         status_line, *fields = block[:-4].split(b"\r\n")
@@ -247,6 +281,7 @@ async def _read_head(
             return status, reason, headers
         if status == 101:
             raise httpx.RemoteProtocolError("the upstream switched protocols", request=request)
+        interim = True
 
 
 def _chunk_size(line: bytes, request: httpx.Request) -> int:

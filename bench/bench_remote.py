@@ -221,11 +221,13 @@ def aggregate(model: str, count: int, tokens: int, rounds: int) -> tuple[float, 
                     front_cpu.append((cpu_seconds(pids[0]) - before) * 1000 / max(1, sum(streamed)))
         direct, ours = statistics.median(rates["direct"]), statistics.median(rates["ours"])
         per_token = statistics.median(front_cpu)
-        spread = [u["requests"] for u in httpx.get(f"{base}/v1/models").json()["data"][0]["upstreams"]]
+        views = httpx.get(f"{base}/v1/models").json()["data"][0]["upstreams"]
+        spread = [u["requests"] for u in views]
+        ejections = [u["ejections"] for u in views]
     # On a box with no core to spare the front's CPU comes out of the upstreams' cores: say how much.
     print(
         f"scale: {count} upstream(s), 8 streams: direct {direct:.1f} tok/s, through llmservice {ours:.1f} tok/s"
-        f" ({ours / direct:.3f}x; requests per upstream, warm-up included: {spread});"
+        f" ({ours / direct:.3f}x; requests per upstream, warm-up included: {spread}, ejections {ejections});"
         f" the front used {per_token:.3f} CPU s per 1000 tokens ({per_token * ours / 1000:.2f} of a core)"
     )
     return direct, ours

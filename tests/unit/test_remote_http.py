@@ -177,6 +177,20 @@ async def test_an_idle_connection_the_upstream_closed_is_not_sent_on() -> None:
 
 
 @synchronous
+async def test_a_kept_alive_connection_closed_as_it_is_reused_costs_no_error() -> None:
+    """The upstream closes an idle connection just as a request goes out on it (llama-server after
+    5 s idle; the pool's health check came every 5 s, and such a race ejected a healthy upstream):
+    nothing was answered, so the request goes again on a fresh connection."""
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with serving([[ok], None, [ok]]) as (upstream, transport):
+        for _ in range(2):
+            answer = await post(upstream, transport)
+            assert await answer.aread() == b"ok"
+            await answer.aclose()
+        assert upstream.served[0] == 2  # the second request was read on the first connection, unanswered
+
+
+@synchronous
 async def test_a_stream_closed_before_its_end_takes_its_connection_with_it() -> None:
     events = SSE_HEAD + chunk(b"data: 1\n\n") + chunk(b"data: 2\n\n") + b"0\r\n\r\n"
     async with serving([[events], [events]]) as (upstream, transport):
