@@ -97,6 +97,13 @@ def llmservice(env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-m", "service"], full
 
 
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU time a process (or one of its threads) has used (Linux /proc)."""
+    stat = Path(f"/proc/{pid}/task/{thread}/stat" if thread is not None else f"/proc/{pid}/stat")
+    fields = stat.read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class StreamTiming:
     ttft: float  # seconds from sending the request to the first content

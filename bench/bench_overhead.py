@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout, n
 
 from backends.base import GenerationRequest
 from backends.llamacpp.backend import LlamaCppBackend
-from bench._common import SAMPLING, concurrent_streams
+from bench._common import SAMPLING, concurrent_streams, cpu_seconds
 from bench.bench_generation import THREADS, ours
 from bench.bench_streams import TINY32K, ensure_model
 from kernel.config import TierSettings
@@ -69,12 +69,6 @@ def model_thread(model: str, tokens: int, rounds: int) -> list[float]:
     return out[1:]
 
 
-def loop_cpu(pid: int) -> float:
-    """Seconds of CPU the process's main thread (uvicorn's event loop) has used."""
-    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def event_loop(model: str, tokens: int, rounds: int) -> list[float]:
     """µs of the event loop's CPU per streamed token, for each round."""
     sampling = dict(SAMPLING, repeat_penalty=1.0)
@@ -82,9 +76,9 @@ def event_loop(model: str, tokens: int, rounds: int) -> list[float]:
     with ours(model, 1, 0) as c:
         concurrent_streams(f"{c.url}/v1/completions", c.model, 1, 8, "warm", 0.0, sampling)
         for r in range(rounds):
-            before = loop_cpu(c.pid)
+            before = cpu_seconds(c.pid, c.pid)  # the main thread: uvicorn's event loop
             _, done = concurrent_streams(f"{c.url}/v1/completions", c.model, 1, tokens, f"r{r}", 0.0, sampling)
-            out.append(1e6 * (loop_cpu(c.pid) - before) / max(1, sum(d.tokens for d in done)))
+            out.append(1e6 * (cpu_seconds(c.pid, c.pid) - before) / max(1, sum(d.tokens for d in done)))
     return out
 
 

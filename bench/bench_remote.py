@@ -40,7 +40,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import PROMPT, SAMPLING, free_port, llmservice, process, stream_completion
+from bench._common import PROMPT, ROOT, SAMPLING, cpu_seconds, free_port, llmservice, process, stream_completion
 from bench.bench_generation import LLAMA_SERVER, N_CTX
 from bench.bench_streams import TINY32K, ensure_model
 
@@ -57,23 +57,30 @@ def upstream(model: str, parallel: int, threads: int, cpu: int | None = None) ->
 
 
 @contextmanager
-def front(urls: list[str], pids: list[int] | None = None) -> Iterator[str]:
-    """llmservice with a remote light tier over `urls`: its base URL (its pid appended to `pids`)."""
+def front(
+    urls: list[str], pids: list[int] | None = None, root: Path = ROOT, python: str = sys.executable
+) -> Iterator[str]:
+    """llmservice from checkout `root` on interpreter `python` with a remote light tier over `urls`:
+    its base URL (its pid appended to `pids`)."""
     port = free_port()
-    cmd, env = llmservice(
-        {"PORT": str(port), "LIGHT_BACKEND": "remote", "LIGHT_REMOTE_URLS": ",".join(urls), "LIGHT_MAX_QUEUE": "64"}
-    )
+    env = {"PORT": str(port), "LIGHT_BACKEND": "remote", "LIGHT_REMOTE_URLS": ",".join(urls), "LIGHT_MAX_QUEUE": "64"}
+    cmd, full = llmservice({**env, "PYTHONPATH": str(root)})
     url = f"http://127.0.0.1:{port}"
-    with process(cmd, f"{url}/health", env, ready='"loaded"') as proc:
+    with process([python, *cmd[1:]], f"{url}/health", full, ready='"loaded"') as proc:
         if pids is not None:
             pids.append(proc.pid)
         yield url
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time the process has used (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+@contextmanager
+def fake_engine(root: Path = ROOT, python: str = sys.executable) -> Iterator[str]:
+    """llmservice on the fake engine (tests/fake_upstream.py, no time per token) from checkout `root`:
+    its base URL (ending /v1)."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    base = f"http://127.0.0.1:{port}/v1"
+    with process([python, str(root / "tests" / "fake_upstream.py"), str(port)], f"{base}/models", env, '"loaded"'):
+        yield base
 
 
 def body(tag: str, tokens: int) -> dict[str, object]:
@@ -234,11 +241,7 @@ def aggregate(model: str, count: int, tokens: int, rounds: int) -> tuple[float, 
 
 
 def stack() -> None:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    script = str(Path(__file__).resolve().parents[1] / "tests" / "fake_upstream.py")
-    base = f"http://127.0.0.1:{port}/v1"
-    with process([sys.executable, script, str(port)], f"{base}/models", env, ready='"loaded"'), front([base]) as ours:
+    with fake_engine() as base, front([base]) as ours:
         direct, through = [], []
         for i in range(30):
             payload = {"model": "light", "prompt": PROMPT.format(i=i), "max_tokens": 8, "temperature": 0.5}

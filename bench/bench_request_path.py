@@ -21,36 +21,17 @@ import argparse
 import os
 import statistics
 import sys
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import PROMPT, StreamTiming, free_port, llmservice, process, stream_completion
-from bench.bench_remote import upstream
+from bench._common import PROMPT, StreamTiming, stream_completion
+from bench.bench_remote import fake_engine, front, upstream
 from bench.bench_request_stages import agent_conversation, raw_upstream
 from bench.bench_streams import TINY32K, ensure_model
 
 HERE = Path(__file__).resolve().parents[1]
-
-
-@contextmanager
-def fake_engine(root: Path, python: str) -> Iterator[str]:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    base = f"http://127.0.0.1:{port}/v1"
-    with process([python, str(root / "tests" / "fake_upstream.py"), str(port)], f"{base}/models", env, '"loaded"'):
-        yield base
-
-
-@contextmanager
-def front(root: Path, python: str, urls: list[str]) -> Iterator[str]:
-    port = free_port()
-    env = {"PORT": str(port), "LIGHT_BACKEND": "remote", "LIGHT_REMOTE_URLS": ",".join(urls), "LIGHT_MAX_QUEUE": "64"}
-    cmd, full = llmservice({**env, "PYTHONPATH": str(root)})
-    with process([python, *cmd[1:]], f"http://127.0.0.1:{port}/health", full, ready='"loaded"'):
-        yield f"http://127.0.0.1:{port}/v1"
 
 
 def main() -> None:
@@ -87,7 +68,8 @@ def main() -> None:
         for name, (root, python) in roots.items():
             if args.upstream == "llama":
                 targets[f"fake engine, {name}"] = stack.enter_context(fake_engine(root, python))
-            targets[f"front over {upstream_name}, {name}"] = stack.enter_context(front(root, python, [direct]))
+            url = stack.enter_context(front([direct], root=root, python=python))
+            targets[f"front over {upstream_name}, {name}"] = f"{url}/v1"
         history = agent_conversation() if args.api == "agent" else []
         path = "/completions" if args.api == "completions" else "/chat/completions"
         timings: dict[str, list[StreamTiming]] = {name: [] for name in targets}
