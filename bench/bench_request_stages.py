@@ -206,8 +206,8 @@ async def _client(port: int, rounds: int, agent: bool) -> dict[str, float]:
         started = time.perf_counter()
         writer.write(f"{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
         first = None
-        head = await reader.readuntil(b"\r\n\r\n")
-        assert b" 200 " in head.split(b"\r\n")[0], head
+        answer = await reader.readuntil(b"\r\n\r\n")
+        assert b" 200 " in answer.split(b"\r\n")[0], answer
         while True:  # chunked transfer encoding
             size = int((await reader.readline()).strip(), 16)
             chunk = await reader.readexactly(size + 2)
